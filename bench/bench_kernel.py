@@ -1,0 +1,162 @@
+"""Kernel benchmark: lutmm against cuBLAS bf16 and torch's int4 kernel, measured in the same run.
+
+    python3 bench/bench_kernel.py            # full table (issue 3/4 shapes, M, bits, g)
+    python3 bench/bench_kernel.py --quick    # a subset for iteration
+
+Weights are random (speed does not depend on values) and rotated over enough copies to defeat the
+50 MB L2. Each timing is the median over replays of a CUDA graph of calls (launch gaps removed),
+divided by the calls per graph.
+"""
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import math
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import lutmm
+from lutmm import _core, ops
+
+SHAPES_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+SHAPES_70B = [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]
+PEAK_BYTES_S = 3.0e12     # measured device-to-device copy on the H100 (read + write)
+PEAK_FLOPS = 790e12       # bf16 dense, measured
+L2_BYTES = 50 << 20
+
+
+def n_copies(nbytes: int) -> int:
+    return max(1, min(16, math.ceil(3 * L2_BYTES / max(nbytes, 1))))
+
+
+def time_graph(fn_list, reps: int = 20) -> float:
+    """Median microseconds per call of a list of zero-arg callables, replayed in one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fn_list:  # warm-up (also grows workspaces outside capture)
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fn_list:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000.0 / len(fn_list))
+    del g
+    return statistics.median(times)
+
+
+def random_qweight(N, K, bits, g, dev):
+    nbytes = _core.packed_bytes(N, K, bits, g)
+    packed = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=dev)
+    ps = (torch.rand(_core.packed_scale_count(N, K, bits, g), device=dev) * 0.02 + 0.001).half()
+    return lutmm.QuantizedWeight(packed, ps, lutmm.make_table("nf", bits), bits, g, (N, K), "nf")
+
+
+def bench_lutmm(M, N, K, bits, g, dev, path=None):
+    qw0 = random_qweight(N, K, bits, g, dev)
+    wbytes = qw0.packed.numel() + 2 * qw0.packed_scales.numel()
+    copies = [qw0] + [random_qweight(N, K, bits, g, dev) for _ in range(n_copies(wbytes) - 1)]
+    x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+    old = ops.FORCE_PATH
+    ops.FORCE_PATH = path
+    try:
+        us = time_graph([lambda q=q: lutmm.matmul(x, q) for q in copies])
+    finally:
+        ops.FORCE_PATH = old
+    return us, wbytes
+
+
+def bench_cublas(M, N, K, dev):
+    wbytes = N * K * 2
+    ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) for _ in range(n_copies(wbytes))]
+    x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+    return time_graph([lambda w=w: F.linear(x, w) for w in ws])
+
+
+def bench_int4(M, N, K, g, dev):
+    try:
+        wbytes = N * K // 2
+        mats = []
+        for _ in range(n_copies(wbytes)):
+            w_u8 = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=dev)
+            packed = torch.ops.aten._convert_weight_to_int4pack(w_u8, 8)
+            sz = torch.rand(K // g, N, 2, device=dev, dtype=torch.bfloat16)
+            mats.append((packed, sz))
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        return time_graph([lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(x, p, g, s) for p, s in mats])
+    except Exception as e:  # noqa: BLE001 - report, don't die
+        print(f"# torch int4 failed for {N}x{K} g{g}: {e}", file=sys.stderr)
+        return float("nan")
+
+
+def main():
+    faulthandler.enable()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None, help="write all rows here")
+    ap.add_argument("--paths", action="store_true", help="also time both forced paths (dispatch check)")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
+    if args.quick:
+        Ms, shapes, configs = [1, 16, 64, 256, 1024, 4096], [(8192, 8192), (4096, 4096), (28672, 4096), (57344, 8192)], \
+            [(4, 128), (3, 128), (2, 128), (4, 64)]
+    else:
+        Ms, shapes, configs = [1, 4, 16, 64, 256, 1024, 4096], SHAPES_8B + SHAPES_70B, \
+            [(b, g) for b in (4, 3, 2) for g in (128, 64)]
+    rows = []
+    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {lutmm.build_info()}")
+    hdr = f"{'N x K':>13} {'M':>5} {'b':>2} {'g':>4} {'path':>7} {'lutmm us':>9} {'TB/s':>6} {'%floor':>6} " \
+          f"{'cuBLAS us':>9} {'x cuBLAS':>8} {'int4 us':>8} {'x int4':>7}"
+    for (N, K) in shapes:
+        for M in Ms:
+            cub = bench_cublas(M, N, K, dev)
+            int4_by_g = {}
+            for bits, g in configs:
+                if bits < 4 and M > 16 and args.quick:
+                    continue
+                path = ops.choose_path(M, N, K, bits, g)
+                us, wbytes = bench_lutmm(M, N, K, bits, g, dev)
+                floor_us = max(wbytes / PEAK_BYTES_S, 2.0 * M * N * K / PEAK_FLOPS) * 1e6
+                if bits == 4 and g not in int4_by_g:
+                    int4_by_g[g] = bench_int4(M, N, K, g, dev)
+                i4 = int4_by_g.get(g, float("nan")) if bits == 4 else float("nan")
+                row = dict(N=N, K=K, M=M, bits=bits, g=g, path=path, us=us, tbs=wbytes / us / 1e6,
+                           pct_floor=100 * floor_us / us, cublas_us=cub, x_cublas=cub / us, int4_us=i4,
+                           x_int4=i4 / us if i4 == i4 else float("nan"))
+                if args.paths:
+                    for p in ("lut", "dequant"):
+                        row[f"{p}_us"] = bench_lutmm(M, N, K, bits, g, dev, path=p)[0]
+                rows.append(row)
+                print(f"{N:>6}x{K:<6} {M:>5} {bits:>2} {g:>4} {path:>7} {us:9.1f} {row['tbs']:6.2f} "
+                      f"{row['pct_floor']:6.1f} {cub:9.1f} {row['x_cublas']:8.2f} {i4:8.1f} {row['x_int4']:7.2f}"
+                      + (f"  lut {row['lut_us']:.1f} dq {row['dequant_us']:.1f}" if args.paths else ""), flush=True)
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print("\n" + hdr)
+    for r in rows:
+        if r["bits"] == 4 and r["g"] == 128 or r["M"] == 1:
+            print(f"{r['N']:>6}x{r['K']:<6} {r['M']:>5} {r['bits']:>2} {r['g']:>4} {r['path']:>7} {r['us']:9.1f} "
+                  f"{r['tbs']:6.2f} {r['pct_floor']:6.1f} {r['cublas_us']:9.1f} {r['x_cublas']:8.2f} "
+                  f"{r['int4_us']:8.1f} {r['x_int4']:7.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+// GPU entry points on raw device pointers. Everything runs on the caller's stream, never
+// synchronizes the host and allocates nothing, so it is safe inside CUDA graph capture.
+// Declared in every build; in a build without CUDA each call throws lutmm::Error.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "lutmm/format.h"
+
+namespace lutmm {
+namespace gpu {
+
+// True when the library was compiled with CUDA kernels and a CUDA device is visible.
+bool available();
+// Human-readable build/device description (for `lutmm info`).
+const char* build_info();
+
+// Kernel paths. kAuto lets dispatch() choose.
+enum class Path : int { kAuto = 0, kLut = 1, kDequant = 2 };
+
+struct GemmProblem {
+  // Activations X: M x K, row-major, fp16 or bf16, 16-byte aligned. Y: M x N, same dtype.
+  const void* x = nullptr;
+  DType dtype = DType::BF16;
+  int64_t M = 0;
+  Shape shape;                            // N, K, bits, group size of the weight
+  const void* packed = nullptr;           // shape.packed_bytes() bytes (see pack.h), 16-byte aligned
+  const uint16_t* packed_scales = nullptr;  // shape.packed_scale_count() fp16 values, 16-byte aligned
+  float table[16] = {};                   // T, 2^bits entries (host values, passed by value)
+  const void* bias = nullptr;             // N values of dtype, or nullptr
+  void* y = nullptr;                      // output, M x N
+};
+
+// Which path dispatch picks for this problem on `device` (readable rule, see gemm.cu).
+Path choose_path(int64_t M, const Shape& shape, DType dtype, int device);
+
+// Bytes of persistent workspace the LUT path needs for (M, shape) on `device`. The workspace must be
+// zero-filled once when allocated; every call leaves it zeroed again. One workspace must not be used
+// by two streams at the same time.
+size_t workspace_bytes(int64_t M, const Shape& shape, int device);
+// Bytes of scratch the dequant path needs (the dequantized N x K weight); contents need no init.
+size_t dequant_scratch_bytes(const Shape& shape);
+
+// Y = X W_hat^T (+ bias) with the LUT path (fused kernel, Stream-K). `workspace` as above.
+void lut_gemm(const GemmProblem& p, void* workspace, size_t workspace_bytes, void* stream);
+
+// W_hat (N x K, row-major, `dtype`) from the packed weight, rounding T[q] to `dtype` first and
+// multiplying by the scale in fp32 (the same values the LUT path multiplies with).
+void dequantize(const void* packed, const uint16_t* packed_scales, const float* table, const Shape& shape,
+                DType dtype, void* out, void* stream);
+
+}  // namespace gpu
+}  // namespace lutmm

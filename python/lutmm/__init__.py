@@ -1,0 +1,21 @@
+"""lutmm: fast GEMM with lookup-table (LUT) quantized weights.
+
+    qw = lutmm.quantize(weight, bits=4, group_size=64, table="nf")
+    y = lutmm.matmul(x, qw, bias)           # CUDA kernel on GPU tensors, torch fallback on the CPU
+    w_hat = lutmm.dequantize(qw)
+
+See docs/format.md for the format and the packed layout.
+"""
+from ._api import (QuantizedWeight, quantize, dequantize, matmul, reference_matmul, make_table, gpu_available,
+                   build_info, FORMAT_VERSION)
+
+__version__ = "0.1.0"
+__all__ = ["QuantizedWeight", "quantize", "dequantize", "matmul", "reference_matmul", "make_table",
+           "gpu_available", "build_info", "FORMAT_VERSION"]
+
+
+def __getattr__(name):  # lazy submodules that import torch-heavy code only when used
+    if name in ("nn", "ops", "checkpoint", "cli", "evaluate"):
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(name)

@@ -1,0 +1,118 @@
+"""The torch op `lutmm::lut_matmul` (CPU + CUDA + fake implementations).
+
+Works with torch.compile(fullgraph=True) and CUDA graph capture: the CUDA path allocates only
+through torch's caching allocator, launches on the current stream and never synchronizes.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _core
+from ._api import _DTYPE_CODE, _ptr
+
+# Path selection for tests and benchmarks: None = dispatch rule; "lut" or "dequant" forces a path.
+FORCE_PATH: Optional[str] = os.environ.get("LUTMM_FORCE_PATH") or None
+_PATHS = {1: "lut", 2: "dequant"}
+
+# Per-device workspace for the LUT path's Stream-K fixup: zero-filled once, left zeroed by every call.
+# Sized generously on first use so that CUDA graph capture never needs to grow it.
+_MIN_WORKSPACE_BYTES = 64 << 20
+_workspaces: dict = {}
+
+
+def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
+    ws = _workspaces.get(device.index)
+    if ws is None or ws.numel() < nbytes:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"lutmm: the workspace must grow to {nbytes} bytes during CUDA graph capture; "
+                               "run the model once before capturing")
+        ws = torch.zeros(max(nbytes, _MIN_WORKSPACE_BYTES), dtype=torch.uint8, device=device)
+        _workspaces[device.index] = ws
+    return ws
+
+
+def choose_path(M: int, N: int, K: int, bits: int, group_size: int, device_index: int = 0) -> str:
+    if FORCE_PATH:
+        return FORCE_PATH
+    return _PATHS[_core.gpu_choose_path(M, N, K, bits, group_size, device_index)]
+
+
+@torch.library.custom_op("lutmm::lut_matmul", mutates_args=())
+def lut_matmul(x: torch.Tensor, packed: torch.Tensor, packed_scales: torch.Tensor, table: List[float], N: int, K: int,
+               bits: int, group_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Y[..., N] = X[..., K] W_hat^T (+ bias). Dispatches to the CPU or CUDA implementation."""
+    raise NotImplementedError("lutmm::lut_matmul: no implementation for this device")
+
+
+@lut_matmul.register_fake
+def _(x, packed, packed_scales, table, N, K, bits, group_size, bias=None):
+    return x.new_empty(*x.shape[:-1], N)
+
+
+def _check_packed(packed, packed_scales, N, K, bits, group_size, device_type):
+    _core.validate_shape(N, K, bits, group_size)
+    return (_ptr(packed, "packed", torch.uint8, _core.packed_bytes(N, K, bits, group_size), device_type),
+            _ptr(packed_scales, "packed_scales", torch.float16, _core.packed_scale_count(N, K, bits, group_size),
+                 device_type))
+
+
+def cpu_dequantize(packed, packed_scales, table, N, K, bits, group_size) -> torch.Tensor:
+    """float32 N x K weight from the packed layout, on the CPU."""
+    pp, ps = _check_packed(packed, packed_scales, N, K, bits, group_size, "cpu")
+    w = torch.empty(N, K, dtype=torch.float32)
+    _core.dequantize_packed(pp, ps, list(table), N, K, bits, group_size, w.data_ptr())
+    return w
+
+
+def gpu_dequantize(packed, packed_scales, table, N, K, bits, group_size, dtype) -> torch.Tensor:
+    """N x K weight of `dtype` (fp16/bf16) from the packed layout, on packed's CUDA device."""
+    pp, ps = _check_packed(packed, packed_scales, N, K, bits, group_size, "cuda")
+    w = torch.empty(N, K, dtype=dtype, device=packed.device)
+    _core.gpu_dequantize(pp, ps, list(table), N, K, bits, group_size, _DTYPE_CODE[dtype], w.data_ptr(),
+                         torch.cuda.current_stream(packed.device).cuda_stream)
+    return w
+
+
+@lut_matmul.register_kernel("cpu")
+def _(x, packed, packed_scales, table, N, K, bits, group_size, bias=None):
+    w = cpu_dequantize(packed.contiguous(), packed_scales.contiguous(), table, N, K, bits, group_size)
+    y = F.linear(x.float(), w, None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+@lut_matmul.register_kernel("cuda")
+def _(x, packed, packed_scales, table, N, K, bits, group_size, bias=None):
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"x: dtype {x.dtype}, expected float16 or bfloat16 on CUDA")
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if not x2.is_contiguous() or x2.data_ptr() % 16:
+        x2 = x2.contiguous().clone() if x2.data_ptr() % 16 else x2.contiguous()
+    M = x2.shape[0]
+    if M == 0:
+        return x.new_empty(*lead, N)
+    dev = x.device
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    path = choose_path(M, N, K, bits, group_size, dev.index or 0)
+    if packed.device != dev or packed_scales.device != dev:
+        raise ValueError(f"packed weight on {packed.device}, expected {dev} (the device of x)")
+    if path == "lut":
+        pp, ps = _check_packed(packed, packed_scales, N, K, bits, group_size, "cuda")
+        bp = 0
+        if bias is not None:
+            bias = bias.contiguous()
+            bp = _ptr(bias, "bias", x.dtype, N, "cuda")
+        y = torch.empty(M, N, dtype=x.dtype, device=dev)
+        ws = _workspace(dev, _core.gpu_workspace_bytes(M, N, K, bits, group_size, dev.index or 0))
+        _core.gpu_lut_gemm(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, pp, ps, list(table), N, K, bits, group_size, bp,
+                           y.data_ptr(), ws.data_ptr(), ws.numel(), stream)
+    else:
+        w = gpu_dequantize(packed, packed_scales, table, N, K, bits, group_size, x.dtype)
+        y = F.linear(x2, w, bias)
+    return y.reshape(*lead, N)

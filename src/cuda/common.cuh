@@ -1,0 +1,76 @@
+// Small device helpers shared by the lutmm kernels: element types, cp.async, mma.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <string>
+
+#include "lutmm/format.h"
+
+namespace lutmm {
+namespace gpu {
+
+// Throws lutmm::Error with the CUDA error string when `e` is not cudaSuccess.
+void check_cuda(cudaError_t e, const char* what);
+
+// Activation element type traits: fp16 and bf16 behave the same except for the mma instruction.
+template <typename T> struct Elem;
+template <> struct Elem<__half> {
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ __half from_float(float f) { return __float2half_rn(f); }
+  static __device__ __forceinline__ float to_float(__half h) { return __half2float(h); }
+  // D (16x8 fp32) += A (16x16, 4 regs) * B (16x8, 2 regs)
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float f) { return __float2bfloat16_rn(f); }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 h) { return __bfloat162float(h); }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16-byte global -> shared copy that bypasses L1; src_bytes = 0 zero-fills the destination.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Inverse of pack.h's pair_index: the two codes behind pair-table entry `idx`.
+template <int BITS> __host__ __device__ __forceinline__ void pair_codes(int idx, int& q0, int& q1) {
+  if (BITS == 3) {
+    const int lo = idx & 15, hi = idx >> 4;
+    q0 = (lo & 3) | ((hi & 1) << 2);
+    q1 = (lo >> 2) | ((hi >> 1) << 2);
+  } else {
+    q0 = idx & ((1 << BITS) - 1);
+    q1 = idx >> BITS;
+  }
+}
+
+}  // namespace gpu
+}  // namespace lutmm

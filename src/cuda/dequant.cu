@@ -1,0 +1,141 @@
+// Dequantization of the packed layout to a dense N x K weight (the large-M path feeds it to cuBLAS),
+// plus the small runtime pieces of the GPU API: error checks, availability, path choice.
+#include <cstdio>
+#include <sstream>
+
+#include "common.cuh"
+#include "lutmm/cuda.h"
+
+namespace lutmm {
+namespace gpu {
+
+void check_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::ostringstream m;
+    m << "CUDA error in " << what << ": " << cudaGetErrorString(e);
+    throw Error(m.str());
+  }
+}
+
+bool available() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) { cudaGetLastError(); return false; }
+  return n > 0;
+}
+
+const char* build_info() {
+  static char buf[256];
+  int rt = 0, drv = 0, n = 0;
+  cudaRuntimeGetVersion(&rt);
+  cudaDriverGetVersion(&drv);
+  if (cudaGetDeviceCount(&n) != cudaSuccess) { cudaGetLastError(); n = 0; }
+  std::snprintf(buf, sizeof buf, "CUDA kernels built (runtime %d, driver %d, %d device(s))", rt, drv, n);
+  return buf;
+}
+
+// Dispatch rule (H100, measured; see docs/performance.md): the fused LUT kernel is memory-bound
+// and wins while the weight stream dominates; past kLutMaxM tokens the dense tensor-core GEMM on a
+// dequantized copy wins.
+constexpr int64_t kLutMaxM = 64;
+Path choose_path(int64_t M, const Shape& shape, DType dtype, int device) {
+  (void)shape; (void)dtype; (void)device;
+  return M <= kLutMaxM ? Path::kLut : Path::kDequant;
+}
+
+size_t dequant_scratch_bytes(const Shape& shape) {
+  validate_shape(shape);
+  return size_t(shape.N) * size_t(shape.K) * 2;
+}
+
+namespace {
+
+constexpr int kDqWarps = 8;
+struct Table16 { float v[16]; };
+
+// One warp per 16 x 128 block: look up, scale, stage in shared memory, store rows coalesced.
+template <int BITS, typename T>
+__global__ void __launch_bounds__(kDqWarps * 32)
+dequant_kernel(const uint8_t* __restrict__ w, const uint16_t* __restrict__ s, T* __restrict__ out,
+               const Table16 tab, int N, int K, int G, int gl, int row_blocks, int col_blocks) {
+  __shared__ __align__(16) T tile[kDqWarps][16][kBlockCols + 8];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t blk = int64_t(blockIdx.x) * kDqWarps + warp;
+  if (blk >= int64_t(row_blocks) * col_blocks) return;
+  const int rb = int(blk / col_blocks), kb = int(blk % col_blocks);
+  const uint8_t* wb = w + blk * (256 * BITS);
+  uint32_t wd[8] = {}, hi[2] = {};
+  const uint4 c0 = reinterpret_cast<const uint4*>(wb)[lane];
+  wd[0] = c0.x; wd[1] = c0.y; wd[2] = c0.z; wd[3] = c0.w;
+  if (BITS == 4) { const uint4 c1 = reinterpret_cast<const uint4*>(wb)[32 + lane]; wd[4] = c1.x; wd[5] = c1.y; wd[6] = c1.z; wd[7] = c1.w; }
+  if (BITS == 3) { const uint2 h = reinterpret_cast<const uint2*>(wb + 512)[lane]; hi[0] = h.x; hi[1] = h.y; }
+  const int nchunks = min(4, (K - kb * kBlockCols) / 32);
+  for (int j = 0; j < nchunks; ++j) {
+    const int grp = (kb * 4 + j) >> gl;
+    const __half2 sh = *reinterpret_cast<const __half2*>(s + (int64_t(rb) * G + grp) * 16 + g * 2);
+    const float2 sc = __half22float2(sh);
+    for (int h = 0; h < 2; ++h) {
+      const int ks = 2 * j + h;
+      for (int p = 0; p < 4; ++p) {
+        int idx;
+        if (BITS == 4) idx = (wd[ks] >> (8 * p)) & 0xff;
+        else {
+          idx = (wd[ks / 2] >> (4 * ((ks % 2) * 4 + p))) & 0xf;
+          if (BITS == 3) idx |= ((hi[ks / 4] >> (2 * ((ks % 4) * 4 + p))) & 3) << 4;
+        }
+        int q0, q1;
+        pair_codes<BITS>(idx, q0, q1);
+        const int row = g + 8 * (p & 1), col = 32 * j + 8 * t + 4 * h + 2 * (p >> 1);
+        const float scale = (p & 1) ? sc.y : sc.x;
+        tile[warp][row][col] = Elem<T>::from_float(Elem<T>::to_float(Elem<T>::from_float(tab.v[q0])) * scale);
+        tile[warp][row][col + 1] = Elem<T>::from_float(Elem<T>::to_float(Elem<T>::from_float(tab.v[q1])) * scale);
+      }
+    }
+  }
+  __syncwarp();
+  // 16 rows x (32 * nchunks) columns; each lane stores 8 values (16 B) per step.
+  const int cols = 32 * nchunks;
+  for (int i = lane; i < 16 * (cols / 8); i += 32) {
+    const int row = i / (cols / 8), c8 = (i % (cols / 8)) * 8;
+    const int n = rb * 16 + row;
+    if (n < N)
+      *reinterpret_cast<uint4*>(out + int64_t(n) * K + int64_t(kb) * kBlockCols + c8) =
+          *reinterpret_cast<const uint4*>(&tile[warp][row][c8]);
+  }
+}
+
+template <typename T>
+void launch_dq(const void* packed, const uint16_t* ps, const float* table, const Shape& s, void* out, cudaStream_t st) {
+  Table16 tab;
+  for (int i = 0; i < 16; ++i) tab.v[i] = i < s.table_size() ? table[i] : 0.f;
+  const int64_t nblk = s.row_blocks() * s.col_blocks();
+  const dim3 grid(unsigned((nblk + kDqWarps - 1) / kDqWarps));
+  const int64_t gc = s.group_size / 32;
+  const int gl = (gc & (gc - 1)) == 0 ? __builtin_ctzll(uint64_t(gc)) : 30;
+  const auto* w = static_cast<const uint8_t*>(packed);
+  auto* y = static_cast<T*>(out);
+  const int N = int(s.N), K = int(s.K), G = int(s.groups()), rbs = int(s.row_blocks()), cbs = int(s.col_blocks());
+  switch (s.bits) {
+    case 2: dequant_kernel<2, T><<<grid, kDqWarps * 32, 0, st>>>(w, ps, y, tab, N, K, G, gl, rbs, cbs); break;
+    case 3: dequant_kernel<3, T><<<grid, kDqWarps * 32, 0, st>>>(w, ps, y, tab, N, K, G, gl, rbs, cbs); break;
+    default: dequant_kernel<4, T><<<grid, kDqWarps * 32, 0, st>>>(w, ps, y, tab, N, K, G, gl, rbs, cbs); break;
+  }
+  check_cuda(cudaGetLastError(), "dequant_kernel launch");
+}
+
+}  // namespace
+
+void dequantize(const void* packed, const uint16_t* packed_scales, const float* table, const Shape& shape, DType dtype,
+                void* out, void* stream) {
+  validate_shape(shape);
+  validate_table(table, shape.table_size(), shape.bits);
+  if (reinterpret_cast<uintptr_t>(packed) % 16 || reinterpret_cast<uintptr_t>(packed_scales) % 4 ||
+      reinterpret_cast<uintptr_t>(out) % 16)
+    throw Error("dequantize: packed codes and output must be 16-byte aligned, scales 4-byte aligned");
+  auto st = static_cast<cudaStream_t>(stream);
+  if (dtype == DType::F16) launch_dq<__half>(packed, packed_scales, table, shape, out, st);
+  else if (dtype == DType::BF16) launch_dq<__nv_bfloat16>(packed, packed_scales, table, shape, out, st);
+  else throw Error(std::string("dtype: ") + dtype_name(dtype) + ", expected float16 or bfloat16");
+}
+
+}  // namespace gpu
+}  // namespace lutmm

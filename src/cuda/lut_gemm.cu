@@ -1,0 +1,437 @@
+// The fused LUT GEMM: Y (M x N) = X (M x K) * W_hat^T, W_hat = T[Q] * S, read from the packed layout.
+//
+// How it works (see docs/format.md for the packed layout it reads):
+//
+// * Transposed problem. Tokens are few at decode, so the weight is the 16-row A operand of
+//   mma.m16n8k16 and the tokens are its 8-wide N side: a warp computes Y^T for 16 weight rows x
+//   8*MT tokens. With M = 1 only 1/8 of the tensor-core work is wasted instead of 15/16.
+// * Vectorized LUT. The packed byte for a pair of codes indexes a shared-memory table of value
+//   pairs (2^(2 bits) entries of half2/bf162), so one 32-bit shared load yields one A register.
+//   The table is replicated 32 times, copy c in bank c, and lane l reads copy l: conflict-free
+//   whatever the codes. Cost: 32 KB (4 bits), 8 KB (3 bits), 2 KB (2 bits) per CTA.
+// * Scales after the MMA. The table values are looked up unscaled; each 32-column chunk's product
+//   is accumulated in fp32 `part` and multiplied by the row's group scale when the group ends
+//   (acc += part * s). This removes the per-weight multiply and keeps the scale in fp32.
+// * Pipeline. A CTA of 8 warps owns a tile of 128 rows (warp w: row block w) and walks k-blocks of
+//   128 columns; each k-block's weights, scales and activations arrive through a 4-stage cp.async
+//   pipeline shared by the CTA, so ~3 iterations of loads stay in flight per CTA.
+// * Stream-K. All (tile, k-block) iterations are flattened, k innermost, and split evenly over a
+//   grid that fills the GPU, so shapes with few tiles still keep every SM streaming. A tile cut
+//   between CTAs is finished by whichever contributor arrives last (per-tile counter), which sums
+//   all partials from the workspace in CTA order: the result is bitwise the same on every run.
+#include <algorithm>
+#include <mutex>
+#include <sstream>
+
+#include "common.cuh"
+#include "lutmm/cuda.h"
+
+namespace lutmm {
+namespace gpu {
+namespace {
+
+constexpr int kWarps = 8;                         // warps per CTA; warp w owns row block w of a tile
+constexpr int kThreads = kWarps * 32;
+constexpr int kStages = 4;                        // cp.async pipeline depth (k-blocks)
+constexpr int kXRowBytes = kBlockCols * 2 + 64;   // one token's 128 activations + 64 B pad: the 8 rows
+                                                  // read by a quarter-warp's LDS.128 hit distinct banks
+constexpr int kScaleBytesPerRb = 4 * 16 * 2;      // up to 4 groups (g = 32) x 16 rows x fp16
+
+template <typename T>
+struct Params {
+  const T* x;               // M x K activations
+  const uint8_t* w;         // packed codes
+  const uint16_t* s;        // packed fp16 scales [row_blocks][G][8][2]
+  const T* bias;            // N or nullptr
+  T* y;                     // M x N
+  float* partials;          // Stream-K partial tiles [grid_y][grid_x][2][kThreads * 4 * MT]
+  int* counters;            // per (grid_y, tile) arrival counters, zero between calls
+  float table[16];          // T
+  int M, N, K, G;
+  int gl;                   // log2(group_size / 32); 30 when group_size = K is not a power of two
+  int row_blocks, col_blocks, tiles;
+};
+
+// Even split of `total` iterations over `grid` CTAs: CTA c gets [start(c), start(c + 1)).
+__host__ __device__ __forceinline__ int64_t sk_start(int64_t c, int64_t total, int64_t grid) {
+  const int64_t base = total / grid, rem = total % grid;
+  return c * base + (c < rem ? c : rem);
+}
+__device__ __forceinline__ int sk_owner(int64_t i, int64_t total, int64_t grid) {
+  const int64_t base = total / grid, rem = total % grid, big = rem * (base + 1);
+  return int(i < big ? i / (base + 1) : rem + (i - big) / base);
+}
+
+template <int BITS, int MT>
+struct Layout {
+  static constexpr int kBlockBytes = 256 * BITS;
+  static constexpr int kLutWords = (1 << (2 * BITS)) * 32;
+  static constexpr int kStageW = kWarps * kBlockBytes;
+  static constexpr int kStageS = kWarps * kScaleBytesPerRb;
+  static constexpr int kStageX = 8 * MT * kXRowBytes;
+  static constexpr int kStageBytes = kStageW + kStageS + kStageX;
+  static constexpr int kSmemBytes = kLutWords * 4 + kStages * kStageBytes + 16;
+};
+
+// Loads one iteration's weights, scales and activations into a pipeline stage.
+template <int BITS, int MT, typename T>
+__device__ __forceinline__ void load_stage(const Params<T>& p, uint8_t* stage, int tile, int kb, int m0) {
+  using L = Layout<BITS, MT>;
+  const int tid = threadIdx.x;
+  // Weights: 8 row blocks x block bytes, 16-byte chunks.
+  constexpr int kWChunks = L::kStageW / 16;
+  for (int c = tid; c < kWChunks; c += kThreads) {
+    const int rb_local = c / (L::kBlockBytes / 16), off = c % (L::kBlockBytes / 16);
+    const int rb = tile * kWarps + rb_local;
+    const bool ok = rb < p.row_blocks;
+    const uint8_t* src = p.w + ((int64_t(ok ? rb : 0) * p.col_blocks + kb) * L::kBlockBytes + off * 16);
+    cp_async16(stage + c * 16, src, ok ? 16 : 0);
+  }
+  // Scales: the groups that intersect this k-block, 32 B per (row block, group).
+  const int chunk0 = kb * 4;
+  const int nchunks = min(4, (p.K - kb * kBlockCols) / 32);
+  const int g_first = chunk0 >> p.gl, g_count = ((chunk0 + nchunks - 1) >> p.gl) - g_first + 1;
+  uint8_t* ss = stage + L::kStageW;
+  if (tid < kWarps * 8) {
+    const int rb_local = tid / 8, grp = (tid % 8) / 2, half = tid % 2;
+    const int rb = tile * kWarps + rb_local;
+    const bool ok = rb < p.row_blocks && grp < g_count;
+    const uint16_t* src = p.s + ((int64_t(ok ? rb : 0) * p.G + (ok ? g_first + grp : 0)) * 16 + half * 8);
+    cp_async16(ss + rb_local * kScaleBytesPerRb + grp * 32 + half * 16, src, ok ? 16 : 0);
+  }
+  // Activations: 8*MT tokens x 128 columns (zero beyond M and K).
+  uint8_t* xs = stage + L::kStageW + L::kStageS;
+  for (int c = tid; c < 8 * MT * 16; c += kThreads) {
+    const int r = c / 16, col = kb * kBlockCols + (c % 16) * 8;
+    const bool ok = (m0 + r) < p.M && col < p.K;
+    const T* src = p.x + (ok ? (int64_t(m0 + r) * p.K + col) : 0);
+    cp_async16(xs + r * kXRowBytes + (c % 16) * 16, src, ok ? 16 : 0);
+  }
+}
+
+// Pair-table index of pair p in k-step ks, from the lane's code words.
+template <int BITS>
+__device__ __forceinline__ int pair_idx(const uint32_t (&wd)[8], const uint32_t (&hi)[2], int ks, int p) {
+  if (BITS == 4) return (wd[ks] >> (8 * p)) & 0xff;
+  const int lo = (wd[ks / 2] >> (4 * ((ks % 2) * 4 + p))) & 0xf;
+  if (BITS == 2) return lo;
+  return lo | (((hi[ks / 4] >> (2 * ((ks % 4) * 4 + p))) & 3) << 4);
+}
+
+// One warp, one k-block: part/acc update for its 16 rows x 8*MT tokens.
+template <int BITS, int MT, typename T>
+__device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t* stage, const uint32_t* lut,
+                                              int kb, float (&acc)[MT][4]) {
+  using L = Layout<BITS, MT>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const uint8_t* wb = stage + warp * L::kBlockBytes;
+  uint32_t wd[8] = {}, hi[2] = {};
+  {
+    const uint4 c0 = reinterpret_cast<const uint4*>(wb)[lane];
+    wd[0] = c0.x; wd[1] = c0.y; wd[2] = c0.z; wd[3] = c0.w;
+    if (BITS == 4) {
+      const uint4 c1 = reinterpret_cast<const uint4*>(wb)[32 + lane];
+      wd[4] = c1.x; wd[5] = c1.y; wd[6] = c1.z; wd[7] = c1.w;
+    }
+    if (BITS == 3) {
+      const uint2 h = reinterpret_cast<const uint2*>(wb + 512)[lane];
+      hi[0] = h.x; hi[1] = h.y;
+    }
+  }
+  const uint8_t* ss = stage + L::kStageW + warp * kScaleBytesPerRb;
+  const uint8_t* xs = stage + L::kStageW + L::kStageS;
+  const int nchunks = min(4, (p.K - kb * kBlockCols) / 32);
+  const int g_first = (kb * 4) >> p.gl;
+  const uint32_t* lut_lane = lut + lane;
+  float part[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) part[mt][0] = part[mt][1] = part[mt][2] = part[mt][3] = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (j < nchunks) {
+      uint4 xv[MT];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        xv[mt] = *reinterpret_cast<const uint4*>(xs + (mt * 8 + g) * kXRowBytes + (32 * j + 8 * t) * 2);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int ks = 2 * j + h;
+        uint32_t a[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) a[q] = lut_lane[pair_idx<BITS>(wd, hi, ks, q) * 32];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+          Elem<T>::mma(part[mt], a, h ? xv[mt].z : xv[mt].x, h ? xv[mt].w : xv[mt].y);
+      }
+      const int cg = kb * 4 + j;  // global 32-column chunk index
+      if (j == nchunks - 1 || (((cg + 1) >> p.gl) != (cg >> p.gl))) {
+        const __half2 sh = *reinterpret_cast<const __half2*>(ss + ((cg >> p.gl) - g_first) * 32 + g * 4);
+        const float2 sc = __half22float2(sh);  // rows g, g + 8
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          acc[mt][0] += part[mt][0] * sc.x; acc[mt][1] += part[mt][1] * sc.x;
+          acc[mt][2] += part[mt][2] * sc.y; acc[mt][3] += part[mt][3] * sc.y;
+          part[mt][0] = part[mt][1] = part[mt][2] = part[mt][3] = 0.f;
+        }
+      }
+    }
+  }
+}
+
+// Writes acc (+ bias) of this warp's 16 rows x 8*MT tokens to Y.
+template <int MT, typename T>
+__device__ __forceinline__ void store_tile(const Params<T>& p, int tile, int m0, const float (&acc)[MT][4]) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int rb = tile * kWarps + warp;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int n = rb * 16 + g + 8 * i;
+    if (n >= p.N) continue;
+    const float b = p.bias ? Elem<T>::to_float(p.bias[n]) : 0.f;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int m = m0 + mt * 8 + 2 * t + e;
+        if (m < p.M) p.y[int64_t(m) * p.N + n] = Elem<T>::from_float(acc[mt][2 * i + e] + b);
+      }
+  }
+}
+
+template <int BITS, int MT, typename T>
+__global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const Params<T> p) {
+  using L = Layout<BITS, MT>;
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint32_t* lut = reinterpret_cast<uint32_t*>(smem);
+  uint8_t* stages = smem + L::kLutWords * 4;
+  int* flag = reinterpret_cast<int*>(stages + kStages * L::kStageBytes);
+
+  const int64_t total = int64_t(p.tiles) * p.col_blocks;
+  const int64_t grid = gridDim.x;
+  const int cta = blockIdx.x;
+  const int64_t it_begin = sk_start(cta, total, grid), it_end = sk_start(cta + 1, total, grid);
+  const int m0 = blockIdx.y * 8 * MT;
+
+  // Prologue: start the first k-blocks' loads, then build the replicated pair table meanwhile.
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    const int64_t it = it_begin + s;
+    if (it < it_end) load_stage<BITS, MT>(p, stages + s * L::kStageBytes, int(it / p.col_blocks), int(it % p.col_blocks), m0);
+    cp_async_commit();
+  }
+  for (int e = threadIdx.x; e < L::kLutWords; e += kThreads) {
+    int q0, q1;
+    pair_codes<BITS>(e / 32, q0, q1);
+    lut[e] = Elem<T>::pack2(p.table[q0], p.table[q1]);
+  }
+
+  float acc[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+  int64_t seg_begin = it_begin;  // first iteration of the current tile segment
+
+  for (int64_t it = it_begin; it < it_end; ++it) {
+    const int s = int((it - it_begin) % kStages);
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    {
+      const int64_t nxt = it + kStages - 1;
+      if (nxt < it_end)
+        load_stage<BITS, MT>(p, stages + ((s + kStages - 1) % kStages) * L::kStageBytes, int(nxt / p.col_blocks),
+                             int(nxt % p.col_blocks), m0);
+      cp_async_commit();
+    }
+    const int tile = int(it / p.col_blocks), kb = int(it % p.col_blocks);
+    const bool warp_live = tile * kWarps + int(threadIdx.x / 32) < p.row_blocks;
+    if (warp_live) compute_block<BITS, MT>(p, stages + s * L::kStageBytes, lut, kb, acc);
+
+    if (kb == p.col_blocks - 1 || it == it_end - 1) {  // end of this CTA's segment of `tile`
+      const int64_t tile_begin = int64_t(tile) * p.col_blocks, tile_end = tile_begin + p.col_blocks;
+      if (seg_begin == tile_begin && it == tile_end - 1) {
+        if (warp_live) store_tile<MT>(p, tile, m0, acc);
+      } else {
+        // Stream-K fixup: publish this partial, the last contributor to arrive sums all of them.
+        const int slot = seg_begin == it_begin ? 0 : 1;
+        const int64_t part_elems = int64_t(kThreads) * 4 * MT;
+        float* mine = p.partials + ((int64_t(blockIdx.y) * grid + cta) * 2 + slot) * part_elems;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) mine[(mt * 4 + e) * kThreads + threadIdx.x] = acc[mt][e];
+        __threadfence();
+        __syncthreads();
+        const int first = sk_owner(tile_begin, total, grid), last = sk_owner(tile_end - 1, total, grid);
+        if (threadIdx.x == 0) {
+          int* counter = p.counters + int64_t(blockIdx.y) * p.tiles + tile;
+          const int arrived = atomicAdd(counter, 1);
+          const bool is_last = arrived == last - first;
+          if (is_last) atomicExch(counter, 0);  // leave the workspace zeroed for the next call
+          *flag = is_last;
+        }
+        __syncthreads();
+        if (*flag) {
+          __threadfence();
+          float sum[MT][4] = {};
+          for (int c = first; c <= last; ++c) {
+            const int cslot = tile_begin <= sk_start(c, total, grid) ? 0 : 1;
+            const float* src = p.partials + ((int64_t(blockIdx.y) * grid + c) * 2 + cslot) * part_elems;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) sum[mt][e] += __ldcg(src + (mt * 4 + e) * kThreads + threadIdx.x);
+          }
+          if (warp_live) store_tile<MT>(p, tile, m0, sum);
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+      seg_begin = it + 1;
+    }
+  }
+  cp_async_wait<0>();
+}
+
+struct DeviceInfo { int sms = 0; };
+DeviceInfo device_info(int device) {
+  static std::mutex mu;
+  static DeviceInfo cache[64];
+  std::lock_guard<std::mutex> lock(mu);
+  if (device < 0 || device >= 64) throw Error("device: index out of range");
+  if (cache[device].sms == 0) {
+    check_cuda(cudaDeviceGetAttribute(&cache[device].sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  }
+  return cache[device];
+}
+
+int mt_for(int64_t M) { return M <= 8 ? 1 : (M <= 16 ? 2 : 4); }
+
+// Launch geometry, shared by workspace_bytes() and the launch so both agree.
+struct Geometry { int mt, grid_x, grid_y, tiles, col_blocks; };
+template <int BITS, int MT, typename T>
+int ctas_per_sm() {
+  // Resolved once per instantiation and device; kernel attributes must allow the large smem first.
+  static int cached[64] = {};
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  if (cached[dev] == 0) {
+    auto* k = &lut_gemm_kernel<BITS, MT, T>;
+    check_cuda(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, Layout<BITS, MT>::kSmemBytes),
+               "cudaFuncSetAttribute");
+    int n = 0;
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k, kThreads, Layout<BITS, MT>::kSmemBytes),
+               "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    cached[dev] = std::max(1, n);
+  }
+  return cached[dev];
+}
+template <typename T, int MT>
+int ctas_per_sm_bits(int bits) {
+  return bits == 2 ? ctas_per_sm<2, MT, T>() : bits == 3 ? ctas_per_sm<3, MT, T>() : ctas_per_sm<4, MT, T>();
+}
+int ctas_per_sm_any(int bits, int mt, DType dt) {
+  if (dt == DType::F16) {
+    return mt == 1 ? ctas_per_sm_bits<__half, 1>(bits) : mt == 2 ? ctas_per_sm_bits<__half, 2>(bits) : ctas_per_sm_bits<__half, 4>(bits);
+  }
+  return mt == 1 ? ctas_per_sm_bits<__nv_bfloat16, 1>(bits)
+                 : mt == 2 ? ctas_per_sm_bits<__nv_bfloat16, 2>(bits) : ctas_per_sm_bits<__nv_bfloat16, 4>(bits);
+}
+
+Geometry geometry(int64_t M, const Shape& s, DType dt, int device) {
+  Geometry g;
+  g.mt = mt_for(M);
+  g.tiles = int((s.row_blocks() + kWarps - 1) / kWarps);
+  g.col_blocks = int(s.col_blocks());
+  const int64_t total = int64_t(g.tiles) * g.col_blocks;
+  const int64_t slots = int64_t(device_info(device).sms) * ctas_per_sm_any(s.bits, g.mt, dt);
+  g.grid_x = int(std::min<int64_t>(total, slots));
+  g.grid_y = int((M + 8 * g.mt - 1) / (8 * g.mt));
+  return g;
+}
+
+size_t counters_bytes(const Geometry& g) { return (size_t(g.grid_y) * g.tiles * 4 + 255) / 256 * 256; }
+size_t partials_bytes(const Geometry& g) { return size_t(g.grid_y) * g.grid_x * 2 * kThreads * 4 * g.mt * 4; }
+
+template <int BITS, int MT, typename T>
+void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
+  ctas_per_sm<BITS, MT, T>();  // sets the smem attribute on this device
+  Params<T> p;
+  p.x = static_cast<const T*>(prob.x);
+  p.w = static_cast<const uint8_t*>(prob.packed);
+  p.s = prob.packed_scales;
+  p.bias = static_cast<const T*>(prob.bias);
+  p.y = static_cast<T*>(prob.y);
+  p.counters = static_cast<int*>(ws);
+  p.partials = reinterpret_cast<float*>(static_cast<uint8_t*>(ws) + counters_bytes(geo));
+  for (int i = 0; i < 16; ++i) p.table[i] = prob.table[i];
+  const Shape& s = prob.shape;
+  p.M = int(prob.M); p.N = int(s.N); p.K = int(s.K); p.G = int(s.groups());
+  const int64_t gc = s.group_size / 32;
+  p.gl = (gc & (gc - 1)) == 0 ? __builtin_ctzll(uint64_t(gc)) : 30;
+  p.row_blocks = int(s.row_blocks()); p.col_blocks = geo.col_blocks; p.tiles = geo.tiles;
+  dim3 grid(geo.grid_x, geo.grid_y);
+  lut_gemm_kernel<BITS, MT, T><<<grid, kThreads, Layout<BITS, MT>::kSmemBytes, stream>>>(p);
+  check_cuda(cudaGetLastError(), "lut_gemm_kernel launch");
+}
+
+template <typename T, int MT>
+void launch_bits(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t st) {
+  switch (prob.shape.bits) {
+    case 2: launch<2, MT, T>(prob, geo, ws, st); break;
+    case 3: launch<3, MT, T>(prob, geo, ws, st); break;
+    default: launch<4, MT, T>(prob, geo, ws, st); break;
+  }
+}
+template <typename T>
+void launch_mt(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t st) {
+  if (geo.mt == 1) launch_bits<T, 1>(prob, geo, ws, st);
+  else if (geo.mt == 2) launch_bits<T, 2>(prob, geo, ws, st);
+  else launch_bits<T, 4>(prob, geo, ws, st);
+}
+
+void check_aligned(const void* ptr, const char* what) {
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) {
+    std::ostringstream m;
+    m << what << ": address " << ptr << " is not 16-byte aligned";
+    throw Error(m.str());
+  }
+}
+
+}  // namespace
+
+size_t workspace_bytes(int64_t M, const Shape& shape, int device) {
+  validate_shape(shape);
+  const Geometry g = geometry(M, shape, DType::BF16, device);
+  // fp16 and bf16 instantiations have the same resources; take the larger to be safe.
+  const Geometry g16 = geometry(M, shape, DType::F16, device);
+  return std::max(counters_bytes(g) + partials_bytes(g), counters_bytes(g16) + partials_bytes(g16));
+}
+
+void lut_gemm(const GemmProblem& prob, void* ws, size_t ws_bytes, void* stream) {
+  validate_shape(prob.shape);
+  validate_table(prob.table, prob.shape.table_size(), prob.shape.bits);
+  if (prob.dtype != DType::F16 && prob.dtype != DType::BF16)
+    throw Error(std::string("x: dtype ") + dtype_name(prob.dtype) + ", expected float16 or bfloat16");
+  if (prob.M < 1) throw Error("M: expected >= 1, got " + std::to_string(prob.M));
+  if (prob.M > (int64_t(1) << 30) || prob.shape.N > (int64_t(1) << 30) || prob.shape.K > (int64_t(1) << 30))
+    throw Error("shape: M, N and K must each be below 2^30");
+  check_aligned(prob.x, "x");
+  check_aligned(prob.packed, "packed codes");
+  check_aligned(prob.packed_scales, "packed scales");
+  if (!prob.y) throw Error("y: null output pointer");
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  const Geometry geo = geometry(prob.M, prob.shape, prob.dtype, dev);
+  const size_t need = counters_bytes(geo) + partials_bytes(geo);
+  if (ws == nullptr || ws_bytes < need) {
+    std::ostringstream m;
+    m << "workspace: got " << ws_bytes << " bytes, expected at least " << need << " (workspace_bytes())";
+    throw Error(m.str());
+  }
+  check_aligned(ws, "workspace");
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (prob.dtype == DType::F16) launch_mt<__half>(prob, geo, ws, st);
+  else launch_mt<__nv_bfloat16>(prob, geo, ws, st);
+}
+
+}  // namespace gpu
+}  // namespace lutmm

@@ -1,0 +1,17 @@
+// GPU API for builds without nvcc: every entry point reports that the kernels are absent.
+#include "lutmm/cuda.h"
+
+namespace lutmm {
+namespace gpu {
+namespace {
+[[noreturn]] void no_cuda() { throw Error("lutmm was built without CUDA kernels (nvcc not found at build time)"); }
+}  // namespace
+bool available() { return false; }
+const char* build_info() { return "built without CUDA kernels"; }
+Path choose_path(int64_t, const Shape&, DType, int) { no_cuda(); }
+size_t workspace_bytes(int64_t, const Shape&, int) { no_cuda(); }
+size_t dequant_scratch_bytes(const Shape&) { no_cuda(); }
+void lut_gemm(const GemmProblem&, void*, size_t, void*) { no_cuda(); }
+void dequantize(const void*, const uint16_t*, const float*, const Shape&, DType, void*, void*) { no_cuda(); }
+}  // namespace gpu
+}  // namespace lutmm

@@ -1,0 +1,237 @@
+// GPU differential tests: the fused kernel and the dequant kernel against the CPU reference.
+// Without a CUDA device every test skips and says so.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "lutmm/cuda.h"
+#include "lutmm/pack.h"
+#include "lutmm/reference.h"
+#include "lutmm/tables.h"
+#include "test_util.h"
+
+using namespace lutmm;
+using namespace lutmm_test;
+
+#define REQUIRE_GPU() \
+  if (!gpu::available()) GTEST_SKIP() << "no CUDA device: GPU test skipped"
+
+#define CK(x) ASSERT_EQ((x), cudaSuccess) << cudaGetErrorString(x)
+
+namespace {
+
+template <typename P> struct DevBuf {
+  P* p = nullptr;
+  size_t bytes = 0;
+  explicit DevBuf(size_t b) : bytes(b) { if (cudaMalloc(&p, std::max<size_t>(b, 16)) != cudaSuccess) p = nullptr; }
+  ~DevBuf() { cudaFree(p); }
+};
+
+uint16_t to_dtype(float f, DType dt) { return dt == DType::F16 ? float_to_half(f) : float_to_bf16(f); }
+float from_dtype(uint16_t h, DType dt) { return dt == DType::F16 ? half_to_float(h) : bf16_to_float(h); }
+
+struct Layer {
+  Shape s;
+  std::vector<float> table, table_rounded;  // table as given / as the kernel sees it (rounded to dtype)
+  std::vector<uint8_t> codes, packed;
+  std::vector<uint16_t> scales, packed_scales;
+};
+
+Layer make_layer(const Shape& s, DType dt, std::mt19937& rng, int table_kind) {
+  Layer L;
+  L.s = s;
+  const int T = s.table_size();
+  if (table_kind == 0) L.table = nf_table(s.bits);
+  else if (table_kind == 1) L.table = int_table(s.bits);
+  else {  // random, non-monotone, negative and large values
+    std::uniform_real_distribution<float> d(-40.f, 25.f);
+    for (int i = 0; i < T; ++i) L.table.push_back(d(rng));
+  }
+  for (float v : L.table) L.table_rounded.push_back(from_dtype(to_dtype(v, dt), dt));
+  L.codes = random_codes(size_t(s.N * s.K), s.bits, rng());
+  L.scales = random_scales(size_t(s.N * s.groups()), rng(), 0.002f, 0.05f);
+  L.packed.resize(size_t(s.packed_bytes()));
+  L.packed_scales.resize(size_t(s.packed_scale_count()));
+  pack_codes(L.codes.data(), s, L.packed.data());
+  pack_scales(L.scales.data(), s, L.packed_scales.data());
+  return L;
+}
+
+// Runs the LUT kernel; returns Y as floats. Y is poisoned with NaN first.
+std::vector<float> run_gpu(const Layer& L, const std::vector<uint16_t>& x, int64_t M, DType dt,
+                           const std::vector<uint16_t>* bias, void* ws, size_t ws_bytes) {
+  const Shape& s = L.s;
+  DevBuf<uint8_t> dx(x.size() * 2), dw(L.packed.size()), ds(L.packed_scales.size() * 2), dy(size_t(M * s.N) * 2),
+      db(size_t(s.N) * 2);
+  cudaMemcpy(dx.p, x.data(), x.size() * 2, cudaMemcpyHostToDevice);
+  cudaMemcpy(dw.p, L.packed.data(), L.packed.size(), cudaMemcpyHostToDevice);
+  cudaMemcpy(ds.p, L.packed_scales.data(), L.packed_scales.size() * 2, cudaMemcpyHostToDevice);
+  cudaMemset(dy.p, 0xff, size_t(M * s.N) * 2);  // NaN in fp16 and bf16
+  if (bias) cudaMemcpy(db.p, bias->data(), size_t(s.N) * 2, cudaMemcpyHostToDevice);
+  gpu::GemmProblem p;
+  p.x = dx.p; p.dtype = dt; p.M = M; p.shape = s; p.packed = dw.p;
+  p.packed_scales = reinterpret_cast<const uint16_t*>(ds.p);
+  for (int i = 0; i < s.table_size(); ++i) p.table[i] = L.table[size_t(i)];
+  p.bias = bias ? db.p : nullptr;
+  p.y = dy.p;
+  gpu::lut_gemm(p, ws, ws_bytes, nullptr);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<uint16_t> yh(size_t(M * s.N));
+  cudaMemcpy(yh.data(), dy.p, yh.size() * 2, cudaMemcpyDeviceToHost);
+  std::vector<float> y(yh.size());
+  for (size_t i = 0; i < y.size(); ++i) y[i] = from_dtype(yh[i], dt);
+  return y;
+}
+
+// Relative Frobenius error; NaN anywhere (an unwritten output) returns +inf.
+double rel_err(const std::vector<float>& y, const std::vector<float>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < y.size(); ++i) {
+    if (!std::isfinite(y[i])) return INFINITY;
+    num += (double(y[i]) - ref[i]) * (double(y[i]) - ref[i]);
+    den += double(ref[i]) * ref[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+struct Workspace {
+  void* p = nullptr;
+  size_t bytes = 0;
+  void ensure(size_t b) {
+    if (b <= bytes) return;
+    cudaFree(p);
+    cudaMalloc(&p, b);
+    cudaMemset(p, 0, b);
+    bytes = b;
+  }
+  ~Workspace() { cudaFree(p); }
+};
+
+}  // namespace
+
+TEST(Gpu, RandomizedAgainstReference) {
+  REQUIRE_GPU();
+  std::mt19937 rng(12345);
+  Workspace ws;
+  const int cases = 1500;
+  int failures = 0;
+  for (int c = 0; c < cases; ++c) {
+    const int bits = 2 + int(rng() % 3);
+    const int64_t gs[] = {32, 64, 128, 256, 0};
+    int64_t g = gs[rng() % 5];
+    int64_t M;
+    const int r = int(rng() % 10);
+    if (r < 6) M = 1 + int64_t(rng() % 17);
+    else if (r < 9) M = 1 + int64_t(rng() % 80);
+    else M = 1 + int64_t(rng() % 512);
+    const int64_t N = 1 + int64_t(rng() % (M > 100 ? 200 : 700));
+    int64_t K = 32 * (1 + int64_t(rng() % (M > 100 ? 12 : 40)));
+    if (g == 0) g = K;                               // one group per row
+    if (K % g) K = g * (1 + int64_t(rng() % 4));     // keep K a multiple of g
+    const DType dt = (rng() % 2) ? DType::BF16 : DType::F16;
+    Shape s{N, K, bits, g};
+    Layer L = make_layer(s, dt, rng, int(rng() % 3));
+    std::vector<uint16_t> x(size_t(M * K));
+    std::normal_distribution<float> nd(0.f, 1.f);
+    std::vector<float> xf(x.size());
+    for (size_t i = 0; i < x.size(); ++i) { x[i] = to_dtype(nd(rng), dt); xf[i] = from_dtype(x[i], dt); }
+    std::vector<uint16_t> bias{};
+    bias.resize(size_t(N));
+    std::vector<float> biasf{};
+    biasf.resize(size_t(N));
+    const bool use_bias = rng() % 2;
+    for (int64_t n = 0; n < N; ++n) { bias[size_t(n)] = to_dtype(nd(rng), dt); biasf[size_t(n)] = from_dtype(bias[size_t(n)], dt); }
+    ws.ensure(gpu::workspace_bytes(M, s, 0));
+    auto y = run_gpu(L, x, M, dt, use_bias ? &bias : nullptr, ws.p, ws.bytes);
+    std::vector<float> ref(size_t(M * N));
+    reference_matmul(xf.data(), DType::F32, M, L.codes.data(), L.scales.data(), L.table_rounded.data(), s,
+                     use_bias ? biasf.data() : nullptr, ref.data());
+    const double err = rel_err(y, ref), tol = dt == DType::BF16 ? 6e-3 : 1.5e-3;
+    if (!(err < tol)) {
+      if (++failures < 10)
+        ADD_FAILURE() << "case " << c << ": M=" << M << " N=" << N << " K=" << K << " bits=" << bits << " g=" << g
+                      << " dtype=" << dtype_name(dt) << " rel err " << err;
+    }
+  }
+  EXPECT_EQ(failures, 0) << "of " << cases << " cases";
+}
+
+TEST(Gpu, IdentityGivesDequantizedWeightsExactly) {
+  REQUIRE_GPU();
+  std::mt19937 rng(7);
+  Workspace ws;
+  for (int bits : {2, 3, 4})
+    for (DType dt : {DType::F16, DType::BF16}) {
+      Shape s{77, 128, bits, 32};
+      Layer L = make_layer(s, dt, rng, 2);
+      const int64_t M = s.K;
+      std::vector<uint16_t> x(size_t(M * s.K), to_dtype(0.f, dt));
+      for (int64_t i = 0; i < M; ++i) x[size_t(i * s.K + i)] = to_dtype(1.f, dt);
+      ws.ensure(gpu::workspace_bytes(M, s, 0));
+      auto y = run_gpu(L, x, M, dt, nullptr, ws.p, ws.bytes);
+      std::vector<float> w(size_t(s.N * s.K));
+      dequantize(L.codes.data(), L.scales.data(), L.table_rounded.data(), s, w.data());
+      for (int64_t k = 0; k < s.K; ++k)
+        for (int64_t n = 0; n < s.N; ++n)
+          ASSERT_EQ(y[size_t(k * s.N + n)], from_dtype(to_dtype(w[size_t(n * s.K + k)], dt), dt))
+              << "bits " << bits << " n " << n << " k " << k;
+      // The dequant kernel gives the same values.
+      DevBuf<uint8_t> dw(L.packed.size()), ds(L.packed_scales.size() * 2), dout(size_t(s.N * s.K) * 2);
+      cudaMemcpy(dw.p, L.packed.data(), L.packed.size(), cudaMemcpyHostToDevice);
+      cudaMemcpy(ds.p, L.packed_scales.data(), L.packed_scales.size() * 2, cudaMemcpyHostToDevice);
+      gpu::dequantize(dw.p, reinterpret_cast<uint16_t*>(ds.p), L.table.data(), s, dt, dout.p, nullptr);
+      CK(cudaDeviceSynchronize());
+      std::vector<uint16_t> wd(size_t(s.N * s.K));
+      cudaMemcpy(wd.data(), dout.p, wd.size() * 2, cudaMemcpyDeviceToHost);
+      for (size_t i = 0; i < wd.size(); ++i) ASSERT_EQ(from_dtype(wd[i], dt), from_dtype(to_dtype(w[i], dt), dt)) << i;
+    }
+}
+
+TEST(Gpu, StreamKIsDeterministic) {
+  REQUIRE_GPU();
+  std::mt19937 rng(99);
+  Workspace ws;
+  for (auto shp : {Shape{256, 8192, 4, 128}, Shape{4096, 4096, 3, 64}, Shape{1000, 2048, 2, 32}}) {
+    for (int64_t M : {1, 16, 40}) {
+      Layer L = make_layer(shp, DType::BF16, rng, 0);
+      std::vector<uint16_t> x(size_t(M * shp.K));
+      std::normal_distribution<float> nd(0.f, 1.f);
+      for (auto& v : x) v = float_to_bf16(nd(rng));
+      ws.ensure(gpu::workspace_bytes(M, shp, 0));
+      auto y0 = run_gpu(L, x, M, DType::BF16, nullptr, ws.p, ws.bytes);
+      for (int rep = 0; rep < 3; ++rep) {
+        auto y = run_gpu(L, x, M, DType::BF16, nullptr, ws.p, ws.bytes);
+        ASSERT_EQ(std::memcmp(y.data(), y0.data(), y.size() * 4), 0) << "run " << rep << " differs, N=" << shp.N;
+      }
+    }
+  }
+}
+
+TEST(Gpu, RejectsBadArguments) {
+  REQUIRE_GPU();
+  std::mt19937 rng(1);
+  Shape s{64, 256, 4, 128};
+  Layer L = make_layer(s, DType::F16, rng, 0);
+  DevBuf<uint8_t> dx(size_t(2 * 256 * 2) + 16), dw(L.packed.size()), ds(L.packed_scales.size() * 2), dy(2 * 64 * 2);
+  Workspace ws;
+  ws.ensure(gpu::workspace_bytes(2, s, 0));
+  gpu::GemmProblem p;
+  p.x = dx.p; p.dtype = DType::F16; p.M = 2; p.shape = s; p.packed = dw.p;
+  p.packed_scales = reinterpret_cast<uint16_t*>(ds.p); p.y = dy.p;
+  for (int i = 0; i < 16; ++i) p.table[i] = L.table[size_t(i)];
+  EXPECT_NO_THROW(gpu::lut_gemm(p, ws.p, ws.bytes, nullptr));
+  gpu::GemmProblem bad = p;
+  bad.x = dx.p + 2;
+  EXPECT_THROW(gpu::lut_gemm(bad, ws.p, ws.bytes, nullptr), Error);
+  EXPECT_THROW(gpu::lut_gemm(p, ws.p, 16, nullptr), Error);
+  bad = p; bad.dtype = DType::F32;
+  EXPECT_THROW(gpu::lut_gemm(bad, ws.p, ws.bytes, nullptr), Error);
+  bad = p; bad.table[3] = NAN;
+  EXPECT_THROW(gpu::lut_gemm(bad, ws.p, ws.bytes, nullptr), Error);
+  bad = p; bad.shape.bits = 5;
+  EXPECT_THROW(gpu::lut_gemm(bad, ws.p, ws.bytes, nullptr), Error);
+  CK(cudaDeviceSynchronize());
+}

@@ -1,0 +1,116 @@
+#include <gtest/gtest.h>
+
+#include <set>
+
+#include "lutmm/pack.h"
+#include "test_util.h"
+
+using namespace lutmm;
+using namespace lutmm_test;
+
+TEST(Pack, RoundTripAllBitsAndRaggedShapes) {
+  for (int bits : {2, 3, 4})
+    for (auto nk : {std::pair<int64_t, int64_t>{16, 128}, {1, 32}, {33, 160}, {70, 544}, {128, 1024}}) {
+      Shape s{nk.first, nk.second, bits, 32};
+      auto codes = random_codes(size_t(s.N * s.K), bits, uint32_t(bits * 100 + s.N));
+      std::vector<uint8_t> packed(size_t(s.packed_bytes())), back(codes.size());
+      pack_codes(codes.data(), s, packed.data());
+      unpack_codes(packed.data(), s, back.data());
+      EXPECT_EQ(back, codes) << bits << " " << s.N << "x" << s.K;
+    }
+}
+
+TEST(Pack, PositionsAreABijection) {
+  for (int bits : {2, 3, 4}) {
+    Shape s{32, 256, bits, 128};
+    std::set<std::pair<int64_t, int>> seen, seen_hi;
+    for (int64_t n = 0; n < s.N; ++n)
+      for (int64_t k = 0; k < s.K; ++k) {
+        CodePosition p = code_position(s, n, k);
+        ASSERT_LT(p.byte, s.packed_bytes());
+        EXPECT_TRUE(seen.insert({p.byte, p.shift}).second);
+        if (bits == 3) EXPECT_TRUE(seen_hi.insert({p.hi_byte, p.hi_shift}).second);
+      }
+    // Every bit of the packed buffer is used exactly once.
+    const int lo_bits = bits == 3 ? 2 : bits;
+    EXPECT_EQ(int64_t(seen.size()) * lo_bits + int64_t(seen_hi.size()), s.packed_bytes() * 8);
+  }
+}
+
+TEST(Pack, LayoutMatchesTheMmaFragmentFormula) {
+  // Row 9, column 45 of block (0, 0), 4 bits: g = 1, p&1 = 1; column 45 = 32*1 + 8*1 + 4*1 + 1 -> j = 1,
+  // t = 1, h = 1, p>>1 = 0, e = 1. lane = 4*1 + 1 = 5, ks = 3, p = 1: byte 0*512 + 5*16 + 3*4 + 1, shift 4.
+  Shape s{16, 128, 4, 128};
+  CodePosition p = code_position(s, 9, 45);
+  EXPECT_EQ(p.byte, 5 * 16 + 3 * 4 + 1);
+  EXPECT_EQ(p.shift, 4);
+  // Second row block, second column block of a 32 x 256 weight starts at block index 3.
+  Shape s2{32, 256, 4, 128};
+  EXPECT_EQ(code_position(s2, 16, 128).byte, 3 * 1024);
+}
+
+TEST(Pack, ScalesRoundTrip) {
+  Shape s{40, 256, 4, 64};
+  auto sc = random_scales(size_t(s.N * s.groups()), 4);
+  std::vector<uint16_t> packed(size_t(s.packed_scale_count())), back(sc.size());
+  pack_scales(sc.data(), s, packed.data());
+  unpack_scales(packed.data(), s, back.data());
+  EXPECT_EQ(back, sc);
+  // rows (r, r + 8) side by side: row 8 of block 0, group 1 sits right after row 0.
+  EXPECT_EQ(packed[(0 * 4 + 1) * 16 + 1], sc[8 * 4 + 1]);
+}
+
+TEST(Pack, RejectsOutOfRangeCodes) {
+  Shape s{16, 128, 2, 128};
+  std::vector<uint8_t> codes(size_t(s.N * s.K), 1), packed(size_t(s.packed_bytes()));
+  codes[17] = 4;
+  EXPECT_THROW(pack_codes(codes.data(), s, packed.data()), Error);
+}
+
+TEST(Pack, SliceWithoutUnpacking) {
+  for (int bits : {2, 3, 4}) {
+    Shape s{150, 640, bits, 128};
+    auto codes = random_codes(size_t(s.N * s.K), bits, 77);
+    auto sc = random_scales(size_t(s.N * s.groups()), 5);
+    std::vector<uint8_t> packed(size_t(s.packed_bytes()));
+    std::vector<uint16_t> ps(size_t(s.packed_scale_count()));
+    pack_codes(codes.data(), s, packed.data());
+    pack_scales(sc.data(), s, ps.data());
+    struct Cut { int64_t n0, nl, k0, kl; };
+    for (Cut c : {Cut{64, 64, 128, 256}, Cut{128, 22, 512, 128}, Cut{0, 150, 0, 640}}) {
+      std::vector<uint8_t> sp;
+      std::vector<uint16_t> ss;
+      Shape sub = slice_packed(s, packed.data(), ps.data(), c.n0, c.nl, c.k0, c.kl, &sp, &ss);
+      ASSERT_EQ(sub.N, c.nl);
+      std::vector<uint8_t> sub_codes(size_t(sub.N * sub.K));
+      unpack_codes(sp.data(), sub, sub_codes.data());
+      std::vector<uint16_t> sub_sc(size_t(sub.N * sub.groups()));
+      unpack_scales(ss.data(), sub, sub_sc.data());
+      for (int64_t n = 0; n < sub.N; ++n) {
+        for (int64_t k = 0; k < sub.K; ++k)
+          ASSERT_EQ(sub_codes[size_t(n * sub.K + k)], codes[size_t((n + c.n0) * s.K + k + c.k0)]);
+        for (int64_t j = 0; j < sub.groups(); ++j)
+          ASSERT_EQ(sub_sc[size_t(n * sub.groups() + j)], sc[size_t((n + c.n0) * s.groups() + j + c.k0 / 128)]);
+      }
+    }
+    std::vector<uint8_t> sp;
+    std::vector<uint16_t> ss;
+    EXPECT_THROW(slice_packed(s, packed.data(), ps.data(), 8, 64, 0, 640, &sp, &ss), Error);
+    EXPECT_THROW(slice_packed(s, packed.data(), ps.data(), 0, 64, 64, 128, &sp, &ss), Error);
+  }
+}
+
+TEST(Pack, PairTable) {
+  for (int bits : {2, 3, 4}) {
+    std::vector<float> t(size_t(1) << bits);
+    for (size_t i = 0; i < t.size(); ++i) t[i] = float(i) * 1.5f - 3.f;
+    auto pt = pair_table(t.data(), bits);
+    for (int q0 = 0; q0 < (1 << bits); ++q0)
+      for (int q1 = 0; q1 < (1 << bits); ++q1) {
+        const int i = pair_index(bits, q0, q1);
+        ASSERT_LT(i, 1 << (2 * bits));
+        EXPECT_EQ(pt[size_t(2 * i)], t[size_t(q0)]);
+        EXPECT_EQ(pt[size_t(2 * i + 1)], t[size_t(q1)]);
+      }
+  }
+}

@@ -1,0 +1,115 @@
+"""CPU tests of the Python API: quantize / dequantize / matmul / pack, and bad input."""
+import pytest
+import torch
+
+import lutmm
+from lutmm import _api
+
+
+def test_quantize_dequantize_error_small():
+    torch.manual_seed(0)
+    w = torch.randn(96, 256)
+    for bits, bound in [(4, 0.11), (3, 0.21), (2, 0.42)]:
+        qw = lutmm.quantize(w, bits=bits, group_size=64)
+        err = ((lutmm.dequantize(qw) - w).norm() / w.norm()).item()
+        assert err < bound, (bits, err)
+        assert qw.shape == (96, 256) and qw.bits == bits and qw.table.numel() == 1 << bits
+
+
+def test_pack_roundtrip_through_quantized_weight():
+    codes = torch.randint(0, 8, (40, 160), dtype=torch.uint8)
+    scales = torch.rand(40, 5).half() + 0.01
+    qw = _api.pack(codes, scales, lutmm.make_table("nf", 3), 3, 32)
+    assert torch.equal(qw.codes(), codes)
+    assert torch.equal(qw.scales(), scales)
+
+
+def test_matmul_cpu_matches_reference_and_bias():
+    torch.manual_seed(1)
+    qw = lutmm.quantize(torch.randn(50, 128), bits=4, group_size=32, table="int")
+    x = torch.randn(3, 7, 128)
+    b = torch.randn(50)
+    y = lutmm.matmul(x, qw, b)
+    assert y.shape == (3, 7, 50)
+    ref = lutmm.reference_matmul(x, qw, b)
+    assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4)
+    # bf16 input keeps its dtype
+    assert lutmm.matmul(x.bfloat16(), qw).dtype == torch.bfloat16
+
+
+def test_custom_table_and_kmeans():
+    torch.manual_seed(2)
+    w = torch.distributions.StudentT(4.0).sample((64, 256))
+    t = [-3.0, 5.0, -0.5, 0.25]  # non-monotone, arbitrary
+    qw = lutmm.quantize(w, bits=2, group_size=128, table=t)
+    assert set(qw.codes().unique().tolist()) <= {0, 1, 2, 3}
+    nf = lutmm.quantize(w, bits=3, group_size=64, table="nf")
+    km = lutmm.quantize(w, bits=3, group_size=64, table="kmeans")
+    e = lambda q: (lutmm.dequantize(q) - w).norm().item()
+    assert e(km) <= e(nf)
+
+
+def test_group_size_k_and_importance():
+    w = torch.randn(8, 96)
+    qw = lutmm.quantize(w, bits=4, group_size=None)
+    assert qw.group_size == 96 and qw.scales().shape == (8, 1)
+    imp = torch.ones(96)
+    imp[:16] = 50
+    lutmm.quantize(w, bits=2, group_size=32, importance=imp)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(bits=5), "bits: got 5"),
+    (dict(bits=4, group_size=48), "group_size: got 48"),
+    (dict(bits=4, group_size=128), "multiple of group_size 128"),
+    (dict(bits=4, group_size=32, table="foo"), "table: got 'foo'"),
+    (dict(bits=4, group_size=32, table=[0.0, 1.0]), "table: got 2 entries, expected 2\\^bits = 16"),
+    (dict(bits=2, group_size=32, table=[0.0, float("nan"), 1.0, 2.0]), "finite"),
+    (dict(bits=4, group_size=32, importance=torch.ones(3)), "importance: got 3 values"),
+])
+def test_quantize_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lutmm.quantize(torch.randn(16, 96), **kwargs)
+
+
+def test_quantize_bad_weight():
+    with pytest.raises(ValueError, match="2-D"):
+        lutmm.quantize(torch.randn(4, 4, 32))
+    with pytest.raises(ValueError, match="dtype torch.int32"):
+        lutmm.quantize(torch.ones(4, 64, dtype=torch.int32))
+    with pytest.raises(ValueError, match="K \\(in_features\\): got 100"):
+        lutmm.quantize(torch.randn(4, 100))
+    w = torch.randn(4, 64)
+    w[1, 7] = float("inf")
+    with pytest.raises(ValueError, match=r"element \[1, 7\] is inf"):
+        lutmm.quantize(w)
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        lutmm.quantize([[1.0] * 32])
+
+
+def test_matmul_bad_input():
+    qw = lutmm.quantize(torch.randn(16, 64), bits=4, group_size=32)
+    with pytest.raises(ValueError, match="K = 64"):
+        lutmm.matmul(torch.randn(2, 32), qw)
+    with pytest.raises(ValueError, match="dtype torch.int64"):
+        lutmm.matmul(torch.ones(2, 64, dtype=torch.long), qw)
+    with pytest.raises(ValueError, match="bias"):
+        lutmm.matmul(torch.randn(2, 64), qw, torch.randn(15))
+
+
+def test_op_is_registered_and_fake_works():
+    qw = lutmm.quantize(torch.randn(32, 64), bits=4, group_size=32)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        x = torch.empty(5, 64)
+        p = mode.from_tensor(qw.packed)
+        s = mode.from_tensor(qw.packed_scales)
+        y = torch.ops.lutmm.lut_matmul(x, p, s, qw._table_list, 32, 64, 4, 32, None)
+        assert y.shape == (5, 32)
+    torch.library.opcheck(torch.ops.lutmm.lut_matmul.default,
+                          (torch.randn(3, 64), qw.packed, qw.packed_scales, qw._table_list, 32, 64, 4, 32, None))
+
+
+def test_build_info_and_gpu_flag():
+    assert "CUDA" in lutmm.build_info() or "without" in lutmm.build_info()
+    assert lutmm.gpu_available() in (True, False)

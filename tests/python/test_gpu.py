@@ -1,0 +1,105 @@
+"""GPU tests of the torch op: both paths against the reference, dispatch boundaries, opcheck,
+torch.compile(fullgraph=True), CUDA graph replay. Skipped (and said so) without a CUDA device."""
+import pytest
+import torch
+
+import lutmm
+from lutmm import ops
+from conftest import gpu
+
+pytestmark = gpu
+
+
+def _rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _rounded_table_ref(x, qw, bias, dtype):
+    # The kernels round T to the activation dtype before multiplying: compare against that.
+    t = qw.table.to(dtype).float()
+    q2 = lutmm.QuantizedWeight(qw.packed.cpu(), qw.packed_scales.cpu(), t, qw.bits, qw.group_size, qw.shape)
+    return lutmm.reference_matmul(x.cpu(), q2, None if bias is None else bias.cpu())
+
+
+@pytest.mark.parametrize("path", ["lut", "dequant"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_paths_match_reference(path, bits, dtype, monkeypatch):
+    monkeypatch.setattr(ops, "FORCE_PATH", path)
+    torch.manual_seed(bits)
+    for M, N, K, g in [(1, 300, 512, 64), (7, 129, 256, 32), (33, 64, 1024, 128), (200, 96, 384, 128), (3, 50, 160, 160)]:
+        w = torch.randn(N, K) * 0.05
+        qw = lutmm.quantize(w, bits=bits, group_size=g).to("cuda")
+        x = torch.randn(M, K, dtype=dtype, device="cuda")
+        bias = torch.randn(N, dtype=dtype, device="cuda")
+        y = lutmm.matmul(x, qw, bias)
+        assert y.dtype == dtype and y.shape == (M, N)
+        assert torch.isfinite(y).all()
+        err = _rel(y, _rounded_table_ref(x, qw, bias, dtype))
+        assert err < (6e-3 if dtype == torch.bfloat16 else 1.5e-3), (M, N, K, g, err)
+
+
+def test_dispatch_boundaries_agree():
+    torch.manual_seed(0)
+    N, K = 256, 1024
+    qw = lutmm.quantize(torch.randn(N, K), bits=4, group_size=128).to("cuda")
+    for M in (1, 8, 9, 16, 17, 32, 33, 64, 65, 128):
+        x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+        ref = _rounded_table_ref(x, qw, None, torch.bfloat16)
+        y = lutmm.matmul(x, qw)
+        assert _rel(y, ref) < 6e-3, M
+    assert ops.choose_path(1, N, K, 4, 128) == "lut"
+    assert ops.choose_path(4096, N, K, 4, 128) == "dequant"
+
+
+def test_batched_input_shape_and_determinism():
+    qw = lutmm.quantize(torch.randn(4096, 4096) * 0.02, bits=4, group_size=128).to("cuda")
+    x = torch.randn(2, 3, 4096, dtype=torch.bfloat16, device="cuda")
+    y0 = lutmm.matmul(x, qw)
+    assert y0.shape == (2, 3, 4096)
+    for _ in range(5):
+        assert torch.equal(lutmm.matmul(x, qw), y0)
+
+
+def test_bad_inputs_on_cuda():
+    qw = lutmm.quantize(torch.randn(64, 256), bits=4, group_size=64).to("cuda")
+    with pytest.raises(ValueError, match="dtype"):
+        lutmm.matmul(torch.randn(2, 256, device="cuda"), qw)  # fp32 on CUDA
+    with pytest.raises(ValueError, match="K = 256"):
+        lutmm.matmul(torch.randn(2, 128, device="cuda", dtype=torch.half), qw)
+    with pytest.raises(ValueError, match="on cpu"):
+        lutmm.matmul(torch.randn(2, 256, dtype=torch.half), qw)
+
+
+def test_opcheck():
+    qw = lutmm.quantize(torch.randn(128, 256), bits=3, group_size=64).to("cuda")
+    x = torch.randn(5, 256, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(128, dtype=torch.bfloat16, device="cuda")
+    for args in [(x, qw.packed, qw.packed_scales, qw._table_list, 128, 256, 3, 64, b),
+                 (x, qw.packed, qw.packed_scales, qw._table_list, 128, 256, 3, 64, None)]:
+        torch.library.opcheck(torch.ops.lutmm.lut_matmul.default, args)
+
+
+def test_torch_compile_fullgraph_and_cuda_graph():
+    lin = torch.nn.Linear(512, 384, bias=True).cuda().bfloat16()
+    qw = lutmm.quantize(lin.weight.float(), bits=4, group_size=64).to("cuda")
+
+    def f(x):
+        return torch.nn.functional.gelu(lutmm.matmul(x, qw, lin.bias)) * 2
+
+    x = torch.randn(4, 512, dtype=torch.bfloat16, device="cuda")
+    eager = f(x)
+    compiled = torch.compile(f, fullgraph=True)
+    assert _rel(compiled(x), eager) < 1e-2
+    # CUDA graph capture and replay with new inputs.
+    static_x = x.clone()
+    f(static_x)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = f(static_x)
+    x2 = torch.randn_like(x)
+    static_x.copy_(x2)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, f(x2))
