@@ -107,13 +107,17 @@ def bench_int4(M, N, K, g, dev):
 def main():
     faulthandler.enable()
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="4 shapes, fewer M")
+    ap.add_argument("--standard", action="store_true",
+                    help="all shapes and M for 4-bit g128; 3/2-bit g128 and 4-bit g64 at M <= 16")
     ap.add_argument("--json", default=None, help="write all rows here")
     ap.add_argument("--paths", action="store_true", help="also time both forced paths (dispatch check)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
-    if args.quick:
+    if args.standard:
+        Ms, shapes, configs = [1, 4, 16, 64, 256, 1024, 4096], SHAPES_8B + SHAPES_70B, [(4, 128), (3, 128), (2, 128), (4, 64)]
+    elif args.quick:
         Ms, shapes, configs = [1, 16, 64, 256, 1024, 4096], [(8192, 8192), (4096, 4096), (28672, 4096), (57344, 8192)], \
             [(4, 128), (3, 128), (2, 128), (4, 64)]
     else:
@@ -128,7 +132,7 @@ def main():
             cub = bench_cublas(M, N, K, dev)
             int4_by_g = {}
             for bits, g in configs:
-                if bits < 4 and M > 16 and args.quick:
+                if (bits, g) != (4, 128) and M > 16 and (args.quick or args.standard):
                     continue
                 path = ops.choose_path(M, N, K, bits, g)
                 us, wbytes = bench_lutmm(M, N, K, bits, g, dev)

@@ -6,6 +6,8 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <type_traits>
+
 #include "lutmm/cuda.h"
 #include "lutmm/format.h"
 #include "lutmm/pack.h"
@@ -34,21 +36,40 @@ const float* table_of(const std::vector<float>& t, int bits) {
   return t.data();
 }
 
+// Runs f and returns ("", result) or (error message, None). No C++ exception leaves this module:
+// on the H100 machine's Python 3.12 an exception crossing nanobind crashed the process (2026-11-25);
+// lutmm/_core.py turns the message into ValueError.
+template <typename F>
+nb::tuple guarded(F&& f) {
+  try {
+    if constexpr (std::is_void_v<decltype(f())>) {
+      f();
+      return nb::make_tuple(std::string(), nb::none());
+    } else {
+      return nb::make_tuple(std::string(), f());
+    }
+  } catch (const std::exception& e) {
+    return nb::make_tuple(std::string(e.what()), nb::none());
+  } catch (...) {
+    return nb::make_tuple(std::string("lutmm: unknown C++ error"), nb::none());
+  }
+}
+
 }  // namespace
 
-NB_MODULE(_core, m) {
+NB_MODULE(_ext, m) {
   m.doc() = "lutmm C++ core: LUT-quantized weights, packing, CPU reference and CUDA kernels";
 
-  m.def("int_table", &int_table, nb::arg("bits"));
-  m.def("nf_table", &nf_table, nb::arg("bits"));
-  m.def("packed_bytes", [](int64_t N, int64_t K, int bits, int64_t g) { return shape_of(N, K, bits, g).packed_bytes(); });
+  m.def("int_table", [](int bits) { return guarded([&] { return int_table(bits); }); });
+  m.def("nf_table", [](int bits) { return guarded([&] { return nf_table(bits); }); });
+  m.def("packed_bytes", [](int64_t N, int64_t K, int bits, int64_t g) { return guarded([&] { return shape_of(N, K, bits, g).packed_bytes(); }); });
   m.def("packed_scale_count",
-        [](int64_t N, int64_t K, int bits, int64_t g) { return shape_of(N, K, bits, g).packed_scale_count(); });
-  m.def("validate_shape", [](int64_t N, int64_t K, int bits, int64_t g) { shape_of(N, K, bits, g); });
+        [](int64_t N, int64_t K, int bits, int64_t g) { return guarded([&] { return shape_of(N, K, bits, g).packed_scale_count(); }); });
+  m.def("validate_shape", [](int64_t N, int64_t K, int bits, int64_t g) { return guarded([&] { shape_of(N, K, bits, g); }); });
 
   m.def("quantize", [](uintptr_t w, int dtype, int64_t N, int64_t K, int bits, int64_t g, std::vector<float> table,
                        uintptr_t codes, uintptr_t scales, bool search_scale, int grid_points, float min_shrink,
-                       uintptr_t importance) {
+                       uintptr_t importance) { return guarded([&] {
     const Shape s = shape_of(N, K, bits, g);
     const float* t = table_of(table, bits);
     QuantizeOptions opt;
@@ -56,92 +77,92 @@ NB_MODULE(_core, m) {
     opt.importance = P<const float>(importance);
     nb::gil_scoped_release nogil;
     quantize(P<const void>(w), dtype_of(dtype), s, t, opt, P<uint8_t>(codes), P<uint16_t>(scales));
-  });
+  }); });
 
   m.def("kmeans_table", [](uintptr_t w, int dtype, int64_t N, int64_t K, int bits, int64_t g, std::vector<float> init,
-                           int iterations, uintptr_t importance) {
+                           int iterations, uintptr_t importance) { return guarded([&] {
     const Shape s = shape_of(N, K, bits, g);
     const float* t = table_of(init, bits);
     QuantizeOptions opt;
     opt.importance = P<const float>(importance);
     nb::gil_scoped_release nogil;
     return kmeans_table(P<const void>(w), dtype_of(dtype), s, t, opt, iterations);
-  });
+  }); });
 
   m.def("quantization_error", [](uintptr_t w, int dtype, int64_t N, int64_t K, int bits, int64_t g,
-                                 std::vector<float> table, uintptr_t codes, uintptr_t scales, uintptr_t importance) {
+                                 std::vector<float> table, uintptr_t codes, uintptr_t scales, uintptr_t importance) { return guarded([&] {
     const Shape s = shape_of(N, K, bits, g);
     const float* t = table_of(table, bits);
     nb::gil_scoped_release nogil;
     return quantization_error(P<const void>(w), dtype_of(dtype), s, t, P<const uint8_t>(codes),
                               P<const uint16_t>(scales), P<const float>(importance));
-  });
+  }); });
 
   m.def("pack", [](uintptr_t codes, uintptr_t scales, int64_t N, int64_t K, int bits, int64_t g, uintptr_t packed,
-                   uintptr_t packed_scales) {
+                   uintptr_t packed_scales) { return guarded([&] {
     const Shape s = shape_of(N, K, bits, g);
     nb::gil_scoped_release nogil;
     pack_codes(P<const uint8_t>(codes), s, P<uint8_t>(packed));
     pack_scales(P<const uint16_t>(scales), s, P<uint16_t>(packed_scales));
-  });
+  }); });
 
   m.def("unpack", [](uintptr_t packed, uintptr_t packed_scales, int64_t N, int64_t K, int bits, int64_t g,
-                     uintptr_t codes, uintptr_t scales) {
+                     uintptr_t codes, uintptr_t scales) { return guarded([&] {
     const Shape s = shape_of(N, K, bits, g);
     nb::gil_scoped_release nogil;
     unpack_codes(P<const uint8_t>(packed), s, P<uint8_t>(codes));
     unpack_scales(P<const uint16_t>(packed_scales), s, P<uint16_t>(scales));
-  });
+  }); });
 
   m.def("slice_packed", [](uintptr_t packed, uintptr_t packed_scales, int64_t N, int64_t K, int bits, int64_t g,
-                           int64_t n0, int64_t n_len, int64_t k0, int64_t k_len) {
+                           int64_t n0, int64_t n_len, int64_t k0, int64_t k_len) { return guarded([&] {
     const Shape s = shape_of(N, K, bits, g);
     std::vector<uint8_t> op;
     std::vector<uint16_t> os;
     Shape sub = slice_packed(s, P<const uint8_t>(packed), P<const uint16_t>(packed_scales), n0, n_len, k0, k_len, &op, &os);
     return nb::make_tuple(nb::bytes(reinterpret_cast<const char*>(op.data()), op.size()),
                           nb::bytes(reinterpret_cast<const char*>(os.data()), os.size() * 2), sub.group_size);
-  });
+  }); });
 
   m.def("dequantize", [](uintptr_t codes, uintptr_t scales, std::vector<float> table, int64_t N, int64_t K, int bits,
-                         int64_t g, uintptr_t out) {
+                         int64_t g, uintptr_t out) { return guarded([&] {
     const Shape s = shape_of(N, K, bits, g);
     const float* t = table_of(table, bits);
     nb::gil_scoped_release nogil;
     dequantize(P<const uint8_t>(codes), P<const uint16_t>(scales), t, s, P<float>(out));
-  });
+  }); });
 
   m.def("dequantize_packed", [](uintptr_t packed, uintptr_t packed_scales, std::vector<float> table, int64_t N,
-                                int64_t K, int bits, int64_t g, uintptr_t out) {
+                                int64_t K, int bits, int64_t g, uintptr_t out) { return guarded([&] {
     const Shape s = shape_of(N, K, bits, g);
     const float* t = table_of(table, bits);
     nb::gil_scoped_release nogil;
     dequantize_packed(P<const uint8_t>(packed), P<const uint16_t>(packed_scales), t, s, P<float>(out));
-  });
+  }); });
 
   m.def("reference_matmul", [](uintptr_t x, int x_dtype, int64_t M, uintptr_t codes, uintptr_t scales,
                                std::vector<float> table, int64_t N, int64_t K, int bits, int64_t g, uintptr_t bias,
-                               uintptr_t out) {
+                               uintptr_t out) { return guarded([&] {
     const Shape s = shape_of(N, K, bits, g);
     const float* t = table_of(table, bits);
     nb::gil_scoped_release nogil;
     reference_matmul(P<const void>(x), dtype_of(x_dtype), M, P<const uint8_t>(codes), P<const uint16_t>(scales), t, s,
                      P<const float>(bias), P<float>(out));
-  });
+  }); });
 
   // ---- GPU ----
-  m.def("gpu_available", &gpu::available);
-  m.def("build_info", &gpu::build_info);
-  m.def("gpu_workspace_bytes", [](int64_t M, int64_t N, int64_t K, int bits, int64_t g, int device) {
+  m.def("gpu_available", [] { return guarded([] { return gpu::available(); }); });
+  m.def("build_info", [] { return guarded([] { return std::string(gpu::build_info()); }); });
+  m.def("gpu_workspace_bytes", [](int64_t M, int64_t N, int64_t K, int bits, int64_t g, int device) { return guarded([&] {
     return gpu::workspace_bytes(M, shape_of(N, K, bits, g), device);
-  });
-  m.def("gpu_choose_path", [](int64_t M, int64_t N, int64_t K, int bits, int64_t g, int device) {
+  }); });
+  m.def("gpu_choose_path", [](int64_t M, int64_t N, int64_t K, int bits, int64_t g, int device) { return guarded([&] {
     return int(gpu::choose_path(M, shape_of(N, K, bits, g), DType::BF16, device));
-  });
+  }); });
 
   m.def("gpu_lut_gemm", [](uintptr_t x, int dtype, int64_t M, uintptr_t packed, uintptr_t packed_scales,
                            std::vector<float> table, int64_t N, int64_t K, int bits, int64_t g, uintptr_t bias,
-                           uintptr_t y, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) {
+                           uintptr_t y, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) { return guarded([&] {
     gpu::GemmProblem p;
     p.shape = shape_of(N, K, bits, g);
     const float* t = table_of(table, bits);
@@ -150,13 +171,13 @@ NB_MODULE(_core, m) {
     for (size_t i = 0; i < table.size(); ++i) p.table[i] = t[i];
     p.bias = P<const void>(bias); p.y = P<void>(y);
     gpu::lut_gemm(p, P<void>(workspace), workspace_bytes, P<void>(stream));
-  });
+  }); });
 
   m.def("gpu_dequantize", [](uintptr_t packed, uintptr_t packed_scales, std::vector<float> table, int64_t N, int64_t K,
-                             int bits, int64_t g, int dtype, uintptr_t out, uintptr_t stream) {
+                             int bits, int64_t g, int dtype, uintptr_t out, uintptr_t stream) { return guarded([&] {
     const Shape s = shape_of(N, K, bits, g);
     const float* t = table_of(table, bits);
     gpu::dequantize(P<const void>(packed), P<const uint16_t>(packed_scales), t, s, dtype_of(dtype), P<void>(out),
                     P<void>(stream));
-  });
+  }); });
 }

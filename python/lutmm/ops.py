@@ -116,3 +116,44 @@ def _(x, packed, packed_scales, table, N, K, bits, group_size, bias=None):
         w = gpu_dequantize(packed, packed_scales, table, N, K, bits, group_size, x.dtype)
         y = F.linear(x2, w, bias)
     return y.reshape(*lead, N)
+
+
+@torch.library.custom_op("lutmm::dequantize", mutates_args=())
+def dequantize_op(packed: torch.Tensor, packed_scales: torch.Tensor, table: List[float], N: int, K: int, bits: int,
+                  group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """W_hat (N x K, `dtype`) on packed's device; the GPU kernel for fp16/bf16 on CUDA."""
+    if packed.is_cuda and dtype in (torch.float16, torch.bfloat16):
+        return gpu_dequantize(packed, packed_scales, table, N, K, bits, group_size, dtype)
+    return cpu_dequantize(packed.cpu().contiguous(), packed_scales.cpu().contiguous(), table, N, K, bits,
+                          group_size).to(device=packed.device, dtype=dtype)
+
+
+@dequantize_op.register_fake
+def _(packed, packed_scales, table, N, K, bits, group_size, dtype):
+    return packed.new_empty(N, K, dtype=dtype)
+
+
+# Autograd: gradients flow to x and bias (for adapters / QLoRA-style training); the packed weight is
+# frozen. dX = dY W_hat, computed from a dequantized copy of W.
+def _setup_context(ctx, inputs, output):
+    x, packed, packed_scales, table, N, K, bits, group_size, bias = inputs
+    ctx.save_for_backward(packed, packed_scales)
+    ctx.args = (table, N, K, bits, group_size)
+    ctx.x_dtype = x.dtype
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, gy):
+    packed, packed_scales = ctx.saved_tensors
+    table, N, K, bits, group_size = ctx.args
+    gx = gb = None
+    if ctx.needs_input_grad[0]:
+        wdt = gy.dtype if (gy.is_cuda and gy.dtype in (torch.float16, torch.bfloat16)) else torch.float32
+        w = torch.ops.lutmm.dequantize(packed, packed_scales, table, N, K, bits, group_size, wdt)
+        gx = torch.matmul(gy.to(wdt), w).to(ctx.x_dtype)
+    if ctx.has_bias and ctx.needs_input_grad[8]:
+        gb = gy.reshape(-1, N).sum(0)
+    return gx, None, None, None, None, None, None, None, gb
+
+
+lut_matmul.register_autograd(_backward, setup_context=_setup_context)

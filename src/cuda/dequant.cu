@@ -52,29 +52,41 @@ namespace {
 constexpr int kDqWarps = 8;
 struct Table16 { float v[16]; };
 
-// One warp per 16 x 128 block: look up, scale, stage in shared memory, store rows coalesced.
+// One warp per 16 x 128 block. Thanks to the permuted column order (docs/format.md), lane (g, t)
+// owns, for each 32-column chunk j, the 8 consecutive columns 32 j + 8 t .. +8 of rows g and g + 8:
+// (ks = 2j, p = 0/2) and (ks = 2j + 1, p = 0/2) for row g, p = 1/3 for row g + 8. So each lane
+// writes 16-byte vectors straight to global memory, no shared-memory transpose.
 template <int BITS, typename T>
 __global__ void __launch_bounds__(kDqWarps * 32)
 dequant_kernel(const uint8_t* __restrict__ w, const uint16_t* __restrict__ s, T* __restrict__ out,
                const Table16 tab, int N, int K, int G, int gl, int row_blocks, int col_blocks) {
-  __shared__ __align__(16) T tile[kDqWarps][16][kBlockCols + 8];
+  __shared__ float tv[16];  // T rounded to T's dtype, as the LUT path sees it
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) tv[i] = Elem<T>::to_float(Elem<T>::from_float(tab.v[i]));
+  }
+  __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t blk = int64_t(blockIdx.x) * kDqWarps + warp;
   if (blk >= int64_t(row_blocks) * col_blocks) return;
   const int rb = int(blk / col_blocks), kb = int(blk % col_blocks);
   const uint8_t* wb = w + blk * (256 * BITS);
   uint32_t wd[8] = {}, hi[2] = {};
-  const uint4 c0 = reinterpret_cast<const uint4*>(wb)[lane];
+  const uint4 c0 = __ldcs(reinterpret_cast<const uint4*>(wb) + lane);
   wd[0] = c0.x; wd[1] = c0.y; wd[2] = c0.z; wd[3] = c0.w;
-  if (BITS == 4) { const uint4 c1 = reinterpret_cast<const uint4*>(wb)[32 + lane]; wd[4] = c1.x; wd[5] = c1.y; wd[6] = c1.z; wd[7] = c1.w; }
-  if (BITS == 3) { const uint2 h = reinterpret_cast<const uint2*>(wb + 512)[lane]; hi[0] = h.x; hi[1] = h.y; }
+  if (BITS == 4) { const uint4 c1 = __ldcs(reinterpret_cast<const uint4*>(wb) + 32 + lane); wd[4] = c1.x; wd[5] = c1.y; wd[6] = c1.z; wd[7] = c1.w; }
+  if (BITS == 3) { const uint2 h = __ldcs(reinterpret_cast<const uint2*>(wb + 512) + lane); hi[0] = h.x; hi[1] = h.y; }
   const int nchunks = min(4, (K - kb * kBlockCols) / 32);
-  for (int j = 0; j < nchunks; ++j) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (j >= nchunks) break;
     const int grp = (kb * 4 + j) >> gl;
-    const __half2 sh = *reinterpret_cast<const __half2*>(s + (int64_t(rb) * G + grp) * 16 + g * 2);
-    const float2 sc = __half22float2(sh);
+    const float2 sc = __half22float2(*reinterpret_cast<const __half2*>(s + (int64_t(rb) * G + grp) * 16 + g * 2));
+    uint32_t row0[4], row1[4];  // 8 values each for rows g and g + 8
+#pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int ks = 2 * j + h;
+#pragma unroll
       for (int p = 0; p < 4; ++p) {
         int idx;
         if (BITS == 4) idx = (wd[ks] >> (8 * p)) & 0xff;
@@ -84,22 +96,15 @@ dequant_kernel(const uint8_t* __restrict__ w, const uint16_t* __restrict__ s, T*
         }
         int q0, q1;
         pair_codes<BITS>(idx, q0, q1);
-        const int row = g + 8 * (p & 1), col = 32 * j + 8 * t + 4 * h + 2 * (p >> 1);
         const float scale = (p & 1) ? sc.y : sc.x;
-        tile[warp][row][col] = Elem<T>::from_float(Elem<T>::to_float(Elem<T>::from_float(tab.v[q0])) * scale);
-        tile[warp][row][col + 1] = Elem<T>::from_float(Elem<T>::to_float(Elem<T>::from_float(tab.v[q1])) * scale);
+        const uint32_t v = Elem<T>::pack2(tv[q0] * scale, tv[q1] * scale);
+        if (p & 1) row1[2 * h + (p >> 1)] = v; else row0[2 * h + (p >> 1)] = v;
       }
     }
-  }
-  __syncwarp();
-  // 16 rows x (32 * nchunks) columns; each lane stores 8 values (16 B) per step.
-  const int cols = 32 * nchunks;
-  for (int i = lane; i < 16 * (cols / 8); i += 32) {
-    const int row = i / (cols / 8), c8 = (i % (cols / 8)) * 8;
-    const int n = rb * 16 + row;
-    if (n < N)
-      *reinterpret_cast<uint4*>(out + int64_t(n) * K + int64_t(kb) * kBlockCols + c8) =
-          *reinterpret_cast<const uint4*>(&tile[warp][row][c8]);
+    const int64_t col = int64_t(kb) * kBlockCols + 32 * j + 8 * t;
+    const int n0 = rb * 16 + g, n1 = n0 + 8;
+    if (n0 < N) *reinterpret_cast<uint4*>(out + int64_t(n0) * K + col) = make_uint4(row0[0], row0[1], row0[2], row0[3]);
+    if (n1 < N) *reinterpret_cast<uint4*>(out + int64_t(n1) * K + col) = make_uint4(row1[0], row1[1], row1[2], row1[3]);
   }
 }
 

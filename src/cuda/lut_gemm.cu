@@ -32,7 +32,7 @@ namespace {
 
 constexpr int kWarps = 8;                         // warps per CTA; warp w owns row block w of a tile
 constexpr int kThreads = kWarps * 32;
-constexpr int kStages = 4;                        // cp.async pipeline depth (k-blocks)
+constexpr int kStages = 3;                        // cp.async pipeline depth (k-blocks): 3 lets 3 CTAs share an SM
 constexpr int kXRowBytes = kBlockCols * 2 + 64;   // one token's 128 activations + 64 B pad: the 8 rows
                                                   // read by a quarter-warp's LDS.128 hit distinct banks
 constexpr int kScaleBytesPerRb = 4 * 16 * 2;      // up to 4 groups (g = 32) x 16 rows x fp16
@@ -70,7 +70,7 @@ struct Layout {
   static constexpr int kStageS = kWarps * kScaleBytesPerRb;
   static constexpr int kStageX = 8 * MT * kXRowBytes;
   static constexpr int kStageBytes = kStageW + kStageS + kStageX;
-  static constexpr int kSmemBytes = kLutWords * 4 + kStages * kStageBytes + 16;
+  static constexpr int kSmemBytes = kStages * kStageBytes + 16;  // dynamic part; the LUT is static
 };
 
 // Loads one iteration's weights, scales and activations into a pipeline stage.
@@ -109,16 +109,29 @@ __device__ __forceinline__ void load_stage(const Params<T>& p, uint8_t* stage, i
   }
 }
 
-// Pair-table index of pair p in k-step ks, from the lane's code words.
-template <int BITS>
-__device__ __forceinline__ int pair_idx(const uint32_t (&wd)[8], const uint32_t (&hi)[2], int ks, int p) {
-  if (BITS == 4) return (wd[ks] >> (8 * p)) & 0xff;
-  const int lo = (wd[ks / 2] >> (4 * ((ks % 2) * 4 + p))) & 0xf;
-  if (BITS == 2) return lo;
-  return lo | (((hi[ks / 4] >> (2 * ((ks % 4) * 4 + p))) & 3) << 4);
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
 }
 
-// One warp, one k-block: part/acc update for its 16 rows x 8*MT tokens.
+// w >> s for s >= 0, w << -s otherwise (s is a compile-time constant after unrolling).
+__device__ __forceinline__ uint32_t shift_right(uint32_t w, int s) { return s >= 0 ? w >> s : w << -s; }
+
+// Byte offset into the replicated pair table of pair p in k-step ks: entry * 128 (32 copies x 4 B).
+// Each case is one shift and one AND; the caller adds its lane's base address: 3 integer
+// instructions + 1 shared load per A register (the compiler's own indexing took 4 + 1).
+template <int BITS>
+__device__ __forceinline__ uint32_t pair_offset(const uint32_t (&wd)[8], const uint32_t (&hi)[2], int ks, int p) {
+  if (BITS == 4) return shift_right(wd[ks], 8 * p - 7) & 0x7f80u;
+  const int nib = (ks % 2) * 4 + p;
+  const uint32_t lo = shift_right(wd[ks / 2], 4 * nib - 7) & 0x780u;
+  if (BITS == 2) return lo;
+  const int fld = (ks % 4) * 4 + p;
+  return lo | (shift_right(hi[ks / 4], 2 * fld - 11) & 0x1800u);
+}
+
+// One warp, one k-block: adds this block's contribution for its 16 rows x 8*MT tokens to acc.
 template <int BITS, int MT, typename T>
 __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t* stage, const uint32_t* lut,
                                               int kb, float (&acc)[MT][4]) {
@@ -141,8 +154,11 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
   const uint8_t* ss = stage + L::kStageW + warp * kScaleBytesPerRb;
   const uint8_t* xs = stage + L::kStageW + L::kStageS;
   const int nchunks = min(4, (p.K - kb * kBlockCols) / 32);
-  const int g_first = (kb * 4) >> p.gl;
-  const uint32_t* lut_lane = lut + lane;
+  // Chunks after which a scale group ends (groups are 2^gl chunks; g >= 128 ends only at the block's end).
+  const int glc = min(p.gl, 2);
+  const uint32_t flush = (glc == 0 ? 0xFu : glc == 1 ? 0xAu : 0x8u) | (1u << (nchunks - 1));
+  // Shared-space address of this lane's copy; a lookup is then shift, and, add, load.
+  const uint32_t lut_lane = smem_addr(lut) + uint32_t(lane) * 4u;
   float part[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) part[mt][0] = part[mt][1] = part[mt][2] = part[mt][3] = 0.f;
@@ -158,14 +174,14 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
         const int ks = 2 * j + h;
         uint32_t a[4];
 #pragma unroll
-        for (int q = 0; q < 4; ++q) a[q] = lut_lane[pair_idx<BITS>(wd, hi, ks, q) * 32];
+        for (int q = 0; q < 4; ++q)
+          a[q] = lds32(lut_lane + pair_offset<BITS>(wd, hi, ks, q));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
           Elem<T>::mma(part[mt], a, h ? xv[mt].z : xv[mt].x, h ? xv[mt].w : xv[mt].y);
       }
-      const int cg = kb * 4 + j;  // global 32-column chunk index
-      if (j == nchunks - 1 || (((cg + 1) >> p.gl) != (cg >> p.gl))) {
-        const __half2 sh = *reinterpret_cast<const __half2*>(ss + ((cg >> p.gl) - g_first) * 32 + g * 4);
+      if (flush & (1u << j)) {
+        const __half2 sh = *reinterpret_cast<const __half2*>(ss + (j >> glc) * 32 + g * 4);
         const float2 sc = __half22float2(sh);  // rows g, g + 8
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
@@ -201,9 +217,9 @@ __device__ __forceinline__ void store_tile(const Params<T>& p, int tile, int m0,
 template <int BITS, int MT, typename T>
 __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const Params<T> p) {
   using L = Layout<BITS, MT>;
+  __shared__ __align__(16) uint32_t lut[L::kLutWords];  // static: its address is an immediate
   extern __shared__ __align__(16) uint8_t smem[];
-  uint32_t* lut = reinterpret_cast<uint32_t*>(smem);
-  uint8_t* stages = smem + L::kLutWords * 4;
+  uint8_t* stages = smem;
   int* flag = reinterpret_cast<int*>(stages + kStages * L::kStageBytes);
 
   const int64_t total = int64_t(p.tiles) * p.col_blocks;
@@ -213,10 +229,16 @@ __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const Params<T> p) {
   const int m0 = blockIdx.y * 8 * MT;
 
   // Prologue: start the first k-blocks' loads, then build the replicated pair table meanwhile.
+  // (tile, kb) of the next iteration to load and of the one to compute: advanced by one each step
+  // (a 64-bit division per iteration cost ~100 instructions per thread).
+  int ld_tile = int(it_begin / p.col_blocks), ld_kb = int(it_begin % p.col_blocks);
+  int tile = ld_tile, kb = ld_kb;
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    const int64_t it = it_begin + s;
-    if (it < it_end) load_stage<BITS, MT>(p, stages + s * L::kStageBytes, int(it / p.col_blocks), int(it % p.col_blocks), m0);
+    if (it_begin + s < it_end) {
+      load_stage<BITS, MT>(p, stages + s * L::kStageBytes, ld_tile, ld_kb, m0);
+      if (++ld_kb == p.col_blocks) { ld_kb = 0; ++ld_tile; }
+    }
     cp_async_commit();
   }
   for (int e = threadIdx.x; e < L::kLutWords; e += kThreads) {
@@ -234,14 +256,11 @@ __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const Params<T> p) {
     const int s = int((it - it_begin) % kStages);
     cp_async_wait<kStages - 2>();
     __syncthreads();
-    {
-      const int64_t nxt = it + kStages - 1;
-      if (nxt < it_end)
-        load_stage<BITS, MT>(p, stages + ((s + kStages - 1) % kStages) * L::kStageBytes, int(nxt / p.col_blocks),
-                             int(nxt % p.col_blocks), m0);
-      cp_async_commit();
+    if (it + kStages - 1 < it_end) {
+      load_stage<BITS, MT>(p, stages + ((s + kStages - 1) % kStages) * L::kStageBytes, ld_tile, ld_kb, m0);
+      if (++ld_kb == p.col_blocks) { ld_kb = 0; ++ld_tile; }
     }
-    const int tile = int(it / p.col_blocks), kb = int(it % p.col_blocks);
+    cp_async_commit();
     const bool warp_live = tile * kWarps + int(threadIdx.x / 32) < p.row_blocks;
     if (warp_live) compute_block<BITS, MT>(p, stages + s * L::kStageBytes, lut, kb, acc);
 
@@ -287,6 +306,7 @@ __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const Params<T> p) {
       for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
       seg_begin = it + 1;
     }
+    if (++kb == p.col_blocks) { kb = 0; ++tile; }
   }
   cp_async_wait<0>();
 }

@@ -113,3 +113,15 @@ def test_op_is_registered_and_fake_works():
 def test_build_info_and_gpu_flag():
     assert "CUDA" in lutmm.build_info() or "without" in lutmm.build_info()
     assert lutmm.gpu_available() in (True, False)
+
+
+def test_gradients_flow_to_x_and_bias():
+    torch.manual_seed(3)
+    qw = lutmm.quantize(torch.randn(24, 64), bits=4, group_size=32)
+    x = torch.randn(5, 64, requires_grad=True)
+    b = torch.randn(24, requires_grad=True)
+    gy = torch.randn(5, 24)
+    (lutmm.matmul(x, qw, b) * gy).sum().backward()
+    w = lutmm.dequantize(qw)
+    assert torch.allclose(x.grad, gy @ w, atol=1e-4)
+    assert torch.allclose(b.grad, gy.sum(0), atol=1e-5)

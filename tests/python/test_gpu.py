@@ -82,7 +82,7 @@ def test_opcheck():
 
 
 def test_torch_compile_fullgraph_and_cuda_graph():
-    lin = torch.nn.Linear(512, 384, bias=True).cuda().bfloat16()
+    lin = torch.nn.Linear(512, 384, bias=True).cuda().bfloat16().requires_grad_(False)
     qw = lutmm.quantize(lin.weight.float(), bits=4, group_size=64).to("cuda")
 
     def f(x):
@@ -103,3 +103,12 @@ def test_torch_compile_fullgraph_and_cuda_graph():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_y, f(x2))
+
+
+def test_backward_on_cuda_matches_dense():
+    qw = lutmm.quantize(torch.randn(256, 512) * 0.05, bits=4, group_size=64).to("cuda")
+    x = torch.randn(8, 512, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    gy = torch.randn(8, 256, dtype=torch.bfloat16, device="cuda")
+    (lutmm.matmul(x, qw) * gy).sum().backward()
+    w = lutmm.dequantize(qw, torch.bfloat16)
+    assert _rel(x.grad, gy.float() @ w.float()) < 1e-2
