@@ -12,6 +12,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
+# Shared assets (mini-llama, held-out text) travel as the ignored folder .carry/shared when carried.
+[[ -d .carry/shared ]] && export LUTMM_SHARED=$PWD/.carry/shared
 t0=$(date +%s)
 cmake -S . -B build/gpu -G Ninja -DLUTMM_BUILD_TESTS=ON > "$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
 ninja -C build/gpu > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
@@ -29,6 +31,9 @@ if [[ $MODE != bench ]]; then
     echo "$f: rc=$rc $(tail -1 /tmp/pt.log)"
     if [[ $rc != 0 && $rc != 5 ]]; then status=1; grep -E -A14 "Fatal Python|^FAILED|Error" /tmp/pt.log | head -40; fi
   done
+fi
+if [[ $MODE != bench && -n ${LUTMM_SHARED:-} ]]; then
+  python3 -m lutmm demo --max-tokens 8192 2>&1 | tee "$OUT/demo.txt" | tail -14
 fi
 if [[ $MODE == sanitize ]]; then
   compute-sanitizer --tool memcheck ./build/gpu/lutmm_gpu_tests --gtest_filter='Gpu.Identity*:Gpu.StreamK*' 2>&1 | tail -5

@@ -1,7 +1,6 @@
 #include "lutmm/format.h"
 
 #include <cmath>
-#include <sstream>
 
 namespace lutmm {
 
@@ -15,7 +14,7 @@ const char* dtype_name(DType t) {
 }
 
 void validate_shape(const Shape& s) {
-  std::ostringstream msg;
+  Msg msg;
   if (s.bits != 2 && s.bits != 3 && s.bits != 4) {
     msg << "bits: got " << s.bits << ", expected 2, 3 or 4";
     throw Error(msg.str());
@@ -41,7 +40,7 @@ void validate_shape(const Shape& s) {
 }
 
 void validate_table(const float* table, int64_t len, int bits, const char* what) {
-  std::ostringstream msg;
+  Msg msg;
   if (len != (int64_t{1} << bits)) {
     msg << what << ": got " << len << " entries, expected 2^bits = " << (1 << bits) << " for bits = " << bits;
     throw Error(msg.str());

@@ -1,7 +1,6 @@
 #include "lutmm/pack.h"
 
 #include <cstring>
-#include <sstream>
 
 namespace lutmm {
 
@@ -38,7 +37,7 @@ void pack_codes(const uint8_t* codes, const Shape& s, uint8_t* packed) {
     for (int64_t k = 0; k < s.K; ++k) {
       const int q = codes[n * s.K + k];
       if (q >= s.table_size()) {
-        std::ostringstream m;
+        Msg m;
         m << "codes: element [" << n << ", " << k << "] is " << q << ", expected < 2^bits = " << s.table_size();
         throw Error(m.str());
       }
@@ -101,7 +100,7 @@ std::vector<float> pair_table(const float* table, int bits) {
 Shape slice_packed(const Shape& s, const uint8_t* packed, const uint16_t* packed_scales, int64_t n0, int64_t n_len,
                    int64_t k0, int64_t k_len, std::vector<uint8_t>* out_packed, std::vector<uint16_t>* out_scales) {
   validate_shape(s);
-  std::ostringstream m;
+  Msg m;
   const int64_t kq = std::max<int64_t>(kBlockCols, s.group_size);
   if (n0 < 0 || n_len < 1 || n0 + n_len > s.N || n0 % 16 || (n_len % 16 && n0 + n_len != s.N)) {
     m << "slice rows [" << n0 << ", " << n0 + n_len << "): expected multiples of 16 inside [0, " << s.N << ")";

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
-#include <sstream>
 
 #include "half.h"
 #include "parallel.h"
@@ -38,7 +37,7 @@ void check_finite(const void* W, DType dtype, const Shape& s) {
   int64_t bad = -1;
   for (int64_t v : bad_in_row) if (v >= 0) { bad = v; break; }
   if (bad >= 0) {
-    std::ostringstream m;
+    Msg m;
     m << "weight: element [" << bad / s.K << ", " << bad % s.K << "] is "
       << load_as_float(W, int(dtype), bad) << ", expected finite values (no NaN/Inf)";
     throw Error(m.str());
@@ -72,7 +71,7 @@ float absmax_scale(const float* w, int len, const Nearest& nt) {
 
 void check_scale(float s, int64_t n, int64_t grp) {
   if (!(s < 65504.f)) {
-    std::ostringstream m;
+    Msg m;
     m << "weight: group " << grp << " of row " << n << " needs scale " << s
       << ", beyond the fp16 range of the format's scales (max 65504)";
     throw Error(m.str());

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 
 #include "lutmm/format.h"
 
@@ -10,7 +9,7 @@ namespace lutmm {
 namespace {
 void check_bits(int bits) {
   if (bits < 2 || bits > 4) {
-    std::ostringstream m;
+    Msg m;
     m << "bits: got " << bits << ", expected 2, 3 or 4";
     throw Error(m.str());
   }

@@ -9,8 +9,10 @@
 // See docs/format.md for the packed (GPU) layout.
 #pragma once
 #include <cstdint>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace lutmm {
 
@@ -18,6 +20,27 @@ namespace lutmm {
 // expects; the Python layer maps it to ValueError.
 struct Error : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
+};
+
+// Builds error messages without iostreams (their locale state is not safe to share between two
+// C++ runtimes in one process, as in a Python extension linked with a static libstdc++).
+struct Msg {
+  std::string s;
+  Msg& operator<<(const char* v) { s += v; return *this; }
+  Msg& operator<<(const std::string& v) { s += v; return *this; }
+  Msg& operator<<(const void* v) { char b[32]; std::snprintf(b, sizeof b, "%p", v); s += b; return *this; }
+  template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+  Msg& operator<<(T v) {
+    if constexpr (std::is_floating_point_v<T>) {
+      char b[32];
+      std::snprintf(b, sizeof b, "%g", double(v));
+      s += b;
+    } else {
+      s += std::to_string(v);
+    }
+    return *this;
+  }
+  const std::string& str() const { return s; }
 };
 
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };

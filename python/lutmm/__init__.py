@@ -10,12 +10,17 @@ from ._api import (QuantizedWeight, quantize, dequantize, matmul, reference_matm
                    build_info, FORMAT_VERSION)
 
 __version__ = "0.1.0"
+
+try:  # transformers integration: registers quant_method "lutmm" for from_pretrained (cheap, lazy)
+    from . import hf  # noqa: F401
+except Exception:  # pragma: no cover - never break `import lutmm`
+    pass
 __all__ = ["QuantizedWeight", "quantize", "dequantize", "matmul", "reference_matmul", "make_table",
            "gpu_available", "build_info", "FORMAT_VERSION"]
 
 
 def __getattr__(name):  # lazy submodules that import torch-heavy code only when used
-    if name in ("nn", "ops", "checkpoint", "cli", "evaluate"):
+    if name in ("nn", "ops", "checkpoint", "cli", "evaluate", "hf"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(name)

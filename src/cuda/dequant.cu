@@ -1,7 +1,6 @@
 // Dequantization of the packed layout to a dense N x K weight (the large-M path feeds it to cuBLAS),
 // plus the small runtime pieces of the GPU API: error checks, availability, path choice.
 #include <cstdio>
-#include <sstream>
 
 #include "common.cuh"
 #include "lutmm/cuda.h"
@@ -11,7 +10,7 @@ namespace gpu {
 
 void check_cuda(cudaError_t e, const char* what) {
   if (e != cudaSuccess) {
-    std::ostringstream m;
+    Msg m;
     m << "CUDA error in " << what << ": " << cudaGetErrorString(e);
     throw Error(m.str());
   }

@@ -21,7 +21,6 @@
 //   all partials from the workspace in CTA order: the result is bitwise the same on every run.
 #include <algorithm>
 #include <mutex>
-#include <sstream>
 
 #include "common.cuh"
 #include "lutmm/cuda.h"
@@ -410,7 +409,7 @@ void launch_mt(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStrea
 
 void check_aligned(const void* ptr, const char* what) {
   if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) {
-    std::ostringstream m;
+    Msg m;
     m << what << ": address " << ptr << " is not 16-byte aligned";
     throw Error(m.str());
   }
@@ -443,7 +442,7 @@ void lut_gemm(const GemmProblem& prob, void* ws, size_t ws_bytes, void* stream) 
   const Geometry geo = geometry(prob.M, prob.shape, prob.dtype, dev);
   const size_t need = counters_bytes(geo) + partials_bytes(geo);
   if (ws == nullptr || ws_bytes < need) {
-    std::ostringstream m;
+    Msg m;
     m << "workspace: got " << ws_bytes << " bytes, expected at least " << need << " (workspace_bytes())";
     throw Error(m.str());
   }

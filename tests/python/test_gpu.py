@@ -112,3 +112,18 @@ def test_backward_on_cuda_matches_dense():
     (lutmm.matmul(x, qw) * gy).sum().backward()
     w = lutmm.dequantize(qw, torch.bfloat16)
     assert _rel(x.grad, gy.float() @ w.float()) < 1e-2
+
+
+def test_quantized_llama_on_cuda_matches_cpu_reference():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from lutmm.nn import quantize_model
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512)
+    model = LlamaForCausalLM(cfg).eval()
+    quantize_model(model, bits=4, group_size=64, progress=False)
+    ids = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        ref = model.float()(ids).logits                     # CPU: fp32 on the dequantized weights
+        out = model.to("cuda", torch.bfloat16)(ids.cuda()).logits.float().cpu()  # lutmm kernels
+    assert _rel(out, ref) < 3e-2

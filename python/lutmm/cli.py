@@ -1,0 +1,362 @@
+"""The `lutmm` command line (also `python3 -m lutmm`).
+
+    lutmm demo                                   quantize a model, generate, perplexity and speed vs bf16
+    lutmm quantize MODEL_DIR OUT_DIR --bits 4 --group-size 64 --table nf
+    lutmm eval DIR --text FILE                   perplexity (DIR: a HF model or a lutmm checkpoint)
+    lutmm generate DIR --prompt TEXT             greedy continuation
+    lutmm bench [--quick]                        kernel benchmark (needs a CUDA GPU)
+    lutmm info                                   versions, build, GPU
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+NO_GPU_BENCH = "no CUDA device: kernel benchmark needs a GPU"
+CPU_FALLBACK = "CPU fallback: no CUDA device, speed numbers are CPU reference timings"
+DEFAULT_PROMPT = "The Python interpreter"
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+def _device(arg: Optional[str]) -> torch.device:
+    if arg:
+        return torch.device(arg)
+    import lutmm
+
+    return torch.device("cuda") if lutmm.gpu_available() else torch.device("cpu")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _search_up(rel: str, starts) -> Optional[Path]:
+    """The first existing START/rel or ANCESTOR/rel over the given start directories."""
+    for start in starts:
+        start = Path(start).resolve()
+        for base in (start, *start.parents):
+            p = base / rel
+            if p.exists():
+                return p
+    return None
+
+
+def _starts():
+    return [Path.cwd(), Path(__file__).resolve().parent]
+
+
+def find_shared() -> Optional[Path]:
+    """The shared assets folder: $LUTMM_SHARED, else a `shared/` with models/mini-llama in the working
+    directory, the package source or one of their parents (the repo's ../shared)."""
+    env = os.environ.get("LUTMM_SHARED")
+    if env and (Path(env) / "models" / "mini-llama").is_dir():
+        return Path(env)
+    p = _search_up("shared/models/mini-llama", _starts())
+    return p.parent.parent if p else None
+
+
+def find_bench_script() -> Optional[Path]:
+    env = os.environ.get("LUTMM_REPO")
+    if env and (Path(env) / "bench" / "bench_kernel.py").is_file():
+        return Path(env) / "bench" / "bench_kernel.py"
+    return _search_up("bench/bench_kernel.py", _starts())
+
+
+def tiny_random_llama(seed: int = 0):
+    """A 2-layer random Llama (hidden 128, vocab 256 = bytes) for when no real model is around."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+
+
+def _load(path: str, device, dtype):
+    from .checkpoint import load_model
+
+    return load_model(path, device=device, dtype=dtype)
+
+
+def _ahead_arg(s: str):
+    if s == "auto":
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 1, 2 or auto, got {s!r}") from None
+
+
+# ---- subcommands -----------------------------------------------------------------------------------------
+def cmd_quantize(args) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import save_quantized
+    from .nn import quantize_model
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=_DTYPES[args.dtype])
+    stats = {}
+    quantize_model(model, bits=args.bits, group_size=None if args.group_size == -1 else args.group_size,
+                   table=args.table, skip=args.skip, search_scale=not args.absmax, progress=not args.quiet,
+                   stats=stats)
+    out = save_quantized(model, args.out_dir, tokenizer_dir=args.model_dir)
+    file_bytes = (out / "model.safetensors").stat().st_size
+    print(f"quantized {stats['layers']} linear layers to {args.bits}-bit g{args.group_size} {args.table}"
+          f" ({'absmax' if args.absmax else 'scale search'}); skipped: {', '.join(stats['skipped']) or 'none'}")
+    ratio = stats["bytes_before"] / max(stats["bytes_after"], 1)
+    print(f"quantized weights: {_mb(stats['bytes_before'])} ({args.dtype}) -> {_mb(stats['bytes_after'])} (lutmm), "
+          f"{ratio:.2f}x smaller")
+    print(f"wrote {out} (model.safetensors {_mb(file_bytes)}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import perplexity
+
+    dev = _device(args.device)
+    model = _load(args.dir, dev, _DTYPES[args.dtype])
+    t0 = time.perf_counter()
+    ppl = perplexity(model, args.tokenizer or args.dir, args.text, window=args.window, max_tokens=args.max_tokens,
+                     device=dev, progress=not args.quiet, ahead=args.ahead)
+    print(f"perplexity: {ppl:.4f}")
+    print(f"({args.window}-token windows, {'first ' + str(args.max_tokens) + ' tokens of ' if args.max_tokens else ''}"
+          f"{args.text}, {time.perf_counter() - t0:.1f} s on {dev})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .evaluate import generate
+
+    dev = _device(args.device)
+    model = _load(args.dir, dev, _DTYPES[args.dtype])
+    print(args.prompt + generate(model, args.tokenizer or args.dir, args.prompt, args.max_new_tokens))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import runpy
+
+    import lutmm
+
+    if not torch.cuda.is_available():
+        print(NO_GPU_BENCH)
+        return 0
+    if not lutmm.gpu_available():
+        print(f"CUDA device present but this lutmm build has no CUDA kernels ({lutmm.build_info()})")
+        return 1
+    script = find_bench_script()
+    if script is None:
+        print("bench/bench_kernel.py not found: run from the lutmm repository or set LUTMM_REPO")
+        return 1
+    argv = sys.argv
+    sys.argv = [str(script)] + (["--quick"] if args.quick else []) + (["--json", args.json] if args.json else [])
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    finally:
+        sys.argv = argv
+    return 0
+
+
+def cmd_info(args) -> int:
+    import lutmm
+
+    print(f"lutmm {lutmm.__version__} (format version {lutmm.FORMAT_VERSION})")
+    print(f"build: {lutmm.build_info()}")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    try:
+        import transformers
+
+        print(f"transformers {transformers.__version__}")
+    except ImportError:
+        print("transformers: not installed (lutmm.nn / checkpoints / CLI model commands need it)")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"GPU {i}: {torch.cuda.get_device_name(i)}")
+    else:
+        print("GPU: none (no CUDA device)")
+    print(f"kernels: {'CUDA LUT GEMM available' if lutmm.gpu_available() else 'CPU fallback only'}")
+    return 0
+
+
+def _resolve_demo_model(arg: Optional[str]):
+    """(model_dir or None, shared dir or None, description)."""
+    if arg:
+        return Path(arg), find_shared(), str(arg)
+    shared = find_shared()
+    if shared is not None:
+        return shared / "models" / "mini-llama", shared, str(shared / "models" / "mini-llama")
+    return None, None, "built-in tiny random Llama (no shared/models/mini-llama found; set LUTMM_SHARED)"
+
+
+def cmd_demo(args) -> int:
+    from .evaluate import ByteTokenizer, decode_speed, encode_text, generate, perplexity
+    from .nn import quantize_model
+
+    t_start = time.perf_counter()
+    dev = _device(args.device)
+    model_dir, shared, desc = _resolve_demo_model(args.model)
+    print(f"== lutmm demo: {desc}")
+    print(f"   device: {dev}{'' if dev.type == 'cuda' else ' (' + CPU_FALLBACK + ')'}")
+    if model_dir is not None:
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).eval()
+        tok = str(model_dir)
+    else:
+        base, tok = tiny_random_llama(), ByteTokenizer()
+    text = args.text
+    if text is None and shared is not None and (shared / "data" / "heldout.txt").is_file():
+        text = str(shared / "data" / "heldout.txt")
+    if text is None:  # nothing to read: score this module's source
+        text = __file__
+
+    print(f"\n== quantize: {args.bits}-bit, group size {args.group_size}, table {args.table}")
+    t0 = time.perf_counter()
+    stats = {}
+    lut = quantize_model(copy.deepcopy(base), bits=args.bits, group_size=args.group_size, table=args.table,
+                         progress=not args.quiet, stats=stats)
+    t_quant = time.perf_counter() - t0
+    ratio = stats["bytes_before"] / max(stats["bytes_after"], 1)
+    print(f"   {stats['layers']} layers in {t_quant:.1f} s; weights {_mb(stats['bytes_before'])} (bf16) -> "
+          f"{_mb(stats['bytes_after'])} (lutmm), {ratio:.2f}x smaller; skipped: {', '.join(stats['skipped']) or 'none'}")
+    base.to(dev)
+    lut.to(dev)
+
+    print(f"\n== greedy generation, prompt {args.prompt!r}")
+    for name, m in (("bf16", base), ("lutmm", lut)):
+        out = generate(m, tok, args.prompt, args.new_tokens).replace("\n", " ")
+        print(f"   {name:>5}: {args.prompt}{out}")
+
+    ids = encode_text(tok, Path(text).read_text(encoding="utf-8"), args.max_tokens)
+    print(f"\n== perplexity: first {ids.numel()} tokens of {text}, {args.window}-token windows")
+    from .evaluate import detect_ahead
+
+    ahead = args.ahead if args.ahead != "auto" else detect_ahead(base, ids, args.window)
+    if ahead == 2:
+        print("   (scored 2 tokens ahead: this model was trained to predict token t+2, see lutmm.evaluate)")
+    ppl = {}
+    for name, m in (("bf16", base), ("lutmm", lut)):
+        t0 = time.perf_counter()
+        ppl[name] = perplexity(m, tok, text, window=args.window, max_tokens=args.max_tokens, progress=False,
+                               ahead=ahead)
+        print(f"   {name:>5}: {ppl[name]:.3f}  ({time.perf_counter() - t0:.1f} s)")
+
+    print(f"\n== decode speed: {args.speed_tokens} new tokens, batch 1, greedy with KV cache")
+    if dev.type != "cuda":
+        print(f"   {CPU_FALLBACK}")
+    else:
+        print("   (eager Hugging Face decode of a 23M model is bound by kernel launches, not weight bytes: "
+              "see bench/ for kernel speed)")
+    prompt_ids = ids[:16]
+    speed = {"bf16": 0.0, "lutmm": 0.0}
+    for _ in range(2):  # alternate, best of each: the first runs also warm up clocks and libraries
+        for name, m in (("bf16", base), ("lutmm", lut)):
+            speed[name] = max(speed[name], decode_speed(m, prompt_ids, args.speed_tokens, reps=2))
+    for name in ("bf16", "lutmm"):
+        print(f"   {name:>5}: {speed[name]:.1f} tokens/s")
+
+    print("\n== summary")
+    print(f"   {'':>6} {'weights':>10} {'perplexity':>11} {'tokens/s':>9}")
+    print(f"   {'bf16':>6} {_mb(stats['bytes_before']):>10} {ppl['bf16']:>11.3f} {speed['bf16']:>9.1f}")
+    print(f"   {'lutmm':>6} {_mb(stats['bytes_after']):>10} {ppl['lutmm']:>11.3f} {speed['lutmm']:>9.1f}")
+    print(f"   perplexity {100 * (ppl['lutmm'] / ppl['bf16'] - 1):+.2f}%, weights {ratio:.2f}x smaller, "
+          f"decode {speed['lutmm'] / speed['bf16']:.2f}x bf16 speed"
+          f"{' (CPU reference timings)' if dev.type != 'cuda' else ''}; total {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+# ---- parser ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lutmm", description="LUT-quantized LLM weights: quantize, evaluate, run.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name, help_, fn):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    def model_opts(sp):
+        sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when lutmm kernels are available)")
+        sp.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16",
+                        help="dtype of activations and non-quantized weights (default bfloat16)")
+        sp.add_argument("--tokenizer", default=None, help="tokenizer dir or tokenizer.json (default: DIR)")
+
+    sp = add("quantize", "quantize a Hugging Face causal LM directory to a lutmm checkpoint", cmd_quantize)
+    sp.add_argument("model_dir", metavar="MODEL_DIR", help="HF model directory (config.json + safetensors)")
+    sp.add_argument("out_dir", metavar="OUT_DIR", help="output directory")
+    sp.add_argument("--bits", type=int, choices=(2, 3, 4), default=4)
+    sp.add_argument("--group-size", type=int, default=64, help="32, 64, 128, 256 or -1 (one group per row)")
+    sp.add_argument("--table", choices=("nf", "int", "kmeans"), default="nf")
+    sp.add_argument("--skip", nargs="*", default=["lm_head"],
+                    help="module name substrings to leave unquantized (default: lm_head)")
+    sp.add_argument("--absmax", action="store_true", help="absmax scales instead of the per-group scale search")
+    sp.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16", help="dtype to load the model in")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sp = add("eval", "perplexity of a model (HF directory or lutmm checkpoint) on a text file", cmd_eval)
+    sp.add_argument("dir", metavar="DIR")
+    sp.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file")
+    sp.add_argument("--max-tokens", type=int, default=None, help="only the first N tokens of the text")
+    sp.add_argument("--window", type=int, default=512, help="tokens per independently scored window (512)")
+    sp.add_argument("--ahead", type=_ahead_arg, default="auto",
+                    help="tokens ahead each position predicts: 1, 2 or auto (default; see lutmm.evaluate)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    model_opts(sp)
+
+    sp = add("generate", "greedy text generation", cmd_generate)
+    sp.add_argument("dir", metavar="DIR")
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--max-new-tokens", type=int, default=32)
+    model_opts(sp)
+
+    sp = add("bench", "kernel benchmark vs cuBLAS bf16 (needs a CUDA GPU and the repo's bench/ folder)", cmd_bench)
+    sp.add_argument("--quick", action="store_true", help="a subset of shapes")
+    sp.add_argument("--json", default=None, help="also write all rows to this JSON file")
+
+    add("info", "versions, build, GPU and kernels", cmd_info)
+
+    sp = add("demo", "quantize a model, then compare generation, perplexity and decode speed with bf16", cmd_demo)
+    sp.add_argument("--model", default=None,
+                    help="HF model directory (default: shared/models/mini-llama, else a built-in random Llama)")
+    sp.add_argument("--bits", type=int, choices=(2, 3, 4), default=4)
+    sp.add_argument("--group-size", type=int, default=64)
+    sp.add_argument("--table", choices=("nf", "int", "kmeans"), default="nf")
+    sp.add_argument("--prompt", default=DEFAULT_PROMPT)
+    sp.add_argument("--new-tokens", type=int, default=32, help="tokens to generate for the text sample")
+    sp.add_argument("--text", default=None, help="text for perplexity (default: shared/data/heldout.txt)")
+    sp.add_argument("--max-tokens", type=int, default=8192, help="perplexity on the first N tokens (8192)")
+    sp.add_argument("--window", type=int, default=512)
+    sp.add_argument("--ahead", type=_ahead_arg, default="auto", help="1, 2 or auto (see lutmm.evaluate)")
+    sp.add_argument("--speed-tokens", type=int, default=64, help="tokens to decode for the speed test")
+    sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.fn(args)
+    except ValueError as e:  # bad input (corrupt checkpoint, bad argument): one line, no traceback
+        print(f"lutmm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Every `lutmm` subcommand, in-process through cli.main (and `python3 -m lutmm` once)."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import lutmm  # noqa: E402
+from lutmm import cli  # noqa: E402
+from test_nn import tiny_llama  # noqa: E402
+
+SUBCOMMANDS = ["quantize", "eval", "generate", "bench", "info", "demo"]
+
+
+def _ppl(out: str) -> float:
+    m = re.search(r"perplexity: ([0-9.]+)", out)
+    assert m, out
+    return float(m.group(1))
+
+
+@pytest.mark.parametrize("sub", [None] + SUBCOMMANDS)
+def test_help(sub, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(([sub] if sub else []) + ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: lutmm" in out
+    if sub is None:
+        assert all(s in out for s in SUBCOMMANDS)
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 0
+    assert "usage: lutmm" in capsys.readouterr().out
+
+
+def test_info(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"lutmm {lutmm.__version__}" in out and f"torch {torch.__version__}" in out
+    assert "build:" in out and "kernels:" in out and ("GPU" in out)
+
+
+def test_python_m_lutmm_info():
+    r = subprocess.run([sys.executable, "-m", "lutmm", "info"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"lutmm {lutmm.__version__}" in r.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_bench_without_gpu(capsys):
+    assert cli.main(["bench", "--quick"]) == 0
+    assert capsys.readouterr().out.strip() == cli.NO_GPU_BENCH
+
+
+def test_quantize_tiny_model(tmp_path, capsys):
+    src = tmp_path / "src"
+    tiny_llama(tie=False).save_pretrained(str(src))
+    out = tmp_path / "q"
+    assert cli.main(["quantize", str(src), str(out), "--bits", "3", "--group-size", "32", "--table", "int",
+                     "--absmax", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "quantized 14 linear layers to 3-bit g32 int (absmax); skipped: lm_head" in text
+    assert re.search(r"quantized weights: [0-9.]+ MB \(bfloat16\) -> [0-9.]+ MB \(lutmm\), [0-9.]+x smaller", text)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "lutmm" and qc["bits"] == 3 and qc["group_size"] == 32 and qc["table"] == "int"
+    assert (out / "model.safetensors").is_file()
+
+
+def test_eval_reports_errors_without_traceback(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "lutmm", "bits": 5, "group_size": 64, "format_version": 1}}))
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 50)
+    assert cli.main(["eval", str(tmp_path), "--text", str(text)]) == 2
+    err = capsys.readouterr().err
+    assert "lutmm eval: error:" in err and "quantization_config.bits: got 5" in err
+
+
+# ---- with mini-llama ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mini_ckpt(tmp_path_factory):
+    from conftest import SHARED
+
+    src = os.path.join(SHARED, "models", "mini-llama")
+    if not os.path.isdir(src):
+        pytest.skip(f"shared assets not found at {SHARED}")
+    out = tmp_path_factory.mktemp("cli") / "mini-q4"
+    assert cli.main(["quantize", src, str(out), "--bits", "4", "--group-size", "64", "--table", "nf", "--quiet"]) == 0
+    return SHARED, src, out
+
+
+def test_quantize_mini_llama(mini_ckpt):
+    _, _, out = mini_ckpt
+    files = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "lutmm" and len(qc["modules"]) == 42 and qc["skip"] == ["lm_head"]
+
+
+def test_eval_bf16_and_lutmm(mini_ckpt, capsys):
+    shared, src, out = mini_ckpt
+    text = os.path.join(shared, "data", "heldout.txt")
+    assert cli.main(["eval", src, "--text", text, "--max-tokens", "1024", "--quiet"]) == 0
+    p_bf16 = _ppl(capsys.readouterr().out)
+    assert cli.main(["eval", str(out), "--text", text, "--max-tokens", "1024", "--quiet"]) == 0
+    p_lut = _ppl(capsys.readouterr().out)
+    assert 10 < p_bf16 < 150 and 10 < p_lut < 150
+    assert abs(p_lut / p_bf16 - 1) < 0.05
+
+
+def test_generate(mini_ckpt, capsys):
+    _, _, out = mini_ckpt
+    assert cli.main(["generate", str(out), "--prompt", "The Python", "--max-new-tokens", "8"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("The Python") and len(text.strip()) > len("The Python")
+
+
+def test_demo_mini_llama(mini_ckpt, capsys):
+    assert cli.main(["demo", "--max-tokens", "1024", "--new-tokens", "4", "--speed-tokens", "4", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "mini-llama" in out and "== summary" in out
+    if not torch.cuda.is_available():
+        assert cli.CPU_FALLBACK in out
+    rows = re.findall(r"^\s+(bf16|lutmm)\s+([0-9.]+) MB\s+([0-9.]+)\s+([0-9.]+)$", out, re.M)
+    assert [r[0] for r in rows] == ["bf16", "lutmm"], out
+    (_, mb16, p16, s16), (_, mblut, plut, slut) = rows
+    assert float(mblut) < float(mb16) / 3 and float(plut) < 1.05 * float(p16)
+    assert float(s16) > 0 and float(slut) > 0
+
+
+def test_demo_builtin_random_model(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "find_shared", lambda: None)
+    assert cli.main(["demo", "--max-tokens", "600", "--new-tokens", "4", "--speed-tokens", "4", "--quiet",
+                     "--bits", "3", "--group-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "built-in tiny random Llama" in out and "== summary" in out
