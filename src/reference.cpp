@@ -1,5 +1,6 @@
 #include "lutmm/reference.h"
 
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -27,15 +28,47 @@ void dequantize_packed(const uint8_t* packed, const uint16_t* packed_scales, con
                        float* out) {
   validate_shape(s);
   validate_table(table, s.table_size(), s.bits);
-  const int64_t G = s.groups();
-  const int lo_mask = s.bits == 3 ? 3 : (1 << s.bits) - 1;
-  parallel_for(0, s.N, [&](int64_t n) {
-    for (int64_t k = 0; k < s.K; ++k) {
-      const CodePosition p = code_position(s, n, k);
-      int q = (packed[p.byte] >> p.shift) & lo_mask;
-      if (p.hi_byte >= 0) q |= ((packed[p.hi_byte] >> p.hi_shift) & 1) << 2;
-      const int64_t nb = n / 16, r = n % 16, grp = k / s.group_size;
-      out[n * s.K + k] = table[q] * half_to_float(packed_scales[(nb * G + grp) * 16 + (r % 8) * 2 + r / 8]);
+  const int64_t G = s.groups(), cbs = s.col_blocks(), bb = s.block_bytes();
+  // Walks each block lane by lane, as the GPU does (see pack.h for the layout).
+  parallel_for(0, s.row_blocks(), [&](int64_t nb) {
+    for (int64_t kb = 0; kb < cbs; ++kb) {
+      const uint8_t* blk = packed + (nb * cbs + kb) * bb;
+      for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane / 4, t = lane % 4;
+        uint32_t wd[8] = {}, hi[2] = {};
+        if (s.bits == 4) {
+          std::memcpy(wd, blk + lane * 16, 16);
+          std::memcpy(wd + 4, blk + 512 + lane * 16, 16);
+        } else {
+          std::memcpy(wd, blk + lane * 16, 16);
+          if (s.bits == 3) std::memcpy(hi, blk + 512 + lane * 8, 8);
+        }
+        for (int ks = 0; ks < 8; ++ks) {
+          const int64_t col0 = kb * kBlockCols + 32 * (ks / 2) + 8 * t + 4 * (ks % 2);
+          if (col0 >= s.K) continue;
+          for (int p = 0; p < 4; ++p) {
+            const int r = g + 8 * (p & 1);
+            const int64_t row = nb * kBlockRows + r, col = col0 + 2 * (p >> 1);
+            if (row >= s.N) continue;
+            int q0, q1;
+            if (s.bits == 4) {
+              const int idx = (wd[ks] >> (8 * p)) & 0xff;
+              q0 = idx & 15; q1 = idx >> 4;
+            } else {
+              const int lo = (wd[ks / 2] >> (4 * ((ks % 2) * 4 + p))) & 0xf;
+              if (s.bits == 2) { q0 = lo & 3; q1 = lo >> 2; }
+              else {
+                const int h2 = (hi[ks / 4] >> (2 * ((ks % 4) * 4 + p))) & 3;
+                q0 = (lo & 3) | ((h2 & 1) << 2);
+                q1 = (lo >> 2) | ((h2 >> 1) << 2);
+              }
+            }
+            const float sc = half_to_float(packed_scales[(nb * G + col / s.group_size) * 16 + (r % 8) * 2 + r / 8]);
+            out[row * s.K + col] = table[q0] * sc;
+            out[row * s.K + col + 1] = table[q1] * sc;
+          }
+        }
+      }
     }
   });
 }

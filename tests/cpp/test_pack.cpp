@@ -3,6 +3,7 @@
 #include <set>
 
 #include "lutmm/pack.h"
+#include "lutmm/reference.h"
 #include "test_util.h"
 
 using namespace lutmm;
@@ -113,4 +114,23 @@ TEST(Pack, PairTable) {
         EXPECT_EQ(pt[size_t(2 * i + 1)], t[size_t(q1)]);
       }
   }
+}
+
+TEST(Pack, DequantizePackedMatchesDequantize) {
+  for (int bits : {2, 3, 4})
+    for (auto nk : {std::pair<int64_t, int64_t>{33, 160}, {16, 128}, {70, 544}}) {
+      Shape s{nk.first, nk.second, bits, 32};
+      auto codes = random_codes(size_t(s.N * s.K), bits, uint32_t(bits + s.N));
+      auto sc = random_scales(size_t(s.N * s.groups()), 9);
+      std::vector<float> t(size_t(1) << bits);
+      for (size_t i = 0; i < t.size(); ++i) t[i] = float(i) * 0.7f - 2.f;
+      std::vector<uint8_t> packed(size_t(s.packed_bytes()));
+      std::vector<uint16_t> ps(size_t(s.packed_scale_count()));
+      pack_codes(codes.data(), s, packed.data());
+      pack_scales(sc.data(), s, ps.data());
+      std::vector<float> a(size_t(s.N * s.K)), b(a.size());
+      dequantize(codes.data(), sc.data(), t.data(), s, a.data());
+      dequantize_packed(packed.data(), ps.data(), t.data(), s, b.data());
+      EXPECT_EQ(a, b) << bits << " " << s.N << "x" << s.K;
+    }
 }
