@@ -1,0 +1,171 @@
+"""End-to-end decode throughput: a LLaMA-3-8B-shaped model with lutmm against bf16 (issue 7).
+
+    python3 bench/bench_e2e.py                  # 8B shape, bits {4,3,2} x g {64,128}, batch {1,4,16}
+    python3 bench/bench_e2e.py --model 70b-2l   # 2 decoder layers with LLaMA-3-70B dimensions
+    python3 bench/bench_e2e.py --model tiny --device cpu --gen 4 --no-graph   # smoke test
+
+Random weights (HF's N(0, 0.02) init; lutmm layers get random codes and scales): decode speed does not
+depend on the values. Each decode step (batch B, static KV cache, prompt 128, 256 new tokens) runs as
+one captured CUDA graph; graph-free (eager) numbers are printed beside. Peak GPU memory per model.
+STATUS: written 2026-11-25 without GPU time left to run it; first GPU run pending (see issue 7).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+import lutmm
+from lutmm.nn import LUTLinear
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_kernel import random_qweight  # noqa: E402
+
+SHAPES = {
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+    "70b-2l": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=2, num_attention_heads=64,
+                   num_key_value_heads=8, vocab_size=1024),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512),
+}
+
+
+def build(shape: str, device: str) -> LlamaForCausalLM:
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=2048, rope_theta=500000.0)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+def swap_to_lutmm(model, bits: int, g: int) -> int:
+    """Replaces every decoder nn.Linear by a LUTLinear with random codes; returns how many."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, attr)
+        qw = random_qweight(old.out_features, old.in_features, bits, g, old.weight.device)
+        setattr(parent, attr, LUTLinear.from_quantized(qw))
+        del old
+    return len(names)
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model, batch: int, prompt: int, gen: int, graph: bool) -> float:
+    dev = next(model.parameters()).device
+    cache = StaticCache(config=model.config, max_cache_len=prompt + gen + 8)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=dev)
+    out = model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device=dev), use_cache=True)
+    static_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+    static_pos = torch.tensor([prompt], device=dev)
+
+    def step():
+        o = model(static_ids, past_key_values=cache, cache_position=static_pos, use_cache=True)
+        return o.logits[:, -1].argmax(-1, keepdim=True)
+
+    cuda = dev.type == "cuda"
+    if graph and cuda:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_out = step()
+        run = g.replay
+    else:
+        static_out = None
+        run = None
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(gen):
+        if run is not None:
+            run()
+            static_ids.copy_(static_out)
+        else:
+            static_ids.copy_(step())
+        static_pos.add_(1)
+    if cuda:
+        torch.cuda.synchronize()
+    return batch * gen / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def breakdown(model, batch: int, steps: int = 4) -> dict:
+    """Per-token CUDA time (us) by kernel class over a few eager decode steps."""
+    dev = next(model.parameters()).device
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 8), device=dev)
+    model(ids, past_key_values=cache, cache_position=torch.arange(8, device=dev), use_cache=True)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            model(ids[:, :1], past_key_values=cache, cache_position=torch.tensor([8 + i], device=dev), use_cache=True)
+        torch.cuda.synchronize()
+    out = {"quantized/dense linears": 0.0, "attention": 0.0, "other": 0.0}
+    for e in prof.key_averages():
+        us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        name = e.key.lower()
+        if any(k in name for k in ("lut_gemm", "dequant", "gemm", "gemv", "sm90_xmma", "cutlass", "nvjet")):
+            out["quantized/dense linears"] += us
+        elif any(k in name for k in ("attention", "flash", "fmha", "sdpa", "softmax")):
+            out["attention"] += us
+        else:
+            out["other"] += us
+    return {k: v / steps for k, v in out.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=sorted(SHAPES), default="8b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--configs", default="4:128,4:64,3:128,3:64,2:128,2:64", help="bits:group,...")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=256)
+    ap.add_argument("--no-graph", action="store_true")
+    args = ap.parse_args()
+    cuda = args.device.startswith("cuda")
+    configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
+    print(f"# {torch.cuda.get_device_name() if cuda else 'CPU'} | model {args.model} | lutmm {lutmm.__version__}")
+    rows = []
+
+    def measure(label, model):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        for b in args.batches:
+            tps = decode_tokens_per_s(model, b, args.prompt, args.gen, graph=not args.no_graph)
+            eager = decode_tokens_per_s(model, b, args.prompt, min(args.gen, 32), graph=False)
+            mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+            rows.append((label, b, tps, eager, mem))
+            mode = "eager" if args.no_graph or not cuda else "graph"
+            print(f"{label:>14} batch {b:>3}: {tps:9.1f} tok/s ({mode})  {eager:9.1f} tok/s (eager)  "
+                  f"peak {mem:6.2f} GiB", flush=True)
+        if cuda:
+            print(f"{'':>14} per-token CUDA time, batch 1 (us): {breakdown(model, 1)}")
+
+    model = build(args.model, args.device)
+    measure("bf16", model)
+    for bits, g in configs:
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+        model = build(args.model, args.device)
+        swap_to_lutmm(model, bits, g)
+        if cuda:
+            torch.cuda.empty_cache()
+        measure(f"lutmm {bits}b g{g}", model)
+    base = {b: t for (l, b, t, _, _) in rows if l == "bf16"}
+    print(f"\n{'model':>14} {'batch':>5} {'tok/s':>9} {'x bf16':>7} {'eager tok/s':>11} {'peak GiB':>8}")
+    for label, b, tps, eager, mem in rows:
+        print(f"{label:>14} {b:>5} {tps:9.1f} {tps / base[b]:7.2f} {eager:11.1f} {mem:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
