@@ -1,5 +1,8 @@
 #include "lutmm/pack.h"
 
+#include "parallel.h"
+
+#include <algorithm>
 #include <cstring>
 
 namespace lutmm {
@@ -31,21 +34,26 @@ CodePosition code_position(const Shape& s, int64_t n, int64_t k) {
 
 void pack_codes(const uint8_t* codes, const Shape& s, uint8_t* packed) {
   validate_shape(s);
-  std::memset(packed, 0, size_t(s.packed_bytes()));
-  const int lo_mask = s.bits == 3 ? 3 : (1 << s.bits) - 1;
-  for (int64_t n = 0; n < s.N; ++n) {
-    for (int64_t k = 0; k < s.K; ++k) {
-      const int q = codes[n * s.K + k];
-      if (q >= s.table_size()) {
-        Msg m;
-        m << "codes: element [" << n << ", " << k << "] is " << q << ", expected < 2^bits = " << s.table_size();
-        throw Error(m.str());
-      }
-      const CodePosition p = code_position(s, n, k);
-      packed[p.byte] |= uint8_t((q & lo_mask) << p.shift);
-      if (p.hi_byte >= 0) packed[p.hi_byte] |= uint8_t((q >> 2) << p.hi_shift);
+  for (int64_t i = 0; i < s.N * s.K; ++i) {
+    if (codes[i] >= s.table_size()) {
+      Msg m;
+      m << "codes: element [" << i / s.K << ", " << i % s.K << "] is " << int(codes[i])
+        << ", expected < 2^bits = " << s.table_size();
+      throw Error(m.str());
     }
   }
+  std::memset(packed, 0, size_t(s.packed_bytes()));
+  const int lo_mask = s.bits == 3 ? 3 : (1 << s.bits) - 1;
+  // Row blocks own disjoint byte ranges, so they pack in parallel.
+  parallel_for(0, s.row_blocks(), [&](int64_t nb) {
+    for (int64_t n = nb * kBlockRows; n < std::min(s.N, (nb + 1) * kBlockRows); ++n)
+      for (int64_t k = 0; k < s.K; ++k) {
+        const int q = codes[n * s.K + k];
+        const CodePosition p = code_position(s, n, k);
+        packed[p.byte] |= uint8_t((q & lo_mask) << p.shift);
+        if (p.hi_byte >= 0) packed[p.hi_byte] |= uint8_t((q >> 2) << p.hi_shift);
+      }
+  });
 }
 
 void unpack_codes(const uint8_t* packed, const Shape& s, uint8_t* codes) {
