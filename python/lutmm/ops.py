@@ -5,6 +5,7 @@ through torch's caching allocator, launches on the current stream and never sync
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import List, Optional
 
@@ -35,10 +36,24 @@ def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
     return ws
 
 
+# Per-shape facts cached so that a call crosses into C++ once, not six times (eager overhead).
+@functools.lru_cache(maxsize=4096)
+def _sizes(N: int, K: int, bits: int, group_size: int):
+    _core.validate_shape(N, K, bits, group_size)
+    return _core.packed_bytes(N, K, bits, group_size), _core.packed_scale_count(N, K, bits, group_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(M: int, N: int, K: int, bits: int, group_size: int, device_index: int):
+    path = _PATHS[_core.gpu_choose_path(M, N, K, bits, group_size, device_index)]
+    ws = _core.gpu_workspace_bytes(M, N, K, bits, group_size, device_index)  # also for a forced LUT path
+    return path, ws
+
+
 def choose_path(M: int, N: int, K: int, bits: int, group_size: int, device_index: int = 0) -> str:
     if FORCE_PATH:
         return FORCE_PATH
-    return _PATHS[_core.gpu_choose_path(M, N, K, bits, group_size, device_index)]
+    return _plan(M, N, K, bits, group_size, device_index)[0]
 
 
 @torch.library.custom_op("lutmm::lut_matmul", mutates_args=())
@@ -54,10 +69,9 @@ def _(x, packed, packed_scales, table, N, K, bits, group_size, bias=None):
 
 
 def _check_packed(packed, packed_scales, N, K, bits, group_size, device_type):
-    _core.validate_shape(N, K, bits, group_size)
-    return (_ptr(packed, "packed", torch.uint8, _core.packed_bytes(N, K, bits, group_size), device_type),
-            _ptr(packed_scales, "packed_scales", torch.float16, _core.packed_scale_count(N, K, bits, group_size),
-                 device_type))
+    nbytes, nscales = _sizes(N, K, bits, group_size)
+    return (_ptr(packed, "packed", torch.uint8, nbytes, device_type),
+            _ptr(packed_scales, "packed_scales", torch.float16, nscales, device_type))
 
 
 def cpu_dequantize(packed, packed_scales, table, N, K, bits, group_size) -> torch.Tensor:
@@ -109,7 +123,7 @@ def _(x, packed, packed_scales, table, N, K, bits, group_size, bias=None):
             bias = bias.contiguous()
             bp = _ptr(bias, "bias", x.dtype, N, "cuda")
         y = torch.empty(M, N, dtype=x.dtype, device=dev)
-        ws = _workspace(dev, _core.gpu_workspace_bytes(M, N, K, bits, group_size, dev.index or 0))
+        ws = _workspace(dev, _plan(M, N, K, bits, group_size, dev.index or 0)[1])
         _core.gpu_lut_gemm(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, pp, ps, list(table), N, K, bits, group_size, bp,
                            y.data_ptr(), ws.data_ptr(), ws.numel(), stream)
     else:

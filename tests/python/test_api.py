@@ -125,3 +125,17 @@ def test_gradients_flow_to_x_and_bias():
     w = lutmm.dequantize(qw)
     assert torch.allclose(x.grad, gy @ w, atol=1e-4)
     assert torch.allclose(b.grad, gy.sum(0), atol=1e-5)
+
+
+def test_per_shape_facts_are_cached_and_forced_path_wins(monkeypatch):
+    from lutmm import ops
+    ops._sizes.cache_clear()
+    assert ops._sizes(64, 256, 4, 128) == (lutmm._core.packed_bytes(64, 256, 4, 128),
+                                          lutmm._core.packed_scale_count(64, 256, 4, 128))
+    assert ops._sizes.cache_info().misses == 1
+    ops._sizes(64, 256, 4, 128)
+    assert ops._sizes.cache_info().hits == 1
+    with pytest.raises(ValueError, match="bits: got 5"):
+        ops._sizes(64, 256, 5, 128)
+    monkeypatch.setattr(ops, "FORCE_PATH", "dequant")
+    assert ops.choose_path(1, 64, 256, 4, 128) == "dequant"
