@@ -141,13 +141,16 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, bits: i
 
 def quantize(weight: torch.Tensor, bits: int = 4, group_size: Optional[int] = 64, table: TableSpec = "nf",
              search_scale: bool = True, importance: Optional[torch.Tensor] = None,
-             kmeans_iterations: int = 8) -> QuantizedWeight:
+             kmeans_iterations: int = 8, device=None) -> QuantizedWeight:
     """Quantizes an N x K weight (fp32/fp16/bf16, any device) to the LUT format.
 
     bits: 2, 3 or 4.  group_size: 32, 64, 128, 256, or None/-1 for one group per row (g = K).
     table: "nf" (NormalFloat), "int" (symmetric uniform), "kmeans" (learned per layer from NF), or
     2^bits explicit values.  search_scale: per-group scale search (else absmax).
     importance: optional K non-negative weights per input column (e.g. E[x^2] from calibration).
+    device: where the per-group search runs: None = the weight's device (a CUDA weight is quantized on
+    its GPU by the torch quantizer, a CPU weight by the C++ one), or "cpu" / "cuda" / a torch.device.
+    The result is always a CPU QuantizedWeight (packing runs on the CPU); call .to(device) after.
     """
     bits = _check_bits(bits)
     if not isinstance(weight, torch.Tensor):
@@ -175,6 +178,12 @@ def quantize(weight: torch.Tensor, bits: int = 4, group_size: Optional[int] = 64
                          dtype=torch.float32)
     else:
         t = make_table(table, bits)
+    run_on = torch.device(device) if device is not None else weight.device
+    if run_on.type != "cpu":
+        from .quantize_torch import quantize_codes
+        codes, scales = quantize_codes(weight.detach().to(run_on), bits, g, t, search_scale,
+                                       None if imp is None else imp.to(run_on))
+        return pack(codes.cpu(), scales.cpu(), t, bits, g, kind)
     codes = torch.empty(N, K, dtype=torch.uint8)
     scales = torch.empty(N, K // g, dtype=torch.float16)
     _core.quantize(_ptr(w, "weight"), _DTYPE_CODE[w.dtype], N, K, bits, g, t.tolist(), _ptr(codes, "codes"),
