@@ -79,12 +79,14 @@ class LUTLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: Optional[int] = 64, table="nf",
-                    device=None, **quant_kwargs) -> "LUTLinear":
-        """Quantizes `linear.weight` (on the CPU) and returns a LUTLinear on `device` (default: the linear's
-        device). `quant_kwargs` go to `lutmm.quantize` (search_scale, importance, kmeans_iterations)."""
+                    device=None, quant_device=None, **quant_kwargs) -> "LUTLinear":
+        """Quantizes `linear.weight` and returns a LUTLinear on `device` (default: the linear's device).
+        quant_device: where the quantizer runs (default: the weight's device; "cuda" uses the GPU).
+        `quant_kwargs` go to `lutmm.quantize` (search_scale, importance, kmeans_iterations)."""
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
-        qw = quantize(linear.weight, bits=bits, group_size=group_size, table=table, **quant_kwargs)
+        qw = quantize(linear.weight, bits=bits, group_size=group_size, table=table, device=quant_device,
+                      **quant_kwargs)
         dev = linear.weight.device if device is None else torch.device(device)
         bias = None if linear.bias is None else linear.bias.detach().to(dev)
         return cls.from_quantized(qw.to(dev), bias)
@@ -188,12 +190,13 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def quantize_model(model: nn.Module, bits: int = 4, group_size: Optional[int] = 64, table="nf",
                    skip: Sequence[str] = ("lm_head",), search_scale: bool = True, device=None,
-                   progress: bool = True, stats: Optional[dict] = None) -> nn.Module:
+                   progress: bool = True, stats: Optional[dict] = None, quant_device=None) -> nn.Module:
     """Replaces the nn.Linear layers of `model` (any HF causal LM) by LUTLinear, in place, one layer at a time
     (quantize, swap in, drop the original), so the extra memory is about one layer.
 
     skip: substrings of qualified module names to leave alone (default: the LM head).  device: where the new
-    modules go (default: each original layer's device; quantization itself runs on the CPU).
+    modules go (default: each original layer's device).  quant_device: where the quantizer runs (default:
+    each weight's device — a model on the GPU is quantized on the GPU; "cuda" moves one layer at a time).
     stats: optional dict filled with layers / bytes_before / bytes_after / skipped.
     Records model.config.quantization_config = {"quant_method": "lutmm", "bits", "group_size", "table",
     "format_version", "skip", "modules"} (a plain dict) when the model has a config.
@@ -209,7 +212,8 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: Optional[int] = 
     kind = table if isinstance(table, str) else "custom"
     for name, lin in tqdm(targets, desc=f"lutmm {bits}-bit g{group_size} {kind}", disable=not progress,
                           unit="layer"):
-        new = LUTLinear.from_linear(lin, bits, group_size, table, device=device, search_scale=search_scale)
+        new = LUTLinear.from_linear(lin, bits, group_size, table, device=device, quant_device=quant_device,
+                                    search_scale=search_scale)
         before += lin.weight.numel() * lin.weight.element_size()
         after += new.quantized_weight().nbytes()
         _set_submodule(model, name, new)
