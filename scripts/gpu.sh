@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, GPU tests (C++ and Python), then the kernel benchmark.
-# Usage (device tool, repo root): bash scripts/gpu.sh [quick|standard|full|tests|bench|profile|sanitize]   ; logs go to $OUT.
+# Usage (device tool, repo root): bash scripts/gpu.sh [quick|standard|full|tests|bench|profile|sanitize|ab]   ; logs go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-quick}
@@ -38,6 +38,13 @@ fi
 if [[ $MODE == sanitize ]]; then
   compute-sanitizer --tool memcheck ./build/gpu/lutmm_gpu_tests --gtest_filter='Gpu.Identity*:Gpu.StreamK*' 2>&1 | tail -5
   compute-sanitizer --tool racecheck ./build/gpu/lutmm_gpu_tests --gtest_filter='Gpu.Identity*' 2>&1 | tail -5
+fi
+if [[ $MODE == ab ]]; then  # kernel experiment A/B: default build vs -DLUTMM_FULL_BLOCK_FAST=ON
+  cmake -S . -B build/gpu-ff -G Ninja -DLUTMM_BUILD_TESTS=ON -DLUTMM_FULL_BLOCK_FAST=ON > /dev/null && \
+    ninja -C build/gpu-ff lutmm_gpu_tests lutmm_bench > "$OUT/build-ff.log" 2>&1 || { tail -20 "$OUT/build-ff.log"; exit 1; }
+  ./build/gpu-ff/lutmm_gpu_tests --gtest_brief=1 2>&1 | tail -2
+  echo "== A: default"; ./build/gpu/lutmm_bench
+  echo "== B: LUTMM_FULL_BLOCK_FAST"; ./build/gpu-ff/lutmm_bench
 fi
 if [[ $MODE == profile ]]; then
   for cfg in "1 8192 8192 4 128" "16 8192 8192 4 128"; do

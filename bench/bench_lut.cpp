@@ -1,0 +1,101 @@
+// Kernel-only timing of lutmm::gpu::lut_gemm (no Python), for A/B builds of kernel experiments:
+//   build/gpu/lutmm_bench        and   build/gpu-ff/lutmm_bench   (cmake -DLUTMM_FULL_BLOCK_FAST=ON)
+// Random packed weights rotated over enough copies to span 150 MB (3x the H100 L2); each time is the
+// median of 20 replays of a CUDA graph of calls, divided by the calls in the graph.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "lutmm/cuda.h"
+#include "lutmm/tables.h"
+
+using namespace lutmm;
+
+#define CK(x)                                                                     \
+  do {                                                                            \
+    cudaError_t e_ = (x);                                                         \
+    if (e_ != cudaSuccess) { std::printf("CUDA error %s at %d\n", cudaGetErrorString(e_), __LINE__); return 1; } \
+  } while (0)
+
+int main() {
+  if (!gpu::available()) {
+    std::printf("no CUDA device: kernel benchmark skipped\n");
+    return 0;
+  }
+  cudaDeviceProp prop{};
+  CK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("# %s, %d SMs\n%12s %5s %2s %4s %9s %7s\n", prop.name, prop.multiProcessorCount, "N x K", "M", "b", "g",
+              "us", "TB/s");
+  struct Case { int64_t N, K, M; int bits; };
+  std::vector<Case> cases;
+  for (auto nk : {std::pair<int64_t, int64_t>{4096, 4096}, {8192, 8192}, {28672, 4096}, {57344, 8192}})
+    for (int64_t M : {1, 16, 64}) cases.push_back({nk.first, nk.second, M, 4});
+  for (int bits : {3, 2}) cases.push_back({8192, 8192, 1, bits});
+  std::mt19937 rng(1);
+  cudaStream_t st;
+  CK(cudaStreamCreate(&st));
+  for (const Case& c : cases) {
+    Shape s{c.N, c.K, c.bits, 128};
+    const size_t wbytes = size_t(s.packed_bytes()), sbytes = size_t(s.packed_scale_count()) * 2;
+    const int copies = int(std::min<size_t>(16, std::max<size_t>(1, (150u << 20) / (wbytes + sbytes) + 1)));
+    std::vector<void*> w(copies), sc(copies);
+    std::vector<uint8_t> hw(wbytes);
+    std::vector<uint16_t> hs(sbytes / 2);
+    for (int i = 0; i < copies; ++i) {
+      for (auto& b : hw) b = uint8_t(rng());
+      for (auto& v : hs) v = uint16_t(0x2000 + rng() % 0x800);  // fp16 in ~[0.008, 0.03]
+      CK(cudaMalloc(&w[i], wbytes));
+      CK(cudaMalloc(&sc[i], sbytes));
+      CK(cudaMemcpy(w[i], hw.data(), wbytes, cudaMemcpyHostToDevice));
+      CK(cudaMemcpy(sc[i], hs.data(), sbytes, cudaMemcpyHostToDevice));
+    }
+    void *x, *y, *ws;
+    CK(cudaMalloc(&x, size_t(c.M * c.K) * 2));
+    CK(cudaMemset(x, 0x3c, size_t(c.M * c.K) * 2));  // bf16 ~0.01: finite, non-zero
+    CK(cudaMalloc(&y, size_t(c.M * c.N) * 2));
+    const size_t wsb = gpu::workspace_bytes(c.M, s, 0);
+    CK(cudaMalloc(&ws, wsb));
+    CK(cudaMemset(ws, 0, wsb));
+    const std::vector<float> t = nf_table(c.bits);
+    auto call = [&](int i) {
+      gpu::GemmProblem p;
+      p.x = x; p.dtype = DType::BF16; p.M = c.M; p.shape = s; p.packed = w[i];
+      p.packed_scales = static_cast<const uint16_t*>(sc[i]); p.y = y;
+      for (size_t j = 0; j < t.size(); ++j) p.table[j] = t[j];
+      gpu::lut_gemm(p, ws, wsb, st);
+    };
+    for (int i = 0; i < copies; ++i) call(i);  // warm-up
+    CK(cudaStreamSynchronize(st));
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+    for (int i = 0; i < copies; ++i) call(i);
+    CK(cudaStreamEndCapture(st, &graph));
+    CK(cudaGraphInstantiate(&exec, graph, 0));
+    cudaEvent_t a, b;
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    std::vector<float> us;
+    for (int r = 0; r < 21; ++r) {
+      CK(cudaEventRecord(a, st));
+      CK(cudaGraphLaunch(exec, st));
+      CK(cudaEventRecord(b, st));
+      CK(cudaEventSynchronize(b));
+      float ms = 0;
+      CK(cudaEventElapsedTime(&ms, a, b));
+      if (r > 0) us.push_back(ms * 1000.f / float(copies));
+    }
+    std::sort(us.begin(), us.end());
+    const float med = us[us.size() / 2];
+    std::printf("%6lldx%-6lld %5lld %2d %4d %9.1f %7.2f\n", (long long)c.N, (long long)c.K, (long long)c.M, c.bits, 128,
+                med, double(wbytes + sbytes) / med / 1e6);
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    for (int i = 0; i < copies; ++i) { cudaFree(w[i]); cudaFree(sc[i]); }
+    cudaFree(x); cudaFree(y); cudaFree(ws);
+  }
+  return 0;
+}
