@@ -1,7 +1,7 @@
 """The `lutmm` command line (also `python3 -m lutmm`).
 
     lutmm demo                                   quantize a model, generate, perplexity and speed vs bf16
-    lutmm quantize MODEL_DIR OUT_DIR --bits 4 --group-size 64 --table nf
+    lutmm quantize MODEL_DIR OUT_DIR --bits 4 --group-size 64 [--method gptq+kmeans --calib FILE]
     lutmm eval DIR --text FILE                   perplexity (DIR: a HF model or a lutmm checkpoint)
     lutmm generate DIR --prompt TEXT             greedy continuation
     lutmm bench [--quick]                        kernel benchmark (needs a CUDA GPU)
@@ -22,6 +22,8 @@ import torch
 NO_GPU_BENCH = "no CUDA device: kernel benchmark needs a GPU"
 CPU_FALLBACK = "CPU fallback: no CUDA device, speed numbers are CPU reference timings"
 DEFAULT_PROMPT = "The Python interpreter"
+QUANT_METHODS = ("rtn", "kmeans", "learned", "gptq", "gptq+kmeans", "learned+kmeans", "gptq+learned",
+                 "gptq+learned+kmeans")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -97,22 +99,58 @@ def _ahead_arg(s: str):
 
 
 # ---- subcommands -----------------------------------------------------------------------------------------
+def default_calib() -> Optional[Path]:
+    """WikiText-2 valid of the shared assets (calibration text that no evaluation text overlaps)."""
+    shared = find_shared()
+    p = shared / "data" / "wikitext-2" / "valid.txt" if shared is not None else None
+    return p if p is not None and p.is_file() else None
+
+
+def _quantize_method(args) -> str:
+    """--method, else the best calibrated method; only --table / --absmax given (the original interface): rtn."""
+    from .quality import DEFAULT_METHOD, parse_method
+
+    if args.method is None:
+        return "rtn" if (args.table is not None or args.absmax) else DEFAULT_METHOD
+    parts = parse_method(args.method)
+    if args.absmax and "rtn" not in parts:
+        raise ValueError(f"--absmax is a scale choice of --method rtn, not of {args.method}")
+    if "kmeans" in parts and args.table not in (None, "kmeans"):
+        raise ValueError(f"--method {args.method} learns a k-means table; --table {args.table} needs a method "
+                         f"without kmeans (e.g. {args.method.replace('+kmeans', '')})")
+    return args.method
+
+
 def cmd_quantize(args) -> int:
     from transformers import AutoModelForCausalLM
 
     from .checkpoint import save_quantized
-    from .nn import quantize_model
+    from .quality import quantize_model_calibrated
 
+    method = _quantize_method(args)
+    table = args.table or ("kmeans" if "kmeans" in method else "nf")
+    calib = None
+    if method != "rtn":
+        calib = Path(args.calib) if args.calib else default_calib()
+        if calib is None:
+            raise ValueError("--calib: no calibration text found (shared/data/wikitext-2/valid.txt); pass --calib FILE")
+        if not calib.is_file():
+            raise ValueError(f"--calib: {calib} is not a file")
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=_DTYPES[args.dtype])
     stats = {}
-    quantize_model(model, bits=args.bits, group_size=None if args.group_size == -1 else args.group_size,
-                   table=args.table, skip=args.skip, search_scale=not args.absmax, progress=not args.quiet,
-                   stats=stats)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    quantize_model_calibrated(model, args.tokenizer or args.model_dir, bits=args.bits,
+                              group_size=None if args.group_size == -1 else args.group_size, method=method,
+                              table=table, calib=calib, calib_tokens=args.calib_tokens, seed=args.seed,
+                              device=device, skip=args.skip, search_scale=not args.absmax,
+                              progress=not args.quiet, stats=stats)
     out = save_quantized(model, args.out_dir, tokenizer_dir=args.model_dir)
     file_bytes = (out / "model.safetensors").stat().st_size
-    print(f"quantized {stats['layers']} linear layers to {args.bits}-bit g{args.group_size} {args.table}"
-          f" ({'absmax' if args.absmax else 'scale search'}); skipped: {', '.join(stats['skipped']) or 'none'}")
+    how = ("absmax" if args.absmax else "scale search") if method == "rtn" else (
+        f"{method}, calibrated on {args.calib_tokens} tokens of {calib}, seed {args.seed}, on {device}")
+    print(f"quantized {stats['layers']} linear layers to {args.bits}-bit g{args.group_size} {table}"
+          f" ({how}); skipped: {', '.join(stats['skipped']) or 'none'}")
     ratio = stats["bytes_before"] / max(stats["bytes_after"], 1)
     print(f"quantized weights: {_mb(stats['bytes_before'])} ({args.dtype}) -> {_mb(stats['bytes_after'])} (lutmm), "
           f"{ratio:.2f}x smaller")
@@ -298,10 +336,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("out_dir", metavar="OUT_DIR", help="output directory")
     sp.add_argument("--bits", type=int, choices=(2, 3, 4), default=4)
     sp.add_argument("--group-size", type=int, default=64, help="32, 64, 128, 256 or -1 (one group per row)")
-    sp.add_argument("--table", choices=("nf", "int", "kmeans"), default="nf")
+    sp.add_argument("--method", choices=QUANT_METHODS, default=None,
+                    help="quantization algorithm, see docs/quality.md (default: gptq+kmeans; rtn when only "
+                         "--table / --absmax are given)")
+    sp.add_argument("--table", choices=("nf", "int", "kmeans"), default=None,
+                    help="value table for methods without kmeans (default nf)")
+    sp.add_argument("--calib", default=None, metavar="FILE",
+                    help="calibration text (default: shared/data/wikitext-2/valid.txt); never the evaluation text")
+    sp.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens (default 32768)")
+    sp.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default 0)")
+    sp.add_argument("--device", default=None, help="where calibration runs (default: cuda when present, else cpu)")
+    sp.add_argument("--tokenizer", default=None, help="tokenizer dir or tokenizer.json (default: MODEL_DIR)")
     sp.add_argument("--skip", nargs="*", default=["lm_head"],
                     help="module name substrings to leave unquantized (default: lm_head)")
-    sp.add_argument("--absmax", action="store_true", help="absmax scales instead of the per-group scale search")
+    sp.add_argument("--absmax", action="store_true", help="absmax scales instead of the per-group scale search (rtn)")
     sp.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16", help="dtype to load the model in")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
 

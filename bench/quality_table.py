@@ -1,0 +1,129 @@
+"""Regenerates the perplexity table of docs/quality.md: mini-llama, every decoder linear quantized (lm_head /
+embeddings kept), bits x group size x method, perplexity on held-out text relative to bf16.
+
+    python3 bench/quality_table.py                                  # the full table (about an hour on 2 CPU cores)
+    python3 bench/quality_table.py --bits 4 --groups 64 --methods nf gptq+kmeans --max-tokens 8192
+
+Rows are appended to --json as they finish and rows already there are skipped, so an interrupted run resumes.
+Scoring: 512-token windows, ahead=2 (mini-llama predicts token t+2, see lutmm.evaluate). Quantized models
+are scored through a dense fp32 copy of each dequantized weight (lutmm.quality.densify), which computes what
+the CPU LUTLinear path computes (fp32 matmul on the dequantized weight) without re-dequantizing every call.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# name -> (lutmm quantize --method, table, absmax)
+METHODS = {
+    "int-absmax": ("rtn", "int", True), "int": ("rtn", "int", False),
+    "nf-absmax": ("rtn", "nf", True), "nf": ("rtn", "nf", False),
+    "kmeans": ("kmeans", "kmeans", False), "learned": ("learned", "nf", False),
+    "gptq-int": ("gptq", "int", False), "gptq": ("gptq", "nf", False),
+    "gptq+kmeans": ("gptq+kmeans", "kmeans", False), "learned+kmeans": ("learned+kmeans", "kmeans", False),
+}
+DEFAULT_METHODS = ["int", "nf", "kmeans", "gptq-int", "gptq", "gptq+kmeans"]
+
+
+def command(name, bits, g, args) -> str:
+    method, table, absmax = METHODS[name]
+    cmd = f"lutmm quantize ../shared/models/mini-llama OUT --bits {bits} --group-size {g} --method {method}"
+    if method == "rtn" or "kmeans" not in method:
+        cmd += f" --table {table}"
+    if absmax:
+        cmd += " --absmax"
+    if method != "rtn":
+        cmd += f" --calib-tokens {args.calib_tokens} --seed {args.seed}"
+    return cmd
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shared", default=os.environ.get("LUTMM_SHARED", str(REPO.parent / "shared")))
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    ap.add_argument("--groups", type=int, nargs="+", default=[32, 64, 128])
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=sorted(METHODS))
+    ap.add_argument("--text", default=None, help="evaluation text (default: shared/data/heldout.txt)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens (default: all)")
+    ap.add_argument("--calib-tokens", type=int, default=32768)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=str(REPO / "bench" / "quality_table.json"))
+    ap.add_argument("--markdown", default=None, help="also write the markdown table here")
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    from lutmm.evaluate import perplexity
+    from lutmm.quality import densify, quantize_model_calibrated
+
+    model_dir = Path(args.shared) / "models" / "mini-llama"
+    text = args.text or str(Path(args.shared) / "data" / "heldout.txt")
+    calib = str(Path(args.shared) / "data" / "wikitext-2" / "valid.txt")
+    rows = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else []
+    key = lambda r: (r["bits"], r["group_size"], r["method"], r["max_tokens"], r["calib_tokens"], r["text"])  # noqa
+    have = {key(r) for r in rows}
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).eval()
+    ref = [r for r in rows if r["method"] == "bf16" and r["max_tokens"] == args.max_tokens and r["text"] == text]
+    if not ref:
+        t0 = time.perf_counter()
+        ppl = perplexity(base, str(model_dir), text, max_tokens=args.max_tokens, ahead=2, progress=False)
+        ref = [{"bits": 16, "group_size": 0, "method": "bf16", "max_tokens": args.max_tokens, "calib_tokens": 0,
+                "text": text, "ppl": ppl, "quant_s": 0.0, "eval_s": time.perf_counter() - t0}]
+        rows += ref
+    ref_ppl = ref[0]["ppl"]
+    print(f"bf16: {ref_ppl:.3f}", flush=True)
+    for bits in args.bits:
+        for g in args.groups:
+            for name in args.methods:
+                row = {"bits": bits, "group_size": g, "method": name, "max_tokens": args.max_tokens,
+                       "calib_tokens": args.calib_tokens if METHODS[name][0] != "rtn" else 0, "text": text}
+                if key(row) in have:
+                    continue
+                method, table, absmax = METHODS[name]
+                m = copy.deepcopy(base)
+                t0 = time.perf_counter()
+                quantize_model_calibrated(m, str(model_dir), bits, g, method=method, table=table, calib=calib,
+                                          calib_tokens=args.calib_tokens, seed=args.seed, search_scale=not absmax,
+                                          progress=False)
+                row["quant_s"] = time.perf_counter() - t0
+                densify(m)
+                t0 = time.perf_counter()
+                row["ppl"] = perplexity(m, str(model_dir), text, max_tokens=args.max_tokens, ahead=2, progress=False)
+                row["eval_s"] = time.perf_counter() - t0
+                row["command"] = command(name, bits, g, args)
+                rows.append(row)
+                Path(args.json).write_text(json.dumps(rows, indent=1))
+                print(f"{bits}-bit g{g:<4} {name:<15} ppl {row['ppl']:8.3f} {100 * (row['ppl'] / ref_ppl - 1):+7.2f}%"
+                      f"  quantize {row['quant_s']:5.1f} s", flush=True)
+                del m
+    Path(args.json).write_text(json.dumps(rows, indent=1))
+    md = markdown(rows, ref_ppl, args)
+    print(md)
+    if args.markdown:
+        Path(args.markdown).write_text(md)
+
+
+def markdown(rows, ref_ppl, args) -> str:
+    sel = [r for r in rows if r["method"] != "bf16" and r["max_tokens"] == args.max_tokens]
+    methods = [m for m in METHODS if any(r["method"] == m for r in sel)]
+    out = ["| bits | group | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for bits in sorted({r["bits"] for r in sel}, reverse=True):
+        for g in sorted({r["group_size"] for r in sel if r["bits"] == bits}):
+            cells = []
+            for m in methods:
+                r = [x for x in sel if x["bits"] == bits and x["group_size"] == g and x["method"] == m]
+                cells.append(f"{r[-1]['ppl']:.2f} ({100 * (r[-1]['ppl'] / ref_ppl - 1):+.1f}%)" if r else "")
+            out.append(f"| {bits} | {g} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + f"\n\nbf16: {ref_ppl:.3f}\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
