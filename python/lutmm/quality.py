@@ -169,6 +169,8 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, n: int, bits: int, group_s
                     act_order: bool = False, kmeans_inits=("nf",)):
     """One layer's calibrated QuantizedWeight: W is N x K, H = sum x x^T over n calibration inputs."""
     parts = parse_method(method) - {"rtn"}
+    if isinstance(table, str) and table == "kmeans":
+        parts.add("kmeans")
     imp = (torch.diag(H) / max(n, 1)).float().cpu()
     if "kmeans" in parts:
         qk = G.weighted_kmeans(W, bits, group_size, imp, kmeans_iterations, kmeans_inits)
