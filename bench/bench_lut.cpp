@@ -1,10 +1,11 @@
 // Kernel-only timing of lutmm::gpu::lut_gemm (no Python), for A/B builds of kernel experiments:
-//   build/gpu/lutmm_bench        and   build/gpu-ff/lutmm_bench   (cmake -DLUTMM_FULL_BLOCK_FAST=ON)
+//   build/gpu/lutmm_bench        and   build/gpu-ff/lutmm_bench   (cmake -DLUTMM_EXPERIMENT=N)
 // Random packed weights rotated over enough copies to span 150 MB (3x the H100 L2); each time is the
 // median of 20 replays of a CUDA graph of calls, divided by the calls in the graph.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -20,7 +21,9 @@ using namespace lutmm;
     if (e_ != cudaSuccess) { std::printf("CUDA error %s at %d\n", cudaGetErrorString(e_), __LINE__); return 1; } \
   } while (0)
 
-int main() {
+// Usage: lutmm_bench                 the table below
+//        lutmm_bench N K M BITS      one case (for Nsight Compute: ncu -k regex:lut_gemm -s 2 -c 1 ...)
+int main(int argc, char** argv) {
   if (!gpu::available()) {
     std::printf("no CUDA device: kernel benchmark skipped\n");
     return 0;
@@ -34,6 +37,7 @@ int main() {
   for (auto nk : {std::pair<int64_t, int64_t>{4096, 4096}, {8192, 8192}, {28672, 4096}, {57344, 8192}})
     for (int64_t M : {1, 16, 64}) cases.push_back({nk.first, nk.second, M, 4});
   for (int bits : {3, 2}) cases.push_back({8192, 8192, 1, bits});
+  if (argc == 5) cases = {{std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3]), std::atoi(argv[4])}};
   std::mt19937 rng(1);
   cudaStream_t st;
   CK(cudaStreamCreate(&st));

@@ -6,9 +6,16 @@
 //   mma.m16n8k16 and the tokens are its 8-wide N side: a warp computes Y^T for 16 weight rows x
 //   8*MT tokens. With M = 1 only 1/8 of the tensor-core work is wasted instead of 15/16.
 // * Vectorized LUT. The packed byte for a pair of codes indexes a shared-memory table of value
-//   pairs (2^(2 bits) entries of half2/bf162), so one 32-bit shared load yields one A register.
-//   The table is replicated 32 times, copy c in bank c, and lane l reads copy l: conflict-free
-//   whatever the codes. Cost: 32 KB (4 bits), 8 KB (3 bits), 2 KB (2 bits) per CTA.
+//   pairs (2^(2 bits) entries of half2/bf162), so one 32-bit shared load yields one A register;
+//   at 2 bits a whole byte (4 codes) indexes a table of value quads, one 64-bit load = 2 registers.
+//   The table is replicated 32 times: entry e, lane l's copy sits at byte e * 256 + l * 4 (quads:
+//   l * 8), so lane l always reads bank l (l and l + 16 at 2 bits, one 64-bit wavefront each):
+//   conflict-free whatever the codes. The 256-byte entry stride makes an address a single byte
+//   permute: prmt puts the code byte into bits 8-15 and the lane's offset into bits 0-7, so a 4-bit
+//   or 2-bit lookup is 2 instructions (prmt, lds). 3-bit codes are split over two fields and take
+//   shifts and masks. Cost: 64 KB (4 and 2 bits), 16 KB (3 bits) of shared memory per CTA.
+//   (H200, 2026-11-26: the earlier 128-byte stride with shift/and/add addressing ran 8192x8192 M=1
+//   in 30.5 us; see docs/performance.md for this layout's number.)
 // * Scales after the MMA. The table values are looked up unscaled; each 32-column chunk's product
 //   is accumulated in fp32 `part` and multiplied by the row's group scale when the group ends
 //   (acc += part * s). This removes the per-weight multiply and keeps the scale in fp32.
@@ -25,8 +32,11 @@
 #include "common.cuh"
 #include "lutmm/cuda.h"
 
-#ifndef LUTMM_FULL_BLOCK_FAST
-#define LUTMM_FULL_BLOCK_FAST 0
+// Kernel experiments for A/B builds (cmake -DLUTMM_EXPERIMENT=N, `EXPERIMENTS="1 2" bash scripts/gpu.sh ab`):
+//   0  the default kernel
+//   1  4 pipeline stages instead of 3
+#ifndef LUTMM_EXPERIMENT
+#define LUTMM_EXPERIMENT 0
 #endif
 
 namespace lutmm {
@@ -35,7 +45,8 @@ namespace {
 
 constexpr int kWarps = 8;                         // warps per CTA; warp w owns row block w of a tile
 constexpr int kThreads = kWarps * 32;
-constexpr int kStages = 3;                        // cp.async pipeline depth (k-blocks): 3 lets 3 CTAs share an SM
+constexpr int kStages = LUTMM_EXPERIMENT == 1 ? 4 : 3;  // cp.async pipeline depth (k-blocks); 3 lets 2 CTAs
+                                                        // (MT <= 2) share an SM beside their 64 KB tables
 constexpr int kXRowBytes = kBlockCols * 2 + 64;   // one token's 128 activations + 64 B pad: the 8 rows
                                                   // read by a quarter-warp's LDS.128 hit distinct banks
 constexpr int kScaleBytesPerRb = 4 * 16 * 2;      // up to 4 groups (g = 32) x 16 rows x fp16
@@ -68,77 +79,143 @@ __device__ __forceinline__ int sk_owner(int64_t i, int64_t total, int64_t grid) 
 template <int BITS, int MT>
 struct Layout {
   static constexpr int kBlockBytes = 256 * BITS;
-  static constexpr int kLutWords = (1 << (2 * BITS)) * 32;
+  static constexpr int kLutEntries = BITS == 3 ? 64 : 256;   // pairs (3, 4 bits) or quads (2 bits)
+  // Entry stride: 256 B (32 copies of 4 or 8 B; prmt addressing), except 4 bits with MT = 4, where a
+  // 64 KB table would leave one CTA per SM: 128 B (32 KB, shift-and addressing; the lookups are
+  // amortised over 4 MMAs there). H200, 2026-11-26: 8192x8192 M = 64 took 91.4 us with 64 KB, 71.6 us
+  // with the earlier 32 KB table.
+  static constexpr int kEntryBytes = BITS == 4 && MT == 4 ? 128 : 256;
+  static constexpr int kLutBytes = kLutEntries * kEntryBytes;
   static constexpr int kStageW = kWarps * kBlockBytes;
   static constexpr int kStageS = kWarps * kScaleBytesPerRb;
   static constexpr int kStageX = 8 * MT * kXRowBytes;
   static constexpr int kStageBytes = kStageW + kStageS + kStageX;
-  static constexpr int kSmemBytes = kStages * kStageBytes + 16;  // dynamic part; the LUT is static
+  static constexpr int kSmemBytes = kLutBytes + kStages * kStageBytes + 16;  // table, stages, flag
 };
 
-// Loads one iteration's weights, scales and activations into a pipeline stage.
+// Copies one iteration's weights, scales and activations into a pipeline stage. What each thread
+// copies is fixed for the CTA's life, so the plan is computed once (constructor) and a load is a few
+// adds per 16-byte cp.async. (H200, 2026-11-26: the first loader recomputed chunk indices and 64-bit
+// addresses per chunk; Nsight Compute counted 394 instructions per warp per 1 KB block, ~250 of
+// them outside the lookups and MMAs.)
+// Activation rows at or beyond M are never loaded: zero_rows() clears them once in every stage.
 template <int BITS, int MT, typename T>
-__device__ __forceinline__ void load_stage(const Params<T>& p, uint8_t* stage, int tile, int kb, int m0) {
+struct StageLoader {
   using L = Layout<BITS, MT>;
-  const int tid = threadIdx.x;
-  // Weights: 8 row blocks x block bytes, 16-byte chunks.
-  constexpr int kWChunks = L::kStageW / 16;
-  for (int c = tid; c < kWChunks; c += kThreads) {
-    const int rb_local = c / (L::kBlockBytes / 16), off = c % (L::kBlockBytes / 16);
-    const int rb = tile * kWarps + rb_local;
-    const bool ok = rb < p.row_blocks;
-    const uint8_t* src = p.w + ((int64_t(ok ? rb : 0) * p.col_blocks + kb) * L::kBlockBytes + off * 16);
-    cp_async16(stage + c * 16, src, ok ? 16 : 0);
-  }
-  // Scales: the groups that intersect this k-block, 32 B per (row block, group).
-  const int chunk0 = kb * 4;
-  const int nchunks = min(4, (p.K - kb * kBlockCols) / 32);
-  const int g_first = chunk0 >> p.gl, g_count = ((chunk0 + nchunks - 1) >> p.gl) - g_first + 1;
-  uint8_t* ss = stage + L::kStageW;
-  if (tid < kWarps * 8) {
-    const int rb_local = tid / 8, grp = (tid % 8) / 2, half = tid % 2;
-    const int rb = tile * kWarps + rb_local;
-    const bool ok = rb < p.row_blocks && grp < g_count;
-    const uint16_t* src = p.s + ((int64_t(ok ? rb : 0) * p.G + (ok ? g_first + grp : 0)) * 16 + half * 8);
-    cp_async16(ss + rb_local * kScaleBytesPerRb + grp * 32 + half * 16, src, ok ? 16 : 0);
-  }
-  // Activations: 8*MT tokens x 128 columns (zero beyond M and K).
-  uint8_t* xs = stage + L::kStageW + L::kStageS;
-  for (int c = tid; c < 8 * MT * 16; c += kThreads) {
-    const int r = c / 16, col = kb * kBlockCols + (c % 16) * 8;
-    const bool ok = (m0 + r) < p.M && col < p.K;
-    const T* src = p.x + (ok ? (int64_t(m0 + r) * p.K + col) : 0);
-    cp_async16(xs + r * kXRowBytes + (c % 16) * 16, src, ok ? 16 : 0);
-  }
-}
+  static constexpr int kWChunksPerBlock = L::kBlockBytes / 16;                 // 64, 48, 32
+  static constexpr int kWChunks = kWarps * kWChunksPerBlock;                   // per stage
+  static constexpr int kWPer = (kWChunks + kThreads - 1) / kThreads;          // chunks per thread
+  static constexpr int kXChunks = 8 * MT * 16;                                 // 8*MT tokens x 16 chunks
+  static constexpr int kXPer = (kXChunks + kThreads - 1) / kThreads;
 
-__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
-  uint32_t v;
-  asm("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr));
-  return v;
-}
+  int64_t w_src[kWPer];   // byte offset of the chunk from the tile's (row block 0, kb) block
+  int w_rb[kWPer];        // local row block of the chunk; kWarps when this slot is unused
+  const T* x_src[kXPer];  // token row + chunk column at kb = 0; nullptr when unused (rows >= M)
+  int x_col[kXPer];       // first column of the chunk at kb = 0
+  const uint16_t* s_src;  // this thread's scale row pair (tid < 64), at group 0
+
+  __device__ StageLoader(const Params<T>& p, int m0) {
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < kWPer; ++i) {
+      const int c = tid + i * kThreads;
+      w_rb[i] = c < kWChunks ? c / kWChunksPerBlock : kWarps;
+      w_src[i] = int64_t(w_rb[i]) * p.col_blocks * L::kBlockBytes + (c % kWChunksPerBlock) * 16;
+    }
+#pragma unroll
+    for (int i = 0; i < kXPer; ++i) {
+      const int c = tid + i * kThreads, r = c / 16;
+      x_col[i] = (c % 16) * 8;
+      x_src[i] = c < kXChunks && m0 + r < p.M ? p.x + int64_t(m0 + r) * p.K + x_col[i] : nullptr;
+    }
+    s_src = p.s + int64_t(tid / 8) * p.G * 16 + (tid % 2) * 8;  // used only by tid < 64
+  }
+
+  // Clears the activation rows that are never loaded (tokens >= M) in every stage.
+  __device__ void zero_rows(uint8_t* stages) const {
+#pragma unroll
+    for (int i = 0; i < kXPer; ++i) {
+      const int c = threadIdx.x + i * kThreads;
+      if (c < kXChunks && x_src[i] == nullptr)
+        for (int st = 0; st < kStages; ++st)
+          *reinterpret_cast<uint4*>(stages + st * L::kStageBytes + L::kStageW + L::kStageS + (c / 16) * kXRowBytes +
+                                    (c % 16) * 16) = make_uint4(0, 0, 0, 0);
+    }
+  }
+
+  __device__ __forceinline__ void load(const Params<T>& p, uint8_t* stage, int tile, int kb) const {
+    const int tid = threadIdx.x;
+    const uint8_t* wt = p.w + (int64_t(tile) * kWarps * p.col_blocks + kb) * L::kBlockBytes;
+    const int rb0 = tile * kWarps;
+#pragma unroll
+    for (int i = 0; i < kWPer; ++i) {
+      if (kWChunks % kThreads == 0 || w_rb[i] < kWarps) {
+        const bool ok = rb0 + w_rb[i] < p.row_blocks;
+        cp_async16(stage + (tid + i * kThreads) * 16, ok ? wt + w_src[i] : p.w, ok ? 16 : 0);
+      }
+    }
+    // Scales: the groups that intersect this k-block, 32 B per (row block, group): thread tid < 64
+    // copies half (tid % 2) of group (tid % 8) / 2 of row block tid / 8.
+    if (tid < kWarps * 8) {
+      const int chunk0 = kb * 4;
+      const int nchunks = min(4, (p.K - kb * kBlockCols) / 32);
+      const int g_first = chunk0 >> p.gl, g_count = ((chunk0 + nchunks - 1) >> p.gl) - g_first + 1;
+      const int grp = (tid % 8) / 2;
+      const bool ok = rb0 + tid / 8 < p.row_blocks && grp < g_count;
+      const uint16_t* src = s_src + int64_t(rb0) * p.G * 16 + (g_first + grp) * 16;
+      cp_async16(stage + L::kStageW + (tid / 8) * kScaleBytesPerRb + grp * 32 + (tid % 2) * 16, ok ? src : p.s,
+                 ok ? 16 : 0);
+    }
+    // Activations of tokens < M: 128 columns (zero beyond K).
+#pragma unroll
+    for (int i = 0; i < kXPer; ++i) {
+      if (x_src[i] != nullptr) {
+        const int c = tid + i * kThreads;
+        const bool ok = kb * kBlockCols + x_col[i] < p.K;
+        cp_async16(stage + L::kStageW + L::kStageS + (c / 16) * kXRowBytes + (c % 16) * 16,
+                   ok ? x_src[i] + kb * kBlockCols : p.x, ok ? 16 : 0);
+      }
+    }
+  }
+};
 
 // w >> s for s >= 0, w << -s otherwise (s is a compile-time constant after unrolling).
 __device__ __forceinline__ uint32_t shift_right(uint32_t w, int s) { return s >= 0 ? w >> s : w << -s; }
 
-// Byte offset into the replicated pair table of pair p in k-step ks: entry * 128 (32 copies x 4 B).
-// Each case is one shift and one AND; the caller adds its lane's base address: 3 integer
-// instructions + 1 shared load per A register (the compiler's own indexing took 4 + 1).
-template <int BITS>
-__device__ __forceinline__ uint32_t pair_offset(const uint32_t (&wd)[8], const uint32_t (&hi)[2], int ks, int p) {
-  if (BITS == 4) return shift_right(wd[ks], 8 * p - 7) & 0x7f80u;
-  const int nib = (ks % 2) * 4 + p;
-  const uint32_t lo = shift_right(wd[ks / 2], 4 * nib - 7) & 0x780u;
-  if (BITS == 2) return lo;
-  const int fld = (ks % 4) * 4 + p;
-  return lo | (shift_right(hi[ks / 4], 2 * fld - 11) & 0x1800u);
+// (code byte `b` of w) << 8 | lane_byte: the table offset of a lane's copy of that entry, one prmt.
+__device__ __forceinline__ uint32_t byte_entry(uint32_t w, int b, uint32_t lane_byte) {
+  return __byte_perm(w, lane_byte, 0x5504u | (uint32_t(b) << 4));
+}
+
+// Fills the replicated value table (layout in the file comment). One entry per 8 (pairs) or 16
+// (quads) threads, 16-byte stores of 4 (2) copies: consecutive threads write consecutive bytes,
+// so the 64 KB go out conflict-free in 8 or 16 stores per thread.
+template <int BITS, int MT, typename T>
+__device__ __forceinline__ void build_table(uint8_t* lut, const float (&table)[16]) {
+  constexpr int kEntries = Layout<BITS, MT>::kLutEntries;
+  constexpr int kChunksPerEntry = (BITS == 2 ? 8 : 4) * 32 / 16;
+  const float tv = table[threadIdx.x % 16];  // lane l holds T[l % 16]; shuffles fetch T[q]
+  for (int c = threadIdx.x; c < kEntries * kChunksPerEntry; c += kThreads) {  // same trip count in every lane
+    const int e = c / kChunksPerEntry;
+    uint32_t lo, hi;
+    if (BITS == 2) {  // byte e = codes q0..q3 (2 bits each): registers (T[q0], T[q1]) and (T[q2], T[q3])
+      lo = Elem<T>::pack2(__shfl_sync(~0u, tv, e & 3), __shfl_sync(~0u, tv, (e >> 2) & 3));
+      hi = Elem<T>::pack2(__shfl_sync(~0u, tv, (e >> 4) & 3), __shfl_sync(~0u, tv, e >> 6));
+    } else {
+      int q0, q1;
+      pair_codes<BITS>(e, q0, q1);
+      lo = hi = Elem<T>::pack2(__shfl_sync(~0u, tv, q0), __shfl_sync(~0u, tv, q1));
+    }
+    *reinterpret_cast<uint4*>(lut + e * Layout<BITS, MT>::kEntryBytes + (c % kChunksPerEntry) * 16) =
+        make_uint4(lo, hi, lo, hi);
+  }
 }
 
 // One warp, one k-block: adds this block's contribution for its 16 rows x 8*MT tokens to acc.
 // FULL: the caller guarantees 4 whole chunks and groups >= 128 columns (one scale flush, at the end),
 // so every per-chunk test folds away; the arithmetic, and so the result, is bitwise the same.
 template <int BITS, int MT, typename T, bool FULL = false>
-__device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t* stage, const uint32_t* lut,
+__device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t* stage, const uint8_t* lut,
                                               int kb, float (&acc)[MT][4]) {
   using L = Layout<BITS, MT>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -162,8 +239,7 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
   // Chunks after which a scale group ends (groups are 2^gl chunks; g >= 128 ends only at the block's end).
   const int glc = FULL ? 2 : min(p.gl, 2);
   const uint32_t flush = FULL ? 0x8u : (glc == 0 ? 0xFu : glc == 1 ? 0xAu : 0x8u) | (1u << (nchunks - 1));
-  // Shared-space address of this lane's copy; a lookup is then shift, and, add, load.
-  const uint32_t lut_lane = smem_addr(lut) + uint32_t(lane) * 4u;
+  const uint32_t lane_byte = uint32_t(lane) * (BITS == 2 ? 8u : 4u);  // this lane's copy inside an entry
   float part[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) part[mt][0] = part[mt][1] = part[mt][2] = part[mt][3] = 0.f;
@@ -178,9 +254,29 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
       for (int h = 0; h < 2; ++h) {
         const int ks = 2 * j + h;
         uint32_t a[4];
+        if (BITS == 2) {  // bytes 2(ks%2) and 2(ks%2)+1 of word ks/2 are the quads (a0, a1) and (a2, a3)
 #pragma unroll
-        for (int q = 0; q < 4; ++q)
-          a[q] = lds32(lut_lane + pair_offset<BITS>(wd, hi, ks, q));
+          for (int q = 0; q < 2; ++q) {
+            const uint2 v = *reinterpret_cast<const uint2*>(lut + byte_entry(wd[ks / 2], (ks % 2) * 2 + q, lane_byte));
+            a[2 * q] = v.x;
+            a[2 * q + 1] = v.y;
+          }
+        } else {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            uint32_t off;
+            if (BITS == 4 && L::kEntryBytes == 256) {  // byte q of word ks
+              off = byte_entry(wd[ks], q, lane_byte);
+            } else if (BITS == 4) {
+              off = (shift_right(wd[ks], 8 * q - 7) & 0x7f80u) | lane_byte;
+            } else {  // 3 bits: low 4 bits of the pair code from a nibble, high 2 from a 2-bit field
+              const int nib = (ks % 2) * 4 + q, fld = (ks % 4) * 4 + q;
+              off = (shift_right(wd[ks / 2], 4 * nib - 8) & 0xf00u) | (shift_right(hi[ks / 4], 2 * fld - 12) & 0x3000u) |
+                    lane_byte;
+            }
+            a[q] = *reinterpret_cast<const uint32_t*>(lut + off);
+          }
+        }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
           Elem<T>::mma(part[mt], a, h ? xv[mt].z : xv[mt].x, h ? xv[mt].w : xv[mt].y);
@@ -222,16 +318,18 @@ __device__ __forceinline__ void store_tile(const Params<T>& p, int tile, int m0,
 template <int BITS, int MT, typename T>
 __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const Params<T> p) {
   using L = Layout<BITS, MT>;
-  __shared__ __align__(16) uint32_t lut[L::kLutWords];  // static: its address is an immediate
   extern __shared__ __align__(16) uint8_t smem[];
-  uint8_t* stages = smem;
+  uint8_t* lut = smem;  // first: entry offsets are then shared addresses plus a constant
+  uint8_t* stages = smem + L::kLutBytes;
   int* flag = reinterpret_cast<int*>(stages + kStages * L::kStageBytes);
 
-  const int64_t total = int64_t(p.tiles) * p.col_blocks;
+  const int64_t total = int64_t(p.tiles) * p.col_blocks;  // < 2^31 (checked on the host)
   const int64_t grid = gridDim.x;
   const int cta = blockIdx.x;
-  const int64_t it_begin = sk_start(cta, total, grid), it_end = sk_start(cta + 1, total, grid);
+  const int it_begin = int(sk_start(cta, total, grid)), it_end = int(sk_start(cta + 1, total, grid));
   const int m0 = blockIdx.y * 8 * MT;
+  const StageLoader<BITS, MT, T> loader(p, m0);
+  loader.zero_rows(stages);
 
   // Prologue: start the first k-blocks' loads, then build the replicated pair table meanwhile.
   // (tile, kb) of the next iteration to load and of the one to compute: advanced by one each step
@@ -241,46 +339,44 @@ __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const Params<T> p) {
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (it_begin + s < it_end) {
-      load_stage<BITS, MT>(p, stages + s * L::kStageBytes, ld_tile, ld_kb, m0);
+      loader.load(p, stages + s * L::kStageBytes, ld_tile, ld_kb);
       if (++ld_kb == p.col_blocks) { ld_kb = 0; ++ld_tile; }
     }
     cp_async_commit();
   }
-  for (int e = threadIdx.x; e < L::kLutWords; e += kThreads) {
-    int q0, q1;
-    pair_codes<BITS>(e / 32, q0, q1);
-    lut[e] = Elem<T>::pack2(p.table[q0], p.table[q1]);
-  }
+  build_table<BITS, MT, T>(lut, p.table);
 
   float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
-  int64_t seg_begin = it_begin;  // first iteration of the current tile segment
+  int seg_begin = it_begin;  // first iteration of the current tile segment
+  uint8_t* st_cmp = stages;                                 // stage to compute
+  uint8_t* st_ld = stages + (kStages - 1) * L::kStageBytes;  // stage to load
+  uint8_t* const st_last = stages + (kStages - 1) * L::kStageBytes;
 
-  for (int64_t it = it_begin; it < it_end; ++it) {
-    const int s = int((it - it_begin) % kStages);
+  for (int it = it_begin; it < it_end; ++it) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
     if (it + kStages - 1 < it_end) {
-      load_stage<BITS, MT>(p, stages + ((s + kStages - 1) % kStages) * L::kStageBytes, ld_tile, ld_kb, m0);
+      loader.load(p, st_ld, ld_tile, ld_kb);
       if (++ld_kb == p.col_blocks) { ld_kb = 0; ++ld_tile; }
     }
     cp_async_commit();
+    st_ld = st_ld == st_last ? stages : st_ld + L::kStageBytes;
     const bool warp_live = tile * kWarps + int(threadIdx.x / 32) < p.row_blocks;
     if (warp_live) {
-#if LUTMM_FULL_BLOCK_FAST
-      // Experiment (cmake -DLUTMM_FULL_BLOCK_FAST=ON; off until measured on the GPU): whole k-blocks with
-      // g >= 128 take the specialised path. SASS of <4, 1, bf16>: 102 instead of 195 instructions between
-      // the first and last MMA of a block; <4, 2, *> then spills 4 bytes.
-      if (p.gl >= 2 && (kb + 1) * kBlockCols <= p.K)
-        compute_block<BITS, MT, T, true>(p, stages + s * L::kStageBytes, lut, kb, acc);
+      // Whole k-blocks with g >= 128 take the specialised path (one scale flush, no per-chunk tests).
+      // H200, 2026-11-26: 57344x8192 M = 16 126 us with it, 151 us without (M = 1: 12-21% faster).
+      constexpr bool kFullPath = true;
+      if (kFullPath && p.gl >= 2 && (kb + 1) * kBlockCols <= p.K)
+        compute_block<BITS, MT, T, kFullPath>(p, st_cmp, lut, kb, acc);
       else
-#endif
-        compute_block<BITS, MT, T, false>(p, stages + s * L::kStageBytes, lut, kb, acc);
+        compute_block<BITS, MT, T, false>(p, st_cmp, lut, kb, acc);
     }
+    st_cmp = st_cmp == st_last ? stages : st_cmp + L::kStageBytes;
 
     if (kb == p.col_blocks - 1 || it == it_end - 1) {  // end of this CTA's segment of `tile`
-      const int64_t tile_begin = int64_t(tile) * p.col_blocks, tile_end = tile_begin + p.col_blocks;
+      const int tile_begin = tile * p.col_blocks, tile_end = tile_begin + p.col_blocks;
       if (seg_begin == tile_begin && it == tile_end - 1) {
         if (warp_live) store_tile<MT>(p, tile, m0, acc);
       } else {
@@ -449,6 +545,8 @@ void lut_gemm(const GemmProblem& prob, void* ws, size_t ws_bytes, void* stream) 
   if (prob.M < 1) throw Error("M: expected >= 1, got " + std::to_string(prob.M));
   if (prob.M > (int64_t(1) << 30) || prob.shape.N > (int64_t(1) << 30) || prob.shape.K > (int64_t(1) << 30))
     throw Error("shape: M, N and K must each be below 2^30");
+  if ((prob.shape.row_blocks() + kWarps - 1) / kWarps * prob.shape.col_blocks() >= (int64_t(1) << 31))
+    throw Error("shape: N x K too large for one call (more than 2^31 tiles x k-blocks); split N");
   check_aligned(prob.x, "x");
   check_aligned(prob.packed, "packed codes");
   check_aligned(prob.packed_scales, "packed scales");
