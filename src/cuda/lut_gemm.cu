@@ -34,7 +34,8 @@
 
 // Kernel experiments for A/B builds (cmake -DLUTMM_EXPERIMENT=N, `EXPERIMENTS="1 2" bash scripts/gpu.sh ab`):
 //   0  the default kernel
-//   1  4 pipeline stages instead of 3
+//   1  (free)
+//   2  4 pipeline stages instead of 3 (H200, 2026-11-26: no change at M = 1, M = 16 up to 38% slower)
 #ifndef LUTMM_EXPERIMENT
 #define LUTMM_EXPERIMENT 0
 #endif
@@ -45,7 +46,7 @@ namespace {
 
 constexpr int kWarps = 8;                         // warps per CTA; warp w owns row block w of a tile
 constexpr int kThreads = kWarps * 32;
-constexpr int kStages = LUTMM_EXPERIMENT == 1 ? 4 : 3;  // cp.async pipeline depth (k-blocks); 3 lets 2 CTAs
+constexpr int kStages = LUTMM_EXPERIMENT == 2 ? 4 : 3;  // cp.async pipeline depth (k-blocks); 3 lets 2 CTAs
                                                         // (MT <= 2) share an SM beside their 64 KB tables
 constexpr int kXRowBytes = kBlockCols * 2 + 64;   // one token's 128 activations + 64 B pad: the 8 rows
                                                   // read by a quarter-warp's LDS.128 hit distinct banks
@@ -182,6 +183,22 @@ struct StageLoader {
 // w >> s for s >= 0, w << -s otherwise (s is a compile-time constant after unrolling).
 __device__ __forceinline__ uint32_t shift_right(uint32_t w, int s) { return s >= 0 ? w >> s : w << -s; }
 
+// The table sits at the start of dynamic shared memory, which on sm_80 and sm_90 begins after the
+// 1 KB the system reserves: shared address 0x400 (ptxas itself materialises that constant; the kernel
+// traps if it ever differs). Passing it as the load's immediate offset saves an add per lookup:
+// 32 of ~150 instructions per warp and 4-bit block.
+constexpr uint32_t kTableAddr = 0x400;
+__device__ __forceinline__ uint32_t lut_load32(uint32_t off) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1+%2];\n" : "=r"(v) : "r"(off), "n"(kTableAddr));
+  return v;
+}
+__device__ __forceinline__ uint2 lut_load64(uint32_t off) {
+  uint2 v;
+  asm volatile("ld.shared.v2.b32 {%0, %1}, [%2+%3];\n" : "=r"(v.x), "=r"(v.y) : "r"(off), "n"(kTableAddr));
+  return v;
+}
+
 // (code byte `b` of w) << 8 | lane_byte: the table offset of a lane's copy of that entry, one prmt.
 __device__ __forceinline__ uint32_t byte_entry(uint32_t w, int b, uint32_t lane_byte) {
   return __byte_perm(w, lane_byte, 0x5504u | (uint32_t(b) << 4));
@@ -240,9 +257,15 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
   const int glc = FULL ? 2 : min(p.gl, 2);
   const uint32_t flush = FULL ? 0x8u : (glc == 0 ? 0xFu : glc == 1 ? 0xAu : 0x8u) | (1u << (nchunks - 1));
   const uint32_t lane_byte = uint32_t(lane) * (BITS == 2 ? 8u : 4u);  // this lane's copy inside an entry
-  float part[MT][4];
+  // One partial sum per token tile. (H200, 2026-11-26: splitting it over even and odd k-steps, to break
+  // the chain of dependent MMAs at M <= 16, made 57344x8192 M = 1 5% and M = 16 11% slower; the lookups,
+  // not the MMA latency, set the pace.)
+  constexpr int kParts = 1;
+  float part[kParts][MT][4];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) part[mt][0] = part[mt][1] = part[mt][2] = part[mt][3] = 0.f;
+  for (int h = 0; h < kParts; ++h)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) part[h][mt][0] = part[h][mt][1] = part[h][mt][2] = part[h][mt][3] = 0.f;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     if (j < nchunks) {
@@ -257,7 +280,7 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
         if (BITS == 2) {  // bytes 2(ks%2) and 2(ks%2)+1 of word ks/2 are the quads (a0, a1) and (a2, a3)
 #pragma unroll
           for (int q = 0; q < 2; ++q) {
-            const uint2 v = *reinterpret_cast<const uint2*>(lut + byte_entry(wd[ks / 2], (ks % 2) * 2 + q, lane_byte));
+            const uint2 v = lut_load64(byte_entry(wd[ks / 2], (ks % 2) * 2 + q, lane_byte));
             a[2 * q] = v.x;
             a[2 * q + 1] = v.y;
           }
@@ -274,21 +297,23 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
               off = (shift_right(wd[ks / 2], 4 * nib - 8) & 0xf00u) | (shift_right(hi[ks / 4], 2 * fld - 12) & 0x3000u) |
                     lane_byte;
             }
-            a[q] = *reinterpret_cast<const uint32_t*>(lut + off);
+            a[q] = lut_load32(off);
           }
         }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
-          Elem<T>::mma(part[mt], a, h ? xv[mt].z : xv[mt].x, h ? xv[mt].w : xv[mt].y);
+          Elem<T>::mma(part[h % kParts][mt], a, h ? xv[mt].z : xv[mt].x, h ? xv[mt].w : xv[mt].y);
       }
       if (flush & (1u << j)) {
         const __half2 sh = *reinterpret_cast<const __half2*>(ss + (j >> glc) * 32 + g * 4);
         const float2 sc = __half22float2(sh);  // rows g, g + 8
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          acc[mt][0] += part[mt][0] * sc.x; acc[mt][1] += part[mt][1] * sc.x;
-          acc[mt][2] += part[mt][2] * sc.y; acc[mt][3] += part[mt][3] * sc.y;
-          part[mt][0] = part[mt][1] = part[mt][2] = part[mt][3] = 0.f;
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            acc[mt][e] += (kParts == 2 ? part[0][mt][e] + part[kParts - 1][mt][e] : part[0][mt][e]) * (e < 2 ? sc.x : sc.y);
+            part[0][mt][e] = part[kParts - 1][mt][e] = 0.f;
+          }
         }
       }
     }
@@ -319,7 +344,8 @@ template <int BITS, int MT, typename T>
 __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const Params<T> p) {
   using L = Layout<BITS, MT>;
   extern __shared__ __align__(16) uint8_t smem[];
-  uint8_t* lut = smem;  // first: entry offsets are then shared addresses plus a constant
+  uint8_t* lut = smem;  // first, at shared address kTableAddr (checked below): lookups add no base
+  if (threadIdx.x == 0 && (smem_addr(smem) & 0xffffffu) != kTableAddr) __trap();
   uint8_t* stages = smem + L::kLutBytes;
   int* flag = reinterpret_cast<int*>(stages + kStages * L::kStageBytes);
 
