@@ -20,8 +20,8 @@
 //   is accumulated in fp32 `part` and multiplied by the row's group scale when the group ends
 //   (acc += part * s). This removes the per-weight multiply and keeps the scale in fp32.
 // * Pipeline. A CTA of 8 warps owns a tile of 128 rows (warp w: row block w) and walks k-blocks of
-//   128 columns; each k-block's weights, scales and activations arrive through a 4-stage cp.async
-//   pipeline shared by the CTA, so ~3 iterations of loads stay in flight per CTA.
+//   128 columns; each k-block's weights, scales and activations arrive through a 3-stage cp.async
+//   pipeline shared by the CTA, so 2 iterations of loads stay in flight per CTA.
 // * Stream-K. All (tile, k-block) iterations are flattened, k innermost, and split evenly over a
 //   grid that fills the GPU, so shapes with few tiles still keep every SM streaming. A tile cut
 //   between CTAs is finished by whichever contributor arrives last (per-tile counter), which sums
