@@ -54,7 +54,7 @@ def swap_to_lutmm(model, bits: int, g: int) -> int:
 
 
 @torch.no_grad()
-def decode_tokens_per_s(model, batch: int, prompt: int, gen: int, graph: bool) -> float:
+def decode_tokens_per_s(model, batch: int, prompt: int, gen: int, graph: bool, compile_step: bool = False) -> float:
     dev = next(model.parameters()).device
     cache = StaticCache(config=model.config, max_cache_len=prompt + gen + 8)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=dev)
@@ -65,6 +65,9 @@ def decode_tokens_per_s(model, batch: int, prompt: int, gen: int, graph: bool) -
     def step():
         o = model(static_ids, past_key_values=cache, cache_position=static_pos, use_cache=True)
         return o.logits[:, -1].argmax(-1, keepdim=True)
+
+    if compile_step:  # fuse the elementwise work around the linears (norms, rotary, SiLU, residuals)
+        step = torch.compile(step, dynamic=False)
 
     cuda = dev.type == "cuda"
     if graph and cuda:
@@ -81,6 +84,9 @@ def decode_tokens_per_s(model, batch: int, prompt: int, gen: int, graph: bool) -
     else:
         static_out = None
         run = None
+        if compile_step:  # compile outside the timed loop
+            for _ in range(2):
+                step()
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -130,6 +136,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=256)
     ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the decode step (inductor, no cudagraphs) before capturing it")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
@@ -140,11 +148,15 @@ def main():
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         for b in args.batches:
-            tps = decode_tokens_per_s(model, b, args.prompt, args.gen, graph=not args.no_graph)
+            t0 = time.perf_counter()
+            tps = decode_tokens_per_s(model, b, args.prompt, args.gen, graph=not args.no_graph,
+                                      compile_step=args.compile)
+            if args.compile:
+                print(f"{'':>14} (compile + measure: {time.perf_counter() - t0:.0f} s)", flush=True)
             eager = decode_tokens_per_s(model, b, args.prompt, min(args.gen, 32), graph=False)
             mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
             rows.append((label, b, tps, eager, mem))
-            mode = "eager" if args.no_graph or not cuda else "graph"
+            mode = ("compiled " if args.compile else "") + ("eager" if args.no_graph or not cuda else "graph")
             print(f"{label:>14} batch {b:>3}: {tps:9.1f} tok/s ({mode})  {eager:9.1f} tok/s (eager)  "
                   f"peak {mem:6.2f} GiB", flush=True)
         if cuda:
