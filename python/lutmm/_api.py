@@ -223,7 +223,8 @@ def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = 
     if bias is not None and (bias.shape != (qw.N,) or bias.device != x.device):
         raise ValueError(f"bias: expected shape ({qw.N},) on {x.device}, got {tuple(bias.shape)} on {bias.device}")
     from . import ops
-    return ops.lut_matmul(x, qw.packed, qw.packed_scales, qw._table_list, qw.N, qw.K, qw.bits, qw.group_size, bias)
+    op = ops.cuda_lut_matmul if ops.eager_fast_path(x, bias) else ops.lut_matmul
+    return op(x, qw.packed, qw.packed_scales, qw._table_list, qw.N, qw.K, qw.bits, qw.group_size, bias)
 
 
 def reference_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

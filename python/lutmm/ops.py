@@ -98,8 +98,9 @@ def _(x, packed, packed_scales, table, N, K, bits, group_size, bias=None):
     return y.to(x.dtype)
 
 
-@lut_matmul.register_kernel("cuda")
-def _(x, packed, packed_scales, table, N, K, bits, group_size, bias=None):
+def cuda_lut_matmul(x, packed, packed_scales, table, N, K, bits, group_size, bias=None):
+    """The CUDA implementation of lutmm::lut_matmul. lutmm.matmul and LUTLinear call it directly in eager
+    mode without autograd: the custom-op dispatcher costs ~10-20 us per call (bench/bench_overhead.py)."""
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x: dtype {x.dtype}, expected float16 or bfloat16 on CUDA")
     if bias is not None and bias.dtype != x.dtype:
@@ -130,6 +131,16 @@ def _(x, packed, packed_scales, table, N, K, bits, group_size, bias=None):
         w = gpu_dequantize(packed, packed_scales, table, N, K, bits, group_size, x.dtype)
         y = F.linear(x2, w, bias)
     return y.reshape(*lead, N)
+
+
+lut_matmul.register_kernel("cuda")(cuda_lut_matmul)
+
+
+def eager_fast_path(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """True when a CUDA call can skip the op dispatcher: not tracing for torch.compile, no autograd."""
+    if not x.is_cuda or torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
 
 
 @torch.library.custom_op("lutmm::dequantize", mutates_args=())

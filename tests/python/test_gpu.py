@@ -127,3 +127,43 @@ def test_quantized_llama_on_cuda_matches_cpu_reference():
         ref = model.float()(ids).logits                     # CPU: fp32 on the dequantized weights
         out = model.to("cuda", torch.bfloat16)(ids.cuda()).logits.float().cpu()  # lutmm kernels
     assert _rel(out, ref) < 3e-2
+
+
+def test_quantize_model_on_the_gpu_matches_cpu_quantization():
+    # quant_device="cuda": the torch quantizer runs on the GPU, one layer at a time; the packed codes and
+    # scales must be those of the CPU quantizer (same search, same fp16 rounding), up to rare ties.
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from lutmm.nn import LUTLinear, quantize_model
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512)
+    base = LlamaForCausalLM(cfg).eval()
+    a = LlamaForCausalLM(cfg).eval()
+    a.load_state_dict(base.state_dict())
+    b = LlamaForCausalLM(cfg).eval()
+    b.load_state_dict(base.state_dict())
+    quantize_model(a, bits=4, group_size=64, progress=False)
+    quantize_model(b, bits=4, group_size=64, progress=False, quant_device="cuda")
+    la = [m for m in a.modules() if isinstance(m, LUTLinear)]
+    lb = [m for m in b.modules() if isinstance(m, LUTLinear)]
+    assert len(la) == len(lb) == 14
+    for x, y in zip(la, lb):
+        assert y.packed.device.type == "cpu"  # modules stay where the model was
+        same_codes = (x.packed == y.packed).float().mean().item()
+        assert same_codes > 0.999, same_codes
+        assert (x.packed_scales == y.packed_scales).float().mean().item() > 0.999
+
+
+def test_eager_fast_path_matches_the_op():
+    # lutmm.matmul skips the op dispatcher in eager mode without autograd; the result must be the op's, bitwise.
+    torch.manual_seed(0)
+    qw = lutmm.quantize(torch.randn(320, 256), bits=3, group_size=64).to("cuda")
+    x = torch.randn(5, 256, device="cuda", dtype=torch.bfloat16)
+    assert ops.eager_fast_path(x, None)
+    assert not ops.eager_fast_path(x.clone().requires_grad_(), None)
+    fast = lutmm.matmul(x, qw)
+    op = ops.lut_matmul(x, qw.packed, qw.packed_scales, qw._table_list, qw.N, qw.K, qw.bits, qw.group_size, None)
+    assert torch.equal(fast, op)
+    with pytest.raises(ValueError, match="dtype"):
+        ops.cuda_lut_matmul(x.float(), qw.packed, qw.packed_scales, qw._table_list, qw.N, qw.K, qw.bits,
+                            qw.group_size)
