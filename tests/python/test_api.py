@@ -112,7 +112,11 @@ def test_op_is_registered_and_fake_works():
 
 def test_build_info_and_gpu_flag():
     assert "CUDA" in lutmm.build_info() or "without" in lutmm.build_info()
-    assert lutmm.gpu_available() in (True, False)
+    # the flag agrees with what the build and the machine say: kernels built and a CUDA device present
+    info = lutmm.build_info()
+    assert isinstance(lutmm.gpu_available(), bool)
+    assert lutmm.gpu_available() == ("CUDA kernels built" in info and torch.cuda.is_available())
+    assert lutmm.quality.__name__ == "lutmm.quality" and lutmm.gptq.__name__ == "lutmm.gptq"
 
 
 def test_gradients_flow_to_x_and_bias():
