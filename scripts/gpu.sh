@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, GPU tests (C++ and Python), then the kernel benchmark.
 # Usage (device tool, repo root): bash scripts/gpu.sh [quick|standard|full|tests|bench|profile|sanitize|ab|kab]   ; logs go to $OUT.
-# ab: everything, then kernel A/B builds (EXPERIMENTS="1 2"); kab: C++ build, GPU tests and the A/B only.
+# ab: everything, then kernel A/B builds (EXPERIMENTS="2"); kab: C++ build, GPU tests and the A/B only.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-quick}
@@ -45,7 +45,7 @@ if [[ $MODE == sanitize ]]; then
 fi
 if [[ $MODE == ab || $MODE == kab ]]; then  # kernel A/B: default build vs -DLUTMM_EXPERIMENT=N for N in $EXPERIMENTS
   echo "== A: default"; ./build/gpu/lutmm_bench
-  for e in ${EXPERIMENTS:-1}; do
+  for e in ${EXPERIMENTS:-2}; do
     cmake -S . -B build/gpu-x$e -G Ninja -DLUTMM_BUILD_TESTS=ON -DLUTMM_EXPERIMENT=$e > /dev/null && \
       ninja -C build/gpu-x$e lutmm_gpu_tests lutmm_bench > "$OUT/build-x$e.log" 2>&1 || { tail -20 "$OUT/build-x$e.log"; continue; }
     echo "== B: LUTMM_EXPERIMENT=$e  (tests: $(./build/gpu-x$e/lutmm_gpu_tests --gtest_brief=1 2>&1 | tail -1))"

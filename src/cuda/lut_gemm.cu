@@ -32,9 +32,8 @@
 #include "common.cuh"
 #include "lutmm/cuda.h"
 
-// Kernel experiments for A/B builds (cmake -DLUTMM_EXPERIMENT=N, `EXPERIMENTS="1 2" bash scripts/gpu.sh ab`):
+// Kernel experiments for A/B builds (cmake -DLUTMM_EXPERIMENT=N, `EXPERIMENTS=2 bash scripts/gpu.sh kab`):
 //   0  the default kernel
-//   1  (free)
 //   2  4 pipeline stages instead of 3 (H200, 2026-11-26: no change at M = 1, M = 16 up to 38% slower)
 #ifndef LUTMM_EXPERIMENT
 #define LUTMM_EXPERIMENT 0
@@ -260,12 +259,9 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
   // One partial sum per token tile. (H200, 2026-11-26: splitting it over even and odd k-steps, to break
   // the chain of dependent MMAs at M <= 16, made 57344x8192 M = 1 5% and M = 16 11% slower; the lookups,
   // not the MMA latency, set the pace.)
-  constexpr int kParts = 1;
-  float part[kParts][MT][4];
+  float part[MT][4];
 #pragma unroll
-  for (int h = 0; h < kParts; ++h)
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) part[h][mt][0] = part[h][mt][1] = part[h][mt][2] = part[h][mt][3] = 0.f;
+  for (int mt = 0; mt < MT; ++mt) part[mt][0] = part[mt][1] = part[mt][2] = part[mt][3] = 0.f;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     if (j < nchunks) {
@@ -302,7 +298,7 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
         }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
-          Elem<T>::mma(part[h % kParts][mt], a, h ? xv[mt].z : xv[mt].x, h ? xv[mt].w : xv[mt].y);
+          Elem<T>::mma(part[mt], a, h ? xv[mt].z : xv[mt].x, h ? xv[mt].w : xv[mt].y);
       }
       if (flush & (1u << j)) {
         const __half2 sh = *reinterpret_cast<const __half2*>(ss + (j >> glc) * 32 + g * 4);
@@ -311,8 +307,8 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
         for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            acc[mt][e] += (kParts == 2 ? part[0][mt][e] + part[kParts - 1][mt][e] : part[0][mt][e]) * (e < 2 ? sc.x : sc.y);
-            part[0][mt][e] = part[kParts - 1][mt][e] = 0.f;
+            acc[mt][e] += part[mt][e] * (e < 2 ? sc.x : sc.y);
+            part[mt][e] = 0.f;
           }
         }
       }
@@ -393,9 +389,8 @@ __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const Params<T> p) {
     if (warp_live) {
       // Whole k-blocks with g >= 128 take the specialised path (one scale flush, no per-chunk tests).
       // H200, 2026-11-26: 57344x8192 M = 16 126 us with it, 151 us without (M = 1: 12-21% faster).
-      constexpr bool kFullPath = true;
-      if (kFullPath && p.gl >= 2 && (kb + 1) * kBlockCols <= p.K)
-        compute_block<BITS, MT, T, kFullPath>(p, st_cmp, lut, kb, acc);
+      if (p.gl >= 2 && (kb + 1) * kBlockCols <= p.K)
+        compute_block<BITS, MT, T, true>(p, st_cmp, lut, kb, acc);
       else
         compute_block<BITS, MT, T, false>(p, st_cmp, lut, kb, acc);
     }
