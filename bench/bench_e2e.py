@@ -3,11 +3,17 @@
     python3 bench/bench_e2e.py                  # 8B shape, bits {4,3,2} x g {64,128}, batch {1,4,16}
     python3 bench/bench_e2e.py --model 70b-2l   # 2 decoder layers with LLaMA-3-70B dimensions
     python3 bench/bench_e2e.py --model tiny --device cpu --gen 4 --no-graph   # smoke test
+    python3 bench/bench_e2e.py --no-fuse        # 7 separate linears per layer (HF's module layout)
 
 Random weights (HF's N(0, 0.02) init; lutmm layers get random codes and scales): decode speed does not
 depend on the values. Each decode step (batch B, static KV cache, prompt 128, 256 new tokens) runs as
 one captured CUDA graph; graph-free (eager) numbers are printed beside. Peak GPU memory per model.
 Measured on an H100 on 2026-11-26: docs/performance.md, "End-to-end decode".
+
+Projections are fused by default (lutmm.nn.fuse_projections): q/k/v as one linear and gate/up as one, 4
+linear calls per layer instead of 7, for lutmm and, so the comparison stays like for like, for the bf16
+baseline too (its nn.Linear weights concatenated). --unfused-bf16 keeps HF's stock bf16 model as the
+baseline; --no-fuse leaves every model unfused.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import lutmm
-from lutmm.nn import LUTLinear
+from lutmm.nn import LUTLinear, fuse_projections
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_kernel import random_qweight  # noqa: E402
@@ -51,6 +57,16 @@ def swap_to_lutmm(model, bits: int, g: int) -> int:
         setattr(parent, attr, LUTLinear.from_quantized(qw))
         del old
     return len(names)
+
+
+def fuse(model) -> int:
+    """Fuses q/k/v and gate/up of every decoder layer (LUTLinear or nn.Linear alike); returns the number of
+    linear calls saved per forward. Raises RuntimeError if a layer could not be fused (the numbers would
+    silently mix fused and unfused layers)."""
+    report = fuse_projections(model, warn=False)
+    if report.skipped:
+        raise RuntimeError(f"bench_e2e: could not fuse {report.skipped}")
+    return report.linear_calls_saved
 
 
 @torch.no_grad()
@@ -118,7 +134,7 @@ def breakdown(model, batch: int, steps: int = 4) -> dict:
     for e in prof.key_averages():
         us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
         name = e.key.lower()
-        if any(k in name for k in ("lut_gemm", "dequant", "gemm", "gemv", "sm90_xmma", "cutlass", "nvjet")):
+        if any(k in name for k in ("lut_", "dequant", "gemm", "gemv", "sm90_xmma", "cutlass", "nvjet")):
             out["quantized/dense linears"] += us
         elif any(k in name for k in ("attention", "flash", "fmha", "sdpa", "softmax")):
             out["attention"] += us
@@ -138,10 +154,19 @@ def main():
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the decode step (inductor, no cudagraphs) before capturing it")
+    ap.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                    help="fuse q/k/v and gate/up into one linear each (default; --no-fuse: HF's 7 linears per layer)")
+    ap.add_argument("--unfused-bf16", action="store_true",
+                    help="with --fuse, keep the bf16 baseline as HF's stock (unfused) model")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
-    print(f"# {torch.cuda.get_device_name() if cuda else 'CPU'} | model {args.model} | lutmm {lutmm.__version__}")
+    fuse_bf16 = args.fuse and not args.unfused_bf16
+    projections = {(True, True): "fused q/k/v + gate/up (lutmm and bf16)",
+                   (True, False): "fused q/k/v + gate/up for lutmm; bf16 baseline unfused (stock HF)",
+                   (False, False): "unfused (7 linears per layer)"}[(args.fuse, fuse_bf16)]
+    print(f"# {torch.cuda.get_device_name() if cuda else 'CPU'} | model {args.model} | lutmm {lutmm.__version__} "
+          f"| projections: {projections}")
     rows = []
 
     def measure(label, model):
@@ -163,6 +188,8 @@ def main():
             print(f"{'':>14} per-token CUDA time, batch 1 (us): {breakdown(model, 1)}")
 
     model = build(args.model, args.device)
+    if fuse_bf16:
+        fuse(model)
     measure("bf16", model)
     for bits, g in configs:
         del model
@@ -170,11 +197,14 @@ def main():
             torch.cuda.empty_cache()
         model = build(args.model, args.device)
         swap_to_lutmm(model, bits, g)
+        if args.fuse:
+            fuse(model)
         if cuda:
             torch.cuda.empty_cache()
         measure(f"lutmm {bits}b g{g}", model)
     base = {b: t for (l, b, t, _, _) in rows if l == "bf16"}
-    print(f"\n{'model':>14} {'batch':>5} {'tok/s':>9} {'x bf16':>7} {'eager tok/s':>11} {'peak GiB':>8}")
+    print(f"\nprojections: {projections}")
+    print(f"{'model':>14} {'batch':>5} {'tok/s':>9} {'x bf16':>7} {'eager tok/s':>11} {'peak GiB':>8}")
     for label, b, tps, eager, mem in rows:
         print(f"{label:>14} {b:>5} {tps:9.1f} {tps / base[b]:7.2f} {eager:11.1f} {mem:8.2f}")
 

@@ -7,7 +7,7 @@
 See docs/format.md for the format and the packed layout.
 """
 from ._api import (QuantizedWeight, quantize, dequantize, matmul, reference_matmul, make_table, gpu_available,
-                   build_info, FORMAT_VERSION)
+                   build_info, concat_rows, FORMAT_VERSION)
 
 __version__ = "0.1.0"
 
@@ -16,11 +16,11 @@ try:  # transformers integration: registers quant_method "lutmm" for from_pretra
 except Exception:  # pragma: no cover - never break `import lutmm`
     pass
 __all__ = ["QuantizedWeight", "quantize", "dequantize", "matmul", "reference_matmul", "make_table",
-           "gpu_available", "build_info", "FORMAT_VERSION"]
+           "gpu_available", "build_info", "concat_rows", "FORMAT_VERSION"]
 
 
 def __getattr__(name):  # lazy submodules that import torch-heavy code only when used
-    if name in ("nn", "ops", "checkpoint", "cli", "evaluate", "hf", "quality", "gptq", "quantize_torch"):
+    if name in ("nn", "ops", "checkpoint", "cli", "evaluate", "hf", "quality", "gptq", "quantize_torch", "fuse"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(name)

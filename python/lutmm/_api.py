@@ -191,6 +191,56 @@ def quantize(weight: torch.Tensor, bits: int = 4, group_size: Optional[int] = 64
     return pack(codes, scales, t, bits, g, kind)
 
 
+ROW_BLOCK = 16  # rows per packed block: the unit of concatenation (and slicing) along N
+
+
+def _check_concat_part(i: int, part: QuantizedWeight, first: QuantizedWeight, is_last: bool) -> None:
+    """Raises ValueError naming what makes `part` (index i) unable to follow `first` in concat_rows."""
+    if not isinstance(part, QuantizedWeight):
+        raise ValueError(f"parts[{i}]: expected a QuantizedWeight, got {type(part).__name__}")
+    if part.packed.dtype != torch.uint8 or part.packed_scales.dtype != torch.float16:
+        raise ValueError(f"parts[{i}]: packed dtype {part.packed.dtype} / packed_scales dtype "
+                         f"{part.packed_scales.dtype}, expected torch.uint8 / torch.float16")
+    nbytes = _core.packed_bytes(part.N, part.K, part.bits, part.group_size)
+    nscales = _core.packed_scale_count(part.N, part.K, part.bits, part.group_size)
+    if part.packed.numel() != nbytes or part.packed_scales.numel() != nscales:
+        raise ValueError(f"parts[{i}]: {part.packed.numel()} packed bytes / {part.packed_scales.numel()} scales, "
+                         f"expected {nbytes} / {nscales} for shape {part.shape}")
+    for what in ("bits", "group_size", "K"):
+        if getattr(part, what) != getattr(first, what):
+            raise ValueError(f"parts[{i}]: {what} = {getattr(part, what)}, but parts[0] has "
+                             f"{what} = {getattr(first, what)} (all parts must share bits, group size and K)")
+    if not torch.equal(part.table, first.table):
+        raise ValueError(f"parts[{i}]: its value table differs from parts[0]'s (a fused weight has one table; "
+                         "NF / int tables always match, per-layer k-means tables do not)")
+    if part.device != first.device:
+        raise ValueError(f"parts[{i}]: on {part.device}, but parts[0] is on {first.device}")
+    if not is_last and part.N % ROW_BLOCK:
+        raise ValueError(f"parts[{i}]: N = {part.N} is not a multiple of {ROW_BLOCK}; every part but the last "
+                         f"must fill whole {ROW_BLOCK}-row blocks")
+
+
+def concat_rows(parts: Sequence[QuantizedWeight]) -> QuantizedWeight:
+    """The QuantizedWeight of cat([W_0, W_1, ...], dim=0) (rows = out_features), without unpacking.
+
+    The packed codes and scales are stored in 16-row blocks, row-block-major (docs/format.md), so when every
+    part but the last has N a multiple of 16 the result is the byte concatenation of the parts: exactly
+    what packing the concatenated codes and scales gives. All parts must have the same bits, group size, K,
+    value table and device; raises ValueError naming the part and the mismatch otherwise.
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError("parts: expected at least one QuantizedWeight")
+    first = parts[0]
+    for i, part in enumerate(parts):
+        _check_concat_part(i, part, first, is_last=i == len(parts) - 1)
+    kinds = {p.table_kind for p in parts}
+    N = sum(p.N for p in parts)
+    return QuantizedWeight(torch.cat([p.packed for p in parts]), torch.cat([p.packed_scales for p in parts]),
+                           first.table, first.bits, first.group_size, (N, first.K),
+                           kinds.pop() if len(kinds) == 1 else "custom")
+
+
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """W_hat = T[Q] * S as an N x K tensor on qw's device. On the GPU (fp16/bf16) the table is rounded to
     dtype first, exactly as the kernels see it."""

@@ -234,6 +234,9 @@ def save_quantized(model: nn.Module, out_dir, tokenizer_dir=None) -> Path:
     qc = validate_quantization_config(getattr(config, "quantization_config", None))
     if not lut_modules(model):
         raise ValueError("model: has no LUTLinear layers (run lutmm.nn.quantize_model first)")
+    if any(getattr(m, "lutmm_fused", False) for m in model.modules()):
+        raise ValueError("model: its projections were fused (lutmm.nn.fuse_projections), which a checkpoint does "
+                         "not describe; save the unfused model and fuse after loading")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     skip = tied_keys(model)

@@ -255,3 +255,11 @@ def replace_with_empty_lut_linear(model: nn.Module, names: Sequence[str], bits: 
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         _set_submodule(model, name, new)
+
+
+def fuse_projections(model: nn.Module, warn: bool = True):
+    """Fuses q/k/v and gate/up of the Llama attention / MLP modules of `model` into one linear each, in place
+    (7 linear calls per decoder layer -> 4). Returns a `lutmm.fuse.FusionReport` (counts, and what was left
+    unfused and why). Apply after loading; see lutmm.fuse for the rules."""
+    from .fuse import fuse_projections as _fuse
+    return _fuse(model, warn=warn)

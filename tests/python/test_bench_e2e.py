@@ -23,3 +23,35 @@ def test_tiny_model_swaps_every_decoder_linear_and_decodes():
     assert isinstance(model.lm_head, torch.nn.Linear)
     tps = e2e.decode_tokens_per_s(model, batch=2, prompt=8, gen=3, graph=False)
     assert tps > 0
+
+
+def test_fused_tiny_models_decode_like_unfused():
+    """bench_e2e fuses by default: lutmm and bf16 models drop to 4 linear calls per layer and decode the same."""
+    e2e = _load()
+    from lutmm.nn import LUTLinear
+    for quantize in (False, True):
+        torch.manual_seed(0)
+        model = e2e.build("tiny", "cpu")
+        if quantize:
+            e2e.swap_to_lutmm(model, 4, 64)
+        ids = torch.randint(0, model.config.vocab_size, (2, 6))
+        with torch.no_grad():
+            ref = model(ids).logits
+            assert e2e.fuse(model) == 2 * 3  # per layer: q/k/v 3 -> 1 and gate/up 2 -> 1
+            fused = model(ids).logits
+        kind = LUTLinear if quantize else torch.nn.Linear
+        linears = [n for n, m in model.named_modules() if isinstance(m, kind) and "lm_head" not in n]
+        assert len(linears) == 2 * 4 and any(n.endswith("qkv_proj") for n in linears)
+        torch.testing.assert_close(fused, ref, rtol=0, atol=0 if quantize else 2e-2)
+        assert e2e.decode_tokens_per_s(model, batch=2, prompt=8, gen=3, graph=False) > 0
+
+
+def test_cli_fuse_flag_is_reported(capsys, monkeypatch):
+    e2e = _load()
+    for flag, expect in (([], "fused q/k/v + gate/up (lutmm and bf16)"), (["--no-fuse"], "unfused (7 linears")):
+        monkeypatch.setattr("sys.argv", ["bench_e2e.py", "--model", "tiny", "--device", "cpu", "--gen", "1",
+                                         "--prompt", "4", "--batches", "1", "--configs", "4:64", "--no-graph",
+                                         *flag])
+        e2e.main()
+        out = capsys.readouterr().out
+        assert f"projections: {expect}" in out and "lutmm 4b g64" in out

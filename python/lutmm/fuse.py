@@ -1,0 +1,198 @@
+"""Fused projections for decode speed (issue 7): q/k/v as one linear, gate/up as one, in Llama models.
+
+    model = lutmm.nn.quantize_model(model, bits=4)        # or load_quantized(...) / from_pretrained(...)
+    report = lutmm.nn.fuse_projections(model)              # 7 linears per layer -> 4; returns a FusionReport
+
+At decode the per-call fixed cost of the small k/v projections dominates; one [Nq+Nk+Nv, K] matmul and one
+[2*I, K] matmul replace five calls and give the kernel bigger shapes. The fused weight of LUTLinear layers is
+`lutmm.concat_rows` of theirs (a byte concatenation of the packed layout: exact, same codes, scales and
+table), so the fused model computes the same products; nn.Linear layers (a bf16 baseline) are fused by
+concatenating their weights.
+
+What gets fused: every transformers `LlamaAttention` / `LlamaMLP` (exactly those classes) whose projections
+are all LUTLinear with the same bits, group size and value table (NF / int tables always match; per-layer
+k-means tables do not, so such layers are left unfused), or all nn.Linear of one dtype and device. Anything
+else is left unchanged and listed in the report's `skipped` (and warned about). Fusion changes the module
+tree (`self_attn.qkv_proj`, `mlp.gate_up_proj`): apply it after loading a checkpoint, and save checkpoints
+from the unfused model (`lutmm.checkpoint.save_quantized` refuses a fused one). A fused model's own
+state_dict loads into a model fused the same way.
+
+The fused forwards contain no data-dependent control flow and keep no state between calls: they work under
+torch.compile(fullgraph=True) and CUDA graph capture like the unfused model.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import nn
+from transformers.models.llama import modeling_llama as _llama
+
+from ._api import concat_rows
+from .nn import LUTLinear
+
+QKV = ("q_proj", "k_proj", "v_proj")
+GATE_UP = ("gate_proj", "up_proj")
+# LlamaAttention.forward's parameters in the transformers versions whose forward FusedQKVLlamaAttention mirrors.
+_ATTENTION_PARAMS = ["self", "hidden_states", "position_embeddings", "attention_mask", "past_key_values", "kwargs"]
+
+
+# ---- one linear from several ---------------------------------------------------------------------------
+def _concat_bias(mods: Sequence[nn.Module]):
+    biases = [m.bias for m in mods]
+    if all(b is None for b in biases):
+        return None
+    if any(b is None for b in biases):
+        raise ValueError("some projections have a bias and some do not")
+    return torch.cat([b.detach() for b in biases])
+
+
+def _concat_lut(mods: Sequence[LUTLinear]) -> LUTLinear:
+    qw = concat_rows([m.quantized_weight() for m in mods])
+    return LUTLinear.from_quantized(qw, _concat_bias(mods))
+
+
+def _concat_dense(mods: Sequence[nn.Linear]) -> nn.Linear:
+    first = mods[0].weight
+    for m in mods:
+        if m.in_features != mods[0].in_features or m.weight.dtype != first.dtype or m.weight.device != first.device:
+            raise ValueError("the nn.Linear projections differ in in_features, dtype or device")
+    weight = torch.cat([m.weight.detach() for m in mods])
+    bias = _concat_bias(mods)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=first.requires_grad)
+    if bias is not None:
+        fused.bias = nn.Parameter(bias, requires_grad=mods[0].bias.requires_grad)
+    return fused
+
+
+def concat_linears(mods: Sequence[nn.Module]) -> nn.Module:
+    """One linear whose output is the concatenation of the outputs of `mods` (all LUTLinear, or all nn.Linear).
+    Raises ValueError saying why they can't be fused (mixed types, formats or tables, hooks attached)."""
+    kinds = {type(m) for m in mods}
+    for m in mods:
+        if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):
+            raise ValueError("a projection has forward hooks (e.g. accelerate offload), which fusion would drop")
+    if kinds == {LUTLinear}:
+        return _concat_lut(mods)
+    if kinds == {nn.Linear}:
+        return _concat_dense(mods)
+    raise ValueError(f"the projections are {sorted(k.__name__ for k in kinds)}: expected all LUTLinear or all "
+                     "nn.Linear")
+
+
+# ---- fused modules ---------------------------------------------------------------------------------------
+class FusedQKVLlamaAttention(_llama.LlamaAttention):
+    """LlamaAttention whose q/k/v come from one linear `qkv_proj` (out_features Nq + Nk + Nv), split after.
+    After the projections, forward is transformers' LlamaAttention.forward line for line (rotary, cache
+    update, attention interface), so everything but the number of matmuls is unchanged."""
+
+    lutmm_fused = True
+    qkv_sizes: Tuple[int, int, int]
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        q, k, v = self.qkv_proj(hidden_states).split(self.qkv_sizes, dim=-1)
+        query_states = q.view(hidden_shape).transpose(1, 2)
+        key_states = k.view(hidden_shape).transpose(1, 2)
+        value_states = v.view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = _llama.apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface = _llama.ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, _llama.eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            self, query_states, key_states, value_states, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs)
+
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.o_proj(attn_output)
+        return attn_output, attn_weights
+
+
+class FusedGateUpLlamaMLP(_llama.LlamaMLP):
+    """LlamaMLP whose gate and up projections are one linear `gate_up_proj` (out_features 2 * intermediate):
+    down(act(gate) * up) as in LlamaMLP.forward."""
+
+    lutmm_fused = True
+    gate_up_sizes: Tuple[int, int]
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.gate_up_sizes, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+def _fuse_into(module: nn.Module, names: Sequence[str], fused_cls, fused_name: str, sizes_name: str) -> None:
+    """Replaces the linears `names` of `module` by one linear `fused_name` and turns `module` into `fused_cls`
+    (a subclass of its class that only changes forward). Raises ValueError, leaving `module` unchanged."""
+    mods = [getattr(module, n) for n in names]
+    fused = concat_linears(mods)
+    sizes = tuple(int(m.out_features) for m in mods)
+    for n in names:
+        delattr(module, n)
+    module.__class__ = fused_cls
+    setattr(module, fused_name, fused)
+    setattr(module, sizes_name, sizes)
+
+
+def _attention_forward_matches() -> bool:
+    params = list(inspect.signature(_llama.LlamaAttention.forward).parameters)
+    return params == _ATTENTION_PARAMS
+
+
+@dataclass
+class FusionReport:
+    """What fuse_projections did: counts of fused modules, and (qualified name, reason) of those left alone."""
+    attention: int = 0
+    mlp: int = 0
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def linear_calls_saved(self) -> int:
+        """Linear calls removed per forward: 2 per fused attention (3 -> 1), 1 per fused MLP (2 -> 1)."""
+        return 2 * self.attention + self.mlp
+
+
+def fuse_projections(model: nn.Module, warn: bool = True) -> FusionReport:
+    """Fuses q/k/v into `self_attn.qkv_proj` and gate/up into `mlp.gate_up_proj` in every LlamaAttention /
+    LlamaMLP of `model`, in place, where the projections can be fused exactly (see the module docstring).
+    Returns a FusionReport; modules left unfused are listed there with the reason, and warned about."""
+    report = FusionReport()
+    attention_ok = _attention_forward_matches()
+    for name, module in list(model.named_modules()):
+        if type(module) is _llama.LlamaAttention:
+            if not attention_ok:
+                report.skipped.append((name, "this transformers version's LlamaAttention.forward signature "
+                                             "differs from the one the fused forward mirrors"))
+                continue
+            try:
+                _fuse_into(module, QKV, FusedQKVLlamaAttention, "qkv_proj", "qkv_sizes")
+                report.attention += 1
+            except ValueError as e:
+                report.skipped.append((name, str(e)))
+        elif type(module) is _llama.LlamaMLP:
+            try:
+                _fuse_into(module, GATE_UP, FusedGateUpLlamaMLP, "gate_up_proj", "gate_up_sizes")
+                report.mlp += 1
+            except ValueError as e:
+                report.skipped.append((name, str(e)))
+    if warn and report.skipped:
+        listed = "; ".join(f"{n}: {why}" for n, why in report.skipped[:3])
+        more = f" (and {len(report.skipped) - 3} more)" if len(report.skipped) > 3 else ""
+        warnings.warn(f"lutmm: left {len(report.skipped)} modules unfused: {listed}{more}", stacklevel=2)
+    return report
+
+
+def is_fused(model: nn.Module) -> bool:
+    """True when fuse_projections fused any module of `model`."""
+    return any(getattr(m, "lutmm_fused", False) for m in model.modules())
