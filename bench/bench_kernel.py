@@ -104,6 +104,14 @@ def bench_int4(M, N, K, g, dev):
         return float("nan")
 
 
+def forced_paths(M):
+    """Paths worth timing at M: the LUT kernel re-reads the weights per 32 tokens, so not past M = 256."""
+    paths = ["lut"] if M <= 256 else []
+    if _core.gpu_wgmma_supported(torch.cuda.current_device()):
+        paths.append("wgmma")
+    return paths + ["dequant"]
+
+
 def main():
     faulthandler.enable()
     ap = argparse.ArgumentParser()
@@ -111,7 +119,10 @@ def main():
     ap.add_argument("--standard", action="store_true",
                     help="all shapes and M for 4-bit g128; 3/2-bit g128 and 4-bit g64 at M <= 16")
     ap.add_argument("--json", default=None, help="write all rows here")
-    ap.add_argument("--paths", action="store_true", help="also time both forced paths (dispatch check)")
+    ap.add_argument("--paths", action="store_true", help="also time every forced path (dispatch check)")
+    ap.add_argument("--ms", type=int, nargs="+", default=None, help="only these M")
+    ap.add_argument("--shapes", nargs="+", default=None, help="only these NxK shapes, e.g. 8192x8192")
+    ap.add_argument("--configs", nargs="+", default=None, help="only these bits:group, e.g. 4:128")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
@@ -123,6 +134,12 @@ def main():
     else:
         Ms, shapes, configs = [1, 4, 16, 64, 256, 1024, 4096], SHAPES_8B + SHAPES_70B, \
             [(b, g) for b in (4, 3, 2) for g in (128, 64)]
+    if args.ms:
+        Ms = args.ms
+    if args.shapes:
+        shapes = [tuple(int(v) for v in sh.lower().split("x")) for sh in args.shapes]
+    if args.configs:
+        configs = [tuple(int(v) for v in c.split(":")) for c in args.configs]
     rows = []
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {lutmm.build_info()}")
     hdr = f"{'N x K':>13} {'M':>5} {'b':>2} {'g':>4} {'path':>7} {'lutmm us':>9} {'TB/s':>6} {'%floor':>6} " \
@@ -144,12 +161,12 @@ def main():
                            pct_floor=100 * floor_us / us, cublas_us=cub, x_cublas=cub / us, int4_us=i4,
                            x_int4=i4 / us if i4 == i4 else float("nan"))
                 if args.paths:
-                    for p in ("lut", "dequant"):
+                    for p in forced_paths(M):
                         row[f"{p}_us"] = bench_lutmm(M, N, K, bits, g, dev, path=p)[0]
                 rows.append(row)
                 print(f"{N:>6}x{K:<6} {M:>5} {bits:>2} {g:>4} {path:>7} {us:9.1f} {row['tbs']:6.2f} "
                       f"{row['pct_floor']:6.1f} {cub:9.1f} {row['x_cublas']:8.2f} {i4:8.1f} {row['x_int4']:7.2f}"
-                      + (f"  lut {row['lut_us']:.1f} dq {row['dequant_us']:.1f}" if args.paths else ""), flush=True)
+                      + "".join(f"  {p} {row[p + '_us']:.1f}" for p in forced_paths(M) if args.paths), flush=True)
             torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

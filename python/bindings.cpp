@@ -153,16 +153,20 @@ NB_MODULE(_ext, m) {
   // ---- GPU ----
   m.def("gpu_available", [] { return guarded([] { return gpu::available(); }); });
   m.def("build_info", [] { return guarded([] { return std::string(gpu::build_info()); }); });
-  m.def("gpu_workspace_bytes", [](int64_t M, int64_t N, int64_t K, int bits, int64_t g, int device) { return guarded([&] {
-    return gpu::workspace_bytes(M, shape_of(N, K, bits, g), device);
+  // path: 1 = the LUT (decode) kernel, 3 = the wgmma (prefill) kernel; see gpu::Path.
+  m.def("gpu_workspace_bytes", [](int64_t M, int64_t N, int64_t K, int bits, int64_t g, int device, int path) { return guarded([&] {
+    const Shape s = shape_of(N, K, bits, g);
+    if (path == int(gpu::Path::kWgmma)) return gpu::wgmma_workspace_bytes(M, s, device);
+    return gpu::workspace_bytes(M, s, device);
   }); });
+  m.def("gpu_wgmma_supported", [](int device) { return guarded([&] { return gpu::wgmma_supported(device); }); });
   m.def("gpu_choose_path", [](int64_t M, int64_t N, int64_t K, int bits, int64_t g, int device) { return guarded([&] {
     return int(gpu::choose_path(M, shape_of(N, K, bits, g), DType::BF16, device));
   }); });
 
   m.def("gpu_lut_gemm", [](uintptr_t x, int dtype, int64_t M, uintptr_t packed, uintptr_t packed_scales,
                            std::vector<float> table, int64_t N, int64_t K, int bits, int64_t g, uintptr_t bias,
-                           uintptr_t y, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream) { return guarded([&] {
+                           uintptr_t y, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream, int path) { return guarded([&] {
     gpu::GemmProblem p;
     p.shape = shape_of(N, K, bits, g);
     const float* t = table_of(table, bits);
@@ -170,7 +174,8 @@ NB_MODULE(_ext, m) {
     p.packed = P<const void>(packed); p.packed_scales = P<const uint16_t>(packed_scales);
     for (size_t i = 0; i < table.size(); ++i) p.table[i] = t[i];
     p.bias = P<const void>(bias); p.y = P<void>(y);
-    gpu::lut_gemm(p, P<void>(workspace), workspace_bytes, P<void>(stream));
+    if (path == int(gpu::Path::kWgmma)) gpu::wgmma_gemm(p, P<void>(workspace), workspace_bytes, P<void>(stream));
+    else gpu::lut_gemm(p, P<void>(workspace), workspace_bytes, P<void>(stream));
   }); });
 
   m.def("gpu_dequantize", [](uintptr_t packed, uintptr_t packed_scales, std::vector<float> table, int64_t N, int64_t K,

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, GPU tests (C++ and Python), then the kernel benchmark.
-# Usage (device tool, repo root): bash scripts/gpu.sh [quick|standard|full|tests|bench|profile|sanitize|ab|kab]   ; logs go to $OUT.
-# ab: everything, then kernel A/B builds (EXPERIMENTS="2"); kab: C++ build, GPU tests and the A/B only.
+# Usage (device tool, repo root): bash scripts/gpu.sh [quick|standard|full|tests|bench|profile|sanitize|ab|kab|cxx|e2e]
+# Logs go to $OUT. ab: everything, then kernel A/B builds (EXPERIMENTS="2"); kab: C++ build, GPU tests
+# and the A/B only; cxx: C++ build, GPU tests and the C++ kernel benchmark (lutmm_bench) only;
+# e2e: build, then bench/bench_e2e.py $E2E_ARGS only.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-quick}
-CXX_ONLY=0; [[ $MODE == kab || $MODE == profile ]] && CXX_ONLY=1  # no Python build, tests or demo
+CXX_ONLY=0; [[ $MODE == kab || $MODE == profile || $MODE == cxx ]] && CXX_ONLY=1  # no Python build, tests or demo
 OUT=${OUT:-/tmp/lutmm-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
@@ -24,6 +26,10 @@ if [[ $CXX_ONLY == 0 ]]; then
 fi
 echo "build: $(( $(date +%s) - t0 )) s"
 status=0
+if [[ $MODE == e2e ]]; then
+  python3 bench/bench_e2e.py ${E2E_ARGS:-} 2>"$OUT/e2e.err" | tee "$OUT/e2e.txt"
+  exit ${PIPESTATUS[0]}
+fi
 if [[ $MODE != bench ]]; then
   ./build/gpu/lutmm_tests --gtest_brief=1 2>&1 | tail -3
   ./build/gpu/lutmm_gpu_tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "^\[  (PASSED|FAILED|SKIPPED) |Failure|rel err|OK \]" | head -40
@@ -40,7 +46,7 @@ if [[ $MODE != bench && $CXX_ONLY == 0 && -n ${LUTMM_SHARED:-} ]]; then
   python3 -m lutmm demo --max-tokens 8192 2>&1 | tee "$OUT/demo.txt" | tail -14
 fi
 if [[ $MODE == sanitize ]]; then
-  compute-sanitizer --tool memcheck ./build/gpu/lutmm_gpu_tests --gtest_filter='Gpu.Identity*:Gpu.StreamK*' 2>&1 | tail -5
+  compute-sanitizer --tool memcheck ./build/gpu/lutmm_gpu_tests --gtest_filter='Gpu.Identity*:Gpu.StreamK*:Gpu.WgmmaWorkSplits*' 2>&1 | tail -5
   compute-sanitizer --tool racecheck ./build/gpu/lutmm_gpu_tests --gtest_filter='Gpu.Identity*' 2>&1 | tail -5
 fi
 if [[ $MODE == ab || $MODE == kab ]]; then  # kernel A/B: default build vs -DLUTMM_EXPERIMENT=N for N in $EXPERIMENTS
@@ -53,12 +59,16 @@ if [[ $MODE == ab || $MODE == kab ]]; then  # kernel A/B: default build vs -DLUT
   done
 fi
 if [[ $MODE == profile ]]; then  # Nsight Compute on single cases of the C++ benchmark
-  for cfg in ${PROFILE_CASES:-"8192 8192 1 4" "57344 8192 1 4" "8192 8192 1 2"}; do
-    ncu --set full -k regex:lut_gemm -s 2 -c 1 ./build/gpu/lutmm_bench $cfg > "$OUT/ncu_${cfg// /_}.txt" 2>&1
+  IFS=';' read -ra cases <<< "${PROFILE_CASES:-8192 8192 1 4;57344 8192 1 4;8192 8192 1 2}"  # ';'-separated
+  for cfg in "${cases[@]}"; do
+    ncu --set full -k regex:lut_ -s 2 -c 1 ./build/gpu/lutmm_bench $cfg > "$OUT/ncu_${cfg// /_}.txt" 2>&1
     echo "== ncu $cfg"
     grep -E "^    (Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Issue Slots Busy|Issued Ipc Active|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|L2 Hit Rate|Mem Busy|Max Bandwidth|Shared Memory Configuration Size|Block Limit)" "$OUT/ncu_${cfg// /_}.txt" | head -30
     grep -E "^    Stall|stall|cycles being stalled" "$OUT/ncu_${cfg// /_}.txt" | head -12
   done
+fi
+if [[ $MODE == cxx ]]; then
+  ./build/gpu/lutmm_bench | tee "$OUT/lutmm_bench.txt"
 fi
 if [[ $MODE == quick || $MODE == bench ]]; then
   python3 bench/bench_kernel.py --quick --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt"

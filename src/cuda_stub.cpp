@@ -12,6 +12,9 @@ Path choose_path(int64_t, const Shape&, DType, int) { no_cuda(); }
 size_t workspace_bytes(int64_t, const Shape&, int) { no_cuda(); }
 size_t dequant_scratch_bytes(const Shape&) { no_cuda(); }
 void lut_gemm(const GemmProblem&, void*, size_t, void*) { no_cuda(); }
+bool wgmma_supported(int) { return false; }
+size_t wgmma_workspace_bytes(int64_t, const Shape&, int) { no_cuda(); }
+void wgmma_gemm(const GemmProblem&, void*, size_t, void*) { no_cuda(); }
 void dequantize(const void*, const uint16_t*, const float*, const Shape&, DType, void*, void*) { no_cuda(); }
 }  // namespace gpu
 }  // namespace lutmm

@@ -16,7 +16,10 @@ bool available();
 const char* build_info();
 
 // Kernel paths. kAuto lets dispatch() choose.
-enum class Path : int { kAuto = 0, kLut = 1, kDequant = 2 };
+//   kLut      fused decode kernel (lut_gemm.cu): pair-table lookups -> mma.sync, Stream-K; any GPU
+//   kDequant  dequantize to a dense N x K buffer, then the caller's dense GEMM (cuBLAS)
+//   kWgmma    fused prefill kernel (lut_wgmma.cu): pair-table lookups -> Hopper wgmma; sm_90 only
+enum class Path : int { kAuto = 0, kLut = 1, kDequant = 2, kWgmma = 3 };
 
 struct GemmProblem {
   // Activations X: M x K, row-major, fp16 or bf16, 16-byte aligned. Y: M x N, same dtype.
@@ -43,6 +46,14 @@ size_t dequant_scratch_bytes(const Shape& shape);
 
 // Y = X W_hat^T (+ bias) with the LUT path (fused kernel, Stream-K). `workspace` as above.
 void lut_gemm(const GemmProblem& p, void* workspace, size_t workspace_bytes, void* stream);
+
+// True when the wgmma prefill kernel can run on `device`: an sm_90 GPU and a build with sm_90a code.
+bool wgmma_supported(int device);
+// Bytes of persistent workspace the wgmma path needs (same rules as workspace_bytes()).
+size_t wgmma_workspace_bytes(int64_t M, const Shape& shape, int device);
+// Y = X W_hat^T (+ bias) with the wgmma path. W_hat is rounded to X's dtype before the multiply
+// (T[q] * s in fp32, then one rounding: the dequant path's values). Throws where unsupported.
+void wgmma_gemm(const GemmProblem& p, void* workspace, size_t workspace_bytes, void* stream);
 
 // W_hat (N x K, row-major, `dtype`) from the packed weight, rounding T[q] to `dtype` first and
 // multiplying by the scale in fp32 (the same values the LUT path multiplies with).

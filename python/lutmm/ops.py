@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from . import _core
 from ._api import _DTYPE_CODE, _ptr
 
-# Path selection for tests and benchmarks: None = dispatch rule; "lut" or "dequant" forces a path.
+# Path selection for tests and benchmarks: None = dispatch rule; "lut", "wgmma" (Hopper only) or
+# "dequant" forces a path.
 FORCE_PATH: Optional[str] = os.environ.get("LUTMM_FORCE_PATH") or None
-_PATHS = {1: "lut", 2: "dequant"}
+_PATHS = {1: "lut", 2: "dequant", 3: "wgmma"}
+_PATH_CODES = {v: k for k, v in _PATHS.items()}
 
 # Per-device workspace for the LUT path's Stream-K fixup: zero-filled once, left zeroed by every call.
 # Sized generously on first use so that CUDA graph capture never needs to grow it.
@@ -44,14 +46,22 @@ def _sizes(N: int, K: int, bits: int, group_size: int):
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(M: int, N: int, K: int, bits: int, group_size: int, device_index: int):
-    path = _PATHS[_core.gpu_choose_path(M, N, K, bits, group_size, device_index)]
-    ws = _core.gpu_workspace_bytes(M, N, K, bits, group_size, device_index)  # also for a forced LUT path
+def _plan(M: int, N: int, K: int, bits: int, group_size: int, device_index: int, forced: Optional[str] = None):
+    """(path, workspace bytes) for a call; `forced` overrides the dispatch rule."""
+    if forced is not None and forced not in _PATH_CODES:
+        raise ValueError(f"LUTMM_FORCE_PATH / FORCE_PATH: got {forced!r}, expected one of {sorted(_PATH_CODES)}")
+    path = forced or _PATHS[_core.gpu_choose_path(M, N, K, bits, group_size, device_index)]
+    if path == "wgmma" and not _core.gpu_wgmma_supported(device_index):
+        raise ValueError("path 'wgmma' needs an sm_90 (Hopper) GPU and a build with sm_90a code")
+    ws = 0 if path == "dequant" else _core.gpu_workspace_bytes(M, N, K, bits, group_size, device_index,
+                                                                _PATH_CODES[path])
     return path, ws
 
 
 def choose_path(M: int, N: int, K: int, bits: int, group_size: int, device_index: int = 0) -> str:
     if FORCE_PATH:
+        if FORCE_PATH not in _PATH_CODES:
+            raise ValueError(f"LUTMM_FORCE_PATH / FORCE_PATH: got {FORCE_PATH!r}, expected one of {sorted(_PATH_CODES)}")
         return FORCE_PATH
     return _plan(M, N, K, bits, group_size, device_index)[0]
 
@@ -114,19 +124,19 @@ def cuda_lut_matmul(x, packed, packed_scales, table, N, K, bits, group_size, bia
         return x.new_empty(*lead, N)
     dev = x.device
     stream = torch.cuda.current_stream(dev).cuda_stream
-    path = choose_path(M, N, K, bits, group_size, dev.index or 0)
+    path, ws_bytes = _plan(M, N, K, bits, group_size, dev.index or 0, FORCE_PATH)
     if packed.device != dev or packed_scales.device != dev:
         raise ValueError(f"packed weight on {packed.device}, expected {dev} (the device of x)")
-    if path == "lut":
+    if path != "dequant":
         pp, ps = _check_packed(packed, packed_scales, N, K, bits, group_size, "cuda")
         bp = 0
         if bias is not None:
             bias = bias.contiguous()
             bp = _ptr(bias, "bias", x.dtype, N, "cuda")
         y = torch.empty(M, N, dtype=x.dtype, device=dev)
-        ws = _workspace(dev, _plan(M, N, K, bits, group_size, dev.index or 0)[1])
+        ws = _workspace(dev, ws_bytes)
         _core.gpu_lut_gemm(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, pp, ps, list(table), N, K, bits, group_size, bp,
-                           y.data_ptr(), ws.data_ptr(), ws.numel(), stream)
+                           y.data_ptr(), ws.data_ptr(), ws.numel(), stream, _PATH_CODES[path])
     else:
         w = gpu_dequantize(packed, packed_scales, table, N, K, bits, group_size, x.dtype)
         y = F.linear(x2, w, bias)

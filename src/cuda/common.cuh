@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 
+#include "lutmm/cuda.h"
 #include "lutmm/format.h"
 
 namespace lutmm {
@@ -13,6 +14,11 @@ namespace gpu {
 
 // Throws lutmm::Error with the CUDA error string when `e` is not cudaSuccess.
 void check_cuda(cudaError_t e, const char* what);
+// Throws lutmm::Error naming the problem unless `ptr` is 16-byte aligned.
+void check_aligned(const void* ptr, const char* what);
+// Checks what every fused-kernel call needs (shape, table, dtype, M, pointers, alignment); throws
+// lutmm::Error naming the problem.
+void validate_problem(const GemmProblem& prob);
 
 // Activation element type traits: fp16 and bf16 behave the same except for the mma instruction.
 template <typename T> struct Elem;
@@ -54,6 +60,10 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 // 16-byte global -> shared copy that bypasses L1; src_bytes = 0 zero-fills the destination.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+}
+// 4-byte global -> shared copy (through L1); src_bytes = 0 zero-fills the destination.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {

@@ -16,6 +16,28 @@ void check_cuda(cudaError_t e, const char* what) {
   }
 }
 
+void check_aligned(const void* ptr, const char* what) {
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) {
+    Msg m;
+    m << what << ": address " << ptr << " is not 16-byte aligned";
+    throw Error(m.str());
+  }
+}
+
+void validate_problem(const GemmProblem& prob) {
+  validate_shape(prob.shape);
+  validate_table(prob.table, prob.shape.table_size(), prob.shape.bits);
+  if (prob.dtype != DType::F16 && prob.dtype != DType::BF16)
+    throw Error(std::string("x: dtype ") + dtype_name(prob.dtype) + ", expected float16 or bfloat16");
+  if (prob.M < 1) throw Error("M: expected >= 1, got " + std::to_string(prob.M));
+  if (prob.M > (int64_t(1) << 30) || prob.shape.N > (int64_t(1) << 30) || prob.shape.K > (int64_t(1) << 30))
+    throw Error("shape: M, N and K must each be below 2^30");
+  check_aligned(prob.x, "x");
+  check_aligned(prob.packed, "packed codes");
+  check_aligned(prob.packed_scales, "packed scales");
+  if (!prob.y) throw Error("y: null output pointer");
+}
+
 bool available() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) { cudaGetLastError(); return false; }
@@ -32,13 +54,17 @@ const char* build_info() {
   return buf;
 }
 
-// Dispatch rule (H100, measured; see docs/performance.md): the fused LUT kernel is memory-bound
-// and wins while the weight stream dominates; past kLutMaxM tokens the dense tensor-core GEMM on a
-// dequantized copy wins.
+// Dispatch rule (H100, 2026-11-26, bench/bench_kernel.py --paths, 4-bit g128; docs/performance.md):
+// the fused LUT kernel is memory-bound and wins while the weight stream dominates (M <= 64). Past it
+// the tensor cores set the pace: the fused wgmma kernel (Hopper) beats dequantize + cuBLAS up to
+// M = 256 (1.1-2.2x), and up to M = 512 for weights of more than 16M elements (1.1-1.2x; 4096x4096
+// M = 512: 0.83x); from M = 1024 dequantize + cuBLAS is 4-30% faster than the wgmma kernel.
 constexpr int64_t kLutMaxM = 64;
 Path choose_path(int64_t M, const Shape& shape, DType dtype, int device) {
-  (void)shape; (void)dtype; (void)device;
-  return M <= kLutMaxM ? Path::kLut : Path::kDequant;
+  (void)dtype;
+  if (M <= kLutMaxM) return Path::kLut;
+  const int64_t wgmma_max_m = shape.N * shape.K > (int64_t(1) << 24) ? 512 : 256;
+  return M <= wgmma_max_m && wgmma_supported(device) ? Path::kWgmma : Path::kDequant;
 }
 
 size_t dequant_scratch_bytes(const Shape& shape) {

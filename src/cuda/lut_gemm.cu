@@ -29,7 +29,7 @@
 #include <algorithm>
 #include <mutex>
 
-#include "common.cuh"
+#include "lut_table.cuh"
 #include "lutmm/cuda.h"
 
 // Kernel experiments for A/B builds (cmake -DLUTMM_EXPERIMENT=N, `EXPERIMENTS=2 bash scripts/gpu.sh kab`):
@@ -49,7 +49,6 @@ constexpr int kStages = LUTMM_EXPERIMENT == 2 ? 4 : 3;  // cp.async pipeline dep
                                                         // (MT <= 2) share an SM beside their 64 KB tables
 constexpr int kXRowBytes = kBlockCols * 2 + 64;   // one token's 128 activations + 64 B pad: the 8 rows
                                                   // read by a quarter-warp's LDS.128 hit distinct banks
-constexpr int kScaleBytesPerRb = 4 * 16 * 2;      // up to 4 groups (g = 32) x 16 rows x fp16
 
 template <typename T>
 struct Params {
@@ -66,20 +65,10 @@ struct Params {
   int row_blocks, col_blocks, tiles;
 };
 
-// Even split of `total` iterations over `grid` CTAs: CTA c gets [start(c), start(c + 1)).
-__host__ __device__ __forceinline__ int64_t sk_start(int64_t c, int64_t total, int64_t grid) {
-  const int64_t base = total / grid, rem = total % grid;
-  return c * base + (c < rem ? c : rem);
-}
-__device__ __forceinline__ int sk_owner(int64_t i, int64_t total, int64_t grid) {
-  const int64_t base = total / grid, rem = total % grid, big = rem * (base + 1);
-  return int(i < big ? i / (base + 1) : rem + (i - big) / base);
-}
-
 template <int BITS, int MT>
 struct Layout {
   static constexpr int kBlockBytes = 256 * BITS;
-  static constexpr int kLutEntries = BITS == 3 ? 64 : 256;   // pairs (3, 4 bits) or quads (2 bits)
+  static constexpr int kLutEntries = lut_entries<BITS>();      // pairs (3, 4 bits) or quads (2 bits)
   // Entry stride: 256 B (32 copies of 4 or 8 B; prmt addressing), except 4 bits with MT = 4, where a
   // 64 KB table would leave one CTA per SM: 128 B (32 KB, shift-and addressing; the lookups are
   // amortised over 4 MMAs there). H200, 2026-11-26: 8192x8192 M = 64 took 91.4 us with 64 KB, 71.6 us
@@ -93,42 +82,27 @@ struct Layout {
   static constexpr int kSmemBytes = kLutBytes + kStages * kStageBytes + 16;  // table, stages, flag
 };
 
-// Copies one iteration's weights, scales and activations into a pipeline stage. What each thread
-// copies is fixed for the CTA's life, so the plan is computed once (constructor) and a load is a few
-// adds per 16-byte cp.async. (H200, 2026-11-26: the first loader recomputed chunk indices and 64-bit
-// addresses per chunk; Nsight Compute counted 394 instructions per warp per 1 KB block, ~250 of
-// them outside the lookups and MMAs.)
-// Activation rows at or beyond M are never loaded: zero_rows() clears them once in every stage.
+// Copies one iteration's weights, scales (WeightLoader, lut_table.cuh) and activations into a
+// pipeline stage. Activation rows at or beyond M are never loaded: zero_rows() clears them once in
+// every stage.
 template <int BITS, int MT, typename T>
 struct StageLoader {
   using L = Layout<BITS, MT>;
-  static constexpr int kWChunksPerBlock = L::kBlockBytes / 16;                 // 64, 48, 32
-  static constexpr int kWChunks = kWarps * kWChunksPerBlock;                   // per stage
-  static constexpr int kWPer = (kWChunks + kThreads - 1) / kThreads;          // chunks per thread
   static constexpr int kXChunks = 8 * MT * 16;                                 // 8*MT tokens x 16 chunks
   static constexpr int kXPer = (kXChunks + kThreads - 1) / kThreads;
 
-  int64_t w_src[kWPer];   // byte offset of the chunk from the tile's (row block 0, kb) block
-  int w_rb[kWPer];        // local row block of the chunk; kWarps when this slot is unused
+  WeightLoader<BITS, kWarps, kThreads> wl;
   const T* x_src[kXPer];  // token row + chunk column at kb = 0; nullptr when unused (rows >= M)
   int x_col[kXPer];       // first column of the chunk at kb = 0
-  const uint16_t* s_src;  // this thread's scale row pair (tid < 64), at group 0
 
-  __device__ StageLoader(const Params<T>& p, int m0) {
+  __device__ StageLoader(const Params<T>& p, int m0) : wl(p.s, p.G, p.col_blocks) {
     const int tid = threadIdx.x;
-#pragma unroll
-    for (int i = 0; i < kWPer; ++i) {
-      const int c = tid + i * kThreads;
-      w_rb[i] = c < kWChunks ? c / kWChunksPerBlock : kWarps;
-      w_src[i] = int64_t(w_rb[i]) * p.col_blocks * L::kBlockBytes + (c % kWChunksPerBlock) * 16;
-    }
 #pragma unroll
     for (int i = 0; i < kXPer; ++i) {
       const int c = tid + i * kThreads, r = c / 16;
       x_col[i] = (c % 16) * 8;
       x_src[i] = c < kXChunks && m0 + r < p.M ? p.x + int64_t(m0 + r) * p.K + x_col[i] : nullptr;
     }
-    s_src = p.s + int64_t(tid / 8) * p.G * 16 + (tid % 2) * 8;  // used only by tid < 64
   }
 
   // Clears the activation rows that are never loaded (tokens >= M) in every stage.
@@ -145,27 +119,7 @@ struct StageLoader {
 
   __device__ __forceinline__ void load(const Params<T>& p, uint8_t* stage, int tile, int kb) const {
     const int tid = threadIdx.x;
-    const uint8_t* wt = p.w + (int64_t(tile) * kWarps * p.col_blocks + kb) * L::kBlockBytes;
-    const int rb0 = tile * kWarps;
-#pragma unroll
-    for (int i = 0; i < kWPer; ++i) {
-      if (kWChunks % kThreads == 0 || w_rb[i] < kWarps) {
-        const bool ok = rb0 + w_rb[i] < p.row_blocks;
-        cp_async16(stage + (tid + i * kThreads) * 16, ok ? wt + w_src[i] : p.w, ok ? 16 : 0);
-      }
-    }
-    // Scales: the groups that intersect this k-block, 32 B per (row block, group): thread tid < 64
-    // copies half (tid % 2) of group (tid % 8) / 2 of row block tid / 8.
-    if (tid < kWarps * 8) {
-      const int chunk0 = kb * 4;
-      const int nchunks = min(4, (p.K - kb * kBlockCols) / 32);
-      const int g_first = chunk0 >> p.gl, g_count = ((chunk0 + nchunks - 1) >> p.gl) - g_first + 1;
-      const int grp = (tid % 8) / 2;
-      const bool ok = rb0 + tid / 8 < p.row_blocks && grp < g_count;
-      const uint16_t* src = s_src + int64_t(rb0) * p.G * 16 + (g_first + grp) * 16;
-      cp_async16(stage + L::kStageW + (tid / 8) * kScaleBytesPerRb + grp * 32 + (tid % 2) * 16, ok ? src : p.s,
-                 ok ? 16 : 0);
-    }
+    wl.load(stage, stage + L::kStageW, p.w, p.s, tile * kWarps, kb, p.row_blocks, p.col_blocks, p.K, p.G, p.gl);
     // Activations of tokens < M: 128 columns (zero beyond K).
 #pragma unroll
     for (int i = 0; i < kXPer; ++i) {
@@ -179,54 +133,6 @@ struct StageLoader {
   }
 };
 
-// w >> s for s >= 0, w << -s otherwise (s is a compile-time constant after unrolling).
-__device__ __forceinline__ uint32_t shift_right(uint32_t w, int s) { return s >= 0 ? w >> s : w << -s; }
-
-// The table sits at the start of dynamic shared memory, which on sm_80 and sm_90 begins after the
-// 1 KB the system reserves: shared address 0x400 (ptxas itself materialises that constant; the kernel
-// traps if it ever differs). Passing it as the load's immediate offset saves an add per lookup:
-// 32 of ~150 instructions per warp and 4-bit block.
-constexpr uint32_t kTableAddr = 0x400;
-__device__ __forceinline__ uint32_t lut_load32(uint32_t off) {
-  uint32_t v;
-  asm volatile("ld.shared.b32 %0, [%1+%2];\n" : "=r"(v) : "r"(off), "n"(kTableAddr));
-  return v;
-}
-__device__ __forceinline__ uint2 lut_load64(uint32_t off) {
-  uint2 v;
-  asm volatile("ld.shared.v2.b32 {%0, %1}, [%2+%3];\n" : "=r"(v.x), "=r"(v.y) : "r"(off), "n"(kTableAddr));
-  return v;
-}
-
-// (code byte `b` of w) << 8 | lane_byte: the table offset of a lane's copy of that entry, one prmt.
-__device__ __forceinline__ uint32_t byte_entry(uint32_t w, int b, uint32_t lane_byte) {
-  return __byte_perm(w, lane_byte, 0x5504u | (uint32_t(b) << 4));
-}
-
-// Fills the replicated value table (layout in the file comment). One entry per 8 (pairs) or 16
-// (quads) threads, 16-byte stores of 4 (2) copies: consecutive threads write consecutive bytes,
-// so the 64 KB go out conflict-free in 8 or 16 stores per thread.
-template <int BITS, int MT, typename T>
-__device__ __forceinline__ void build_table(uint8_t* lut, const float (&table)[16]) {
-  constexpr int kEntries = Layout<BITS, MT>::kLutEntries;
-  constexpr int kChunksPerEntry = (BITS == 2 ? 8 : 4) * 32 / 16;
-  const float tv = table[threadIdx.x % 16];  // lane l holds T[l % 16]; shuffles fetch T[q]
-  for (int c = threadIdx.x; c < kEntries * kChunksPerEntry; c += kThreads) {  // same trip count in every lane
-    const int e = c / kChunksPerEntry;
-    uint32_t lo, hi;
-    if (BITS == 2) {  // byte e = codes q0..q3 (2 bits each): registers (T[q0], T[q1]) and (T[q2], T[q3])
-      lo = Elem<T>::pack2(__shfl_sync(~0u, tv, e & 3), __shfl_sync(~0u, tv, (e >> 2) & 3));
-      hi = Elem<T>::pack2(__shfl_sync(~0u, tv, (e >> 4) & 3), __shfl_sync(~0u, tv, e >> 6));
-    } else {
-      int q0, q1;
-      pair_codes<BITS>(e, q0, q1);
-      lo = hi = Elem<T>::pack2(__shfl_sync(~0u, tv, q0), __shfl_sync(~0u, tv, q1));
-    }
-    *reinterpret_cast<uint4*>(lut + e * Layout<BITS, MT>::kEntryBytes + (c % kChunksPerEntry) * 16) =
-        make_uint4(lo, hi, lo, hi);
-  }
-}
-
 // One warp, one k-block: adds this block's contribution for its 16 rows x 8*MT tokens to acc.
 // FULL: the caller guarantees 4 whole chunks and groups >= 128 columns (one scale flush, at the end),
 // so every per-chunk test folds away; the arithmetic, and so the result, is bitwise the same.
@@ -237,18 +143,7 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const uint8_t* wb = stage + warp * L::kBlockBytes;
   uint32_t wd[8] = {}, hi[2] = {};
-  {
-    const uint4 c0 = reinterpret_cast<const uint4*>(wb)[lane];
-    wd[0] = c0.x; wd[1] = c0.y; wd[2] = c0.z; wd[3] = c0.w;
-    if (BITS == 4) {
-      const uint4 c1 = reinterpret_cast<const uint4*>(wb)[32 + lane];
-      wd[4] = c1.x; wd[5] = c1.y; wd[6] = c1.z; wd[7] = c1.w;
-    }
-    if (BITS == 3) {
-      const uint2 h = reinterpret_cast<const uint2*>(wb + 512)[lane];
-      hi[0] = h.x; hi[1] = h.y;
-    }
-  }
+  load_codes<BITS>(wb, lane, wd, hi);
   const uint8_t* ss = stage + L::kStageW + warp * kScaleBytesPerRb;
   const uint8_t* xs = stage + L::kStageW + L::kStageS;
   const int nchunks = FULL ? 4 : min(4, (p.K - kb * kBlockCols) / 32);
@@ -273,29 +168,7 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
       for (int h = 0; h < 2; ++h) {
         const int ks = 2 * j + h;
         uint32_t a[4];
-        if (BITS == 2) {  // bytes 2(ks%2) and 2(ks%2)+1 of word ks/2 are the quads (a0, a1) and (a2, a3)
-#pragma unroll
-          for (int q = 0; q < 2; ++q) {
-            const uint2 v = lut_load64(byte_entry(wd[ks / 2], (ks % 2) * 2 + q, lane_byte));
-            a[2 * q] = v.x;
-            a[2 * q + 1] = v.y;
-          }
-        } else {
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            uint32_t off;
-            if (BITS == 4 && L::kEntryBytes == 256) {  // byte q of word ks
-              off = byte_entry(wd[ks], q, lane_byte);
-            } else if (BITS == 4) {
-              off = (shift_right(wd[ks], 8 * q - 7) & 0x7f80u) | lane_byte;
-            } else {  // 3 bits: low 4 bits of the pair code from a nibble, high 2 from a 2-bit field
-              const int nib = (ks % 2) * 4 + q, fld = (ks % 4) * 4 + q;
-              off = (shift_right(wd[ks / 2], 4 * nib - 8) & 0xf00u) | (shift_right(hi[ks / 4], 2 * fld - 12) & 0x3000u) |
-                    lane_byte;
-            }
-            a[q] = lut_load32(off);
-          }
-        }
+        lookup_a<BITS, L::kEntryBytes>(wd, hi, ks, lane_byte, a);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
           Elem<T>::mma(part[mt], a, h ? xv[mt].z : xv[mt].x, h ? xv[mt].w : xv[mt].y);
@@ -340,8 +213,8 @@ template <int BITS, int MT, typename T>
 __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const Params<T> p) {
   using L = Layout<BITS, MT>;
   extern __shared__ __align__(16) uint8_t smem[];
-  uint8_t* lut = smem;  // first, at shared address kTableAddr (checked below): lookups add no base
-  if (threadIdx.x == 0 && (smem_addr(smem) & 0xffffffu) != kTableAddr) __trap();
+  uint8_t* lut = smem;  // first, at shared address kTableAddr (checked): lookups add no base
+  check_table_addr(smem);
   uint8_t* stages = smem + L::kLutBytes;
   int* flag = reinterpret_cast<int*>(stages + kStages * L::kStageBytes);
 
@@ -366,7 +239,7 @@ __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const Params<T> p) {
     }
     cp_async_commit();
   }
-  build_table<BITS, MT, T>(lut, p.table);
+  build_table<BITS, L::kEntryBytes, kThreads, T>(lut, p.table);
 
   float acc[MT][4];
 #pragma unroll
@@ -540,14 +413,6 @@ void launch_mt(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStrea
   else launch_bits<T, 4>(prob, geo, ws, st);
 }
 
-void check_aligned(const void* ptr, const char* what) {
-  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) {
-    Msg m;
-    m << what << ": address " << ptr << " is not 16-byte aligned";
-    throw Error(m.str());
-  }
-}
-
 }  // namespace
 
 size_t workspace_bytes(int64_t M, const Shape& shape, int device) {
@@ -559,19 +424,9 @@ size_t workspace_bytes(int64_t M, const Shape& shape, int device) {
 }
 
 void lut_gemm(const GemmProblem& prob, void* ws, size_t ws_bytes, void* stream) {
-  validate_shape(prob.shape);
-  validate_table(prob.table, prob.shape.table_size(), prob.shape.bits);
-  if (prob.dtype != DType::F16 && prob.dtype != DType::BF16)
-    throw Error(std::string("x: dtype ") + dtype_name(prob.dtype) + ", expected float16 or bfloat16");
-  if (prob.M < 1) throw Error("M: expected >= 1, got " + std::to_string(prob.M));
-  if (prob.M > (int64_t(1) << 30) || prob.shape.N > (int64_t(1) << 30) || prob.shape.K > (int64_t(1) << 30))
-    throw Error("shape: M, N and K must each be below 2^30");
+  validate_problem(prob);
   if ((prob.shape.row_blocks() + kWarps - 1) / kWarps * prob.shape.col_blocks() >= (int64_t(1) << 31))
     throw Error("shape: N x K too large for one call (more than 2^31 tiles x k-blocks); split N");
-  check_aligned(prob.x, "x");
-  check_aligned(prob.packed, "packed codes");
-  check_aligned(prob.packed_scales, "packed scales");
-  if (!prob.y) throw Error("y: null output pointer");
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   const Geometry geo = geometry(prob.M, prob.shape, prob.dtype, dev);

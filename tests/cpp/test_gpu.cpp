@@ -1,4 +1,5 @@
-// GPU differential tests: the fused kernel and the dequant kernel against the CPU reference.
+// GPU differential tests: the fused kernels (LUT decode kernel, wgmma prefill kernel) and the dequant
+// kernel against the CPU reference.
 // Without a CUDA device every test skips and says so.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -60,9 +61,15 @@ Layer make_layer(const Shape& s, DType dt, std::mt19937& rng, int table_kind) {
   return L;
 }
 
-// Runs the LUT kernel; returns Y as floats. Y is poisoned with NaN first.
+// Workspace bytes the fused path `path` needs.
+size_t ws_need(gpu::Path path, int64_t M, const Shape& s) {
+  return path == gpu::Path::kWgmma ? gpu::wgmma_workspace_bytes(M, s, 0) : gpu::workspace_bytes(M, s, 0);
+}
+
+// Runs a fused kernel (kLut or kWgmma); returns Y as floats. Y is poisoned with NaN first.
 std::vector<float> run_gpu(const Layer& L, const std::vector<uint16_t>& x, int64_t M, DType dt,
-                           const std::vector<uint16_t>* bias, void* ws, size_t ws_bytes) {
+                           const std::vector<uint16_t>* bias, void* ws, size_t ws_bytes,
+                           gpu::Path path = gpu::Path::kLut) {
   const Shape& s = L.s;
   DevBuf<uint8_t> dx(x.size() * 2), dw(L.packed.size()), ds(L.packed_scales.size() * 2), dy(size_t(M * s.N) * 2),
       db(size_t(s.N) * 2);
@@ -77,7 +84,8 @@ std::vector<float> run_gpu(const Layer& L, const std::vector<uint16_t>& x, int64
   for (int i = 0; i < s.table_size(); ++i) p.table[i] = L.table[size_t(i)];
   p.bias = bias ? db.p : nullptr;
   p.y = dy.p;
-  gpu::lut_gemm(p, ws, ws_bytes, nullptr);
+  if (path == gpu::Path::kWgmma) gpu::wgmma_gemm(p, ws, ws_bytes, nullptr);
+  else gpu::lut_gemm(p, ws, ws_bytes, nullptr);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<uint16_t> yh(size_t(M * s.N));
   cudaMemcpy(yh.data(), dy.p, yh.size() * 2, cudaMemcpyDeviceToHost);
@@ -112,11 +120,11 @@ struct Workspace {
 
 }  // namespace
 
-TEST(Gpu, RandomizedAgainstReference) {
-  REQUIRE_GPU();
-  std::mt19937 rng(12345);
+// `cases` random problems through `path` against the CPU reference. M mostly small for the LUT path,
+// mostly above 64 (where dispatch sends it) for the wgmma path; every shape, bits, g, dtype, table.
+void randomized_against_reference(gpu::Path path, int cases, uint32_t seed) {
+  std::mt19937 rng(seed);
   Workspace ws;
-  const int cases = 1500;
   int failures = 0;
   for (int c = 0; c < cases; ++c) {
     const int bits = 2 + int(rng() % 3);
@@ -124,7 +132,8 @@ TEST(Gpu, RandomizedAgainstReference) {
     int64_t g = gs[rng() % 5];
     int64_t M;
     const int r = int(rng() % 10);
-    if (r < 6) M = 1 + int64_t(rng() % 17);
+    if (path == gpu::Path::kWgmma) M = r < 2 ? 1 + int64_t(rng() % 64) : r < 9 ? 65 + int64_t(rng() % 300) : 1 + int64_t(rng() % 1100);
+    else if (r < 6) M = 1 + int64_t(rng() % 17);
     else if (r < 9) M = 1 + int64_t(rng() % 80);
     else M = 1 + int64_t(rng() % 512);
     const int64_t N = 1 + int64_t(rng() % (M > 100 ? 200 : 700));
@@ -144,19 +153,48 @@ TEST(Gpu, RandomizedAgainstReference) {
     biasf.resize(size_t(N));
     const bool use_bias = rng() % 2;
     for (int64_t n = 0; n < N; ++n) { bias[size_t(n)] = to_dtype(nd(rng), dt); biasf[size_t(n)] = from_dtype(bias[size_t(n)], dt); }
-    ws.ensure(gpu::workspace_bytes(M, s, 0));
-    auto y = run_gpu(L, x, M, dt, use_bias ? &bias : nullptr, ws.p, ws.bytes);
+    ws.ensure(ws_need(path, M, s));
+    auto y = run_gpu(L, x, M, dt, use_bias ? &bias : nullptr, ws.p, ws.bytes, path);
     std::vector<float> ref(size_t(M * N));
     reference_matmul(xf.data(), DType::F32, M, L.codes.data(), L.scales.data(), L.table_rounded.data(), s,
                      use_bias ? biasf.data() : nullptr, ref.data());
     const double err = rel_err(y, ref), tol = dt == DType::BF16 ? 6e-3 : 1.5e-3;
     if (!(err < tol)) {
       if (++failures < 10)
-        ADD_FAILURE() << "case " << c << ": M=" << M << " N=" << N << " K=" << K << " bits=" << bits << " g=" << g
+        ADD_FAILURE() << "path " << int(path) << " case " << c << ": M=" << M << " N=" << N << " K=" << K << " bits=" << bits << " g=" << g
                       << " dtype=" << dtype_name(dt) << " rel err " << err;
     }
   }
   EXPECT_EQ(failures, 0) << "of " << cases << " cases";
+}
+
+TEST(Gpu, RandomizedAgainstReference) {
+  REQUIRE_GPU();
+  randomized_against_reference(gpu::Path::kLut, 1500, 12345);
+}
+
+#define REQUIRE_WGMMA()                                                   \
+  REQUIRE_GPU();                                                          \
+  if (!gpu::wgmma_supported(0)) GTEST_SKIP() << "not an sm_90 GPU: wgmma test skipped"
+
+TEST(Gpu, WgmmaRandomizedAgainstReference) {
+  REQUIRE_WGMMA();
+  randomized_against_reference(gpu::Path::kWgmma, 600, 4242);
+}
+
+TEST(Gpu, DispatchBoundaries) {
+  REQUIRE_GPU();
+  const Shape small{4096, 4096, 4, 128}, big{8192, 8192, 4, 128};
+  const gpu::Path mid = gpu::wgmma_supported(0) ? gpu::Path::kWgmma : gpu::Path::kDequant;
+  for (const Shape& s : {small, big}) {
+    EXPECT_EQ(gpu::choose_path(1, s, DType::BF16, 0), gpu::Path::kLut);
+    EXPECT_EQ(gpu::choose_path(64, s, DType::BF16, 0), gpu::Path::kLut);
+    EXPECT_EQ(gpu::choose_path(65, s, DType::BF16, 0), mid);
+    EXPECT_EQ(gpu::choose_path(256, s, DType::BF16, 0), mid);
+    EXPECT_EQ(gpu::choose_path(1024, s, DType::BF16, 0), gpu::Path::kDequant);
+  }
+  EXPECT_EQ(gpu::choose_path(512, small, DType::BF16, 0), gpu::Path::kDequant);
+  EXPECT_EQ(gpu::choose_path(512, big, DType::BF16, 0), mid);
 }
 
 TEST(Gpu, IdentityGivesDequantizedWeightsExactly) {
@@ -165,19 +203,31 @@ TEST(Gpu, IdentityGivesDequantizedWeightsExactly) {
   Workspace ws;
   for (int bits : {2, 3, 4})
     for (DType dt : {DType::F16, DType::BF16}) {
-      Shape s{77, 128, bits, 32};
+      Shape s{77, 256, bits, 32};  // M = K = 256: two token tiles of the wgmma kernel
       Layer L = make_layer(s, dt, rng, 2);
       const int64_t M = s.K;
       std::vector<uint16_t> x(size_t(M * s.K), to_dtype(0.f, dt));
       for (int64_t i = 0; i < M; ++i) x[size_t(i * s.K + i)] = to_dtype(1.f, dt);
-      ws.ensure(gpu::workspace_bytes(M, s, 0));
-      auto y = run_gpu(L, x, M, dt, nullptr, ws.p, ws.bytes);
       std::vector<float> w(size_t(s.N * s.K));
       dequantize(L.codes.data(), L.scales.data(), L.table_rounded.data(), s, w.data());
-      for (int64_t k = 0; k < s.K; ++k)
-        for (int64_t n = 0; n < s.N; ++n)
-          ASSERT_EQ(y[size_t(k * s.N + n)], from_dtype(to_dtype(w[size_t(n * s.K + k)], dt), dt))
-              << "bits " << bits << " n " << n << " k " << k;
+      for (gpu::Path path : {gpu::Path::kLut, gpu::Path::kWgmma}) {
+        if (path == gpu::Path::kWgmma && !gpu::wgmma_supported(0)) continue;
+        ws.ensure(ws_need(path, M, s));
+        auto y = run_gpu(L, x, M, dt, nullptr, ws.p, ws.bytes, path);
+        // The wgmma path scales bf16 weights with a split-scale fma: within 1 ulp, rarely off.
+        const bool near = path == gpu::Path::kWgmma && dt == DType::BF16;
+        int64_t off_by_one = 0;
+        for (int64_t k = 0; k < s.K; ++k)
+          for (int64_t n = 0; n < s.N; ++n) {
+            const uint16_t want = to_dtype(w[size_t(n * s.K + k)], dt), got = to_dtype(y[size_t(k * s.N + n)], dt);
+            if (near && got != want && (got ^ want) < 0x8000 && (got > want ? got - want : want - got) == 1) {
+              ++off_by_one;
+              continue;
+            }
+            ASSERT_EQ(got, want) << "path " << int(path) << " bits " << bits << " n " << n << " k " << k;
+          }
+        EXPECT_LE(off_by_one, s.N * s.K / 50) << "bits " << bits;
+      }
       // The dequant kernel gives the same values.
       DevBuf<uint8_t> dw(L.packed.size()), ds(L.packed_scales.size() * 2), dout(size_t(s.N * s.K) * 2);
       cudaMemcpy(dw.p, L.packed.data(), L.packed.size(), cudaMemcpyHostToDevice);
@@ -210,6 +260,34 @@ TEST(Gpu, StreamKIsDeterministic) {
   }
 }
 
+// Every work split of the wgmma kernel (Stream-K only, data-parallel waves, both): bitwise the same
+// output on every run, and the same values as the LUT kernel (checked against the CPU reference
+// elsewhere) up to rounding.
+TEST(Gpu, WgmmaWorkSplitsDeterministicAndAgreeWithLut) {
+  REQUIRE_WGMMA();
+  std::mt19937 rng(98);
+  Workspace ws, ws_lut;
+  // On 132 SMs: 32 tiles (Stream-K), 128 (one data-parallel wave), 16 (Stream-K), 300 (a data-parallel
+  // wave + Stream-K), 256 (two uneven data-parallel waves).
+  for (auto [shp, M] : {std::pair{Shape{4096, 4096, 4, 128}, int64_t(256)}, std::pair{Shape{4096, 1024, 3, 64}, int64_t(1000)},
+                        std::pair{Shape{1000, 2048, 2, 32}, int64_t(300)}, std::pair{Shape{9600, 1024, 4, 128}, int64_t(1024)},
+                        std::pair{Shape{8192, 1024, 4, 64}, int64_t(1024)}}) {
+    Layer L = make_layer(shp, DType::BF16, rng, 0);
+    std::vector<uint16_t> x(size_t(M * shp.K));
+    std::normal_distribution<float> nd(0.f, 1.f);
+    for (auto& v : x) v = float_to_bf16(nd(rng));
+    ws.ensure(ws_need(gpu::Path::kWgmma, M, shp));
+    auto y0 = run_gpu(L, x, M, DType::BF16, nullptr, ws.p, ws.bytes, gpu::Path::kWgmma);
+    for (int rep = 0; rep < 2; ++rep) {
+      auto y = run_gpu(L, x, M, DType::BF16, nullptr, ws.p, ws.bytes, gpu::Path::kWgmma);
+      ASSERT_EQ(std::memcmp(y.data(), y0.data(), y.size() * 4), 0) << "run " << rep << " differs, N=" << shp.N;
+    }
+    ws_lut.ensure(ws_need(gpu::Path::kLut, M, shp));
+    auto yl = run_gpu(L, x, M, DType::BF16, nullptr, ws_lut.p, ws_lut.bytes, gpu::Path::kLut);
+    EXPECT_LT(rel_err(y0, yl), 6e-3) << "N=" << shp.N << " K=" << shp.K << " M=" << M;
+  }
+}
+
 TEST(Gpu, RejectsBadArguments) {
   REQUIRE_GPU();
   std::mt19937 rng(1);
@@ -233,5 +311,16 @@ TEST(Gpu, RejectsBadArguments) {
   EXPECT_THROW(gpu::lut_gemm(bad, ws.p, ws.bytes, nullptr), Error);
   bad = p; bad.shape.bits = 5;
   EXPECT_THROW(gpu::lut_gemm(bad, ws.p, ws.bytes, nullptr), Error);
+  if (gpu::wgmma_supported(0)) {
+    ws.ensure(gpu::wgmma_workspace_bytes(2, s, 0));
+    EXPECT_NO_THROW(gpu::wgmma_gemm(p, ws.p, ws.bytes, nullptr));
+    bad = p; bad.x = dx.p + 2;
+    EXPECT_THROW(gpu::wgmma_gemm(bad, ws.p, ws.bytes, nullptr), Error);
+    EXPECT_THROW(gpu::wgmma_gemm(p, ws.p, 0, nullptr), Error);
+    bad = p; bad.dtype = DType::F32;
+    EXPECT_THROW(gpu::wgmma_gemm(bad, ws.p, ws.bytes, nullptr), Error);
+  } else {
+    EXPECT_THROW(gpu::wgmma_gemm(p, ws.p, ws.bytes, nullptr), Error);
+  }
   CK(cudaDeviceSynchronize());
 }

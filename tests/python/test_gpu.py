@@ -1,4 +1,4 @@
-"""GPU tests of the torch op: both paths against the reference, dispatch boundaries, opcheck,
+"""GPU tests of the torch op: every path against the reference, dispatch boundaries, opcheck,
 torch.compile(fullgraph=True), CUDA graph replay. Skipped (and said so) without a CUDA device."""
 import pytest
 import torch
@@ -22,10 +22,16 @@ def _rounded_table_ref(x, qw, bias, dtype):
     return lutmm.reference_matmul(x.cpu(), q2, None if bias is None else bias.cpu())
 
 
-@pytest.mark.parametrize("path", ["lut", "dequant"])
+def _wgmma_ok():
+    return lutmm._core.gpu_wgmma_supported(torch.cuda.current_device())
+
+
+@pytest.mark.parametrize("path", ["lut", "wgmma", "dequant"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_paths_match_reference(path, bits, dtype, monkeypatch):
+    if path == "wgmma" and not _wgmma_ok():
+        pytest.skip("wgmma path needs an sm_90 GPU")
     monkeypatch.setattr(ops, "FORCE_PATH", path)
     torch.manual_seed(bits)
     for M, N, K, g in [(1, 300, 512, 64), (7, 129, 256, 32), (33, 64, 1024, 128), (200, 96, 384, 128), (3, 50, 160, 160)]:
@@ -44,13 +50,23 @@ def test_dispatch_boundaries_agree():
     torch.manual_seed(0)
     N, K = 256, 1024
     qw = lutmm.quantize(torch.randn(N, K), bits=4, group_size=128).to("cuda")
-    for M in (1, 8, 9, 16, 17, 32, 33, 64, 65, 128):
+    for M in (1, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 300):
         x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
         ref = _rounded_table_ref(x, qw, None, torch.bfloat16)
         y = lutmm.matmul(x, qw)
         assert _rel(y, ref) < 6e-3, M
     assert ops.choose_path(1, N, K, 4, 128) == "lut"
+    assert ops.choose_path(64, N, K, 4, 128) == "lut"
+    assert ops.choose_path(65, N, K, 4, 128) == ("wgmma" if _wgmma_ok() else "dequant")
     assert ops.choose_path(4096, N, K, 4, 128) == "dequant"
+
+
+def test_forced_path_is_checked(monkeypatch):
+    qw = lutmm.quantize(torch.randn(64, 256), bits=4, group_size=64).to("cuda")
+    x = torch.randn(3, 256, dtype=torch.bfloat16, device="cuda")
+    monkeypatch.setattr(ops, "FORCE_PATH", "fastest")
+    with pytest.raises(ValueError, match="FORCE_PATH"):
+        lutmm.matmul(x, qw)
 
 
 def test_batched_input_shape_and_determinism():

@@ -1,0 +1,190 @@
+// The replicated pair table in shared memory and the lookups that turn one packed 16 x 128 block
+// into tensor-core A registers. Shared by the decode kernel (lut_gemm.cu, mma.sync) and the prefill
+// kernel (lut_wgmma.cu, wgmma): both read the same packed layout (docs/format.md) and the same table.
+//
+// Table layout: entry e (a pair of codes, or a quad at 2 bits) is kEntryBytes apart; lane l's copy of
+// it sits at e * kEntryBytes + l * 4 (quads: l * 8), so lane l always reads bank l (l and l + 16 at 2
+// bits, one 64-bit wavefront each): conflict-free whatever the codes. With the 256-byte stride an
+// address is one byte permute: prmt puts the code byte into bits 8-15 and the lane's offset into bits
+// 0-7. 3-bit codes are split over two fields and take shifts and masks.
+#pragma once
+#include "common.cuh"
+
+namespace lutmm {
+namespace gpu {
+
+// Even split of `total` iterations over `grid` CTAs: CTA c gets [start(c), start(c + 1)).
+__host__ __device__ __forceinline__ int64_t sk_start(int64_t c, int64_t total, int64_t grid) {
+  const int64_t base = total / grid, rem = total % grid;
+  return c * base + (c < rem ? c : rem);
+}
+// The CTA whose range holds iteration i.
+__device__ __forceinline__ int sk_owner(int64_t i, int64_t total, int64_t grid) {
+  const int64_t base = total / grid, rem = total % grid, big = rem * (base + 1);
+  return int(i < big ? i / (base + 1) : rem + (i - big) / base);
+}
+
+// Entries of the table: pairs (3, 4 bits) or quads (2 bits).
+template <int BITS> __host__ __device__ constexpr int lut_entries() { return BITS == 3 ? 64 : 256; }
+
+// The table sits at the start of dynamic shared memory, which on sm_80 and sm_90 begins after the
+// 1 KB the system reserves: shared address 0x400 (ptxas itself materialises that constant; kernels
+// trap if it ever differs). Passing it as the load's immediate offset saves an add per lookup:
+// 32 of ~150 instructions per warp and 4-bit block.
+constexpr uint32_t kTableAddr = 0x400;
+__device__ __forceinline__ uint32_t lut_load32(uint32_t off) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1+%2];\n" : "=r"(v) : "r"(off), "n"(kTableAddr));
+  return v;
+}
+__device__ __forceinline__ uint2 lut_load64(uint32_t off) {
+  uint2 v;
+  asm volatile("ld.shared.v2.b32 {%0, %1}, [%2+%3];\n" : "=r"(v.x), "=r"(v.y) : "r"(off), "n"(kTableAddr));
+  return v;
+}
+// Traps unless the dynamic shared memory (the table) starts at kTableAddr.
+__device__ __forceinline__ void check_table_addr(const void* smem) {
+  if (threadIdx.x == 0 && (smem_addr(smem) & 0xffffffu) != kTableAddr) __trap();
+}
+
+// w >> s for s >= 0, w << -s otherwise (s is a compile-time constant after unrolling).
+__device__ __forceinline__ uint32_t shift_right(uint32_t w, int s) { return s >= 0 ? w >> s : w << -s; }
+
+// (code byte `b` of w) << 8 | lane_byte: the table offset of a lane's copy of that entry, one prmt.
+__device__ __forceinline__ uint32_t byte_entry(uint32_t w, int b, uint32_t lane_byte) {
+  return __byte_perm(w, lane_byte, 0x5504u | (uint32_t(b) << 4));
+}
+
+// Fills the replicated value table (T rounded to T's dtype). One entry per 8 (pairs) or 16 (quads)
+// threads, 16-byte stores of 4 (2) copies: consecutive threads write consecutive bytes, so the table
+// goes out conflict-free. THREADS: the CTA size (all threads call it; it uses warp shuffles).
+template <int BITS, int ENTRY_BYTES, int THREADS, typename T>
+__device__ __forceinline__ void build_table(uint8_t* lut, const float (&table)[16]) {
+  constexpr int kChunksPerEntry = (BITS == 2 ? 8 : 4) * 32 / 16;
+  const float tv = table[threadIdx.x % 16];  // lane l holds T[l % 16]; shuffles fetch T[q]
+  for (int c = threadIdx.x; c < lut_entries<BITS>() * kChunksPerEntry; c += THREADS) {  // same trip count in every lane
+    const int e = c / kChunksPerEntry;
+    uint32_t lo, hi;
+    if (BITS == 2) {  // byte e = codes q0..q3 (2 bits each): registers (T[q0], T[q1]) and (T[q2], T[q3])
+      lo = Elem<T>::pack2(__shfl_sync(~0u, tv, e & 3), __shfl_sync(~0u, tv, (e >> 2) & 3));
+      hi = Elem<T>::pack2(__shfl_sync(~0u, tv, (e >> 4) & 3), __shfl_sync(~0u, tv, e >> 6));
+    } else {
+      int q0, q1;
+      pair_codes<BITS>(e, q0, q1);
+      lo = hi = Elem<T>::pack2(__shfl_sync(~0u, tv, q0), __shfl_sync(~0u, tv, q1));
+    }
+    *reinterpret_cast<uint4*>(lut + e * ENTRY_BYTES + (c % kChunksPerEntry) * 16) = make_uint4(lo, hi, lo, hi);
+  }
+}
+
+// A warp's code words of one packed block (256 * BITS bytes at `wb`, in shared memory): wd[0..7]
+// (4 bits: one word per k-step; 2 and 3 bits: words 0..3, the 2-bit fields / low nibbles) and, at 3
+// bits, hi[0..1] (the codes' high bits).
+template <int BITS>
+__device__ __forceinline__ void load_codes(const uint8_t* wb, int lane, uint32_t (&wd)[8], uint32_t (&hi)[2]) {
+  const uint4 c0 = reinterpret_cast<const uint4*>(wb)[lane];
+  wd[0] = c0.x; wd[1] = c0.y; wd[2] = c0.z; wd[3] = c0.w;
+  if (BITS == 4) {
+    const uint4 c1 = reinterpret_cast<const uint4*>(wb)[32 + lane];
+    wd[4] = c1.x; wd[5] = c1.y; wd[6] = c1.z; wd[7] = c1.w;
+  }
+  if (BITS == 3) {
+    const uint2 h = reinterpret_cast<const uint2*>(wb + 512)[lane];
+    hi[0] = h.x; hi[1] = h.y;
+  }
+}
+
+// The four A registers (a0..a3 of mma.m16n8k16 / a warp's slice of wgmma's register A) of k-step ks,
+// unscaled: pairs (T[q0], T[q1]) in T's dtype. lane_byte: this lane's copy inside an entry
+// (lane * 4, or lane * 8 for 2-bit quads).
+template <int BITS, int ENTRY_BYTES>
+__device__ __forceinline__ void lookup_a(const uint32_t (&wd)[8], const uint32_t (&hi)[2], int ks, uint32_t lane_byte,
+                                         uint32_t (&a)[4]) {
+  if (BITS == 2) {  // bytes 2(ks%2) and 2(ks%2)+1 of word ks/2 are the quads (a0, a1) and (a2, a3)
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const uint2 v = lut_load64(byte_entry(wd[ks / 2], (ks % 2) * 2 + q, lane_byte));
+      a[2 * q] = v.x;
+      a[2 * q + 1] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      uint32_t off;
+      if (BITS == 4 && ENTRY_BYTES == 256) {  // byte q of word ks
+        off = byte_entry(wd[ks], q, lane_byte);
+      } else if (BITS == 4) {                 // 128-byte entries
+        off = (shift_right(wd[ks], 8 * q - 7) & 0x7f80u) | lane_byte;
+      } else {  // 3 bits: low 4 bits of the pair code from a nibble, high 2 from a 2-bit field
+        const int nib = (ks % 2) * 4 + q, fld = (ks % 4) * 4 + q;
+        off = (shift_right(wd[ks / 2], 4 * nib - 8) & 0xf00u) | (shift_right(hi[ks / 4], 2 * fld - 12) & 0x3000u) |
+              lane_byte;
+      }
+      a[q] = lut_load32(off);
+    }
+  }
+}
+
+
+// Scales of one 16-row block in a pipeline stage: up to 4 groups (g = 32) x 16 rows x fp16, group slot
+// j >> min(gl, 2) for 32-column chunk j of the k-block.
+constexpr int kScaleBytesPerRb = 4 * 16 * 2;
+
+// Copies the packed codes and scales of one (tile, k-block) into a pipeline stage: a tile is
+// ROW_BLOCKS consecutive 16-row blocks (warp w of the CTA computes row block w); codes land at
+// `stage_w` (block w at w * 256 * BITS), scales at `stage_s` (block w at w * kScaleBytesPerRb).
+// What each thread copies is fixed for the CTA's life, so the plan is computed once (constructor) and
+// a load is a few adds per 16-byte cp.async. (H200, 2026-11-26: the first loader recomputed chunk
+// indices and 64-bit addresses per chunk; Nsight Compute counted 394 instructions per warp per 1 KB
+// block, ~250 of them outside the lookups and MMAs.) Rows beyond the weight are zero-filled.
+template <int BITS, int ROW_BLOCKS, int THREADS>
+struct WeightLoader {
+  static constexpr int kBlockBytes = 256 * BITS;
+  static constexpr int kChunksPerBlock = kBlockBytes / 16;                 // 64, 48, 32
+  static constexpr int kChunks = ROW_BLOCKS * kChunksPerBlock;             // per stage
+  static constexpr int kPer = (kChunks + THREADS - 1) / THREADS;           // chunks per thread
+  static_assert(ROW_BLOCKS * 8 <= THREADS, "one thread per half (row block, group) of scales");
+
+  int64_t w_src[kPer];    // byte offset of the chunk from the tile's (row block 0, kb) block
+  int w_rb[kPer];         // local row block of the chunk; ROW_BLOCKS when this slot is unused
+  const uint16_t* s_src;  // this thread's scale row pair (tid < ROW_BLOCKS * 8), at group 0
+
+  __device__ WeightLoader(const uint16_t* s, int G, int col_blocks) {
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int c = tid + i * THREADS;
+      w_rb[i] = c < kChunks ? c / kChunksPerBlock : ROW_BLOCKS;
+      w_src[i] = int64_t(w_rb[i]) * col_blocks * kBlockBytes + (c % kChunksPerBlock) * 16;
+    }
+    s_src = s + int64_t(tid / 8) * G * 16 + (tid % 2) * 8;
+  }
+
+  // w, s: the packed codes and scales; rb0: the tile's first row block; gl: log2(g / 32) (30: g = K).
+  __device__ __forceinline__ void load(uint8_t* stage_w, uint8_t* stage_s, const uint8_t* w, const uint16_t* s,
+                                       int rb0, int kb, int row_blocks, int col_blocks, int K, int G, int gl) const {
+    const int tid = threadIdx.x;
+    const uint8_t* wt = w + (int64_t(rb0) * col_blocks + kb) * kBlockBytes;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      if (kChunks % THREADS == 0 || w_rb[i] < ROW_BLOCKS) {
+        const bool ok = rb0 + w_rb[i] < row_blocks;
+        cp_async16(stage_w + (tid + i * THREADS) * 16, ok ? wt + w_src[i] : w, ok ? 16 : 0);
+      }
+    }
+    // Scales: the groups that intersect this k-block, 32 B per (row block, group): thread tid copies
+    // half (tid % 2) of group (tid % 8) / 2 of row block tid / 8.
+    if (tid < ROW_BLOCKS * 8) {
+      const int chunk0 = kb * 4;
+      const int nchunks = min(4, (K - kb * kBlockCols) / 32);
+      const int g_first = chunk0 >> gl, g_count = ((chunk0 + nchunks - 1) >> gl) - g_first + 1;
+      const int grp = (tid % 8) / 2;
+      const bool ok = rb0 + tid / 8 < row_blocks && grp < g_count;
+      const uint16_t* src = s_src + int64_t(rb0) * G * 16 + (g_first + grp) * 16;
+      cp_async16(stage_s + (tid / 8) * kScaleBytesPerRb + grp * 32 + (tid % 2) * 16, ok ? src : s, ok ? 16 : 0);
+    }
+  }
+};
+
+}  // namespace gpu
+}  // namespace lutmm

@@ -1,0 +1,622 @@
+// The prefill kernel (large M): Y (M x N) = X (M x K) * W_hat^T on Hopper's warpgroup tensor cores
+// (wgmma, sm_90a), reading the same packed weights and pair table as the decode kernel (lut_gemm.cu).
+//
+// * Roles. A CTA has two consumer warpgroups (warps 0-7) and a producer warpgroup (warps 8-11, of
+//   which one thread works; setmaxnreg moves its registers to the consumers: 232 each). It owns a
+//   tile of 128 weight rows x TOK tokens (TOK = 128 or 256). Consumer warp w looks up row block w
+//   (16 rows) through the decode kernel's pair table straight into wgmma's A registers (the
+//   A-from-registers fragment of a warp's 16 rows is the mma.m16n8k16 A fragment); warpgroup g
+//   multiplies rows 64g..64g+63 by the TOK tokens (wgmma's N side, B from shared memory): one
+//   wgmma.m64nTOKk16 per k-step of 16 columns. The producer's lane 0 fills the pipeline stages with
+//   TMA (activations) and bulk copies (codes, scales), all completing on the stage's mbarrier.
+// * Scales before the MMA. A per-group fp32 partial sum, as the decode kernel keeps, would double the
+//   TOK / 2 accumulators per thread; instead each looked-up pair is multiplied by its row's scale and
+//   rounded once to the activation dtype (PairScaler): the values the dequant path (dequant.cu)
+//   hands to cuBLAS (fp16 exactly, bf16 up to 1 ulp in ~0.4% of the weights).
+// * Activations in natural order, codes gathered per quad. The packed layout permutes the columns
+//   of each 32-column chunk (docs/format.md) so that a decode-kernel lane's activations are one
+//   16-byte load; wgmma wants B in natural k order. Rather than permuting the activations, each lane
+//   reads the code words of all four lanes of its quad (same rows) and picks, with per-lane byte
+//   selectors, the codes of the natural-order columns it owns in wgmma's A fragment: one extra
+//   select per k-step, and the activations are plain TMA tiles with the 128-byte swizzle (rows at or
+//   beyond M and columns at or beyond K arrive as zeros).
+//   (H100, 2026-11-26: the first version permuted the activations with one 4-byte cp.async per pair;
+//   Nsight Compute counted ~1030 instructions per warp per k-block, most of them loader address
+//   arithmetic, at 250 TFLOP/s; cp.async loads by all warps with 16-byte chunks still left ~460
+//   loader instructions per warp and k-block in the SASS: hence the producer warp.)
+// * Pipeline. 4 (TOK 256) or 6 (TOK 128) stages of half a k-block each (activations | codes |
+//   scales), each with a "full" mbarrier (producer -> consumers, transaction bytes) and an "empty"
+//   one (one arrival per consumer warp once its wgmmas have read the stage). Each warpgroup issues a
+//   k-block's 8 wgmmas as their lookups finish, as one commit group, and waits for it before
+//   releasing the k-block's two stages; the two warpgroups run independently.
+// * Work split. Tiles are ordered token-tile fastest, so the CTAs of one wave share activations in
+//   L2. Whole waves are data-parallel (CTA c takes tiles c, c + grid, ...); the last one to two waves
+//   are spread evenly over all CTAs with Stream-K and the decode kernel's deterministic fixup (the
+//   last contributor sums the partials in CTA order), so no SM idles at the tail and the output is
+//   bitwise reproducible.
+#include <cuda.h>  // CUtensorMap (the encoder is fetched from the driver at run time)
+
+#include <algorithm>
+#include <mutex>
+
+#include "lut_table.cuh"
+#include "lutmm/cuda.h"
+#include "wgmma.cuh"
+
+// Kernel experiments for A/B builds (cmake -DLUTMM_EXPERIMENT=N, `EXPERIMENTS=N bash scripts/gpu.sh kab`):
+//   5  tiles in plain token-tile-fastest order (no grouping; H100 2026-11-26: 5% slower at
+//      8192x8192 M = 4096, equal elsewhere)
+#ifndef LUTMM_EXPERIMENT
+#define LUTMM_EXPERIMENT 0
+#endif
+
+namespace lutmm {
+namespace gpu {
+namespace {
+
+constexpr int kWarps = 8;                     // consumer warps; warp w looks up row block w of a tile
+constexpr int kThreads = kWarps * 32;         // consumer threads
+constexpr int kCtaThreads = kThreads + 128;   // + the producer warpgroup
+
+template <typename T>
+struct WgParams {
+  const uint8_t* w;     // packed codes
+  const uint16_t* s;    // packed fp16 scales [row_blocks][G][8][2]
+  const T* bias;        // N or nullptr
+  T* y;                 // M x N
+  float* partials;      // Stream-K partial tiles [grid][2][TOK / 2][kThreads]
+  int* counters;        // per Stream-K tile arrival counters, zero between calls
+  float table[16];      // T
+  int M, N, K, G;
+  int gl;               // log2(group_size / 32); 30 when group_size = K is not a power of two
+  int row_blocks, col_blocks;
+  int m_tiles, n_tiles; // token tiles, weight tiles (tile_coords() maps a tile index to both)
+  int tiles, dp_tiles;  // tiles [0, dp_tiles) are data-parallel, [dp_tiles, tiles) Stream-K
+};
+
+// A stage holds half a k-block (64 columns): the activations as one 128-byte-swizzled K-major tile
+// of TOK rows x 128 B, the codes (4 bits: the half block's 512 contiguous bytes of each row block;
+// 2 and 3 bits: the whole block, whose bytes do not split by column) and the block's scales.
+template <int BITS, int TOK>
+struct WgLayout {
+  static constexpr int kLutBytes = lut_entries<BITS>() * 256;  // 256-byte entries (prmt addressing)
+  static constexpr int kStageX = TOK * 128;
+  static constexpr int kBlockBytes = 256 * BITS;
+  static constexpr int kRbCodeBytes = BITS == 4 ? kBlockBytes / 2 : kBlockBytes;  // codes per row block
+  static constexpr int kStageW = kWarps * kRbCodeBytes;
+  static constexpr int kStageS = kWarps * kScaleBytesPerRb;
+  static constexpr int kStageBytes = kStageX + kStageW + kStageS;
+  static_assert(kStageBytes % 1024 == 0 && kLutBytes % 1024 == 0, "swizzle atoms must stay 1024-byte aligned");
+  static constexpr int kStages = TOK == 256 ? 4 : 6;  // as many as fit beside the table
+  static constexpr int kBarOffset = kLutBytes + kStages * kStageBytes;  // full[kStages], empty[kStages]
+  static constexpr int kSmemBytes = kBarOffset + 2 * 8 * kStages + 16;  // table, stages, mbarriers, flag
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+};
+
+#if LUTMM_SM90A  // device code below exists for sm_90a only
+// Tile index -> (weight tile nt, token tile mt). Tiles run in groups of kGroupM token tiles: inside
+// a group token tiles are fastest, so a wave of CTAs shares few activation rows and many weight
+// tiles (the activations are the larger stream: TOK x 128 x 2 bytes per k-block against 8 KB of
+// codes), which keeps both in L2.
+constexpr int kGroupM = LUTMM_EXPERIMENT == 5 ? (1 << 20) : 4;
+__device__ __forceinline__ void tile_coords(int tile, int m_tiles, int n_tiles, int& nt, int& mt) {
+  const int group = tile / (kGroupM * n_tiles), r = tile - group * kGroupM * n_tiles;
+  const int gm = min(kGroupM, m_tiles - group * kGroupM);
+  nt = r / gm;
+  mt = group * kGroupM + (r - nt * gm);
+}
+
+constexpr int kTileRows = kWarps * 16;
+
+// The codes a lane needs for wgmma's natural-order A fragments. Lane (g, t) owns, for k-step s of a
+// block, columns 16 s + 2 t (+1) and 16 s + 8 + 2 t (+1) of rows g and g + 8; in the packed layout
+// those pairs sit with quad lanes (g, 2 (s % 2)) and (g, 2 (s % 2) + 1), in the code word of k-step
+// 2 (s / 2) + (t >> 1), at pair p = 2 (t & 1) (+1 for row g + 8). So every lane loads its quad's code
+// words (broadcast loads, no bank conflicts) and selects with per-lane byte selectors.
+template <int BITS>
+struct QuadCodes {
+  uint4 w[4];   // lane (g, t)'s 16 bytes: 4 bits: of the current 16-byte chunk; 2, 3 bits: of the block
+  uint2 hi[4];  // 3 bits: lane (g, t)'s 8 bytes of high bits
+  uint32_t sel0, sel1;  // prmt selectors: code byte -> bits 8-15, lane offset -> bits 0-7
+  int hsel, sh_lo, sh_hi;
+
+  __device__ QuadCodes() {
+    const int t = threadIdx.x % 4;
+    hsel = t >> 1;
+    if (BITS == 4) { sel0 = 0x5504u | (uint32_t(2 * (t & 1)) << 4); sel1 = sel0 + 0x10u; }
+    else { sel0 = 0x5504u | (uint32_t(t) << 4); sel1 = sel0; }
+    sh_lo = 8 * t;  // 3 bits: nibble 2 t of the low word, 2-bit field 2 t of the high word
+    sh_hi = 4 * t;
+  }
+  // Loads the quad's code words of a stage (4 bits: the half block's chunk; 2, 3 bits: the block).
+  __device__ __forceinline__ void load(const uint8_t* wb) {
+    const int g = (threadIdx.x % 32) / 4;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      w[t] = reinterpret_cast<const uint4*>(wb)[g * 4 + t];
+      if (BITS == 3) hi[t] = reinterpret_cast<const uint2*>(wb + 512)[g * 4 + t];
+    }
+  }
+  static __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+  }
+  // The four unscaled A registers of k-step s (compile-time, 0..7) of the block.
+  __device__ __forceinline__ void lookup(int s, uint32_t lane_byte, uint32_t (&a)[4]) const {
+    const int j = s / 2, v = s % 2;
+    if (BITS == 4) {
+      const int w0 = 2 * (j % 2);  // word of k-step 2 j inside the chunk; + hsel
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const uint32_t src = hsel ? word(w[2 * v + q], w0 + 1) : word(w[2 * v + q], w0);
+        a[2 * q] = lut_load32(__byte_perm(src, lane_byte, sel0));
+        a[2 * q + 1] = lut_load32(__byte_perm(src, lane_byte, sel1));
+      }
+    } else if (BITS == 2) {  // byte t of word j is the quad (rows g, g + 8)
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const uint2 r = lut_load64(__byte_perm(word(w[2 * v + q], j), lane_byte, sel0));
+        a[2 * q] = r.x;
+        a[2 * q + 1] = r.y;
+      }
+    } else {  // 3 bits: low nibble 2 t + r of word j, high field 8 (j % 2) + 2 t + r of word j / 2
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const uint32_t lw = word(w[2 * v + q], j) >> sh_lo;
+        const uint32_t hw = (j / 2 ? hi[2 * v + q].y : hi[2 * v + q].x) >> sh_hi;
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          a[2 * q + r] = lut_load32((shift_right(lw, 4 * r - 8) & 0xf00u) |
+                                    (shift_right(hw, 16 * (j % 2) + 2 * r - 12) & 0x3000u) | lane_byte);
+      }
+    }
+  }
+};
+
+// A 32-column chunk's scales of rows g and g + 8, ready to multiply looked-up value pairs.
+template <typename T> struct PairScaler;
+template <> struct PairScaler<__half> {
+  __half2 s[2];  // (s_r, s_r) for rows g (r = 0), g + 8 (r = 1)
+  __device__ __forceinline__ void set(__half2 sh) { s[0] = __low2half2(sh); s[1] = __high2half2(sh); }
+  // fp16 x fp16 is exact in fp32, so one fp16 multiply rounds exactly as the fp32 product would.
+  __device__ __forceinline__ uint32_t apply(uint32_t v, int r) const {
+    __half2 x = __hmul2(*reinterpret_cast<__half2*>(&v), s[r]);
+    return *reinterpret_cast<uint32_t*>(&x);
+  }
+};
+// bf16: s = hi + lo with hi = bf16(s) and lo = s - hi, exact in bf16 (an fp16 scale has 3 more
+// mantissa bits than bf16); v * s = fma(v, hi, bf16(v * lo)) rounds once, up to the 2^-17 relative
+// error of v * lo: about 0.4% of the weights come out 1 ulp away from the dequant path's round(v * s).
+// 2 instructions per register instead of 5 (unpack, 2 fp32 multiplies, pack).
+template <> struct PairScaler<__nv_bfloat16> {
+  __nv_bfloat162 hi[2], lo[2];
+  __device__ __forceinline__ void set(__half2 sh) {
+    const float2 f = __half22float2(sh);
+    const __nv_bfloat16 h0 = __float2bfloat16_rn(f.x), h1 = __float2bfloat16_rn(f.y);
+    const __nv_bfloat16 l0 = __float2bfloat16_rn(f.x - __bfloat162float(h0));
+    const __nv_bfloat16 l1 = __float2bfloat16_rn(f.y - __bfloat162float(h1));
+    hi[0] = __halves2bfloat162(h0, h0); hi[1] = __halves2bfloat162(h1, h1);
+    lo[0] = __halves2bfloat162(l0, l0); lo[1] = __halves2bfloat162(l1, l1);
+  }
+  __device__ __forceinline__ uint32_t apply(uint32_t v, int r) const {
+    const __nv_bfloat162 x = *reinterpret_cast<__nv_bfloat162*>(&v);
+    __nv_bfloat162 y = __hfma2(x, hi[r], __hmul2(x, lo[r]));
+    return *reinterpret_cast<uint32_t*>(&y);
+  }
+};
+
+// Half H (compile-time) of a k-block of the CTA's tile: warpgroup g adds rows 64 g..64 g + 63 x TOK
+// tokens to acc, issuing 4 wgmmas (the caller commits and waits). stage_addr: the
+// stage's shared-memory address; glc = min(gl, 2): the scale slot of 32-column chunk j is j >> glc;
+// chunks at or beyond `nchunks` lie past K (their scale slots are stale: use 0).
+template <int BITS, int TOK, typename T, int H>
+__device__ __forceinline__ void compute_half(const uint8_t* stage, uint32_t stage_addr, int glc, int nchunks,
+                                             QuadCodes<BITS>& qc, uint32_t (&a)[4][4], float (&acc)[TOK / 2]) {
+  using L = WgLayout<BITS, TOK>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
+  const uint8_t* ss = stage + L::kStageX + L::kStageW + warp * kScaleBytesPerRb;
+  const uint32_t lane_byte = uint32_t(lane) * (BITS == 2 ? 8u : 4u);
+  const uint64_t desc0 = wg::desc_sw128(stage_addr);  // + (byte offset >> 4) for each k-step
+  qc.load(stage + L::kStageX + warp * L::kRbCodeBytes);
+  PairScaler<T> sc;
+#pragma unroll
+  for (int s = 4 * H; s < 4 * H + 4; ++s) {
+    if (s % 2 == 0)  // scales of rows g, g + 8 for chunk s / 2
+      sc.set(s / 2 < nchunks ? *reinterpret_cast<const __half2*>(ss + ((s / 2) >> glc) * 32 + g * 4)
+                             : __floats2half2_rn(0.f, 0.f));
+    uint32_t(&r)[4] = a[s % 4];
+    qc.lookup(s, lane_byte, r);
+    r[0] = sc.apply(r[0], 0);  // row g
+    r[1] = sc.apply(r[1], 1);  // row g + 8
+    r[2] = sc.apply(r[2], 0);
+    r[3] = sc.apply(r[3], 1);
+    wg::fence();
+    wg::Mma<TOK, T>::run(acc, r, desc0 + uint64_t(((s % 4) * 32) >> 4));
+  }
+}
+
+// Writes acc (+ bias) of this warp's 16 rows x TOK tokens of tile (nt, mt) to Y. acc[4 j + 2 i + e]
+// is row g + 8 i, token 8 j + 2 t + e (the wgmma accumulator layout).
+template <int TOK, typename T>
+__device__ __forceinline__ void store_tile(const WgParams<T>& p, int nt, int mt, const float (&acc)[TOK / 2]) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int n = nt * kTileRows + warp * 16 + g + 8 * i;
+    if (n >= p.N) continue;
+    const float b = p.bias ? Elem<T>::to_float(p.bias[n]) : 0.f;
+#pragma unroll
+    for (int j = 0; j < TOK / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int m = mt * TOK + 8 * j + 2 * t + e;
+        if (m < p.M) p.y[int64_t(m) * p.N + n] = Elem<T>::from_float(acc[4 * j + 2 * i + e] + b);
+      }
+  }
+}
+
+// This CTA's work: whole data-parallel tiles cta, cta + grid, ... below dp_tiles, then iterations [sk_begin, sk_end) of the
+// Stream-K tiles (k-blocks of tiles dp_tiles.. flattened, k innermost). Position pos counts both;
+// next() advances (tile, kb) by one position with a division only at tile changes.
+struct WorkCursor {
+  int grid, cta, CB, dp_tiles, dp_iters, sk_begin, n_iters;
+  int64_t sk_total;
+  int pos = 0, tile = 0, kb = 0;
+  template <typename T>
+  __device__ WorkCursor(const WgParams<T>& p) {
+    grid = gridDim.x; cta = blockIdx.x; CB = p.col_blocks; dp_tiles = p.dp_tiles;
+    dp_iters = (cta < p.dp_tiles ? (p.dp_tiles - 1 - cta) / grid + 1 : 0) * CB;  // tiles cta, cta + grid, ...
+    sk_total = int64_t(p.tiles - p.dp_tiles) * CB;
+    sk_begin = int(sk_start(cta, sk_total, grid));
+    n_iters = dp_iters + int(sk_start(cta + 1, sk_total, grid)) - sk_begin;
+    seek(0);
+  }
+  __device__ void seek(int at) {
+    pos = at;
+    if (pos < dp_iters) {
+      tile = cta + (pos / CB) * grid;
+      kb = pos % CB;
+    } else {
+      const int i = sk_begin + (pos - dp_iters);
+      tile = dp_tiles + i / CB;
+      kb = i % CB;
+    }
+  }
+  __device__ __forceinline__ void next() {
+    if (++kb == CB) seek(pos + 1);
+    else ++pos;
+  }
+};
+
+// The producer: thread 0 of warp 8 fills stage q % S with half-block q (two per position), after
+// the consumers have released its previous use.
+template <int BITS, int TOK, typename T>
+__device__ __forceinline__ void produce(const WgParams<T>& p, const CUtensorMap* tmap_x, uint32_t smem_base) {
+  using L = WgLayout<BITS, TOK>;
+  constexpr int S = L::kStages;
+  WorkCursor wc(p);
+  int q = 0;
+  for (; wc.pos < wc.n_iters; wc.next()) {
+    int nt, mt;
+    tile_coords(wc.tile, p.m_tiles, p.n_tiles, nt, mt);
+    const int rb0 = nt * kWarps, rbs = min(kWarps, p.row_blocks - rb0);  // row blocks that exist
+    const int chunk0 = wc.kb * 4, nchunks = min(4, (p.K - wc.kb * kBlockCols) / 32);
+    const int g_first = chunk0 >> p.gl, g_count = ((chunk0 + nchunks - 1) >> p.gl) - g_first + 1;
+    for (int h = 0; h < 2; ++h, ++q) {
+      const int st = q % S, use = q / S;
+      const uint32_t full = smem_base + L::kBarOffset + 8 * st, empty = full + 8 * S;
+      if (use > 0) wg::mbar_wait(empty, (use - 1) & 1);
+      wg::mbar_arrive_expect_tx(full, L::kStageX + rbs * (L::kRbCodeBytes + g_count * 32));
+      const uint32_t stage = smem_base + L::kLutBytes + st * L::kStageBytes;
+      wg::tma_load_2d(stage, tmap_x, wc.kb * kBlockCols + 64 * h, mt * TOK, full);
+      for (int r = 0; r < rbs; ++r) {
+        const uint8_t* wsrc = p.w + (int64_t(rb0 + r) * p.col_blocks + wc.kb) * L::kBlockBytes +
+                              (BITS == 4 ? h * L::kRbCodeBytes : 0);
+        wg::bulk_load(stage + L::kStageX + r * L::kRbCodeBytes, wsrc, L::kRbCodeBytes, full);
+        wg::bulk_load(stage + L::kStageX + L::kStageW + r * kScaleBytesPerRb,
+                      p.s + (int64_t(rb0 + r) * p.G + g_first) * 16, g_count * 32, full);
+      }
+    }
+  }
+}
+
+#endif  // LUTMM_SM90A
+
+template <int BITS, int TOK, typename T>
+__global__ void __launch_bounds__(kCtaThreads, 1)
+lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x) {
+#if LUTMM_SM90A
+  using L = WgLayout<BITS, TOK>;
+  constexpr int kAcc = TOK / 2;  // fp32 accumulators per thread
+  constexpr int S = L::kStages;
+  extern __shared__ __align__(1024) uint8_t smem[];
+  uint8_t* lut = smem;  // first, at shared address kTableAddr (checked): lookups add no base
+  check_table_addr(smem);
+  uint8_t* stages = smem + L::kLutBytes;
+  const uint32_t bars = kTableAddr + L::kBarOffset;  // full[S], then empty[S]
+  int* flag = reinterpret_cast<int*>(smem + L::kBarOffset + 16 * S);
+  const int warp = threadIdx.x / 32;
+
+  if (threadIdx.x == 0) {
+    for (int st = 0; st < S; ++st) {
+      wg::mbar_init(bars + 8 * st, 1);            // the producer's arrive.expect_tx
+      wg::mbar_init(bars + 8 * (S + st), kWarps);  // one arrival per consumer warp
+    }
+    wg::mbar_init_fence();
+  }
+  if (warp < kWarps) build_table<BITS, 256, kThreads, T>(lut, p.table);
+  __syncthreads();
+  if (warp >= kWarps) {
+    wg::regs_dec<40>();
+    if (threadIdx.x == kThreads) produce<BITS, TOK, T>(p, &tmap_x, kTableAddr);
+    return;
+  }
+  wg::regs_inc<232>();
+
+  QuadCodes<BITS> qc;
+  float acc[kAcc];
+#pragma unroll
+  for (int e = 0; e < kAcc; ++e) acc[e] = 0.f;
+  const int glc = min(p.gl, 2);
+  WorkCursor wc(p);
+  const int grid = wc.grid, cta = wc.cta, CB = wc.CB;
+  int q = 0;  // half-blocks consumed
+  auto release = [&](int st) {
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) wg::mbar_arrive(bars + 8 * (S + st));  // this warp is done with the stage
+  };
+  uint32_t a0[4][4], a1[4][4];  // A registers of the two halves
+
+  while (wc.pos < wc.n_iters) {
+    // One segment: k-blocks seg_kb0..kb of `tile` (a whole tile, or a Stream-K piece of one).
+    // Each k-block's 8 wgmmas are one commit group, waited for before its two stages are released.
+    // (H100, 2026-11-26: committing and waiting per half-block was 5% slower at 8192x8192 M = 4096;
+    // leaving a half-block's group running across the next half's lookups made ptxas serialize the
+    // wgmmas (C7513) and was 10% slower.)
+    const int seg_kb0 = wc.kb, seg_len = min(CB - wc.kb, wc.n_iters - wc.pos);
+    for (int i = 0; i < seg_len; ++i, q += 2) {
+      const int nchunks = min(4, (p.K - (seg_kb0 + i) * kBlockCols) / 32);
+      const int st0 = q % S, st1 = (q + 1) % S;
+      wg::mbar_wait(bars + 8 * st0, (q / S) & 1);
+      compute_half<BITS, TOK, T, 0>(stages + st0 * L::kStageBytes,
+                                    kTableAddr + L::kLutBytes + uint32_t(st0) * L::kStageBytes, glc, nchunks, qc, a0, acc);
+      wg::mbar_wait(bars + 8 * st1, ((q + 1) / S) & 1);
+      compute_half<BITS, TOK, T, 1>(stages + st1 * L::kStageBytes,
+                                    kTableAddr + L::kLutBytes + uint32_t(st1) * L::kStageBytes, glc, nchunks, qc, a1, acc);
+      wg::commit();
+      wg::wait<0>();
+      release(st0);
+      release(st1);
+    }
+    wc.seek(wc.pos + seg_len - 1);  // the segment's last k-block
+
+    const int kb = wc.kb, tile = wc.tile;
+    {
+      wg::fence_operands(acc);
+      int nt, mt;
+      tile_coords(tile, p.m_tiles, p.n_tiles, nt, mt);
+      if (seg_kb0 == 0 && kb == CB - 1) {
+        store_tile<TOK>(p, nt, mt, acc);
+      } else {
+        // Stream-K fixup (as lut_gemm.cu): publish this partial, the last contributor sums them all.
+        const int sk_tile = tile - p.dp_tiles;
+        const int64_t tile_begin = int64_t(sk_tile) * CB, tile_end = tile_begin + CB;
+        const int slot = tile_begin + seg_kb0 == wc.sk_begin ? 0 : 1;
+        const int64_t part_elems = int64_t(kThreads) * kAcc;
+        float* mine = p.partials + (int64_t(cta) * 2 + slot) * part_elems;
+#pragma unroll
+        for (int e = 0; e < kAcc; ++e) mine[e * kThreads + threadIdx.x] = acc[e];
+        __threadfence();
+        wg::named_sync(1, kThreads);
+        const int first = sk_owner(tile_begin, wc.sk_total, grid), last = sk_owner(tile_end - 1, wc.sk_total, grid);
+        if (threadIdx.x == 0) {
+          const int arrived = atomicAdd(p.counters + sk_tile, 1);
+          const bool is_last = arrived == last - first;
+          if (is_last) atomicExch(p.counters + sk_tile, 0);  // leave the workspace zeroed for the next call
+          *flag = is_last;
+        }
+        wg::named_sync(1, kThreads);
+        if (*flag) {
+          __threadfence();
+#pragma unroll
+          for (int e = 0; e < kAcc; ++e) acc[e] = 0.f;
+          for (int c = first; c <= last; ++c) {
+            const int cslot = tile_begin <= sk_start(c, wc.sk_total, grid) ? 0 : 1;
+            const float* src = p.partials + (int64_t(c) * 2 + cslot) * part_elems;
+#pragma unroll
+            for (int e = 0; e < kAcc; ++e) acc[e] += __ldcg(src + e * kThreads + threadIdx.x);
+          }
+          store_tile<TOK>(p, nt, mt, acc);
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < kAcc; ++e) acc[e] = 0.f;
+    }
+    wc.next();
+  }
+#endif
+}
+
+// ---- host side ---------------------------------------------------------------------------------
+
+struct WgGeometry {
+  int tok, grid, m_tiles, n_tiles, tiles, dp_tiles, col_blocks;
+  int sk_tiles() const { return tiles - dp_tiles; }
+};
+
+// H100, 2026-11-26: TOK = 128 up to M = 512 made M = 256 45-55% slower (more tiles, each re-reading
+// its share of activations and paying the lookups for half the MMA work).
+int tok_for(int64_t M) { return M <= 128 ? 128 : 256; }
+
+int sm_count(int device) {
+  static std::mutex mu;
+  static int cache[64] = {};
+  std::lock_guard<std::mutex> lock(mu);
+  if (device < 0 || device >= 64) throw Error("device: index out of range");
+  if (cache[device] == 0)
+    check_cuda(cudaDeviceGetAttribute(&cache[device], cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  return cache[device];
+}
+
+WgGeometry wg_geometry(int64_t M, const Shape& s, int device) {
+  WgGeometry g;
+  g.tok = tok_for(M);
+  g.m_tiles = int((M + g.tok - 1) / g.tok);
+  g.col_blocks = int(s.col_blocks());
+  const int64_t n_tiles = (s.row_blocks() + kWarps - 1) / kWarps;
+  g.n_tiles = int(n_tiles);
+  const int64_t tiles = n_tiles * g.m_tiles;
+  if (tiles * g.col_blocks >= (int64_t(1) << 31))
+    throw Error("shape: M x N x K too large for one call (more than 2^31 tiles x k-blocks); split M or N");
+  g.tiles = int(tiles);
+  const int slots = sm_count(device);  // one CTA per SM (~190-210 KB of shared memory each)
+  // All whole waves but the last are data-parallel; the last full wave and the remainder go to
+  // Stream-K, so each CTA gets the same share of the tail.
+  // When the last wave fills >= 90% of the SMs anyway, everything runs data-parallel: no fixups.
+  // (H100, 2026-11-26: 4096x4096 M = 1024, 128 tiles, 90.8 -> 70.1 us.)
+  const int tail = g.tiles % slots;
+  g.dp_tiles = tail == 0 || tail * 10 >= slots * 9 ? g.tiles : std::max(0, g.tiles / slots - 1) * slots;
+  const int64_t sk_iters = int64_t(g.sk_tiles()) * g.col_blocks;
+  g.grid = g.dp_tiles > 0 ? std::min(slots, g.tiles) : int(std::min<int64_t>(slots, std::max<int64_t>(1, sk_iters)));
+  return g;
+}
+
+size_t wg_counters_bytes(const WgGeometry& g) { return (size_t(g.sk_tiles()) * 4 + 255) / 256 * 256; }
+size_t wg_partials_bytes(const WgGeometry& g) {
+  return g.sk_tiles() == 0 ? 0 : size_t(g.grid) * 2 * kThreads * (g.tok / 2) * 4;
+}
+
+// cuTensorMapEncodeTiled, from the driver (the runtime library has no wrapper; no -lcuda needed).
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+EncodeTiledFn encode_tiled() {
+  static std::once_flag once;
+  static EncodeTiledFn fn = nullptr;
+  std::call_once(once, [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) == cudaSuccess &&
+        q == cudaDriverEntryPointSuccess)
+      fn = reinterpret_cast<EncodeTiledFn>(f);
+    cudaGetLastError();
+  });
+  if (!fn) throw Error("wgmma path: cuTensorMapEncodeTiled not available from the CUDA driver");
+  return fn;
+}
+
+// TMA descriptor of X (M x K, row-major): boxes of 64 columns x TOK rows, 128-byte swizzle, zeros
+// outside the tensor.
+CUtensorMap x_tensor_map(const void* x, DType dt, int64_t M, int64_t K, int tok) {
+  CUtensorMap m;
+  const cuuint64_t dims[2] = {cuuint64_t(K), cuuint64_t(M)};
+  const cuuint64_t strides[1] = {cuuint64_t(K) * 2};
+  const cuuint32_t box[2] = {64, cuuint32_t(tok)};
+  const cuuint32_t estrides[2] = {1, 1};
+  const CUresult r = encode_tiled()(&m, dt == DType::F16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                                    2, const_cast<void*>(x), dims, strides, box, estrides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                    CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    Msg msg;
+    msg << "wgmma path: cuTensorMapEncodeTiled failed (" << int(r) << ") for x of " << M << " x " << K;
+    throw Error(msg.str());
+  }
+  return m;
+}
+
+template <int BITS, int TOK, typename T>
+void wg_launch(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStream_t stream) {
+  using L = WgLayout<BITS, TOK>;
+  auto* kernel = &lut_wgmma_kernel<BITS, TOK, T>;
+  static std::mutex mu;
+  static bool attr_set[64] = {};
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (dev < 0 || dev >= 64) throw Error("device: index out of range");
+    if (!attr_set[dev]) {
+      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes),
+                 "cudaFuncSetAttribute");
+      attr_set[dev] = true;
+    }
+  }
+  WgParams<T> p;
+  p.w = static_cast<const uint8_t*>(prob.packed);
+  p.s = prob.packed_scales;
+  p.bias = static_cast<const T*>(prob.bias);
+  p.y = static_cast<T*>(prob.y);
+  p.counters = static_cast<int*>(ws);
+  p.partials = reinterpret_cast<float*>(static_cast<uint8_t*>(ws) + wg_counters_bytes(geo));
+  for (int i = 0; i < 16; ++i) p.table[i] = prob.table[i];
+  const Shape& s = prob.shape;
+  p.M = int(prob.M); p.N = int(s.N); p.K = int(s.K); p.G = int(s.groups());
+  const int64_t gc = s.group_size / 32;
+  p.gl = (gc & (gc - 1)) == 0 ? __builtin_ctzll(uint64_t(gc)) : 30;
+  p.row_blocks = int(s.row_blocks()); p.col_blocks = geo.col_blocks;
+  p.m_tiles = geo.m_tiles; p.n_tiles = geo.n_tiles; p.tiles = geo.tiles; p.dp_tiles = geo.dp_tiles;
+  const CUtensorMap tmap = x_tensor_map(prob.x, prob.dtype, prob.M, s.K, TOK);
+  kernel<<<geo.grid, kCtaThreads, L::kSmemBytes, stream>>>(p, tmap);
+  check_cuda(cudaGetLastError(), "lut_wgmma_kernel launch");
+}
+
+template <int TOK, typename T>
+void wg_launch_bits(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStream_t st) {
+  switch (prob.shape.bits) {
+    case 2: wg_launch<2, TOK, T>(prob, geo, ws, st); break;
+    case 3: wg_launch<3, TOK, T>(prob, geo, ws, st); break;
+    default: wg_launch<4, TOK, T>(prob, geo, ws, st); break;
+  }
+}
+template <typename T>
+void wg_launch_tok(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStream_t st) {
+  if (geo.tok == 128) wg_launch_bits<128, T>(prob, geo, ws, st);
+  else wg_launch_bits<256, T>(prob, geo, ws, st);
+}
+
+}  // namespace
+
+bool wgmma_supported(int device) {
+  static std::mutex mu;
+  static int cache[64] = {};  // 0 unknown, 1 yes, 2 no
+  std::lock_guard<std::mutex> lock(mu);
+  if (device < 0 || device >= 64) return false;
+  if (cache[device] == 0) {
+    cudaDeviceProp prop{};
+    bool ok = cudaGetDeviceProperties(&prop, device) == cudaSuccess && prop.major == 9 && prop.minor == 0;
+    cudaFuncAttributes attr{};  // the sm_90a image must be in this build
+    ok = ok && cudaFuncGetAttributes(&attr, &lut_wgmma_kernel<4, 256, __nv_bfloat16>) == cudaSuccess &&
+         attr.binaryVersion == 90;
+    cudaGetLastError();
+    cache[device] = ok ? 1 : 2;
+  }
+  return cache[device] == 1;
+}
+
+size_t wgmma_workspace_bytes(int64_t M, const Shape& shape, int device) {
+  validate_shape(shape);
+  const WgGeometry g = wg_geometry(M, shape, device);
+  return wg_counters_bytes(g) + wg_partials_bytes(g);
+}
+
+void wgmma_gemm(const GemmProblem& prob, void* ws, size_t ws_bytes, void* stream) {
+  validate_problem(prob);
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  if (!wgmma_supported(dev))
+    throw Error("wgmma path: needs an sm_90 (Hopper) GPU and a build with sm_90a code; use the lut or dequant path");
+  const WgGeometry geo = wg_geometry(prob.M, prob.shape, dev);
+  const size_t need = wg_counters_bytes(geo) + wg_partials_bytes(geo);
+  if (ws == nullptr || ws_bytes < need) {
+    Msg m;
+    m << "workspace: got " << ws_bytes << " bytes, expected at least " << need << " (wgmma_workspace_bytes())";
+    throw Error(m.str());
+  }
+  check_aligned(ws, "workspace");
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (prob.dtype == DType::F16) wg_launch_tok<__half>(prob, geo, ws, st);
+  else wg_launch_tok<__nv_bfloat16>(prob, geo, ws, st);
+}
+
+}  // namespace gpu
+}  // namespace lutmm
