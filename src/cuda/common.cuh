@@ -5,9 +5,14 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "lutmm/cuda.h"
 #include "lutmm/format.h"
+
+#ifndef LUTMM_EXPERIMENT  // kernel experiment number of A/B builds (CMake sets it; see lut_gemm.cu)
+#define LUTMM_EXPERIMENT 0
+#endif
 
 namespace lutmm {
 namespace gpu {
@@ -68,6 +73,43 @@ __device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_by
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Programmatic dependent launch (sm_90; no-ops elsewhere and when the kernel was launched without
+// the attribute): wait until the previous kernel in the stream has finished and its writes are
+// visible / let the next kernel start launching.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependents_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// True when `device` supports programmatic dependent launch (compute capability >= 9.0).
+bool pdl_supported(int device);
+
+// Launches kernel<<<grid, block, smem, stream>>>(args...) allowing it to overlap the previous kernel
+// in the stream (programmatic stream serialization) where the device supports it; the kernel must
+// call grid_dependency_wait() before touching anything a previous kernel writes or reads.
+template <typename... KArgs, typename... Args>
+void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  cfg.attrs = attr;
+  cfg.numAttrs = LUTMM_EXPERIMENT != 7 && pdl_supported(dev) ? 1 : 0;
+  check_cuda(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), "kernel launch");
 }
 
 // Inverse of pack.h's pair_index: the two codes behind pair-table entry `idx`.

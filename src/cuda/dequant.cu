@@ -38,6 +38,18 @@ void validate_problem(const GemmProblem& prob) {
   if (!prob.y) throw Error("y: null output pointer");
 }
 
+bool pdl_supported(int device) {
+  static int cache[64] = {};  // 0 unknown, 1 yes, 2 no
+  if (device < 0 || device >= 64) return false;
+  if (cache[device] == 0) {
+    int major = 0;
+    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess;
+    cudaGetLastError();
+    cache[device] = ok && major >= 9 ? 1 : 2;
+  }
+  return cache[device] == 1;
+}
+
 bool available() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) { cudaGetLastError(); return false; }

@@ -35,6 +35,7 @@
 // Kernel experiments for A/B builds (cmake -DLUTMM_EXPERIMENT=N, `EXPERIMENTS=2 bash scripts/gpu.sh kab`):
 //   0  the default kernel
 //   2  4 pipeline stages instead of 3 (H200, 2026-11-26: no change at M = 1, M = 16 up to 38% slower)
+//   7  no programmatic dependent launch (the prologue waits for the previous kernel to finish)
 #ifndef LUTMM_EXPERIMENT
 #define LUTMM_EXPERIMENT 0
 #endif
@@ -118,8 +119,15 @@ struct StageLoader {
   }
 
   __device__ __forceinline__ void load(const Params<T>& p, uint8_t* stage, int tile, int kb) const {
-    const int tid = threadIdx.x;
+    load_weights(p, stage, tile, kb);
+    load_x(p, stage, kb);
+  }
+  // Codes and scales: constant for the kernel's life, so safe to read before the previous kernel ends.
+  __device__ __forceinline__ void load_weights(const Params<T>& p, uint8_t* stage, int tile, int kb) const {
     wl.load(stage, stage + L::kStageW, p.w, p.s, tile * kWarps, kb, p.row_blocks, p.col_blocks, p.K, p.G, p.gl);
+  }
+  __device__ __forceinline__ void load_x(const Params<T>& p, uint8_t* stage, int kb) const {
+    const int tid = threadIdx.x;
     // Activations of tokens < M: 128 columns (zero beyond K).
 #pragma unroll
     for (int i = 0; i < kXPer; ++i) {
@@ -226,7 +234,10 @@ __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const Params<T> p) {
   const StageLoader<BITS, MT, T> loader(p, m0);
   loader.zero_rows(stages);
 
-  // Prologue: start the first k-blocks' loads, then build the replicated pair table meanwhile.
+  // Prologue: start the first k-blocks' weight loads, build the replicated pair table meanwhile, and
+  // only then wait for the previous kernel in the stream (programmatic dependent launch: this much
+  // overlaps its tail; nothing before the wait reads activations or writes global memory), then load
+  // the first k-blocks' activations (one more cp.async group, waited for at the first iteration).
   // (tile, kb) of the next iteration to load and of the one to compute: advanced by one each step
   // (a 64-bit division per iteration cost ~100 instructions per thread).
   int ld_tile = int(it_begin / p.col_blocks), ld_kb = int(it_begin % p.col_blocks);
@@ -234,12 +245,25 @@ __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const Params<T> p) {
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (it_begin + s < it_end) {
-      loader.load(p, stages + s * L::kStageBytes, ld_tile, ld_kb);
+      loader.load_weights(p, stages + s * L::kStageBytes, ld_tile, ld_kb);
       if (++ld_kb == p.col_blocks) { ld_kb = 0; ++ld_tile; }
     }
     cp_async_commit();
   }
   build_table<BITS, L::kEntryBytes, kThreads, T>(lut, p.table);
+  grid_dependency_wait();
+  grid_dependents_launch();  // the next kernel may start its own prologue as our CTAs finish
+  {
+    int x_kb = kb;
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (it_begin + s < it_end) {
+        loader.load_x(p, stages + s * L::kStageBytes, x_kb);
+        if (++x_kb == p.col_blocks) x_kb = 0;
+      }
+    }
+    cp_async_commit();
+  }
 
   float acc[MT][4];
 #pragma unroll
@@ -250,7 +274,8 @@ __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const Params<T> p) {
   uint8_t* const st_last = stages + (kStages - 1) * L::kStageBytes;
 
   for (int it = it_begin; it < it_end; ++it) {
-    cp_async_wait<kStages - 2>();
+    if (it == it_begin) cp_async_wait<0>();  // the prologue's activations came last
+    else cp_async_wait<kStages - 2>();
     __syncthreads();
     if (it + kStages - 1 < it_end) {
       loader.load(p, st_ld, ld_tile, ld_kb);
@@ -394,8 +419,7 @@ void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t
   p.gl = (gc & (gc - 1)) == 0 ? __builtin_ctzll(uint64_t(gc)) : 30;
   p.row_blocks = int(s.row_blocks()); p.col_blocks = geo.col_blocks; p.tiles = geo.tiles;
   dim3 grid(geo.grid_x, geo.grid_y);
-  lut_gemm_kernel<BITS, MT, T><<<grid, kThreads, Layout<BITS, MT>::kSmemBytes, stream>>>(p);
-  check_cuda(cudaGetLastError(), "lut_gemm_kernel launch");
+  launch_pdl(&lut_gemm_kernel<BITS, MT, T>, grid, kThreads, Layout<BITS, MT>::kSmemBytes, stream, p);
 }
 
 template <typename T, int MT>
