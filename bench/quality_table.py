@@ -1,8 +1,12 @@
 """Regenerates the perplexity table of docs/quality.md: mini-llama, every decoder linear quantized (lm_head /
 embeddings kept), bits x group size x method, perplexity on held-out text relative to bf16.
 
-    python3 bench/quality_table.py                                  # the full table (about an hour on 2 CPU cores)
+    python3 bench/quality_table.py                                  # the full table (~2 hours on 2 CPU cores)
     python3 bench/quality_table.py --bits 4 --groups 64 --methods nf gptq+kmeans --max-tokens 8192
+    python3 bench/quality_table.py --calib wikitext --damp 1.0      # the WikiText-2-calibrated table
+
+Calibration (--calib): "gcide" = build/calib/gcide-train.txt (scripts/get_calib.sh), "wikitext" = WikiText-2
+valid, or a file; the default is gcide when it is there, else wikitext.
 
 Rows are appended to --json as they finish and rows already there are skipped, so an interrupted run resumes.
 Scoring: 512-token windows, ahead=2 (mini-llama predicts token t+2, see lutmm.evaluate). Quantized models
@@ -29,8 +33,10 @@ METHODS = {
     "kmeans": ("kmeans", "kmeans", False), "learned": ("learned", "nf", False),
     "gptq-int": ("gptq", "int", False), "gptq": ("gptq", "nf", False),
     "gptq+kmeans": ("gptq+kmeans", "kmeans", False), "learned+kmeans": ("learned+kmeans", "kmeans", False),
+    "gptq+kmeans+refit": ("gptq+kmeans+refit", "kmeans", False),
 }
-DEFAULT_METHODS = ["int", "nf", "kmeans", "gptq-int", "gptq", "gptq+kmeans"]
+DEFAULT_METHODS = ["int", "nf", "kmeans", "gptq-int", "gptq", "gptq+kmeans", "gptq+kmeans+refit"]
+OLD_ROWS_CALIB = ("wikitext", 1.0)  # rows written before --calib / --damp existed
 
 
 def command(name, bits, g, args) -> str:
@@ -41,8 +47,17 @@ def command(name, bits, g, args) -> str:
     if absmax:
         cmd += " --absmax"
     if method != "rtn":
-        cmd += f" --calib-tokens {args.calib_tokens} --seed {args.seed}"
+        cmd += f" --calib-tokens {args.calib_tokens} --seed {args.seed} --damp {args.damp:g}"
+        cmd += " --calib ../shared/data/wikitext-2/valid.txt" if args.calib == "wikitext" else (
+            " --calib build/calib/gcide-train.txt" if args.calib == "gcide" else f" --calib {args.calib}")
     return cmd
+
+
+def calib_of(r):
+    """(calibration label, damping) of a row; None for uncalibrated rows."""
+    if r["calib_tokens"] == 0:
+        return None
+    return r.get("calib", OLD_ROWS_CALIB[0]), r.get("damp", OLD_ROWS_CALIB[1])
 
 
 def main():
@@ -55,6 +70,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens (default: all)")
     ap.add_argument("--calib-tokens", type=int, default=32768)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calib", default=None, help="gcide, wikitext or a text file (default: gcide when there)")
+    ap.add_argument("--damp", type=float, default=0.01, help="GPTQ damping x mean diag H (default 0.01)")
     ap.add_argument("--json", default=str(REPO / "bench" / "quality_table.json"))
     ap.add_argument("--markdown", default=None, help="also write the markdown table here")
     args = ap.parse_args()
@@ -66,9 +83,17 @@ def main():
 
     model_dir = Path(args.shared) / "models" / "mini-llama"
     text = args.text or str(Path(args.shared) / "data" / "heldout.txt")
-    calib = str(Path(args.shared) / "data" / "wikitext-2" / "valid.txt")
+    gcide = REPO / "build" / "calib" / "gcide-train.txt"
+    if args.calib is None:
+        args.calib = "gcide" if gcide.is_file() else "wikitext"
+    calib = {"gcide": str(gcide), "wikitext": str(Path(args.shared) / "data" / "wikitext-2" / "valid.txt")}.get(
+        args.calib, args.calib)
+    if not Path(calib).is_file():
+        sys.exit(f"--calib: {calib} is not a file (gcide: run scripts/get_calib.sh)")
+    print(f"calibration: {calib}, damping {args.damp:g}", flush=True)
     rows = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else []
-    key = lambda r: (r["bits"], r["group_size"], r["method"], r["max_tokens"], r["calib_tokens"], r["text"])  # noqa
+    key = lambda r: (r["bits"], r["group_size"], r["method"], r["max_tokens"], r["calib_tokens"], r["text"],  # noqa
+                     calib_of(r))
     have = {key(r) for r in rows}
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).eval()
     ref = [r for r in rows if r["method"] == "bf16" and r["max_tokens"] == args.max_tokens and r["text"] == text]
@@ -85,6 +110,8 @@ def main():
             for name in args.methods:
                 row = {"bits": bits, "group_size": g, "method": name, "max_tokens": args.max_tokens,
                        "calib_tokens": args.calib_tokens if METHODS[name][0] != "rtn" else 0, "text": text}
+                if METHODS[name][0] != "rtn":
+                    row.update(calib=args.calib, damp=args.damp)
                 if key(row) in have:
                     continue
                 method, table, absmax = METHODS[name]
@@ -92,7 +119,7 @@ def main():
                 t0 = time.perf_counter()
                 quantize_model_calibrated(m, str(model_dir), bits, g, method=method, table=table, calib=calib,
                                           calib_tokens=args.calib_tokens, seed=args.seed, search_scale=not absmax,
-                                          progress=False)
+                                          progress=False, **({} if method == "rtn" else {"percdamp": args.damp}))
                 row["quant_s"] = time.perf_counter() - t0
                 densify(m)
                 t0 = time.perf_counter()
@@ -111,18 +138,36 @@ def main():
         Path(args.markdown).write_text(md)
 
 
+INT_METHODS = ("int-absmax", "int", "gptq-int")  # uniform-grid baselines; every other column is a LUT method
+
+
 def markdown(rows, ref_ppl, args) -> str:
-    sel = [r for r in rows if r["method"] != "bf16" and r["max_tokens"] == args.max_tokens]
+    sel = [r for r in rows if r["method"] != "bf16" and r["max_tokens"] == args.max_tokens
+           and calib_of(r) in (None, (args.calib, args.damp))]
     methods = [m for m in METHODS if any(r["method"] == m for r in sel)]
-    out = ["| bits | group | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    out = ["| bits | group | " + " | ".join(methods) + " | best LUT vs best int |",
+           "|---|---|" + "---|" * (len(methods) + 1)]
+    rel = lambda p: 100 * (p / ref_ppl - 1)  # noqa: E731
     for bits in sorted({r["bits"] for r in sel}, reverse=True):
         for g in sorted({r["group_size"] for r in sel if r["bits"] == bits}):
-            cells = []
+            cells, ppl = [], {}
             for m in methods:
                 r = [x for x in sel if x["bits"] == bits and x["group_size"] == g and x["method"] == m]
-                cells.append(f"{r[-1]['ppl']:.2f} ({100 * (r[-1]['ppl'] / ref_ppl - 1):+.1f}%)" if r else "")
-            out.append(f"| {bits} | {g} | " + " | ".join(cells) + " |")
-    return "\n".join(out) + f"\n\nbf16: {ref_ppl:.3f}\n"
+                if r:
+                    ppl[m] = r[-1]["ppl"]
+            lut = {m: p for m, p in ppl.items() if m not in INT_METHODS}
+            ints = {m: p for m, p in ppl.items() if m in INT_METHODS}
+            best_lut = min(lut, key=lut.get) if lut else None
+            for m in methods:
+                cell = f"{ppl[m]:.2f} ({rel(ppl[m]):+.2f}%)" if m in ppl else ""
+                cells.append(f"**{cell}**" if m == best_lut else cell)
+            verdict = ""
+            if lut and ints:
+                best_int = min(ints, key=ints.get)
+                verdict = (f"{best_lut} {rel(lut[best_lut]):+.2f}% vs {best_int} {rel(ints[best_int]):+.2f}%: "
+                           + ("LUT" if lut[best_lut] < ints[best_int] else "int"))
+            out.append(f"| {bits} | {g} | " + " | ".join(cells) + f" | {verdict} |")
+    return "\n".join(out) + f"\n\nbf16: {ref_ppl:.3f}; calibration: {args.calib}, damping {args.damp:g}\n"
 
 
 if __name__ == "__main__":

@@ -17,3 +17,6 @@ cmake -S . -B build/cpp -G Ninja -DLUTMM_BUILD_TESTS=ON > build-cmake.log 2>&1 |
 rm -f build-cmake.log
 cmake --build build/cpp
 python3 -m pip install -q --disable-pip-version-check --no-build-isolation .
+# In-domain calibration text for the quality gate and `lutmm quantize` on mini-llama (docs/quality.md);
+# optional: without it (no network or apt lists) the gate skips and quantize falls back to WikiText-2.
+bash scripts/get_calib.sh || echo "setup: no in-domain calibration text; lutmm quantize falls back to WikiText-2"

@@ -23,7 +23,9 @@ NO_GPU_BENCH = "no CUDA device: kernel benchmark needs a GPU"
 CPU_FALLBACK = "CPU fallback: no CUDA device, speed numbers are CPU reference timings"
 DEFAULT_PROMPT = "The Python interpreter"
 QUANT_METHODS = ("rtn", "kmeans", "learned", "gptq", "gptq+kmeans", "learned+kmeans", "gptq+learned",
-                 "gptq+learned+kmeans")
+                 "gptq+learned+kmeans", "gptq+refit", "gptq+kmeans+refit")
+IN_DOMAIN_CALIB = "build/calib/gcide-train.txt"  # written by scripts/get_calib.sh (lutmm.calib_text)
+FALLBACK_DAMP = 1.0  # GPTQ damping for the WikiText-2 fallback (out of mini-llama's domain, docs/quality.md)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -99,11 +101,22 @@ def _ahead_arg(s: str):
 
 
 # ---- subcommands -----------------------------------------------------------------------------------------
-def default_calib() -> Optional[Path]:
-    """WikiText-2 valid of the shared assets (calibration text that no evaluation text overlaps)."""
+def default_calib() -> tuple:
+    """(calibration text, is_fallback): $LUTMM_CALIB when set; else the in-domain GCIDE text that
+    scripts/get_calib.sh writes to build/calib/gcide-train.txt (searched from the working directory and the
+    package source upwards); else WikiText-2 valid of the shared assets (the fallback, is_fallback True);
+    (None, True) when there is none. No evaluation text overlaps any of them."""
+    env = os.environ.get("LUTMM_CALIB")
+    if env:
+        if not Path(env).is_file():
+            raise ValueError(f"$LUTMM_CALIB: {env} is not a file")
+        return Path(env), False
+    p = _search_up(IN_DOMAIN_CALIB, _starts())
+    if p is not None and p.is_file():
+        return p, False
     shared = find_shared()
     p = shared / "data" / "wikitext-2" / "valid.txt" if shared is not None else None
-    return p if p is not None and p.is_file() else None
+    return (p if p is not None and p.is_file() else None), True
 
 
 def _quantize_method(args) -> str:
@@ -125,17 +138,22 @@ def cmd_quantize(args) -> int:
     from transformers import AutoModelForCausalLM
 
     from .checkpoint import save_quantized
-    from .quality import quantize_model_calibrated
+    from .quality import DEFAULT_DAMP, quantize_model_calibrated
 
     method = _quantize_method(args)
     table = args.table or ("kmeans" if "kmeans" in method else "nf")
-    calib = None
+    calib, damp, fallback = None, args.damp, False
     if method != "rtn":
-        calib = Path(args.calib) if args.calib else default_calib()
+        calib, fallback = (Path(args.calib), False) if args.calib else default_calib()
         if calib is None:
-            raise ValueError("--calib: no calibration text found (shared/data/wikitext-2/valid.txt); pass --calib FILE")
+            raise ValueError(f"--calib: no calibration text found ({IN_DOMAIN_CALIB}: run scripts/get_calib.sh; "
+                             "shared/data/wikitext-2/valid.txt); pass --calib FILE")
         if not calib.is_file():
             raise ValueError(f"--calib: {calib} is not a file")
+        if damp is None:
+            damp = FALLBACK_DAMP if fallback else DEFAULT_DAMP
+    if args.damp is not None and (not args.damp > 0 or "gptq" not in method):
+        raise ValueError(f"--damp: got {args.damp} for --method {method}; expected a positive number and a gptq method")
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=_DTYPES[args.dtype])
     stats = {}
@@ -144,11 +162,14 @@ def cmd_quantize(args) -> int:
                               group_size=None if args.group_size == -1 else args.group_size, method=method,
                               table=table, calib=calib, calib_tokens=args.calib_tokens, seed=args.seed,
                               device=device, skip=args.skip, search_scale=not args.absmax,
-                              progress=not args.quiet, stats=stats)
+                              progress=not args.quiet, stats=stats,
+                              **({} if method == "rtn" else {"percdamp": damp}))
     out = save_quantized(model, args.out_dir, tokenizer_dir=args.model_dir)
     file_bytes = (out / "model.safetensors").stat().st_size
     how = ("absmax" if args.absmax else "scale search") if method == "rtn" else (
-        f"{method}, calibrated on {args.calib_tokens} tokens of {calib}, seed {args.seed}, on {device}")
+        f"{method}, calibrated on {args.calib_tokens} tokens of {calib}"
+        f"{' (WikiText-2 fallback: scripts/get_calib.sh writes in-domain text)' if fallback else ''}, "
+        f"seed {args.seed}, damping {damp:g}, on {device}")
     print(f"quantized {stats['layers']} linear layers to {args.bits}-bit g{args.group_size} {table}"
           f" ({how}); skipped: {', '.join(stats['skipped']) or 'none'}")
     ratio = stats["bytes_before"] / max(stats["bytes_after"], 1)
@@ -342,7 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--table", choices=("nf", "int", "kmeans"), default=None,
                     help="value table for methods without kmeans (default nf)")
     sp.add_argument("--calib", default=None, metavar="FILE",
-                    help="calibration text (default: shared/data/wikitext-2/valid.txt); never the evaluation text")
+                    help="calibration text, never the evaluation text (default: $LUTMM_CALIB, else the in-domain "
+                         f"GCIDE dictionary text {IN_DOMAIN_CALIB} written by scripts/get_calib.sh, else the "
+                         "fallback shared/data/wikitext-2/valid.txt; the output says which was used)")
+    sp.add_argument("--damp", type=float, default=None,
+                    help="GPTQ damping, a fraction of mean(diag H) (default 0.01; 1.0 with the WikiText-2 fallback, "
+                         "which is out of mini-llama's domain)")
     sp.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens (default 32768)")
     sp.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default 0)")
     sp.add_argument("--device", default=None, help="where calibration runs (default: cuda when present, else cpu)")

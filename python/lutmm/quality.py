@@ -9,6 +9,8 @@ Methods ("+"-joined parts; every one writes the same lutmm format):
                the scale search weighted by E[x_k^2])
     learned    fp16 scales trained on the calibration activations (`lutmm.gptq.learn_scales`)
     gptq       Hessian-aware error compensation onto the table (`lutmm.gptq.gptq_quantize`)
+    refit      with gptq: alternate least-squares refits of the table and the scales with GPTQ re-picking the
+               codes (`lutmm.refit.gptq_refit`); the table becomes a per-layer learned one
     e.g. "gptq+kmeans": GPTQ onto the weighted k-means table. Without "kmeans" the table is `table` (nf / int).
 
 Calibration is sequential: the decoder layers are processed in order on inputs that went through the already
@@ -30,9 +32,10 @@ from ._api import FORMAT_VERSION, make_table, pack, quantize
 from .nn import LUTLinear, _set_submodule, lut_modules, quantizable_linears, quantize_model
 
 METHODS = ("rtn", "kmeans", "learned", "gptq", "gptq+kmeans", "learned+kmeans", "gptq+learned",
-           "gptq+learned+kmeans")
+           "gptq+learned+kmeans", "gptq+refit", "gptq+kmeans+refit")
 DEFAULT_METHOD = "gptq+kmeans"
 DEFAULT_CALIB_TOKENS = 32768
+DEFAULT_DAMP = 0.01  # GPTQ damping, x mean(diag H): best with in-domain calibration text (docs/quality.md)
 
 
 class _Stop(Exception):
@@ -158,15 +161,16 @@ def _hessian(layer, mod, hs, kws):
 
 def parse_method(method: str) -> set:
     parts = set(method.split("+"))
-    bad = parts - {"rtn", "kmeans", "learned", "gptq"}
-    if bad or not parts or ("rtn" in parts and len(parts) > 1):
+    bad = parts - {"rtn", "kmeans", "learned", "gptq", "refit"}
+    if bad or not parts or ("rtn" in parts and len(parts) > 1) or ("refit" in parts and (
+            "gptq" not in parts or "learned" in parts)):
         raise ValueError(f"method: got {method!r}, expected one of {', '.join(METHODS)}")
     return parts
 
 
 def quantize_weight(W: torch.Tensor, H: torch.Tensor, n: int, bits: int, group_size: int, method: str = "gptq",
-                    table="nf", learn_steps: int = 200, kmeans_iterations: int = 8, percdamp: float = 1.0,
-                    act_order: bool = False, kmeans_inits=("nf",)):
+                    table="nf", learn_steps: int = 200, kmeans_iterations: int = 8, percdamp: float = DEFAULT_DAMP,
+                    act_order: bool = False, kmeans_inits=("nf",), refit_rounds: int = 2):
     """One layer's calibrated QuantizedWeight: W is N x K, H = sum x x^T over n calibration inputs."""
     parts = parse_method(method) - {"rtn"}
     if isinstance(table, str) and table == "kmeans":
@@ -182,6 +186,11 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, n: int, bits: int, group_s
         scales = G.searched_scales(W, bits, group_size, tbl, imp)
     if "learned" in parts:
         codes, scales, _ = G.learn_scales(W, H, tbl, scales, group_size, steps=learn_steps)
+    if "refit" in parts:
+        from .refit import gptq_refit
+
+        codes, scales, tbl, _ = gptq_refit(W, H, bits, group_size, tbl, percdamp, refit_rounds, act_order)
+        return pack(codes.cpu(), scales.cpu(), tbl, bits, group_size, "custom")
     if "gptq" in parts:
         fixed = scales if "learned" in parts else None
         codes, scales = G.gptq_quantize(W, H, bits, group_size, tbl, percdamp=percdamp, scales=fixed,
