@@ -40,7 +40,7 @@ def nearest_codes(u: torch.Tensor, st) -> torch.Tensor:
 
 def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     """tr((W - W_hat) H (W - W_hat)^T), the summed squared output error over the calibration inputs."""
-    E = (W.float() - W_hat.float()).to(H.device)
+    E = W.float().to(H.device) - W_hat.float().to(H.device)  # W may be on the GPU, W_hat on the CPU
     return float(((E @ H) * E).sum())
 
 

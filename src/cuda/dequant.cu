@@ -2,7 +2,7 @@
 // plus the small runtime pieces of the GPU API: error checks, availability, path choice.
 #include <cstdio>
 
-#include "common.cuh"
+#include "lut_table.cuh"
 #include "lutmm/cuda.h"
 
 namespace lutmm {
@@ -107,12 +107,8 @@ dequant_kernel(const uint8_t* __restrict__ w, const uint16_t* __restrict__ s, T*
   const int64_t blk = int64_t(blockIdx.x) * kDqWarps + warp;
   if (blk >= int64_t(row_blocks) * col_blocks) return;
   const int rb = int(blk / col_blocks), kb = int(blk % col_blocks);
-  const uint8_t* wb = w + blk * (256 * BITS);
   uint32_t wd[8] = {}, hi[2] = {};
-  const uint4 c0 = __ldcs(reinterpret_cast<const uint4*>(wb) + lane);
-  wd[0] = c0.x; wd[1] = c0.y; wd[2] = c0.z; wd[3] = c0.w;
-  if (BITS == 4) { const uint4 c1 = __ldcs(reinterpret_cast<const uint4*>(wb) + 32 + lane); wd[4] = c1.x; wd[5] = c1.y; wd[6] = c1.z; wd[7] = c1.w; }
-  if (BITS == 3) { const uint2 h = __ldcs(reinterpret_cast<const uint2*>(wb + 512) + lane); hi[0] = h.x; hi[1] = h.y; }
+  load_codes<BITS>(w + blk * (256 * BITS), lane, wd, hi);
   const int nchunks = min(4, (K - kb * kBlockCols) / 32);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -125,12 +121,7 @@ dequant_kernel(const uint8_t* __restrict__ w, const uint16_t* __restrict__ s, T*
       const int ks = 2 * j + h;
 #pragma unroll
       for (int p = 0; p < 4; ++p) {
-        int idx;
-        if (BITS == 4) idx = (wd[ks] >> (8 * p)) & 0xff;
-        else {
-          idx = (wd[ks / 2] >> (4 * ((ks % 2) * 4 + p))) & 0xf;
-          if (BITS == 3) idx |= ((hi[ks / 4] >> (2 * ((ks % 4) * 4 + p))) & 3) << 4;
-        }
+        const int idx = pair_code<BITS>(wd, hi, ks, p);
         int q0, q1;
         pair_codes<BITS>(idx, q0, q1);
         const float scale = (p & 1) ? sc.y : sc.x;

@@ -1,6 +1,7 @@
 // The replicated pair table in shared memory and the lookups that turn one packed 16 x 128 block
-// into tensor-core A registers. Shared by the decode kernel (lut_gemm.cu, mma.sync) and the prefill
-// kernel (lut_wgmma.cu, wgmma): both read the same packed layout (docs/format.md) and the same table.
+// into tensor-core A registers, plus the code-word helpers. Shared by the decode kernel (lut_gemm.cu,
+// mma.sync), the prefill kernel (lut_wgmma.cu, wgmma) and the dequant kernel (dequant.cu): all read
+// the same packed layout (docs/format.md).
 //
 // Table layout: entry e (a pair of codes, or a quad at 2 bits) is kEntryBytes apart; lane l's copy of
 // it sits at e * kEntryBytes + l * 4 (quads: l * 8), so lane l always reads bank l (l and l + 16 at 2
@@ -92,6 +93,17 @@ __device__ __forceinline__ void load_codes(const uint8_t* wb, int lane, uint32_t
     const uint2 h = reinterpret_cast<const uint2*>(wb + 512)[lane];
     hi[0] = h.x; hi[1] = h.y;
   }
+}
+
+// The pair code (index into the pair table, see pair_codes()) of pair p (0..3) of k-step ks in a
+// lane's code words (as load_codes() returns them). The decode kernels fold this into table offsets
+// (lookup_a); the dequant kernel uses it as is.
+template <int BITS>
+__device__ __forceinline__ int pair_code(const uint32_t (&wd)[8], const uint32_t (&hi)[2], int ks, int p) {
+  if (BITS == 4) return (wd[ks] >> (8 * p)) & 0xff;
+  int idx = (wd[ks / 2] >> (4 * ((ks % 2) * 4 + p))) & 0xf;
+  if (BITS == 3) idx |= ((hi[ks / 4] >> (2 * ((ks % 4) * 4 + p))) & 3) << 4;
+  return idx;
 }
 
 // The four A registers (a0..a3 of mma.m16n8k16 / a warp's slice of wgmma's register A) of k-step ks,
