@@ -371,7 +371,9 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
     // Each k-block's 8 wgmmas are one commit group, waited for before its two stages are released.
     // (H100, 2026-11-26: committing and waiting per half-block was 5% slower at 8192x8192 M = 4096;
     // leaving a half-block's group running across the next half's lookups made ptxas serialize the
-    // wgmmas (C7513) and was 10% slower.)
+    // wgmmas (C7513) and was 10% slower; leaving a whole k-block's group running (wait_group 1, its
+    // stages released one k-block later; no C7513) was 15-22% slower at M >= 1024: the producer then
+    // has one k-block fewer to prefetch into.)
     const int seg_kb0 = wc.kb, seg_len = min(CB - wc.kb, wc.n_iters - wc.pos);
     for (int i = 0; i < seg_len; ++i, q += 2) {
       const int nchunks = min(4, (p.K - (seg_kb0 + i) * kBlockCols) / 32);
