@@ -21,6 +21,9 @@ namespace gpu {
 void check_cuda(cudaError_t e, const char* what);
 // Throws lutmm::Error naming the problem unless `ptr` is 16-byte aligned.
 void check_aligned(const void* ptr, const char* what);
+// Throws lutmm::Error unless the caller's workspace (ws, ws_bytes) is non-null, 16-byte aligned and
+// holds at least `need` bytes; `sizer` names the function that tells the size.
+void check_workspace(const void* ws, size_t ws_bytes, size_t need, const char* sizer);
 // Checks what every fused-kernel call needs (shape, table, dtype, M, pointers, alignment); throws
 // lutmm::Error naming the problem.
 void validate_problem(const GemmProblem& prob);

@@ -24,6 +24,15 @@ void check_aligned(const void* ptr, const char* what) {
   }
 }
 
+void check_workspace(const void* ws, size_t ws_bytes, size_t need, const char* sizer) {
+  if (ws == nullptr || ws_bytes < need) {
+    Msg m;
+    m << "workspace: got " << ws_bytes << " bytes, expected at least " << need << " (" << sizer << ")";
+    throw Error(m.str());
+  }
+  check_aligned(ws, "workspace");
+}
+
 void validate_problem(const GemmProblem& prob) {
   validate_shape(prob.shape);
   validate_table(prob.table, prob.shape.table_size(), prob.shape.bits);

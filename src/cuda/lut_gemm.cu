@@ -454,13 +454,7 @@ void lut_gemm(const GemmProblem& prob, void* ws, size_t ws_bytes, void* stream) 
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   const Geometry geo = geometry(prob.M, prob.shape, prob.dtype, dev);
-  const size_t need = counters_bytes(geo) + partials_bytes(geo);
-  if (ws == nullptr || ws_bytes < need) {
-    Msg m;
-    m << "workspace: got " << ws_bytes << " bytes, expected at least " << need << " (workspace_bytes())";
-    throw Error(m.str());
-  }
-  check_aligned(ws, "workspace");
+  check_workspace(ws, ws_bytes, counters_bytes(geo) + partials_bytes(geo), "workspace_bytes()");
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (prob.dtype == DType::F16) launch_mt<__half>(prob, geo, ws, st);
   else launch_mt<__nv_bfloat16>(prob, geo, ws, st);

@@ -608,13 +608,7 @@ void wgmma_gemm(const GemmProblem& prob, void* ws, size_t ws_bytes, void* stream
   if (!wgmma_supported(dev))
     throw Error("wgmma path: needs an sm_90 (Hopper) GPU and a build with sm_90a code; use the lut or dequant path");
   const WgGeometry geo = wg_geometry(prob.M, prob.shape, dev);
-  const size_t need = wg_counters_bytes(geo) + wg_partials_bytes(geo);
-  if (ws == nullptr || ws_bytes < need) {
-    Msg m;
-    m << "workspace: got " << ws_bytes << " bytes, expected at least " << need << " (wgmma_workspace_bytes())";
-    throw Error(m.str());
-  }
-  check_aligned(ws, "workspace");
+  check_workspace(ws, ws_bytes, wg_counters_bytes(geo) + wg_partials_bytes(geo), "wgmma_workspace_bytes()");
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (prob.dtype == DType::F16) wg_launch_tok<__half>(prob, geo, ws, st);
   else wg_launch_tok<__nv_bfloat16>(prob, geo, ws, st);

@@ -179,34 +179,23 @@ template <int N> __device__ __forceinline__ void fence_operands(float (&d)[N]) {
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
 
 template <int N, typename T> struct Mma;
-template <> struct Mma<128, __nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
 #if LUTMM_SM90A
-    LUTMM_WGMMA_M64N128K16_RS("bf16");
+#define LUTMM_WGMMA_BODY(N, TY) LUTMM_WGMMA_M64N##N##K16_RS(TY);
+#else
+#define LUTMM_WGMMA_BODY(N, TY)
 #endif
-  }
-};
-template <> struct Mma<128, __half> {
-  static __device__ __forceinline__ void run(float (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
-#if LUTMM_SM90A
-    LUTMM_WGMMA_M64N128K16_RS("f16");
-#endif
-  }
-};
-template <> struct Mma<256, __nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&d)[128], const uint32_t (&a)[4], uint64_t desc) {
-#if LUTMM_SM90A
-    LUTMM_WGMMA_M64N256K16_RS("bf16");
-#endif
-  }
-};
-template <> struct Mma<256, __half> {
-  static __device__ __forceinline__ void run(float (&d)[128], const uint32_t (&a)[4], uint64_t desc) {
-#if LUTMM_SM90A
-    LUTMM_WGMMA_M64N256K16_RS("f16");
-#endif
-  }
-};
+#define LUTMM_WGMMA_MMA(N, T, TY)                                                                    \
+  template <> struct Mma<N, T> {                                                                    \
+    static __device__ __forceinline__ void run(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc) { \
+      LUTMM_WGMMA_BODY(N, TY)                                                                       \
+    }                                                                                               \
+  };
+LUTMM_WGMMA_MMA(128, __nv_bfloat16, "bf16")
+LUTMM_WGMMA_MMA(128, __half, "f16")
+LUTMM_WGMMA_MMA(256, __nv_bfloat16, "bf16")
+LUTMM_WGMMA_MMA(256, __half, "f16")
+#undef LUTMM_WGMMA_MMA
+#undef LUTMM_WGMMA_BODY
 
 }  // namespace wg
 }  // namespace gpu
