@@ -45,11 +45,15 @@ def _sizes(N: int, K: int, bits: int, group_size: int):
     return _core.packed_bytes(N, K, bits, group_size), _core.packed_scale_count(N, K, bits, group_size)
 
 
+def _check_forced(forced: Optional[str]) -> None:
+    if forced is not None and forced not in _PATH_CODES:
+        raise ValueError(f"LUTMM_FORCE_PATH / FORCE_PATH: got {forced!r}, expected one of {sorted(_PATH_CODES)}")
+
+
 @functools.lru_cache(maxsize=4096)
 def _plan(M: int, N: int, K: int, bits: int, group_size: int, device_index: int, forced: Optional[str] = None):
     """(path, workspace bytes) for a call; `forced` overrides the dispatch rule."""
-    if forced is not None and forced not in _PATH_CODES:
-        raise ValueError(f"LUTMM_FORCE_PATH / FORCE_PATH: got {forced!r}, expected one of {sorted(_PATH_CODES)}")
+    _check_forced(forced)
     path = forced or _PATHS[_core.gpu_choose_path(M, N, K, bits, group_size, device_index)]
     if path == "wgmma" and not _core.gpu_wgmma_supported(device_index):
         raise ValueError("path 'wgmma' needs an sm_90 (Hopper) GPU and a build with sm_90a code")
@@ -59,9 +63,8 @@ def _plan(M: int, N: int, K: int, bits: int, group_size: int, device_index: int,
 
 
 def choose_path(M: int, N: int, K: int, bits: int, group_size: int, device_index: int = 0) -> str:
-    if FORCE_PATH:
-        if FORCE_PATH not in _PATH_CODES:
-            raise ValueError(f"LUTMM_FORCE_PATH / FORCE_PATH: got {FORCE_PATH!r}, expected one of {sorted(_PATH_CODES)}")
+    if FORCE_PATH:  # without asking the device: a forced path is what the caller wants, even on the CPU
+        _check_forced(FORCE_PATH)
         return FORCE_PATH
     return _plan(M, N, K, bits, group_size, device_index)[0]
 

@@ -143,3 +143,6 @@ def test_per_shape_facts_are_cached_and_forced_path_wins(monkeypatch):
         ops._sizes(64, 256, 5, 128)
     monkeypatch.setattr(ops, "FORCE_PATH", "dequant")
     assert ops.choose_path(1, 64, 256, 4, 128) == "dequant"
+    monkeypatch.setattr(ops, "FORCE_PATH", "fastest")
+    with pytest.raises(ValueError, match="FORCE_PATH: got 'fastest'"):
+        ops.choose_path(1, 64, 256, 4, 128)
