@@ -23,8 +23,9 @@ using namespace lutmm;
     if (e_ != cudaSuccess) { std::printf("CUDA error %s at %d\n", cudaGetErrorString(e_), __LINE__); return 1; } \
   } while (0)
 
-// Usage: lutmm_bench                       the table below (M <= 64: LUT kernel, larger M: wgmma kernel)
-//        lutmm_bench N K M BITS [PATH]     one case, PATH = lut or wgmma
+// Usage: lutmm_bench                       the table below (M <= 64: LUT kernels, larger M: wgmma kernel)
+//        lutmm_bench N K M BITS [PATH]     one case, PATH = lut (dispatched decode kernel), lut80 (the
+//                                          cp.async kernel forced), luttma (the TMA kernel forced) or wgmma
 //                                          (Nsight Compute: ncu -k regex:lut_ -s 2 -c 1 ...)
 int main(int argc, char** argv) {
   if (!gpu::available()) {
@@ -35,19 +36,31 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
   std::printf("# %s, %d SMs\n%12s %5s %2s %4s %6s %9s %7s %8s\n", prop.name, prop.multiProcessorCount, "N x K", "M", "b",
               "g", "path", "us", "TB/s", "TFLOP/s");
-  struct Case { int64_t N, K, M; int bits; bool wgmma; };
+  enum Kind { kLut, kLut80, kLutTma, kWgmma };
+  const char* kind_name[] = {"lut", "lut80", "luttma", "wgmma"};
+  struct Case { int64_t N, K, M; int bits; Kind kind; };
   const bool have_wgmma = gpu::wgmma_supported(0);
   std::vector<Case> cases;
+  // On Hopper, M <= 16 runs both decode kernels forced in the same run, for the A/B.
+  auto decode = [&](int64_t N, int64_t K, int64_t M, int bits) {
+    if (have_wgmma && M <= 16) {
+      cases.push_back({N, K, M, bits, kLut80});
+      cases.push_back({N, K, M, bits, kLutTma});
+    } else {
+      cases.push_back({N, K, M, bits, kLut});
+    }
+  };
   for (auto nk : {std::pair<int64_t, int64_t>{4096, 4096}, {8192, 8192}, {28672, 4096}, {57344, 8192}})
-    for (int64_t M : {1, 16, 64}) cases.push_back({nk.first, nk.second, M, 4, false});
-  for (int bits : {3, 2}) cases.push_back({8192, 8192, 1, bits, false});
+    for (int64_t M : {1, 16, 64}) decode(nk.first, nk.second, M, 4);
+  for (int bits : {3, 2}) decode(8192, 8192, 1, bits);
   if (have_wgmma)
     for (auto nk : {std::pair<int64_t, int64_t>{4096, 4096}, {8192, 8192}, {28672, 4096}})
-      for (int64_t M : {128, 256, 1024, 4096}) cases.push_back({nk.first, nk.second, M, 4, true});
+      for (int64_t M : {128, 256, 1024, 4096}) cases.push_back({nk.first, nk.second, M, 4, kWgmma});
   if (argc >= 5) {
-    const bool wg = argc >= 6 && std::string(argv[5]) == "wgmma";
-    if (wg && !have_wgmma) { std::printf("wgmma path not supported here\n"); return 1; }
-    cases = {{std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3]), std::atoi(argv[4]), wg}};
+    const std::string path = argc >= 6 ? argv[5] : "lut";
+    const Kind kind = path == "wgmma" ? kWgmma : path == "lut80" ? kLut80 : path == "luttma" ? kLutTma : kLut;
+    if (kind == kWgmma && !have_wgmma) { std::printf("wgmma path not supported here\n"); return 1; }
+    cases = {{std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3]), std::atoi(argv[4]), kind}};
   }
   std::mt19937 rng(1);
   cudaStream_t st;
@@ -71,7 +84,7 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(&x, size_t(c.M * c.K) * 2));
     CK(cudaMemset(x, 0x3c, size_t(c.M * c.K) * 2));  // bf16 ~0.01: finite, non-zero
     CK(cudaMalloc(&y, size_t(c.M * c.N) * 2));
-    const size_t wsb = c.wgmma ? gpu::wgmma_workspace_bytes(c.M, s, 0) : gpu::workspace_bytes(c.M, s, 0);
+    const size_t wsb = c.kind == kWgmma ? gpu::wgmma_workspace_bytes(c.M, s, 0) : gpu::workspace_bytes(c.M, s, 0);
     CK(cudaMalloc(&ws, std::max<size_t>(wsb, 16)));
     CK(cudaMemset(ws, 0, wsb));
     const std::vector<float> t = nf_table(c.bits);
@@ -80,8 +93,9 @@ int main(int argc, char** argv) {
       p.x = x; p.dtype = DType::BF16; p.M = c.M; p.shape = s; p.packed = w[i];
       p.packed_scales = static_cast<const uint16_t*>(sc[i]); p.y = y;
       for (size_t j = 0; j < t.size(); ++j) p.table[j] = t[j];
-      if (c.wgmma) gpu::wgmma_gemm(p, ws, wsb, st);
-      else gpu::lut_gemm(p, ws, wsb, st);
+      if (c.kind == kWgmma) gpu::wgmma_gemm(p, ws, wsb, st);
+      else gpu::lut_gemm(p, ws, wsb, st, c.kind == kLut80 ? gpu::LutKernel::kCpAsync
+                                       : c.kind == kLutTma ? gpu::LutKernel::kTma : gpu::LutKernel::kAuto);
     };
     for (int i = 0; i < copies; ++i) call(i);  // warm-up
     CK(cudaStreamSynchronize(st));
@@ -107,7 +121,7 @@ int main(int argc, char** argv) {
     std::sort(us.begin(), us.end());
     const float med = us[us.size() / 2];
     std::printf("%6lldx%-6lld %5lld %2d %4d %6s %9.1f %7.2f %8.1f\n", (long long)c.N, (long long)c.K, (long long)c.M,
-                c.bits, 128, c.wgmma ? "wgmma" : "lut", med, double(wbytes + sbytes) / med / 1e6,
+                c.bits, 128, kind_name[c.kind], med, double(wbytes + sbytes) / med / 1e6,
                 2.0 * double(c.M) * double(c.N) * double(c.K) / med / 1e6);
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);

@@ -46,8 +46,8 @@ if [[ $MODE != bench && $CXX_ONLY == 0 && -n ${LUTMM_SHARED:-} ]]; then
   python3 -m lutmm demo --max-tokens 8192 2>&1 | tee "$OUT/demo.txt" | tail -14
 fi
 if [[ $MODE == sanitize ]]; then
-  compute-sanitizer --tool memcheck ./build/gpu/lutmm_gpu_tests --gtest_filter='Gpu.Identity*:Gpu.StreamK*:Gpu.WgmmaWorkSplits*' 2>&1 | tail -5
-  compute-sanitizer --tool racecheck ./build/gpu/lutmm_gpu_tests --gtest_filter='Gpu.Identity*' 2>&1 | tail -5
+  compute-sanitizer --tool memcheck ./build/gpu/lutmm_gpu_tests --gtest_filter='Gpu.Identity*:Gpu.DecodeKernels*:Gpu.StreamK*:Gpu.WgmmaWorkSplits*' 2>&1 | tail -5
+  compute-sanitizer --tool racecheck ./build/gpu/lutmm_gpu_tests --gtest_filter='Gpu.Identity*:Gpu.DecodeKernels*' 2>&1 | tail -5
 fi
 if [[ $MODE == ab || $MODE == kab ]]; then  # kernel A/B: default build vs -DLUTMM_EXPERIMENT=N for N in $EXPERIMENTS
   echo "== A: default"; ./build/gpu/lutmm_bench

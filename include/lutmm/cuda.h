@@ -16,7 +16,7 @@ bool available();
 const char* build_info();
 
 // Kernel paths. kAuto lets dispatch() choose.
-//   kLut      fused decode kernel (lut_gemm.cu): pair-table lookups -> mma.sync, Stream-K; any GPU
+//   kLut      fused decode kernels (lut_gemm.cu, lut_stream.cu): pair-table lookups -> mma.sync, Stream-K; any GPU
 //   kDequant  dequantize to a dense N x K buffer, then the caller's dense GEMM (cuBLAS)
 //   kWgmma    fused prefill kernel (lut_wgmma.cu): pair-table lookups -> Hopper wgmma; sm_90 only
 enum class Path : int { kAuto = 0, kLut = 1, kDequant = 2, kWgmma = 3 };
@@ -44,8 +44,16 @@ size_t workspace_bytes(int64_t M, const Shape& shape, int device);
 // Bytes of scratch the dequant path needs (the dequantized N x K weight); contents need no init.
 size_t dequant_scratch_bytes(const Shape& shape);
 
-// Y = X W_hat^T (+ bias) with the LUT path (fused kernel, Stream-K). `workspace` as above.
-void lut_gemm(const GemmProblem& p, void* workspace, size_t workspace_bytes, void* stream);
+// The two decode kernels of the LUT path. kAuto: the TMA kernel (lut_stream.cu: bulk tensor copies,
+// a producer warp, mbarrier pipeline; sm_90 only, M <= 16) where it is measured faster (M <= 8 and
+// N x K >= 32M on Hopper), else the cp.async kernel (lut_gemm.cu; any GPU, any M). Forcing one is
+// for tests and A/B timing; forcing kTma where it cannot run throws.
+enum class LutKernel : int { kAuto = 0, kCpAsync = 1, kTma = 2 };
+
+// Y = X W_hat^T (+ bias) with the LUT path (fused kernel, Stream-K). `workspace` as above (it fits
+// every LutKernel choice).
+void lut_gemm(const GemmProblem& p, void* workspace, size_t workspace_bytes, void* stream,
+              LutKernel kernel = LutKernel::kAuto);
 
 // True when the wgmma prefill kernel can run on `device`: an sm_90 GPU and a build with sm_90a code.
 bool wgmma_supported(int device);

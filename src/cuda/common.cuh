@@ -94,6 +94,15 @@ __device__ __forceinline__ void grid_dependents_launch() {
 
 // True when `device` supports programmatic dependent launch (compute capability >= 9.0).
 bool pdl_supported(int device);
+// Streaming multiprocessors of `device` (cached per device).
+int sm_count(int device);
+
+// log2(group_size / 32), the kernels' group-size parameter; 30 when group_size = K is not 32 x a power
+// of two (then one group spans every k-block).
+inline int group_log2(int64_t group_size) {
+  const int64_t gc = group_size / 32;
+  return (gc & (gc - 1)) == 0 ? __builtin_ctzll(uint64_t(gc)) : 30;
+}
 
 // Launches kernel<<<grid, block, smem, stream>>>(args...) allowing it to overlap the previous kernel
 // in the stream (programmatic stream serialization) where the device supports it; the kernel must

@@ -1,6 +1,7 @@
 // Dequantization of the packed layout to a dense N x K weight (the large-M path feeds it to cuBLAS),
 // plus the small runtime pieces of the GPU API: error checks, availability, path choice.
 #include <cstdio>
+#include <mutex>
 
 #include "lut_table.cuh"
 #include "lutmm/cuda.h"
@@ -57,6 +58,16 @@ bool pdl_supported(int device) {
     cache[device] = ok && major >= 9 ? 1 : 2;
   }
   return cache[device] == 1;
+}
+
+int sm_count(int device) {
+  static std::mutex mu;
+  static int cache[64] = {};
+  std::lock_guard<std::mutex> lock(mu);
+  if (device < 0 || device >= 64) throw Error("device: index out of range");
+  if (cache[device] == 0)
+    check_cuda(cudaDeviceGetAttribute(&cache[device], cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  return cache[device];
 }
 
 bool available() {
@@ -151,8 +162,7 @@ void launch_dq(const void* packed, const uint16_t* ps, const float* table, const
   for (int i = 0; i < 16; ++i) tab.v[i] = i < s.table_size() ? table[i] : 0.f;
   const int64_t nblk = s.row_blocks() * s.col_blocks();
   const dim3 grid(unsigned((nblk + kDqWarps - 1) / kDqWarps));
-  const int64_t gc = s.group_size / 32;
-  const int gl = (gc & (gc - 1)) == 0 ? __builtin_ctzll(uint64_t(gc)) : 30;
+  const int gl = group_log2(s.group_size);
   const auto* w = static_cast<const uint8_t*>(packed);
   auto* y = static_cast<T*>(out);
   const int N = int(s.N), K = int(s.K), G = int(s.groups()), rbs = int(s.row_blocks()), cbs = int(s.col_blocks());

@@ -29,7 +29,7 @@
 #include <algorithm>
 #include <mutex>
 
-#include "lut_table.cuh"
+#include "lut_mma.cuh"
 #include "lutmm/cuda.h"
 
 // Kernel experiments for A/B builds (cmake -DLUTMM_EXPERIMENT=N, `EXPERIMENTS=2 bash scripts/gpu.sh kab`):
@@ -44,44 +44,12 @@ namespace lutmm {
 namespace gpu {
 namespace {
 
-constexpr int kWarps = 8;                         // warps per CTA; warp w owns row block w of a tile
-constexpr int kThreads = kWarps * 32;
+using namespace lut;
+
 constexpr int kStages = LUTMM_EXPERIMENT == 2 ? 4 : 3;  // cp.async pipeline depth (k-blocks); 3 lets 2 CTAs
                                                         // (MT <= 2) share an SM beside their 64 KB tables
-constexpr int kXRowBytes = kBlockCols * 2 + 64;   // one token's 128 activations + 64 B pad: the 8 rows
-                                                  // read by a quarter-warp's LDS.128 hit distinct banks
-
-template <typename T>
-struct Params {
-  const T* x;               // M x K activations
-  const uint8_t* w;         // packed codes
-  const uint16_t* s;        // packed fp16 scales [row_blocks][G][8][2]
-  const T* bias;            // N or nullptr
-  T* y;                     // M x N
-  float* partials;          // Stream-K partial tiles [grid_y][grid_x][2][kThreads * 4 * MT]
-  int* counters;            // per (grid_y, tile) arrival counters, zero between calls
-  float table[16];          // T
-  int M, N, K, G;
-  int gl;                   // log2(group_size / 32); 30 when group_size = K is not a power of two
-  int row_blocks, col_blocks, tiles;
-};
-
 template <int BITS, int MT>
-struct Layout {
-  static constexpr int kBlockBytes = 256 * BITS;
-  static constexpr int kLutEntries = lut_entries<BITS>();      // pairs (3, 4 bits) or quads (2 bits)
-  // Entry stride: 256 B (32 copies of 4 or 8 B; prmt addressing), except 4 bits with MT = 4, where a
-  // 64 KB table would leave one CTA per SM: 128 B (32 KB, shift-and addressing; the lookups are
-  // amortised over 4 MMAs there). H200, 2026-11-26: 8192x8192 M = 64 took 91.4 us with 64 KB, 71.6 us
-  // with the earlier 32 KB table.
-  static constexpr int kEntryBytes = BITS == 4 && MT == 4 ? 128 : 256;
-  static constexpr int kLutBytes = kLutEntries * kEntryBytes;
-  static constexpr int kStageW = kWarps * kBlockBytes;
-  static constexpr int kStageS = kWarps * kScaleBytesPerRb;
-  static constexpr int kStageX = 8 * MT * kXRowBytes;
-  static constexpr int kStageBytes = kStageW + kStageS + kStageX;
-  static constexpr int kSmemBytes = kLutBytes + kStages * kStageBytes + 16;  // table, stages, flag
-};
+constexpr int kSmemBytes = Layout<BITS, MT>::kLutBytes + kStages * Layout<BITS, MT>::kStageBytes + 16;  // + flag
 
 // Copies one iteration's weights, scales (WeightLoader, lut_table.cuh) and activations into a
 // pipeline stage. Activation rows at or beyond M are never loaded: zero_rows() clears them once in
@@ -141,84 +109,8 @@ struct StageLoader {
   }
 };
 
-// One warp, one k-block: adds this block's contribution for its 16 rows x 8*MT tokens to acc.
-// FULL: the caller guarantees 4 whole chunks and groups >= 128 columns (one scale flush, at the end),
-// so every per-chunk test folds away; the arithmetic, and so the result, is bitwise the same.
-template <int BITS, int MT, typename T, bool FULL = false>
-__device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t* stage, const uint8_t* lut,
-                                              int kb, float (&acc)[MT][4]) {
-  using L = Layout<BITS, MT>;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const uint8_t* wb = stage + warp * L::kBlockBytes;
-  uint32_t wd[8] = {}, hi[2] = {};
-  load_codes<BITS>(wb, lane, wd, hi);
-  const uint8_t* ss = stage + L::kStageW + warp * kScaleBytesPerRb;
-  const uint8_t* xs = stage + L::kStageW + L::kStageS;
-  const int nchunks = FULL ? 4 : min(4, (p.K - kb * kBlockCols) / 32);
-  // Chunks after which a scale group ends (groups are 2^gl chunks; g >= 128 ends only at the block's end).
-  const int glc = FULL ? 2 : min(p.gl, 2);
-  const uint32_t flush = FULL ? 0x8u : (glc == 0 ? 0xFu : glc == 1 ? 0xAu : 0x8u) | (1u << (nchunks - 1));
-  const uint32_t lane_byte = uint32_t(lane) * (BITS == 2 ? 8u : 4u);  // this lane's copy inside an entry
-  // One partial sum per token tile. (H200, 2026-11-26: splitting it over even and odd k-steps, to break
-  // the chain of dependent MMAs at M <= 16, made 57344x8192 M = 1 5% and M = 16 11% slower; the lookups,
-  // not the MMA latency, set the pace.)
-  float part[MT][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) part[mt][0] = part[mt][1] = part[mt][2] = part[mt][3] = 0.f;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    if (j < nchunks) {
-      uint4 xv[MT];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-        xv[mt] = *reinterpret_cast<const uint4*>(xs + (mt * 8 + g) * kXRowBytes + (32 * j + 8 * t) * 2);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int ks = 2 * j + h;
-        uint32_t a[4];
-        lookup_a<BITS, L::kEntryBytes>(wd, hi, ks, lane_byte, a);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-          Elem<T>::mma(part[mt], a, h ? xv[mt].z : xv[mt].x, h ? xv[mt].w : xv[mt].y);
-      }
-      if (flush & (1u << j)) {
-        const __half2 sh = *reinterpret_cast<const __half2*>(ss + (j >> glc) * 32 + g * 4);
-        const float2 sc = __half22float2(sh);  // rows g, g + 8
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            acc[mt][e] += part[mt][e] * (e < 2 ? sc.x : sc.y);
-            part[mt][e] = 0.f;
-          }
-        }
-      }
-    }
-  }
-}
-
-// Writes acc (+ bias) of this warp's 16 rows x 8*MT tokens to Y.
-template <int MT, typename T>
-__device__ __forceinline__ void store_tile(const Params<T>& p, int tile, int m0, const float (&acc)[MT][4]) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int rb = tile * kWarps + warp;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int n = rb * 16 + g + 8 * i;
-    if (n >= p.N) continue;
-    const float b = p.bias ? Elem<T>::to_float(p.bias[n]) : 0.f;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int m = m0 + mt * 8 + 2 * t + e;
-        if (m < p.M) p.y[int64_t(m) * p.N + n] = Elem<T>::from_float(acc[mt][2 * i + e] + b);
-      }
-  }
-}
-
 template <int BITS, int MT, typename T>
-__global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const Params<T> p) {
+__global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p) {
   using L = Layout<BITS, MT>;
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* lut = smem;  // first, at shared address kTableAddr (checked): lookups add no base
@@ -295,43 +187,7 @@ __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const Params<T> p) {
     st_cmp = st_cmp == st_last ? stages : st_cmp + L::kStageBytes;
 
     if (kb == p.col_blocks - 1 || it == it_end - 1) {  // end of this CTA's segment of `tile`
-      const int tile_begin = tile * p.col_blocks, tile_end = tile_begin + p.col_blocks;
-      if (seg_begin == tile_begin && it == tile_end - 1) {
-        if (warp_live) store_tile<MT>(p, tile, m0, acc);
-      } else {
-        // Stream-K fixup: publish this partial, the last contributor to arrive sums all of them.
-        const int slot = seg_begin == it_begin ? 0 : 1;
-        const int64_t part_elems = int64_t(kThreads) * 4 * MT;
-        float* mine = p.partials + ((int64_t(blockIdx.y) * grid + cta) * 2 + slot) * part_elems;
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) mine[(mt * 4 + e) * kThreads + threadIdx.x] = acc[mt][e];
-        __threadfence();
-        __syncthreads();
-        const int first = sk_owner(tile_begin, total, grid), last = sk_owner(tile_end - 1, total, grid);
-        if (threadIdx.x == 0) {
-          int* counter = p.counters + int64_t(blockIdx.y) * p.tiles + tile;
-          const int arrived = atomicAdd(counter, 1);
-          const bool is_last = arrived == last - first;
-          if (is_last) atomicExch(counter, 0);  // leave the workspace zeroed for the next call
-          *flag = is_last;
-        }
-        __syncthreads();
-        if (*flag) {
-          __threadfence();
-          float sum[MT][4] = {};
-          for (int c = first; c <= last; ++c) {
-            const int cslot = tile_begin <= sk_start(c, total, grid) ? 0 : 1;
-            const float* src = p.partials + ((int64_t(blockIdx.y) * grid + c) * 2 + cslot) * part_elems;
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) sum[mt][e] += __ldcg(src + (mt * 4 + e) * kThreads + threadIdx.x);
-          }
-          if (warp_live) store_tile<MT>(p, tile, m0, sum);
-        }
-      }
+      finish_segment<MT>(p, cta, tile, m0, seg_begin, it, it_begin, warp_live, flag, acc, [] { __syncthreads(); });
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
       seg_begin = it + 1;
@@ -341,22 +197,8 @@ __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const Params<T> p) {
   cp_async_wait<0>();
 }
 
-struct DeviceInfo { int sms = 0; };
-DeviceInfo device_info(int device) {
-  static std::mutex mu;
-  static DeviceInfo cache[64];
-  std::lock_guard<std::mutex> lock(mu);
-  if (device < 0 || device >= 64) throw Error("device: index out of range");
-  if (cache[device].sms == 0) {
-    check_cuda(cudaDeviceGetAttribute(&cache[device].sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  }
-  return cache[device];
-}
-
 int mt_for(int64_t M) { return M <= 8 ? 1 : (M <= 16 ? 2 : 4); }
 
-// Launch geometry, shared by workspace_bytes() and the launch so both agree.
-struct Geometry { int mt, grid_x, grid_y, tiles, col_blocks; };
 template <int BITS, int MT, typename T>
 int ctas_per_sm() {
   // Resolved once per instantiation and device; kernel attributes must allow the large smem first.
@@ -365,10 +207,10 @@ int ctas_per_sm() {
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   if (cached[dev] == 0) {
     auto* k = &lut_gemm_kernel<BITS, MT, T>;
-    check_cuda(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, Layout<BITS, MT>::kSmemBytes),
+    check_cuda(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes<BITS, MT>),
                "cudaFuncSetAttribute");
     int n = 0;
-    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k, kThreads, Layout<BITS, MT>::kSmemBytes),
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k, kThreads, kSmemBytes<BITS, MT>),
                "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
     cached[dev] = std::max(1, n);
   }
@@ -386,40 +228,36 @@ int ctas_per_sm_any(int bits, int mt, DType dt) {
                  : mt == 2 ? ctas_per_sm_bits<__nv_bfloat16, 2>(bits) : ctas_per_sm_bits<__nv_bfloat16, 4>(bits);
 }
 
-Geometry geometry(int64_t M, const Shape& s, DType dt, int device) {
+// Weights of at least this many elements take the TMA kernel at M <= 8 on Hopper. H100, 2026-11-26,
+// M = 1, 4-bit g128, TMA vs cp.async kernel: 4096x4096 10.1 vs 9.1 us, 8192x8192 19.3 vs 20.8,
+// 28672x4096 28.8 vs 33.6, 57344x8192 94.3 vs 114.4; at M = 16 the TMA kernel was 5-9% slower on
+// every shape (3 stages per CTA of 14 KB each).
+constexpr int64_t kTmaMinWeights = int64_t(32) << 20;
+
+// The kernel for a call (see LutKernel) and its launch geometry.
+Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel kernel) {
   Geometry g;
   g.mt = mt_for(M);
+  if (kernel == LutKernel::kTma && (g.mt > 2 || !stream_supported(device)))
+    throw Error("lut kernel: the TMA decode kernel needs an sm_90 GPU, a build with sm_90a code and M <= 16");
+  g.tma = kernel == LutKernel::kTma ||
+          (kernel == LutKernel::kAuto && g.mt == 1 && s.N * s.K >= kTmaMinWeights && stream_supported(device));
   g.tiles = int((s.row_blocks() + kWarps - 1) / kWarps);
   g.col_blocks = int(s.col_blocks());
   const int64_t total = int64_t(g.tiles) * g.col_blocks;
-  const int64_t slots = int64_t(device_info(device).sms) * ctas_per_sm_any(s.bits, g.mt, dt);
-  g.grid_x = int(std::min<int64_t>(total, slots));
+  const int per_sm = g.tma ? stream_workers_per_sm() : ctas_per_sm_any(s.bits, g.mt, dt);
+  g.grid_x = int(std::min<int64_t>(total, int64_t(sm_count(device)) * per_sm));
   g.grid_y = int((M + 8 * g.mt - 1) / (8 * g.mt));
+  g.stages = g.tma ? stream_stages(s.bits, g.mt, device) : kStages;
   return g;
 }
-
-size_t counters_bytes(const Geometry& g) { return (size_t(g.grid_y) * g.tiles * 4 + 255) / 256 * 256; }
-size_t partials_bytes(const Geometry& g) { return size_t(g.grid_y) * g.grid_x * 2 * kThreads * 4 * g.mt * 4; }
 
 template <int BITS, int MT, typename T>
 void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
   ctas_per_sm<BITS, MT, T>();  // sets the smem attribute on this device
-  Params<T> p;
-  p.x = static_cast<const T*>(prob.x);
-  p.w = static_cast<const uint8_t*>(prob.packed);
-  p.s = prob.packed_scales;
-  p.bias = static_cast<const T*>(prob.bias);
-  p.y = static_cast<T*>(prob.y);
-  p.counters = static_cast<int*>(ws);
-  p.partials = reinterpret_cast<float*>(static_cast<uint8_t*>(ws) + counters_bytes(geo));
-  for (int i = 0; i < 16; ++i) p.table[i] = prob.table[i];
-  const Shape& s = prob.shape;
-  p.M = int(prob.M); p.N = int(s.N); p.K = int(s.K); p.G = int(s.groups());
-  const int64_t gc = s.group_size / 32;
-  p.gl = (gc & (gc - 1)) == 0 ? __builtin_ctzll(uint64_t(gc)) : 30;
-  p.row_blocks = int(s.row_blocks()); p.col_blocks = geo.col_blocks; p.tiles = geo.tiles;
+  const Params<T> p = make_params<T>(prob, geo, ws);
   dim3 grid(geo.grid_x, geo.grid_y);
-  launch_pdl(&lut_gemm_kernel<BITS, MT, T>, grid, kThreads, Layout<BITS, MT>::kSmemBytes, stream, p);
+  launch_pdl(&lut_gemm_kernel<BITS, MT, T>, grid, kThreads, kSmemBytes<BITS, MT>, stream, p);
 }
 
 template <typename T, int MT>
@@ -437,26 +275,33 @@ void launch_mt(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStrea
   else launch_bits<T, 4>(prob, geo, ws, st);
 }
 
+size_t need_bytes(const Geometry& g) { return counters_bytes(g) + partials_bytes(g); }
+
 }  // namespace
 
 size_t workspace_bytes(int64_t M, const Shape& shape, int device) {
   validate_shape(shape);
-  const Geometry g = geometry(M, shape, DType::BF16, device);
-  // fp16 and bf16 instantiations have the same resources; take the larger to be safe.
-  const Geometry g16 = geometry(M, shape, DType::F16, device);
-  return std::max(counters_bytes(g) + partials_bytes(g), counters_bytes(g16) + partials_bytes(g16));
+  // Enough for either kernel and dtype (fp16 and bf16 have the same resources; take the larger).
+  size_t need = 0;
+  const bool tma = M <= 16 && stream_supported(device);
+  for (DType dt : {DType::BF16, DType::F16}) {
+    need = std::max(need, need_bytes(geometry(M, shape, dt, device, LutKernel::kCpAsync)));
+    if (tma) need = std::max(need, need_bytes(geometry(M, shape, dt, device, LutKernel::kTma)));
+  }
+  return need;
 }
 
-void lut_gemm(const GemmProblem& prob, void* ws, size_t ws_bytes, void* stream) {
+void lut_gemm(const GemmProblem& prob, void* ws, size_t ws_bytes, void* stream, LutKernel kernel) {
   validate_problem(prob);
   if ((prob.shape.row_blocks() + kWarps - 1) / kWarps * prob.shape.col_blocks() >= (int64_t(1) << 31))
     throw Error("shape: N x K too large for one call (more than 2^31 tiles x k-blocks); split N");
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  const Geometry geo = geometry(prob.M, prob.shape, prob.dtype, dev);
-  check_workspace(ws, ws_bytes, counters_bytes(geo) + partials_bytes(geo), "workspace_bytes()");
+  const Geometry geo = geometry(prob.M, prob.shape, prob.dtype, dev, kernel);
+  check_workspace(ws, ws_bytes, need_bytes(geo), "workspace_bytes()");
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  if (prob.dtype == DType::F16) launch_mt<__half>(prob, geo, ws, st);
+  if (geo.tma) stream_launch(prob, geo, ws, st);
+  else if (prob.dtype == DType::F16) launch_mt<__half>(prob, geo, ws, st);
   else launch_mt<__nv_bfloat16>(prob, geo, ws, st);
 }
 

@@ -34,13 +34,13 @@
 //   are spread evenly over all CTAs with Stream-K and the decode kernel's deterministic fixup (the
 //   last contributor sums the partials in CTA order), so no SM idles at the tail and the output is
 //   bitwise reproducible.
-#include <cuda.h>  // CUtensorMap (the encoder is fetched from the driver at run time)
 
 #include <algorithm>
 #include <mutex>
 
 #include "lut_table.cuh"
 #include "lutmm/cuda.h"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 // Kernel experiments for A/B builds (cmake -DLUTMM_EXPERIMENT=N, `EXPERIMENTS=N bash scripts/gpu.sh kab`):
@@ -449,16 +449,6 @@ struct WgGeometry {
 // its share of activations and paying the lookups for half the MMA work).
 int tok_for(int64_t M) { return M <= 128 ? 128 : 256; }
 
-int sm_count(int device) {
-  static std::mutex mu;
-  static int cache[64] = {};
-  std::lock_guard<std::mutex> lock(mu);
-  if (device < 0 || device >= 64) throw Error("device: index out of range");
-  if (cache[device] == 0)
-    check_cuda(cudaDeviceGetAttribute(&cache[device], cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  return cache[device];
-}
-
 WgGeometry wg_geometry(int64_t M, const Shape& s, int device) {
   WgGeometry g;
   g.tok = tok_for(M);
@@ -487,43 +477,11 @@ size_t wg_partials_bytes(const WgGeometry& g) {
   return g.sk_tiles() == 0 ? 0 : size_t(g.grid) * 2 * kThreads * (g.tok / 2) * 4;
 }
 
-// cuTensorMapEncodeTiled, from the driver (the runtime library has no wrapper; no -lcuda needed).
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-EncodeTiledFn encode_tiled() {
-  static std::once_flag once;
-  static EncodeTiledFn fn = nullptr;
-  std::call_once(once, [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) == cudaSuccess &&
-        q == cudaDriverEntryPointSuccess)
-      fn = reinterpret_cast<EncodeTiledFn>(f);
-    cudaGetLastError();
-  });
-  if (!fn) throw Error("wgmma path: cuTensorMapEncodeTiled not available from the CUDA driver");
-  return fn;
-}
-
 // TMA descriptor of X (M x K, row-major): boxes of 64 columns x TOK rows, 128-byte swizzle, zeros
 // outside the tensor.
 CUtensorMap x_tensor_map(const void* x, DType dt, int64_t M, int64_t K, int tok) {
-  CUtensorMap m;
-  const cuuint64_t dims[2] = {cuuint64_t(K), cuuint64_t(M)};
-  const cuuint64_t strides[1] = {cuuint64_t(K) * 2};
-  const cuuint32_t box[2] = {64, cuuint32_t(tok)};
-  const cuuint32_t estrides[2] = {1, 1};
-  const CUresult r = encode_tiled()(&m, dt == DType::F16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                                    2, const_cast<void*>(x), dims, strides, box, estrides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                    CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) {
-    Msg msg;
-    msg << "wgmma path: cuTensorMapEncodeTiled failed (" << int(r) << ") for x of " << M << " x " << K;
-    throw Error(msg.str());
-  }
-  return m;
+  return tensor_map_2d(x, dt == DType::F16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, M, K,
+                       K * 2, tok, 64, CU_TENSOR_MAP_SWIZZLE_128B, "x");
 }
 
 template <int BITS, int TOK, typename T>
@@ -553,8 +511,7 @@ void wg_launch(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStr
   for (int i = 0; i < 16; ++i) p.table[i] = prob.table[i];
   const Shape& s = prob.shape;
   p.M = int(prob.M); p.N = int(s.N); p.K = int(s.K); p.G = int(s.groups());
-  const int64_t gc = s.group_size / 32;
-  p.gl = (gc & (gc - 1)) == 0 ? __builtin_ctzll(uint64_t(gc)) : 30;
+  p.gl = group_log2(s.group_size);
   p.row_blocks = int(s.row_blocks()); p.col_blocks = geo.col_blocks;
   p.m_tiles = geo.m_tiles; p.n_tiles = geo.n_tiles; p.tiles = geo.tiles; p.dp_tiles = geo.dp_tiles;
   const CUtensorMap tmap = x_tensor_map(prob.x, prob.dtype, prob.M, s.K, TOK);

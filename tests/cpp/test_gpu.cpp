@@ -66,10 +66,11 @@ size_t ws_need(gpu::Path path, int64_t M, const Shape& s) {
   return path == gpu::Path::kWgmma ? gpu::wgmma_workspace_bytes(M, s, 0) : gpu::workspace_bytes(M, s, 0);
 }
 
-// Runs a fused kernel (kLut or kWgmma); returns Y as floats. Y is poisoned with NaN first.
+// Runs a fused kernel (kLut, with `kernel` choosing the decode kernel, or kWgmma); returns Y as
+// floats. Y is poisoned with NaN first.
 std::vector<float> run_gpu(const Layer& L, const std::vector<uint16_t>& x, int64_t M, DType dt,
                            const std::vector<uint16_t>* bias, void* ws, size_t ws_bytes,
-                           gpu::Path path = gpu::Path::kLut) {
+                           gpu::Path path = gpu::Path::kLut, gpu::LutKernel kernel = gpu::LutKernel::kAuto) {
   const Shape& s = L.s;
   DevBuf<uint8_t> dx(x.size() * 2), dw(L.packed.size()), ds(L.packed_scales.size() * 2), dy(size_t(M * s.N) * 2),
       db(size_t(s.N) * 2);
@@ -85,7 +86,7 @@ std::vector<float> run_gpu(const Layer& L, const std::vector<uint16_t>& x, int64
   p.bias = bias ? db.p : nullptr;
   p.y = dy.p;
   if (path == gpu::Path::kWgmma) gpu::wgmma_gemm(p, ws, ws_bytes, nullptr);
-  else gpu::lut_gemm(p, ws, ws_bytes, nullptr);
+  else gpu::lut_gemm(p, ws, ws_bytes, nullptr, kernel);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<uint16_t> yh(size_t(M * s.N));
   cudaMemcpy(yh.data(), dy.p, yh.size() * 2, cudaMemcpyDeviceToHost);
@@ -122,7 +123,8 @@ struct Workspace {
 
 // `cases` random problems through `path` against the CPU reference. M mostly small for the LUT path,
 // mostly above 64 (where dispatch sends it) for the wgmma path; every shape, bits, g, dtype, table.
-void randomized_against_reference(gpu::Path path, int cases, uint32_t seed) {
+void randomized_against_reference(gpu::Path path, int cases, uint32_t seed,
+                                  gpu::LutKernel kernel = gpu::LutKernel::kAuto) {
   std::mt19937 rng(seed);
   Workspace ws;
   int failures = 0;
@@ -132,7 +134,8 @@ void randomized_against_reference(gpu::Path path, int cases, uint32_t seed) {
     int64_t g = gs[rng() % 5];
     int64_t M;
     const int r = int(rng() % 10);
-    if (path == gpu::Path::kWgmma) M = r < 2 ? 1 + int64_t(rng() % 64) : r < 9 ? 65 + int64_t(rng() % 300) : 1 + int64_t(rng() % 1100);
+    if (kernel == gpu::LutKernel::kTma) M = 1 + int64_t(rng() % 16);
+    else if (path == gpu::Path::kWgmma) M = r < 2 ? 1 + int64_t(rng() % 64) : r < 9 ? 65 + int64_t(rng() % 300) : 1 + int64_t(rng() % 1100);
     else if (r < 6) M = 1 + int64_t(rng() % 17);
     else if (r < 9) M = 1 + int64_t(rng() % 80);
     else M = 1 + int64_t(rng() % 512);
@@ -154,14 +157,14 @@ void randomized_against_reference(gpu::Path path, int cases, uint32_t seed) {
     const bool use_bias = rng() % 2;
     for (int64_t n = 0; n < N; ++n) { bias[size_t(n)] = to_dtype(nd(rng), dt); biasf[size_t(n)] = from_dtype(bias[size_t(n)], dt); }
     ws.ensure(ws_need(path, M, s));
-    auto y = run_gpu(L, x, M, dt, use_bias ? &bias : nullptr, ws.p, ws.bytes, path);
+    auto y = run_gpu(L, x, M, dt, use_bias ? &bias : nullptr, ws.p, ws.bytes, path, kernel);
     std::vector<float> ref(size_t(M * N));
     reference_matmul(xf.data(), DType::F32, M, L.codes.data(), L.scales.data(), L.table_rounded.data(), s,
                      use_bias ? biasf.data() : nullptr, ref.data());
     const double err = rel_err(y, ref), tol = dt == DType::BF16 ? 6e-3 : 1.5e-3;
     if (!(err < tol)) {
       if (++failures < 10)
-        ADD_FAILURE() << "path " << int(path) << " case " << c << ": M=" << M << " N=" << N << " K=" << K << " bits=" << bits << " g=" << g
+        ADD_FAILURE() << "path " << int(path) << " kernel " << int(kernel) << " case " << c << ": M=" << M << " N=" << N << " K=" << K << " bits=" << bits << " g=" << g
                       << " dtype=" << dtype_name(dt) << " rel err " << err;
     }
   }
@@ -176,6 +179,49 @@ TEST(Gpu, RandomizedAgainstReference) {
 #define REQUIRE_WGMMA()                                                   \
   REQUIRE_GPU();                                                          \
   if (!gpu::wgmma_supported(0)) GTEST_SKIP() << "not an sm_90 GPU: wgmma test skipped"
+
+// The two decode kernels forced, whatever dispatch would pick: the TMA kernel (Hopper, M <= 16;
+// dispatch gives it only large weights) and the cp.async kernel (everywhere; the test above covers it
+// on other GPUs).
+TEST(Gpu, TmaDecodeKernelRandomizedAgainstReference) {
+  REQUIRE_WGMMA();
+  randomized_against_reference(gpu::Path::kLut, 800, 777, gpu::LutKernel::kTma);
+}
+TEST(Gpu, CpAsyncDecodeKernelRandomizedAgainstReference) {
+  REQUIRE_WGMMA();
+  randomized_against_reference(gpu::Path::kLut, 400, 778, gpu::LutKernel::kCpAsync);
+}
+
+// Both decode kernels, token slices of an identity: X = rows k0..k0+M-1 of I gives the dequantized
+// weight's columns exactly (one product per output, whatever the Stream-K split). M = 5 and 16 (the
+// TMA kernel's two token tilings, rows >= M zeroed), N = 77 (a partial tile), K = 352 (a partial last
+// k-block).
+TEST(Gpu, DecodeKernelsGiveDequantizedColumnsExactly) {
+  REQUIRE_GPU();
+  std::mt19937 rng(8);
+  Workspace ws;
+  for (int bits : {2, 3, 4})
+    for (DType dt : {DType::F16, DType::BF16}) {
+      Shape s{77, 352, bits, 32};
+      Layer L = make_layer(s, dt, rng, 2);
+      std::vector<float> w(size_t(s.N * s.K));
+      dequantize(L.codes.data(), L.scales.data(), L.table_rounded.data(), s, w.data());
+      for (int64_t M : {5, 16})
+        for (gpu::LutKernel kernel : {gpu::LutKernel::kCpAsync, gpu::LutKernel::kTma}) {
+          if (kernel == gpu::LutKernel::kTma && !gpu::wgmma_supported(0)) continue;
+          ws.ensure(gpu::workspace_bytes(M, s, 0));
+          for (int64_t k0 = 0; k0 + M <= s.K; k0 += M) {
+            std::vector<uint16_t> x(size_t(M * s.K), to_dtype(0.f, dt));
+            for (int64_t i = 0; i < M; ++i) x[size_t(i * s.K + k0 + i)] = to_dtype(1.f, dt);
+            auto y = run_gpu(L, x, M, dt, nullptr, ws.p, ws.bytes, gpu::Path::kLut, kernel);
+            for (int64_t i = 0; i < M; ++i)
+              for (int64_t n = 0; n < s.N; ++n)
+                ASSERT_EQ(to_dtype(y[size_t(i * s.N + n)], dt), to_dtype(w[size_t(n * s.K + k0 + i)], dt))
+                    << "bits " << bits << " M " << M << " kernel " << int(kernel) << " n " << n << " k " << k0 + i;
+          }
+        }
+    }
+}
 
 TEST(Gpu, WgmmaRandomizedAgainstReference) {
   REQUIRE_WGMMA();
@@ -256,6 +302,15 @@ TEST(Gpu, StreamKIsDeterministic) {
         auto y = run_gpu(L, x, M, DType::BF16, nullptr, ws.p, ws.bytes);
         ASSERT_EQ(std::memcmp(y.data(), y0.data(), y.size() * 4), 0) << "run " << rep << " differs, N=" << shp.N;
       }
+      // Each decode kernel forced: deterministic too, and equal to the dispatched one up to rounding
+      // (a different Stream-K split sums in another order).
+      for (gpu::LutKernel kernel : {gpu::LutKernel::kCpAsync, gpu::LutKernel::kTma}) {
+        if (kernel == gpu::LutKernel::kTma && (M > 16 || !gpu::wgmma_supported(0))) continue;
+        auto yk = run_gpu(L, x, M, DType::BF16, nullptr, ws.p, ws.bytes, gpu::Path::kLut, kernel);
+        auto yk2 = run_gpu(L, x, M, DType::BF16, nullptr, ws.p, ws.bytes, gpu::Path::kLut, kernel);
+        ASSERT_EQ(std::memcmp(yk.data(), yk2.data(), yk.size() * 4), 0) << "kernel " << int(kernel) << " N=" << shp.N;
+        EXPECT_LT(rel_err(yk, y0), 3e-3) << "kernel " << int(kernel) << " N=" << shp.N << " M=" << M;
+      }
     }
   }
 }
@@ -311,6 +366,8 @@ TEST(Gpu, RejectsBadArguments) {
   EXPECT_THROW(gpu::lut_gemm(bad, ws.p, ws.bytes, nullptr), Error);
   bad = p; bad.shape.bits = 5;
   EXPECT_THROW(gpu::lut_gemm(bad, ws.p, ws.bytes, nullptr), Error);
+  bad = p; bad.M = 17;  // the TMA decode kernel serves M <= 16 (and only sm_90)
+  EXPECT_THROW(gpu::lut_gemm(bad, ws.p, ws.bytes, nullptr, gpu::LutKernel::kTma), Error);
   if (gpu::wgmma_supported(0)) {
     ws.ensure(gpu::wgmma_workspace_bytes(2, s, 0));
     EXPECT_NO_THROW(gpu::wgmma_gemm(p, ws.p, ws.bytes, nullptr));

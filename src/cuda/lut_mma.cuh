@@ -1,0 +1,227 @@
+// The decode kernels' shared pieces: parameters, the pipeline-stage layout, the per-warp block
+// computation (lookups -> mma.sync), the output store and the Stream-K fixup. Two kernels use them:
+// lut_gemm.cu (cp.async pipeline, any sm_80+ GPU) and lut_stream.cu (bulk copies + mbarriers, a
+// producer warp and a deep pipeline, sm_90a). Both read the same packed layout (docs/format.md),
+// split the same (tile, k-block) iterations with Stream-K, and give bitwise the same results for
+// the same grid.
+#pragma once
+#include "lut_table.cuh"
+
+namespace lutmm {
+namespace gpu {
+namespace lut {
+
+constexpr int kWarps = 8;                         // compute warps per CTA; warp w owns row block w of a tile
+constexpr int kThreads = kWarps * 32;
+constexpr int kXRowBytes = kBlockCols * 2 + 64;   // one token's 128 activations + 64 B pad: the 8 rows
+                                                  // read by a quarter-warp's LDS.128 hit distinct banks
+
+template <typename T>
+struct Params {
+  const T* x;               // M x K activations
+  const uint8_t* w;         // packed codes
+  const uint16_t* s;        // packed fp16 scales [row_blocks][G][8][2]
+  const T* bias;            // N or nullptr
+  T* y;                     // M x N
+  float* partials;          // Stream-K partial tiles [grid_y][grid_x][2][kThreads * 4 * MT]
+  int* counters;            // per (grid_y, tile) arrival counters, zero between calls
+  float table[16];          // T
+  int M, N, K, G;
+  int gl;                   // log2(group_size / 32); 30 when group_size = K is not a power of two
+  int row_blocks, col_blocks, tiles;
+  int stages;               // pipeline stages in shared memory (per warp group in lut_stream.cu)
+  int workers;              // Stream-K workers splitting the iterations: CTAs (lut_gemm.cu) or warp groups
+};
+
+// A compute thread's index inside its group of kWarps warps (lut_stream.cu runs two groups per CTA).
+__device__ __forceinline__ int group_tid() { return threadIdx.x % kThreads; }
+
+template <int BITS, int MT>
+struct Layout {
+  static constexpr int kBlockBytes = 256 * BITS;
+  static constexpr int kLutEntries = lut_entries<BITS>();      // pairs (3, 4 bits) or quads (2 bits)
+  // Entry stride: 256 B (32 copies of 4 or 8 B; prmt addressing), except 4 bits with MT = 4, where a
+  // 64 KB table would leave one CTA per SM: 128 B (32 KB, shift-and addressing; the lookups are
+  // amortised over 4 MMAs there). H200, 2026-11-26: 8192x8192 M = 64 took 91.4 us with 64 KB, 71.6 us
+  // with the earlier 32 KB table.
+  static constexpr int kEntryBytes = BITS == 4 && MT == 4 ? 128 : 256;
+  static constexpr int kLutBytes = kLutEntries * kEntryBytes;
+  static constexpr int kStageW = kWarps * kBlockBytes;
+  static constexpr int kStageS = kWarps * kScaleBytesPerRb;
+  static constexpr int kStageX = 8 * MT * kXRowBytes;
+  static constexpr int kStageBytes = kStageW + kStageS + kStageX;  // codes, scales, activations
+};
+
+// One warp, one k-block: adds this block's contribution for its 16 rows x 8*MT tokens to acc.
+// FULL: the caller guarantees 4 whole chunks and groups >= 128 columns (one scale flush, at the end),
+// so every per-chunk test folds away; the arithmetic, and so the result, is bitwise the same.
+template <int BITS, int MT, typename T, bool FULL = false>
+__device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t* stage, const uint8_t* lut,
+                                              int kb, float (&acc)[MT][4], int s_stride = kScaleBytesPerRb) {
+  using L = Layout<BITS, MT>;
+  const int warp = group_tid() / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const uint8_t* wb = stage + warp * L::kBlockBytes;
+  uint32_t wd[8] = {}, hi[2] = {};
+  load_codes<BITS>(wb, lane, wd, hi);
+  const uint8_t* ss = stage + L::kStageW + warp * s_stride;  // s_stride: scale bytes per row block
+  const uint8_t* xs = stage + L::kStageW + L::kStageS;
+  const int nchunks = FULL ? 4 : min(4, (p.K - kb * kBlockCols) / 32);
+  // Chunks after which a scale group ends (groups are 2^gl chunks; g >= 128 ends only at the block's end).
+  const int glc = FULL ? 2 : min(p.gl, 2);
+  const uint32_t flush = FULL ? 0x8u : (glc == 0 ? 0xFu : glc == 1 ? 0xAu : 0x8u) | (1u << (nchunks - 1));
+  const uint32_t lane_byte = uint32_t(lane) * (BITS == 2 ? 8u : 4u);  // this lane's copy inside an entry
+  // One partial sum per token tile. (H200, 2026-11-26: splitting it over even and odd k-steps, to break
+  // the chain of dependent MMAs at M <= 16, made 57344x8192 M = 1 5% and M = 16 11% slower; the lookups,
+  // not the MMA latency, set the pace.)
+  float part[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) part[mt][0] = part[mt][1] = part[mt][2] = part[mt][3] = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (j < nchunks) {
+      uint4 xv[MT];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        xv[mt] = *reinterpret_cast<const uint4*>(xs + (mt * 8 + g) * kXRowBytes + (32 * j + 8 * t) * 2);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int ks = 2 * j + h;
+        uint32_t a[4];
+        lookup_a<BITS, L::kEntryBytes>(wd, hi, ks, lane_byte, a);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+          Elem<T>::mma(part[mt], a, h ? xv[mt].z : xv[mt].x, h ? xv[mt].w : xv[mt].y);
+      }
+      if (flush & (1u << j)) {
+        const __half2 sh = *reinterpret_cast<const __half2*>(ss + (j >> glc) * 32 + g * 4);
+        const float2 sc = __half22float2(sh);  // rows g, g + 8
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            acc[mt][e] += part[mt][e] * (e < 2 ? sc.x : sc.y);
+            part[mt][e] = 0.f;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Writes acc (+ bias) of this warp's 16 rows x 8*MT tokens to Y.
+template <int MT, typename T>
+__device__ __forceinline__ void store_tile(const Params<T>& p, int tile, int m0, const float (&acc)[MT][4]) {
+  const int warp = group_tid() / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int rb = tile * kWarps + warp;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int n = rb * 16 + g + 8 * i;
+    if (n >= p.N) continue;
+    const float b = p.bias ? Elem<T>::to_float(p.bias[n]) : 0.f;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int m = m0 + mt * 8 + 2 * t + e;
+        if (m < p.M) p.y[int64_t(m) * p.N + n] = Elem<T>::from_float(acc[mt][2 * i + e] + b);
+      }
+  }
+}
+
+// End of a worker's segment [seg_begin, it] of `tile` (iterations are (tile, k-block) pairs, k
+// innermost, split over p.workers workers by sk_start; this is worker `cta`): a whole tile is stored;
+// a piece is published as a Stream-K partial and the last contributor to arrive sums all pieces in
+// worker order, so the result is bitwise the same on every run. The worker's kThreads compute
+// threads all call it; `sync` is a barrier over them.
+template <int MT, typename T, typename Sync>
+__device__ __forceinline__ void finish_segment(const Params<T>& p, int cta, int tile, int m0, int seg_begin, int it,
+                                               int it_begin, bool warp_live, int* flag, const float (&acc)[MT][4],
+                                               Sync sync) {
+  const int64_t total = int64_t(p.tiles) * p.col_blocks, grid = p.workers;
+  const int tid = group_tid();
+  const int tile_begin = tile * p.col_blocks, tile_end = tile_begin + p.col_blocks;
+  if (seg_begin == tile_begin && it == tile_end - 1) {
+    if (warp_live) store_tile<MT>(p, tile, m0, acc);
+    return;
+  }
+  // Publish this partial; the last contributor to arrive sums all of them.
+  const int slot = seg_begin == it_begin ? 0 : 1;
+  const int64_t part_elems = int64_t(kThreads) * 4 * MT;
+  float* mine = p.partials + ((int64_t(blockIdx.y) * grid + cta) * 2 + slot) * part_elems;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) mine[(mt * 4 + e) * kThreads + tid] = acc[mt][e];
+  __threadfence();
+  sync();
+  const int first = sk_owner(tile_begin, total, grid), last = sk_owner(tile_end - 1, total, grid);
+  if (tid == 0) {
+    int* counter = p.counters + int64_t(blockIdx.y) * p.tiles + tile;
+    const int arrived = atomicAdd(counter, 1);
+    const bool is_last = arrived == last - first;
+    if (is_last) atomicExch(counter, 0);  // leave the workspace zeroed for the next call
+    *flag = is_last;
+  }
+  sync();
+  if (*flag) {
+    __threadfence();
+    float sum[MT][4] = {};
+    for (int c = first; c <= last; ++c) {
+      const int cslot = tile_begin <= sk_start(c, total, grid) ? 0 : 1;
+      const float* src = p.partials + ((int64_t(blockIdx.y) * grid + c) * 2 + cslot) * part_elems;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sum[mt][e] += __ldcg(src + (mt * 4 + e) * kThreads + tid);
+    }
+    if (warp_live) store_tile<MT>(p, tile, m0, sum);
+  }
+  // No barrier needed before the next fixup rewrites *flag: it first passes sync() above.
+}
+
+// ---- host side ----------------------------------------------------------------------------------
+
+// Launch geometry of a decode call, shared by workspace_bytes() and the launch so both agree.
+struct Geometry {
+  int mt;          // token tiles of 8 per warp: 1 (M <= 8), 2 (M <= 16), 4
+  bool tma;        // lut_stream.cu's kernel (else lut_gemm.cu's)
+  int grid_x;      // Stream-K workers splitting the (tile, k-block) iterations: CTAs, or warp groups (tma)
+  int grid_y;      // token slices of 8 * mt
+  int tiles;       // 128-row tiles
+  int col_blocks;  // 128-column k-blocks
+  int stages;      // pipeline stages (tma)
+};
+inline size_t counters_bytes(const Geometry& g) { return (size_t(g.grid_y) * g.tiles * 4 + 255) / 256 * 256; }
+inline size_t partials_bytes(const Geometry& g) { return size_t(g.grid_y) * g.grid_x * 2 * kThreads * 4 * g.mt * 4; }
+
+// The kernel parameters of a call (both kernels).
+template <typename T>
+Params<T> make_params(const GemmProblem& prob, const Geometry& geo, void* ws) {
+  Params<T> p;
+  p.x = static_cast<const T*>(prob.x);
+  p.w = static_cast<const uint8_t*>(prob.packed);
+  p.s = prob.packed_scales;
+  p.bias = static_cast<const T*>(prob.bias);
+  p.y = static_cast<T*>(prob.y);
+  p.counters = static_cast<int*>(ws);
+  p.partials = reinterpret_cast<float*>(static_cast<uint8_t*>(ws) + counters_bytes(geo));
+  for (int i = 0; i < 16; ++i) p.table[i] = prob.table[i];
+  const Shape& s = prob.shape;
+  p.M = int(prob.M); p.N = int(s.N); p.K = int(s.K); p.G = int(s.groups());
+  p.gl = group_log2(s.group_size);
+  p.row_blocks = int(s.row_blocks()); p.col_blocks = geo.col_blocks; p.tiles = geo.tiles;
+  p.stages = geo.stages;
+  p.workers = geo.grid_x;
+  return p;
+}
+
+// lut_stream.cu: whether its kernel runs on `device` (sm_90 and a build with sm_90a code), its
+// Stream-K workers (warp groups) per SM and pipeline stages per worker for (bits, mt), and the launch.
+bool stream_supported(int device);
+int stream_workers_per_sm();
+int stream_stages(int bits, int mt, int device);
+void stream_launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream);
+
+}  // namespace lut
+}  // namespace gpu
+}  // namespace lutmm

@@ -1,0 +1,270 @@
+// The decode kernel on Hopper (sm_90a), M <= 16: the math of lut_gemm.cu (lut_mma.cuh: pair-table
+// lookups -> mma.sync with the weights as the 16-row A operand, scales after the MMA, Stream-K with a
+// deterministic fixup), fed by a deeper, cheaper pipeline.
+//
+// Why a second kernel. At M = 1 the cp.async kernel spends its time waiting, not computing (H100,
+// Nsight Compute: issue slots ~55% busy, one eligible warp per scheduler): every thread issues
+// 16-byte copies, a CTA-wide barrier ends every k-block, and only 2 k-blocks per CTA (~36 KB per SM)
+// are in flight; each CTA also rebuilds the 64 KB table and refills its pipeline for a handful of
+// k-blocks. Here:
+// * Roles. Warps 0-7 compute (warp w owns row block w of the 128-row tile, exactly as in
+//   lut_gemm.cu); one thread of warp 8 is the producer: per k-block, one TMA box for the tile's
+//   codes (8 row blocks x 256 * BITS bytes), one for their scales, one bulk copy per token row of
+//   activations; all complete on the stage's "full" mbarrier. (H100, 2026-11-26: one bulk copy per
+//   row block and per scale row, issued by 17 lanes, cost ~500 producer instructions per k-block:
+//   bulk-copy operands are uniform registers, so ptxas loops over the lanes; 8192x8192 M = 1 took
+//   31.4 us, against 20.9 us for the cp.async kernel.)
+// * Pipeline. Two CTAs per SM, each persistent over its Stream-K range (the table is built once per
+//   CTA, not per tile) with as many stages as shared memory holds (4 at 4 bits, M <= 8). A stage is
+//   released by each compute warp as soon as its registers hold what it needs ("empty" mbarrier, 8
+//   arrivals); no CTA-wide barrier in the main loop.
+// * Programmatic dependent launch as in lut_gemm.cu: the codes and scales of the first stages are
+//   requested before griddepcontrol.wait, activations after it.
+#include <algorithm>
+#include <mutex>
+
+#include "lut_mma.cuh"
+#include "tma.cuh"
+#include "wgmma.cuh"  // mbarriers, bulk copies, named barriers (sm_90a)
+
+namespace lutmm {
+namespace gpu {
+namespace lut {
+namespace {
+
+// Warp groups per CTA and CTAs per SM. A group is a Stream-K worker of kWarps compute warps with its
+// own producer warp and stage ring; groups of a CTA share the table. H100, 2026-11-26, M = 1, 4-bit
+// g128: two CTAs of one group per SM (4 stages each) ran 8192x8192 in 19.3 us, 57344x8192 in 94.3 us;
+// one CTA of two groups (LUTMM_EXPERIMENT 9: one table, 7 stages per group) 20.4 and 96.4 us; one CTA
+// of one group (8 compute warps per SM, 14 stages) 22.7 and 111.4 us: the compute warps, not the
+// bytes in flight, set the pace.
+constexpr int kGroups = LUTMM_EXPERIMENT == 9 ? 2 : 1;
+constexpr int kCtasPerSm = LUTMM_EXPERIMENT == 9 ? 1 : 2;
+constexpr int kComputeThreads = kGroups * kThreads;
+constexpr int kCtaThreads = kComputeThreads + kGroups * 32;  // + one producer warp per group
+constexpr int kMaxStages = 32;
+
+// Shared memory: table | stages[kGroups][S] | mbarriers full[S], empty[S] per group | flag per group.
+template <int BITS, int MT>
+constexpr int smem_bytes(int stages) {
+  return Layout<BITS, MT>::kLutBytes + kGroups * stages * (Layout<BITS, MT>::kStageBytes + 16) + 16;
+}
+
+#if LUTMM_SM90A
+// Issues the copies of one (tile, k-block) iteration into a stage (shared addresses), from lane 0 of
+// the producer warp: with `weights`, the codes of the tile's 8 row blocks (one TMA box of 8 rows x
+// 256 * BITS bytes; rows past the weight arrive as zeros) and their scales (one box of 8 rows x the
+// k-block's gpk groups); with `acts`, one bulk copy per token row of activations; with `expect`,
+// first the stage's total bytes on its full barrier.
+template <int BITS, int MT, typename T>
+__device__ __forceinline__ void issue_stage(const Params<T>& p, const CUtensorMap* tm_w, const CUtensorMap* tm_s,
+                                            uint32_t stage, uint32_t full, int tile, int kb, int m0, int x_rows,
+                                            bool weights, bool acts, bool expect) {
+  using L = Layout<BITS, MT>;
+  const int gpk = 4 >> min(p.gl, 2);                         // scale groups per k-block (box width)
+  const uint32_t x_bytes = uint32_t(min(4, (p.K - kb * kBlockCols) / 32)) * 64;  // a token's columns
+  if (expect) wg::mbar_arrive_expect_tx(full, uint32_t(kWarps * (L::kBlockBytes + 32 * gpk)) + uint32_t(x_rows) * x_bytes);
+  if (weights) {
+    wg::tma_load_2d(stage, tm_w, kb * (L::kBlockBytes / 4), tile * kWarps, full);
+    wg::tma_load_2d(stage + L::kStageW, tm_s, ((kb * 4) >> p.gl) * 16, tile * kWarps, full);
+  }
+  if (acts)
+    for (int r = 0; r < x_rows; ++r)
+      wg::bulk_load(stage + L::kStageW + L::kStageS + r * kXRowBytes, p.x + int64_t(m0 + r) * p.K + kb * kBlockCols,
+                    x_bytes, full);
+}
+
+// The producer (one thread): iteration q of the CTA's range goes to stage q % S, after the compute
+// warps have released that stage's previous use.
+template <int BITS, int MT, typename T>
+__device__ __forceinline__ void produce(const Params<T>& p, const CUtensorMap* tm_w, const CUtensorMap* tm_s,
+                                        int it_begin, int it_end, int m0, int x_rows, uint32_t stage0, uint32_t bars) {
+  using L = Layout<BITS, MT>;
+  const int S = p.stages, n = it_end - it_begin, n0 = min(S, n);
+  const int tile0 = it_begin / p.col_blocks, kb0 = it_begin % p.col_blocks;
+  // Prologue: codes and scales of the first n0 iterations (constant for the kernel's life, so they
+  // may be read before the previous kernel ends), then, after griddepcontrol.wait, their activations.
+  for (int pass = 0; pass < 2; ++pass) {
+    if (pass == 1) grid_dependency_wait();
+    int tile = tile0, kb = kb0;
+    for (int q = 0; q < n0; ++q) {
+      issue_stage<BITS, MT, T>(p, tm_w, tm_s, stage0 + uint32_t(q) * L::kStageBytes, bars + 8 * q, tile, kb, m0,
+                               x_rows, pass == 0, pass == 1, pass == 0);
+      if (++kb == p.col_blocks) { kb = 0; ++tile; }
+    }
+  }
+  int tile = tile0 + (kb0 + n0) / p.col_blocks, kb = (kb0 + n0) % p.col_blocks;
+  int st = 0, use = 1;  // stage of iteration q and how often it was filled before
+  for (int q = n0; q < n; ++q) {
+    wg::mbar_wait(bars + 8 * (S + st), (use - 1) & 1);  // released by all compute warps
+    issue_stage<BITS, MT, T>(p, tm_w, tm_s, stage0 + uint32_t(st) * L::kStageBytes, bars + 8 * st, tile, kb, m0,
+                             x_rows, true, true, true);
+    if (++kb == p.col_blocks) { kb = 0; ++tile; }
+    if (++st == S) { st = 0; ++use; }
+  }
+}
+#endif  // LUTMM_SM90A
+
+template <int BITS, int MT, typename T>
+__global__ void __launch_bounds__(kCtaThreads, kCtasPerSm)
+lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_s) {
+#if LUTMM_SM90A
+  using L = Layout<BITS, MT>;
+  extern __shared__ __align__(16) uint8_t smem[];
+  check_table_addr(smem);  // the table first, at shared address kTableAddr: lookups add no base
+  const int S = p.stages;  // per group
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const bool producer = warp >= kGroups * kWarps;
+  const int group = producer ? warp - kGroups * kWarps : warp / kWarps;
+  const uint32_t ring = uint32_t(group * S) * L::kStageBytes;          // this group's stages
+  uint8_t* stages = smem + L::kLutBytes + ring;
+  const uint32_t stage0 = kTableAddr + L::kLutBytes + ring;
+  const uint32_t bars = kTableAddr + L::kLutBytes + uint32_t(kGroups * S) * L::kStageBytes + 16 * S * group;  // full[S], empty[S]
+  int* flag = reinterpret_cast<int*>(smem + L::kLutBytes + kGroups * S * (L::kStageBytes + 16)) + group;
+
+  const int worker = blockIdx.x * kGroups + group;
+  const int64_t total = int64_t(p.tiles) * p.col_blocks;  // < 2^31 (checked on the host)
+  const bool active = worker < p.workers;
+  const int it_begin = active ? int(sk_start(worker, total, p.workers)) : 0;
+  const int it_end = active ? int(sk_start(worker + 1, total, p.workers)) : 0;
+  const int m0 = blockIdx.y * 8 * MT, x_rows = min(8 * MT, p.M - m0);  // tokens of this slice that exist
+
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kGroups * S; ++i) {  // group-major: full[S], empty[S] of group 0, then group 1
+      const uint32_t b = kTableAddr + L::kLutBytes + uint32_t(kGroups * S) * L::kStageBytes + 16 * S * (i / S);
+      wg::mbar_init(b + 8 * (i % S), 1);            // the producer's arrive.expect_tx
+      wg::mbar_init(b + 8 * (S + i % S), kWarps);   // one arrival per compute warp of the group
+    }
+    wg::mbar_init_fence();
+  }
+  __syncthreads();
+  if (producer) {
+    if (lane == 0 && active) produce<BITS, MT, T>(p, &tm_w, &tm_s, it_begin, it_end, m0, x_rows, stage0, bars);
+    return;
+  }
+
+  // Compute warps. Activation rows of tokens >= M are never copied: zero them once in every stage.
+  const int zero_rows = 8 * MT - x_rows;
+  for (int i = group_tid(); i < S * zero_rows * 16; i += kThreads) {
+    const int st = i / (zero_rows * 16), r = x_rows + (i / 16) % zero_rows, c = i % 16;
+    *reinterpret_cast<uint4*>(stages + st * L::kStageBytes + L::kStageW + L::kStageS + r * kXRowBytes + c * 16) =
+        make_uint4(0, 0, 0, 0);
+  }
+  build_table<BITS, L::kEntryBytes, kComputeThreads, T>(smem, p.table);
+  wg::named_sync(1, kComputeThreads);
+  if (!active) return;
+  grid_dependency_wait();    // outputs and the workspace are written only after the previous kernel
+  grid_dependents_launch();  // the next kernel may start its prologue as our CTAs finish
+
+  const int gwarp = warp % kWarps;  // row block of the tile
+  const int s_stride = 32 * (4 >> min(p.gl, 2));  // scale bytes per row block in a stage (the TMA box row)
+  float acc[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+  int tile = it_begin / p.col_blocks, kb = it_begin % p.col_blocks, seg_begin = it_begin;
+  int st = 0, use = 0;
+  for (int it = it_begin; it < it_end; ++it) {
+    wg::mbar_wait(bars + 8 * st, use & 1);
+    const uint8_t* stage = stages + st * L::kStageBytes;
+    const bool warp_live = tile * kWarps + gwarp < p.row_blocks;
+    if (warp_live) {
+      if (p.gl >= 2 && (kb + 1) * kBlockCols <= p.K) compute_block<BITS, MT, T, true>(p, stage, smem, kb, acc, s_stride);
+      else compute_block<BITS, MT, T, false>(p, stage, smem, kb, acc, s_stride);
+    }
+    __syncwarp();
+    if (lane == 0) wg::mbar_arrive(bars + 8 * (S + st));  // this warp is done with the stage
+    if (++st == S) { st = 0; ++use; }
+    if (kb == p.col_blocks - 1 || it == it_end - 1) {  // end of this worker's segment of `tile`
+      const int bar = 2 + group;
+      finish_segment<MT>(p, worker, tile, m0, seg_begin, it, it_begin, warp_live, flag, acc,
+                         [bar] { wg::named_sync(bar, kThreads); });
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+      seg_begin = it + 1;
+    }
+    if (++kb == p.col_blocks) { kb = 0; ++tile; }
+  }
+#endif
+}
+
+// Stages per group that fit beside the table.
+template <int BITS, int MT>
+int stages_for(int budget_bytes) {
+  const int s = (budget_bytes - Layout<BITS, MT>::kLutBytes - 16) / (kGroups * (Layout<BITS, MT>::kStageBytes + 16));
+  return std::max(2, std::min(kMaxStages, s));
+}
+
+int smem_budget(int device) {
+  static std::mutex mu;
+  static int cache[64] = {};
+  std::lock_guard<std::mutex> lock(mu);
+  if (device < 0 || device >= 64) throw Error("device: index out of range");
+  if (cache[device] == 0) {
+    int optin = 0, per_sm = 0;
+    check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+    check_cuda(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device),
+               "cudaDeviceGetAttribute");
+    cache[device] = std::min(optin, per_sm / kCtasPerSm - 1024);  // 1 KB per CTA is the system's
+  }
+  return cache[device];
+}
+
+template <int BITS, int MT, typename T>
+void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
+  auto* kernel = &lut_stream_kernel<BITS, MT, T>;
+  static std::mutex mu;
+  static bool attr_set[64] = {};
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!attr_set[dev]) {
+      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_budget(dev)),
+                 "cudaFuncSetAttribute");
+      attr_set[dev] = true;
+    }
+  }
+  const Shape& s = prob.shape;
+  const int64_t row_bytes = s.col_blocks() * Layout<BITS, MT>::kBlockBytes;
+  const CUtensorMap tm_w = tensor_map_2d(prob.packed, CU_TENSOR_MAP_DATA_TYPE_UINT32, s.row_blocks(), row_bytes / 4,
+                                         row_bytes, kWarps, Layout<BITS, MT>::kBlockBytes / 4, CU_TENSOR_MAP_SWIZZLE_NONE,
+                                         "packed codes");
+  const int gpk = 4 >> std::min(group_log2(s.group_size), 2);
+  const CUtensorMap tm_s = tensor_map_2d(prob.packed_scales, CU_TENSOR_MAP_DATA_TYPE_UINT16, s.row_blocks(),
+                                         s.groups() * 16, s.groups() * 32, kWarps, 16 * gpk, CU_TENSOR_MAP_SWIZZLE_NONE,
+                                         "packed scales");
+  launch_pdl(kernel, dim3((geo.grid_x + kGroups - 1) / kGroups, geo.grid_y), kCtaThreads, smem_bytes<BITS, MT>(geo.stages), stream,
+             make_params<T>(prob, geo, ws), tm_w, tm_s);
+}
+
+template <typename T, int MT>
+void launch_bits(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t st) {
+  switch (prob.shape.bits) {
+    case 2: launch<2, MT, T>(prob, geo, ws, st); break;
+    case 3: launch<3, MT, T>(prob, geo, ws, st); break;
+    default: launch<4, MT, T>(prob, geo, ws, st); break;
+  }
+}
+
+}  // namespace
+
+bool stream_supported(int device) { return wgmma_supported(device); }  // same requirement: sm_90 + sm_90a code
+
+int stream_workers_per_sm() { return kGroups * kCtasPerSm; }
+
+int stream_stages(int bits, int mt, int device) {
+  const int b = smem_budget(device);
+  if (mt == 1) return bits == 2 ? stages_for<2, 1>(b) : bits == 3 ? stages_for<3, 1>(b) : stages_for<4, 1>(b);
+  return bits == 2 ? stages_for<2, 2>(b) : bits == 3 ? stages_for<3, 2>(b) : stages_for<4, 2>(b);
+}
+
+void stream_launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
+  if (geo.mt > 2) throw Error("internal: the TMA decode kernel serves M <= 16");
+  const bool f16 = prob.dtype == DType::F16;
+  if (geo.mt == 1) f16 ? launch_bits<__half, 1>(prob, geo, ws, stream) : launch_bits<__nv_bfloat16, 1>(prob, geo, ws, stream);
+  else f16 ? launch_bits<__half, 2>(prob, geo, ws, stream) : launch_bits<__nv_bfloat16, 2>(prob, geo, ws, stream);
+}
+
+}  // namespace lut
+}  // namespace gpu
+}  // namespace lutmm

@@ -1,0 +1,53 @@
+// Host side of TMA (the Hopper tensor copy engine): 2-D tensor-map descriptors for the kernels that
+// load tiles with cp.async.bulk.tensor (lut_wgmma.cu: activations; lut_stream.cu: codes, scales).
+#pragma once
+#include <cuda.h>  // CUtensorMap (the encoder is fetched from the driver at run time: no -lcuda)
+
+#include <mutex>
+#include <string>
+
+#include "common.cuh"
+
+namespace lutmm {
+namespace gpu {
+
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+// cuTensorMapEncodeTiled from the driver (the runtime library has no wrapper).
+inline EncodeTiledFn encode_tiled() {
+  static std::once_flag once;
+  static EncodeTiledFn fn = nullptr;
+  std::call_once(once, [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) == cudaSuccess &&
+        q == cudaDriverEntryPointSuccess)
+      fn = reinterpret_cast<EncodeTiledFn>(f);
+    cudaGetLastError();
+  });
+  if (!fn) throw Error("TMA: cuTensorMapEncodeTiled not available from the CUDA driver");
+  return fn;
+}
+
+// Descriptor of a row-major 2-D tensor (`rows` x `cols` elements of `type`, rows `row_bytes` apart)
+// read in boxes of box_rows x box_cols, zeros outside the tensor. `what` names it in errors.
+inline CUtensorMap tensor_map_2d(const void* base, CUtensorMapDataType type, int64_t rows, int64_t cols,
+                                 int64_t row_bytes, int box_rows, int box_cols, CUtensorMapSwizzle swizzle,
+                                 const char* what) {
+  CUtensorMap m;
+  const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
+  const cuuint64_t strides[1] = {cuuint64_t(row_bytes)};
+  const cuuint32_t box[2] = {cuuint32_t(box_cols), cuuint32_t(box_rows)};
+  const cuuint32_t estrides[2] = {1, 1};
+  const CUresult r = encode_tiled()(&m, type, 2, const_cast<void*>(base), dims, strides, box, estrides,
+                                    CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw Error(std::string("TMA: cuTensorMapEncodeTiled failed (") + std::to_string(int(r)) + ") for " + what +
+                " of " + std::to_string(rows) + " x " + std::to_string(cols));
+  return m;
+}
+
+}  // namespace gpu
+}  // namespace lutmm
