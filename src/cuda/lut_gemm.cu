@@ -36,6 +36,7 @@
 //   0  the default kernel
 //   2  4 pipeline stages instead of 3 (H200, 2026-11-26: no change at M = 1, M = 16 up to 38% slower)
 //   7  no programmatic dependent launch (the prologue waits for the previous kernel to finish)
+//   9  lut_stream.cu: one CTA per SM of two warp groups sharing one table, instead of two CTAs
 #ifndef LUTMM_EXPERIMENT
 #define LUTMM_EXPERIMENT 0
 #endif
