@@ -104,11 +104,13 @@ inline int group_log2(int64_t group_size) {
   return (gc & (gc - 1)) == 0 ? __builtin_ctzll(uint64_t(gc)) : 30;
 }
 
-// Launches kernel<<<grid, block, smem, stream>>>(args...) allowing it to overlap the previous kernel
-// in the stream (programmatic stream serialization) where the device supports it; the kernel must
-// call grid_dependency_wait() before touching anything a previous kernel writes or reads.
+// Launches kernel<<<grid, block, smem, stream>>>(args...) on `device` (the current device) allowing it
+// to overlap the previous kernel in the stream (programmatic stream serialization) where the device
+// supports it; the kernel must call grid_dependency_wait() before touching anything a previous kernel
+// writes or reads.
 template <typename... KArgs, typename... Args>
-void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, int device,
+                Args&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
@@ -117,10 +119,8 @@ void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cu
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
-  int dev = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   cfg.attrs = attr;
-  cfg.numAttrs = LUTMM_EXPERIMENT != 7 && pdl_supported(dev) ? 1 : 0;
+  cfg.numAttrs = LUTMM_EXPERIMENT != 7 && pdl_supported(device) ? 1 : 0;
   check_cuda(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), "kernel launch");
 }
 

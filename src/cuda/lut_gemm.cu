@@ -201,11 +201,10 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
 int mt_for(int64_t M) { return M <= 8 ? 1 : (M <= 16 ? 2 : 4); }
 
 template <int BITS, int MT, typename T>
-int ctas_per_sm() {
+int ctas_per_sm(int dev) {
   // Resolved once per instantiation and device; kernel attributes must allow the large smem first.
   static int cached[64] = {};
-  int dev = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  if (dev < 0 || dev >= 64) throw Error("device: index out of range");
   if (cached[dev] == 0) {
     auto* k = &lut_gemm_kernel<BITS, MT, T>;
     check_cuda(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes<BITS, MT>),
@@ -218,15 +217,16 @@ int ctas_per_sm() {
   return cached[dev];
 }
 template <typename T, int MT>
-int ctas_per_sm_bits(int bits) {
-  return bits == 2 ? ctas_per_sm<2, MT, T>() : bits == 3 ? ctas_per_sm<3, MT, T>() : ctas_per_sm<4, MT, T>();
+int ctas_per_sm_bits(int bits, int dev) {
+  return bits == 2 ? ctas_per_sm<2, MT, T>(dev) : bits == 3 ? ctas_per_sm<3, MT, T>(dev) : ctas_per_sm<4, MT, T>(dev);
 }
-int ctas_per_sm_any(int bits, int mt, DType dt) {
+int ctas_per_sm_any(int bits, int mt, DType dt, int dev) {
   if (dt == DType::F16) {
-    return mt == 1 ? ctas_per_sm_bits<__half, 1>(bits) : mt == 2 ? ctas_per_sm_bits<__half, 2>(bits) : ctas_per_sm_bits<__half, 4>(bits);
+    return mt == 1 ? ctas_per_sm_bits<__half, 1>(bits, dev)
+                   : mt == 2 ? ctas_per_sm_bits<__half, 2>(bits, dev) : ctas_per_sm_bits<__half, 4>(bits, dev);
   }
-  return mt == 1 ? ctas_per_sm_bits<__nv_bfloat16, 1>(bits)
-                 : mt == 2 ? ctas_per_sm_bits<__nv_bfloat16, 2>(bits) : ctas_per_sm_bits<__nv_bfloat16, 4>(bits);
+  return mt == 1 ? ctas_per_sm_bits<__nv_bfloat16, 1>(bits, dev)
+                 : mt == 2 ? ctas_per_sm_bits<__nv_bfloat16, 2>(bits, dev) : ctas_per_sm_bits<__nv_bfloat16, 4>(bits, dev);
 }
 
 // Weights of at least this many elements take the TMA kernel at M <= 8 on Hopper. H100, 2026-11-26,
@@ -246,19 +246,20 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   g.tiles = int((s.row_blocks() + kWarps - 1) / kWarps);
   g.col_blocks = int(s.col_blocks());
   const int64_t total = int64_t(g.tiles) * g.col_blocks;
-  const int per_sm = g.tma ? stream_workers_per_sm() : ctas_per_sm_any(s.bits, g.mt, dt);
+  const int per_sm = g.tma ? stream_workers_per_sm() : ctas_per_sm_any(s.bits, g.mt, dt, device);
   g.grid_x = int(std::min<int64_t>(total, int64_t(sm_count(device)) * per_sm));
   g.grid_y = int((M + 8 * g.mt - 1) / (8 * g.mt));
   g.stages = g.tma ? stream_stages(s.bits, g.mt, device) : kStages;
+  g.device = device;
   return g;
 }
 
 template <int BITS, int MT, typename T>
 void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
-  ctas_per_sm<BITS, MT, T>();  // sets the smem attribute on this device
+  ctas_per_sm<BITS, MT, T>(geo.device);  // sets the smem attribute on this device
   const Params<T> p = make_params<T>(prob, geo, ws);
   dim3 grid(geo.grid_x, geo.grid_y);
-  launch_pdl(&lut_gemm_kernel<BITS, MT, T>, grid, kThreads, kSmemBytes<BITS, MT>, stream, p);
+  launch_pdl(&lut_gemm_kernel<BITS, MT, T>, grid, kThreads, kSmemBytes<BITS, MT>, stream, geo.device, p);
 }
 
 template <typename T, int MT>

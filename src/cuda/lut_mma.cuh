@@ -200,6 +200,7 @@ struct Geometry {
   int tiles;       // 128-row tiles
   int col_blocks;  // 128-column k-blocks
   int stages;      // pipeline stages (tma)
+  int device;      // the current device (asked once per call)
 };
 inline size_t counters_bytes(const Geometry& g) { return (size_t(g.grid_y) * g.tiles * 4 + 255) / 256 * 256; }
 inline size_t partials_bytes(const Geometry& g) { return size_t(g.grid_y) * g.grid_x * 2 * kThreads * 4 * g.mt * 4; }

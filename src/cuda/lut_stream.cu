@@ -214,8 +214,7 @@ void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t
   auto* kernel = &lut_stream_kernel<BITS, MT, T>;
   static std::mutex mu;
   static bool attr_set[64] = {};
-  int dev = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  const int dev = geo.device;
   {
     std::lock_guard<std::mutex> lock(mu);
     if (!attr_set[dev]) {
@@ -233,8 +232,8 @@ void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t
   const CUtensorMap tm_s = tensor_map_2d(prob.packed_scales, CU_TENSOR_MAP_DATA_TYPE_UINT16, s.row_blocks(),
                                          s.groups() * 16, s.groups() * 32, kWarps, 16 * gpk, CU_TENSOR_MAP_SWIZZLE_NONE,
                                          "packed scales");
-  launch_pdl(kernel, dim3((geo.grid_x + kGroups - 1) / kGroups, geo.grid_y), kCtaThreads, smem_bytes<BITS, MT>(geo.stages), stream,
-             make_params<T>(prob, geo, ws), tm_w, tm_s);
+  launch_pdl(kernel, dim3((geo.grid_x + kGroups - 1) / kGroups, geo.grid_y), kCtaThreads, smem_bytes<BITS, MT>(geo.stages),
+             stream, dev, make_params<T>(prob, geo, ws), tm_w, tm_s);
 }
 
 template <typename T, int MT>
