@@ -45,8 +45,8 @@ size_t workspace_bytes(int64_t M, const Shape& shape, int device);
 size_t dequant_scratch_bytes(const Shape& shape);
 
 // The two decode kernels of the LUT path. kAuto: the TMA kernel (lut_stream.cu: bulk tensor copies,
-// a producer warp, mbarrier pipeline; sm_90 only, M <= 16) where it is measured faster (M <= 8 and
-// N x K >= 32M on Hopper), else the cp.async kernel (lut_gemm.cu; any GPU, any M). Forcing one is
+// a producer warp, mbarrier pipeline; sm_90 only, M <= 16) where it is measured faster (M <= 16
+// and N x K >= 32M on Hopper), else the cp.async kernel (lut_gemm.cu; any GPU, any M). Forcing one is
 // for tests and A/B timing; forcing kTma where it cannot run throws.
 enum class LutKernel : int { kAuto = 0, kCpAsync = 1, kTma = 2 };
 

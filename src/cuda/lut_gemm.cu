@@ -229,10 +229,11 @@ int ctas_per_sm_any(int bits, int mt, DType dt, int dev) {
                  : mt == 2 ? ctas_per_sm_bits<__nv_bfloat16, 2>(bits, dev) : ctas_per_sm_bits<__nv_bfloat16, 4>(bits, dev);
 }
 
-// Weights of at least this many elements take the TMA kernel at M <= 8 on Hopper. H100, 2026-11-26,
-// M = 1, 4-bit g128, TMA vs cp.async kernel: 4096x4096 10.1 vs 9.1 us, 8192x8192 19.3 vs 20.8,
-// 28672x4096 28.8 vs 33.6, 57344x8192 94.3 vs 114.4; at M = 16 the TMA kernel was 5-9% slower on
-// every shape (3 stages per CTA of 14 KB each).
+// Weights of at least this many elements take the TMA kernel at M <= 16 on Hopper. H100, 2026-11-26,
+// 4-bit g128, TMA vs cp.async kernel (same run): M = 1: 4096x4096 9.5 vs 8.3 us, 6144x4096 11.3 vs
+// 10.4, 4096x14336 17.5 vs 17.6, 8192x8192 18.7 vs 19.2, 28672x4096 30.5 vs 31.1, 57344x8192 95.6 vs
+// 106.7; M = 16: 4096x4096 10.0 vs 9.5, 8192x8192 20.0 vs 21.7, 28672x4096 31.2 vs 35.1, 57344x8192
+// 102.5 vs 120.3.
 constexpr int64_t kTmaMinWeights = int64_t(32) << 20;
 
 // The kernel for a call (see LutKernel) and its launch geometry.
@@ -242,7 +243,7 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   if (kernel == LutKernel::kTma && (g.mt > 2 || !stream_supported(device)))
     throw Error("lut kernel: the TMA decode kernel needs an sm_90 GPU, a build with sm_90a code and M <= 16");
   g.tma = kernel == LutKernel::kTma ||
-          (kernel == LutKernel::kAuto && g.mt == 1 && s.N * s.K >= kTmaMinWeights && stream_supported(device));
+          (kernel == LutKernel::kAuto && g.mt <= 2 && s.N * s.K >= kTmaMinWeights && stream_supported(device));
   g.tiles = int((s.row_blocks() + kWarps - 1) / kWarps);
   g.col_blocks = int(s.col_blocks());
   const int64_t total = int64_t(g.tiles) * g.col_blocks;

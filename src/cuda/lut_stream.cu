@@ -9,8 +9,8 @@
 // k-blocks. Here:
 // * Roles. Warps 0-7 compute (warp w owns row block w of the 128-row tile, exactly as in
 //   lut_gemm.cu); one thread of warp 8 is the producer: per k-block, one TMA box for the tile's
-//   codes (8 row blocks x 256 * BITS bytes), one for their scales, one bulk copy per token row of
-//   activations; all complete on the stage's "full" mbarrier. (H100, 2026-11-26: one bulk copy per
+//   codes (8 row blocks x 256 * BITS bytes), one for their scales, one for the activations; all
+//   complete on the stage's "full" mbarrier. (H100, 2026-11-26: one bulk copy per
 //   row block and per scale row, issued by 17 lanes, cost ~500 producer instructions per k-block:
 //   bulk-copy operands are uniform registers, so ptxas loops over the lanes; 8192x8192 M = 1 took
 //   31.4 us, against 20.9 us for the cp.async kernel.)
@@ -51,34 +51,39 @@ constexpr int smem_bytes(int stages) {
 }
 
 #if LUTMM_SM90A
-// Issues the copies of one (tile, k-block) iteration into a stage (shared addresses), from lane 0 of
-// the producer warp: with `weights`, the codes of the tile's 8 row blocks (one TMA box of 8 rows x
+// The three TMA descriptors a producer reads from (kernel parameters, __grid_constant__).
+struct Maps {
+  const CUtensorMap* w;  // codes: row blocks x (col_blocks * 256 * BITS / 4) 32-bit words, boxes of 8 x one block
+  const CUtensorMap* s;  // scales: row blocks x (G * 16) fp16, boxes of 8 x (16 * gpk)
+  const CUtensorMap* x;  // activations: M x K, boxes of 8 * MT tokens x 160 columns
+};
+
+// Issues the copies of one (tile, k-block) iteration into a stage (shared addresses), from the
+// producer thread: with `weights`, the codes of the tile's 8 row blocks (one TMA box of 8 rows x
 // 256 * BITS bytes; rows past the weight arrive as zeros) and their scales (one box of 8 rows x the
-// k-block's gpk groups); with `acts`, one bulk copy per token row of activations; with `expect`,
-// first the stage's total bytes on its full barrier.
+// k-block's gpk groups); with `acts`, the activations (one box of 8 * MT tokens x 160 columns: the
+// k-block's 128 and 32 of the next, which land in the 64-byte row pad of kXRowBytes, so rows keep the
+// conflict-free stride; tokens >= M and columns >= K arrive as zeros); with `expect`, first the
+// stage's total bytes on its full barrier (whole boxes, zero-filled parts included).
 template <int BITS, int MT, typename T>
-__device__ __forceinline__ void issue_stage(const Params<T>& p, const CUtensorMap* tm_w, const CUtensorMap* tm_s,
-                                            uint32_t stage, uint32_t full, int tile, int kb, int m0, int x_rows,
-                                            bool weights, bool acts, bool expect) {
+__device__ __forceinline__ void issue_stage(const Params<T>& p, const Maps& maps, uint32_t stage, uint32_t full, int tile,
+                                            int kb, int m0, bool weights, bool acts, bool expect) {
   using L = Layout<BITS, MT>;
-  const int gpk = 4 >> min(p.gl, 2);                         // scale groups per k-block (box width)
-  const uint32_t x_bytes = uint32_t(min(4, (p.K - kb * kBlockCols) / 32)) * 64;  // a token's columns
-  if (expect) wg::mbar_arrive_expect_tx(full, uint32_t(kWarps * (L::kBlockBytes + 32 * gpk)) + uint32_t(x_rows) * x_bytes);
+  static_assert(kXRowBytes == 160 * 2, "activation boxes fill whole padded rows");
+  const int gpk = 4 >> min(p.gl, 2);  // scale groups per k-block (box width)
+  if (expect) wg::mbar_arrive_expect_tx(full, uint32_t(kWarps * (L::kBlockBytes + 32 * gpk) + L::kStageX));
   if (weights) {
-    wg::tma_load_2d(stage, tm_w, kb * (L::kBlockBytes / 4), tile * kWarps, full);
-    wg::tma_load_2d(stage + L::kStageW, tm_s, ((kb * 4) >> p.gl) * 16, tile * kWarps, full);
+    wg::tma_load_2d(stage, maps.w, kb * (L::kBlockBytes / 4), tile * kWarps, full);
+    wg::tma_load_2d(stage + L::kStageW, maps.s, ((kb * 4) >> p.gl) * 16, tile * kWarps, full);
   }
-  if (acts)
-    for (int r = 0; r < x_rows; ++r)
-      wg::bulk_load(stage + L::kStageW + L::kStageS + r * kXRowBytes, p.x + int64_t(m0 + r) * p.K + kb * kBlockCols,
-                    x_bytes, full);
+  if (acts) wg::tma_load_2d(stage + L::kStageW + L::kStageS, maps.x, kb * kBlockCols, m0, full);
 }
 
 // The producer (one thread): iteration q of the CTA's range goes to stage q % S, after the compute
 // warps have released that stage's previous use.
 template <int BITS, int MT, typename T>
-__device__ __forceinline__ void produce(const Params<T>& p, const CUtensorMap* tm_w, const CUtensorMap* tm_s,
-                                        int it_begin, int it_end, int m0, int x_rows, uint32_t stage0, uint32_t bars) {
+__device__ __forceinline__ void produce(const Params<T>& p, const Maps& maps, int it_begin, int it_end, int m0,
+                                        uint32_t stage0, uint32_t bars) {
   using L = Layout<BITS, MT>;
   const int S = p.stages, n = it_end - it_begin, n0 = min(S, n);
   const int tile0 = it_begin / p.col_blocks, kb0 = it_begin % p.col_blocks;
@@ -88,8 +93,8 @@ __device__ __forceinline__ void produce(const Params<T>& p, const CUtensorMap* t
     if (pass == 1) grid_dependency_wait();
     int tile = tile0, kb = kb0;
     for (int q = 0; q < n0; ++q) {
-      issue_stage<BITS, MT, T>(p, tm_w, tm_s, stage0 + uint32_t(q) * L::kStageBytes, bars + 8 * q, tile, kb, m0,
-                               x_rows, pass == 0, pass == 1, pass == 0);
+      issue_stage<BITS, MT, T>(p, maps, stage0 + uint32_t(q) * L::kStageBytes, bars + 8 * q, tile, kb, m0, pass == 0,
+                               pass == 1, pass == 0);
       if (++kb == p.col_blocks) { kb = 0; ++tile; }
     }
   }
@@ -97,8 +102,8 @@ __device__ __forceinline__ void produce(const Params<T>& p, const CUtensorMap* t
   int st = 0, use = 1;  // stage of iteration q and how often it was filled before
   for (int q = n0; q < n; ++q) {
     wg::mbar_wait(bars + 8 * (S + st), (use - 1) & 1);  // released by all compute warps
-    issue_stage<BITS, MT, T>(p, tm_w, tm_s, stage0 + uint32_t(st) * L::kStageBytes, bars + 8 * st, tile, kb, m0,
-                             x_rows, true, true, true);
+    issue_stage<BITS, MT, T>(p, maps, stage0 + uint32_t(st) * L::kStageBytes, bars + 8 * st, tile, kb, m0, true, true,
+                             true);
     if (++kb == p.col_blocks) { kb = 0; ++tile; }
     if (++st == S) { st = 0; ++use; }
   }
@@ -107,7 +112,8 @@ __device__ __forceinline__ void produce(const Params<T>& p, const CUtensorMap* t
 
 template <int BITS, int MT, typename T>
 __global__ void __launch_bounds__(kCtaThreads, kCtasPerSm)
-lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_s) {
+lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_s,
+                  const __grid_constant__ CUtensorMap tm_x) {
 #if LUTMM_SM90A
   using L = Layout<BITS, MT>;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -127,7 +133,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const bool active = worker < p.workers;
   const int it_begin = active ? int(sk_start(worker, total, p.workers)) : 0;
   const int it_end = active ? int(sk_start(worker + 1, total, p.workers)) : 0;
-  const int m0 = blockIdx.y * 8 * MT, x_rows = min(8 * MT, p.M - m0);  // tokens of this slice that exist
+  const int m0 = blockIdx.y * 8 * MT;
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < kGroups * S; ++i) {  // group-major: full[S], empty[S] of group 0, then group 1
@@ -139,17 +145,11 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   }
   __syncthreads();
   if (producer) {
-    if (lane == 0 && active) produce<BITS, MT, T>(p, &tm_w, &tm_s, it_begin, it_end, m0, x_rows, stage0, bars);
+    if (lane == 0 && active) produce<BITS, MT, T>(p, Maps{&tm_w, &tm_s, &tm_x}, it_begin, it_end, m0, stage0, bars);
     return;
   }
 
-  // Compute warps. Activation rows of tokens >= M are never copied: zero them once in every stage.
-  const int zero_rows = 8 * MT - x_rows;
-  for (int i = group_tid(); i < S * zero_rows * 16; i += kThreads) {
-    const int st = i / (zero_rows * 16), r = x_rows + (i / 16) % zero_rows, c = i % 16;
-    *reinterpret_cast<uint4*>(stages + st * L::kStageBytes + L::kStageW + L::kStageS + r * kXRowBytes + c * 16) =
-        make_uint4(0, 0, 0, 0);
-  }
+  // Compute warps.
   build_table<BITS, L::kEntryBytes, kComputeThreads, T>(smem, p.table);
   wg::named_sync(1, kComputeThreads);
   if (!active) return;
@@ -232,8 +232,11 @@ void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t
   const CUtensorMap tm_s = tensor_map_2d(prob.packed_scales, CU_TENSOR_MAP_DATA_TYPE_UINT16, s.row_blocks(),
                                          s.groups() * 16, s.groups() * 32, kWarps, 16 * gpk, CU_TENSOR_MAP_SWIZZLE_NONE,
                                          "packed scales");
+  const CUtensorMap tm_x = tensor_map_2d(prob.x, prob.dtype == DType::F16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                                          : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                                         prob.M, s.K, s.K * 2, 8 * MT, kXRowBytes / 2, CU_TENSOR_MAP_SWIZZLE_NONE, "x");
   launch_pdl(kernel, dim3((geo.grid_x + kGroups - 1) / kGroups, geo.grid_y), kCtaThreads, smem_bytes<BITS, MT>(geo.stages),
-             stream, dev, make_params<T>(prob, geo, ws), tm_w, tm_s);
+             stream, dev, make_params<T>(prob, geo, ws), tm_w, tm_s, tm_x);
 }
 
 template <typename T, int MT>
