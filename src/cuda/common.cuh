@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "lutmm/cuda.h"
@@ -122,6 +123,15 @@ void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cu
   cfg.attrs = attr;
   cfg.numAttrs = LUTMM_EXPERIMENT != 7 && pdl_supported(device) ? 1 : 0;
   check_cuda(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), "kernel launch");
+}
+
+// Calls f(std::integral_constant<int, B>{}) with B = bits (2, 3 or 4, validated before): turns the
+// runtime bit width into the template argument the kernels take; returns what f returns.
+template <typename F>
+auto with_bits(int bits, F&& f) {
+  if (bits == 2) return f(std::integral_constant<int, 2>{});
+  if (bits == 3) return f(std::integral_constant<int, 3>{});
+  return f(std::integral_constant<int, 4>{});
 }
 
 // Inverse of pack.h's pair_index: the two codes behind pair-table entry `idx`.

@@ -166,11 +166,9 @@ void launch_dq(const void* packed, const uint16_t* ps, const float* table, const
   const auto* w = static_cast<const uint8_t*>(packed);
   auto* y = static_cast<T*>(out);
   const int N = int(s.N), K = int(s.K), G = int(s.groups()), rbs = int(s.row_blocks()), cbs = int(s.col_blocks());
-  switch (s.bits) {
-    case 2: dequant_kernel<2, T><<<grid, kDqWarps * 32, 0, st>>>(w, ps, y, tab, N, K, G, gl, rbs, cbs); break;
-    case 3: dequant_kernel<3, T><<<grid, kDqWarps * 32, 0, st>>>(w, ps, y, tab, N, K, G, gl, rbs, cbs); break;
-    default: dequant_kernel<4, T><<<grid, kDqWarps * 32, 0, st>>>(w, ps, y, tab, N, K, G, gl, rbs, cbs); break;
-  }
+  with_bits(s.bits, [&](auto b) {
+    dequant_kernel<decltype(b)::value, T><<<grid, kDqWarps * 32, 0, st>>>(w, ps, y, tab, N, K, G, gl, rbs, cbs);
+  });
   check_cuda(cudaGetLastError(), "dequant_kernel launch");
 }
 

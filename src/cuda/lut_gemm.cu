@@ -37,6 +37,7 @@
 //   2  4 pipeline stages instead of 3 (H200, 2026-11-26: no change at M = 1, M = 16 up to 38% slower)
 //   7  no programmatic dependent launch (the prologue waits for the previous kernel to finish)
 //   9  lut_stream.cu: one CTA per SM of two warp groups sharing one table, instead of two CTAs
+//  11  lut_stream.cu: two CTAs per SM at 3 bits instead of three
 #ifndef LUTMM_EXPERIMENT
 #define LUTMM_EXPERIMENT 0
 #endif
@@ -218,7 +219,7 @@ int ctas_per_sm(int dev) {
 }
 template <typename T, int MT>
 int ctas_per_sm_bits(int bits, int dev) {
-  return bits == 2 ? ctas_per_sm<2, MT, T>(dev) : bits == 3 ? ctas_per_sm<3, MT, T>(dev) : ctas_per_sm<4, MT, T>(dev);
+  return with_bits(bits, [&](auto b) { return ctas_per_sm<decltype(b)::value, MT, T>(dev); });
 }
 int ctas_per_sm_any(int bits, int mt, DType dt, int dev) {
   if (dt == DType::F16) {
@@ -247,7 +248,7 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   g.tiles = int((s.row_blocks() + kWarps - 1) / kWarps);
   g.col_blocks = int(s.col_blocks());
   const int64_t total = int64_t(g.tiles) * g.col_blocks;
-  const int per_sm = g.tma ? stream_workers_per_sm() : ctas_per_sm_any(s.bits, g.mt, dt, device);
+  const int per_sm = g.tma ? stream_workers_per_sm(s.bits) : ctas_per_sm_any(s.bits, g.mt, dt, device);
   g.grid_x = int(std::min<int64_t>(total, int64_t(sm_count(device)) * per_sm));
   g.grid_y = int((M + 8 * g.mt - 1) / (8 * g.mt));
   g.stages = g.tma ? stream_stages(s.bits, g.mt, device) : kStages;
@@ -265,11 +266,7 @@ void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t
 
 template <typename T, int MT>
 void launch_bits(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t st) {
-  switch (prob.shape.bits) {
-    case 2: launch<2, MT, T>(prob, geo, ws, st); break;
-    case 3: launch<3, MT, T>(prob, geo, ws, st); break;
-    default: launch<4, MT, T>(prob, geo, ws, st); break;
-  }
+  with_bits(prob.shape.bits, [&](auto b) { launch<decltype(b)::value, MT, T>(prob, geo, ws, st); });
 }
 template <typename T>
 void launch_mt(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t st) {

@@ -229,7 +229,7 @@ Params<T> make_params(const GemmProblem& prob, const Geometry& geo, void* ws) {
 // lut_stream.cu: whether its kernel runs on `device` (sm_90 and a build with sm_90a code), its
 // Stream-K workers (warp groups) per SM and pipeline stages per worker for (bits, mt), and the launch.
 bool stream_supported(int device);
-int stream_workers_per_sm();
+int stream_workers_per_sm(int bits);
 int stream_stages(int bits, int mt, int device);
 void stream_launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream);
 

@@ -14,7 +14,7 @@
 //   row block and per scale row, issued by 17 lanes, cost ~500 producer instructions per k-block:
 //   bulk-copy operands are uniform registers, so ptxas loops over the lanes; 8192x8192 M = 1 took
 //   31.4 us, against 20.9 us for the cp.async kernel.)
-// * Pipeline. Two CTAs per SM, each persistent over its Stream-K range (the table is built once per
+// * Pipeline. Two CTAs per SM (three at 3 bits), each persistent over its Stream-K range (the table is built once per
 //   CTA, not per tile) with as many stages as shared memory holds (4 at 4 bits, M <= 8). A stage is
 //   released by each compute warp as soon as its registers hold what it needs ("empty" mbarrier, 8
 //   arrivals); no CTA-wide barrier in the main loop.
@@ -38,8 +38,11 @@ namespace {
 // one CTA of two groups (LUTMM_EXPERIMENT 9: one table, 7 stages per group) 20.4 and 96.4 us; one CTA
 // of one group (8 compute warps per SM, 14 stages) 22.7 and 111.4 us: the compute warps, not the
 // bytes in flight, set the pace.
+// At 3 bits the table is 16 KB and three CTAs fit (24 compute warps per SM): H100, 2026-11-26,
+// 8192x8192 M = 1 22.1 -> 20.9 us (LUTMM_EXPERIMENT 11 keeps two).
 constexpr int kGroups = LUTMM_EXPERIMENT == 9 ? 2 : 1;
-constexpr int kCtasPerSm = LUTMM_EXPERIMENT == 9 ? 1 : 2;
+template <int BITS>
+constexpr int kCtasPerSm = LUTMM_EXPERIMENT == 9 ? 1 : BITS == 3 && LUTMM_EXPERIMENT != 11 ? 3 : 2;
 constexpr int kComputeThreads = kGroups * kThreads;
 constexpr int kCtaThreads = kComputeThreads + kGroups * 32;  // + one producer warp per group
 constexpr int kMaxStages = 32;
@@ -111,7 +114,7 @@ __device__ __forceinline__ void produce(const Params<T>& p, const Maps& maps, in
 #endif  // LUTMM_SM90A
 
 template <int BITS, int MT, typename T>
-__global__ void __launch_bounds__(kCtaThreads, kCtasPerSm)
+__global__ void __launch_bounds__(kCtaThreads, kCtasPerSm<BITS>)
 lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_s,
                   const __grid_constant__ CUtensorMap tm_x) {
 #if LUTMM_SM90A
@@ -194,19 +197,20 @@ int stages_for(int budget_bytes) {
   return std::max(2, std::min(kMaxStages, s));
 }
 
-int smem_budget(int device) {
+// Dynamic shared memory per CTA when `ctas` CTAs share an SM.
+int smem_budget(int device, int ctas) {
   static std::mutex mu;
-  static int cache[64] = {};
+  static int cache[64][4] = {};
   std::lock_guard<std::mutex> lock(mu);
-  if (device < 0 || device >= 64) throw Error("device: index out of range");
-  if (cache[device] == 0) {
+  if (device < 0 || device >= 64 || ctas < 1 || ctas > 3) throw Error("device: index out of range");
+  if (cache[device][ctas] == 0) {
     int optin = 0, per_sm = 0;
     check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
     check_cuda(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device),
                "cudaDeviceGetAttribute");
-    cache[device] = std::min(optin, per_sm / kCtasPerSm - 1024);  // 1 KB per CTA is the system's
+    cache[device][ctas] = std::min(optin, per_sm / ctas - 1024);  // 1 KB per CTA is the system's
   }
-  return cache[device];
+  return cache[device][ctas];
 }
 
 template <int BITS, int MT, typename T>
@@ -218,7 +222,8 @@ void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t
   {
     std::lock_guard<std::mutex> lock(mu);
     if (!attr_set[dev]) {
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_budget(dev)),
+      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      smem_budget(dev, kCtasPerSm<BITS>)),
                  "cudaFuncSetAttribute");
       attr_set[dev] = true;
     }
@@ -241,23 +246,23 @@ void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t
 
 template <typename T, int MT>
 void launch_bits(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t st) {
-  switch (prob.shape.bits) {
-    case 2: launch<2, MT, T>(prob, geo, ws, st); break;
-    case 3: launch<3, MT, T>(prob, geo, ws, st); break;
-    default: launch<4, MT, T>(prob, geo, ws, st); break;
-  }
+  with_bits(prob.shape.bits, [&](auto b) { launch<decltype(b)::value, MT, T>(prob, geo, ws, st); });
 }
 
 }  // namespace
 
 bool stream_supported(int device) { return wgmma_supported(device); }  // same requirement: sm_90 + sm_90a code
 
-int stream_workers_per_sm() { return kGroups * kCtasPerSm; }
+int stream_workers_per_sm(int bits) {
+  return with_bits(bits, [](auto b) { return kGroups * kCtasPerSm<decltype(b)::value>; });
+}
 
 int stream_stages(int bits, int mt, int device) {
-  const int b = smem_budget(device);
-  if (mt == 1) return bits == 2 ? stages_for<2, 1>(b) : bits == 3 ? stages_for<3, 1>(b) : stages_for<4, 1>(b);
-  return bits == 2 ? stages_for<2, 2>(b) : bits == 3 ? stages_for<3, 2>(b) : stages_for<4, 2>(b);
+  return with_bits(bits, [&](auto b) {
+    constexpr int B = decltype(b)::value;
+    const int budget = smem_budget(device, kCtasPerSm<B>);
+    return mt == 1 ? stages_for<B, 1>(budget) : stages_for<B, 2>(budget);
+  });
 }
 
 void stream_launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {

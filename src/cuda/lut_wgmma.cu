@@ -521,11 +521,7 @@ void wg_launch(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStr
 
 template <int TOK, typename T>
 void wg_launch_bits(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStream_t st) {
-  switch (prob.shape.bits) {
-    case 2: wg_launch<2, TOK, T>(prob, geo, ws, st); break;
-    case 3: wg_launch<3, TOK, T>(prob, geo, ws, st); break;
-    default: wg_launch<4, TOK, T>(prob, geo, ws, st); break;
-  }
+  with_bits(prob.shape.bits, [&](auto b) { wg_launch<decltype(b)::value, TOK, T>(prob, geo, ws, st); });
 }
 template <typename T>
 void wg_launch_tok(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStream_t st) {
