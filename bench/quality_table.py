@@ -4,11 +4,15 @@ embeddings kept), bits x group size x method, perplexity on held-out text relati
     python3 bench/quality_table.py                                  # the full table (~2 hours on 2 CPU cores)
     python3 bench/quality_table.py --bits 4 --groups 64 --methods nf gptq+kmeans --max-tokens 8192
     python3 bench/quality_table.py --calib wikitext --damp 1.0      # the WikiText-2-calibrated table
+    python3 bench/quality_table.py --bits 3 --groups 32 --methods gptq-int gptq+select --seeds 0 1 2
+                                                                    # several calibration seeds: mean and range
 
 Calibration (--calib): "gcide" = build/calib/gcide-train.txt (scripts/get_calib.sh), "wikitext" = WikiText-2
 valid, or a file; the default is gcide when it is there, else wikitext.
 
-Rows are appended to --json as they finish and rows already there are skipped, so an interrupted run resumes.
+Rows are appended to --json as they finish and rows already there are skipped, so an interrupted run resumes;
+calibrated rows record their --seeds seed (rows without one are seed 0). The first table printed is the first
+seed's; with several seeds a second one gives each cell's mean and range over them.
 Scoring: 512-token windows, ahead=2 (mini-llama predicts token t+2, see lutmm.evaluate). Quantized models
 are scored through a dense fp32 copy of each dequantized weight (lutmm.quality.densify), which computes what
 the CPU LUTLinear path computes (fp32 matmul on the dequantized weight) without re-dequantizing every call.
@@ -16,7 +20,9 @@ the CPU LUTLinear path computes (fp32 matmul on the dequantized weight) without 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
+import itertools
 import json
 import os
 import sys
@@ -34,30 +40,31 @@ METHODS = {
     "gptq-int": ("gptq", "int", False), "gptq": ("gptq", "nf", False),
     "gptq+kmeans": ("gptq+kmeans", "kmeans", False), "learned+kmeans": ("learned+kmeans", "kmeans", False),
     "gptq+kmeans+refit": ("gptq+kmeans+refit", "kmeans", False),
+    "gptq+select": ("gptq+select", "nf", False), "gptq+select+refit": ("gptq+select+refit", "nf", False),
 }
-DEFAULT_METHODS = ["int", "nf", "kmeans", "gptq-int", "gptq", "gptq+kmeans", "gptq+kmeans+refit"]
+DEFAULT_METHODS = ["int", "nf", "kmeans", "gptq-int", "gptq", "gptq+kmeans", "gptq+kmeans+refit", "gptq+select"]
 OLD_ROWS_CALIB = ("wikitext", 1.0)  # rows written before --calib / --damp existed
 
 
-def command(name, bits, g, args) -> str:
+def command(name, bits, g, args, seed=0) -> str:
     method, table, absmax = METHODS[name]
     cmd = f"lutmm quantize ../shared/models/mini-llama OUT --bits {bits} --group-size {g} --method {method}"
-    if method == "rtn" or "kmeans" not in method:
+    if method == "rtn" or not {"kmeans", "select"} & set(method.split("+")):  # those pick their own table
         cmd += f" --table {table}"
     if absmax:
         cmd += " --absmax"
     if method != "rtn":
-        cmd += f" --calib-tokens {args.calib_tokens} --seed {args.seed} --damp {args.damp:g}"
+        cmd += f" --calib-tokens {args.calib_tokens} --seed {seed} --damp {args.damp:g}"
         cmd += " --calib ../shared/data/wikitext-2/valid.txt" if args.calib == "wikitext" else (
             " --calib build/calib/gcide-train.txt" if args.calib == "gcide" else f" --calib {args.calib}")
     return cmd
 
 
 def calib_of(r):
-    """(calibration label, damping) of a row; None for uncalibrated rows."""
+    """(calibration label, damping, seed) of a row; None for uncalibrated rows."""
     if r["calib_tokens"] == 0:
         return None
-    return r.get("calib", OLD_ROWS_CALIB[0]), r.get("damp", OLD_ROWS_CALIB[1])
+    return r.get("calib", OLD_ROWS_CALIB[0]), r.get("damp", OLD_ROWS_CALIB[1]), r.get("seed", 0)
 
 
 def main():
@@ -69,7 +76,8 @@ def main():
     ap.add_argument("--text", default=None, help="evaluation text (default: shared/data/heldout.txt)")
     ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens (default: all)")
     ap.add_argument("--calib-tokens", type=int, default=32768)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0],
+                    help="calibration sampling seeds; each calibrated cell runs once per seed (default 0)")
     ap.add_argument("--calib", default=None, help="gcide, wikitext or a text file (default: gcide when there)")
     ap.add_argument("--damp", type=float, default=0.01, help="GPTQ damping x mean diag H (default 0.01)")
     ap.add_argument("--json", default=str(REPO / "bench" / "quality_table.json"))
@@ -79,6 +87,7 @@ def main():
     from transformers import AutoModelForCausalLM
 
     from lutmm.evaluate import perplexity
+    from lutmm.nn import lut_modules
     from lutmm.quality import densify, quantize_model_calibrated
 
     model_dir = Path(args.shared) / "models" / "mini-llama"
@@ -105,32 +114,35 @@ def main():
         rows += ref
     ref_ppl = ref[0]["ppl"]
     print(f"bf16: {ref_ppl:.3f}", flush=True)
-    for bits in args.bits:
-        for g in args.groups:
-            for name in args.methods:
-                row = {"bits": bits, "group_size": g, "method": name, "max_tokens": args.max_tokens,
-                       "calib_tokens": args.calib_tokens if METHODS[name][0] != "rtn" else 0, "text": text}
-                if METHODS[name][0] != "rtn":
-                    row.update(calib=args.calib, damp=args.damp)
-                if key(row) in have:
-                    continue
-                method, table, absmax = METHODS[name]
-                m = copy.deepcopy(base)
-                t0 = time.perf_counter()
-                quantize_model_calibrated(m, str(model_dir), bits, g, method=method, table=table, calib=calib,
-                                          calib_tokens=args.calib_tokens, seed=args.seed, search_scale=not absmax,
-                                          progress=False, **({} if method == "rtn" else {"percdamp": args.damp}))
-                row["quant_s"] = time.perf_counter() - t0
-                densify(m)
-                t0 = time.perf_counter()
-                row["ppl"] = perplexity(m, str(model_dir), text, max_tokens=args.max_tokens, ahead=2, progress=False)
-                row["eval_s"] = time.perf_counter() - t0
-                row["command"] = command(name, bits, g, args)
-                rows.append(row)
-                Path(args.json).write_text(json.dumps(rows, indent=1))
-                print(f"{bits}-bit g{g:<4} {name:<15} ppl {row['ppl']:8.3f} {100 * (row['ppl'] / ref_ppl - 1):+7.2f}%"
-                      f"  quantize {row['quant_s']:5.1f} s", flush=True)
-                del m
+    for bits, g, name in itertools.product(args.bits, args.groups, args.methods):
+        method, table, absmax = METHODS[name]
+        for seed in (args.seeds if method != "rtn" else [0]):
+            row = {"bits": bits, "group_size": g, "method": name, "max_tokens": args.max_tokens,
+                   "calib_tokens": args.calib_tokens if method != "rtn" else 0, "text": text}
+            if method != "rtn":
+                row.update(calib=args.calib, damp=args.damp, seed=seed)
+            if key(row) in have:
+                continue
+            m = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            quantize_model_calibrated(m, str(model_dir), bits, g, method=method, table=table, calib=calib,
+                                      calib_tokens=args.calib_tokens, seed=seed, search_scale=not absmax,
+                                      progress=False, **({} if method == "rtn" else {"percdamp": args.damp}))
+            row["quant_s"] = time.perf_counter() - t0
+            row["threads"] = torch.get_num_threads()  # the sums' order, hence GPTQ's choices, depend on it
+            if "select" in method:  # how many layers took each candidate table
+                row["tables"] = dict(collections.Counter(mod.table_kind for _, mod in lut_modules(m)))
+            densify(m)
+            t0 = time.perf_counter()
+            row["ppl"] = perplexity(m, str(model_dir), text, max_tokens=args.max_tokens, ahead=2, progress=False)
+            row["eval_s"] = time.perf_counter() - t0
+            row["command"] = command(name, bits, g, args, seed)
+            rows.append(row)
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+            print(f"{bits}-bit g{g:<4} {name:<17} seed {seed} ppl {row['ppl']:8.3f} "
+                  f"{100 * (row['ppl'] / ref_ppl - 1):+7.2f}%  quantize {row['quant_s']:5.1f} s "
+                  f"{row.get('tables', '')}", flush=True)
+            del m
     Path(args.json).write_text(json.dumps(rows, indent=1))
     md = markdown(rows, ref_ppl, args)
     print(md)
@@ -142,33 +154,63 @@ INT_METHODS = ("int-absmax", "int", "gptq-int")  # uniform-grid baselines; every
 
 
 def markdown(rows, ref_ppl, args) -> str:
+    """The table of the first --seeds seed, then (when several seeds are given) the mean and range over them
+    of every cell and method that has rows for more than one of them."""
+    seed0 = args.seeds[0]
     sel = [r for r in rows if r["method"] != "bf16" and r["max_tokens"] == args.max_tokens
-           and calib_of(r) in (None, (args.calib, args.damp))]
+           and (calib_of(r) is None or calib_of(r)[:2] == (args.calib, args.damp))]
     methods = [m for m in METHODS if any(r["method"] == m for r in sel)]
+    rel = lambda p: 100 * (p / ref_ppl - 1)  # noqa: E731
+
+    def cell_ppl(bits, g, seeds):
+        """method -> [ppl of each seed in `seeds` present] (the last row of each), uncalibrated rows once."""
+        out = {}
+        for m in methods:
+            for sd in seeds:
+                r = [x for x in sel if (x["bits"], x["group_size"], x["method"]) == (bits, g, m)
+                     and (calib_of(x) is None or calib_of(x)[2] == sd)]
+                if r:
+                    out.setdefault(m, []).append(r[-1]["ppl"])
+                if r and calib_of(r[-1]) is None:
+                    break
+        return out
+
+    def verdict(ppl):
+        lut = {m: p for m, p in ppl.items() if m not in INT_METHODS}
+        ints = {m: p for m, p in ppl.items() if m in INT_METHODS}
+        best_lut = min(lut, key=lut.get) if lut else None
+        if not (lut and ints):
+            return best_lut, ""
+        best_int = min(ints, key=ints.get)
+        return best_lut, (f"{best_lut} {rel(lut[best_lut]):+.2f}% vs {best_int} {rel(ints[best_int]):+.2f}%: "
+                          + ("LUT" if lut[best_lut] < ints[best_int] else "int"))
+
+    cells = [(bits, g) for bits in sorted({r["bits"] for r in sel}, reverse=True)
+             for g in sorted({r["group_size"] for r in sel if r["bits"] == bits})]
     out = ["| bits | group | " + " | ".join(methods) + " | best LUT vs best int |",
            "|---|---|" + "---|" * (len(methods) + 1)]
-    rel = lambda p: 100 * (p / ref_ppl - 1)  # noqa: E731
-    for bits in sorted({r["bits"] for r in sel}, reverse=True):
-        for g in sorted({r["group_size"] for r in sel if r["bits"] == bits}):
-            cells, ppl = [], {}
-            for m in methods:
-                r = [x for x in sel if x["bits"] == bits and x["group_size"] == g and x["method"] == m]
-                if r:
-                    ppl[m] = r[-1]["ppl"]
-            lut = {m: p for m, p in ppl.items() if m not in INT_METHODS}
-            ints = {m: p for m, p in ppl.items() if m in INT_METHODS}
-            best_lut = min(lut, key=lut.get) if lut else None
-            for m in methods:
-                cell = f"{ppl[m]:.2f} ({rel(ppl[m]):+.2f}%)" if m in ppl else ""
-                cells.append(f"**{cell}**" if m == best_lut else cell)
-            verdict = ""
-            if lut and ints:
-                best_int = min(ints, key=ints.get)
-                verdict = (f"{best_lut} {rel(lut[best_lut]):+.2f}% vs {best_int} {rel(ints[best_int]):+.2f}%: "
-                           + ("LUT" if lut[best_lut] < ints[best_int] else "int"))
-            out.append(f"| {bits} | {g} | " + " | ".join(cells) + f" | {verdict} |")
-    return "\n".join(out) + f"\n\nbf16: {ref_ppl:.3f}; calibration: {args.calib}, damping {args.damp:g}\n"
-
+    for bits, g in cells:
+        ppl = {m: p[0] for m, p in cell_ppl(bits, g, [seed0]).items()}
+        best_lut, v = verdict(ppl)
+        txt = [f"{ppl[m]:.2f} ({rel(ppl[m]):+.2f}%)" if m in ppl else "" for m in methods]
+        out.append(f"| {bits} | {g} | " + " | ".join(f"**{t}**" if m == best_lut else t
+                                                      for m, t in zip(methods, txt)) + f" | {v} |")
+    out.append(f"\nbf16: {ref_ppl:.3f}; calibration: {args.calib}, damping {args.damp:g}, seed {seed0}")
+    multi = [(bits, g, ps) for bits, g in cells
+             for ps in [{m: p for m, p in cell_ppl(bits, g, args.seeds).items() if len(p) > 1}] if ps]
+    if multi:
+        ms = [m for m in methods if any(m in ps for _, _, ps in multi)]
+        out += ["", f"Mean over seeds {' '.join(map(str, args.seeds))} (min .. max), relative to bf16:", "",
+                "| bits | group | " + " | ".join(ms) + " | best LUT vs best int (means) |",
+                "|---|---|" + "---|" * (len(ms) + 1)]
+        for bits, g, ps in multi:
+            mean = {m: sum(p) / len(p) for m, p in ps.items()}
+            best_lut, v = verdict(mean)
+            txt = [f"{rel(mean[m]):+.2f}% ({rel(min(ps[m])):+.2f} .. {rel(max(ps[m])):+.2f}, n={len(ps[m])})"
+                   if m in ps else "" for m in ms]
+            out.append(f"| {bits} | {g} | " + " | ".join(f"**{t}**" if m == best_lut else t
+                                                          for m, t in zip(ms, txt)) + f" | {v} |")
+    return "\n".join(out) + "\n"
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,8 @@ NO_GPU_BENCH = "no CUDA device: kernel benchmark needs a GPU"
 CPU_FALLBACK = "CPU fallback: no CUDA device, speed numbers are CPU reference timings"
 DEFAULT_PROMPT = "The Python interpreter"
 QUANT_METHODS = ("rtn", "kmeans", "learned", "gptq", "gptq+kmeans", "learned+kmeans", "gptq+learned",
-                 "gptq+learned+kmeans", "gptq+refit", "gptq+kmeans+refit")
+                 "gptq+learned+kmeans", "gptq+refit", "gptq+kmeans+refit",
+                 "gptq+select", "gptq+select+refit")
 IN_DOMAIN_CALIB = "build/calib/gcide-train.txt"  # written by scripts/get_calib.sh (lutmm.calib_text)
 FALLBACK_DAMP = 1.0  # GPTQ damping for the WikiText-2 fallback (out of mini-llama's domain, docs/quality.md)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -131,6 +132,9 @@ def _quantize_method(args) -> str:
     if "kmeans" in parts and args.table not in (None, "kmeans"):
         raise ValueError(f"--method {args.method} learns a k-means table; --table {args.table} needs a method "
                          f"without kmeans (e.g. {args.method.replace('+kmeans', '')})")
+    if "select" in parts and args.table not in (None, "nf"):
+        raise ValueError(f"--method {args.method} picks each layer's table itself (NF or weighted k-means, never "
+                         f"int); drop --table {args.table}")
     return args.method
 
 

@@ -11,6 +11,9 @@ Methods ("+"-joined parts; every one writes the same lutmm format):
     gptq       Hessian-aware error compensation onto the table (`lutmm.gptq.gptq_quantize`)
     refit      with gptq: alternate least-squares refits of the table and the scales with GPTQ re-picking the
                codes (`lutmm.refit.gptq_refit`); the table becomes a per-layer learned one
+    select     with gptq: per layer, GPTQ onto each candidate LUT (NF, the weighted k-means table; with refit also
+               the refits of the better one) and keep the least damped output error (`gptq_select`); the uniform
+               int grid is never a candidate
     e.g. "gptq+kmeans": GPTQ onto the weighted k-means table. Without "kmeans" the table is `table` (nf / int).
 
 Calibration is sequential: the decoder layers are processed in order on inputs that went through the already
@@ -30,9 +33,10 @@ from torch import nn
 from . import gptq as G
 from ._api import FORMAT_VERSION, make_table, pack, quantize
 from .nn import LUTLinear, _set_submodule, lut_modules, quantizable_linears, quantize_model
+from .refit import damped, gptq_refit
 
 METHODS = ("rtn", "kmeans", "learned", "gptq", "gptq+kmeans", "learned+kmeans", "gptq+learned",
-           "gptq+learned+kmeans", "gptq+refit", "gptq+kmeans+refit")
+           "gptq+learned+kmeans", "gptq+refit", "gptq+kmeans+refit", "gptq+select", "gptq+select+refit")
 DEFAULT_METHOD = "gptq+kmeans"
 DEFAULT_CALIB_TOKENS = 32768
 DEFAULT_DAMP = 0.01  # GPTQ damping, x mean(diag H): best with in-domain calibration text (docs/quality.md)
@@ -161,9 +165,10 @@ def _hessian(layer, mod, hs, kws):
 
 def parse_method(method: str) -> set:
     parts = set(method.split("+"))
-    bad = parts - {"rtn", "kmeans", "learned", "gptq", "refit"}
+    bad = parts - {"rtn", "kmeans", "learned", "gptq", "refit", "select"}
     if bad or not parts or ("rtn" in parts and len(parts) > 1) or ("refit" in parts and (
-            "gptq" not in parts or "learned" in parts)):
+            "gptq" not in parts or "learned" in parts)) or ("select" in parts and (
+            "gptq" not in parts or parts & {"kmeans", "learned"})):
         raise ValueError(f"method: got {method!r}, expected one of {', '.join(METHODS)}")
     return parts
 
@@ -176,6 +181,11 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, n: int, bits: int, group_s
     if isinstance(table, str) and table == "kmeans":
         parts.add("kmeans")
     imp = (torch.diag(H) / max(n, 1)).float().cpu()
+    if "select" in parts:
+        if not (isinstance(table, str) and table == "nf"):
+            raise ValueError(f"table: got {table!r} for method {method!r}, which picks its own LUT (NF or k-means)")
+        return gptq_select(W, H, bits, group_size, imp, percdamp, act_order, kmeans_iterations, kmeans_inits,
+                           refit_rounds if "refit" in parts else 0)[0]
     if "kmeans" in parts:
         qk = G.weighted_kmeans(W, bits, group_size, imp, kmeans_iterations, kmeans_inits)
         tbl, kind = qk.table, "kmeans"
@@ -187,8 +197,6 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, n: int, bits: int, group_s
     if "learned" in parts:
         codes, scales, _ = G.learn_scales(W, H, tbl, scales, group_size, steps=learn_steps)
     if "refit" in parts:
-        from .refit import gptq_refit
-
         codes, scales, tbl, _ = gptq_refit(W, H, bits, group_size, tbl, percdamp, refit_rounds, act_order)
         return pack(codes.cpu(), scales.cpu(), tbl, bits, group_size, "custom")
     if "gptq" in parts:
@@ -198,6 +206,30 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, n: int, bits: int, group_s
     if codes is None:
         codes = G.rtn_codes(W.float().cpu(), scales.cpu(), tbl, group_size)
     return pack(codes.cpu(), scales.cpu(), tbl, bits, group_size, kind)
+
+
+@torch.no_grad()
+def gptq_select(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, importance: torch.Tensor,
+                percdamp: float = DEFAULT_DAMP, act_order: bool = False, kmeans_iterations: int = 8,
+                kmeans_inits=("nf",), refit_rounds: int = 0):
+    """GPTQ onto each candidate LUT: NormalFloat ("nf") and the k-means table weighted by `importance` ("kmeans",
+    as method gptq+kmeans builds it); with refit_rounds > 0 also `gptq_refit` from the better of the two
+    ("custom"). Returns (QuantizedWeight of the candidate with the least damped output error tr(E (H + damping)
+    E^T), {candidate: that error}). The uniform int grid is never a candidate."""
+    Hd = damped(H, percdamp)
+    tables = {"nf": make_table("nf", bits),
+              "kmeans": G.weighted_kmeans(W, bits, group_size, importance, kmeans_iterations, kmeans_inits).table}
+    cands = {k: (*G.gptq_quantize(W, H, bits, group_size, t, percdamp=percdamp, act_order=act_order), t)
+             for k, t in tables.items()}
+    error = lambda c: G.output_error(W, G.dequant(*c, group_size), Hd)  # noqa: E731
+    errors = {k: error(c) for k, c in cands.items()}
+    if refit_rounds > 0:
+        c, s, t, _ = gptq_refit(W, H, bits, group_size, tables[min(errors, key=errors.get)], percdamp,
+                                refit_rounds, act_order)
+        cands["custom"] = (c, s, t)
+        errors["custom"] = error(cands["custom"])
+    best = min(errors, key=errors.get)
+    return pack(*cands[best], bits, group_size, best), errors
 
 
 @torch.no_grad()

@@ -109,6 +109,32 @@ def test_refit_lowers_damped_output_error():
         assert torch.equal(lutmm.dequantize(qw), G.dequant(c3, s3, t3, 64))
 
 
+@pytest.mark.parametrize("bits,g,rounds", [(3, 32, 0), (4, 128, 0), (2, 64, 1)])
+def test_gptq_select_keeps_least_error(bits, g, rounds):
+    from lutmm.refit import damped
+
+    W, X, H = _layer(seed=5)
+    imp, Hd = torch.diag(H) / X.shape[0], damped(H, 0.01)
+    qw, errors = quality.gptq_select(W, H, bits, g, imp, percdamp=0.01, refit_rounds=rounds)
+    # every candidate's error, recomputed independently: GPTQ onto NF and onto the weighted k-means table
+    tables = {"nf": lutmm.make_table("nf", bits), "kmeans": G.weighted_kmeans(W, bits, g, imp, inits=("nf",)).table}
+    expect = {k: G.output_error(W, G.dequant(*G.gptq_quantize(W, H, bits, g, t, percdamp=0.01), t, g), Hd)
+              for k, t in tables.items()}
+    assert set(errors) == ({"nf", "kmeans", "custom"} if rounds else {"nf", "kmeans"})  # never the int grid
+    for k, e in expect.items():
+        assert abs(errors[k] / e - 1) < 1e-5, (k, errors[k], e)
+    chosen = G.output_error(W, lutmm.dequantize(qw), Hd)
+    assert qw.table_kind == min(errors, key=errors.get)
+    assert abs(chosen / min(errors.values()) - 1) < 1e-5 and all(chosen <= e * (1 + 1e-5) for e in errors.values())
+    if rounds:  # the refit starts from the better table and keeps its best round: never worse
+        assert errors["custom"] <= min(expect.values()) * (1 + 1e-5)
+    method = "gptq+select" + ("+refit" if rounds else "")
+    same = quality.quantize_weight(W, H, X.shape[0], bits, g, method, refit_rounds=rounds)
+    assert torch.equal(lutmm.dequantize(same), lutmm.dequantize(qw))
+    with pytest.raises(ValueError):
+        quality.quantize_weight(W, H, X.shape[0], bits, g, method, table="int")
+
+
 def test_default_calib_order(tmp_path, monkeypatch):
     own = tmp_path / "own.txt"
     own.write_text("text")
@@ -131,7 +157,12 @@ def test_default_calib_order(tmp_path, monkeypatch):
 def test_parse_method():
     assert quality.parse_method("gptq+kmeans") == {"gptq", "kmeans"}
     assert quality.parse_method("gptq+kmeans+refit") == {"gptq", "kmeans", "refit"}
-    for bad in ("", "gptq+foo", "rtn+gptq", "refit", "kmeans+refit", "gptq+learned+refit"):
+    assert quality.parse_method("gptq+select+refit") == {"gptq", "select", "refit"}
+    assert set(cli.QUANT_METHODS) == set(quality.METHODS)
+    for m in quality.METHODS:
+        quality.parse_method(m)
+    for bad in ("", "gptq+foo", "rtn+gptq", "refit", "kmeans+refit", "gptq+learned+refit", "select",
+                "gptq+select+kmeans", "gptq+learned+select", "rtn+select"):
         with pytest.raises(ValueError):
             quality.parse_method(bad)
 
@@ -143,7 +174,7 @@ def calib_text(tmp_path_factory):
     return p
 
 
-@pytest.mark.parametrize("method", ["gptq+kmeans", "learned", "kmeans", "gptq+kmeans+refit"])
+@pytest.mark.parametrize("method", ["gptq+kmeans", "learned", "kmeans", "gptq+kmeans+refit", "gptq+select"])
 def test_calibrated_tiny_model(method, calib_text):
     from lutmm.evaluate import ByteTokenizer
     from lutmm.nn import LUTLinear
@@ -158,8 +189,9 @@ def test_calibrated_tiny_model(method, calib_text):
     lut = [n for n, m in model.named_modules() if isinstance(m, LUTLinear)]
     assert len(lut) == stats["layers"] == 14 and stats["skipped"] == ["lm_head"]
     qc = model.config.quantization_config
-    kind = {"learned": "nf", "gptq+kmeans+refit": "custom"}.get(method, "kmeans")
-    assert qc["modules"] == lut and qc["bits"] == 4 and qc["table"] == kind and qc["method"] == method
+    kinds = {"learned": {"nf"}, "gptq+kmeans+refit": {"custom"}, "gptq+select": {"nf", "kmeans", "custom"}}
+    assert qc["modules"] == lut and qc["bits"] == 4 and qc["table"] in kinds.get(method, {"kmeans"})
+    assert qc["method"] == method
     with torch.no_grad():
         y0, y1 = base(x).logits.float(), model(x).logits.float()
         assert torch.isfinite(y1).all()
@@ -178,7 +210,8 @@ def test_calibration_is_seeded(calib_text):
 
 
 def test_cli_quantize_method_errors(tmp_path, capsys):
-    for extra in (["--method", "gptq+kmeans", "--table", "int"], ["--method", "gptq", "--absmax"],
+    for extra in (["--method", "gptq+kmeans", "--table", "int"], ["--method", "gptq+select", "--table", "int"],
+                  ["--method", "gptq", "--absmax"],
                   ["--method", "gptq", "--damp", "0"], ["--table", "nf", "--damp", "0.1"]):
         assert cli.main(["quantize", str(tmp_path), str(tmp_path / "o")] + extra) == 2
         assert "error" in capsys.readouterr().err
