@@ -1,4 +1,5 @@
-// The decode kernel on Hopper (sm_90a), M <= 16: the math of lut_gemm.cu (lut_mma.cuh: pair-table
+// The decode kernel on Hopper (sm_90a), M <= 16 on large weights (dispatch: lut_gemm.cu, kTmaMinWeights):
+// the math of lut_gemm.cu (lut_mma.cuh: pair-table
 // lookups -> mma.sync with the weights as the 16-row A operand, scales after the MMA, Stream-K with a
 // deterministic fixup), fed by a deeper, cheaper pipeline.
 //
@@ -14,12 +15,15 @@
 //   row block and per scale row, issued by 17 lanes, cost ~500 producer instructions per k-block:
 //   bulk-copy operands are uniform registers, so ptxas loops over the lanes; 8192x8192 M = 1 took
 //   31.4 us, against 20.9 us for the cp.async kernel.)
-// * Pipeline. Two CTAs per SM (three at 3 bits), each persistent over its Stream-K range (the table is built once per
-//   CTA, not per tile) with as many stages as shared memory holds (4 at 4 bits, M <= 8). A stage is
-//   released by each compute warp as soon as its registers hold what it needs ("empty" mbarrier, 8
-//   arrivals); no CTA-wide barrier in the main loop.
+// * Pipeline. Two CTAs per SM (three at 3 bits), each persistent over its Stream-K range (the table
+//   is built once per CTA, not per tile) with as many stages as shared memory holds (4 at 4 bits,
+//   M <= 8). A stage is released by each compute warp as soon as its registers hold what it needs
+//   ("empty" mbarrier, 8 arrivals); no CTA-wide barrier in the main loop.
 // * Programmatic dependent launch as in lut_gemm.cu: the codes and scales of the first stages are
 //   requested before griddepcontrol.wait, activations after it.
+// * The remaining cost (docs/performance.md, items 16-20): ~5.8 us fixed per call on 8192x8192
+//   (launch, table build, first loads, Stream-K fixups) and a 2.75 TB/s marginal rate set by the
+//   compute warps (~190 instructions per warp and 4-bit block, ~90 of them lookups and MMAs).
 #include <algorithm>
 #include <mutex>
 
