@@ -16,19 +16,12 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kXRowBytes = kBlockCols * 2 + 64;   // one token's 128 activations + 64 B pad: the 8 rows
                                                   // read by a quarter-warp's LDS.128 hit distinct banks
 
+// GemmParams (lut_table.cuh) plus: partials [grid_y][workers][2][kThreads * 4 * MT], counters per
+// (grid_y, tile).
 template <typename T>
-struct Params {
+struct Params : GemmParams<T> {
   const T* x;               // M x K activations
-  const uint8_t* w;         // packed codes
-  const uint16_t* s;        // packed fp16 scales [row_blocks][G][8][2]
-  const T* bias;            // N or nullptr
-  T* y;                     // M x N
-  float* partials;          // Stream-K partial tiles [grid_y][grid_x][2][kThreads * 4 * MT]
-  int* counters;            // per (grid_y, tile) arrival counters, zero between calls
-  float table[16];          // T
-  int M, N, K, G;
-  int gl;                   // log2(group_size / 32); 30 when group_size = K is not a power of two
-  int row_blocks, col_blocks, tiles;
+  int tiles;                // 128-row tiles
   int stages;               // pipeline stages in shared memory (per warp group in lut_stream.cu)
   int workers;              // Stream-K workers splitting the iterations: CTAs (lut_gemm.cu) or warp groups
 };
@@ -209,18 +202,9 @@ inline size_t partials_bytes(const Geometry& g) { return size_t(g.grid_y) * g.gr
 template <typename T>
 Params<T> make_params(const GemmProblem& prob, const Geometry& geo, void* ws) {
   Params<T> p;
+  fill_gemm_params(p, prob, ws, counters_bytes(geo));
   p.x = static_cast<const T*>(prob.x);
-  p.w = static_cast<const uint8_t*>(prob.packed);
-  p.s = prob.packed_scales;
-  p.bias = static_cast<const T*>(prob.bias);
-  p.y = static_cast<T*>(prob.y);
-  p.counters = static_cast<int*>(ws);
-  p.partials = reinterpret_cast<float*>(static_cast<uint8_t*>(ws) + counters_bytes(geo));
-  for (int i = 0; i < 16; ++i) p.table[i] = prob.table[i];
-  const Shape& s = prob.shape;
-  p.M = int(prob.M); p.N = int(s.N); p.K = int(s.K); p.G = int(s.groups());
-  p.gl = group_log2(s.group_size);
-  p.row_blocks = int(s.row_blocks()); p.col_blocks = geo.col_blocks; p.tiles = geo.tiles;
+  p.tiles = geo.tiles;
   p.stages = geo.stages;
   p.workers = geo.grid_x;
   return p;

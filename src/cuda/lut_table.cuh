@@ -14,6 +14,39 @@
 namespace lutmm {
 namespace gpu {
 
+// Kernel parameters every fused kernel takes (the decode kernels' Params and the prefill kernel's
+// WgParams extend it): the weight, the output, the Stream-K workspace and the problem's sizes.
+template <typename T>
+struct GemmParams {
+  const uint8_t* w;         // packed codes
+  const uint16_t* s;        // packed fp16 scales [row_blocks][G][8][2]
+  const T* bias;            // N or nullptr
+  T* y;                     // M x N
+  float* partials;          // Stream-K partial tiles (layout: each kernel's)
+  int* counters;            // per-tile arrival counters, zero between calls
+  float table[16];          // T
+  int M, N, K, G;
+  int gl;                   // log2(group_size / 32); 30 when group_size = K is not a power of two
+  int row_blocks, col_blocks;
+};
+
+// Fills the GemmParams part of a kernel's parameters; the workspace holds `counters_bytes` of
+// counters, then the partials.
+template <typename T>
+void fill_gemm_params(GemmParams<T>& p, const GemmProblem& prob, void* ws, size_t counters_bytes) {
+  p.w = static_cast<const uint8_t*>(prob.packed);
+  p.s = prob.packed_scales;
+  p.bias = static_cast<const T*>(prob.bias);
+  p.y = static_cast<T*>(prob.y);
+  p.counters = static_cast<int*>(ws);
+  p.partials = reinterpret_cast<float*>(static_cast<uint8_t*>(ws) + counters_bytes);
+  for (int i = 0; i < 16; ++i) p.table[i] = prob.table[i];
+  const Shape& s = prob.shape;
+  p.M = int(prob.M); p.N = int(s.N); p.K = int(s.K); p.G = int(s.groups());
+  p.gl = group_log2(s.group_size);
+  p.row_blocks = int(s.row_blocks()); p.col_blocks = int(s.col_blocks());
+}
+
 // Even split of `total` iterations over `grid` CTAs: CTA c gets [start(c), start(c + 1)).
 __host__ __device__ __forceinline__ int64_t sk_start(int64_t c, int64_t total, int64_t grid) {
   const int64_t base = total / grid, rem = total % grid;

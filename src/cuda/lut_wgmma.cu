@@ -59,17 +59,7 @@ constexpr int kThreads = kWarps * 32;         // consumer threads
 constexpr int kCtaThreads = kThreads + 128;   // + the producer warpgroup
 
 template <typename T>
-struct WgParams {
-  const uint8_t* w;     // packed codes
-  const uint16_t* s;    // packed fp16 scales [row_blocks][G][8][2]
-  const T* bias;        // N or nullptr
-  T* y;                 // M x N
-  float* partials;      // Stream-K partial tiles [grid][2][TOK / 2][kThreads]
-  int* counters;        // per Stream-K tile arrival counters, zero between calls
-  float table[16];      // T
-  int M, N, K, G;
-  int gl;               // log2(group_size / 32); 30 when group_size = K is not a power of two
-  int row_blocks, col_blocks;
+struct WgParams : GemmParams<T> {  // partials [grid][2][TOK / 2][kThreads], counters per Stream-K tile
   int m_tiles, n_tiles; // token tiles, weight tiles (tile_coords() maps a tile index to both)
   int tiles, dp_tiles;  // tiles [0, dp_tiles) are data-parallel, [dp_tiles, tiles) Stream-K
 };
@@ -502,17 +492,8 @@ void wg_launch(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStr
     }
   }
   WgParams<T> p;
-  p.w = static_cast<const uint8_t*>(prob.packed);
-  p.s = prob.packed_scales;
-  p.bias = static_cast<const T*>(prob.bias);
-  p.y = static_cast<T*>(prob.y);
-  p.counters = static_cast<int*>(ws);
-  p.partials = reinterpret_cast<float*>(static_cast<uint8_t*>(ws) + wg_counters_bytes(geo));
-  for (int i = 0; i < 16; ++i) p.table[i] = prob.table[i];
+  fill_gemm_params(p, prob, ws, wg_counters_bytes(geo));
   const Shape& s = prob.shape;
-  p.M = int(prob.M); p.N = int(s.N); p.K = int(s.K); p.G = int(s.groups());
-  p.gl = group_log2(s.group_size);
-  p.row_blocks = int(s.row_blocks()); p.col_blocks = geo.col_blocks;
   p.m_tiles = geo.m_tiles; p.n_tiles = geo.n_tiles; p.tiles = geo.tiles; p.dp_tiles = geo.dp_tiles;
   const CUtensorMap tmap = x_tensor_map(prob.x, prob.dtype, prob.M, s.K, TOK);
   kernel<<<geo.grid, kCtaThreads, L::kSmemBytes, stream>>>(p, tmap);
