@@ -46,9 +46,11 @@ def build(shape: str, device: str) -> LlamaForCausalLM:
         return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
 
 
-def swap_to_lutmm(model, bits: int, g: int) -> int:
-    """Replaces every decoder nn.Linear by a LUTLinear with random codes; returns how many."""
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+def swap_to_lutmm(model, bits: int, g: int, lm_head: bool = False) -> int:
+    """Replaces every decoder nn.Linear (and the lm_head with `lm_head`) by a LUTLinear with random codes;
+    returns how many."""
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and (lm_head or "lm_head" not in n)]
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -158,6 +160,9 @@ def main():
                     help="fuse q/k/v and gate/up into one linear each (default; --no-fuse: HF's 7 linears per layer)")
     ap.add_argument("--unfused-bf16", action="store_true",
                     help="with --fuse, keep the bf16 baseline as HF's stock (unfused) model")
+    ap.add_argument("--lm-head", action="store_true",
+                    help="also quantize the lm_head (same bits and group; `lutmm quantize --skip` with no names does "
+                         "this for real checkpoints, RTN: docs/quality.md)")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
@@ -196,12 +201,12 @@ def main():
         if cuda:
             torch.cuda.empty_cache()
         model = build(args.model, args.device)
-        swap_to_lutmm(model, bits, g)
+        swap_to_lutmm(model, bits, g, lm_head=args.lm_head)
         if args.fuse:
             fuse(model)
         if cuda:
             torch.cuda.empty_cache()
-        measure(f"lutmm {bits}b g{g}", model)
+        measure(f"lutmm {bits}b g{g}" + ("+head" if args.lm_head else ""), model)
     base = {b: t for (l, b, t, _, _) in rows if l == "bf16"}
     print(f"\nprojections: {projections}")
     print(f"{'model':>14} {'batch':>5} {'tok/s':>9} {'x bf16':>7} {'eager tok/s':>11} {'peak GiB':>8}")

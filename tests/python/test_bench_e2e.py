@@ -55,3 +55,12 @@ def test_cli_fuse_flag_is_reported(capsys, monkeypatch):
         e2e.main()
         out = capsys.readouterr().out
         assert f"projections: {expect}" in out and "lutmm 4b g64" in out
+
+
+def test_lm_head_option_quantizes_the_head_too():
+    e2e = _load()
+    from lutmm.nn import LUTLinear
+    model = e2e.build("tiny", "cpu")
+    assert e2e.swap_to_lutmm(model, 4, 64, lm_head=True) == 2 * 7 + 1
+    assert isinstance(model.lm_head, LUTLinear)
+    assert e2e.decode_tokens_per_s(model, batch=1, prompt=8, gen=2, graph=False) > 0
