@@ -11,7 +11,8 @@
 #include "lutmm/cuda.h"
 #include "lutmm/format.h"
 
-#ifndef LUTMM_EXPERIMENT  // kernel experiment number of A/B builds (CMake sets it; see lut_gemm.cu)
+#ifndef LUTMM_EXPERIMENT  // kernel experiment number of A/B builds (CMake sets it; the numbers are listed
+                          // in lut_gemm.cu and lut_wgmma.cu; the one definition of the default)
 #define LUTMM_EXPERIMENT 0
 #endif
 

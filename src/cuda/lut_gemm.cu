@@ -38,9 +38,6 @@
 //   7  no programmatic dependent launch (the prologue waits for the previous kernel to finish)
 //   9  lut_stream.cu: one CTA per SM of two warp groups sharing one table, instead of two CTAs
 //  11  lut_stream.cu: two CTAs per SM at 3 bits instead of three
-#ifndef LUTMM_EXPERIMENT
-#define LUTMM_EXPERIMENT 0
-#endif
 
 namespace lutmm {
 namespace gpu {

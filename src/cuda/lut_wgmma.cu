@@ -46,9 +46,6 @@
 // Kernel experiments for A/B builds (cmake -DLUTMM_EXPERIMENT=N, `EXPERIMENTS=N bash scripts/gpu.sh kab`):
 //   5  tiles in plain token-tile-fastest order (no grouping; H100 2026-11-26: 5% slower at
 //      8192x8192 M = 4096, equal elsewhere)
-#ifndef LUTMM_EXPERIMENT
-#define LUTMM_EXPERIMENT 0
-#endif
 
 namespace lutmm {
 namespace gpu {
