@@ -3,7 +3,7 @@
 # Usage (device tool, repo root): bash scripts/gpu.sh [quick|standard|full|tests|bench|profile|sanitize|ab|kab|cxx|e2e]
 # Logs go to $OUT. ab: everything, then kernel A/B builds (EXPERIMENTS="2"); kab: C++ build, GPU tests
 # and the A/B only; cxx: C++ build, GPU tests and the C++ kernel benchmark (lutmm_bench) only;
-# e2e: build, then bench/bench_e2e.py $E2E_ARGS only.
+# e2e: build, then bench/bench_e2e.py $E2E_ARGS only. BENCH_ARGS replaces --quick for quick/bench.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-quick}
@@ -30,7 +30,7 @@ if [[ $MODE == e2e ]]; then
   python3 bench/bench_e2e.py ${E2E_ARGS:-} 2>"$OUT/e2e.err" | tee "$OUT/e2e.txt"
   exit ${PIPESTATUS[0]}
 fi
-if [[ $MODE != bench ]]; then
+if [[ $MODE != bench && $MODE != profile ]]; then
   ./build/gpu/lutmm_tests --gtest_brief=1 2>&1 | tail -3
   ./build/gpu/lutmm_gpu_tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "^\[  (PASSED|FAILED|SKIPPED) |Failure|rel err|OK \]" | head -40
   [[ ${PIPESTATUS[0]} == 0 ]] || status=1
@@ -61,17 +61,22 @@ fi
 if [[ $MODE == profile ]]; then  # Nsight Compute on single cases of the C++ benchmark
   IFS=';' read -ra cases <<< "${PROFILE_CASES:-8192 8192 1 4;57344 8192 1 4;8192 8192 1 2}"  # ';'-separated
   for cfg in "${cases[@]}"; do
-    ncu --set full -k regex:lut_ -s 2 -c 1 ./build/gpu/lutmm_bench $cfg > "$OUT/ncu_${cfg// /_}.txt" 2>&1
+    rep="$OUT/ncu_${cfg// /_}"
+    ncu --set full --import-source yes -k regex:lut_ -s 2 -c 1 -f -o "$rep" ./build/gpu/lutmm_bench $cfg > /dev/null 2>&1
+    ncu -i "$rep.ncu-rep" --print-details all > "$rep.txt" 2>&1
+    # Per-SASS-instruction samples (stall reasons) for reading offline: PROFILE_SOURCE=1
+    [[ -n ${PROFILE_SOURCE:-} ]] && ncu -i "$rep.ncu-rep" --page source --csv --print-source sass 2>&1 | gzip > "$rep.sass.csv.gz"
+    rm -f "$rep.ncu-rep"
     echo "== ncu $cfg"
-    grep -E "^    (Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Issue Slots Busy|Issued Ipc Active|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|L2 Hit Rate|Mem Busy|Max Bandwidth|Shared Memory Configuration Size|Block Limit)" "$OUT/ncu_${cfg// /_}.txt" | head -30
-    grep -E "^    Stall|stall|cycles being stalled" "$OUT/ncu_${cfg// /_}.txt" | head -12
+    grep -E "^    (Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Issue Slots Busy|Issued Ipc Active|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|L2 Hit Rate|Mem Busy|Max Bandwidth|Shared Memory Configuration Size|Block Limit)" "$rep.txt" | head -30
+    grep -E "^    Stall|stall|cycles being stalled" "$rep.txt" | head -12
   done
 fi
 if [[ $MODE == cxx ]]; then
   ./build/gpu/lutmm_bench | tee "$OUT/lutmm_bench.txt"
 fi
 if [[ $MODE == quick || $MODE == bench ]]; then
-  python3 bench/bench_kernel.py --quick --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt"
+  python3 bench/bench_kernel.py ${BENCH_ARGS:---quick} --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt"
 elif [[ $MODE == standard ]]; then
   python3 bench/bench_kernel.py --standard --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt"
 elif [[ $MODE == full ]]; then

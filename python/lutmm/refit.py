@@ -104,3 +104,87 @@ def gptq_refit(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, tab
         if err < best[0]:
             best = (err, codes, scales, T)
     return best[1], best[2], best[3], {"errors": errors}
+
+
+def _kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) of the output distributions."""
+    s = torch.log_softmax(student_logits.float(), dim=-1)
+    return (teacher_logp.exp() * (teacher_logp - s)).sum(-1).mean()
+
+
+def tune_tables(model, teacher, ids: torch.Tensor, qweights: dict, steps: int = 100, lr: float = 2e-3,
+                batch: int = 8, uniform: bool = False, device=None) -> Tuple[dict, dict]:
+    """End-to-end table tuning: every quantized layer's 2^b table values (the only free parameters: codes and
+    scales stay fixed) trained with Adam (cosine lr) to minimise KL(teacher || model) of the output
+    distributions over the calibration windows `ids` (int64 [n, seqlen]); a few hundred parameters for the
+    whole model, against n * seqlen * vocab teacher probabilities.
+
+    model: the quantized model whose linears named in `qweights` ({name: QuantizedWeight}) hold the dequantized
+    weights; teacher: the unquantized model. Both run in fp32 on `device` (default: the model's). uniform:
+    the table is constrained to a + b * T0 (T0 the layer's starting table), i.e. a uniform grid stays uniform
+    (an offset and a step per layer): the control that gives a uniform-grid method the same end-to-end fit.
+    Returns ({name: tuned table (fp32, CPU)}, info: "kl_before" / "kl_after" over all windows, "steps"). The
+    tables whose tuning did not lower the total KL come back unchanged (info["kept_start"] = True)."""
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    mods = {n: model.get_submodule(n) for n in qweights}
+    state = {}
+    for n, qw in qweights.items():
+        T0 = qw.table.to(dev, torch.float32)
+        S = qw.scales().to(dev).float().repeat_interleave(qw.group_size, dim=1)
+        state[n] = (qw.codes().to(dev).long(), S, T0)
+    if uniform:
+        params = {n: torch.nn.Parameter(torch.tensor([0.0, 1.0], device=dev)) for n in qweights}
+        table = lambda n: params[n][0] + params[n][1] * state[n][2]  # noqa: E731
+    else:
+        params = {n: torch.nn.Parameter(state[n][2].clone()) for n in qweights}
+        table = lambda n: params[n]  # noqa: E731
+    saved = {n: m.weight for n, m in mods.items()}
+
+    def set_weights(grad: bool):
+        for n, m in mods.items():
+            c, S, _ = state[n]
+            with torch.set_grad_enabled(grad):
+                w = table(n)[c] * S
+            del m.weight  # a plain tensor attribute while tuning; the original Parameter is put back below
+            m.weight = w if grad else w.detach()
+
+    ids = ids.to(dev)
+    batches = [ids[i:i + batch] for i in range(0, ids.shape[0], batch)]
+
+    @torch.no_grad()
+    def teacher_logp(x):
+        return torch.log_softmax(teacher(input_ids=x, use_cache=False).logits.float(), dim=-1)
+
+    @torch.no_grad()
+    def total_kl():
+        set_weights(False)
+        return sum(float(_kl(model(input_ids=x, use_cache=False).logits, teacher_logp(x))) * x.shape[0]
+                   for x in batches) / ids.shape[0]
+
+    req = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in req:
+        p.requires_grad_(False)
+    try:
+        kl0 = total_kl()
+        opt = torch.optim.Adam(list(params.values()), lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+        for step in range(steps):
+            x = batches[step % len(batches)]
+            tl = teacher_logp(x)
+            with torch.enable_grad():
+                set_weights(True)
+                loss = _kl(model(input_ids=x, use_cache=False).logits, tl)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            opt.step()
+            sched.step()
+        kl1 = total_kl()
+    finally:
+        for n, m in mods.items():
+            del m.weight
+            m.weight = saved[n]
+        for p, r in req:
+            p.requires_grad_(r)
+    kept = not kl1 < kl0
+    out = {n: (state[n][2] if kept else table(n)).detach().float().cpu() for n in qweights}
+    return out, {"kl_before": kl0, "kl_after": kl1, "steps": steps, "kept_start": kept}
