@@ -55,7 +55,7 @@ int main(int argc, char** argv) {
   for (int bits : {3, 2}) decode(8192, 8192, 1, bits);
   for (auto nk : {std::pair<int64_t, int64_t>{6144, 4096}, {4096, 14336}}) decode(nk.first, nk.second, 1, 4);
   if (have_wgmma)
-    for (auto nk : {std::pair<int64_t, int64_t>{4096, 4096}, {8192, 8192}, {28672, 4096}})
+    for (auto nk : {std::pair<int64_t, int64_t>{4096, 4096}, {8192, 8192}, {28672, 4096}, {4096, 14336}})
       for (int64_t M : {128, 256, 1024, 4096}) cases.push_back({nk.first, nk.second, M, 4, kWgmma});
   if (argc >= 5) {
     const std::string path = argc >= 6 ? argv[5] : "lut";

@@ -50,12 +50,12 @@ if [[ $MODE == sanitize ]]; then
   compute-sanitizer --tool racecheck ./build/gpu/lutmm_gpu_tests --gtest_filter='Gpu.Identity*:Gpu.DecodeKernels*' 2>&1 | tail -5
 fi
 if [[ $MODE == ab || $MODE == kab ]]; then  # kernel A/B: default build vs -DLUTMM_EXPERIMENT=N for N in $EXPERIMENTS
-  echo "== A: default"; ./build/gpu/lutmm_bench
+  echo "== A: default"; ./build/gpu/lutmm_bench | tee "$OUT/ab.txt"
   for e in ${EXPERIMENTS:-2}; do
     cmake -S . -B build/gpu-x$e -G Ninja -DLUTMM_BUILD_TESTS=ON -DLUTMM_EXPERIMENT=$e > /dev/null && \
       ninja -C build/gpu-x$e lutmm_gpu_tests lutmm_bench > "$OUT/build-x$e.log" 2>&1 || { tail -20 "$OUT/build-x$e.log"; continue; }
-    echo "== B: LUTMM_EXPERIMENT=$e  (tests: $(./build/gpu-x$e/lutmm_gpu_tests --gtest_brief=1 2>&1 | tail -1))"
-    ./build/gpu-x$e/lutmm_bench
+    echo "== B: LUTMM_EXPERIMENT=$e  (tests: $(./build/gpu-x$e/lutmm_gpu_tests --gtest_brief=1 2>&1 | tail -1))" | tee -a "$OUT/ab.txt"
+    ./build/gpu-x$e/lutmm_bench | tee -a "$OUT/ab.txt"
   done
 fi
 if [[ $MODE == profile ]]; then  # Nsight Compute on single cases of the C++ benchmark

@@ -88,15 +88,20 @@ const char* build_info() {
 
 // Dispatch rule (H100, 2026-11-26, bench/bench_kernel.py --paths, 4-bit g128; docs/performance.md):
 // the fused LUT kernel is memory-bound and wins while the weight stream dominates (M <= 64). Past it
-// the tensor cores set the pace: the fused wgmma kernel (Hopper) beats dequantize + cuBLAS up to
-// M = 256 (1.1-2.2x), and up to M = 512 for weights of more than 16M elements (1.1-1.2x; 4096x4096
-// M = 512: 0.83x); from M = 1024 dequantize + cuBLAS is 4-30% faster than the wgmma kernel.
+// the tensor cores set the pace. On Hopper the fused wgmma kernel serves M <= 4096: since its codes
+// and scales arrive as TMA boxes it beats dequantize + cuBLAS up to M = 2048 on every measured shape
+// (8192x8192 M = 1024: 197 vs 258 us) and is within 10% at M = 4096 (4096x14336: 801 vs 735 us);
+// at M = 8192 the dense copy's one extra pass is cheap next to the GEMM and dequantize + cuBLAS is
+// 3-18% faster (28672x4096: 2760 vs 3267 us). 3 bits (two code fields per lookup) hands over at
+// M = 2048: at M = 4096 dequantize + cuBLAS was 15% faster (8192x8192: 835 vs 957-967 us), at
+// M = 1024 the wgmma kernel (213-236 vs 262 us). Elsewhere (Ampere, or a build without sm_90a code)
+// dequantize + cuBLAS for every M > 64.
 constexpr int64_t kLutMaxM = 64;
+constexpr int64_t wgmma_max_m(int bits) { return bits == 3 ? 2048 : 4096; }
 Path choose_path(int64_t M, const Shape& shape, DType dtype, int device) {
   (void)dtype;
   if (M <= kLutMaxM) return Path::kLut;
-  const int64_t wgmma_max_m = shape.N * shape.K > (int64_t(1) << 24) ? 512 : 256;
-  return M <= wgmma_max_m && wgmma_supported(device) ? Path::kWgmma : Path::kDequant;
+  return M <= wgmma_max_m(shape.bits) && wgmma_supported(device) ? Path::kWgmma : Path::kDequant;
 }
 
 size_t dequant_scratch_bytes(const Shape& shape) {

@@ -46,6 +46,10 @@
 // Kernel experiments for A/B builds (cmake -DLUTMM_EXPERIMENT=N, `EXPERIMENTS=N bash scripts/gpu.sh kab`):
 //   5  tiles in plain token-tile-fastest order (no grouping; H100 2026-11-26: 5% slower at
 //      8192x8192 M = 4096, equal elsewhere)
+//   (retired, H100 2026-11-26, lutmm_bench A/B: a commit group per half-block waited with wait_group 1
+//   after the next half's wgmmas, i.e. no drain between k-blocks: -3..-5% at M = 1024, +6% at
+//   8192x8192 M = 4096, not kept; TOK = 128 at M = 256 when TOK = 256 leaves most SMs without a tile:
+//   4096x4096 32.7 -> 29.0 us but 8192x8192 67.7 -> 71.6 and 4096x14336 62.6 -> 70.0, not kept)
 
 namespace lutmm {
 namespace gpu {
@@ -448,22 +452,27 @@ int tok_for(int64_t M) { return M <= 128 ? 128 : 256; }
 
 WgGeometry wg_geometry(int64_t M, const Shape& s, int device) {
   WgGeometry g;
+  const int slots = sm_count(device);  // one CTA per SM (~190-210 KB of shared memory each)
+  const int64_t n_tiles = (s.row_blocks() + kWarps - 1) / kWarps;
   g.tok = tok_for(M);
   g.m_tiles = int((M + g.tok - 1) / g.tok);
   g.col_blocks = int(s.col_blocks());
-  const int64_t n_tiles = (s.row_blocks() + kWarps - 1) / kWarps;
   g.n_tiles = int(n_tiles);
   const int64_t tiles = n_tiles * g.m_tiles;
   if (tiles * g.col_blocks >= (int64_t(1) << 31))
     throw Error("shape: M x N x K too large for one call (more than 2^31 tiles x k-blocks); split M or N");
   g.tiles = int(tiles);
-  const int slots = sm_count(device);  // one CTA per SM (~190-210 KB of shared memory each)
   // All whole waves but the last are data-parallel; the last full wave and the remainder go to
-  // Stream-K, so each CTA gets the same share of the tail.
-  // When the last wave fills >= 90% of the SMs anyway, everything runs data-parallel: no fixups.
-  // (H100, 2026-11-26: 4096x4096 M = 1024, 128 tiles, 90.8 -> 70.1 us.)
+  // Stream-K, so each CTA gets the same share of the tail. When rounding the waves up costs at most
+  // 10% (the last wave fills >= 90% of the SMs, or there are many waves), everything runs
+  // data-parallel: Stream-K's fixups and mid-tile starts cost more than that.
+  // (H100, 2026-11-26: 4096x4096 M = 1024, 128 tiles, 90.8 -> 70.1 us; lutmm_bench A/B for the
+  // many-waves rule: 4096x14336 M = 4096, 3.9 waves, 730.5 -> 662.2 us, 4096x4096 M = 4096 210.8 ->
+  // 200.5 us, 28672x4096 M = 1024 358.6 -> 350.0 us, the rest within 0.5%.)
   const int tail = g.tiles % slots;
-  g.dp_tiles = tail == 0 || tail * 10 >= slots * 9 ? g.tiles : std::max(0, g.tiles / slots - 1) * slots;
+  const int64_t waves_up = (g.tiles + slots - 1) / slots;
+  const bool dp_only = tail == 0 || tail * 10 >= slots * 9 || waves_up * slots * 10 <= int64_t(g.tiles) * 11;
+  g.dp_tiles = dp_only ? g.tiles : std::max(0, g.tiles / slots - 1) * slots;
   const int64_t sk_iters = int64_t(g.sk_tiles()) * g.col_blocks;
   g.grid = g.dp_tiles > 0 ? std::min(slots, g.tiles) : int(std::min<int64_t>(slots, std::max<int64_t>(1, sk_iters)));
   return g;
