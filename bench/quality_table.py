@@ -41,10 +41,6 @@ METHODS = {
     "gptq+kmeans": ("gptq+kmeans", "kmeans", False), "learned+kmeans": ("learned+kmeans", "kmeans", False),
     "gptq+kmeans+refit": ("gptq+kmeans+refit", "kmeans", False),
     "gptq+select": ("gptq+select", "nf", False), "gptq+select+refit": ("gptq+select+refit", "nf", False),
-    # end-to-end table tuning after GPTQ (codes / scales fixed): a learned table per layer; utune keeps the
-    # uniform grid uniform (offset + step per layer), so "gptq-int+utune" is a uniform-int method
-    "gptq-int+tune": ("gptq+tune", "int", False), "gptq+kmeans+tune": ("gptq+kmeans+tune", "kmeans", False),
-    "gptq-int+utune": ("gptq+utune", "int", False),
 }
 DEFAULT_METHODS = ["int", "nf", "kmeans", "gptq-int", "gptq", "gptq+kmeans", "gptq+kmeans+refit", "gptq+select"]
 OLD_ROWS_CALIB = ("wikitext", 1.0)  # rows written before --calib / --damp existed
@@ -57,10 +53,6 @@ def command(name, bits, g, args, seed=0) -> str:
         cmd += f" --table {table}"
     if absmax:
         cmd += " --absmax"
-    if "tune" in method.split("+") or "utune" in method.split("+"):
-        cmd += f" --tune-steps {args.tune_steps}"
-    if args.device != "cpu" and method != "rtn":
-        cmd += f" --device {args.device}"
     if method != "rtn":
         cmd += f" --calib-tokens {args.calib_tokens} --seed {seed} --damp {args.damp:g}"
         cmd += " --calib ../shared/data/wikitext-2/valid.txt" if args.calib == "wikitext" else (
@@ -72,8 +64,7 @@ def calib_of(r):
     """(calibration label, damping, seed) of a row; None for uncalibrated rows."""
     if r["calib_tokens"] == 0:
         return None
-    return (r.get("calib", OLD_ROWS_CALIB[0]), r.get("damp", OLD_ROWS_CALIB[1]), r.get("seed", 0),
-            r.get("device", "cpu"))
+    return r.get("calib", OLD_ROWS_CALIB[0]), r.get("damp", OLD_ROWS_CALIB[1]), r.get("seed", 0)
 
 
 def main():
@@ -89,9 +80,6 @@ def main():
                     help="calibration sampling seeds; each calibrated cell runs once per seed (default 0)")
     ap.add_argument("--calib", default=None, help="gcide, wikitext or a text file (default: gcide when there)")
     ap.add_argument("--damp", type=float, default=0.01, help="GPTQ damping x mean diag H (default 0.01)")
-    ap.add_argument("--device", default="cpu", help="where calibration and evaluation run (default cpu; rows "
-                    "record it, and the tables compare rows of one device only)")
-    ap.add_argument("--tune-steps", type=int, default=100, help="steps of the +tune / +utune table training")
     ap.add_argument("--json", default=str(REPO / "bench" / "quality_table.json"))
     ap.add_argument("--markdown", default=None, help="also write the markdown table here")
     args = ap.parse_args()
@@ -114,20 +102,15 @@ def main():
     print(f"calibration: {calib}, damping {args.damp:g}", flush=True)
     rows = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else []
     key = lambda r: (r["bits"], r["group_size"], r["method"], r["max_tokens"], r["calib_tokens"], r["text"],  # noqa
-                     calib_of(r), r.get("tune_steps"))
+                     calib_of(r))
     have = {key(r) for r in rows}
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).eval()
-    ref = [r for r in rows if r["method"] == "bf16" and r["max_tokens"] == args.max_tokens and r["text"] == text
-           and r.get("device", "cpu") == args.device]
+    ref = [r for r in rows if r["method"] == "bf16" and r["max_tokens"] == args.max_tokens and r["text"] == text]
     if not ref:
         t0 = time.perf_counter()
-        ppl = perplexity(base.to(args.device), str(model_dir), text, max_tokens=args.max_tokens, ahead=2,
-                         progress=False)
-        base.to("cpu")
+        ppl = perplexity(base, str(model_dir), text, max_tokens=args.max_tokens, ahead=2, progress=False)
         ref = [{"bits": 16, "group_size": 0, "method": "bf16", "max_tokens": args.max_tokens, "calib_tokens": 0,
                 "text": text, "ppl": ppl, "quant_s": 0.0, "eval_s": time.perf_counter() - t0}]
-        if args.device != "cpu":
-            ref[0]["device"] = args.device
         rows += ref
     ref_ppl = ref[0]["ppl"]
     print(f"bf16: {ref_ppl:.3f}", flush=True)
@@ -138,31 +121,20 @@ def main():
                    "calib_tokens": args.calib_tokens if method != "rtn" else 0, "text": text}
             if method != "rtn":
                 row.update(calib=args.calib, damp=args.damp, seed=seed)
-                if "tune" in name:
-                    row["tune_steps"] = args.tune_steps
-                if args.device != "cpu":
-                    row["device"] = args.device
-                    row["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
             if key(row) in have:
                 continue
             m = copy.deepcopy(base)
             t0 = time.perf_counter()
-            stats = {}
             quantize_model_calibrated(m, str(model_dir), bits, g, method=method, table=table, calib=calib,
                                       calib_tokens=args.calib_tokens, seed=seed, search_scale=not absmax,
-                                      progress=False, stats=stats, **({} if method == "rtn" else {
-                                          "percdamp": args.damp, "device": args.device,
-                                          "tune_steps": args.tune_steps}))
+                                      progress=False, **({} if method == "rtn" else {"percdamp": args.damp}))
             row["quant_s"] = time.perf_counter() - t0
             row["threads"] = torch.get_num_threads()  # the sums' order, hence GPTQ's choices, depend on it
             if "select" in method:  # how many layers took each candidate table
                 row["tables"] = dict(collections.Counter(mod.table_kind for _, mod in lut_modules(m)))
-            if "tune" in stats:  # calibration KL before / after the end-to-end table training
-                row["tune"] = stats["tune"]
             densify(m)
             t0 = time.perf_counter()
-            row["ppl"] = perplexity(m.to(args.device if method != "rtn" else "cpu"), str(model_dir), text,
-                                    max_tokens=args.max_tokens, ahead=2, progress=False)
+            row["ppl"] = perplexity(m, str(model_dir), text, max_tokens=args.max_tokens, ahead=2, progress=False)
             row["eval_s"] = time.perf_counter() - t0
             row["command"] = command(name, bits, g, args, seed)
             rows.append(row)
@@ -178,7 +150,7 @@ def main():
         Path(args.markdown).write_text(md)
 
 
-INT_METHODS = ("int-absmax", "int", "gptq-int", "gptq-int+utune")  # uniform-grid baselines; every other column is a LUT method
+INT_METHODS = ("int-absmax", "int", "gptq-int")  # uniform-grid baselines; every other column is a LUT method
 
 
 def markdown(rows, ref_ppl, args) -> str:
@@ -186,7 +158,7 @@ def markdown(rows, ref_ppl, args) -> str:
     of every cell and method that has rows for more than one of them."""
     seed0 = args.seeds[0]
     sel = [r for r in rows if r["method"] != "bf16" and r["max_tokens"] == args.max_tokens
-           and (calib_of(r) is None or (calib_of(r)[:2], calib_of(r)[3]) == ((args.calib, args.damp), args.device))]
+           and (calib_of(r) is None or calib_of(r)[:2] == (args.calib, args.damp))]
     methods = [m for m in METHODS if any(r["method"] == m for r in sel)]
     rel = lambda p: 100 * (p / ref_ppl - 1)  # noqa: E731
 
@@ -202,15 +174,6 @@ def markdown(rows, ref_ppl, args) -> str:
                 if r and calib_of(r[-1]) is None:
                     break
         return out
-
-    def paired_rows(bits, g, m):
-        """(seeds, ppl) of method m's calibrated rows among args.seeds (the last row of each seed)."""
-        got = {}
-        for x in sel:
-            if (x["bits"], x["group_size"], x["method"]) == (bits, g, m) and calib_of(x) is not None \
-                    and calib_of(x)[2] in args.seeds:
-                got[calib_of(x)[2]] = x["ppl"]
-        return list(got), list(got.values())
 
     def verdict(ppl):
         lut = {m: p for m, p in ppl.items() if m not in INT_METHODS}
@@ -247,21 +210,6 @@ def markdown(rows, ref_ppl, args) -> str:
                    if m in ps else "" for m in ms]
             out.append(f"| {bits} | {g} | " + " | ".join(f"**{t}**" if m == best_lut else t
                                                           for m, t in zip(ms, txt)) + f" | {v} |")
-        out += ["", "Paired by seed, each method minus gptq-int (points of perplexity relative to bf16; mean, "
-                "standard error of the mean, n seeds with both, seeds where the method is lower):", ""]
-        for bits, g in cells:
-            per = {m: dict(zip(*paired_rows(bits, g, m))) for m in ms}
-            if "gptq-int" not in per:
-                continue
-            for m in ms:
-                both = sorted(set(per[m]) & set(per["gptq-int"]))
-                if m == "gptq-int" or len(both) < 2:
-                    continue
-                d = [rel(per[m][sd]) - rel(per["gptq-int"][sd]) for sd in both]
-                mu = sum(d) / len(d)
-                se = (sum((x - mu) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
-                out.append(f"- {bits}-bit g{g} {m}: {mu:+.3f} +- {se:.3f} (n={len(d)}, lower on "
-                           f"{sum(x < 0 for x in d)})")
     return "\n".join(out) + "\n"
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ CPU_FALLBACK = "CPU fallback: no CUDA device, speed numbers are CPU reference ti
 DEFAULT_PROMPT = "The Python interpreter"
 QUANT_METHODS = ("rtn", "kmeans", "learned", "gptq", "gptq+kmeans", "learned+kmeans", "gptq+learned",
                  "gptq+learned+kmeans", "gptq+refit", "gptq+kmeans+refit",
-                 "gptq+select", "gptq+select+refit", "gptq+tune", "gptq+kmeans+tune", "gptq+utune")
+                 "gptq+select", "gptq+select+refit")
 IN_DOMAIN_CALIB = "build/calib/gcide-train.txt"  # written by scripts/get_calib.sh (lutmm.calib_text)
 FALLBACK_DAMP = 1.0  # GPTQ damping for the WikiText-2 fallback (out of mini-llama's domain, docs/quality.md)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -167,7 +167,7 @@ def cmd_quantize(args) -> int:
                               table=table, calib=calib, calib_tokens=args.calib_tokens, seed=args.seed,
                               device=device, skip=args.skip, search_scale=not args.absmax,
                               progress=not args.quiet, stats=stats,
-                              **({} if method == "rtn" else {"percdamp": damp, "tune_steps": args.tune_steps}))
+                              **({} if method == "rtn" else {"percdamp": damp}))
     out = save_quantized(model, args.out_dir, tokenizer_dir=args.model_dir)
     file_bytes = (out / "model.safetensors").stat().st_size
     how = ("absmax" if args.absmax else "scale search") if method == "rtn" else (
@@ -376,8 +376,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens (default 32768)")
     sp.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default 0)")
     sp.add_argument("--device", default=None, help="where calibration runs (default: cuda when present, else cpu)")
-    sp.add_argument("--tune-steps", type=int, default=100,
-                    help="Adam steps of the end-to-end table training of methods with tune / utune (default 100)")
     sp.add_argument("--tokenizer", default=None, help="tokenizer dir or tokenizer.json (default: MODEL_DIR)")
     sp.add_argument("--skip", nargs="*", default=["lm_head"],
                     help="module name substrings to leave unquantized (default: lm_head)")

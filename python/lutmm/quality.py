@@ -14,11 +14,6 @@ Methods ("+"-joined parts; every one writes the same lutmm format):
     select     with gptq: per layer, GPTQ onto each candidate LUT (NF, the weighted k-means table; with refit also
                the refits of the better one) and keep the least damped output error (`gptq_select`); the uniform
                int grid is never a candidate
-    tune       after the sequential pass: every layer's table values (codes and scales fixed) trained end to end
-               on KL(unquantized model || quantized model) over the calibration windows (`lutmm.refit.tune_tables`);
-               the tables become per-layer learned ones ("custom")
-    utune      the control for tune: the same end-to-end training, the table constrained to a + b * T0 (T0 its
-               starting table), so a uniform grid stays a uniform grid (offset and step per layer)
     e.g. "gptq+kmeans": GPTQ onto the weighted k-means table. Without "kmeans" the table is `table` (nf / int).
 
 Calibration is sequential: the decoder layers are processed in order on inputs that went through the already
@@ -38,11 +33,10 @@ from torch import nn
 from . import gptq as G
 from ._api import FORMAT_VERSION, make_table, pack, quantize
 from .nn import LUTLinear, _set_submodule, lut_modules, quantizable_linears, quantize_model
-from .refit import damped, gptq_refit, tune_tables
+from .refit import damped, gptq_refit
 
 METHODS = ("rtn", "kmeans", "learned", "gptq", "gptq+kmeans", "learned+kmeans", "gptq+learned",
-           "gptq+learned+kmeans", "gptq+refit", "gptq+kmeans+refit", "gptq+select", "gptq+select+refit",
-           "gptq+tune", "gptq+kmeans+tune", "gptq+utune")
+           "gptq+learned+kmeans", "gptq+refit", "gptq+kmeans+refit", "gptq+select", "gptq+select+refit")
 DEFAULT_METHOD = "gptq+kmeans"
 DEFAULT_CALIB_TOKENS = 32768
 DEFAULT_DAMP = 0.01  # GPTQ damping, x mean(diag H): best with in-domain calibration text (docs/quality.md)
@@ -171,11 +165,10 @@ def _hessian(layer, mod, hs, kws):
 
 def parse_method(method: str) -> set:
     parts = set(method.split("+"))
-    bad = parts - {"rtn", "kmeans", "learned", "gptq", "refit", "select", "tune", "utune"}
+    bad = parts - {"rtn", "kmeans", "learned", "gptq", "refit", "select"}
     if bad or not parts or ("rtn" in parts and len(parts) > 1) or ("refit" in parts and (
             "gptq" not in parts or "learned" in parts)) or ("select" in parts and (
-            "gptq" not in parts or parts & {"kmeans", "learned"})) or (parts & {"tune", "utune"} and (
-            "gptq" not in parts or {"tune", "utune"} <= parts)):
+            "gptq" not in parts or parts & {"kmeans", "learned"})):
         raise ValueError(f"method: got {method!r}, expected one of {', '.join(METHODS)}")
     return parts
 
@@ -184,7 +177,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, n: int, bits: int, group_s
                     table="nf", learn_steps: int = 200, kmeans_iterations: int = 8, percdamp: float = DEFAULT_DAMP,
                     act_order: bool = False, kmeans_inits=("nf",), refit_rounds: int = 2):
     """One layer's calibrated QuantizedWeight: W is N x K, H = sum x x^T over n calibration inputs."""
-    parts = parse_method(method) - {"rtn", "tune", "utune"}  # tune / utune: after the pass (model level)
+    parts = parse_method(method) - {"rtn"}
     if isinstance(table, str) and table == "kmeans":
         parts.add("kmeans")
     imp = (torch.diag(H) / max(n, 1)).float().cpu()
@@ -245,13 +238,11 @@ def quantize_model_calibrated(model: nn.Module, tokenizer, bits: int = 4, group_
                               calib_tokens: int = DEFAULT_CALIB_TOKENS, seqlen: int = 512, seed: int = 0,
                               device=None, skip: Sequence[str] = ("lm_head",), search_scale: bool = True,
                               progress: bool = True, stats: Optional[dict] = None, batch: int = 8,
-                              tune_steps: int = 100, tune_lr: float = 2e-3, **opts) -> nn.Module:
+                              **opts) -> nn.Module:
     """Replaces the model's nn.Linear layers (not matching `skip`) by LUTLinear, in place, with `method`
     (see the module docstring), calibrated on `calib_tokens` tokens of the text file `calib`.
     device: where calibration runs (default: CUDA when available); the model ends where it started.
     opts: learn_steps, kmeans_iterations, percdamp (see `quantize_weight`).
-    tune_steps, tune_lr: the end-to-end table training of methods with "tune" / "utune" (`tune_tables`); its
-    result goes to stats["tune"] when `stats` is given. It keeps an unquantized copy of the model (the teacher).
     Records model.config.quantization_config like `lutmm.nn.quantize_model`."""
     from tqdm.auto import tqdm
 
@@ -261,8 +252,6 @@ def quantize_model_calibrated(model: nn.Module, tokenizer, bits: int = 4, group_
                               progress=progress, stats=stats)
     if calib is None:
         raise ValueError("calib: a calibration text file is needed for method " + repr(method))
-    tune = parts & {"tune", "utune"}
-    teacher = __import__("copy").deepcopy(model) if tune else None
     torch.manual_seed(seed)
     skip = [skip] if isinstance(skip, str) else list(skip or [])
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
@@ -292,19 +281,6 @@ def quantize_model_calibrated(model: nn.Module, tokenizer, bits: int = 4, group_
         hs = [_run(layer, h, kw) for h, kw in zip(hs, kws)]
         layer.to(home_dtype)
     del hs
-    if tune:
-        model.float()
-        teacher.to(dev).float().eval()
-        tuned, info = tune_tables(model, teacher, ids, results, steps=tune_steps, lr=tune_lr, batch=batch,
-                                  uniform="utune" in parts, device=dev)
-        del teacher
-        for name, qw in list(results.items()):
-            if not info["kept_start"]:
-                results[name] = pack(qw.codes(), qw.scales(), tuned[name], qw.bits, qw.group_size,
-                                     "custom")
-        model.to(home_dtype)
-        if stats is not None:
-            stats["tune"] = info
     model.to(home)
     for name, lin in targets.items():  # linears outside the decoder layers: no calibration data, plain RTN
         qw = results.get(name) or quantize(lin.weight, bits, g[name], table, search_scale=search_scale)
