@@ -26,9 +26,11 @@
 //   loader instructions per warp and k-block in the SASS: hence the producer warp.)
 // * Pipeline. 4 (TOK 256) or 6 (TOK 128) stages of half a k-block each (activations | codes |
 //   scales), each with a "full" mbarrier (producer -> consumers, transaction bytes) and an "empty"
-//   one (one arrival per consumer warp once its wgmmas have read the stage). Each warpgroup issues a
-//   k-block's 8 wgmmas as their lookups finish, as one commit group, and waits for it before
-//   releasing the k-block's two stages; the two warpgroups run independently.
+//   one (one arrival per consumer warp once its wgmmas have read the stage). Each warpgroup issues
+//   wgmmas as their lookups finish, one commit group per half-block (TOK 256: it waits for a half's
+//   group once the next half's wgmmas are issued, then releases that half's stage, so the tensor pipe
+//   never drains; TOK 128: one group per k-block, waited for before releasing both stages); the two
+//   warpgroups run independently. The producer thread fills stages with three TMA boxes each.
 // * Work split. Tiles are ordered token-tile fastest, so the CTAs of one wave share activations in
 //   L2. Whole waves are data-parallel (CTA c takes tiles c, c + grid, ...); the last one to two waves
 //   are spread evenly over all CTAs with Stream-K and the decode kernel's deterministic fixup (the
@@ -46,10 +48,10 @@
 // Kernel experiments for A/B builds (cmake -DLUTMM_EXPERIMENT=N, `EXPERIMENTS=N bash scripts/gpu.sh kab`):
 //   5  tiles in plain token-tile-fastest order (no grouping; H100 2026-11-26: 5% slower at
 //      8192x8192 M = 4096, equal elsewhere)
-//   (retired, H100 2026-11-26, lutmm_bench A/B: a commit group per half-block waited with wait_group 1
-//   after the next half's wgmmas, i.e. no drain between k-blocks: -3..-5% at M = 1024, +6% at
-//   8192x8192 M = 4096, not kept; TOK = 128 at M = 256 when TOK = 256 leaves most SMs without a tile:
+//   (retired, H100 2026-11-26, lutmm_bench A/B: TOK = 128 at M = 256 when TOK = 256 leaves most SMs without a tile:
 //   4096x4096 32.7 -> 29.0 us but 8192x8192 67.7 -> 71.6 and 4096x14336 62.6 -> 70.0, not kept)
+//   (and: 128-byte 4-bit table entries, prmt + shift, for a 5th stage with the no-drain loop: within
+//   1% of the 64 KB table except 4096x14336 M = 4096 +9%, not kept)
 
 namespace lutmm {
 namespace gpu {
@@ -376,6 +378,32 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
     // stages released one k-block later; no C7513) was 15-22% slower at M >= 1024: the producer then
     // has one k-block fewer to prefetch into.)
     const int seg_kb0 = wc.kb, seg_len = min(CB - wc.kb, wc.n_iters - wc.pos);
+    // TOK = 256: one commit group per half-block, waited for (wait_group 1) once the next half's
+    // wgmmas are issued, so the tensor pipe does not drain between k-blocks; a stage is released half
+    // a block later. (H100, 2026-11-26, lutmm_bench A/B in two calls: M = 1024 -3..-5% on all four
+    // shapes in both, M = 256 within 1-3%, M = 4096 -6..+6% (mean ~0). At TOK = 128 (M <= 128) with
+    // 7 stages it was 2-4% slower: there the k-block drains as below.)
+    if (TOK == 256) {
+      int pending = -1;  // stage of the half-block whose wgmmas may still run
+      for (int i = 0; i < seg_len; ++i, q += 2) {
+        const int nchunks = min(4, (p.K - (seg_kb0 + i) * kBlockCols) / 32);
+        const int st0 = q % S, st1 = (q + 1) % S;
+        wg::mbar_wait(bars + 8 * st0, (q / S) & 1);
+        compute_half<BITS, TOK, T, 0>(stages + st0 * L::kStageBytes,
+                                      kTableAddr + L::kLutBytes + uint32_t(st0) * L::kStageBytes, glc, nchunks, qc, a0, acc);
+        wg::commit();
+        if (pending >= 0) { wg::wait<1>(); release(pending); }
+        wg::mbar_wait(bars + 8 * st1, ((q + 1) / S) & 1);
+        compute_half<BITS, TOK, T, 1>(stages + st1 * L::kStageBytes,
+                                      kTableAddr + L::kLutBytes + uint32_t(st1) * L::kStageBytes, glc, nchunks, qc, a1, acc);
+        wg::commit();
+        wg::wait<1>();
+        release(st0);
+        pending = st1;
+      }
+      wg::wait<0>();
+      release(pending);
+    } else
     for (int i = 0; i < seg_len; ++i, q += 2) {
       const int nchunks = min(4, (p.K - (seg_kb0 + i) * kBlockCols) / 32);
       const int st0 = q % S, st1 = (q + 1) % S;
