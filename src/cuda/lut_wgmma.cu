@@ -371,52 +371,46 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
 
   while (wc.pos < wc.n_iters) {
     // One segment: k-blocks seg_kb0..kb of `tile` (a whole tile, or a Stream-K piece of one).
-    // Each k-block's 8 wgmmas are one commit group, waited for before its two stages are released.
-    // (H100, 2026-11-26: committing and waiting per half-block was 5% slower at 8192x8192 M = 4096;
-    // leaving a half-block's group running across the next half's lookups made ptxas serialize the
-    // wgmmas (C7513) and was 10% slower; leaving a whole k-block's group running (wait_group 1, its
-    // stages released one k-block later; no C7513) was 15-22% slower at M >= 1024: the producer then
-    // has one k-block fewer to prefetch into.)
+    // (Earlier, while the producer could not keep up (item 21 of docs/performance.md), H100
+    // 2026-11-26: committing and waiting per half-block was 5% slower at 8192x8192 M = 4096; a
+    // half-block's group left running across the next half's lookups made ptxas serialize the wgmmas
+    // (C7513) in that code; a whole k-block's group left running (wait_group 1, stages released one
+    // k-block later) was 15-22% slower at M >= 1024.)
     const int seg_kb0 = wc.kb, seg_len = min(CB - wc.kb, wc.n_iters - wc.pos);
     // TOK = 256: one commit group per half-block, waited for (wait_group 1) once the next half's
     // wgmmas are issued, so the tensor pipe does not drain between k-blocks; a stage is released half
     // a block later. (H100, 2026-11-26, lutmm_bench A/B in two calls: M = 1024 -3..-5% on all four
     // shapes in both, M = 256 within 1-3%, M = 4096 -6..+6% (mean ~0). At TOK = 128 (M <= 128) with
-    // 7 stages it was 2-4% slower: there the k-block drains as below.)
-    if (TOK == 256) {
-      int pending = -1;  // stage of the half-block whose wgmmas may still run
-      for (int i = 0; i < seg_len; ++i, q += 2) {
-        const int nchunks = min(4, (p.K - (seg_kb0 + i) * kBlockCols) / 32);
-        const int st0 = q % S, st1 = (q + 1) % S;
-        wg::mbar_wait(bars + 8 * st0, (q / S) & 1);
-        compute_half<BITS, TOK, T, 0>(stages + st0 * L::kStageBytes,
-                                      kTableAddr + L::kLutBytes + uint32_t(st0) * L::kStageBytes, glc, nchunks, qc, a0, acc);
-        wg::commit();
-        if (pending >= 0) { wg::wait<1>(); release(pending); }
-        wg::mbar_wait(bars + 8 * st1, ((q + 1) / S) & 1);
-        compute_half<BITS, TOK, T, 1>(stages + st1 * L::kStageBytes,
-                                      kTableAddr + L::kLutBytes + uint32_t(st1) * L::kStageBytes, glc, nchunks, qc, a1, acc);
-        wg::commit();
-        wg::wait<1>();
-        release(st0);
-        pending = st1;
-      }
-      wg::wait<0>();
-      release(pending);
-    } else
+    // 7 stages it was 2-4% slower: there each k-block is one group, drained before its stages go.)
+    constexpr bool kNoDrain = TOK == 256;
+    int pending = -1;  // kNoDrain: stage of the half-block whose wgmmas may still run
     for (int i = 0; i < seg_len; ++i, q += 2) {
       const int nchunks = min(4, (p.K - (seg_kb0 + i) * kBlockCols) / 32);
       const int st0 = q % S, st1 = (q + 1) % S;
       wg::mbar_wait(bars + 8 * st0, (q / S) & 1);
       compute_half<BITS, TOK, T, 0>(stages + st0 * L::kStageBytes,
                                     kTableAddr + L::kLutBytes + uint32_t(st0) * L::kStageBytes, glc, nchunks, qc, a0, acc);
+      if (kNoDrain) {
+        wg::commit();
+        if (pending >= 0) { wg::wait<1>(); release(pending); }
+      }
       wg::mbar_wait(bars + 8 * st1, ((q + 1) / S) & 1);
       compute_half<BITS, TOK, T, 1>(stages + st1 * L::kStageBytes,
                                     kTableAddr + L::kLutBytes + uint32_t(st1) * L::kStageBytes, glc, nchunks, qc, a1, acc);
       wg::commit();
+      if (kNoDrain) {
+        wg::wait<1>();
+        release(st0);
+        pending = st1;
+      } else {
+        wg::wait<0>();
+        release(st0);
+        release(st1);
+      }
+    }
+    if (kNoDrain) {
       wg::wait<0>();
-      release(st0);
-      release(st1);
+      release(pending);
     }
     wc.seek(wc.pos + seg_len - 1);  // the segment's last k-block
 
