@@ -67,7 +67,7 @@ struct WgParams : GemmParams<T> {  // partials [grid][2][TOK / 2][kThreads], cou
   int tiles, dp_tiles;  // tiles [0, dp_tiles) are data-parallel, [dp_tiles, tiles) Stream-K
 };
 
-// TMA descriptors of the operands (host: wg_maps()).
+// TMA descriptors of the operands (encoded per call by wg_launch()).
 struct WgMaps {
   const CUtensorMap* x;  // activations: M x K, boxes of TOK tokens x 64 columns, 128-byte swizzle
   const CUtensorMap* w;  // codes: row blocks x (col_blocks * 256 * BITS / 4) 32-bit words, boxes of 8 x kRbCodeBytes / 4
