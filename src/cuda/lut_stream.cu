@@ -233,14 +233,8 @@ void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t
     }
   }
   const Shape& s = prob.shape;
-  const int64_t row_bytes = s.col_blocks() * Layout<BITS, MT>::kBlockBytes;
-  const CUtensorMap tm_w = tensor_map_2d(prob.packed, CU_TENSOR_MAP_DATA_TYPE_UINT32, s.row_blocks(), row_bytes / 4,
-                                         row_bytes, kWarps, Layout<BITS, MT>::kBlockBytes / 4, CU_TENSOR_MAP_SWIZZLE_NONE,
-                                         "packed codes");
-  const int gpk = 4 >> std::min(group_log2(s.group_size), 2);
-  const CUtensorMap tm_s = tensor_map_2d(prob.packed_scales, CU_TENSOR_MAP_DATA_TYPE_UINT16, s.row_blocks(),
-                                         s.groups() * 16, s.groups() * 32, kWarps, 16 * gpk, CU_TENSOR_MAP_SWIZZLE_NONE,
-                                         "packed scales");
+  const CUtensorMap tm_w = codes_tensor_map<BITS>(prob, kWarps, Layout<BITS, MT>::kBlockBytes / 4);  // one block
+  const CUtensorMap tm_s = scales_tensor_map(prob, kWarps);
   const CUtensorMap tm_x = tensor_map_2d(prob.x, prob.dtype == DType::F16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
                                                                           : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
                                          prob.M, s.K, s.K * 2, 8 * MT, kXRowBytes / 2, CU_TENSOR_MAP_SWIZZLE_NONE, "x");

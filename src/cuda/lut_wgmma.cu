@@ -534,13 +534,8 @@ void wg_launch(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStr
   const Shape& s = prob.shape;
   p.m_tiles = geo.m_tiles; p.n_tiles = geo.n_tiles; p.tiles = geo.tiles; p.dp_tiles = geo.dp_tiles;
   const CUtensorMap tm_x = x_tensor_map(prob.x, prob.dtype, prob.M, s.K, TOK);
-  const int64_t row_bytes = s.col_blocks() * L::kBlockBytes;
-  const CUtensorMap tm_w = tensor_map_2d(prob.packed, CU_TENSOR_MAP_DATA_TYPE_UINT32, s.row_blocks(), row_bytes / 4,
-                                         row_bytes, kWarps, L::kRbCodeBytes / 4, CU_TENSOR_MAP_SWIZZLE_NONE, "packed codes");
-  const int gpk = 4 >> std::min(group_log2(s.group_size), 2);
-  const CUtensorMap tm_s = tensor_map_2d(prob.packed_scales, CU_TENSOR_MAP_DATA_TYPE_UINT16, s.row_blocks(),
-                                         s.groups() * 16, s.groups() * 32, kWarps, 16 * gpk, CU_TENSOR_MAP_SWIZZLE_NONE,
-                                         "packed scales");
+  const CUtensorMap tm_w = codes_tensor_map<BITS>(prob, kWarps, L::kRbCodeBytes / 4);  // a half-stage's codes
+  const CUtensorMap tm_s = scales_tensor_map(prob, kWarps);
   kernel<<<geo.grid, kCtaThreads, L::kSmemBytes, stream>>>(p, tm_x, tm_w, tm_s);
   check_cuda(cudaGetLastError(), "lut_wgmma_kernel launch");
 }

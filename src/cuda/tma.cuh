@@ -3,6 +3,7 @@
 #pragma once
 #include <cuda.h>  // CUtensorMap (the encoder is fetched from the driver at run time: no -lcuda)
 
+#include <algorithm>
 #include <mutex>
 #include <string>
 
@@ -47,6 +48,24 @@ inline CUtensorMap tensor_map_2d(const void* base, CUtensorMapDataType type, int
     throw Error(std::string("TMA: cuTensorMapEncodeTiled failed (") + std::to_string(int(r)) + ") for " + what +
                 " of " + std::to_string(rows) + " x " + std::to_string(cols));
   return m;
+}
+
+// The packed codes as a 2-D array of 32-bit words, [row_blocks][col_blocks * 256 * BITS / 4] (the blocks of a
+// row block lie consecutively along K: docs/format.md), read in boxes of `box_rows` row blocks x `box_words`.
+template <int BITS>
+inline CUtensorMap codes_tensor_map(const GemmProblem& prob, int box_rows, int box_words) {
+  const Shape& s = prob.shape;
+  const int64_t row_bytes = s.col_blocks() * (256 * BITS);
+  return tensor_map_2d(prob.packed, CU_TENSOR_MAP_DATA_TYPE_UINT32, s.row_blocks(), row_bytes / 4, row_bytes, box_rows,
+                       box_words, CU_TENSOR_MAP_SWIZZLE_NONE, "packed codes");
+}
+// The packed scales, [row_blocks][G * 16] fp16, read in boxes of `box_rows` row blocks x the 16 * gpk scales of
+// one k-block's groups (gpk = 4 >> min(log2(g / 32), 2)).
+inline CUtensorMap scales_tensor_map(const GemmProblem& prob, int box_rows) {
+  const Shape& s = prob.shape;
+  const int gpk = 4 >> std::min(group_log2(s.group_size), 2);
+  return tensor_map_2d(prob.packed_scales, CU_TENSOR_MAP_DATA_TYPE_UINT16, s.row_blocks(), s.groups() * 16,
+                       s.groups() * 32, box_rows, 16 * gpk, CU_TENSOR_MAP_SWIZZLE_NONE, "packed scales");
 }
 
 }  // namespace gpu
