@@ -98,6 +98,9 @@ __device__ __forceinline__ void grid_dependents_launch() {
 bool pdl_supported(int device);
 // Streaming multiprocessors of `device` (cached per device).
 int sm_count(int device);
+// Lets `kernel` use `bytes` of dynamic shared memory on `device` (cudaFuncSetAttribute), once per
+// kernel and device; thread-safe. Every launcher calls it before its first launch.
+void allow_dynamic_smem(const void* kernel, int bytes, int device);
 
 // log2(group_size / 32), the kernels' group-size parameter; 30 when group_size = K is not 32 x a power
 // of two (then one group spans every k-block).

@@ -2,6 +2,7 @@
 // plus the small runtime pieces of the GPU API: error checks, availability, path choice.
 #include <cstdio>
 #include <mutex>
+#include <set>
 
 #include "lut_table.cuh"
 #include "lutmm/cuda.h"
@@ -68,6 +69,16 @@ int sm_count(int device) {
   if (cache[device] == 0)
     check_cuda(cudaDeviceGetAttribute(&cache[device], cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
   return cache[device];
+}
+
+void allow_dynamic_smem(const void* kernel, int bytes, int device) {
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;  // (kernel, device)
+  std::lock_guard<std::mutex> lock(mu);
+  if (device < 0 || device >= 64) throw Error("device: index out of range");
+  if (done.count({kernel, device})) return;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), "cudaFuncSetAttribute");
+  done.insert({kernel, device});
 }
 
 bool available() {

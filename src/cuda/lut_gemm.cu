@@ -201,12 +201,13 @@ int mt_for(int64_t M) { return M <= 8 ? 1 : (M <= 16 ? 2 : 4); }
 template <int BITS, int MT, typename T>
 int ctas_per_sm(int dev) {
   // Resolved once per instantiation and device; kernel attributes must allow the large smem first.
+  static std::mutex mu;
   static int cached[64] = {};
+  std::lock_guard<std::mutex> lock(mu);
   if (dev < 0 || dev >= 64) throw Error("device: index out of range");
   if (cached[dev] == 0) {
     auto* k = &lut_gemm_kernel<BITS, MT, T>;
-    check_cuda(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes<BITS, MT>),
-               "cudaFuncSetAttribute");
+    allow_dynamic_smem(reinterpret_cast<const void*>(k), kSmemBytes<BITS, MT>, dev);
     int n = 0;
     check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k, kThreads, kSmemBytes<BITS, MT>),
                "cudaOccupancyMaxActiveBlocksPerMultiprocessor");

@@ -121,13 +121,6 @@ __device__ __forceinline__ void store_tile(const Params<T>& p, int tile, int m0,
   }
 }
 
-// atomicAdd with acquire-release semantics at GPU scope; returns the old value.
-__device__ __forceinline__ int atomic_add_acq_rel(int* ptr, int v) {
-  int old;
-  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(ptr), "r"(v) : "memory");
-  return old;
-}
-
 // End of a worker's segment [seg_begin, it] of `tile` (iterations are (tile, k-block) pairs, k
 // innermost, split over p.workers workers by sk_start; this is worker `cta`): a whole tile is stored;
 // a piece is published as a Stream-K partial and the last contributor to arrive sums all pieces in
@@ -152,22 +145,10 @@ __device__ __forceinline__ void finish_segment(const Params<T>& p, int cta, int 
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) mine[(mt * 4 + e) * kThreads + tid] = acc[mt][e];
-  // Release / acquire through the counter (the pattern of CUTLASS's semaphore): the barrier orders
-  // every thread's partial stores before thread 0's acq_rel atomic, whose acquire side, passed on by
-  // the second barrier, orders the last arriver's reads of the others' partials after their stores.
-  // (It replaced two sequentially consistent __threadfence()s. H100, 2026-11-26, M = 1: 4096x4096
-  // 9.1 -> 8.3 us, 8192x8192 TMA kernel 19.7 -> 18.4 us.)
-  sync();
+  // (arrive_last's acq_rel counter replaced two sequentially consistent __threadfence()s. H100,
+  // 2026-11-26, M = 1: 4096x4096 9.1 -> 8.3 us, 8192x8192 TMA kernel 19.7 -> 18.4 us.)
   const int first = sk_owner(tile_begin, total, grid), last = sk_owner(tile_end - 1, total, grid);
-  if (tid == 0) {
-    int* counter = p.counters + int64_t(blockIdx.y) * p.tiles + tile;
-    const int arrived = atomic_add_acq_rel(counter, 1);
-    const bool is_last = arrived == last - first;
-    if (is_last) atomicExch(counter, 0);  // leave the workspace zeroed for the next call
-    *flag = is_last;
-  }
-  sync();
-  if (*flag) {
+  if (arrive_last(p.counters + int64_t(blockIdx.y) * p.tiles + tile, last - first + 1, tid, flag, sync)) {
     float sum[MT][4] = {};
     for (int c = first; c <= last; ++c) {
       const int cslot = tile_begin <= sk_start(c, total, grid) ? 0 : 1;

@@ -220,18 +220,8 @@ int smem_budget(int device, int ctas) {
 template <int BITS, int MT, typename T>
 void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
   auto* kernel = &lut_stream_kernel<BITS, MT, T>;
-  static std::mutex mu;
-  static bool attr_set[64] = {};
   const int dev = geo.device;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    if (!attr_set[dev]) {
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      smem_budget(dev, kCtasPerSm<BITS>)),
-                 "cudaFuncSetAttribute");
-      attr_set[dev] = true;
-    }
-  }
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_budget(dev, kCtasPerSm<BITS>), dev);
   const Shape& s = prob.shape;
   const CUtensorMap tm_w = codes_tensor_map<BITS>(prob, kWarps, Layout<BITS, MT>::kBlockBytes / 4);  // one block
   const CUtensorMap tm_s = scales_tensor_map(prob, kWarps);

@@ -58,6 +58,33 @@ __device__ __forceinline__ int sk_owner(int64_t i, int64_t total, int64_t grid) 
   return int(i < big ? i / (base + 1) : rem + (i - big) / base);
 }
 
+// atomicAdd with acquire-release semantics at GPU scope; returns the old value.
+__device__ __forceinline__ int atomic_add_acq_rel(int* ptr, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(ptr), "r"(v) : "memory");
+  return old;
+}
+
+// A Stream-K contributor's arrival at its tile's counter, after it stored its partial: true in every
+// calling thread of the contributor that arrives last (of `contributors`), which then sums the
+// partials; that one also resets the counter for the next call. Release / acquire through the
+// counter (the pattern of CUTLASS's semaphore): the first barrier orders every thread's partial
+// stores before thread 0's acq_rel atomic, whose acquire side, passed on by the second barrier,
+// orders the last arriver's reads of the others' partials after their stores. `tid`: the thread's
+// index among the callers; `sync`: a barrier over them; `flag`: a shared int.
+template <typename Sync>
+__device__ __forceinline__ bool arrive_last(int* counter, int contributors, int tid, int* flag, Sync sync) {
+  sync();
+  if (tid == 0) {
+    const int arrived = atomic_add_acq_rel(counter, 1);
+    const bool is_last = arrived == contributors - 1;
+    if (is_last) atomicExch(counter, 0);  // leave the workspace zeroed for the next call
+    *flag = is_last;
+  }
+  sync();
+  return *flag;
+}
+
 // Entries of the table: pairs (3, 4 bits) or quads (2 bits).
 template <int BITS> __host__ __device__ constexpr int lut_entries() { return BITS == 3 ? 64 : 256; }
 

@@ -430,18 +430,9 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
         float* mine = p.partials + (int64_t(cta) * 2 + slot) * part_elems;
 #pragma unroll
         for (int e = 0; e < kAcc; ++e) mine[e * kThreads + threadIdx.x] = acc[e];
-        __threadfence();
-        wg::named_sync(1, kThreads);
         const int first = sk_owner(tile_begin, wc.sk_total, grid), last = sk_owner(tile_end - 1, wc.sk_total, grid);
-        if (threadIdx.x == 0) {
-          const int arrived = atomicAdd(p.counters + sk_tile, 1);
-          const bool is_last = arrived == last - first;
-          if (is_last) atomicExch(p.counters + sk_tile, 0);  // leave the workspace zeroed for the next call
-          *flag = is_last;
-        }
-        wg::named_sync(1, kThreads);
-        if (*flag) {
-          __threadfence();
+        if (arrive_last(p.counters + sk_tile, last - first + 1, threadIdx.x, flag,
+                        [] { wg::named_sync(1, kThreads); })) {
 #pragma unroll
           for (int e = 0; e < kAcc; ++e) acc[e] = 0.f;
           for (int c = first; c <= last; ++c) {
@@ -516,19 +507,9 @@ template <int BITS, int TOK, typename T>
 void wg_launch(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStream_t stream) {
   using L = WgLayout<BITS, TOK>;
   auto* kernel = &lut_wgmma_kernel<BITS, TOK, T>;
-  static std::mutex mu;
-  static bool attr_set[64] = {};
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    if (dev < 0 || dev >= 64) throw Error("device: index out of range");
-    if (!attr_set[dev]) {
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes),
-                 "cudaFuncSetAttribute");
-      attr_set[dev] = true;
-    }
-  }
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), L::kSmemBytes, dev);
   WgParams<T> p;
   fill_gemm_params(p, prob, ws, wg_counters_bytes(geo));
   const Shape& s = prob.shape;
