@@ -37,9 +37,11 @@ struct GemmProblem {
 // Which path dispatch picks for this problem on `device` (readable rule, see gemm.cu).
 Path choose_path(int64_t M, const Shape& shape, DType dtype, int device);
 
-// Bytes of persistent workspace the LUT path needs for (M, shape) on `device`. The workspace must be
-// zero-filled once when allocated; every call leaves it zeroed again. One workspace must not be used
-// by two streams at the same time.
+// Bytes of persistent workspace the LUT path needs for (M, shape) on `device`: a fixed 1 MiB region
+// of Stream-K tile counters, then the call's partial sums. The workspace must be zero-filled once
+// when allocated; every call leaves the counter region zeroed again, so one workspace (of the largest
+// size needed) serves every shape and path in turn. One workspace must not be used by two streams
+// at the same time.
 size_t workspace_bytes(int64_t M, const Shape& shape, int device);
 // Bytes of scratch the dequant path needs (the dequantized N x K weight); contents need no init.
 size_t dequant_scratch_bytes(const Shape& shape);

@@ -21,7 +21,8 @@ FORCE_PATH: Optional[str] = os.environ.get("LUTMM_FORCE_PATH") or None
 _PATHS = {1: "lut", 2: "dequant", 3: "wgmma"}
 _PATH_CODES = {v: k for k, v in _PATHS.items()}
 
-# Per-device workspace for the LUT path's Stream-K fixup: zero-filled once, left zeroed by every call.
+# Per-device workspace for the fused paths' Stream-K fixup: zero-filled once; every call leaves its
+# fixed counter region zeroed (the partial sums after it are scratch), so one serves every shape.
 # Sized generously on first use so that CUDA graph capture never needs to grow it.
 _MIN_WORKSPACE_BYTES = 64 << 20
 _workspaces: dict = {}

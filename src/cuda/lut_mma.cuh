@@ -176,7 +176,7 @@ struct Geometry {
   int stages;      // pipeline stages (tma)
   int device;      // the current device (asked once per call)
 };
-inline size_t counters_bytes(const Geometry& g) { return (size_t(g.grid_y) * g.tiles * 4 + 255) / 256 * 256; }
+inline size_t counters_bytes(const Geometry& g) { return counter_region_bytes(int64_t(g.grid_y) * g.tiles); }
 inline size_t partials_bytes(const Geometry& g) { return size_t(g.grid_y) * g.grid_x * 2 * kThreads * 4 * g.mt * 4; }
 
 // The kernel parameters of a call (both kernels).

@@ -47,6 +47,20 @@ void fill_gemm_params(GemmParams<T>& p, const GemmProblem& prob, void* ws, size_
   p.row_blocks = int(s.row_blocks()); p.col_blocks = int(s.col_blocks());
 }
 
+// A workspace starts with a fixed region of Stream-K tile counters (int32), which every call leaves
+// zeroed; the call's partial sums follow it. Fixed, so that the partials of one call never land on
+// counters of a later call with more counters (one workspace serves every shape: lutmm.matmul keeps
+// one per device; a shape-dependent counter region let a 16384-row call read a 4096-row call's
+// partials as counters and skip half its output tiles, found on the H100, 2026-11-26).
+constexpr size_t kCounterRegionBytes = size_t(1) << 20;
+// The counter region for `counters` tile counters; throws if they do not fit.
+inline size_t counter_region_bytes(int64_t counters) {
+  if (counters * 4 > int64_t(kCounterRegionBytes))
+    throw Error("shape: " + std::to_string(counters) + " Stream-K tile counters exceed the workspace's " +
+                std::to_string(kCounterRegionBytes / 4) + "; split M or N");
+  return kCounterRegionBytes;
+}
+
 // Even split of `total` iterations over `grid` CTAs: CTA c gets [start(c), start(c + 1)).
 __host__ __device__ __forceinline__ int64_t sk_start(int64_t c, int64_t total, int64_t grid) {
   const int64_t base = total / grid, rem = total % grid;

@@ -491,7 +491,7 @@ WgGeometry wg_geometry(int64_t M, const Shape& s, int device) {
   return g;
 }
 
-size_t wg_counters_bytes(const WgGeometry& g) { return (size_t(g.sk_tiles()) * 4 + 255) / 256 * 256; }
+size_t wg_counters_bytes(const WgGeometry& g) { return counter_region_bytes(g.sk_tiles()); }
 size_t wg_partials_bytes(const WgGeometry& g) {
   return g.sk_tiles() == 0 ? 0 : size_t(g.grid) * 2 * kThreads * (g.tok / 2) * 4;
 }

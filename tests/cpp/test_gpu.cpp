@@ -346,6 +346,42 @@ TEST(Gpu, WgmmaWorkSplitsDeterministicAndAgreeWithLut) {
   }
 }
 
+// One workspace serves calls of every shape and path in turn (as lutmm.matmul's per-device one
+// does): a call after others, whose Stream-K partials filled the workspace, gives bitwise the output
+// it gives on a fresh workspace. (With a counter region sized per call, a call with more counters
+// read an earlier call's partials as counters and left tiles unwritten.)
+TEST(Gpu, SharedWorkspaceAcrossShapes) {
+  REQUIRE_GPU();
+  std::mt19937 rng(7);
+  const bool wg = gpu::wgmma_supported(0);
+  struct Call { Shape s; int64_t M; gpu::Path path; };
+  // Small Stream-K calls first (few counters, partials right after them), then larger ones.
+  std::vector<Call> calls = {{Shape{1024, 4096, 4, 128}, 1, gpu::Path::kLut}, {Shape{4096, 4096, 4, 128}, 16, gpu::Path::kLut},
+                             {Shape{16384, 4096, 4, 128}, 1, gpu::Path::kLut}, {Shape{16384, 4096, 3, 64}, 40, gpu::Path::kLut}};
+  if (wg) {
+    calls.insert(calls.begin() + 2, {Shape{4096, 4096, 4, 128}, 64, gpu::Path::kWgmma});
+    calls.push_back({Shape{16384, 4096, 4, 128}, 40, gpu::Path::kWgmma});
+    calls.push_back({Shape{9600, 1024, 4, 128}, 1024, gpu::Path::kWgmma});
+  }
+  size_t need = 0;
+  for (const Call& c : calls) need = std::max(need, ws_need(c.path, c.M, c.s));
+  Workspace shared;
+  shared.ensure(need);
+  for (const Call& c : calls) {
+    Layer L = make_layer(c.s, DType::BF16, rng, 0);
+    std::vector<uint16_t> x(size_t(c.M * c.s.K));
+    std::normal_distribution<float> nd(0.f, 1.f);
+    for (auto& v : x) v = float_to_bf16(nd(rng));
+    auto y = run_gpu(L, x, c.M, DType::BF16, nullptr, shared.p, shared.bytes, c.path);
+    Workspace fresh;
+    fresh.ensure(ws_need(c.path, c.M, c.s));
+    auto y_fresh = run_gpu(L, x, c.M, DType::BF16, nullptr, fresh.p, fresh.bytes, c.path);
+    ASSERT_LT(rel_err(y_fresh, y_fresh), 1.0) << "fresh workspace left outputs unwritten: N=" << c.s.N << " M=" << c.M;
+    EXPECT_EQ(std::memcmp(y.data(), y_fresh.data(), y.size() * 4), 0)
+        << "shared workspace changed the output: N=" << c.s.N << " M=" << c.M << " path " << int(c.path);
+  }
+}
+
 TEST(Gpu, RejectsBadArguments) {
   REQUIRE_GPU();
   std::mt19937 rng(1);
