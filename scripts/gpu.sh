@@ -4,6 +4,7 @@
 # Logs go to $OUT. ab: everything, then kernel A/B builds (EXPERIMENTS="2"); kab: C++ build, GPU tests
 # and the A/B only; cxx: C++ build, GPU tests and the C++ kernel benchmark (lutmm_bench) only;
 # e2e: build, then bench/bench_e2e.py $E2E_ARGS only. BENCH_ARGS replaces --quick for quick/bench.
+# ab/kab take AB_CASES / AB_B_PATHS (see bench_cases below).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-quick}
@@ -49,13 +50,23 @@ if [[ $MODE == sanitize ]]; then
   compute-sanitizer --tool memcheck ./build/gpu/lutmm_gpu_tests --gtest_filter='Gpu.Identity*:Gpu.DecodeKernels*:Gpu.StreamK*:Gpu.WgmmaWorkSplits*' 2>&1 | tail -5
   compute-sanitizer --tool racecheck ./build/gpu/lutmm_gpu_tests --gtest_filter='Gpu.Identity*:Gpu.DecodeKernels*' 2>&1 | tail -5
 fi
+# lutmm_bench over the default table, or over AB_CASES="N K M BITS PATH;..." (one line each; cases whose
+# PATH is in AB_B_PATHS, default all, also run in the B builds).
+bench_cases() {  # $1: build dir, $2: 1 for a B build
+  if [[ -z ${AB_CASES:-} ]]; then "$1/lutmm_bench"; return; fi
+  IFS=';' read -ra cs <<< "$AB_CASES"
+  for c in "${cs[@]}"; do
+    [[ $2 == 1 && -n ${AB_B_PATHS:-} && " $AB_B_PATHS " != *" ${c##* } "* ]] && continue
+    "$1/lutmm_bench" $c | tail -1
+  done
+}
 if [[ $MODE == ab || $MODE == kab ]]; then  # kernel A/B: default build vs -DLUTMM_EXPERIMENT=N for N in $EXPERIMENTS
-  echo "== A: default"; ./build/gpu/lutmm_bench | tee "$OUT/ab.txt"
+  echo "== A: default"; bench_cases build/gpu 0 | tee "$OUT/ab.txt"
   for e in ${EXPERIMENTS:-2}; do
     cmake -S . -B build/gpu-x$e -G Ninja -DLUTMM_BUILD_TESTS=ON -DLUTMM_EXPERIMENT=$e > /dev/null && \
       ninja -C build/gpu-x$e lutmm_gpu_tests lutmm_bench > "$OUT/build-x$e.log" 2>&1 || { tail -20 "$OUT/build-x$e.log"; continue; }
     echo "== B: LUTMM_EXPERIMENT=$e  (tests: $(./build/gpu-x$e/lutmm_gpu_tests --gtest_brief=1 2>&1 | tail -1))" | tee -a "$OUT/ab.txt"
-    ./build/gpu-x$e/lutmm_bench | tee -a "$OUT/ab.txt"
+    bench_cases build/gpu-x$e 1 | tee -a "$OUT/ab.txt"
   done
 fi
 if [[ $MODE == profile ]]; then  # Nsight Compute on single cases of the C++ benchmark

@@ -97,22 +97,27 @@ const char* build_info() {
   return buf;
 }
 
-// Dispatch rule (H100, 2026-11-26, bench/bench_kernel.py --paths, 4-bit g128; docs/performance.md):
-// the fused LUT kernel is memory-bound and wins while the weight stream dominates (M <= 64). Past it
-// the tensor cores set the pace. On Hopper the fused wgmma kernel serves M <= 4096: since its codes
-// and scales arrive as TMA boxes it beats dequantize + cuBLAS up to M = 2048 on every measured shape
+// Dispatch rule (H100, 2026-11-26, bench/bench_kernel.py --paths and lutmm_bench, 4-bit g128;
+// docs/performance.md): the fused LUT kernels are memory-bound and win while the weight stream
+// dominates (M <= 32, one pass of their 32-token tiles). Past it the lookups are paid per token tile
+// and the tensor cores set the pace. On Hopper the fused wgmma kernel serves 32 < M <= 4096: at
+// M = 33-64 its 64-token tiles beat the LUT kernel's two passes (M = 48: 8192x8192 37.3 vs 57.4 us,
+// 57344x8192 207 vs 328 us) and at M = 32 the LUT kernel wins (29.7 vs 37.2 us); since its codes and
+// scales arrive as TMA boxes it beats dequantize + cuBLAS up to M = 2048 on every measured shape
 // (8192x8192 M = 1024: 197 vs 258 us) and is within 10% at M = 4096 (4096x14336: 801 vs 735 us);
 // at M = 8192 the dense copy's one extra pass is cheap next to the GEMM and dequantize + cuBLAS is
 // 3-18% faster (28672x4096: 2760 vs 3267 us). 3 bits (two code fields per lookup) hands over at
 // M = 2048: at M = 4096 dequantize + cuBLAS was 15% faster (8192x8192: 835 vs 957-967 us), at
 // M = 1024 the wgmma kernel (213-236 vs 262 us). Elsewhere (Ampere, or a build without sm_90a code)
-// dequantize + cuBLAS for every M > 64.
-constexpr int64_t kLutMaxM = 64;
+// the LUT kernels up to M = 64 and dequantize + cuBLAS above.
+constexpr int64_t kLutMaxM = 32, kLutMaxMNoWgmma = 64;
 constexpr int64_t wgmma_max_m(int bits) { return bits == 3 ? 2048 : 4096; }
 Path choose_path(int64_t M, const Shape& shape, DType dtype, int device) {
   (void)dtype;
   if (M <= kLutMaxM) return Path::kLut;
-  return M <= wgmma_max_m(shape.bits) && wgmma_supported(device) ? Path::kWgmma : Path::kDequant;
+  const bool wgmma = wgmma_supported(device);
+  if (!wgmma) return M <= kLutMaxMNoWgmma ? Path::kLut : Path::kDequant;
+  return M <= wgmma_max_m(shape.bits) ? Path::kWgmma : Path::kDequant;
 }
 
 size_t dequant_scratch_bytes(const Shape& shape) {

@@ -3,7 +3,9 @@
 //
 // * Roles. A CTA has two consumer warpgroups (warps 0-7) and a producer warpgroup (warps 8-11, of
 //   which one thread works; setmaxnreg moves its registers to the consumers: 232 each). It owns a
-//   tile of 128 weight rows x TOK tokens (TOK = 128 or 256). Consumer warp w looks up row block w
+//   tile of 128 weight rows x TOK tokens (TOK = 64 for M <= 64, 128 for M <= 128, else 256); at
+//   TOK = 64 on shapes with enough k-blocks, two CTAs share an SM (104 registers per consumer
+//   thread, 3-6 stages), so twice the warps hide the lookups' latency. Consumer warp w looks up row block w
 //   (16 rows) through the decode kernel's pair table straight into wgmma's A registers (the
 //   A-from-registers fragment of a warp's 16 rows is the mma.m16n8k16 A fragment); warpgroup g
 //   multiplies rows 64g..64g+63 by the TOK tokens (wgmma's N side, B from shared memory): one
@@ -24,12 +26,13 @@
 //   Nsight Compute counted ~1030 instructions per warp per k-block, most of them loader address
 //   arithmetic, at 250 TFLOP/s; cp.async loads by all warps with 16-byte chunks still left ~460
 //   loader instructions per warp and k-block in the SASS: hence the producer warp.)
-// * Pipeline. 4 (TOK 256) or 6 (TOK 128) stages of half a k-block each (activations | codes |
-//   scales), each with a "full" mbarrier (producer -> consumers, transaction bytes) and an "empty"
+// * Pipeline. 4 (TOK 256), 6 (TOK 128) or 8 (TOK 64; two CTAs per SM: as many as fit in ~113 KB)
+//   stages of half a k-block each (activations | codes | scales), each with a "full" mbarrier (producer -> consumers, transaction bytes) and an "empty"
 //   one (one arrival per consumer warp once its wgmmas have read the stage). Each warpgroup issues
 //   wgmmas as their lookups finish, one commit group per half-block (TOK 256: it waits for a half's
 //   group once the next half's wgmmas are issued, then releases that half's stage, so the tensor pipe
-//   never drains; TOK 128: one group per k-block, waited for before releasing both stages); the two
+//   never drains; TOK 64, 128: one group per k-block, waited for before releasing both stages; two
+//   CTAs per SM: one group per half-block, waited for before the next half); the two
 //   warpgroups run independently. The producer thread fills stages with three TMA boxes each.
 // * Work split. Tiles are ordered token-tile fastest, so the CTAs of one wave share activations in
 //   L2. Whole waves are data-parallel (CTA c takes tiles c, c + grid, ...); the last one to two waves
@@ -77,9 +80,13 @@ struct WgMaps {
 // A stage holds half a k-block (64 columns): the activations as one 128-byte-swizzled K-major tile
 // of TOK rows x 128 B, the codes (4 bits: the half block's 512 contiguous bytes of each row block;
 // 2 and 3 bits: the whole block, whose bytes do not split by column) and the block's scales (row
-// block r's gpk groups of 16 scales at r * 32 * gpk, gpk = 4 >> min(log2 g - 5, 2)).
-template <int BITS, int TOK>
+// block r's gpk groups of 16 scales at r * 32 * gpk, gpk = 4 >> min(log2 g - 5, 2)). CTAS: CTAs per
+// SM (1, or 2 at TOK = 64: twice the lookup warps per SM, with ~113 KB of shared memory and 104
+// registers per consumer thread each); it changes the number of stages, not a stage's layout.
+template <int BITS, int TOK, int CTAS = 1>
 struct WgLayout {
+  static constexpr int kCtas = CTAS;
+  static_assert(CTAS == 1 || (CTAS == 2 && TOK == 64), "two CTAs per SM only with 64-token tiles");
   static constexpr int kLutBytes = lut_entries<BITS>() * 256;  // 256-byte entries (prmt addressing)
   static constexpr int kStageX = TOK * 128;
   static constexpr int kBlockBytes = 256 * BITS;
@@ -88,10 +95,11 @@ struct WgLayout {
   static constexpr int kStageS = kWarps * kScaleBytesPerRb;
   static constexpr int kStageBytes = kStageX + kStageW + kStageS;
   static_assert(kStageBytes % 1024 == 0 && kLutBytes % 1024 == 0, "swizzle atoms must stay 1024-byte aligned");
-  static constexpr int kStages = TOK == 256 ? 4 : 6;  // as many as fit beside the table
+  static constexpr int kStages = kCtas == 2 ? std::min(8, (113 * 1024 - kLutBytes - 128) / kStageBytes)
+                                : TOK == 256 ? 4 : TOK == 128 ? 6 : 8;  // as many as fit beside the table
   static constexpr int kBarOffset = kLutBytes + kStages * kStageBytes;  // full[kStages], empty[kStages]
   static constexpr int kSmemBytes = kBarOffset + 2 * 8 * kStages + 16;  // table, stages, mbarriers, flag
-  static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+  static_assert(kSmemBytes * kCtas <= 227 * 1024 && kStages >= 3, "shared memory");
 };
 
 #if LUTMM_SM90A  // device code below exists for sm_90a only
@@ -211,17 +219,22 @@ template <> struct PairScaler<__nv_bfloat16> {
 // chunks at or beyond `nchunks` lie past K (their scale slots are stale: use 0).
 template <int BITS, int TOK, typename T, int H>
 __device__ __forceinline__ void compute_half(const uint8_t* stage, uint32_t stage_addr, int glc, int nchunks,
-                                             QuadCodes<BITS>& qc, uint32_t (&a)[4][4], float (&acc)[TOK / 2]) {
-  using L = WgLayout<BITS, TOK>;
+                                             QuadCodes<BITS>& qc, PairScaler<T>& sc, uint32_t (&a)[4][4],
+                                             float (&acc)[TOK / 2]) {
+  using L = WgLayout<BITS, TOK>;  // a stage's layout does not depend on CTAS
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
   const uint8_t* ss = stage + L::kStageX + L::kStageW + warp * (128 >> glc);  // 32 * gpk bytes per row block
   const uint32_t lane_byte = uint32_t(lane) * (BITS == 2 ? 8u : 4u);
   const uint64_t desc0 = wg::desc_sw128(stage_addr);  // + (byte offset >> 4) for each k-step
   qc.load(stage + L::kStageX + warp * L::kRbCodeBytes);
-  PairScaler<T> sc;
 #pragma unroll
   for (int s = 4 * H; s < 4 * H + 4; ++s) {
-    if (s % 2 == 0)  // scales of rows g, g + 8 for chunk s / 2
+    // Scales of rows g, g + 8 for chunk s / 2, set when they change: every chunk (g = 32), every half
+    // block (g = 64), once per k-block (g >= 128), and at the first chunk past K (zeros).
+    // (H100, 2026-11-26, lutmm_bench A/B against setting them every chunk: M = 64 -5..-9%, M = 128
+    // -3..-5%, M = 1024 -2%, M = 256 flat; 4-bit g128.)
+    const bool fresh = s == 0 || (s == 4 && glc < 2) || glc == 0 || s / 2 >= nchunks;
+    if (s % 2 == 0 && fresh)
       sc.set(s / 2 < nchunks ? *reinterpret_cast<const __half2*>(ss + ((s / 2) >> glc) * 32 + g * 4)
                              : __floats2half2_rn(0.f, 0.f));
     uint32_t(&r)[4] = a[s % 4];
@@ -296,9 +309,9 @@ struct WorkCursor {
 // and scales, 17 copies per half-block at ~10 instructions each (ptxas moves every copy's operands
 // through uniform registers in an elect loop), the producer was busy ~95% of the time and the
 // consumers waited on full barriers in 31% of their samples.)
-template <int BITS, int TOK, typename T>
+template <int BITS, int TOK, int CTAS, typename T>
 __device__ __forceinline__ void produce(const WgParams<T>& p, const WgMaps& maps, uint32_t smem_base) {
-  using L = WgLayout<BITS, TOK>;
+  using L = WgLayout<BITS, TOK, CTAS>;
   constexpr int S = L::kStages;
   const int gpk = 4 >> min(p.gl, 2);  // scale groups per k-block (the scale box width)
   const uint32_t stage_bytes = L::kStageX + L::kStageW + kWarps * 32 * gpk;
@@ -323,12 +336,12 @@ __device__ __forceinline__ void produce(const WgParams<T>& p, const WgMaps& maps
 
 #endif  // LUTMM_SM90A
 
-template <int BITS, int TOK, typename T>
-__global__ void __launch_bounds__(kCtaThreads, 1)
+template <int BITS, int TOK, int CTAS, typename T>
+__global__ void __launch_bounds__(kCtaThreads, CTAS)
 lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x,
                  const __grid_constant__ CUtensorMap tmap_w, const __grid_constant__ CUtensorMap tmap_s) {
 #if LUTMM_SM90A
-  using L = WgLayout<BITS, TOK>;
+  using L = WgLayout<BITS, TOK, CTAS>;
   constexpr int kAcc = TOK / 2;  // fp32 accumulators per thread
   constexpr int S = L::kStages;
   extern __shared__ __align__(1024) uint8_t smem[];
@@ -349,11 +362,13 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
   if (warp < kWarps) build_table<BITS, 256, kThreads, T>(lut, p.table);
   __syncthreads();
   if (warp >= kWarps) {
-    wg::regs_dec<40>();
-    if (threadIdx.x == kThreads) produce<BITS, TOK, T>(p, WgMaps{&tmap_x, &tmap_w, &tmap_s}, kTableAddr);
+    // Registers per thread after setmaxnreg (the CTA's pool: 168 (1 CTA) or 80 (2 CTAs) x 384
+    // threads): producer 40 or 24, consumers 232 or 104.
+    wg::regs_dec<CTAS == 2 ? 24 : 40>();
+    if (threadIdx.x == kThreads) produce<BITS, TOK, CTAS, T>(p, WgMaps{&tmap_x, &tmap_w, &tmap_s}, kTableAddr);
     return;
   }
-  wg::regs_inc<232>();
+  wg::regs_inc<CTAS == 2 ? 104 : 232>();
 
   QuadCodes<BITS> qc;
   float acc[kAcc];
@@ -367,7 +382,12 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
     __syncwarp();
     if (threadIdx.x % 32 == 0) wg::mbar_arrive(bars + 8 * (S + st));  // this warp is done with the stage
   };
-  uint32_t a0[4][4], a1[4][4];  // A registers of the two halves
+  // Two CTAs per SM: one commit group per half-block, drained before the next half (3 stages at
+  // 4 and 2 bits leave no room to hold a whole k-block).
+  constexpr bool kHalfDrain = CTAS == 2;
+  uint32_t a0[4][4], a1_[4][4];  // A registers of the two halves (kHalfDrain: half 1 reuses a0)
+  uint32_t(&a1)[4][4] = kHalfDrain ? a0 : a1_;
+  PairScaler<T> sc;
 
   while (wc.pos < wc.n_iters) {
     // One segment: k-blocks seg_kb0..kb of `tile` (a whole tile, or a Stream-K piece of one).
@@ -389,16 +409,24 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
       const int st0 = q % S, st1 = (q + 1) % S;
       wg::mbar_wait(bars + 8 * st0, (q / S) & 1);
       compute_half<BITS, TOK, T, 0>(stages + st0 * L::kStageBytes,
-                                    kTableAddr + L::kLutBytes + uint32_t(st0) * L::kStageBytes, glc, nchunks, qc, a0, acc);
+                                    kTableAddr + L::kLutBytes + uint32_t(st0) * L::kStageBytes, glc, nchunks, qc, sc, a0, acc);
       if (kNoDrain) {
         wg::commit();
         if (pending >= 0) { wg::wait<1>(); release(pending); }
       }
+      if (kHalfDrain) {
+        wg::commit();
+        wg::wait<0>();
+        release(st0);
+      }
       wg::mbar_wait(bars + 8 * st1, ((q + 1) / S) & 1);
       compute_half<BITS, TOK, T, 1>(stages + st1 * L::kStageBytes,
-                                    kTableAddr + L::kLutBytes + uint32_t(st1) * L::kStageBytes, glc, nchunks, qc, a1, acc);
+                                    kTableAddr + L::kLutBytes + uint32_t(st1) * L::kStageBytes, glc, nchunks, qc, sc, a1, acc);
       wg::commit();
-      if (kNoDrain) {
+      if (kHalfDrain) {
+        wg::wait<0>();
+        release(st1);
+      } else if (kNoDrain) {
         wg::wait<1>();
         release(st0);
         pending = st1;
@@ -455,17 +483,20 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
 // ---- host side ---------------------------------------------------------------------------------
 
 struct WgGeometry {
-  int tok, grid, m_tiles, n_tiles, tiles, dp_tiles, col_blocks;
+  int tok, ctas, grid, m_tiles, n_tiles, tiles, dp_tiles, col_blocks;
   int sk_tiles() const { return tiles - dp_tiles; }
 };
 
 // H100, 2026-11-26: TOK = 128 up to M = 512 made M = 256 45-55% slower (more tiles, each re-reading
 // its share of activations and paying the lookups for half the MMA work).
-int tok_for(int64_t M) { return M <= 128 ? 128 : 256; }
+// TOK = 64 for M <= 64 (wgmma m64n64k16): the lookups, not the MMAs, set the pace there, so halving
+// the MMA work of TOK = 128 tiles is worth it (H100, 2026-11-26, lutmm_bench, M = 64, TOK 128 -> 64:
+// 8192x8192 44.8 -> 37.3 us, 4096x4096 21.8 -> 16.5, 28672x4096 88.1 -> 59.9, 4096x14336 41.5 -> 34.4,
+// 57344x8192 241.2 -> 207.2).
+int tok_for(int64_t M) { return M <= 64 ? 64 : M <= 128 ? 128 : 256; }
 
 WgGeometry wg_geometry(int64_t M, const Shape& s, int device) {
   WgGeometry g;
-  const int slots = sm_count(device);  // one CTA per SM (~190-210 KB of shared memory each)
   const int64_t n_tiles = (s.row_blocks() + kWarps - 1) / kWarps;
   g.tok = tok_for(M);
   g.m_tiles = int((M + g.tok - 1) / g.tok);
@@ -475,6 +506,14 @@ WgGeometry wg_geometry(int64_t M, const Shape& s, int device) {
   if (tiles * g.col_blocks >= (int64_t(1) << 31))
     throw Error("shape: M x N x K too large for one call (more than 2^31 tiles x k-blocks); split M or N");
   g.tiles = int(tiles);
+  // One CTA per SM (~190-210 KB of shared memory each); at TOK = 64 two (each with its own table and
+  // 3-6 stages) when each of them still gets >= 15 k-blocks: twice the warps hide the lookups'
+  // latency, but a CTA's fixed costs (table build, pipeline fill, Stream-K fixup) count twice.
+  // (H100, 2026-11-26, lutmm_bench, M = 64, 1 -> 2 CTAs (k-blocks per CTA with 2): 57344x8192
+  // 187.6 -> 154.6 us (108), 28672x4096 55.0 -> 49.3 (27), 8192x8192 34.5 -> 33.0 (15.5),
+  // 4096x14336 31.9 -> 31.8 (13.6), 4096x4096 15.7 -> 17.5 (3.9).)
+  g.ctas = g.tok == 64 && tiles * g.col_blocks >= int64_t(15) * 2 * sm_count(device) ? 2 : 1;
+  const int slots = sm_count(device) * g.ctas;
   // All whole waves but the last are data-parallel; the last full wave and the remainder go to
   // Stream-K, so each CTA gets the same share of the tail. When rounding the waves up costs at most
   // 10% (the last wave fills >= 90% of the SMs, or there are many waves), everything runs
@@ -503,10 +542,10 @@ CUtensorMap x_tensor_map(const void* x, DType dt, int64_t M, int64_t K, int tok)
                        K * 2, tok, 64, CU_TENSOR_MAP_SWIZZLE_128B, "x");
 }
 
-template <int BITS, int TOK, typename T>
+template <int BITS, int TOK, int CTAS, typename T>
 void wg_launch(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStream_t stream) {
-  using L = WgLayout<BITS, TOK>;
-  auto* kernel = &lut_wgmma_kernel<BITS, TOK, T>;
+  using L = WgLayout<BITS, TOK, CTAS>;
+  auto* kernel = &lut_wgmma_kernel<BITS, TOK, CTAS, T>;
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   allow_dynamic_smem(reinterpret_cast<const void*>(kernel), L::kSmemBytes, dev);
@@ -521,14 +560,16 @@ void wg_launch(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStr
   check_cuda(cudaGetLastError(), "lut_wgmma_kernel launch");
 }
 
-template <int TOK, typename T>
+template <int TOK, int CTAS, typename T>
 void wg_launch_bits(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStream_t st) {
-  with_bits(prob.shape.bits, [&](auto b) { wg_launch<decltype(b)::value, TOK, T>(prob, geo, ws, st); });
+  with_bits(prob.shape.bits, [&](auto b) { wg_launch<decltype(b)::value, TOK, CTAS, T>(prob, geo, ws, st); });
 }
 template <typename T>
 void wg_launch_tok(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStream_t st) {
-  if (geo.tok == 128) wg_launch_bits<128, T>(prob, geo, ws, st);
-  else wg_launch_bits<256, T>(prob, geo, ws, st);
+  if (geo.tok == 64 && geo.ctas == 2) wg_launch_bits<64, 2, T>(prob, geo, ws, st);
+  else if (geo.tok == 64) wg_launch_bits<64, 1, T>(prob, geo, ws, st);
+  else if (geo.tok == 128) wg_launch_bits<128, 1, T>(prob, geo, ws, st);
+  else wg_launch_bits<256, 1, T>(prob, geo, ws, st);
 }
 
 }  // namespace
@@ -542,7 +583,7 @@ bool wgmma_supported(int device) {
     cudaDeviceProp prop{};
     bool ok = cudaGetDeviceProperties(&prop, device) == cudaSuccess && prop.major == 9 && prop.minor == 0;
     cudaFuncAttributes attr{};  // the sm_90a image must be in this build
-    ok = ok && cudaFuncGetAttributes(&attr, &lut_wgmma_kernel<4, 256, __nv_bfloat16>) == cudaSuccess &&
+    ok = ok && cudaFuncGetAttributes(&attr, &lut_wgmma_kernel<4, 256, 1, __nv_bfloat16>) == cudaSuccess &&
          attr.binaryVersion == 90;
     cudaGetLastError();
     cache[device] = ok ? 1 : 2;

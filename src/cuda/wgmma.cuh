@@ -137,6 +137,16 @@ template <int N> __device__ __forceinline__ void fence_operands(float (&d)[N]) {
       LUTMM_ACC8(i + 48), LUTMM_ACC8(i + 56)
 #define LUTMM_WGMMA_A_DESC "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
 
+#define LUTMM_WGMMA_M64N64K16_RS(TY)                                              \
+  asm volatile(                                                                   \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {"                \
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15," \
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31" \
+      "}, {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"                              \
+      : LUTMM_ACC8(0), LUTMM_ACC8(8), LUTMM_ACC8(16), LUTMM_ACC8(24)              \
+      : LUTMM_WGMMA_A_DESC)
+
 #define LUTMM_WGMMA_M64N128K16_RS(TY)                                             \
   asm volatile(                                                                   \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                \
@@ -177,6 +187,8 @@ template <int N, typename T> struct Mma;
       LUTMM_WGMMA_BODY(N, TY)                                                                       \
     }                                                                                               \
   };
+LUTMM_WGMMA_MMA(64, __nv_bfloat16, "bf16")
+LUTMM_WGMMA_MMA(64, __half, "f16")
 LUTMM_WGMMA_MMA(128, __nv_bfloat16, "bf16")
 LUTMM_WGMMA_MMA(128, __half, "f16")
 LUTMM_WGMMA_MMA(256, __nv_bfloat16, "bf16")

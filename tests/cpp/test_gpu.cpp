@@ -231,10 +231,14 @@ TEST(Gpu, WgmmaRandomizedAgainstReference) {
 TEST(Gpu, DispatchBoundaries) {
   REQUIRE_GPU();
   const Shape small{4096, 4096, 4, 128}, big{8192, 8192, 4, 128};
-  const gpu::Path mid = gpu::wgmma_supported(0) ? gpu::Path::kWgmma : gpu::Path::kDequant;
+  const bool wgmma = gpu::wgmma_supported(0);
+  const gpu::Path mid = wgmma ? gpu::Path::kWgmma : gpu::Path::kDequant;
   for (const Shape& s : {small, big}) {
     EXPECT_EQ(gpu::choose_path(1, s, DType::BF16, 0), gpu::Path::kLut);
-    EXPECT_EQ(gpu::choose_path(64, s, DType::BF16, 0), gpu::Path::kLut);
+    EXPECT_EQ(gpu::choose_path(32, s, DType::BF16, 0), gpu::Path::kLut);
+    // 33..64: the wgmma kernel's 64-token tiles on Hopper, else the LUT kernels
+    EXPECT_EQ(gpu::choose_path(33, s, DType::BF16, 0), wgmma ? gpu::Path::kWgmma : gpu::Path::kLut);
+    EXPECT_EQ(gpu::choose_path(64, s, DType::BF16, 0), wgmma ? gpu::Path::kWgmma : gpu::Path::kLut);
     EXPECT_EQ(gpu::choose_path(65, s, DType::BF16, 0), mid);
     EXPECT_EQ(gpu::choose_path(256, s, DType::BF16, 0), mid);
     EXPECT_EQ(gpu::choose_path(1024, s, DType::BF16, 0), mid);
@@ -326,10 +330,13 @@ TEST(Gpu, WgmmaWorkSplitsDeterministicAndAgreeWithLut) {
   std::mt19937 rng(98);
   Workspace ws, ws_lut;
   // On 132 SMs: 32 tiles (Stream-K), 128 (one data-parallel wave), 16 (Stream-K), 300 (a data-parallel
-  // wave + Stream-K), 256 (two uneven data-parallel waves).
+  // wave + Stream-K), 256 (two uneven data-parallel waves); then 64-token tiles: 32 (Stream-K, one CTA
+  // per SM) and 128 x 32 k-blocks (two CTAs per SM, >= 15 k-blocks each), every bits.
   for (auto [shp, M] : {std::pair{Shape{4096, 4096, 4, 128}, int64_t(256)}, std::pair{Shape{4096, 1024, 3, 64}, int64_t(1000)},
                         std::pair{Shape{1000, 2048, 2, 32}, int64_t(300)}, std::pair{Shape{9600, 1024, 4, 128}, int64_t(1024)},
-                        std::pair{Shape{8192, 1024, 4, 64}, int64_t(1024)}}) {
+                        std::pair{Shape{8192, 1024, 4, 64}, int64_t(1024)}, std::pair{Shape{4096, 4096, 4, 128}, int64_t(64)},
+                        std::pair{Shape{16384, 4096, 4, 128}, int64_t(40)}, std::pair{Shape{16384, 4096, 3, 64}, int64_t(64)},
+                        std::pair{Shape{16384, 4096, 2, 32}, int64_t(33)}}) {
     Layer L = make_layer(shp, DType::BF16, rng, 0);
     std::vector<uint16_t> x(size_t(M * shp.K));
     std::normal_distribution<float> nd(0.f, 1.f);

@@ -56,7 +56,9 @@ def test_dispatch_boundaries_agree():
         y = lutmm.matmul(x, qw)
         assert _rel(y, ref) < 6e-3, M
     assert ops.choose_path(1, N, K, 4, 128) == "lut"
-    assert ops.choose_path(64, N, K, 4, 128) == "lut"
+    assert ops.choose_path(32, N, K, 4, 128) == "lut"
+    assert ops.choose_path(33, N, K, 4, 128) == ("wgmma" if _wgmma_ok() else "lut")
+    assert ops.choose_path(64, N, K, 4, 128) == ("wgmma" if _wgmma_ok() else "lut")
     assert ops.choose_path(65, N, K, 4, 128) == ("wgmma" if _wgmma_ok() else "dequant")
     assert ops.choose_path(4096, N, K, 4, 128) == ("wgmma" if _wgmma_ok() else "dequant")
     assert ops.choose_path(4097, N, K, 4, 128) == "dequant"
