@@ -227,6 +227,12 @@ __device__ __forceinline__ void compute_half(const uint8_t* stage, uint32_t stag
   const uint32_t lane_byte = uint32_t(lane) * (BITS == 2 ? 8u : 4u);
   const uint64_t desc0 = wg::desc_sw128(stage_addr);  // + (byte offset >> 4) for each k-step
   qc.load(stage + L::kStageX + warp * L::kRbCodeBytes);
+  // All 16 table loads of the half first, then scaling and wgmmas: one load latency per half.
+  // (H100, 2026-11-26, lutmm_bench A/B against a lookup right before each k-step's wgmma: M = 128
+  // -2.5..-3.3% on three shapes, M = 1024 -1.5%, M = 64 and 256 within 1-2%; ptxas had already
+  // overlapped most of it, the prediction was 10-25% at M <= 128.)
+#pragma unroll
+  for (int s = 4 * H; s < 4 * H + 4; ++s) qc.lookup(s, lane_byte, a[s % 4]);
 #pragma unroll
   for (int s = 4 * H; s < 4 * H + 4; ++s) {
     // Scales of rows g, g + 8 for chunk s / 2, set when they change: every chunk (g = 32), every half
@@ -238,7 +244,6 @@ __device__ __forceinline__ void compute_half(const uint8_t* stage, uint32_t stag
       sc.set(s / 2 < nchunks ? *reinterpret_cast<const __half2*>(ss + ((s / 2) >> glc) * 32 + g * 4)
                              : __floats2half2_rn(0.f, 0.f));
     uint32_t(&r)[4] = a[s % 4];
-    qc.lookup(s, lane_byte, r);
     r[0] = sc.apply(r[0], 0);  // row g
     r[1] = sc.apply(r[1], 1);  // row g + 8
     r[2] = sc.apply(r[2], 0);
