@@ -14,7 +14,12 @@
 // * Scales before the MMA. A per-group fp32 partial sum, as the decode kernel keeps, would double the
 //   TOK / 2 accumulators per thread; instead each looked-up pair is multiplied by its row's scale and
 //   rounded once to the activation dtype (PairScaler): the values the dequant path (dequant.cu)
-//   hands to cuBLAS (fp16 exactly, bf16 up to 1 ulp in ~0.4% of the weights).
+//   hands to cuBLAS (fp16 exactly, bf16 up to 1 ulp in ~0.4% of the weights). Except where the
+//   registers allow the partial sum (TOK <= 128, one CTA per SM) and a group spans whole k-blocks
+//   (g >= 128): there the wgmmas take the unscaled table values into a per-k-block sum that is
+//   scaled in fp32 after the k-block's drain (the decode kernel's rounding), 13 instead of 33 SASS
+//   instructions per k-step. (H100, 2026-11-26, lutmm_bench A/B, 4-bit g128: M = 128 -3.6..-4.6% on
+//   four shapes, M = 64 -4.5..-7% where one CTA per SM runs, 3 and 2 bits -2..0%.)
 // * Activations in natural order, codes gathered per quad. The packed layout permutes the columns
 //   of each 32-column chunk (docs/format.md) so that a decode-kernel lane's activations are one
 //   16-byte load; wgmma wants B in natural k order. Rather than permuting the activations, each lane
@@ -217,10 +222,12 @@ template <> struct PairScaler<__nv_bfloat16> {
 // tokens to acc, issuing 4 wgmmas (the caller commits and waits). stage_addr: the
 // stage's shared-memory address; glc = min(gl, 2): the scale slot of 32-column chunk j is j >> glc;
 // chunks at or beyond `nchunks` lie past K (their scale slots are stale: use 0).
-template <int BITS, int TOK, typename T, int H>
+template <int BITS, int TOK, typename T, int H, bool AFTER = false>
 __device__ __forceinline__ void compute_half(const uint8_t* stage, uint32_t stage_addr, int glc, int nchunks,
                                              QuadCodes<BITS>& qc, PairScaler<T>& sc, uint32_t (&a)[4][4],
                                              float (&acc)[TOK / 2]) {
+  // AFTER: the looked-up values go to the wgmma unscaled; acc is the k-block's partial sum, which the
+  // caller scales into the real accumulators.
   using L = WgLayout<BITS, TOK>;  // a stage's layout does not depend on CTAS
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
   const uint8_t* ss = stage + L::kStageX + L::kStageW + warp * (128 >> glc);  // 32 * gpk bytes per row block
@@ -240,14 +247,16 @@ __device__ __forceinline__ void compute_half(const uint8_t* stage, uint32_t stag
     // (H100, 2026-11-26, lutmm_bench A/B against setting them every chunk: M = 64 -5..-9%, M = 128
     // -3..-5%, M = 1024 -2%, M = 256 flat; 4-bit g128.)
     const bool fresh = s == 0 || (s == 4 && glc < 2) || glc == 0 || s / 2 >= nchunks;
-    if (s % 2 == 0 && fresh)
+    if (!AFTER && s % 2 == 0 && fresh)
       sc.set(s / 2 < nchunks ? *reinterpret_cast<const __half2*>(ss + ((s / 2) >> glc) * 32 + g * 4)
                              : __floats2half2_rn(0.f, 0.f));
     uint32_t(&r)[4] = a[s % 4];
-    r[0] = sc.apply(r[0], 0);  // row g
-    r[1] = sc.apply(r[1], 1);  // row g + 8
-    r[2] = sc.apply(r[2], 0);
-    r[3] = sc.apply(r[3], 1);
+    if (!AFTER) {
+      r[0] = sc.apply(r[0], 0);  // row g
+      r[1] = sc.apply(r[1], 1);  // row g + 8
+      r[2] = sc.apply(r[2], 0);
+      r[3] = sc.apply(r[3], 1);
+    }
     wg::fence();
     wg::Mma<TOK, T>::run(acc, r, desc0 + uint64_t(((s % 4) * 32) >> 4));
   }
@@ -341,7 +350,7 @@ __device__ __forceinline__ void produce(const WgParams<T>& p, const WgMaps& maps
 
 #endif  // LUTMM_SM90A
 
-template <int BITS, int TOK, int CTAS, typename T>
+template <int BITS, int TOK, int CTAS, typename T, bool AFTER = false>
 __global__ void __launch_bounds__(kCtaThreads, CTAS)
 lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x,
                  const __grid_constant__ CUtensorMap tmap_w, const __grid_constant__ CUtensorMap tmap_s) {
@@ -393,6 +402,13 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
   uint32_t a0[4][4], a1_[4][4];  // A registers of the two halves (kHalfDrain: half 1 reuses a0)
   uint32_t(&a1)[4][4] = kHalfDrain ? a0 : a1_;
   PairScaler<T> sc;
+  // AFTER (g >= 128, one CTA per SM, TOK <= 128): wgmmas add a k-block's unscaled products into
+  // tmp; after the k-block's drain acc += s_row * tmp (one group per k-block).
+  static_assert(!AFTER || (CTAS == 1 && TOK <= 128), "scales after the MMA: one CTA per SM, TOK <= 128");
+  float tmp[AFTER ? kAcc : 1];
+#pragma unroll
+  for (int e = 0; e < (AFTER ? kAcc : 1); ++e) tmp[e] = 0.f;
+  float(&dst)[kAcc] = *reinterpret_cast<float(*)[kAcc]>(AFTER ? &tmp[0] : &acc[0]);
 
   while (wc.pos < wc.n_iters) {
     // One segment: k-blocks seg_kb0..kb of `tile` (a whole tile, or a Stream-K piece of one).
@@ -413,8 +429,9 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
       const int nchunks = min(4, (p.K - (seg_kb0 + i) * kBlockCols) / 32);
       const int st0 = q % S, st1 = (q + 1) % S;
       wg::mbar_wait(bars + 8 * st0, (q / S) & 1);
-      compute_half<BITS, TOK, T, 0>(stages + st0 * L::kStageBytes,
-                                    kTableAddr + L::kLutBytes + uint32_t(st0) * L::kStageBytes, glc, nchunks, qc, sc, a0, acc);
+      compute_half<BITS, TOK, T, 0, AFTER>(stages + st0 * L::kStageBytes,
+                                           kTableAddr + L::kLutBytes + uint32_t(st0) * L::kStageBytes, glc, nchunks, qc,
+                                           sc, a0, dst);
       if (kNoDrain) {
         wg::commit();
         if (pending >= 0) { wg::wait<1>(); release(pending); }
@@ -425,8 +442,9 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
         release(st0);
       }
       wg::mbar_wait(bars + 8 * st1, ((q + 1) / S) & 1);
-      compute_half<BITS, TOK, T, 1>(stages + st1 * L::kStageBytes,
-                                    kTableAddr + L::kLutBytes + uint32_t(st1) * L::kStageBytes, glc, nchunks, qc, sc, a1, acc);
+      compute_half<BITS, TOK, T, 1, AFTER>(stages + st1 * L::kStageBytes,
+                                           kTableAddr + L::kLutBytes + uint32_t(st1) * L::kStageBytes, glc, nchunks, qc,
+                                           sc, a1, dst);
       wg::commit();
       if (kHalfDrain) {
         wg::wait<0>();
@@ -437,6 +455,17 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
         pending = st1;
       } else {
         wg::wait<0>();
+        if (AFTER) {  // acc += s * tmp with the k-block's scales (slot 0 of the stage: one group), rows g, g + 8
+          wg::fence_operands(dst);
+          const int g = (threadIdx.x % 32) / 4;
+          const float2 s2 = __half22float2(*reinterpret_cast<const __half2*>(
+              stages + st0 * L::kStageBytes + L::kStageX + L::kStageW + warp * 32 + g * 4));
+#pragma unroll
+          for (int e = 0; e < kAcc; ++e) {
+            acc[e] = fmaf(dst[e], (e / 2) % 2 ? s2.y : s2.x, acc[e]);
+            dst[e] = 0.f;
+          }
+        }
         release(st0);
         release(st1);
       }
@@ -547,10 +576,10 @@ CUtensorMap x_tensor_map(const void* x, DType dt, int64_t M, int64_t K, int tok)
                        K * 2, tok, 64, CU_TENSOR_MAP_SWIZZLE_128B, "x");
 }
 
-template <int BITS, int TOK, int CTAS, typename T>
+template <int BITS, int TOK, int CTAS, typename T, bool AFTER = false>
 void wg_launch(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStream_t stream) {
   using L = WgLayout<BITS, TOK, CTAS>;
-  auto* kernel = &lut_wgmma_kernel<BITS, TOK, CTAS, T>;
+  auto* kernel = &lut_wgmma_kernel<BITS, TOK, CTAS, T, AFTER>;
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   allow_dynamic_smem(reinterpret_cast<const void*>(kernel), L::kSmemBytes, dev);
@@ -565,12 +594,17 @@ void wg_launch(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStr
   check_cuda(cudaGetLastError(), "lut_wgmma_kernel launch");
 }
 
-template <int TOK, int CTAS, typename T>
+template <int TOK, int CTAS, typename T, bool AFTER = false>
 void wg_launch_bits(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStream_t st) {
-  with_bits(prob.shape.bits, [&](auto b) { wg_launch<decltype(b)::value, TOK, CTAS, T>(prob, geo, ws, st); });
+  with_bits(prob.shape.bits, [&](auto b) { wg_launch<decltype(b)::value, TOK, CTAS, T, AFTER>(prob, geo, ws, st); });
 }
 template <typename T>
 void wg_launch_tok(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStream_t st) {
+  if (group_log2(prob.shape.group_size) >= 2 && geo.ctas == 1 && geo.tok <= 128) {  // scales after the MMA
+    if (geo.tok == 64) wg_launch_bits<64, 1, T, true>(prob, geo, ws, st);
+    else wg_launch_bits<128, 1, T, true>(prob, geo, ws, st);
+    return;
+  }
   if (geo.tok == 64 && geo.ctas == 2) wg_launch_bits<64, 2, T>(prob, geo, ws, st);
   else if (geo.tok == 64) wg_launch_bits<64, 1, T>(prob, geo, ws, st);
   else if (geo.tok == 128) wg_launch_bits<128, 1, T>(prob, geo, ws, st);
