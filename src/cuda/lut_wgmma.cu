@@ -32,7 +32,8 @@
 //   arithmetic, at 250 TFLOP/s; cp.async loads by all warps with 16-byte chunks still left ~460
 //   loader instructions per warp and k-block in the SASS: hence the producer warp.)
 // * Pipeline. 4 (TOK 256), 6 (TOK 128) or 8 (TOK 64; two CTAs per SM: as many as fit in ~113 KB)
-//   stages of half a k-block each (activations | codes | scales), each with a "full" mbarrier (producer -> consumers, transaction bytes) and an "empty"
+//   stages of half a k-block each (activations | codes | scales), each with a "full" mbarrier
+//   (producer -> consumers, transaction bytes) and an "empty"
 //   one (one arrival per consumer warp once its wgmmas have read the stage). Each warpgroup issues
 //   wgmmas as their lookups finish, one commit group per half-block (TOK 256: it waits for a half's
 //   group once the next half's wgmmas are issued, then releases that half's stage, so the tensor pipe
@@ -350,6 +351,10 @@ __device__ __forceinline__ void produce(const WgParams<T>& p, const WgMaps& maps
 
 #endif  // LUTMM_SM90A
 
+// The kernel. BITS: code width (2, 3, 4); TOK: tokens per tile (64, 128, 256); CTAS: CTAs per SM (1;
+// 2 at TOK = 64); T: activation dtype (__half, __nv_bfloat16); AFTER: scales after the MMA (one
+// group per k-block, g >= 128; TOK <= 128, CTAS = 1). p: shapes, pointers, work split (WgParams);
+// tmap_x / tmap_w / tmap_s: TMA descriptors of X (M x K), the packed codes and the packed scales.
 template <int BITS, int TOK, int CTAS, typename T, bool AFTER = false>
 __global__ void __launch_bounds__(kCtaThreads, CTAS)
 lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x,
@@ -408,7 +413,7 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
   float tmp[AFTER ? kAcc : 1];
 #pragma unroll
   for (int e = 0; e < (AFTER ? kAcc : 1); ++e) tmp[e] = 0.f;
-  float(&dst)[kAcc] = *reinterpret_cast<float(*)[kAcc]>(AFTER ? &tmp[0] : &acc[0]);
+  float(&dst)[kAcc] = *reinterpret_cast<float(*)[kAcc]>(AFTER ? &tmp[0] : &acc[0]);  // the wgmmas' D
 
   while (wc.pos < wc.n_iters) {
     // One segment: k-blocks seg_kb0..kb of `tile` (a whole tile, or a Stream-K piece of one).
@@ -462,7 +467,7 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
               stages + st0 * L::kStageBytes + L::kStageX + L::kStageW + warp * 32 + g * 4));
 #pragma unroll
           for (int e = 0; e < kAcc; ++e) {
-            acc[e] = fmaf(dst[e], (e / 2) % 2 ? s2.y : s2.x, acc[e]);
+            acc[e] = fmaf(dst[e], (e / 2) % 2 ? s2.y : s2.x, acc[e]);  // acc[4 j + 2 i + e']: row g + 8 i
             dst[e] = 0.f;
           }
         }
