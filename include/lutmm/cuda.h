@@ -62,7 +62,9 @@ bool wgmma_supported(int device);
 // Bytes of persistent workspace the wgmma path needs (same rules as workspace_bytes()).
 size_t wgmma_workspace_bytes(int64_t M, const Shape& shape, int device);
 // Y = X W_hat^T (+ bias) with the wgmma path. W_hat is rounded to X's dtype before the multiply
-// (T[q] * s in fp32, then one rounding: the dequant path's values). Throws where unsupported.
+// (T[q] * s in fp32, then one rounding: the dequant path's values), except for M <= 128 with
+// group_size >= 128 where one CTA per SM runs: there T[q] (rounded to X's dtype) is multiplied and
+// each 128-column block's sum is scaled in fp32, as the LUT path does. Throws where unsupported.
 void wgmma_gemm(const GemmProblem& p, void* workspace, size_t workspace_bytes, void* stream);
 
 // W_hat (N x K, row-major, `dtype`) from the packed weight, rounding T[q] to `dtype` first and
