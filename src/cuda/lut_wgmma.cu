@@ -410,10 +410,10 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
   // AFTER (g >= 128, one CTA per SM, TOK <= 128): wgmmas add a k-block's unscaled products into
   // tmp; after the k-block's drain acc += s_row * tmp (one group per k-block).
   static_assert(!AFTER || (CTAS == 1 && TOK <= 128), "scales after the MMA: one CTA per SM, TOK <= 128");
-  float tmp[AFTER ? kAcc : 1];
+  float tmp[kAcc];  // unused (and dropped by the compiler) unless AFTER
 #pragma unroll
-  for (int e = 0; e < (AFTER ? kAcc : 1); ++e) tmp[e] = 0.f;
-  float(&dst)[kAcc] = *reinterpret_cast<float(*)[kAcc]>(AFTER ? &tmp[0] : &acc[0]);  // the wgmmas' D
+  for (int e = 0; e < kAcc; ++e) tmp[e] = 0.f;
+  float(&dst)[kAcc] = AFTER ? tmp : acc;  // the wgmmas' D
 
   while (wc.pos < wc.n_iters) {
     // One segment: k-blocks seg_kb0..kb of `tile` (a whole tile, or a Stream-K piece of one).
@@ -460,7 +460,7 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
         pending = st1;
       } else {
         wg::wait<0>();
-        if (AFTER) {  // acc += s * tmp with the k-block's scales (slot 0 of the stage: one group), rows g, g + 8
+        if (AFTER) {  // acc += s * tmp with the k-block's scales (slot 0 of compute_half's ss; glc = 2), rows g, g + 8
           wg::fence_operands(dst);
           const int g = (threadIdx.x % 32) / 4;
           const float2 s2 = __half22float2(*reinterpret_cast<const __half2*>(
@@ -523,6 +523,7 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
 
 struct WgGeometry {
   int tok, ctas, grid, m_tiles, n_tiles, tiles, dp_tiles, col_blocks;
+  int device;  // the current device (asked once per call)
   int sk_tiles() const { return tiles - dp_tiles; }
 };
 
@@ -536,6 +537,7 @@ int tok_for(int64_t M) { return M <= 64 ? 64 : M <= 128 ? 128 : 256; }
 
 WgGeometry wg_geometry(int64_t M, const Shape& s, int device) {
   WgGeometry g;
+  g.device = device;
   const int64_t n_tiles = (s.row_blocks() + kWarps - 1) / kWarps;
   g.tok = tok_for(M);
   g.m_tiles = int((M + g.tok - 1) / g.tok);
@@ -551,8 +553,9 @@ WgGeometry wg_geometry(int64_t M, const Shape& s, int device) {
   // (H100, 2026-11-26, lutmm_bench, M = 64, 1 -> 2 CTAs (k-blocks per CTA with 2): 57344x8192
   // 187.6 -> 154.6 us (108), 28672x4096 55.0 -> 49.3 (27), 8192x8192 34.5 -> 33.0 (15.5),
   // 4096x14336 31.9 -> 31.8 (13.6), 4096x4096 15.7 -> 17.5 (3.9).)
-  g.ctas = g.tok == 64 && tiles * g.col_blocks >= int64_t(15) * 2 * sm_count(device) ? 2 : 1;
-  const int slots = sm_count(device) * g.ctas;
+  const int sms = sm_count(device);
+  g.ctas = g.tok == 64 && tiles * g.col_blocks >= int64_t(15) * 2 * sms ? 2 : 1;
+  const int slots = sms * g.ctas;
   // All whole waves but the last are data-parallel; the last full wave and the remainder go to
   // Stream-K, so each CTA gets the same share of the tail. When rounding the waves up costs at most
   // 10% (the last wave fills >= 90% of the SMs, or there are many waves), everything runs
@@ -585,9 +588,7 @@ template <int BITS, int TOK, int CTAS, typename T, bool AFTER = false>
 void wg_launch(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStream_t stream) {
   using L = WgLayout<BITS, TOK, CTAS>;
   auto* kernel = &lut_wgmma_kernel<BITS, TOK, CTAS, T, AFTER>;
-  int dev = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), L::kSmemBytes, dev);
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), L::kSmemBytes, geo.device);
   WgParams<T> p;
   fill_gemm_params(p, prob, ws, wg_counters_bytes(geo));
   const Shape& s = prob.shape;
