@@ -25,7 +25,8 @@ using namespace lutmm;
 
 // Usage: lutmm_bench                       the table below (M <= 64: LUT kernels, larger M: wgmma kernel)
 //        lutmm_bench N K M BITS [PATH]     one case, PATH = lut (dispatched decode kernel), lut80 (the
-//                                          cp.async kernel forced), luttma (the TMA kernel forced) or wgmma
+//                                          cp.async kernel forced), luttma (the TMA kernel forced), wgmma
+//                                          or wgmmask (wgmma with data-parallel + Stream-K forced)
 //                                          (Nsight Compute: ncu -k regex:lut_ -s 2 -c 1 ...)
 int main(int argc, char** argv) {
   if (!gpu::available()) {
@@ -36,8 +37,8 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
   std::printf("# %s, %d SMs\n%12s %5s %2s %4s %6s %9s %7s %8s\n", prop.name, prop.multiProcessorCount, "N x K", "M", "b",
               "g", "path", "us", "TB/s", "TFLOP/s");
-  enum Kind { kLut, kLut80, kLutTma, kWgmma };
-  const char* kind_name[] = {"lut", "lut80", "luttma", "wgmma"};
+  enum Kind { kLut, kLut80, kLutTma, kWgmma, kWgmmaSk };
+  const char* kind_name[] = {"lut", "lut80", "luttma", "wgmma", "wgmmask"};
   struct Case { int64_t N, K, M; int bits; Kind kind; };
   const bool have_wgmma = gpu::wgmma_supported(0);
   std::vector<Case> cases;
@@ -59,8 +60,9 @@ int main(int argc, char** argv) {
       for (int64_t M : {128, 256, 1024, 4096}) cases.push_back({nk.first, nk.second, M, 4, kWgmma});
   if (argc >= 5) {
     const std::string path = argc >= 6 ? argv[5] : "lut";
-    const Kind kind = path == "wgmma" ? kWgmma : path == "lut80" ? kLut80 : path == "luttma" ? kLutTma : kLut;
-    if (kind == kWgmma && !have_wgmma) { std::printf("wgmma path not supported here\n"); return 1; }
+    const Kind kind = path == "wgmma" ? kWgmma : path == "wgmmask" ? kWgmmaSk : path == "lut80" ? kLut80
+                      : path == "luttma" ? kLutTma : kLut;
+    if ((kind == kWgmma || kind == kWgmmaSk) && !have_wgmma) { std::printf("wgmma path not supported here\n"); return 1; }
     cases = {{std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3]), std::atoi(argv[4]), kind}};
   }
   std::mt19937 rng(1);
@@ -85,7 +87,8 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(&x, size_t(c.M * c.K) * 2));
     CK(cudaMemset(x, 0x3c, size_t(c.M * c.K) * 2));  // bf16 ~0.01: finite, non-zero
     CK(cudaMalloc(&y, size_t(c.M * c.N) * 2));
-    const size_t wsb = c.kind == kWgmma ? gpu::wgmma_workspace_bytes(c.M, s, 0) : gpu::workspace_bytes(c.M, s, 0);
+    const bool wg = c.kind == kWgmma || c.kind == kWgmmaSk;
+    const size_t wsb = wg ? gpu::wgmma_workspace_bytes(c.M, s, 0) : gpu::workspace_bytes(c.M, s, 0);
     CK(cudaMalloc(&ws, std::max<size_t>(wsb, 16)));
     CK(cudaMemset(ws, 0, wsb));
     const std::vector<float> t = nf_table(c.bits);
@@ -94,7 +97,7 @@ int main(int argc, char** argv) {
       p.x = x; p.dtype = DType::BF16; p.M = c.M; p.shape = s; p.packed = w[i];
       p.packed_scales = static_cast<const uint16_t*>(sc[i]); p.y = y;
       for (size_t j = 0; j < t.size(); ++j) p.table[j] = t[j];
-      if (c.kind == kWgmma) gpu::wgmma_gemm(p, ws, wsb, st);
+      if (wg) gpu::wgmma_gemm(p, ws, wsb, st, c.kind == kWgmmaSk ? gpu::WgSplit::kStreamK : gpu::WgSplit::kAuto);
       else gpu::lut_gemm(p, ws, wsb, st, c.kind == kLut80 ? gpu::LutKernel::kCpAsync
                                        : c.kind == kLutTma ? gpu::LutKernel::kTma : gpu::LutKernel::kAuto);
     };

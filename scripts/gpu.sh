@@ -75,12 +75,33 @@ if [[ $MODE == profile ]]; then  # Nsight Compute on single cases of the C++ ben
     rep="$OUT/ncu_${cfg// /_}"
     ncu --set full --import-source yes -k regex:lut_ -s 2 -c 1 -f -o "$rep" ./build/gpu/lutmm_bench $cfg > /dev/null 2>&1
     ncu -i "$rep.ncu-rep" --print-details all > "$rep.txt" 2>&1
+    ncu -i "$rep.ncu-rep" --page raw > "$rep.raw.txt" 2>&1
     # Per-SASS-instruction samples (stall reasons) for reading offline: PROFILE_SOURCE=1
     [[ -n ${PROFILE_SOURCE:-} ]] && ncu -i "$rep.ncu-rep" --page source --csv --print-source sass 2>&1 | gzip > "$rep.sass.csv.gz"
     rm -f "$rep.ncu-rep"
     echo "== ncu $cfg"
-    grep -E "^    (Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Issue Slots Busy|Issued Ipc Active|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|L2 Hit Rate|Mem Busy|Max Bandwidth|Shared Memory Configuration Size|Block Limit)" "$rep.txt" | head -30
+    grep -E "^    (Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Issue Slots Busy|Issued Ipc Active|No Eligible|L2 Cache Throughput|L1/TEX Cache Throughput|Cluster Size|Grid Size|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|L2 Hit Rate|Mem Busy|Max Bandwidth|Shared Memory Configuration Size|Block Limit)" "$rep.txt" | head -30
     grep -E "^    Stall|stall|cycles being stalled" "$rep.txt" | head -12
+    grep -E "pipe_tensor.*(pct|per_cycle)|lts__t_(bytes|sectors)\.sum\.per_second|lts__throughput\.avg\.pct|launch__cluster" "$rep.raw.txt" | head -12
+    gzip -f "$rep.raw.txt"
+  done
+  # cuBLAS bf16 (torch.mm) on the same shapes, for comparison: PROFILE_TORCH="M N K;..."
+  IFS=';' read -ra tcases <<< "${PROFILE_TORCH:-}"
+  for cfg in "${tcases[@]}"; do
+    read -r m n k <<< "$cfg"
+    rep="$OUT/ncu_torch_${m}_${n}_${k}"
+    ncu --set full -k regex:"gemm|nvjet|sm90|cutlass" -s 3 -c 1 -f -o "$rep" python3 -c "
+import torch
+x = torch.randn($m, $k, device='cuda', dtype=torch.bfloat16); w = torch.randn($n, $k, device='cuda', dtype=torch.bfloat16)
+for _ in range(6): y = x @ w.t()
+torch.cuda.synchronize()" > /dev/null 2>&1
+    ncu -i "$rep.ncu-rep" --print-details all > "$rep.txt" 2>&1
+    ncu -i "$rep.ncu-rep" --page raw > "$rep.raw.txt" 2>&1
+    rm -f "$rep.ncu-rep"
+    echo "== ncu torch.mm bf16 M N K = $cfg: $(grep -m1 -oE '^  [A-Za-z_0-9]+[^ ]*' "$rep.txt")"
+    grep -E "^    (Duration|DRAM Throughput|Memory Throughput|L2 Cache Throughput|L1/TEX Cache Throughput|Compute \(SM\) Throughput|Cluster Size|Grid Size|Block Size|Registers Per|Issue Slots Busy|L2 Hit Rate)" "$rep.txt" | head -16
+    grep -E "pipe_tensor.*(pct|per_cycle)|lts__t_(bytes|sectors)\.sum\.per_second|lts__throughput\.avg\.pct|launch__cluster" "$rep.raw.txt" | head -12
+    gzip -f "$rep.raw.txt"
   done
 fi
 if [[ $MODE == cxx ]]; then

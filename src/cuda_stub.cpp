@@ -14,7 +14,8 @@ size_t dequant_scratch_bytes(const Shape&) { no_cuda(); }
 void lut_gemm(const GemmProblem&, void*, size_t, void*, LutKernel) { no_cuda(); }
 bool wgmma_supported(int) { return false; }
 size_t wgmma_workspace_bytes(int64_t, const Shape&, int) { no_cuda(); }
-void wgmma_gemm(const GemmProblem&, void*, size_t, void*) { no_cuda(); }
+int wgmma_cluster_size(int64_t, const Shape&, int) { no_cuda(); }
+void wgmma_gemm(const GemmProblem&, void*, size_t, void*, WgSplit) { no_cuda(); }
 void dequantize(const void*, const uint16_t*, const float*, const Shape&, DType, void*, void*) { no_cuda(); }
 }  // namespace gpu
 }  // namespace lutmm

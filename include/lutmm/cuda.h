@@ -59,13 +59,22 @@ void lut_gemm(const GemmProblem& p, void* workspace, size_t workspace_bytes, voi
 
 // True when the wgmma prefill kernel can run on `device`: an sm_90 GPU and a build with sm_90a code.
 bool wgmma_supported(int device);
-// Bytes of persistent workspace the wgmma path needs (same rules as workspace_bytes()).
+// Bytes of persistent workspace the wgmma path needs (same rules as workspace_bytes(); it fits every
+// WgSplit choice).
 size_t wgmma_workspace_bytes(int64_t M, const Shape& shape, int device);
+// Work split of the wgmma kernel. kAuto: where the tiles would leave most SMs idle, clusters of 2-4
+// CTAs split each tile along K and reduce through distributed shared memory; elsewhere data-parallel
+// waves, then Stream-K over the tail. kStreamK: never the clusters (tests and A/B timing). Both are
+// deterministic; they sum in different orders.
+enum class WgSplit : int { kAuto = 0, kStreamK = 1 };
+// CTAs per split-K cluster that kAuto uses for (M, shape) on `device` (1: none).
+int wgmma_cluster_size(int64_t M, const Shape& shape, int device);
 // Y = X W_hat^T (+ bias) with the wgmma path. W_hat is rounded to X's dtype before the multiply
 // (T[q] * s in fp32, then one rounding: the dequant path's values), except for M <= 128 with
 // group_size >= 128 where one CTA per SM runs: there T[q] (rounded to X's dtype) is multiplied and
 // each 128-column block's sum is scaled in fp32, as the LUT path does. Throws where unsupported.
-void wgmma_gemm(const GemmProblem& p, void* workspace, size_t workspace_bytes, void* stream);
+void wgmma_gemm(const GemmProblem& p, void* workspace, size_t workspace_bytes, void* stream,
+                WgSplit split = WgSplit::kAuto);
 
 // W_hat (N x K, row-major, `dtype`) from the packed weight, rounding T[q] to `dtype` first and
 // multiplying by the scale in fp32 (the same values the LUT path multiplies with).

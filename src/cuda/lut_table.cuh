@@ -117,7 +117,8 @@ __device__ __forceinline__ uint2 lut_load64(uint32_t off) {
   asm volatile("ld.shared.v2.b32 {%0, %1}, [%2+%3];\n" : "=r"(v.x), "=r"(v.y) : "r"(off), "n"(kTableAddr));
   return v;
 }
-// Traps unless the dynamic shared memory (the table) starts at kTableAddr.
+// Traps unless the dynamic shared memory (the table) starts at kTableAddr (in the low 24 bits: in a
+// cluster launch, bits 24-31 of a CTA's shared addresses hold its rank; lut_wgmma.cu adds them).
 __device__ __forceinline__ void check_table_addr(const void* smem) {
   if (threadIdx.x == 0 && (smem_addr(smem) & 0xffffffu) != kTableAddr) __trap();
 }

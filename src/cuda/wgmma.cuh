@@ -119,6 +119,30 @@ __device__ __forceinline__ void named_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// ---- thread-block clusters (the split-K reduction of lut_wgmma.cu) -----------------------------
+// Barrier over every thread of every CTA of the cluster; orders each thread's earlier shared-memory
+// writes (local or to another CTA's shared memory) before every thread's later reads. Every thread
+// that has not exited must take part (not .aligned: a warp's lanes may arrive apart).
+__device__ __forceinline__ void cluster_sync() {
+#if LUTMM_SM90A
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+#endif
+}
+// The shared::cluster address of shared::cta address `addr` in the CTA of cluster rank `rank`.
+__device__ __forceinline__ uint32_t map_to_rank(uint32_t addr, uint32_t rank) {
+  uint32_t r = 0;
+#if LUTMM_SM90A
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+#endif
+  return r;
+}
+// 32-bit store to a shared::cluster address (another CTA's shared memory, or this one's).
+__device__ __forceinline__ void st_cluster(uint32_t addr, float v) {
+#if LUTMM_SM90A
+  asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(addr), "f"(v) : "memory");
+#endif
+}
+
 // Pins registers: the compiler may not move their reads or writes across this point (wgmma writes
 // the accumulators asynchronously until wait()).
 template <int N> __device__ __forceinline__ void fence_operands(float (&d)[N]) {

@@ -71,7 +71,8 @@ size_t ws_need(gpu::Path path, int64_t M, const Shape& s) {
 // floats. Y is poisoned with NaN first.
 std::vector<float> run_gpu(const Layer& L, const std::vector<uint16_t>& x, int64_t M, DType dt,
                            const std::vector<uint16_t>* bias, void* ws, size_t ws_bytes,
-                           gpu::Path path = gpu::Path::kLut, gpu::LutKernel kernel = gpu::LutKernel::kAuto) {
+                           gpu::Path path = gpu::Path::kLut, gpu::LutKernel kernel = gpu::LutKernel::kAuto,
+                           gpu::WgSplit split = gpu::WgSplit::kAuto) {
   const Shape& s = L.s;
   DevBuf<uint8_t> dx(x.size() * 2), dw(L.packed.size()), ds(L.packed_scales.size() * 2), dy(size_t(M * s.N) * 2),
       db(size_t(s.N) * 2);
@@ -86,7 +87,7 @@ std::vector<float> run_gpu(const Layer& L, const std::vector<uint16_t>& x, int64
   for (int i = 0; i < s.table_size(); ++i) p.table[i] = L.table[size_t(i)];
   p.bias = bias ? db.p : nullptr;
   p.y = dy.p;
-  if (path == gpu::Path::kWgmma) gpu::wgmma_gemm(p, ws, ws_bytes, nullptr);
+  if (path == gpu::Path::kWgmma) gpu::wgmma_gemm(p, ws, ws_bytes, nullptr, split);
   else gpu::lut_gemm(p, ws, ws_bytes, nullptr, kernel);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<uint16_t> yh(size_t(M * s.N));
@@ -352,6 +353,56 @@ TEST(Gpu, WgmmaWorkSplitsDeterministicAndAgreeWithLut) {
     auto yl = run_gpu(L, x, M, DType::BF16, nullptr, ws_lut.p, ws_lut.bytes, gpu::Path::kLut);
     EXPECT_LT(rel_err(y0, yl), 6e-3) << "N=" << shp.N << " K=" << shp.K << " M=" << M;
   }
+}
+
+// Split-K clusters (few tiles: clusters of C CTAs split each tile along K and reduce through
+// distributed shared memory): bitwise the same output on every run, equal to the forced Stream-K
+// split up to the order of the fp32 partial sums, and to the LUT kernel up to rounding. Every tile
+// width (TOK 64, 128, 256), scales before and after the MMA, C = 2, 3, 4, rows past N, bias, fp16.
+TEST(Gpu, WgmmaSplitKClusters) {
+  REQUIRE_WGMMA();
+  int sms = 0;
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  // Cluster sizes dispatch picks as the tile count grows (M = 256: one token tile; 4-bit, K = 4096):
+  // they depend on how many clusters of each size fit at once (the GPCs' free SMs).
+  std::printf("cluster size by tiles (M = 256, K = 4096) on %d SMs:", sms);
+  for (int64_t t = 24; t <= 70; ++t) std::printf(" %lld:%d", (long long)t, gpu::wgmma_cluster_size(256, Shape{t * 128, 4096, 4, 128}, 0));
+  std::printf("\n");
+  std::mt19937 rng(97);
+  Workspace ws, ws_lut;
+  struct Case { Shape s; int64_t M; DType dt; bool bias; };
+  // On the H100 (132 SMs) of 2026-11-26: C = 4 for 27-30 tiles, 3 for 36-39, 2 for 53-66.
+  const Case cases[] = {{Shape{8192, 8192, 4, 128}, 256, DType::BF16, false},  // 64 tiles of 256 tokens
+                        {Shape{8192, 1024, 3, 64}, 200, DType::F16, true},     // 64 tiles, 8 k-blocks
+                        {Shape{4600, 2048, 2, 32}, 100, DType::BF16, true},    // 36 tiles of 128 (rows past N)
+                        {Shape{3840, 4096, 4, 128}, 256, DType::BF16, true},   // 30 tiles of 256
+                        {Shape{3840, 4096, 4, 128}, 64, DType::BF16, false},   // 64 tokens, scales after the MMA
+                        {Shape{3840, 2048, 4, 128}, 128, DType::F16, true}};   // 128 tokens, scales after the MMA
+  int clustered = 0;
+  for (const Case& c : cases) {
+    const int cs = gpu::wgmma_cluster_size(c.M, c.s, 0);
+    std::printf("N=%lld K=%lld M=%lld bits=%d: cluster size %d\n", (long long)c.s.N, (long long)c.s.K, (long long)c.M,
+                c.s.bits, cs);
+    clustered += cs > 1;
+    Layer L = make_layer(c.s, c.dt, rng, 2);
+    std::vector<uint16_t> x(size_t(c.M * c.s.K)), bias(size_t(c.s.N));
+    std::normal_distribution<float> nd(0.f, 1.f);
+    for (auto& v : x) v = to_dtype(nd(rng), c.dt);
+    for (auto& v : bias) v = to_dtype(nd(rng), c.dt);
+    const auto* b = c.bias ? &bias : nullptr;
+    ws.ensure(ws_need(gpu::Path::kWgmma, c.M, c.s));
+    auto y = run_gpu(L, x, c.M, c.dt, b, ws.p, ws.bytes, gpu::Path::kWgmma);
+    auto y2 = run_gpu(L, x, c.M, c.dt, b, ws.p, ws.bytes, gpu::Path::kWgmma);
+    ASSERT_EQ(std::memcmp(y.data(), y2.data(), y.size() * 4), 0) << "N=" << c.s.N << " M=" << c.M << " not reproducible";
+    auto y_sk = run_gpu(L, x, c.M, c.dt, b, ws.p, ws.bytes, gpu::Path::kWgmma, gpu::LutKernel::kAuto,
+                        gpu::WgSplit::kStreamK);
+    EXPECT_LT(rel_err(y, y_sk), c.dt == DType::BF16 ? 2e-3 : 5e-4) << "N=" << c.s.N << " M=" << c.M << " C=" << cs;
+    ws_lut.ensure(ws_need(gpu::Path::kLut, c.M, c.s));
+    auto yl = run_gpu(L, x, c.M, c.dt, b, ws_lut.p, ws_lut.bytes, gpu::Path::kLut);
+    EXPECT_LT(rel_err(y, yl), 6e-3) << "N=" << c.s.N << " M=" << c.M << " C=" << cs;
+  }
+  // An H100 fits 66 clusters of two: the 64-tile cases at least must have used them.
+  if (sms == 132) EXPECT_GE(clustered, 2);
 }
 
 // One workspace serves calls of every shape and path in turn (as lutmm.matmul's per-device one
