@@ -70,9 +70,10 @@ enum class WgSplit : int { kAuto = 0, kStreamK = 1 };
 // CTAs per split-K cluster that kAuto uses for (M, shape) on `device` (1: none).
 int wgmma_cluster_size(int64_t M, const Shape& shape, int device);
 // Y = X W_hat^T (+ bias) with the wgmma path. W_hat is rounded to X's dtype before the multiply
-// (T[q] * s in fp32, then one rounding: the dequant path's values), except for M <= 128 with
-// group_size >= 128 where one CTA per SM runs: there T[q] (rounded to X's dtype) is multiplied and
-// each 128-column block's sum is scaled in fp32, as the LUT path does. Throws where unsupported.
+// (T[q] * s in fp32, then one rounding: the dequant path's values), except with group_size >= 128
+// where the kernel's tiles hold <= 128 tokens and one CTA per SM runs (M <= 128, or M <= 256 where
+// split-K clusters halve the tiles): there T[q] (rounded to X's dtype) is multiplied and each
+// 128-column block's sum is scaled in fp32, as the LUT path does. Throws where unsupported.
 void wgmma_gemm(const GemmProblem& p, void* workspace, size_t workspace_bytes, void* stream,
                 WgSplit split = WgSplit::kAuto);
 

@@ -59,6 +59,7 @@
 #include "wgmma.cuh"
 
 // Kernel experiments for A/B builds (cmake -DLUTMM_EXPERIMENT=N, `EXPERIMENTS=N bash scripts/gpu.sh kab`):
+//   6  never halve the tile's tokens to reach split-K clusters (wg_geometry)
 //   5  tiles in plain token-tile-fastest order (no grouping; H100 2026-11-26: 5% slower at
 //      8192x8192 M = 4096, equal elsewhere)
 //   (retired, H100 2026-11-26, lutmm_bench A/B: TOK = 128 at M = 256 when TOK = 256 leaves most SMs without a tile:
@@ -638,12 +639,13 @@ int max_active_clusters(int device, int size) {
   return std::max(c, 0);
 }
 
-WgGeometry wg_geometry(int64_t M, const Shape& s, int device, bool allow_split) {
+// The work split for tiles of `tok` tokens.
+WgGeometry wg_geometry_tok(int64_t M, const Shape& s, int device, bool allow_split, int tok) {
   WgGeometry g;
   g.device = device;
   g.split = 1;
   const int64_t n_tiles = (s.row_blocks() + kWarps - 1) / kWarps;
-  g.tok = tok_for(M);
+  g.tok = tok;
   g.m_tiles = int((M + g.tok - 1) / g.tok);
   g.col_blocks = int(s.col_blocks());
   g.n_tiles = int(n_tiles);
@@ -693,6 +695,19 @@ WgGeometry wg_geometry(int64_t M, const Shape& s, int device, bool allow_split) 
   const int64_t sk_iters = int64_t(g.sk_tiles()) * g.col_blocks;
   g.grid = g.dp_tiles > 0 ? std::min(slots, g.tiles) : int(std::min<int64_t>(slots, std::max<int64_t>(1, sk_iters)));
   return g;
+}
+
+// Tiles of tok_for(M) tokens, or of half as many where only the doubled tile count lets split-K
+// clusters run (4096-row weights at M = 65-256: 32 tiles do not fit as clusters of 4 on the H100,
+// 64 fit as clusters of 2). (H100, 2026-11-26, lutmm_bench A/B, 4-bit g128: 4096x4096 M = 256
+// 31.5 -> 22.9 us, M = 200 32.3 -> 22.9, M = 128 20.6 -> 17.7, 3-bit M = 256 32.5 -> 25.7;
+// 4096x14336 M = 256 61.4 -> 61.7, long K: Stream-K's fixups weigh less there.)
+WgGeometry wg_geometry(int64_t M, const Shape& s, int device, bool allow_split) {
+  const int tok = tok_for(M);
+  const WgGeometry g = wg_geometry_tok(M, s, device, allow_split, tok);
+  if (!allow_split || g.split > 1 || tok == 64 || LUTMM_EXPERIMENT == 6) return g;
+  const WgGeometry h = wg_geometry_tok(M, s, device, true, tok / 2);
+  return h.split > 1 ? h : g;
 }
 
 size_t wg_counters_bytes(const WgGeometry& g) { return counter_region_bytes(g.sk_tiles()); }

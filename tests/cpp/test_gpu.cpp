@@ -357,7 +357,7 @@ TEST(Gpu, WgmmaWorkSplitsDeterministicAndAgreeWithLut) {
 
 // Split-K clusters (few tiles: clusters of C CTAs split each tile along K and reduce through
 // distributed shared memory): bitwise the same output on every run, equal to the forced Stream-K
-// split up to the order of the fp32 partial sums, and to the LUT kernel up to rounding. Every tile
+// split and to the LUT kernel up to rounding. Every tile
 // width (TOK 64, 128, 256), scales before and after the MMA, C = 2, 3, 4, rows past N, bias, fp16.
 TEST(Gpu, WgmmaSplitKClusters) {
   REQUIRE_WGMMA();
@@ -377,7 +377,9 @@ TEST(Gpu, WgmmaSplitKClusters) {
                         {Shape{4600, 2048, 2, 32}, 100, DType::BF16, true},    // 36 tiles of 128 (rows past N)
                         {Shape{3840, 4096, 4, 128}, 256, DType::BF16, true},   // 30 tiles of 256
                         {Shape{3840, 4096, 4, 128}, 64, DType::BF16, false},   // 64 tokens, scales after the MMA
-                        {Shape{3840, 2048, 4, 128}, 128, DType::F16, true}};   // 128 tokens, scales after the MMA
+                        {Shape{3840, 2048, 4, 128}, 128, DType::F16, true},    // 128 tokens, scales after the MMA
+                        {Shape{4096, 4096, 4, 128}, 256, DType::BF16, true},   // 32 tiles of 256 -> 64 of 128
+                        {Shape{4096, 2048, 3, 128}, 100, DType::F16, false}};  // 32 tiles of 128 -> 64 of 64
   int clustered = 0;
   for (const Case& c : cases) {
     const int cs = gpu::wgmma_cluster_size(c.M, c.s, 0);
@@ -396,13 +398,15 @@ TEST(Gpu, WgmmaSplitKClusters) {
     ASSERT_EQ(std::memcmp(y.data(), y2.data(), y.size() * 4), 0) << "N=" << c.s.N << " M=" << c.M << " not reproducible";
     auto y_sk = run_gpu(L, x, c.M, c.dt, b, ws.p, ws.bytes, gpu::Path::kWgmma, gpu::LutKernel::kAuto,
                         gpu::WgSplit::kStreamK);
-    EXPECT_LT(rel_err(y, y_sk), c.dt == DType::BF16 ? 2e-3 : 5e-4) << "N=" << c.s.N << " M=" << c.M << " C=" << cs;
+    // Up to rounding: the sums' order, and where clusters halved the tile's tokens (TOK 256 -> 128,
+    // 128 -> 64) the scales may move after the MMA (its rounding: see cuda.h).
+    EXPECT_LT(rel_err(y, y_sk), c.dt == DType::BF16 ? 5e-3 : 1.5e-3) << "N=" << c.s.N << " M=" << c.M << " C=" << cs;
     ws_lut.ensure(ws_need(gpu::Path::kLut, c.M, c.s));
     auto yl = run_gpu(L, x, c.M, c.dt, b, ws_lut.p, ws_lut.bytes, gpu::Path::kLut);
     EXPECT_LT(rel_err(y, yl), 6e-3) << "N=" << c.s.N << " M=" << c.M << " C=" << cs;
   }
   // An H100 fits 66 clusters of two: the 64-tile cases at least must have used them.
-  if (sms == 132) EXPECT_GE(clustered, 2);
+  if (sms == 132) EXPECT_GE(clustered, 4);
 }
 
 // One workspace serves calls of every shape and path in turn (as lutmm.matmul's per-device one
