@@ -640,7 +640,7 @@ int max_active_clusters(int device, int size) {
 }
 
 // The work split for tiles of `tok` tokens.
-WgGeometry wg_geometry_tok(int64_t M, const Shape& s, int device, bool allow_split, int tok) {
+WgGeometry wg_geometry_tok(int64_t M, const Shape& s, int device, bool allow_split, int tok, int force_ctas = 0) {
   WgGeometry g;
   g.device = device;
   g.split = 1;
@@ -660,7 +660,16 @@ WgGeometry wg_geometry_tok(int64_t M, const Shape& s, int device, bool allow_spl
   // 187.6 -> 154.6 us (108), 28672x4096 55.0 -> 49.3 (27), 8192x8192 34.5 -> 33.0 (15.5),
   // 4096x14336 31.9 -> 31.8 (13.6), 4096x4096 15.7 -> 17.5 (3.9).)
   const int sms = sm_count(device);
-  g.ctas = g.tok == 64 && tiles * g.col_blocks >= int64_t(15) * 2 * sms ? 2 : 1;
+  g.ctas = force_ctas ? force_ctas : g.tok == 64 && tiles * g.col_blocks >= int64_t(15) * 2 * sms ? 2 : 1;
+  // Where split-K clusters of one CTA per SM apply and give each CTA <= 64 k-blocks, they beat two
+  // CTAs per SM on Stream-K. (H100, 2026-11-26, lutmm_bench A/B, TOK = 64, clusters of 2:
+  // 8192x8192 M = 64 33.3 -> 30.7 us (32 k-blocks per CTA), M = 48 33.1 -> 30.7, 3-bit 36.8 -> 33.6,
+  // 2-bit 30.2 -> 29.5; 8192x28672 M = 64 85.2 -> 91.9 (112 k-blocks per CTA: there the second
+  // CTA's warps hiding the lookups' latency are worth more than the fixups).)
+  if (allow_split && g.ctas == 2 && !force_ctas) {
+    const WgGeometry c = wg_geometry_tok(M, s, device, true, tok, 1);
+    if (c.split > 1 && c.col_blocks <= 64 * c.split) return c;
+  }
   const int slots = sms * g.ctas;
   // Few tiles (at most a third to a half of the SMs): split each tile's k-blocks over a cluster of
   // C = 4, 3 or 2 CTAs when that keeps >= 80% of the SMs busy, every CTA gets >= 4 k-blocks and the

@@ -379,7 +379,8 @@ TEST(Gpu, WgmmaSplitKClusters) {
                         {Shape{3840, 4096, 4, 128}, 64, DType::BF16, false},   // 64 tokens, scales after the MMA
                         {Shape{3840, 2048, 4, 128}, 128, DType::F16, true},    // 128 tokens, scales after the MMA
                         {Shape{4096, 4096, 4, 128}, 256, DType::BF16, true},   // 32 tiles of 256 -> 64 of 128
-                        {Shape{4096, 2048, 3, 128}, 100, DType::F16, false}};  // 32 tiles of 128 -> 64 of 64
+                        {Shape{4096, 2048, 3, 128}, 100, DType::F16, false},   // 32 tiles of 128 -> 64 of 64
+                        {Shape{8192, 8192, 4, 128}, 64, DType::BF16, true}};   // clusters, not two CTAs per SM
   int clustered = 0;
   for (const Case& c : cases) {
     const int cs = gpu::wgmma_cluster_size(c.M, c.s, 0);
@@ -406,7 +407,7 @@ TEST(Gpu, WgmmaSplitKClusters) {
     EXPECT_LT(rel_err(y, yl), 6e-3) << "N=" << c.s.N << " M=" << c.M << " C=" << cs;
   }
   // An H100 fits 66 clusters of two: the 64-tile cases at least must have used them.
-  if (sms == 132) EXPECT_GE(clustered, 4);
+  if (sms == 132) EXPECT_GE(clustered, 5);
 }
 
 // One workspace serves calls of every shape and path in turn (as lutmm.matmul's per-device one
