@@ -304,7 +304,7 @@ __device__ __forceinline__ void store_tile(const WgParams<T>& p, int nt, int mt,
 // memory (into the stages, which the cluster is done with), then each rank adds its share's C
 // partials in rank order and stores them. The whole cluster reduces at once, no global memory, no
 // counters, and the sum is bitwise reproducible. The producer warpgroup takes part in both cluster
-// barriers (split_k_producer_sync).
+// barriers (after produce(), in the kernel).
 // xbuf / xbuf_addr: the exchange buffer (generic pointer / shared::cta address), rank-major:
 // [source rank][a / C][thread].
 template <int TOK, typename T, int C>
@@ -609,6 +609,22 @@ struct WgGeometry {
 // 57344x8192 241.2 -> 207.2).
 int tok_for(int64_t M) { return M <= 64 ? 64 : M <= 128 ? 128 : 256; }
 
+// Launch configuration of `grid` CTAs of the wgmma kernel with `smem_bytes` of dynamic shared memory,
+// in clusters of `cluster` CTAs (1: no clusters); `attr` holds the cluster attribute.
+cudaLaunchConfig_t wg_config(int grid, int smem_bytes, cudaStream_t stream, int cluster, cudaLaunchAttribute (&attr)[1]) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(grid));
+  cfg.blockDim = dim3(kCtaThreads);
+  cfg.dynamicSmemBytes = size_t(smem_bytes);
+  cfg.stream = stream;
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = unsigned(cluster);
+  attr[0].val.clusterDim.y = attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = cluster > 1 ? 1 : 0;
+  return cfg;
+}
+
 // Clusters of `size` one-CTA-per-SM CTAs of the wgmma kernel that can run at once on `device` (how
 // many GPCs hold that many free SMs; cached per device and size).
 int max_active_clusters(int device, int size) {
@@ -621,16 +637,8 @@ int max_active_clusters(int device, int size) {
     using L = WgLayout<4, 256, 1>;  // the largest; every one-CTA-per-SM variant packs SMs alike
     auto* kernel = &lut_wgmma_kernel<4, 256, 1, __nv_bfloat16>;
     allow_dynamic_smem(reinterpret_cast<const void*>(kernel), L::kSmemBytes, device);
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(unsigned(size * 32));
-    cfg.blockDim = dim3(kCtaThreads);
-    cfg.dynamicSmemBytes = L::kSmemBytes;
     cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = unsigned(size);
-    attr[0].val.clusterDim.y = attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    const cudaLaunchConfig_t cfg = wg_config(size * 32, L::kSmemBytes, nullptr, size, attr);
     int n = 0;
     if (cudaOccupancyMaxActiveClusters(&n, reinterpret_cast<const void*>(kernel), &cfg) != cudaSuccess) n = 0;
     cudaGetLastError();
@@ -743,23 +751,9 @@ void wg_launch(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStr
   const CUtensorMap tm_x = x_tensor_map(prob.x, prob.dtype, prob.M, s.K, TOK);
   const CUtensorMap tm_w = codes_tensor_map<BITS>(prob, kWarps, L::kRbCodeBytes / 4);  // a half-stage's codes
   const CUtensorMap tm_s = scales_tensor_map(prob, kWarps);
-  if (geo.split == 1) {
-    kernel<<<geo.grid, kCtaThreads, L::kSmemBytes, stream>>>(p, tm_x, tm_w, tm_s);
-    check_cuda(cudaGetLastError(), "lut_wgmma_kernel launch");
-    return;
-  }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned(geo.grid));
-  cfg.blockDim = dim3(kCtaThreads);
-  cfg.dynamicSmemBytes = L::kSmemBytes;
-  cfg.stream = stream;
   cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = unsigned(geo.split);
-  attr[0].val.clusterDim.y = attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  check_cuda(cudaLaunchKernelEx(&cfg, kernel, p, tm_x, tm_w, tm_s), "lut_wgmma_kernel launch (split-K clusters)");
+  const cudaLaunchConfig_t cfg = wg_config(geo.grid, L::kSmemBytes, stream, geo.split, attr);
+  check_cuda(cudaLaunchKernelEx(&cfg, kernel, p, tm_x, tm_w, tm_s), "lut_wgmma_kernel launch");
 }
 
 template <int TOK, int CTAS, typename T, bool AFTER = false>
