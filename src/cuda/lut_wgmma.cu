@@ -597,6 +597,7 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
 struct WgGeometry {
   int tok, ctas, grid, m_tiles, n_tiles, tiles, dp_tiles, col_blocks;
   int split;   // CTAs per split-K cluster (1: data-parallel waves + Stream-K)
+  bool aligned = false;  // tile-aligned Stream-K: grid / tiles CTAs on every tile
   int device;  // the current device (asked once per call)
   int sk_tiles() const { return tiles - dp_tiles; }
 };
@@ -705,6 +706,22 @@ WgGeometry wg_geometry_tok(int64_t M, const Shape& s, int device, bool allow_spl
   // (H100, 2026-11-26: 4096x4096 M = 1024, 128 tiles, 90.8 -> 70.1 us; lutmm_bench A/B for the
   // many-waves rule: 4096x14336 M = 4096, 3.9 waves, 730.5 -> 662.2 us, 4096x4096 M = 4096 210.8 ->
   // 200.5 us, 28672x4096 M = 1024 358.6 -> 350.0 us, the rest within 0.5%.)
+  // Else, with fewer tiles than CTA slots, tile-aligned Stream-K (as the decode kernels): C = slots /
+  // tiles CTAs per tile when C divides the k-blocks and keeps >= 90% of the slots busy, so every CTA
+  // takes one C-th of one tile (one partial, none mid-range). (H100, 2026-11-26, lutmm_bench A/B
+  // against the rules before it, 4-bit g128: 4096x14336 M = 256 61.8 -> 54.0 us, M = 128 48.6 ->
+  // 37.8 (was 40.7 before item 33's rule met the halved tiles there), M = 64 30.8 -> 29.2, 4096x4096
+  // M = 64 14.7 -> 13.3; but 4096x4096 M = 256 22.6 -> 27.5 and M = 128 17.6 -> 18.3 against
+  // clusters of half-width tiles, hence the order in wg_geometry.)
+  if (LUTMM_EXPERIMENT != 14 && allow_split && g.tiles < slots) {
+    const int c = slots / g.tiles;
+    if (c >= 2 && g.tiles * c * 10 >= slots * 9 && g.col_blocks % c == 0) {
+      g.dp_tiles = 0;
+      g.grid = g.tiles * c;
+      g.aligned = true;
+      return g;
+    }
+  }
   const int tail = g.tiles % slots;
   const int64_t waves_up = (g.tiles + slots - 1) / slots;
   const bool dp_only = tail == 0 || tail * 10 >= slots * 9 || waves_up * slots * 10 <= int64_t(g.tiles) * 11;
@@ -719,10 +736,13 @@ WgGeometry wg_geometry_tok(int64_t M, const Shape& s, int device, bool allow_spl
 // 64 fit as clusters of 2). (H100, 2026-11-26, lutmm_bench A/B, 4-bit g128: 4096x4096 M = 256
 // 31.5 -> 22.9 us, M = 200 32.3 -> 22.9, M = 128 20.6 -> 17.7, 3-bit M = 256 32.5 -> 25.7;
 // 4096x14336 M = 256 61.4 -> 61.7, long K: Stream-K's fixups weigh less there.)
+// Order: clusters at full width; tile-aligned Stream-K at full width where each CTA gets >= 16
+// k-blocks; clusters of half-width tiles; tile-aligned Stream-K with shorter ranges; Stream-K.
 WgGeometry wg_geometry(int64_t M, const Shape& s, int device, bool allow_split) {
   const int tok = tok_for(M);
   const WgGeometry g = wg_geometry_tok(M, s, device, allow_split, tok);
   if (!allow_split || g.split > 1 || tok == 64 || LUTMM_EXPERIMENT == 6) return g;
+  if (g.aligned && g.col_blocks * g.tiles / g.grid >= 16) return g;
   const WgGeometry h = wg_geometry_tok(M, s, device, true, tok / 2);
   return h.split > 1 ? h : g;
 }

@@ -383,8 +383,9 @@ TEST(Gpu, WgmmaWorkSplitsDeterministicAndAgreeWithLut) {
 }
 
 // Split-K clusters (few tiles: clusters of C CTAs split each tile along K and reduce through
-// distributed shared memory): bitwise the same output on every run, equal to the forced Stream-K
-// split and to the LUT kernel up to rounding. Every tile
+// distributed shared memory) and tile-aligned Stream-K (C CTAs per tile, global-memory fixup):
+// bitwise the same output on every run, equal to the forced plain Stream-K split and to the LUT
+// kernel up to rounding. Every tile
 // width (TOK 64, 128, 256), scales before and after the MMA, C = 2, 3, 4, rows past N, bias, fp16.
 TEST(Gpu, WgmmaSplitKClusters) {
   REQUIRE_WGMMA();
@@ -407,7 +408,9 @@ TEST(Gpu, WgmmaSplitKClusters) {
                         {Shape{3840, 2048, 4, 128}, 128, DType::F16, true},    // 128 tokens, scales after the MMA
                         {Shape{4096, 4096, 4, 128}, 256, DType::BF16, true},   // 32 tiles of 256 -> 64 of 128
                         {Shape{4096, 2048, 3, 128}, 100, DType::F16, false},   // 32 tiles of 128 -> 64 of 64
-                        {Shape{8192, 8192, 4, 128}, 64, DType::BF16, true}};   // clusters, not two CTAs per SM
+                        {Shape{8192, 8192, 4, 128}, 64, DType::BF16, true},    // clusters, not two CTAs per SM
+                        {Shape{4096, 14336, 4, 128}, 256, DType::BF16, false}, // tile-aligned Stream-K (4 per tile)
+                        {Shape{4096, 4096, 3, 64}, 64, DType::F16, true}};     // tile-aligned, 64 tokens
   int clustered = 0;
   for (const Case& c : cases) {
     const int cs = gpu::wgmma_cluster_size(c.M, c.s, 0);
