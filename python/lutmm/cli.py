@@ -19,12 +19,11 @@ from typing import List, Optional
 
 import torch
 
+from .quality import METHODS as QUANT_METHODS  # `lutmm quantize --method` choices (one list, in quality.py)
+
 NO_GPU_BENCH = "no CUDA device: kernel benchmark needs a GPU"
 CPU_FALLBACK = "CPU fallback: no CUDA device, speed numbers are CPU reference timings"
 DEFAULT_PROMPT = "The Python interpreter"
-QUANT_METHODS = ("rtn", "kmeans", "learned", "gptq", "gptq+kmeans", "learned+kmeans", "gptq+learned",
-                 "gptq+learned+kmeans", "gptq+refit", "gptq+kmeans+refit",
-                 "gptq+select", "gptq+select+refit")
 IN_DOMAIN_CALIB = "build/calib/gcide-train.txt"  # written by scripts/get_calib.sh (lutmm.calib_text)
 FALLBACK_DAMP = 1.0  # GPTQ damping for the WikiText-2 fallback (out of mini-llama's domain, docs/quality.md)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
