@@ -1,0 +1,126 @@
+// The wgmma kernel's work split (see wg_plan.h). Every rule below records the measurement behind it.
+#include "wg_plan.h"
+
+#include <algorithm>
+#include <string>
+
+#ifndef LUTMM_EXPERIMENT
+#define LUTMM_EXPERIMENT 0
+#endif
+
+namespace lutmm {
+namespace gpu {
+
+// H100, 2026-11-26: TOK = 128 up to M = 512 made M = 256 45-55% slower (more tiles, each re-reading
+// its share of activations and paying the lookups for half the MMA work).
+// TOK = 64 for M <= 64 (wgmma m64n64k16): the lookups, not the MMAs, set the pace there, so halving
+// the MMA work of TOK = 128 tiles is worth it (H100, 2026-11-26, lutmm_bench, M = 64, TOK 128 -> 64:
+// 8192x8192 44.8 -> 37.3 us, 4096x4096 21.8 -> 16.5, 28672x4096 88.1 -> 59.9, 4096x14336 41.5 -> 34.4,
+// 57344x8192 241.2 -> 207.2).
+int wg_tok_for(int64_t M) { return M <= 64 ? 64 : M <= 128 ? 128 : 256; }
+
+namespace {
+
+// The plan for tiles of `tok` tokens; force_ctas: CTAs per SM if not 0.
+WgPlan plan_tok(int64_t M, const Shape& s, const WgDeviceLimits& d, bool allow_split, int tok, int force_ctas = 0) {
+  WgPlan g;
+  const int64_t n_tiles = (s.row_blocks() + kWgTileRowBlocks - 1) / kWgTileRowBlocks;
+  g.tok = tok;
+  g.m_tiles = int((M + g.tok - 1) / g.tok);
+  g.col_blocks = int(s.col_blocks());
+  g.n_tiles = int(n_tiles);
+  const int64_t tiles = n_tiles * g.m_tiles;
+  if (tiles * g.col_blocks >= (int64_t(1) << 31))
+    throw Error("shape: M x N x K too large for one call (more than 2^31 tiles x k-blocks); split M or N");
+  g.tiles = int(tiles);
+  const int sms = d.sms;
+  // One CTA per SM (~190-210 KB of shared memory each); at TOK = 64 two (each with its own table and
+  // 3-6 stages) when each of them still gets >= 15 k-blocks: twice the warps hide the lookups'
+  // latency, but a CTA's fixed costs (table build, pipeline fill, Stream-K fixup) count twice.
+  // (H100, 2026-11-26, lutmm_bench, M = 64, 1 -> 2 CTAs (k-blocks per CTA with 2): 57344x8192
+  // 187.6 -> 154.6 us (108), 28672x4096 55.0 -> 49.3 (27), 8192x8192 34.5 -> 33.0 (15.5),
+  // 4096x14336 31.9 -> 31.8 (13.6), 4096x4096 15.7 -> 17.5 (3.9).)
+  g.ctas = force_ctas ? force_ctas : g.tok == 64 && tiles * g.col_blocks >= int64_t(15) * 2 * sms ? 2 : 1;
+  // Where split-K clusters of one CTA per SM apply and give each CTA <= 64 k-blocks, they beat two
+  // CTAs per SM on Stream-K. (H100, 2026-11-26, lutmm_bench A/B, TOK = 64, clusters of 2:
+  // 8192x8192 M = 64 33.3 -> 30.7 us (32 k-blocks per CTA), M = 48 33.1 -> 30.7, 3-bit 36.8 -> 33.6,
+  // 2-bit 30.2 -> 29.5; 8192x28672 M = 64 85.2 -> 91.9 (112 k-blocks per CTA: there the second
+  // CTA's warps hiding the lookups' latency are worth more than the fixups).)
+  if (allow_split && g.ctas == 2 && !force_ctas) {
+    const WgPlan c = plan_tok(M, s, d, true, tok, 1);
+    if (c.split > 1 && c.col_blocks <= 64 * c.split) return c;
+  }
+  const int slots = sms * g.ctas;
+  // Few tiles (at most a third to a half of the SMs): split each tile's k-blocks over a cluster of
+  // C = 4, 3 or 2 CTAs when that keeps >= 80% of the SMs busy, every CTA gets >= 4 k-blocks and the
+  // clusters all fit at once. Against Stream-K over every SM, no CTA ends mid-tile with a partial
+  // to write to global memory, and no last contributor reads the others' partials while the rest
+  // idle. (H100, 2026-11-26, Nsight Compute, 8192x8192 M = 256, 64 tiles on Stream-K: SMs active
+  // 80% of the kernel's cycles, 76.4 us against 51.7 us per 256 tokens at M = 4096. lutmm_bench,
+  // Stream-K -> clusters, 4-bit: 8192x8192 M = 256 64.5 -> 53.8 us (C = 2), M = 192 68.6 -> 53.3,
+  // 3840x4096 M = 256 33.3 -> 23.5 (C = 4); 3 and 2 bits -15%, -19%. That H100 fits 30 clusters of 4,
+  // 39 of 3 and 66 of 2, so 4096x4096 M = 256 (32 tiles) takes another rule.)
+  if (allow_split && g.ctas == 1)
+    for (int c = 4; c >= 2; --c) {
+      const int64_t ctas = tiles * c;
+      if (ctas <= sms && ctas * 5 >= int64_t(sms) * 4 && g.col_blocks >= 4 * c && tiles <= d.max_clusters[c]) {
+        g.split = c;
+        g.dp_tiles = g.tiles;
+        g.grid = int(ctas);
+        return g;
+      }
+    }
+  // Else, with fewer tiles than CTA slots, tile-aligned Stream-K (as the decode kernels): C = slots /
+  // tiles CTAs per tile when C divides the k-blocks and keeps >= 90% of the slots busy, so every CTA
+  // takes one C-th of one tile (one partial, none mid-range). (H100, 2026-11-26, lutmm_bench A/B
+  // against the rules before it, 4-bit g128: 4096x14336 M = 256 61.8 -> 54.0 us, M = 128 48.6 ->
+  // 37.8 (was 40.7 before item 33's rule met the halved tiles there), M = 64 30.8 -> 29.2, 4096x4096
+  // M = 64 14.7 -> 13.3; but 4096x4096 M = 256 22.6 -> 27.5 and M = 128 17.6 -> 18.3 against
+  // clusters of half-width tiles, hence the order in wg_plan.)
+  if (LUTMM_EXPERIMENT != 14 && allow_split && g.tiles < slots) {
+    const int c = slots / g.tiles;
+    if (c >= 2 && g.tiles * c * 10 >= slots * 9 && g.col_blocks % c == 0) {
+      g.dp_tiles = 0;
+      g.grid = g.tiles * c;
+      g.aligned = true;
+      return g;
+    }
+  }
+  // Else all whole waves but the last are data-parallel; the last full wave and the remainder go to
+  // Stream-K, so each CTA gets the same share of the tail. When rounding the waves up costs at most
+  // 10% (the last wave fills >= 90% of the SMs, or there are many waves), everything runs
+  // data-parallel: Stream-K's fixups and mid-tile starts cost more than that.
+  // (H100, 2026-11-26: 4096x4096 M = 1024, 128 tiles, 90.8 -> 70.1 us; lutmm_bench A/B for the
+  // many-waves rule: 4096x14336 M = 4096, 3.9 waves, 730.5 -> 662.2 us, 4096x4096 M = 4096 210.8 ->
+  // 200.5 us, 28672x4096 M = 1024 358.6 -> 350.0 us, the rest within 0.5%.)
+  const int tail = g.tiles % slots;
+  const int64_t waves_up = (g.tiles + slots - 1) / slots;
+  const bool dp_only = tail == 0 || tail * 10 >= slots * 9 || waves_up * slots * 10 <= int64_t(g.tiles) * 11;
+  g.dp_tiles = dp_only ? g.tiles : std::max(0, g.tiles / slots - 1) * slots;
+  const int64_t sk_iters = int64_t(g.sk_tiles()) * g.col_blocks;
+  g.grid = g.dp_tiles > 0 ? std::min(slots, g.tiles) : int(std::min<int64_t>(slots, std::max<int64_t>(1, sk_iters)));
+  return g;
+}
+
+}  // namespace
+
+// Tiles of wg_tok_for(M) tokens, or of half as many where only the doubled tile count lets split-K
+// clusters run (4096-row weights at M = 65-256: 32 tiles do not fit as clusters of 4 on the H100,
+// 64 fit as clusters of 2). (H100, 2026-11-26, lutmm_bench A/B, 4-bit g128: 4096x4096 M = 256
+// 31.5 -> 22.9 us, M = 200 32.3 -> 22.9, M = 128 20.6 -> 17.7, 3-bit M = 256 32.5 -> 25.7;
+// 4096x14336 M = 256 61.4 -> 61.7, long K: Stream-K's fixups weigh less there.)
+// Order: clusters at full width; tile-aligned Stream-K at full width where each CTA gets >= 16
+// k-blocks; clusters of half-width tiles; tile-aligned Stream-K with shorter ranges; Stream-K.
+WgPlan wg_plan(int64_t M, const Shape& s, const WgDeviceLimits& d, bool allow_split) {
+  if (M < 1) throw Error("M: expected >= 1, got " + std::to_string(M));
+  if (d.sms < 1) throw Error("device: no streaming multiprocessors reported");
+  const int tok = wg_tok_for(M);
+  const WgPlan g = plan_tok(M, s, d, allow_split, tok);
+  if (!allow_split || g.split > 1 || tok == 64 || LUTMM_EXPERIMENT == 6) return g;
+  if (g.aligned && g.col_blocks * g.tiles / g.grid >= 16) return g;
+  const WgPlan h = plan_tok(M, s, d, true, tok / 2);
+  return h.split > 1 ? h : g;
+}
+
+}  // namespace gpu
+}  // namespace lutmm

@@ -1,0 +1,121 @@
+// The wgmma kernel's work-split rules (src/wg_plan.cpp) on the CPU, with the H100's limits: 132 SMs,
+// 30 clusters of 4, 39 of 3 and 66 of 2 at a time (cudaOccupancyMaxActiveClusters on the H100 of
+// 2026-11-26). The expected plans are the ones the GPU runs measured (docs/performance.md, items 31-35).
+#include <gtest/gtest.h>
+
+#include "../../src/wg_plan.h"
+
+using namespace lutmm;
+using namespace lutmm::gpu;
+
+namespace {
+
+WgDeviceLimits h100() {
+  WgDeviceLimits d;
+  d.sms = 132;
+  d.max_clusters[2] = 66;
+  d.max_clusters[3] = 39;
+  d.max_clusters[4] = 30;
+  return d;
+}
+
+// Partial-sum bytes a plan needs in the workspace (as lut_wgmma.cu sizes them).
+size_t partials_bytes(const WgPlan& p) { return p.sk_tiles() == 0 ? 0 : size_t(p.grid) * 2 * 256 * (p.tok / 2) * 4; }
+
+}  // namespace
+
+TEST(WgPlan, ClusterSizeByTileCount) {
+  // M = 256 (one token tile), K = 4096, N = t x 128: the table the GPU test printed on the H100.
+  for (int t = 24; t <= 70; ++t) {
+    const WgPlan p = wg_plan(256, Shape{t * 128, 4096, 4, 128}, h100(), true);
+    const int want = t >= 27 && t <= 30 ? 4 : t >= 31 && t <= 33 ? 2 : t >= 36 && t <= 39 ? 3 : t >= 53 && t <= 66 ? 2 : 1;
+    EXPECT_EQ(p.split, want) << "tiles " << t;
+    if (t >= 31 && t <= 33) EXPECT_EQ(p.tok, 128) << "tiles " << t << ": half-width tiles reach clusters of 2";
+  }
+}
+
+TEST(WgPlan, MeasuredShapes) {
+  struct Want { int64_t N, K, M; int tok, ctas, split; bool aligned; int grid; };
+  const Want cases[] = {
+      {8192, 8192, 256, 256, 1, 2, false, 128},    // clusters of 2 (item 31)
+      {4096, 4096, 256, 128, 1, 2, false, 128},    // half-width tiles in clusters (item 32)
+      {4096, 4096, 128, 64, 1, 2, false, 128},
+      {8192, 8192, 64, 64, 1, 2, false, 128},      // clusters before two CTAs per SM (item 33)
+      {8192, 28672, 64, 64, 2, 1, true, 256},      // two CTAs per SM (112 k-blocks per cluster CTA), aligned
+      {4096, 14336, 256, 256, 1, 1, true, 128},    // aligned Stream-K, 28 k-blocks per CTA (item 35)
+      {4096, 14336, 128, 128, 1, 1, true, 128},
+      {4096, 4096, 64, 64, 1, 1, true, 128},       // aligned, 8 k-blocks per CTA: nothing better at TOK = 64
+      {28672, 4096, 256, 256, 1, 1, false, 132},   // 224 tiles: Stream-K over every SM
+      {8192, 8192, 4096, 256, 1, 1, false, 132},   // 1024 tiles: all data-parallel (many waves)
+  };
+  for (const Want& w : cases) {
+    const WgPlan p = wg_plan(w.M, Shape{w.N, w.K, 4, 128}, h100(), true);
+    const std::string at = std::to_string(w.N) + "x" + std::to_string(w.K) + " M=" + std::to_string(w.M);
+    EXPECT_EQ(p.tok, w.tok) << at;
+    EXPECT_EQ(p.ctas, w.ctas) << at;
+    EXPECT_EQ(p.split, w.split) << at;
+    EXPECT_EQ(p.aligned, w.aligned) << at;
+    EXPECT_EQ(p.grid, w.grid) << at;
+  }
+  const WgPlan big = wg_plan(4096, Shape{8192, 8192, 4, 128}, h100(), true);
+  EXPECT_EQ(big.dp_tiles, big.tiles);
+}
+
+// Invariants over a sweep, with and without clusters on the device: every plan covers its tiles
+// with at most one CTA per slot; clusters only where they fit and each CTA gets >= 4 k-blocks;
+// aligned plans put the same number of CTAs on every tile and a whole share of k-blocks on each;
+// and no plan needs more workspace than the plain Stream-K plan that wgmma_workspace_bytes() sizes.
+TEST(WgPlan, Invariants) {
+  WgDeviceLimits no_clusters;
+  no_clusters.sms = 132;
+  WgDeviceLimits small;  // a smaller part
+  small.sms = 58;
+  small.max_clusters[2] = 29;
+  small.max_clusters[4] = 12;
+  int plans = 0, split = 0, aligned = 0;
+  for (const WgDeviceLimits& d : {h100(), no_clusters, small})
+    for (int64_t N : {77, 1000, 3840, 4096, 5600, 6144, 8192, 10240, 28672, 57344})
+      for (int64_t K : {256, 1024, 4096, 8192, 14336})
+        for (int64_t M : {33, 64, 65, 100, 128, 200, 256, 300, 512, 1024, 4096})
+          for (int bits : {2, 4}) {
+            const Shape s{N, K, bits, 128};
+            const WgPlan p = wg_plan(M, s, d, true), q = wg_plan(M, s, d, false);
+            const std::string at = std::to_string(N) + "x" + std::to_string(K) + " M=" + std::to_string(M) +
+                                   " sms=" + std::to_string(d.sms);
+            ++plans;
+            ASSERT_TRUE(p.tok == 64 || p.tok == 128 || p.tok == 256) << at;
+            EXPECT_EQ(int64_t(p.m_tiles), (M + p.tok - 1) / p.tok) << at;
+            EXPECT_EQ(p.tiles, p.m_tiles * p.n_tiles) << at;
+            EXPECT_GE(p.grid, 1) << at;
+            EXPECT_LE(p.grid, d.sms * p.ctas) << at;
+            EXPECT_TRUE(p.ctas == 1 || (p.ctas == 2 && p.tok == 64)) << at;
+            if (p.split > 1) {
+              ++split;
+              EXPECT_LE(p.split, 4) << at;
+              EXPECT_EQ(p.ctas, 1) << at;
+              EXPECT_EQ(p.grid, p.tiles * p.split) << at;
+              EXPECT_LE(p.tiles, d.max_clusters[p.split]) << at;
+              EXPECT_GE(p.col_blocks, 4 * p.split) << at;
+              EXPECT_FALSE(p.aligned) << at;
+            }
+            if (p.aligned) {
+              ++aligned;
+              EXPECT_EQ(p.grid % p.tiles, 0) << at;
+              EXPECT_EQ(p.col_blocks % (p.grid / p.tiles), 0) << at;
+              EXPECT_EQ(p.dp_tiles, 0) << at;
+            }
+            EXPECT_EQ(q.split, 1) << at;
+            EXPECT_FALSE(q.aligned) << at;
+            EXPECT_EQ(q.tok, wg_tok_for(M)) << at;
+            EXPECT_LE(partials_bytes(p), partials_bytes(q)) << at;
+            if (d.max_clusters[2] == 0) EXPECT_EQ(p.split, 1) << at;
+          }
+  EXPECT_GT(split, 50);
+  EXPECT_GT(aligned, 20);
+  EXPECT_EQ(plans, 3 * 10 * 5 * 11 * 2);
+}
+
+TEST(WgPlan, RejectsBadInput) {
+  EXPECT_THROW(wg_plan(0, Shape{4096, 4096, 4, 128}, h100(), true), Error);
+  EXPECT_THROW(wg_plan(64, Shape{4096, 4096, 4, 128}, WgDeviceLimits{}, true), Error);
+}
