@@ -245,23 +245,8 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
           (kernel == LutKernel::kAuto && g.mt <= 2 && s.N * s.K >= kTmaMinWeights && stream_supported(device));
   g.tiles = int((s.row_blocks() + kWarps - 1) / kWarps);
   g.col_blocks = int(s.col_blocks());
-  const int64_t total = int64_t(g.tiles) * g.col_blocks;
   const int per_sm = g.tma ? stream_workers_per_sm(s.bits) : ctas_per_sm_any(s.bits, g.mt, dt, device);
-  const int64_t slots = int64_t(sm_count(device)) * per_sm;
-  g.grid_x = int(std::min<int64_t>(total, slots));
-  // Tile-aligned split: with fewer tiles than worker slots, C = slots / tiles workers per tile when C
-  // divides the k-blocks and keeps >= 90% of the slots busy. Stream-K's even ranges then fall on tile
-  // boundaries: every worker takes k-blocks [r CB / C, (r + 1) CB / C) of one tile, with one fixup at
-  // its end instead of up to two (one mid-range, where its warps stall on the counter's round trip).
-  // (H100, 2026-11-26, lutmm_bench A/B, 4-bit g128: M = 1 8192x8192 18.6 -> 16.8 us (C = 4),
-  // 4096x14336 17.4 -> 15.6 (C = 8), 4096x4096 8.2 -> 7.8, 2-bit 8192x8192 15.6 -> 14.0; M = 16
-  // 8192x8192 20.0 -> 19.1, 4096x4096 9.5 -> 9.0. Where C did not divide the k-blocks the uneven
-  // ranges lost: 6144x4096 (C = 5) 10.3 -> 11.0, 10240x8192 (C = 3) 21.9 -> 22.2, 3-bit 8192x8192
-  // (C = 6) 21.0 -> 21.4; hence the divisibility rule.)
-  if (g.tiles < slots) {
-    const int64_t c = slots / g.tiles;
-    if (g.tiles * c * 10 >= slots * 9 && g.col_blocks % c == 0) g.grid_x = int(g.tiles * c);
-  }
+  g.grid_x = int(lut_workers(g.tiles, g.col_blocks, int64_t(sm_count(device)) * per_sm));  // src/plan.cpp
   g.grid_y = int((M + 8 * g.mt - 1) / (8 * g.mt));
   g.stages = g.tma ? stream_stages(s.bits, g.mt, device) : kStages;
   g.device = device;

@@ -10,6 +10,7 @@
 // 0-7. 3-bit codes are split over two fields and take shifts and masks.
 #pragma once
 #include "common.cuh"
+#include "../plan.h"
 
 namespace lutmm {
 namespace gpu {
@@ -61,16 +62,7 @@ inline size_t counter_region_bytes(int64_t counters) {
   return kCounterRegionBytes;
 }
 
-// Even split of `total` iterations over `grid` CTAs: CTA c gets [start(c), start(c + 1)).
-__host__ __device__ __forceinline__ int64_t sk_start(int64_t c, int64_t total, int64_t grid) {
-  const int64_t base = total / grid, rem = total % grid;
-  return c * base + (c < rem ? c : rem);
-}
-// The CTA whose range holds iteration i.
-__device__ __forceinline__ int sk_owner(int64_t i, int64_t total, int64_t grid) {
-  const int64_t base = total / grid, rem = total % grid, big = rem * (base + 1);
-  return int(i < big ? i / (base + 1) : rem + (i - big) / base);
-}
+// sk_start / sk_owner (Stream-K's even ranges): ../plan.h, tested on the host.
 
 // atomicAdd with acquire-release semantics at GPU scope; returns the old value.
 __device__ __forceinline__ int atomic_add_acq_rel(int* ptr, int v) {

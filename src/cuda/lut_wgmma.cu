@@ -57,11 +57,11 @@
 #include "lutmm/cuda.h"
 #include "tma.cuh"
 #include "wgmma.cuh"
-#include "../wg_plan.h"
+#include "../plan.h"
 
 // Kernel experiments for A/B builds (cmake -DLUTMM_EXPERIMENT=N, `EXPERIMENTS=N bash scripts/gpu.sh kab`):
-//   6  never halve the tile's tokens to reach split-K clusters (src/wg_plan.cpp)
-//   14 no tile-aligned Stream-K (src/wg_plan.cpp)
+//   6  never halve the tile's tokens to reach split-K clusters (src/plan.cpp)
+//   14 no tile-aligned Stream-K (src/plan.cpp)
 //   5  tiles in plain token-tile-fastest order (no grouping; H100 2026-11-26: 5% slower at
 //      8192x8192 M = 4096, equal elsewhere)
 //   (retired, H100 2026-11-26, lutmm_bench A/B: TOK = 128 at M = 256 when TOK = 256 leaves most SMs without a tile:
@@ -596,7 +596,7 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
 
 // ---- host side ---------------------------------------------------------------------------------
 
-// A call's plan (src/wg_plan.cpp) and its device.
+// A call's plan (src/plan.cpp) and its device.
 struct WgGeometry : WgPlan {
   int device;  // the current device (asked once per call)
 };

@@ -1,9 +1,11 @@
-// The wgmma kernel's work-split rules (src/wg_plan.cpp) on the CPU, with the H100's limits: 132 SMs,
+// The kernels' work-split rules (src/plan.cpp) on the CPU, with the H100's limits: 132 SMs,
 // 30 clusters of 4, 39 of 3 and 66 of 2 at a time (cudaOccupancyMaxActiveClusters on the H100 of
 // 2026-11-26). The expected plans are the ones the GPU runs measured (docs/performance.md, items 31-35).
 #include <gtest/gtest.h>
 
-#include "../../src/wg_plan.h"
+#include <algorithm>
+
+#include "../../src/plan.h"
 
 using namespace lutmm;
 using namespace lutmm::gpu;
@@ -118,4 +120,44 @@ TEST(WgPlan, Invariants) {
 TEST(WgPlan, RejectsBadInput) {
   EXPECT_THROW(wg_plan(0, Shape{4096, 4096, 4, 128}, h100(), true), Error);
   EXPECT_THROW(wg_plan(64, Shape{4096, 4096, 4, 128}, WgDeviceLimits{}, true), Error);
+}
+
+// Stream-K's even ranges (shared with the kernels): every iteration has exactly one owner, and the
+// owner's range holds it.
+TEST(Plan, StreamKRanges) {
+  for (int64_t total : {1, 7, 64, 1000, 4096, 7168})
+    for (int64_t grid : {1, 3, 64, 132, 256, 264, 396})
+      for (int64_t i = 0; i < total; ++i) {
+        const int w = sk_owner(i, total, grid);
+        ASSERT_LE(sk_start(w, total, grid), i) << total << " " << grid;
+        ASSERT_LT(i, sk_start(w + 1, total, grid)) << total << " " << grid;
+      }
+  EXPECT_EQ(sk_start(264, 4096, 264), 4096);
+}
+
+// Decode workers: at most one per slot and per iteration; where tiles are fewer than the slots and
+// the split is tile-aligned, every worker's range lies inside one tile (one fixup per worker).
+TEST(Plan, DecodeWorkers) {
+  // H100, two TMA-kernel CTAs per SM (264 slots): 8192x8192 (64 tiles x 64 k-blocks) -> 4 per tile;
+  // 4096x14336 (32 x 112) -> 8 per tile; 6144x4096 (48 x 32): 5 does not divide 32 -> Stream-K.
+  EXPECT_EQ(lut_workers(64, 64, 264), 256);
+  EXPECT_EQ(lut_workers(32, 112, 264), 256);
+  EXPECT_EQ(lut_workers(48, 32, 264), 264);
+  EXPECT_EQ(lut_workers(448, 64, 264), 264);  // 57344x8192: more tiles than slots
+  EXPECT_EQ(lut_workers(1, 2, 264), 2);       // never more workers than iterations
+  int aligned = 0;
+  for (int64_t tiles = 1; tiles <= 600; tiles += (tiles < 80 ? 1 : 13))
+    for (int64_t cb : {1, 2, 8, 16, 32, 64, 112, 224})
+      for (int64_t slots : {58, 132, 264, 396}) {
+        const int64_t w = lut_workers(tiles, cb, slots), total = tiles * cb;
+        ASSERT_GE(w, 1);
+        ASSERT_LE(w, std::min(total, slots)) << tiles << " " << cb << " " << slots;
+        if (tiles < slots && w % tiles == 0 && w != std::min(total, slots)) {
+          ++aligned;
+          for (int64_t c = 0; c < w; ++c)  // first and last iteration of each range in the same tile
+            ASSERT_EQ(sk_start(c, total, w) / cb, (sk_start(c + 1, total, w) - 1) / cb) << tiles << " " << cb << " " << slots;
+        }
+      }
+  EXPECT_GT(aligned, 100);
+  EXPECT_THROW(lut_workers(0, 4, 132), Error);
 }

@@ -1,13 +1,35 @@
-// Work split of the wgmma prefill kernel (src/cuda/lut_wgmma.cu): tile width, CTAs per SM, and how
-// the (tile, k-block) iterations go to CTAs. Pure host logic on a few device limits, so the rules
-// are tested on the CPU (tests/cpp/test_plan.cpp) as well as timed on the GPU.
+// Work splits of the GPU kernels: how the (tile, k-block) iterations go to CTAs, and for the wgmma
+// prefill kernel (src/cuda/lut_wgmma.cu) also the tile width and CTAs per SM. Pure logic on a few
+// device limits, so the rules are tested on the CPU (tests/cpp/test_plan.cpp) as well as timed on
+// the GPU; the Stream-K range arithmetic is shared with the kernels.
 #pragma once
 #include <cstdint>
 
 #include "lutmm/format.h"
 
+#if defined(__CUDACC__)
+#define LUTMM_HD __host__ __device__ __forceinline__
+#else
+#define LUTMM_HD inline
+#endif
+
 namespace lutmm {
 namespace gpu {
+
+// Even split of `total` iterations over `grid` workers: worker c gets [sk_start(c), sk_start(c + 1)).
+LUTMM_HD int64_t sk_start(int64_t c, int64_t total, int64_t grid) {
+  const int64_t base = total / grid, rem = total % grid;
+  return c * base + (c < rem ? c : rem);
+}
+// The worker whose range holds iteration i.
+LUTMM_HD int sk_owner(int64_t i, int64_t total, int64_t grid) {
+  const int64_t base = total / grid, rem = total % grid, big = rem * (base + 1);
+  return int(i < big ? i / (base + 1) : rem + (i - big) / base);
+}
+
+// Stream-K workers of the decode kernels (src/cuda/lut_gemm.cu, lut_stream.cu) for `tiles` 128-row
+// tiles of `col_blocks` k-blocks on `slots` worker slots (SMs x workers per SM).
+int64_t lut_workers(int64_t tiles, int64_t col_blocks, int64_t slots);
 
 constexpr int kWgTileRowBlocks = 8;  // 16-row blocks per tile (the kernel's 8 consumer warps): 128 weight rows
 
@@ -29,6 +51,7 @@ struct WgPlan {
   int sk_tiles() const { return tiles - dp_tiles; }
 };
 
+// ---- the wgmma kernel ----
 // Tokens per tile for M (before any halving to reach clusters).
 int wg_tok_for(int64_t M);
 // The plan for Y (M x N) = X W^T on a device with limits `d`. allow_split = false: data-parallel

@@ -1,5 +1,5 @@
-// The wgmma kernel's work split (see wg_plan.h). Every rule below records the measurement behind it.
-#include "wg_plan.h"
+// Work splits of the GPU kernels (see plan.h). Every rule below records the measurement behind it.
+#include "plan.h"
 
 #include <algorithm>
 #include <string>
@@ -10,6 +10,26 @@
 
 namespace lutmm {
 namespace gpu {
+
+int64_t lut_workers(int64_t tiles, int64_t col_blocks, int64_t slots) {
+  if (tiles < 1 || col_blocks < 1 || slots < 1) throw Error("lut_workers: tiles, k-blocks and slots must be positive");
+  // Stream-K over every slot, at most one worker per iteration; or, with fewer tiles than slots, a
+  // tile-aligned split: C = slots / tiles workers per tile when C divides the k-blocks and keeps >= 90%
+  // of the slots busy. Stream-K's even ranges then fall on tile boundaries: every worker takes k-blocks
+  // [r CB / C, (r + 1) CB / C) of one tile, with one fixup at its end instead of up to two (one
+  // mid-range, where its warps stall on the counter's round trip).
+  // (H100, 2026-11-26, lutmm_bench A/B, 4-bit g128: M = 1 8192x8192 18.6 -> 16.8 us (C = 4),
+  // 4096x14336 17.4 -> 15.6 (C = 8), 4096x4096 8.2 -> 7.8, 2-bit 8192x8192 15.6 -> 14.0; M = 16
+  // 8192x8192 20.0 -> 19.1, 4096x4096 9.5 -> 9.0. Where C did not divide the k-blocks the uneven
+  // ranges lost: 6144x4096 (C = 5) 10.3 -> 11.0, 10240x8192 (C = 3) 21.9 -> 22.2, 3-bit 8192x8192
+  // (C = 6) 21.0 -> 21.4; hence the divisibility rule.)
+  int64_t workers = std::min(tiles * col_blocks, slots);
+  if (tiles < slots) {
+    const int64_t c = slots / tiles;
+    if (tiles * c * 10 >= slots * 9 && col_blocks % c == 0) workers = tiles * c;
+  }
+  return workers;
+}
 
 // H100, 2026-11-26: TOK = 128 up to M = 512 made M = 256 45-55% slower (more tiles, each re-reading
 // its share of activations and paying the lookups for half the MMA work).
