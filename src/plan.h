@@ -2,6 +2,20 @@
 // prefill kernel (src/cuda/lut_wgmma.cu) also the tile width and CTAs per SM. Pure logic on a few
 // device limits, so the rules are tested on the CPU (tests/cpp/test_plan.cpp) as well as timed on
 // the GPU; the Stream-K range arithmetic is shared with the kernels.
+//
+// Three ways to hand out a GEMM's (tile, k-block) iterations, here 3 tiles of 8 k-blocks:
+//
+//   Stream-K,       tile 0: c0 c0 c0 c0 c0 c1 c1 c1 | tile 1: c1 c1 c2 c2 c2 c2 c2 c3 | tile 2: c3 c3 c3 c3 c4 c4 c4 c4
+//   5 CTAs          even ranges over all CTAs: a CTA may end mid-tile and go on in the next; every
+//                   piece of a tile is an fp32 partial in global memory, summed by its last arriver.
+//   tile-aligned,   tile 0: c0 c0 c0 c0 c1 c1 c1 c1 | tile 1: c2 c2 c2 c2 c3 c3 c3 c3 | tile 2: c4 ... c5
+//   C = 2           the same even ranges over tiles x C CTAs, C dividing the k-blocks: one partial per
+//                   CTA, none mid-range (decode kernels: lut_workers; wgmma: WgPlan::aligned).
+//   clusters,       tile 0: r0 r0 r0 r0 r1 r1 r1 r1 | tile 1: r0 r0 r0 r0 r1 r1 r1 r1 | tile 2: r0 ... r1
+//   C = 2           a thread-block cluster per tile, rank r on its share of the k-blocks; the partial
+//                   sums meet in distributed shared memory, not global memory (WgPlan::split).
+//
+// Data-parallel waves (whole tiles per CTA) come first wherever the tiles fill the SMs.
 #pragma once
 #include <cstdint>
 
