@@ -4,7 +4,8 @@
 # Logs go to $OUT. ab: everything, then kernel A/B builds (EXPERIMENTS="2"); kab: C++ build, GPU tests
 # and the A/B only; cxx: C++ build, GPU tests and the C++ kernel benchmark (lutmm_bench) only;
 # e2e: build, then bench/bench_e2e.py $E2E_ARGS only. BENCH_ARGS replaces --quick for quick/bench.
-# ab/kab take AB_CASES / AB_B_PATHS (see bench_cases below).
+# ab/kab take AB_CASES / AB_B_PATHS (see bench_cases below). profile: Nsight Compute on PROFILE_CASES
+# ("N K M BITS [PATH];...", lutmm_bench) and PROFILE_TORCH ("M N K;...", cuBLAS bf16 through torch.mm).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-quick}
