@@ -71,6 +71,7 @@ if [[ $MODE == ab || $MODE == kab ]]; then  # kernel A/B: default build vs -DLUT
   done
 fi
 if [[ $MODE == profile ]]; then  # Nsight Compute on single cases of the C++ benchmark
+  RAW_METRICS="pipe_tensor.*(pct|per_cycle)|lts__t_(bytes|sectors)\.sum\.per_second|lts__throughput\.avg\.pct|launch__cluster"
   IFS=';' read -ra cases <<< "${PROFILE_CASES:-8192 8192 1 4;57344 8192 1 4;8192 8192 1 2}"  # ';'-separated
   for cfg in "${cases[@]}"; do
     rep="$OUT/ncu_${cfg// /_}"
@@ -83,7 +84,7 @@ if [[ $MODE == profile ]]; then  # Nsight Compute on single cases of the C++ ben
     echo "== ncu $cfg"
     grep -E "^    (Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Issue Slots Busy|Issued Ipc Active|No Eligible|L2 Cache Throughput|L1/TEX Cache Throughput|Cluster Size|Grid Size|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|L2 Hit Rate|Mem Busy|Max Bandwidth|Shared Memory Configuration Size|Block Limit)" "$rep.txt" | head -30
     grep -E "^    Stall|stall|cycles being stalled" "$rep.txt" | head -12
-    grep -E "pipe_tensor.*(pct|per_cycle)|lts__t_(bytes|sectors)\.sum\.per_second|lts__throughput\.avg\.pct|launch__cluster" "$rep.raw.txt" | head -12
+    grep -E "$RAW_METRICS" "$rep.raw.txt" | head -12
     gzip -f "$rep.raw.txt"
   done
   # cuBLAS bf16 (torch.mm) on the same shapes, for comparison: PROFILE_TORCH="M N K;..."
@@ -101,7 +102,7 @@ torch.cuda.synchronize()" > /dev/null 2>&1
     rm -f "$rep.ncu-rep"
     echo "== ncu torch.mm bf16 M N K = $cfg: $(grep -m1 -oE '^  [A-Za-z_0-9]+[^ ]*' "$rep.txt")"
     grep -E "^    (Duration|DRAM Throughput|Memory Throughput|L2 Cache Throughput|L1/TEX Cache Throughput|Compute \(SM\) Throughput|Cluster Size|Grid Size|Block Size|Registers Per|Issue Slots Busy|L2 Hit Rate)" "$rep.txt" | head -16
-    grep -E "pipe_tensor.*(pct|per_cycle)|lts__t_(bytes|sectors)\.sum\.per_second|lts__throughput\.avg\.pct|launch__cluster" "$rep.raw.txt" | head -12
+    grep -E "$RAW_METRICS" "$rep.raw.txt" | head -12
     gzip -f "$rep.raw.txt"
   done
 fi

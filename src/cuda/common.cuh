@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -93,6 +94,24 @@ __device__ __forceinline__ void grid_dependents_launch() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
+
+// A value per device, computed on first use (thread-safe; after that a read costs one atomic load,
+// no lock). A computation that throws is tried again on the next call.
+template <typename V>
+class PerDevice {
+ public:
+  static constexpr int kMaxDevices = 64;
+  template <typename F>
+  const V& get(int device, F&& compute) {
+    if (device < 0 || device >= kMaxDevices) throw Error("device: index out of range");
+    std::call_once(once_[device], [&] { value_[device] = compute(); });
+    return value_[device];
+  }
+
+ private:
+  std::once_flag once_[kMaxDevices];
+  V value_[kMaxDevices] = {};
+};
 
 // True when `device` supports programmatic dependent launch (compute capability >= 9.0).
 bool pdl_supported(int device);

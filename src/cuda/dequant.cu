@@ -50,25 +50,23 @@ void validate_problem(const GemmProblem& prob) {
 }
 
 bool pdl_supported(int device) {
-  static int cache[64] = {};  // 0 unknown, 1 yes, 2 no
-  if (device < 0 || device >= 64) return false;
-  if (cache[device] == 0) {
+  static PerDevice<bool> cache;
+  if (device < 0 || device >= PerDevice<bool>::kMaxDevices) return false;
+  return cache.get(device, [&] {
     int major = 0;
     const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess;
     cudaGetLastError();
-    cache[device] = ok && major >= 9 ? 1 : 2;
-  }
-  return cache[device] == 1;
+    return ok && major >= 9;
+  });
 }
 
 int sm_count(int device) {
-  static std::mutex mu;
-  static int cache[64] = {};
-  std::lock_guard<std::mutex> lock(mu);
-  if (device < 0 || device >= 64) throw Error("device: index out of range");
-  if (cache[device] == 0)
-    check_cuda(cudaDeviceGetAttribute(&cache[device], cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  return cache[device];
+  static PerDevice<int> cache;
+  return cache.get(device, [&] {
+    int n = 0;
+    check_cuda(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+    return n;
+  });
 }
 
 void allow_dynamic_smem(const void* kernel, int bytes, int device) {

@@ -27,7 +27,6 @@
 //   between CTAs is finished by whichever contributor arrives last (per-tile counter), which sums
 //   all partials from the workspace in CTA order: the result is bitwise the same on every run.
 #include <algorithm>
-#include <mutex>
 
 #include "lut_mma.cuh"
 #include "lutmm/cuda.h"
@@ -201,19 +200,15 @@ int mt_for(int64_t M) { return M <= 8 ? 1 : (M <= 16 ? 2 : 4); }
 template <int BITS, int MT, typename T>
 int ctas_per_sm(int dev) {
   // Resolved once per instantiation and device; kernel attributes must allow the large smem first.
-  static std::mutex mu;
-  static int cached[64] = {};
-  std::lock_guard<std::mutex> lock(mu);
-  if (dev < 0 || dev >= 64) throw Error("device: index out of range");
-  if (cached[dev] == 0) {
+  static PerDevice<int> cache;
+  return cache.get(dev, [&] {
     auto* k = &lut_gemm_kernel<BITS, MT, T>;
     allow_dynamic_smem(reinterpret_cast<const void*>(k), kSmemBytes<BITS, MT>, dev);
     int n = 0;
     check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k, kThreads, kSmemBytes<BITS, MT>),
                "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-    cached[dev] = std::max(1, n);
-  }
-  return cached[dev];
+    return std::max(1, n);
+  });
 }
 template <typename T, int MT>
 int ctas_per_sm_bits(int bits, int dev) {

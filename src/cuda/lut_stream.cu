@@ -25,7 +25,7 @@
 //   (launch, table build, first loads, Stream-K fixups) and a 2.75 TB/s marginal rate set by the
 //   compute warps (~190 instructions per warp and 4-bit block, ~90 of them lookups and MMAs).
 #include <algorithm>
-#include <mutex>
+#include <array>
 
 #include "lut_mma.cuh"
 #include "tma.cuh"
@@ -203,18 +203,17 @@ int stages_for(int budget_bytes) {
 
 // Dynamic shared memory per CTA when `ctas` CTAs share an SM.
 int smem_budget(int device, int ctas) {
-  static std::mutex mu;
-  static int cache[64][4] = {};
-  std::lock_guard<std::mutex> lock(mu);
-  if (device < 0 || device >= 64 || ctas < 1 || ctas > 3) throw Error("device: index out of range");
-  if (cache[device][ctas] == 0) {
+  if (ctas < 1 || ctas > 3) throw Error("internal: 1-3 CTAs per SM, got " + std::to_string(ctas));
+  static PerDevice<std::array<int, 4>> cache;  // [ctas]
+  return cache.get(device, [&] {
     int optin = 0, per_sm = 0;
     check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
     check_cuda(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device),
                "cudaDeviceGetAttribute");
-    cache[device][ctas] = std::min(optin, per_sm / ctas - 1024);  // 1 KB per CTA is the system's
-  }
-  return cache[device][ctas];
+    std::array<int, 4> b{};
+    for (int c = 1; c <= 3; ++c) b[c] = std::min(optin, per_sm / c - 1024);  // 1 KB per CTA is the system's
+    return b;
+  })[ctas];
 }
 
 template <int BITS, int MT, typename T>

@@ -51,7 +51,6 @@
 //   8192x8192 M = 256 64.5 -> 53.8 us, M = 128 44.1 -> 38.8, 8192x28672 M = 256 166.7 -> 152.4.)
 
 #include <algorithm>
-#include <mutex>
 
 #include "lut_table.cuh"
 #include "lutmm/cuda.h"
@@ -618,36 +617,34 @@ cudaLaunchConfig_t wg_config(int grid, int smem_bytes, cudaStream_t stream, int 
   return cfg;
 }
 
-// Clusters of `size` one-CTA-per-SM CTAs of the wgmma kernel that can run at once on `device` (how
-// many GPCs hold that many free SMs; cached per device and size).
-int max_active_clusters(int device, int size) {
-  static std::mutex mu;
-  static int cache[64][5] = {};  // size 2..4; 0 = not asked yet, -1 = none
-  if (device < 0 || device >= 64 || size < 2 || size > 4) return 0;
-  std::lock_guard<std::mutex> lock(mu);
-  int& c = cache[device][size];
-  if (c == 0) {
+// What the plan needs of `device` (cached per device): its SM count, and how many clusters of 2, 3
+// and 4 one-CTA-per-SM CTAs of the wgmma kernel run at once (how many GPCs hold that many free SMs).
+const WgDeviceLimits& wg_limits(int device) {
+  static PerDevice<WgDeviceLimits> cache;
+  return cache.get(device, [&] {
+    WgDeviceLimits d;
+    d.sms = sm_count(device);
     using L = WgLayout<4, 256, 1>;  // the largest; every one-CTA-per-SM variant packs SMs alike
     auto* kernel = &lut_wgmma_kernel<4, 256, 1, __nv_bfloat16>;
     allow_dynamic_smem(reinterpret_cast<const void*>(kernel), L::kSmemBytes, device);
-    cudaLaunchAttribute attr[1];
-    const cudaLaunchConfig_t cfg = wg_config(size * 32, L::kSmemBytes, nullptr, size, attr);
-    int n = 0;
-    if (cudaOccupancyMaxActiveClusters(&n, reinterpret_cast<const void*>(kernel), &cfg) != cudaSuccess) n = 0;
-    cudaGetLastError();
-    c = n > 0 ? n : -1;
-  }
-  return std::max(c, 0);
+    for (int size = 2; size <= 4; ++size) {
+      cudaLaunchAttribute attr[1];
+      const cudaLaunchConfig_t cfg = wg_config(size * 32, L::kSmemBytes, nullptr, size, attr);
+      int n = 0;
+      if (cudaOccupancyMaxActiveClusters(&n, reinterpret_cast<const void*>(kernel), &cfg) != cudaSuccess) n = 0;
+      cudaGetLastError();
+      d.max_clusters[size] = std::max(n, 0);
+    }
+    return d;
+  });
 }
 
-// Clusters of 2-4 CTAs that fit at once (asked only when clusters may be used: allow_split).
+// The plan of a call on `device` (src/plan.cpp, with the device's limits from wg_limits).
 WgGeometry wg_geometry(int64_t M, const Shape& s, int device, bool allow_split) {
-  WgDeviceLimits d;
-  d.sms = sm_count(device);
-  if (allow_split)
-    for (int c = 2; c <= 4; ++c) d.max_clusters[c] = max_active_clusters(device, c);
+  WgDeviceLimits sms_only;  // Stream-K plans need no cluster limits (nor an sm_90 device to ask them of)
+  if (!allow_split) sms_only.sms = sm_count(device);
   WgGeometry g;
-  static_cast<WgPlan&>(g) = wg_plan(M, s, d, allow_split);
+  static_cast<WgPlan&>(g) = wg_plan(M, s, allow_split ? wg_limits(device) : sms_only, allow_split);
   g.device = device;
   return g;
 }
@@ -701,20 +698,17 @@ void wg_launch_tok(const GemmProblem& prob, const WgGeometry& geo, void* ws, cud
 }  // namespace
 
 bool wgmma_supported(int device) {
-  static std::mutex mu;
-  static int cache[64] = {};  // 0 unknown, 1 yes, 2 no
-  std::lock_guard<std::mutex> lock(mu);
-  if (device < 0 || device >= 64) return false;
-  if (cache[device] == 0) {
+  static PerDevice<bool> cache;
+  if (device < 0 || device >= PerDevice<bool>::kMaxDevices) return false;
+  return cache.get(device, [&] {
     cudaDeviceProp prop{};
     bool ok = cudaGetDeviceProperties(&prop, device) == cudaSuccess && prop.major == 9 && prop.minor == 0;
     cudaFuncAttributes attr{};  // the sm_90a image must be in this build
     ok = ok && cudaFuncGetAttributes(&attr, &lut_wgmma_kernel<4, 256, 1, __nv_bfloat16>) == cudaSuccess &&
          attr.binaryVersion == 90;
     cudaGetLastError();
-    cache[device] = ok ? 1 : 2;
-  }
-  return cache[device] == 1;
+    return ok;
+  });
 }
 
 size_t wgmma_workspace_bytes(int64_t M, const Shape& shape, int device) {
