@@ -37,6 +37,11 @@
 //   7  no programmatic dependent launch (the prologue waits for the previous kernel to finish)
 //   9  lut_stream.cu: one CTA per SM of two warp groups sharing one table, instead of two CTAs
 //  11  lut_stream.cu: two CTAs per SM at 3 bits instead of three
+//  20  2 and 3 bits: the table in registers, looked up with byte permutes (lut_regtable.cuh), no shared table
+//  21  2 and 3 bits: the pair table spread over the lanes, looked up with warp shuffles, no shared table
+//  23  2 bits: a pair table (16 entries, 4 KB) instead of quads (256 entries, 64 KB); lut_stream.cu: three
+//      CTAs per SM
+//  (20, 21, 23: docs/performance.md item 36; the shared quad / pair tables were kept)
 
 namespace lutmm {
 namespace gpu {
@@ -140,7 +145,8 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
     }
     cp_async_commit();
   }
-  build_table<BITS, L::kEntryBytes, kThreads, T>(lut, p.table);
+  if constexpr (kLutSource<BITS> == LutSource::kShared)
+    build_table<BITS, L::kEntryBytes, kThreads, T, L::kQuads>(lut, p.table);
   grid_dependency_wait();
   grid_dependents_launch();  // the next kernel may start its own prologue as our CTAs finish
   {

@@ -5,7 +5,7 @@
 // split the same (tile, k-block) iterations with Stream-K, and give bitwise the same results for
 // the same grid.
 #pragma once
-#include "lut_table.cuh"
+#include "lut_regtable.cuh"
 
 namespace lutmm {
 namespace gpu {
@@ -32,13 +32,16 @@ __device__ __forceinline__ int group_tid() { return threadIdx.x % kThreads; }
 template <int BITS, int MT>
 struct Layout {
   static constexpr int kBlockBytes = 256 * BITS;
-  static constexpr int kLutEntries = lut_entries<BITS>();      // pairs (3, 4 bits) or quads (2 bits)
+  // 2 bits: quads (64 KB table), or pairs (4 KB) in LUTMM_EXPERIMENT 23 (item 36 of docs/performance.md)
+  static constexpr bool kQuads = BITS == 2 && LUTMM_EXPERIMENT != 23;
+  static constexpr int kLutEntries = lut_entries<BITS, kQuads>();  // pairs (3, 4 bits) or quads (2 bits)
   // Entry stride: 256 B (32 copies of 4 or 8 B; prmt addressing), except 4 bits with MT = 4, where a
   // 64 KB table would leave one CTA per SM: 128 B (32 KB, shift-and addressing; the lookups are
   // amortised over 4 MMAs there). H200, 2026-11-26: 8192x8192 M = 64 took 91.4 us with 64 KB, 71.6 us
   // with the earlier 32 KB table.
   static constexpr int kEntryBytes = BITS == 4 && MT == 4 ? 128 : 256;
-  static constexpr int kLutBytes = kLutEntries * kEntryBytes;
+  // No shared table where the lookups read registers (lut_regtable.cuh).
+  static constexpr int kLutBytes = kLutSource<BITS> == LutSource::kShared ? kLutEntries * kEntryBytes : 0;
   static constexpr int kStageW = kWarps * kBlockBytes;
   static constexpr int kStageS = kWarps * kScaleBytesPerRb;
   static constexpr int kStageX = 8 * MT * kXRowBytes;
@@ -62,7 +65,8 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
   // Chunks after which a scale group ends (groups are 2^gl chunks; g >= 128 ends only at the block's end).
   const int glc = FULL ? 2 : min(p.gl, 2);
   const uint32_t flush = FULL ? 0x8u : (glc == 0 ? 0xFu : glc == 1 ? 0xAu : 0x8u) | (1u << (nchunks - 1));
-  const uint32_t lane_byte = uint32_t(lane) * (BITS == 2 ? 8u : 4u);  // this lane's copy inside an entry
+  const uint32_t lane_byte = uint32_t(lane) * (L::kQuads ? 8u : 4u);  // this lane's copy inside an entry
+  const RegTable<BITS, T> rt(p.table);  // unused with the shared table (kLutSource)
   // One partial sum per token tile. (Two chains of MMAs over alternate k-steps, to shorten the chain of
   // dependent MMAs: H200, cp.async kernel, 57344x8192 M = 1 5% and M = 16 11% slower; H100, 2026-11-26,
   // both kernels at M = 1 and 16: within 1%, so not kept.)
@@ -80,7 +84,10 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
       for (int h = 0; h < 2; ++h) {
         const int ks = 2 * j + h;
         uint32_t a[4];
-        lookup_a<BITS, L::kEntryBytes>(wd, hi, ks, lane_byte, a);
+        if constexpr (kLutSource<BITS> == LutSource::kShared)
+          lookup_a<BITS, L::kEntryBytes, L::kQuads>(wd, hi, ks, lane_byte, a);
+        else
+          lookup_a_reg<BITS, T>(wd, hi, ks, rt, a);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
           Elem<T>::mma(part[mt], a, h ? xv[mt].z : xv[mt].x, h ? xv[mt].w : xv[mt].y);

@@ -46,7 +46,8 @@ namespace {
 // 8192x8192 M = 1 22.1 -> 20.9 us (LUTMM_EXPERIMENT 11 keeps two).
 constexpr int kGroups = LUTMM_EXPERIMENT == 9 ? 2 : 1;
 template <int BITS>
-constexpr int kCtasPerSm = LUTMM_EXPERIMENT == 9 ? 1 : BITS == 3 && LUTMM_EXPERIMENT != 11 ? 3 : 2;
+constexpr int kCtasPerSm =
+    LUTMM_EXPERIMENT == 9 ? 1 : (BITS == 3 && LUTMM_EXPERIMENT != 11) || (BITS == 2 && LUTMM_EXPERIMENT == 23) ? 3 : 2;
 constexpr int kComputeThreads = kGroups * kThreads;
 constexpr int kCtaThreads = kComputeThreads + kGroups * 32;  // + one producer warp per group
 constexpr int kMaxStages = 32;
@@ -157,7 +158,8 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   }
 
   // Compute warps.
-  build_table<BITS, L::kEntryBytes, kComputeThreads, T>(smem, p.table);
+  if constexpr (kLutSource<BITS> == LutSource::kShared)
+    build_table<BITS, L::kEntryBytes, kComputeThreads, T, L::kQuads>(smem, p.table);
   wg::named_sync(1, kComputeThreads);
   if (!active) return;
   grid_dependency_wait();    // outputs and the workspace are written only after the previous kernel
