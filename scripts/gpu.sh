@@ -62,7 +62,15 @@ bench_cases() {  # $1: build dir, $2: 1 for a B build
   done
 }
 if [[ $MODE == ab || $MODE == kab ]]; then  # kernel A/B: default build vs -DLUTMM_EXPERIMENT=N for N in $EXPERIMENTS
-  echo "== A: default"; bench_cases build/gpu 0 | tee "$OUT/ab.txt"
+  : > "$OUT/ab.txt"
+  # Against another commit too, when its tree is carried as .carry/base
+  # (git archive --prefix=.carry/base/ COMMIT | tar x; echo COMMIT > .carry/base/.commit).
+  if [[ -d .carry/base ]]; then
+    cmake -S .carry/base -B build/gpu-base -G Ninja -DLUTMM_BUILD_TESTS=ON > /dev/null && \
+      ninja -C build/gpu-base lutmm_bench > "$OUT/build-base.log" 2>&1 && \
+      { echo "== base: $(cat .carry/base/.commit 2>/dev/null)"; bench_cases build/gpu-base 0; } | tee -a "$OUT/ab.txt"
+  fi
+  { echo "== A: default"; bench_cases build/gpu 0; } | tee -a "$OUT/ab.txt"
   for e in ${EXPERIMENTS:-2}; do
     cmake -S . -B build/gpu-x$e -G Ninja -DLUTMM_BUILD_TESTS=ON -DLUTMM_EXPERIMENT=$e > /dev/null && \
       ninja -C build/gpu-x$e lutmm_gpu_tests lutmm_bench > "$OUT/build-x$e.log" 2>&1 || { tail -20 "$OUT/build-x$e.log"; continue; }

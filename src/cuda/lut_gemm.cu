@@ -164,6 +164,7 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
   float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+  const LaneOffsets off = LaneOffsets::make<BITS, MT, L::kQuads>(kScaleBytesPerRb);
   int seg_begin = it_begin;  // first iteration of the current tile segment
   uint8_t* st_cmp = stages;                                 // stage to compute
   uint8_t* st_ld = stages + (kStages - 1) * L::kStageBytes;  // stage to load
@@ -184,9 +185,9 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
       // Whole k-blocks with g >= 128 take the specialised path (one scale flush, no per-chunk tests).
       // H200, 2026-11-26: 57344x8192 M = 16 126 us with it, 151 us without (M = 1: 12-21% faster).
       if (p.gl >= 2 && (kb + 1) * kBlockCols <= p.K)
-        compute_block<BITS, MT, T, true>(p, st_cmp, lut, kb, acc);
+        compute_block<BITS, MT, T, true>(p, st_cmp, off, kb, acc);
       else
-        compute_block<BITS, MT, T, false>(p, st_cmp, lut, kb, acc);
+        compute_block<BITS, MT, T, false>(p, st_cmp, off, kb, acc);
     }
     st_cmp = st_cmp == st_last ? stages : st_cmp + L::kStageBytes;
 

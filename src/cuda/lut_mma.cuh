@@ -48,24 +48,58 @@ struct Layout {
   static constexpr int kStageBytes = kStageW + kStageS + kStageX;  // codes, scales, activations
 };
 
+// A lane's byte offsets inside a pipeline stage, fixed for the kernel's life. Made once before the
+// k-block loop, so each block adds them to its stage address instead of rederiving them from
+// threadIdx (the compiler did that in every iteration: ~15 of the ~125 instructions per warp and
+// block of the 2-bit TMA kernel). s_stride: scale bytes per row block in a stage.
+struct LaneOffsets {
+  uint32_t codes;      // this warp's block of codes + lane * 16 (3 bits: low nibbles)
+  uint32_t hi;         // 3 bits: the block's high-bit words + lane * 8
+  uint32_t scales;     // this warp's scales, rows g and g + 8
+  uint32_t x;          // token row g's activations, this lane's 8 columns (+ 64 j for chunk j)
+  uint32_t lane_byte;  // this lane's copy inside a table entry
+  template <int BITS, int MT, bool QUADS>
+  static __device__ __forceinline__ LaneOffsets make(int s_stride) {
+    const int warp = group_tid() / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    constexpr int kBlockBytes = 256 * BITS, kStageW = kWarps * kBlockBytes, kStageS = kWarps * kScaleBytesPerRb;
+    LaneOffsets o;
+    o.codes = uint32_t(warp * kBlockBytes + lane * 16);
+    o.hi = uint32_t(warp * kBlockBytes + 512 + lane * 8);
+    o.scales = uint32_t(kStageW + warp * s_stride + g * 4);
+    o.x = uint32_t(kStageW + kStageS + g * kXRowBytes + 16 * t);
+    o.lane_byte = uint32_t(lane) * (QUADS ? 8u : 4u);
+    return o;
+  }
+};
+
 // One warp, one k-block: adds this block's contribution for its 16 rows x 8*MT tokens to acc.
 // FULL: the caller guarantees 4 whole chunks and groups >= 128 columns (one scale flush, at the end),
 // so every per-chunk test folds away; the arithmetic, and so the result, is bitwise the same.
+// off: LaneOffsets::make<BITS, MT, L::kQuads>(scale bytes per row block in a stage).
 template <int BITS, int MT, typename T, bool FULL = false>
-__device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t* stage, const uint8_t* lut,
-                                              int kb, float (&acc)[MT][4], int s_stride = kScaleBytesPerRb) {
+__device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t* stage, const LaneOffsets& off,
+                                              int kb, float (&acc)[MT][4]) {
   using L = Layout<BITS, MT>;
-  const int warp = group_tid() / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const uint8_t* wb = stage + warp * L::kBlockBytes;
   uint32_t wd[8] = {}, hi[2] = {};
-  load_codes<BITS>(wb, lane, wd, hi);
-  const uint8_t* ss = stage + L::kStageW + warp * s_stride;  // s_stride: scale bytes per row block
-  const uint8_t* xs = stage + L::kStageW + L::kStageS;
+  {
+    const uint4 c0 = *reinterpret_cast<const uint4*>(stage + off.codes);
+    wd[0] = c0.x; wd[1] = c0.y; wd[2] = c0.z; wd[3] = c0.w;
+    if (BITS == 4) {
+      const uint4 c1 = *reinterpret_cast<const uint4*>(stage + off.codes + 512);
+      wd[4] = c1.x; wd[5] = c1.y; wd[6] = c1.z; wd[7] = c1.w;
+    }
+    if (BITS == 3) {
+      const uint2 h = *reinterpret_cast<const uint2*>(stage + off.hi);
+      hi[0] = h.x; hi[1] = h.y;
+    }
+  }
+  const uint8_t* ss = stage + off.scales;
+  const uint8_t* xs = stage + off.x;
   const int nchunks = FULL ? 4 : min(4, (p.K - kb * kBlockCols) / 32);
   // Chunks after which a scale group ends (groups are 2^gl chunks; g >= 128 ends only at the block's end).
   const int glc = FULL ? 2 : min(p.gl, 2);
   const uint32_t flush = FULL ? 0x8u : (glc == 0 ? 0xFu : glc == 1 ? 0xAu : 0x8u) | (1u << (nchunks - 1));
-  const uint32_t lane_byte = uint32_t(lane) * (L::kQuads ? 8u : 4u);  // this lane's copy inside an entry
+  const uint32_t lane_byte = off.lane_byte;
   const RegTable<BITS, T> rt(p.table);  // unused with the shared table (kLutSource)
   // One partial sum per token tile. (Two chains of MMAs over alternate k-steps, to shorten the chain of
   // dependent MMAs: H200, cp.async kernel, 57344x8192 M = 1 5% and M = 16 11% slower; H100, 2026-11-26,
@@ -79,7 +113,7 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
       uint4 xv[MT];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
-        xv[mt] = *reinterpret_cast<const uint4*>(xs + (mt * 8 + g) * kXRowBytes + (32 * j + 8 * t) * 2);
+        xv[mt] = *reinterpret_cast<const uint4*>(xs + mt * 8 * kXRowBytes + 64 * j);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int ks = 2 * j + h;
@@ -93,7 +127,7 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
           Elem<T>::mma(part[mt], a, h ? xv[mt].z : xv[mt].x, h ? xv[mt].w : xv[mt].y);
       }
       if (flush & (1u << j)) {
-        const __half2 sh = *reinterpret_cast<const __half2*>(ss + (j >> glc) * 32 + g * 4);
+        const __half2 sh = *reinterpret_cast<const __half2*>(ss + (j >> glc) * 32);
         const float2 sc = __half22float2(sh);  // rows g, g + 8
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {

@@ -167,31 +167,36 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
 
   const int gwarp = warp % kWarps;  // row block of the tile
   const int s_stride = 32 * (4 >> min(p.gl, 2));  // scale bytes per row block in a stage (the TMA box row)
+  const LaneOffsets off = LaneOffsets::make<BITS, MT, L::kQuads>(s_stride);
   float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
-  int tile = it_begin / p.col_blocks, kb = it_begin % p.col_blocks, seg_begin = it_begin;
+  // Segment by segment (the iterations of one tile), so the inner loop over k-blocks carries no
+  // segment-end test, and k-blocks with 4 whole chunks and groups >= 128 (all but a partial last one)
+  // take compute_block's FULL path.
+  const int full_kbs = p.gl >= 2 ? p.K / kBlockCols : 0;  // k-blocks [0, full_kbs) are FULL
+  int tile = it_begin / p.col_blocks, kb0 = it_begin % p.col_blocks;
   int st = 0, use = 0;
-  for (int it = it_begin; it < it_end; ++it) {
-    wg::mbar_wait(bars + 8 * st, use & 1);
-    const uint8_t* stage = stages + st * L::kStageBytes;
+  for (int seg_begin = it_begin; seg_begin < it_end; ++tile, kb0 = 0) {
+    const int seg_end = min(it_end, seg_begin + p.col_blocks - kb0);
     const bool warp_live = tile * kWarps + gwarp < p.row_blocks;
-    if (warp_live) {
-      if (p.gl >= 2 && (kb + 1) * kBlockCols <= p.K) compute_block<BITS, MT, T, true>(p, stage, smem, kb, acc, s_stride);
-      else compute_block<BITS, MT, T, false>(p, stage, smem, kb, acc, s_stride);
+    for (int kb = kb0, it = seg_begin; it < seg_end; ++it, ++kb) {
+      wg::mbar_wait(bars + 8 * st, use & 1);
+      const uint8_t* stage = stages + st * L::kStageBytes;
+      if (warp_live) {
+        if (kb < full_kbs) compute_block<BITS, MT, T, true>(p, stage, off, kb, acc);
+        else compute_block<BITS, MT, T, false>(p, stage, off, kb, acc);
+      }
+      __syncwarp();
+      if (lane == 0) wg::mbar_arrive(bars + 8 * (S + st));  // this warp is done with the stage
+      if (++st == S) { st = 0; ++use; }
     }
-    __syncwarp();
-    if (lane == 0) wg::mbar_arrive(bars + 8 * (S + st));  // this warp is done with the stage
-    if (++st == S) { st = 0; ++use; }
-    if (kb == p.col_blocks - 1 || it == it_end - 1) {  // end of this worker's segment of `tile`
-      const int bar = 2 + group;
-      finish_segment<MT>(p, worker, tile, m0, seg_begin, it, it_begin, warp_live, flag, acc,
-                         [bar] { wg::named_sync(bar, kThreads); });
+    const int bar = 2 + group;
+    finish_segment<MT>(p, worker, tile, m0, seg_begin, seg_end - 1, it_begin, warp_live, flag, acc,
+                       [bar] { wg::named_sync(bar, kThreads); });
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
-      seg_begin = it + 1;
-    }
-    if (++kb == p.col_blocks) { kb = 0; ++tile; }
+    for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+    seg_begin = seg_end;
   }
 #endif
 }
