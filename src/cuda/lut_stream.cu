@@ -176,20 +176,25 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   // take compute_block's FULL path.
   const int full_kbs = p.gl >= 2 ? p.K / kBlockCols : 0;  // k-blocks [0, full_kbs) are FULL
   int tile = it_begin / p.col_blocks, kb0 = it_begin % p.col_blocks;
-  int st = 0, use = 0;
+  // The current stage and its full barrier as running addresses (advanced, not recomputed from the
+  // stage index: a few instructions per block off the chain); its empty barrier is S barriers on.
+  const uint8_t* stage = stages;
+  uint32_t full = bars, phase = 0;
+  const uint32_t full_end = bars + 8 * S, empty_off = 8 * S;
   for (int seg_begin = it_begin; seg_begin < it_end; ++tile, kb0 = 0) {
     const int seg_end = min(it_end, seg_begin + p.col_blocks - kb0);
     const bool warp_live = tile * kWarps + gwarp < p.row_blocks;
     for (int kb = kb0, it = seg_begin; it < seg_end; ++it, ++kb) {
-      wg::mbar_wait(bars + 8 * st, use & 1);
-      const uint8_t* stage = stages + st * L::kStageBytes;
+      wg::mbar_wait(full, phase);
       if (warp_live) {
         if (kb < full_kbs) compute_block<BITS, MT, T, true>(p, stage, off, kb, acc);
         else compute_block<BITS, MT, T, false>(p, stage, off, kb, acc);
       }
       __syncwarp();
-      if (lane == 0) wg::mbar_arrive(bars + 8 * (S + st));  // this warp is done with the stage
-      if (++st == S) { st = 0; ++use; }
+      if (lane == 0) wg::mbar_arrive(full + empty_off);  // this warp is done with the stage
+      full += 8;
+      stage += L::kStageBytes;
+      if (full == full_end) { full = bars; stage = stages; phase ^= 1; }
     }
     const int bar = 2 + group;
     finish_segment<MT>(p, worker, tile, m0, seg_begin, seg_end - 1, it_begin, warp_live, flag, acc,
