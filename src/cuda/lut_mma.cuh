@@ -81,18 +81,7 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
                                               int kb, float (&acc)[MT][4]) {
   using L = Layout<BITS, MT>;
   uint32_t wd[8] = {}, hi[2] = {};
-  {
-    const uint4 c0 = *reinterpret_cast<const uint4*>(stage + off.codes);
-    wd[0] = c0.x; wd[1] = c0.y; wd[2] = c0.z; wd[3] = c0.w;
-    if (BITS == 4) {
-      const uint4 c1 = *reinterpret_cast<const uint4*>(stage + off.codes + 512);
-      wd[4] = c1.x; wd[5] = c1.y; wd[6] = c1.z; wd[7] = c1.w;
-    }
-    if (BITS == 3) {
-      const uint2 h = *reinterpret_cast<const uint2*>(stage + off.hi);
-      hi[0] = h.x; hi[1] = h.y;
-    }
-  }
+  load_code_words<BITS>(stage + off.codes, stage + off.hi, wd, hi);
   const uint8_t* ss = stage + off.scales;
   const uint8_t* xs = stage + off.x;
   const int nchunks = FULL ? 4 : min(4, (p.K - kb * kBlockCols) / 32);

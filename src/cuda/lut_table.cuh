@@ -147,21 +147,29 @@ __device__ __forceinline__ void build_table(uint8_t* lut, const float (&table)[1
   }
 }
 
-// A warp's code words of one packed block (256 * BITS bytes at `wb`, in shared memory): wd[0..7]
-// (4 bits: one word per k-step; 2 and 3 bits: words 0..3, the 2-bit fields / low nibbles) and, at 3
-// bits, hi[0..1] (the codes' high bits).
+// A lane's code words of one packed block: wd[0..7] (4 bits: one word per k-step; 2 and 3 bits: words
+// 0..3, the 2-bit fields / low nibbles) and, at 3 bits, hi[0..1] (the codes' high bits). `lo`: the
+// lane's first 16 bytes (block + lane * 16; at 4 bits the second 16 sit 512 bytes on); `hi_words`:
+// the lane's 8 bytes of high bits (3 bits: block + 512 + lane * 8).
 template <int BITS>
-__device__ __forceinline__ void load_codes(const uint8_t* wb, int lane, uint32_t (&wd)[8], uint32_t (&hi)[2]) {
-  const uint4 c0 = reinterpret_cast<const uint4*>(wb)[lane];
+__device__ __forceinline__ void load_code_words(const uint8_t* lo, const uint8_t* hi_words, uint32_t (&wd)[8],
+                                                uint32_t (&hi)[2]) {
+  const uint4 c0 = *reinterpret_cast<const uint4*>(lo);
   wd[0] = c0.x; wd[1] = c0.y; wd[2] = c0.z; wd[3] = c0.w;
   if (BITS == 4) {
-    const uint4 c1 = reinterpret_cast<const uint4*>(wb)[32 + lane];
+    const uint4 c1 = *reinterpret_cast<const uint4*>(lo + 512);
     wd[4] = c1.x; wd[5] = c1.y; wd[6] = c1.z; wd[7] = c1.w;
   }
   if (BITS == 3) {
-    const uint2 h = reinterpret_cast<const uint2*>(wb + 512)[lane];
+    const uint2 h = *reinterpret_cast<const uint2*>(hi_words);
     hi[0] = h.x; hi[1] = h.y;
   }
+}
+// The same for the block at `wb` (256 * BITS bytes, shared or global memory) and lane `lane`.
+template <int BITS>
+__device__ __forceinline__ void load_codes(const uint8_t* wb, int lane, uint32_t (&wd)[8], uint32_t (&hi)[2]) {
+  load_code_words<BITS>(reinterpret_cast<const uint8_t*>(reinterpret_cast<const uint4*>(wb) + lane),
+                        reinterpret_cast<const uint8_t*>(reinterpret_cast<const uint2*>(wb + 512) + lane), wd, hi);
 }
 
 // The pair code (index into the pair table, see pair_codes()) of pair p (0..3) of k-step ks in a
