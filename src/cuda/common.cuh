@@ -128,6 +128,10 @@ inline int group_log2(int64_t group_size) {
   return (gc & (gc - 1)) == 0 ? __builtin_ctzll(uint64_t(gc)) : 30;
 }
 
+// Scale groups that intersect one 128-column k-block: 4 (g = 32), 2 (g = 64), 1 (g >= 128), for gl =
+// group_log2(g): the width of the TMA kernels' scale boxes and stage rows.
+__host__ __device__ __forceinline__ int groups_per_kblock(int gl) { return 4 >> (gl < 2 ? gl : 2); }
+
 // Launches kernel<<<grid, block, smem, stream>>>(args...) on `device` (the current device) allowing it
 // to overlap the previous kernel in the stream (programmatic stream serialization) where the device
 // supports it; the kernel must call grid_dependency_wait() before touching anything a previous kernel

@@ -78,7 +78,7 @@ __device__ __forceinline__ void issue_stage(const Params<T>& p, const Maps& maps
                                             int kb, int m0, bool weights, bool acts, bool expect) {
   using L = Layout<BITS, MT>;
   static_assert(kXRowBytes == 160 * 2, "activation boxes fill whole padded rows");
-  const int gpk = 4 >> min(p.gl, 2);  // scale groups per k-block (box width)
+  const int gpk = groups_per_kblock(p.gl);  // scale groups per k-block (box width)
   if (expect) wg::mbar_arrive_expect_tx(full, uint32_t(kWarps * (L::kBlockBytes + 32 * gpk) + L::kStageX));
   if (weights) {
     wg::tma_load_2d(stage, maps.w, kb * (L::kBlockBytes / 4), tile * kWarps, full);
@@ -166,7 +166,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   grid_dependents_launch();  // the next kernel may start its prologue as our CTAs finish
 
   const int gwarp = warp % kWarps;  // row block of the tile
-  const int s_stride = 32 * (4 >> min(p.gl, 2));  // scale bytes per row block in a stage (the TMA box row)
+  const int s_stride = 32 * groups_per_kblock(p.gl);  // scale bytes per row block in a stage (the TMA box row)
   LaneOffsets off = LaneOffsets::make<BITS, MT, L::kQuads>(s_stride);
   float acc[MT][4];
 #pragma unroll

@@ -93,7 +93,7 @@ struct WgMaps {
 // A stage holds half a k-block (64 columns): the activations as one 128-byte-swizzled K-major tile
 // of TOK rows x 128 B, the codes (4 bits: the half block's 512 contiguous bytes of each row block;
 // 2 and 3 bits: the whole block, whose bytes do not split by column) and the block's scales (row
-// block r's gpk groups of 16 scales at r * 32 * gpk, gpk = 4 >> min(log2 g - 5, 2)). CTAS: CTAs per
+// block r's gpk groups of 16 scales at r * 32 * gpk, gpk = groups_per_kblock(gl)). CTAS: CTAs per
 // SM (1, or 2 at TOK = 64: twice the lookup warps per SM, with ~113 KB of shared memory and 104
 // registers per consumer thread each); it changes the number of stages, not a stage's layout.
 template <int BITS, int TOK, int CTAS = 1>
@@ -390,7 +390,7 @@ template <int BITS, int TOK, int CTAS, typename T>
 __device__ __forceinline__ void produce(const WgParams<T>& p, const WgMaps& maps, uint32_t smem_base) {
   using L = WgLayout<BITS, TOK, CTAS>;
   constexpr int S = L::kStages;
-  const int gpk = 4 >> min(p.gl, 2);  // scale groups per k-block (the scale box width)
+  const int gpk = groups_per_kblock(p.gl);  // scale groups per k-block (the scale box width)
   const uint32_t stage_bytes = L::kStageX + L::kStageW + kWarps * 32 * gpk;
   WorkCursor wc(p);
   int q = 0;

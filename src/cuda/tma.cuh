@@ -60,10 +60,10 @@ inline CUtensorMap codes_tensor_map(const GemmProblem& prob, int box_rows, int b
                        box_words, CU_TENSOR_MAP_SWIZZLE_NONE, "packed codes");
 }
 // The packed scales, [row_blocks][G * 16] fp16, read in boxes of `box_rows` row blocks x the 16 * gpk scales of
-// one k-block's groups (gpk = 4 >> min(log2(g / 32), 2)).
+// one k-block's groups (gpk = groups_per_kblock(gl)).
 inline CUtensorMap scales_tensor_map(const GemmProblem& prob, int box_rows) {
   const Shape& s = prob.shape;
-  const int gpk = 4 >> std::min(group_log2(s.group_size), 2);
+  const int gpk = groups_per_kblock(group_log2(s.group_size));
   return tensor_map_2d(prob.packed_scales, CU_TENSOR_MAP_DATA_TYPE_UINT16, s.row_blocks(), s.groups() * 16,
                        s.groups() * 32, box_rows, 16 * gpk, CU_TENSOR_MAP_SWIZZLE_NONE, "packed scales");
 }
