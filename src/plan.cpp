@@ -122,8 +122,6 @@ WgPlan plan_tok(int64_t M, const Shape& s, const WgDeviceLimits& d, bool allow_s
   return g;
 }
 
-}  // namespace
-
 // Tiles of wg_tok_for(M) tokens, or of half as many where only the doubled tile count lets split-K
 // clusters run (4096-row weights at M = 65-256: 32 tiles do not fit as clusters of 4 on the H100,
 // 64 fit as clusters of 2). (H100, 2026-11-26, lutmm_bench A/B, 4-bit g128: 4096x4096 M = 256
@@ -131,15 +129,25 @@ WgPlan plan_tok(int64_t M, const Shape& s, const WgDeviceLimits& d, bool allow_s
 // 4096x14336 M = 256 61.4 -> 61.7, long K: Stream-K's fixups weigh less there.)
 // Order: clusters at full width; tile-aligned Stream-K at full width where each CTA gets >= 16
 // k-blocks; clusters of half-width tiles; tile-aligned Stream-K with shorter ranges; Stream-K.
-WgPlan wg_plan(int64_t M, const Shape& s, const WgDeviceLimits& d, bool allow_split) {
-  if (M < 1) throw Error("M: expected >= 1, got " + std::to_string(M));
-  if (d.sms < 1) throw Error("device: no streaming multiprocessors reported");
+WgPlan plan_split(int64_t M, const Shape& s, const WgDeviceLimits& d, bool allow_split) {
   const int tok = wg_tok_for(M);
   const WgPlan g = plan_tok(M, s, d, allow_split, tok);
   if (!allow_split || g.split > 1 || tok == 64 || LUTMM_EXPERIMENT == 6) return g;
   if (g.aligned && g.col_blocks * g.tiles / g.grid >= 16) return g;
   const WgPlan h = plan_tok(M, s, d, true, tok / 2);
   return h.split > 1 ? h : g;
+}
+
+}  // namespace
+
+WgPlan wg_plan(int64_t M, const Shape& s, const WgDeviceLimits& d, bool allow_split) {
+  if (M < 1) throw Error("M: expected >= 1, got " + std::to_string(M));
+  if (d.sms < 1) throw Error("device: no streaming multiprocessors reported");
+  WgPlan p = plan_split(M, s, d, allow_split);
+  // One scale group per k-block: group_size / 32 >= 3, i.e. g >= 128 (a power-of-two multiple of 32)
+  // or g = K (any multiple of 32 that is not one; g = 32 and 64 give 4 and 2 groups per k-block).
+  p.scales_after = s.group_size / 32 >= 3 && p.ctas == 1 && p.tok <= 128;
+  return p;
 }
 
 }  // namespace gpu

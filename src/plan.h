@@ -62,6 +62,10 @@ struct WgPlan {
   int col_blocks = 0;   // 128-column k-blocks
   int split = 1;        // > 1: clusters of `split` CTAs, one tile each, split along K (no Stream-K)
   bool aligned = false; // Stream-K with grid / tiles CTAs on every tile (ranges on tile boundaries)
+  // The kernel variant that scales each k-block's partial sum after its MMAs instead of the looked-up
+  // values before them: where a k-block holds one scale group (g >= 128, or g = K) and the
+  // accumulators have registers to spare (one CTA per SM, TOK <= 128). (docs/performance.md item 30)
+  bool scales_after = false;
   int sk_tiles() const { return tiles - dp_tiles; }
 };
 

@@ -684,7 +684,7 @@ void wg_launch_bits(const GemmProblem& prob, const WgGeometry& geo, void* ws, cu
 }
 template <typename T>
 void wg_launch_tok(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStream_t st) {
-  if (group_log2(prob.shape.group_size) >= 2 && geo.ctas == 1 && geo.tok <= 128) {  // scales after the MMA
+  if (geo.scales_after) {  // the plan's rule (src/plan.cpp); implies one CTA per SM, TOK <= 128
     if (geo.tok == 64) wg_launch_bits<64, 1, T, true>(prob, geo, ws, st);
     else wg_launch_bits<128, 1, T, true>(prob, geo, ws, st);
     return;

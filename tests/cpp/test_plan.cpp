@@ -117,6 +117,22 @@ TEST(WgPlan, Invariants) {
   EXPECT_EQ(plans, 3 * 10 * 5 * 11 * 2);
 }
 
+// The scales-after-MMA variant: only where a k-block holds one scale group (g >= 128, or g = K when K
+// is not 32 x a power of two) and a CTA has the SM's registers to itself at TOK <= 128.
+TEST(WgPlan, ScalesAfterTheMmaWhereOneGroupPerKBlock) {
+  const WgPlan p64 = wg_plan(64, Shape{4096, 4096, 4, 128}, h100(), true);  // few tiles: one CTA per SM
+  EXPECT_EQ(p64.ctas, 1);
+  EXPECT_TRUE(p64.scales_after);
+  EXPECT_FALSE(wg_plan(64, Shape{4096, 4096, 4, 64}, h100(), true).scales_after);   // 2 groups per k-block
+  EXPECT_FALSE(wg_plan(64, Shape{4096, 4096, 4, 32}, h100(), true).scales_after);   // 4
+  EXPECT_TRUE(wg_plan(128, Shape{8192, 8192, 3, 256}, h100(), true).scales_after);
+  EXPECT_TRUE(wg_plan(100, Shape{1000, 96, 4, 96}, h100(), true).scales_after);     // g = K = 96
+  EXPECT_FALSE(wg_plan(4096, Shape{8192, 8192, 4, 128}, h100(), true).scales_after); // TOK = 256
+  const WgPlan two = wg_plan(64, Shape{57344, 8192, 4, 128}, h100(), true);          // 2 CTAs per SM
+  EXPECT_EQ(two.ctas, 2);
+  EXPECT_FALSE(two.scales_after);
+}
+
 TEST(WgPlan, RejectsBadInput) {
   EXPECT_THROW(wg_plan(0, Shape{4096, 4096, 4, 128}, h100(), true), Error);
   EXPECT_THROW(wg_plan(64, Shape{4096, 4096, 4, 128}, WgDeviceLimits{}, true), Error);
