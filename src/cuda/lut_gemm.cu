@@ -39,9 +39,8 @@
 //  11  lut_stream.cu: two CTAs per SM at 3 bits instead of three
 //  20  2 and 3 bits: the table in registers, looked up with byte permutes (lut_regtable.cuh), no shared table
 //  21  2 and 3 bits: the pair table spread over the lanes, looked up with warp shuffles, no shared table
-//  23  2 bits: a pair table (16 entries, 4 KB) instead of quads (256 entries, 64 KB); lut_stream.cu: three
-//      CTAs per SM
-//  (20, 21, 23: docs/performance.md item 36; the shared quad / pair tables were kept)
+//  (20, 21: docs/performance.md item 36; the shared tables were kept. 23, a 2-bit pair table, was
+//   measured at commit a4a87fb and removed)
 
 namespace lutmm {
 namespace gpu {
@@ -146,7 +145,7 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
     cp_async_commit();
   }
   if constexpr (kLutSource<BITS> == LutSource::kShared)
-    build_table<BITS, L::kEntryBytes, kThreads, T, L::kQuads>(lut, p.table);
+    build_table<BITS, L::kEntryBytes, kThreads, T>(lut, p.table);
   grid_dependency_wait();
   grid_dependents_launch();  // the next kernel may start its own prologue as our CTAs finish
   {
@@ -164,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
   float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
-  const LaneOffsets off = LaneOffsets::make<BITS, MT, L::kQuads>(kScaleBytesPerRb);
+  const LaneOffsets off = LaneOffsets::make<BITS, MT>(kScaleBytesPerRb);
   int seg_begin = it_begin;  // first iteration of the current tile segment
   uint8_t* st_cmp = stages;                                 // stage to compute
   uint8_t* st_ld = stages + (kStages - 1) * L::kStageBytes;  // stage to load

@@ -32,9 +32,7 @@ __device__ __forceinline__ int group_tid() { return threadIdx.x % kThreads; }
 template <int BITS, int MT>
 struct Layout {
   static constexpr int kBlockBytes = 256 * BITS;
-  // 2 bits: quads (64 KB table), or pairs (4 KB) in LUTMM_EXPERIMENT 23 (item 36 of docs/performance.md)
-  static constexpr bool kQuads = BITS == 2 && LUTMM_EXPERIMENT != 23;
-  static constexpr int kLutEntries = lut_entries<BITS, kQuads>();  // pairs (3, 4 bits) or quads (2 bits)
+  static constexpr int kLutEntries = lut_entries<BITS>();      // pairs (3, 4 bits) or quads (2 bits)
   // Entry stride: 256 B (32 copies of 4 or 8 B; prmt addressing), except 4 bits with MT = 4, where a
   // 64 KB table would leave one CTA per SM: 128 B (32 KB, shift-and addressing; the lookups are
   // amortised over 4 MMAs there). H200, 2026-11-26: 8192x8192 M = 64 took 91.4 us with 64 KB, 71.6 us
@@ -58,16 +56,16 @@ struct LaneOffsets {
   uint32_t scales;     // this warp's scales, rows g and g + 8
   uint32_t x;          // token row g's activations, this lane's 8 columns (+ 64 j for chunk j)
   uint32_t lane_byte;  // this lane's copy inside a table entry
-  template <int BITS, int MT, bool QUADS>
+  template <int BITS, int MT>
   static __device__ __forceinline__ LaneOffsets make(int s_stride) {
+    using L = Layout<BITS, MT>;
     const int warp = group_tid() / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    constexpr int kBlockBytes = 256 * BITS, kStageW = kWarps * kBlockBytes, kStageS = kWarps * kScaleBytesPerRb;
     LaneOffsets o;
-    o.codes = uint32_t(warp * kBlockBytes + lane * 16);
-    o.hi = uint32_t(warp * kBlockBytes + 512 + lane * 8);
-    o.scales = uint32_t(kStageW + warp * s_stride + g * 4);
-    o.x = uint32_t(kStageW + kStageS + g * kXRowBytes + 16 * t);
-    o.lane_byte = uint32_t(lane) * (QUADS ? 8u : 4u);
+    o.codes = uint32_t(warp * L::kBlockBytes + lane * 16);
+    o.hi = uint32_t(warp * L::kBlockBytes + 512 + lane * 8);
+    o.scales = uint32_t(L::kStageW + warp * s_stride + g * 4);
+    o.x = uint32_t(L::kStageW + L::kStageS + g * kXRowBytes + 16 * t);
+    o.lane_byte = uint32_t(lane) * (BITS == 2 ? 8u : 4u);  // quads at 2 bits
     return o;
   }
 };
@@ -75,7 +73,7 @@ struct LaneOffsets {
 // One warp, one k-block: adds this block's contribution for its 16 rows x 8*MT tokens to acc.
 // FULL: the caller guarantees 4 whole chunks and groups >= 128 columns (one scale flush, at the end),
 // so every per-chunk test folds away; the arithmetic, and so the result, is bitwise the same.
-// off: LaneOffsets::make<BITS, MT, L::kQuads>(scale bytes per row block in a stage).
+// off: LaneOffsets::make<BITS, MT>(scale bytes per row block in a stage).
 template <int BITS, int MT, typename T, bool FULL = false>
 __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t* stage, const LaneOffsets& off,
                                               int kb, float (&acc)[MT][4]) {
@@ -108,7 +106,7 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
         const int ks = 2 * j + h;
         uint32_t a[4];
         if constexpr (kLutSource<BITS> == LutSource::kShared)
-          lookup_a<BITS, L::kEntryBytes, L::kQuads>(wd, hi, ks, lane_byte, a);
+          lookup_a<BITS, L::kEntryBytes>(wd, hi, ks, lane_byte, a);
         else
           lookup_a_reg<BITS, T>(wd, hi, ks, rt, a);
 #pragma unroll

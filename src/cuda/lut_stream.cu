@@ -46,8 +46,7 @@ namespace {
 // 8192x8192 M = 1 22.1 -> 20.9 us (LUTMM_EXPERIMENT 11 keeps two).
 constexpr int kGroups = LUTMM_EXPERIMENT == 9 ? 2 : 1;
 template <int BITS>
-constexpr int kCtasPerSm =
-    LUTMM_EXPERIMENT == 9 ? 1 : (BITS == 3 && LUTMM_EXPERIMENT != 11) || (BITS == 2 && LUTMM_EXPERIMENT == 23) ? 3 : 2;
+constexpr int kCtasPerSm = LUTMM_EXPERIMENT == 9 ? 1 : BITS == 3 && LUTMM_EXPERIMENT != 11 ? 3 : 2;
 constexpr int kComputeThreads = kGroups * kThreads;
 constexpr int kCtaThreads = kComputeThreads + kGroups * 32;  // + one producer warp per group
 constexpr int kMaxStages = 32;
@@ -159,7 +158,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
 
   // Compute warps.
   if constexpr (kLutSource<BITS> == LutSource::kShared)
-    build_table<BITS, L::kEntryBytes, kComputeThreads, T, L::kQuads>(smem, p.table);
+    build_table<BITS, L::kEntryBytes, kComputeThreads, T>(smem, p.table);
   wg::named_sync(1, kComputeThreads);
   if (!active) return;
   grid_dependency_wait();    // outputs and the workspace are written only after the previous kernel
@@ -167,7 +166,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
 
   const int gwarp = warp % kWarps;  // row block of the tile
   const int s_stride = 32 * groups_per_kblock(p.gl);  // scale bytes per row block in a stage (the TMA box row)
-  LaneOffsets off = LaneOffsets::make<BITS, MT, L::kQuads>(s_stride);
+  LaneOffsets off = LaneOffsets::make<BITS, MT>(s_stride);
   float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;

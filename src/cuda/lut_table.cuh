@@ -92,9 +92,7 @@ __device__ __forceinline__ bool arrive_last(int* counter, int contributors, int 
 }
 
 // Entries of the table: pairs (3, 4 bits) or quads (2 bits).
-// QUADS: 2 bits as quads (256 entries of 4 values); false: as pairs (16 entries of 2 values).
-template <int BITS, bool QUADS = BITS == 2>
-__host__ __device__ constexpr int lut_entries() { return BITS == 3 ? 64 : BITS == 2 && !QUADS ? 16 : 256; }
+template <int BITS> __host__ __device__ constexpr int lut_entries() { return BITS == 3 ? 64 : 256; }
 
 // The table sits at the start of dynamic shared memory, which on sm_80 and sm_90 begins after the
 // 1 KB the system reserves: shared address 0x400 (ptxas itself materialises that constant; kernels
@@ -128,14 +126,14 @@ __device__ __forceinline__ uint32_t byte_entry(uint32_t w, int b, uint32_t lane_
 // Fills the replicated value table (T rounded to T's dtype). One entry per 8 (pairs) or 16 (quads)
 // threads, 16-byte stores of 4 (2) copies: consecutive threads write consecutive bytes, so the table
 // goes out conflict-free. THREADS: the CTA size (all threads call it; it uses warp shuffles).
-template <int BITS, int ENTRY_BYTES, int THREADS, typename T, bool QUADS = BITS == 2>
+template <int BITS, int ENTRY_BYTES, int THREADS, typename T>
 __device__ __forceinline__ void build_table(uint8_t* lut, const float (&table)[16]) {
-  constexpr int kChunksPerEntry = (QUADS ? 8 : 4) * 32 / 16;
+  constexpr int kChunksPerEntry = (BITS == 2 ? 8 : 4) * 32 / 16;
   const float tv = table[threadIdx.x % 16];  // lane l holds T[l % 16]; shuffles fetch T[q]
-  for (int c = threadIdx.x; c < lut_entries<BITS, QUADS>() * kChunksPerEntry; c += THREADS) {  // same trip count in every lane
+  for (int c = threadIdx.x; c < lut_entries<BITS>() * kChunksPerEntry; c += THREADS) {  // same trip count in every lane
     const int e = c / kChunksPerEntry;
     uint32_t lo, hi;
-    if (QUADS) {  // byte e = codes q0..q3 (2 bits each): registers (T[q0], T[q1]) and (T[q2], T[q3])
+    if (BITS == 2) {  // byte e = codes q0..q3 (2 bits each): registers (T[q0], T[q1]) and (T[q2], T[q3])
       lo = Elem<T>::pack2(__shfl_sync(~0u, tv, e & 3), __shfl_sync(~0u, tv, (e >> 2) & 3));
       hi = Elem<T>::pack2(__shfl_sync(~0u, tv, (e >> 4) & 3), __shfl_sync(~0u, tv, e >> 6));
     } else {
@@ -186,10 +184,10 @@ __device__ __forceinline__ int pair_code(const uint32_t (&wd)[8], const uint32_t
 // The four A registers (a0..a3 of mma.m16n8k16 / a warp's slice of wgmma's register A) of k-step ks,
 // unscaled: pairs (T[q0], T[q1]) in T's dtype. lane_byte: this lane's copy inside an entry
 // (lane * 4, or lane * 8 for 2-bit quads).
-template <int BITS, int ENTRY_BYTES, bool QUADS = BITS == 2>
+template <int BITS, int ENTRY_BYTES>
 __device__ __forceinline__ void lookup_a(const uint32_t (&wd)[8], const uint32_t (&hi)[2], int ks, uint32_t lane_byte,
                                          uint32_t (&a)[4]) {
-  if (QUADS) {  // bytes 2(ks%2) and 2(ks%2)+1 of word ks/2 are the quads (a0, a1) and (a2, a3)
+  if (BITS == 2) {  // bytes 2(ks%2) and 2(ks%2)+1 of word ks/2 are the quads (a0, a1) and (a2, a3)
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
       const uint2 v = lut_load64(byte_entry(wd[ks / 2], (ks % 2) * 2 + q, lane_byte));
@@ -202,8 +200,6 @@ __device__ __forceinline__ void lookup_a(const uint32_t (&wd)[8], const uint32_t
       uint32_t off;
       if (BITS == 4 && ENTRY_BYTES == 256) {  // byte q of word ks
         off = byte_entry(wd[ks], q, lane_byte);
-      } else if (BITS == 2) {                 // pairs: nibble (ks % 2) * 4 + q of word ks / 2
-        off = (shift_right(wd[ks / 2], 4 * ((ks % 2) * 4 + q) - 8) & 0xf00u) | lane_byte;
       } else if (BITS == 4) {                 // 128-byte entries
         off = (shift_right(wd[ks], 8 * q - 7) & 0x7f80u) | lane_byte;
       } else {  // 3 bits: low 4 bits of the pair code from a nibble, high 2 from a 2-bit field
