@@ -26,7 +26,8 @@ using namespace lutmm;
 // Usage: lutmm_bench                       the table below (M <= 64: LUT kernels, larger M: wgmma kernel)
 //        lutmm_bench N K M BITS [PATH]     one case, PATH = lut (dispatched decode kernel), lut80 (the
 //                                          cp.async kernel forced), luttma (the TMA kernel forced), wgmma
-//                                          or wgmmask (wgmma with data-parallel + Stream-K forced)
+//                                          or wgmmask (wgmma with data-parallel + Stream-K forced);
+//                                          lut80sk / luttmask: that decode kernel without clusters
 //                                          (Nsight Compute: ncu -k regex:lut_ -s 2 -c 1 ...)
 int main(int argc, char** argv) {
   if (!gpu::available()) {
@@ -37,8 +38,8 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
   std::printf("# %s, %d SMs\n%12s %5s %2s %4s %6s %9s %7s %8s\n", prop.name, prop.multiProcessorCount, "N x K", "M", "b",
               "g", "path", "us", "TB/s", "TFLOP/s");
-  enum Kind { kLut, kLut80, kLutTma, kWgmma, kWgmmaSk };
-  const char* kind_name[] = {"lut", "lut80", "luttma", "wgmma", "wgmmask"};
+  enum Kind { kLut, kLut80, kLutTma, kWgmma, kWgmmaSk, kLut80Sk, kLutTmaSk };
+  const char* kind_name[] = {"lut", "lut80", "luttma", "wgmma", "wgmmask", "lut80sk", "luttmask"};
   struct Case { int64_t N, K, M; int bits; Kind kind; };
   const bool have_wgmma = gpu::wgmma_supported(0);
   std::vector<Case> cases;
@@ -61,7 +62,7 @@ int main(int argc, char** argv) {
   if (argc >= 5) {
     const std::string path = argc >= 6 ? argv[5] : "lut";
     const Kind kind = path == "wgmma" ? kWgmma : path == "wgmmask" ? kWgmmaSk : path == "lut80" ? kLut80
-                      : path == "luttma" ? kLutTma : kLut;
+                      : path == "luttma" ? kLutTma : path == "lut80sk" ? kLut80Sk : path == "luttmask" ? kLutTmaSk : kLut;
     if ((kind == kWgmma || kind == kWgmmaSk) && !have_wgmma) { std::printf("wgmma path not supported here\n"); return 1; }
     cases = {{std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3]), std::atoi(argv[4]), kind}};
   }
@@ -98,8 +99,10 @@ int main(int argc, char** argv) {
       p.packed_scales = static_cast<const uint16_t*>(sc[i]); p.y = y;
       for (size_t j = 0; j < t.size(); ++j) p.table[j] = t[j];
       if (wg) gpu::wgmma_gemm(p, ws, wsb, st, c.kind == kWgmmaSk ? gpu::WgSplit::kStreamK : gpu::WgSplit::kAuto);
-      else gpu::lut_gemm(p, ws, wsb, st, c.kind == kLut80 ? gpu::LutKernel::kCpAsync
-                                       : c.kind == kLutTma ? gpu::LutKernel::kTma : gpu::LutKernel::kAuto);
+      else gpu::lut_gemm(p, ws, wsb, st,
+                         c.kind == kLut80 || c.kind == kLut80Sk ? gpu::LutKernel::kCpAsync
+                         : c.kind == kLutTma || c.kind == kLutTmaSk ? gpu::LutKernel::kTma : gpu::LutKernel::kAuto,
+                         c.kind == kLut80Sk || c.kind == kLutTmaSk ? gpu::DecodeSplit::kStreamK : gpu::DecodeSplit::kAuto);
     };
     for (int i = 0; i < copies; ++i) call(i);  // warm-up
     CK(cudaStreamSynchronize(st));

@@ -11,7 +11,8 @@ const char* build_info() { return "built without CUDA kernels"; }
 Path choose_path(int64_t, const Shape&, DType, int) { no_cuda(); }
 size_t workspace_bytes(int64_t, const Shape&, int) { no_cuda(); }
 size_t dequant_scratch_bytes(const Shape&) { no_cuda(); }
-void lut_gemm(const GemmProblem&, void*, size_t, void*, LutKernel) { no_cuda(); }
+void lut_gemm(const GemmProblem&, void*, size_t, void*, LutKernel, DecodeSplit) { no_cuda(); }
+DecodePlan decode_plan(int64_t, const Shape&, DType, int, LutKernel, DecodeSplit) { no_cuda(); }
 bool wgmma_supported(int) { return false; }
 size_t wgmma_workspace_bytes(int64_t, const Shape&, int) { no_cuda(); }
 int wgmma_cluster_size(int64_t, const Shape&, int) { no_cuda(); }

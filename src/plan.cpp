@@ -31,6 +31,35 @@ int64_t lut_workers(int64_t tiles, int64_t col_blocks, int64_t slots) {
   return workers;
 }
 
+LutSplit lut_split(int64_t tiles, int64_t col_blocks, int64_t slots, const int (&max_clusters)[9]) {
+  LutSplit sp;
+  sp.workers = lut_workers(tiles, col_blocks, slots);
+  // Tiles filling 80-100% of the slots: one whole tile per worker, no fixups. (H100, 2026-11-26,
+  // lutmm_bench, TMA kernel, M = 1: 28672x4096 (224 tiles, 264 slots) 29.9 -> 29.0 us.)
+  if (tiles <= slots && tiles * 10 >= slots * 8) sp.workers = tiles;
+  if (tiles >= slots) return sp;
+  // Clusters of c workers per tile, c = 8, 4, 2 (largest first), where all fit at once and c divides
+  // the k-blocks, and where they pay: the same split as Stream-K's; or >= 70% of the slots busy; or
+  // Stream-K would cut every tile into more than 8 pieces. (H100, 2026-11-26, lutmm_bench, M = 1,
+  // clusters vs Stream-K: 4-bit 1024x4096 (8 per tile vs 32 one-block pieces) 5.6 vs 7.9 us (cp.async
+  // kernel), 4.9 vs 7.4 (TMA kernel); 6144x4096 (4 per tile, 192 of 264 slots, vs 5-6 uneven pieces):
+  // TMA 9.4 vs 11.3; 3-bit 4096x4096 (8 per tile, 256 of 396 slots, vs 12-13 pieces): TMA 8.9 vs
+  // 10.3. Slower, so excluded: half of Stream-K's workers, where only clusters of half the size fit
+  // (2 CTAs per SM leave fewer than 32 clusters of 8 or 64 of 4 on 132 SMs): 4096x4096 128 vs 256
+  // workers 9.7 vs 7.7 (cp.async), 8192x8192 18.5 vs 16.7, 4096x14336 20.7 vs 15.5 (TMA); 3-bit
+  // 8192x8192, 256 of 396 slots vs 6-7 pieces: 22.5 vs 19.9.)
+  for (int64_t c : {8, 4, 2}) {
+    const int64_t w = c * tiles;
+    if (w > slots || col_blocks % c != 0 || max_clusters[c] < tiles) continue;
+    if (w == sp.workers || w * 10 >= slots * 7 || sp.workers > 8 * tiles) {
+      sp.workers = w;
+      sp.cluster = int(c);
+    }
+    break;  // a smaller cluster only halves the workers again
+  }
+  return sp;
+}
+
 // H100, 2026-11-26: TOK = 128 up to M = 512 made M = 256 45-55% slower (more tiles, each re-reading
 // its share of activations and paying the lookups for half the MMA work).
 // TOK = 64 for M <= 64 (wgmma m64n64k16): the lookups, not the MMAs, set the pace there, so halving

@@ -13,7 +13,8 @@
 //                   CTA, none mid-range (decode kernels: lut_workers; wgmma: WgPlan::aligned).
 //   clusters,       tile 0: r0 r0 r0 r0 r1 r1 r1 r1 | tile 1: r0 r0 r0 r0 r1 r1 r1 r1 | tile 2: r0 ... r1
 //   C = 2           a thread-block cluster per tile, rank r on its share of the k-blocks; the partial
-//                   sums meet in distributed shared memory, not global memory (WgPlan::split).
+//                   sums meet in distributed shared memory, not global memory (WgPlan::split;
+//                   decode kernels: LutSplit::cluster).
 //
 // Data-parallel waves (whole tiles per CTA) come first wherever the tiles fill the SMs.
 #pragma once
@@ -44,6 +45,17 @@ LUTMM_HD int sk_owner(int64_t i, int64_t total, int64_t grid) {
 // Stream-K workers of the decode kernels (src/cuda/lut_gemm.cu, lut_stream.cu) for `tiles` 128-row
 // tiles of `col_blocks` k-blocks on `slots` worker slots (SMs x workers per SM).
 int64_t lut_workers(int64_t tiles, int64_t col_blocks, int64_t slots);
+
+// The decode kernels' split on a device whose clusters of c workers (c = 2, 4, 8) fit max_clusters[c]
+// at once (all 0 where there are no clusters): lut_workers' workers (or one whole tile each where the
+// tiles fill 80-100% of the slots), and where every tile's workers can form one thread-block cluster
+// that pays (rules and measurements in plan.cpp), cluster = c: the partials meet in distributed
+// shared memory instead of global memory.
+struct LutSplit {
+  int64_t workers = 0;
+  int cluster = 1;  // 1: Stream-K with the fixup through global memory
+};
+LutSplit lut_split(int64_t tiles, int64_t col_blocks, int64_t slots, const int (&max_clusters)[9]);
 
 constexpr int kWgTileRowBlocks = 8;  // 16-row blocks per tile (the kernel's 8 consumer warps): 128 weight rows
 

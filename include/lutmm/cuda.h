@@ -51,11 +51,24 @@ size_t dequant_scratch_bytes(const Shape& shape);
 // and N x K >= 32M on Hopper), else the cp.async kernel (lut_gemm.cu; any GPU, any M). Forcing one is
 // for tests and A/B timing; forcing kTma where it cannot run throws.
 enum class LutKernel : int { kAuto = 0, kCpAsync = 1, kTma = 2 };
+// Work split of the decode kernels. kAuto: where a tile's Stream-K workers fit one thread-block
+// cluster (sm_90; few tiles: 2, 4 or 8 workers per tile dividing its k-blocks), they reduce through
+// distributed shared memory; elsewhere Stream-K with the fixup through global memory. kStreamK: never
+// the clusters (tests and A/B timing). Both are deterministic; on the same split they agree bitwise.
+enum class DecodeSplit : int { kAuto = 0, kStreamK = 1 };
 
 // Y = X W_hat^T (+ bias) with the LUT path (fused kernel, Stream-K). `workspace` as above (it fits
-// every LutKernel choice).
+// every LutKernel and DecodeSplit choice).
 void lut_gemm(const GemmProblem& p, void* workspace, size_t workspace_bytes, void* stream,
-              LutKernel kernel = LutKernel::kAuto);
+              LutKernel kernel = LutKernel::kAuto, DecodeSplit split = DecodeSplit::kAuto);
+// The split lut_gemm would use for a call on `device` (tests, benchmarks): Stream-K workers and the
+// cluster size (1: no clusters).
+struct DecodePlan {
+  int workers;
+  int cluster;
+};
+DecodePlan decode_plan(int64_t M, const Shape& shape, DType dtype, int device, LutKernel kernel = LutKernel::kAuto,
+                       DecodeSplit split = DecodeSplit::kAuto);
 
 // True when the wgmma prefill kernel can run on `device`: an sm_90 GPU and a build with sm_90a code.
 bool wgmma_supported(int device);

@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <array>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -136,20 +137,53 @@ __host__ __device__ __forceinline__ int groups_per_kblock(int gl) { return 4 >> 
 // to overlap the previous kernel in the stream (programmatic stream serialization) where the device
 // supports it; the kernel must call grid_dependency_wait() before touching anything a previous kernel
 // writes or reads.
+// cluster > 1: in thread-block clusters of `cluster` CTAs along x (sm_90; grid.x a multiple of it).
 template <typename... KArgs, typename... Args>
 void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, int device,
-                Args&&... args) {
+                int cluster, Args&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[2];
+  int n = 0;
+  if (LUTMM_EXPERIMENT != 7 && pdl_supported(device)) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = unsigned(cluster);
+    attr[n].val.clusterDim.y = attr[n].val.clusterDim.z = 1;
+    ++n;
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = LUTMM_EXPERIMENT != 7 && pdl_supported(device) ? 1 : 0;
+  cfg.numAttrs = unsigned(n);
   check_cuda(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), "kernel launch");
+}
+
+// Clusters of c CTAs (c = 2, 4, 8: [c]; the other entries 0) of `kernel` (`threads` per CTA, `smem`
+// bytes of dynamic shared memory, already allowed) that run on `device` at once; all 0 below sm_90.
+template <typename... KArgs>
+std::array<int, 9> max_clusters(void (*kernel)(KArgs...), int threads, int smem, int device) {
+  std::array<int, 9> n{};
+  if (!pdl_supported(device)) return n;  // compute capability < 9.0: no clusters
+  for (int c : {2, 4, 8}) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(unsigned(c));
+    cfg.blockDim = dim3(unsigned(threads));
+    cfg.dynamicSmemBytes = size_t(smem);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = unsigned(c);
+    attr[0].val.clusterDim.y = attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    if (cudaOccupancyMaxActiveClusters(&n[c], reinterpret_cast<const void*>(kernel), &cfg) != cudaSuccess) n[c] = 0;
+    cudaGetLastError();  // clear a refusal
+  }
+  return n;
 }
 
 // Calls f(std::integral_constant<int, B>{}) with B = bits (2, 3 or 4, validated before): turns the

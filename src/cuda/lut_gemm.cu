@@ -26,7 +26,11 @@
 //   grid that fills the GPU, so shapes with few tiles still keep every SM streaming. A tile cut
 //   between CTAs is finished by whichever contributor arrives last (per-tile counter), which sums
 //   all partials from the workspace in CTA order: the result is bitwise the same on every run.
+//   Where few tiles leave room (sm_90, lut_split in src/plan.cpp), each tile's CTAs form a
+//   thread-block cluster instead and add their partials through distributed shared memory
+//   (cluster_finish, lut_mma.cuh): no workspace round trips, the same sums.
 #include <algorithm>
+#include <array>
 
 #include "lut_mma.cuh"
 #include "lutmm/cuda.h"
@@ -41,6 +45,9 @@
 //  21  2 and 3 bits: the pair table spread over the lanes, looked up with warp shuffles, no shared table
 //  (20, 21: docs/performance.md item 36; the shared tables were kept. 23, a 2-bit pair table, was
 //   measured at commit a4a87fb and removed)
+//  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
+//      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
+//      +2 no lookups or MMAs, +4 no table build (item 38)
 
 namespace lutmm {
 namespace gpu {
@@ -163,13 +170,16 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
   float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
-  const LaneOffsets off = LaneOffsets::make<BITS, MT>(kScaleBytesPerRb);
+  LaneOffsets off = LaneOffsets::make<BITS, MT>(kScaleBytesPerRb, smem_addr(smem));
   int seg_begin = it_begin;  // first iteration of the current tile segment
   uint8_t* st_cmp = stages;                                 // stage to compute
   uint8_t* st_ld = stages + (kStages - 1) * L::kStageBytes;  // stage to load
   uint8_t* const st_last = stages + (kStages - 1) * L::kStageBytes;
 
   for (int it = it_begin; it < it_end; ++it) {
+    // Loop-carried as far as the compiler knows, so ptxas keeps the lane offsets in registers instead
+    // of rederiving them from threadIdx in every iteration (as in lut_stream.cu).
+    asm volatile("" : "+r"(off.codes), "+r"(off.hi), "+r"(off.scales), "+r"(off.x), "+r"(off.lane_byte));
     if (it == it_begin) cp_async_wait<0>();  // the prologue's activations came last
     else cp_async_wait<kStages - 2>();
     __syncthreads();
@@ -191,7 +201,9 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
     st_cmp = st_cmp == st_last ? stages : st_cmp + L::kStageBytes;
 
     if (kb == p.col_blocks - 1 || it == it_end - 1) {  // end of this CTA's segment of `tile`
-      finish_segment<MT>(p, cta, tile, m0, seg_begin, it, it_begin, warp_live, flag, acc, [] { __syncthreads(); });
+      if (p.cluster > 1) cp_async_wait<0>();  // the stages become the exchange buffer (only empty groups left)
+      finish_segment<MT>(p, cta, tile, m0, seg_begin, it, it_begin, warp_live, flag, acc,
+                         reinterpret_cast<const float*>(stages), [] { __syncthreads(); });
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
       seg_begin = it + 1;
@@ -203,52 +215,77 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
 
 int mt_for(int64_t M) { return M <= 8 ? 1 : (M <= 16 ? 2 : 4); }
 
+// How the kernel fits a device: CTAs per SM, and clusters of 2, 4, 8 CTAs at once (lut_split; none
+// without sm_90a code, where cluster_finish is absent).
+struct Fit {
+  int ctas_per_sm;
+  std::array<int, 9> clusters;
+};
 template <int BITS, int MT, typename T>
-int ctas_per_sm(int dev) {
+const Fit& fit(int dev) {
   // Resolved once per instantiation and device; kernel attributes must allow the large smem first.
-  static PerDevice<int> cache;
+  static PerDevice<Fit> cache;
   return cache.get(dev, [&] {
     auto* k = &lut_gemm_kernel<BITS, MT, T>;
     allow_dynamic_smem(reinterpret_cast<const void*>(k), kSmemBytes<BITS, MT>, dev);
-    int n = 0;
-    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k, kThreads, kSmemBytes<BITS, MT>),
+    Fit f{};
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&f.ctas_per_sm, k, kThreads, kSmemBytes<BITS, MT>),
                "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-    return std::max(1, n);
+    f.ctas_per_sm = std::max(1, f.ctas_per_sm);
+    if (stream_supported(dev)) f.clusters = max_clusters(k, kThreads, kSmemBytes<BITS, MT>, dev);
+    return f;
   });
 }
 template <typename T, int MT>
-int ctas_per_sm_bits(int bits, int dev) {
-  return with_bits(bits, [&](auto b) { return ctas_per_sm<decltype(b)::value, MT, T>(dev); });
+Fit fit_bits(int bits, int dev) {
+  return with_bits(bits, [&](auto b) { return fit<decltype(b)::value, MT, T>(dev); });
 }
-int ctas_per_sm_any(int bits, int mt, DType dt, int dev) {
-  if (dt == DType::F16) {
-    return mt == 1 ? ctas_per_sm_bits<__half, 1>(bits, dev)
-                   : mt == 2 ? ctas_per_sm_bits<__half, 2>(bits, dev) : ctas_per_sm_bits<__half, 4>(bits, dev);
-  }
-  return mt == 1 ? ctas_per_sm_bits<__nv_bfloat16, 1>(bits, dev)
-                 : mt == 2 ? ctas_per_sm_bits<__nv_bfloat16, 2>(bits, dev) : ctas_per_sm_bits<__nv_bfloat16, 4>(bits, dev);
+Fit fit_any(int bits, int mt, DType dt, int dev) {
+  if (dt == DType::F16)
+    return mt == 1 ? fit_bits<__half, 1>(bits, dev) : mt == 2 ? fit_bits<__half, 2>(bits, dev) : fit_bits<__half, 4>(bits, dev);
+  return mt == 1 ? fit_bits<__nv_bfloat16, 1>(bits, dev)
+                 : mt == 2 ? fit_bits<__nv_bfloat16, 2>(bits, dev) : fit_bits<__nv_bfloat16, 4>(bits, dev);
 }
 
 // Weights of at least this many elements take the TMA kernel at M <= 16 on Hopper. H100, 2026-11-26,
 // 4-bit g128, TMA vs cp.async kernel (same run): M = 1: 4096x4096 9.5 vs 8.3 us, 6144x4096 11.3 vs
 // 10.4, 4096x14336 17.5 vs 17.6, 8192x8192 18.7 vs 19.2, 28672x4096 30.5 vs 31.1, 57344x8192 95.6 vs
 // 106.7; M = 16: 4096x4096 10.0 vs 9.5, 8192x8192 20.0 vs 21.7, 28672x4096 31.2 vs 35.1, 57344x8192
-// 102.5 vs 120.3.
+// 102.5 vs 120.3. Smaller weights take it too where its split runs in clusters on >= 70% of the
+// slots (H100, 2026-11-26, M = 1: 6144x4096 in clusters of 4, 9.4 us, against 10.3 for the cp.async
+// kernel).
 constexpr int64_t kTmaMinWeights = int64_t(32) << 20;
 
-// The kernel for a call (see LutKernel) and its launch geometry.
-Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel kernel) {
+// The kernel for a call (see LutKernel) and its launch geometry; allow_cluster = false: Stream-K
+// only (the workspace bound: no plan needs more).
+Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel kernel, bool allow_cluster = true) {
   Geometry g;
   g.mt = mt_for(M);
-  if (kernel == LutKernel::kTma && (g.mt > 2 || !stream_supported(device)))
+  const bool tma_ok = g.mt <= 2 && stream_supported(device);
+  if (kernel == LutKernel::kTma && !tma_ok)
     throw Error("lut kernel: the TMA decode kernel needs an sm_90 GPU, a build with sm_90a code and M <= 16");
-  g.tma = kernel == LutKernel::kTma ||
-          (kernel == LutKernel::kAuto && g.mt <= 2 && s.N * s.K >= kTmaMinWeights && stream_supported(device));
   g.tiles = int((s.row_blocks() + kWarps - 1) / kWarps);
   g.col_blocks = int(s.col_blocks());
-  const int per_sm = g.tma ? stream_workers_per_sm(s.bits) : ctas_per_sm_any(s.bits, g.mt, dt, device);
-  g.grid_x = int(lut_workers(g.tiles, g.col_blocks, int64_t(sm_count(device)) * per_sm));  // src/plan.cpp
   g.grid_y = int((M + 8 * g.mt - 1) / (8 * g.mt));
+  auto split = [&](bool tma, int64_t& slots) {  // src/plan.cpp
+    const Fit f = tma ? Fit{stream_workers_per_sm(s.bits), stream_max_clusters(s.bits, g.mt, device)}
+                      : fit_any(s.bits, g.mt, dt, device);
+    int clusters[9] = {};  // one token slice (grid_y = 1) only: the capacity counts one slice's clusters
+    if (allow_cluster && g.grid_y == 1) std::copy(f.clusters.begin(), f.clusters.end(), clusters);
+    slots = int64_t(sm_count(device)) * f.ctas_per_sm;
+    return lut_split(g.tiles, g.col_blocks, slots, clusters);
+  };
+  int64_t slots = 0;
+  LutSplit sp;
+  if (kernel == LutKernel::kAuto && tma_ok) {
+    sp = split(true, slots);
+    g.tma = s.N * s.K >= kTmaMinWeights || (sp.cluster > 1 && sp.workers * 10 >= slots * 7);
+  } else {
+    g.tma = kernel == LutKernel::kTma;
+  }
+  if (sp.workers == 0 || !g.tma) sp = split(g.tma, slots);
+  g.grid_x = int(sp.workers);
+  g.cluster = sp.cluster;
   g.stages = g.tma ? stream_stages(s.bits, g.mt, device) : kStages;
   g.device = device;
   return g;
@@ -256,10 +293,10 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
 
 template <int BITS, int MT, typename T>
 void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
-  ctas_per_sm<BITS, MT, T>(geo.device);  // sets the smem attribute on this device
+  fit<BITS, MT, T>(geo.device);  // sets the smem attribute on this device
   const Params<T> p = make_params<T>(prob, geo, ws);
   dim3 grid(geo.grid_x, geo.grid_y);
-  launch_pdl(&lut_gemm_kernel<BITS, MT, T>, grid, kThreads, kSmemBytes<BITS, MT>, stream, geo.device, p);
+  launch_pdl(&lut_gemm_kernel<BITS, MT, T>, grid, kThreads, kSmemBytes<BITS, MT>, stream, geo.device, geo.cluster, p);
 }
 
 template <typename T, int MT>
@@ -283,19 +320,26 @@ size_t workspace_bytes(int64_t M, const Shape& shape, int device) {
   size_t need = 0;
   const bool tma = M <= 16 && stream_supported(device);
   for (DType dt : {DType::BF16, DType::F16}) {
-    need = std::max(need, need_bytes(geometry(M, shape, dt, device, LutKernel::kCpAsync)));
-    if (tma) need = std::max(need, need_bytes(geometry(M, shape, dt, device, LutKernel::kTma)));
+    need = std::max(need, need_bytes(geometry(M, shape, dt, device, LutKernel::kCpAsync, false)));
+    if (tma) need = std::max(need, need_bytes(geometry(M, shape, dt, device, LutKernel::kTma, false)));
   }
   return need;
 }
 
-void lut_gemm(const GemmProblem& prob, void* ws, size_t ws_bytes, void* stream, LutKernel kernel) {
+DecodePlan decode_plan(int64_t M, const Shape& shape, DType dtype, int device, LutKernel kernel, DecodeSplit split) {
+  validate_shape(shape);
+  if (M < 1) throw Error("decode_plan: M must be >= 1");
+  const Geometry g = geometry(M, shape, dtype, device, kernel, split == DecodeSplit::kAuto);
+  return DecodePlan{g.grid_x, g.cluster};
+}
+
+void lut_gemm(const GemmProblem& prob, void* ws, size_t ws_bytes, void* stream, LutKernel kernel, DecodeSplit split) {
   validate_problem(prob);
   if ((prob.shape.row_blocks() + kWarps - 1) / kWarps * prob.shape.col_blocks() >= (int64_t(1) << 31))
     throw Error("shape: N x K too large for one call (more than 2^31 tiles x k-blocks); split N");
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  const Geometry geo = geometry(prob.M, prob.shape, prob.dtype, dev, kernel);
+  const Geometry geo = geometry(prob.M, prob.shape, prob.dtype, dev, kernel, split == DecodeSplit::kAuto);
   check_workspace(ws, ws_bytes, need_bytes(geo), "workspace_bytes()");
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (geo.tma) stream_launch(prob, geo, ws, st);

@@ -6,6 +6,7 @@
 // the same grid.
 #pragma once
 #include "lut_regtable.cuh"
+#include "wgmma.cuh"  // cluster barriers and distributed shared memory (sm_90a; nothing elsewhere)
 
 namespace lutmm {
 namespace gpu {
@@ -24,6 +25,7 @@ struct Params : GemmParams<T> {
   int tiles;                // 128-row tiles
   int stages;               // pipeline stages in shared memory (per warp group in lut_stream.cu)
   int workers;              // Stream-K workers splitting the iterations: CTAs (lut_gemm.cu) or warp groups
+  int cluster;              // > 1: clusters of this many CTAs, one tile each, reduced in shared memory
 };
 
 // A compute thread's index inside its group of kWarps warps (lut_stream.cu runs two groups per CTA).
@@ -49,7 +51,9 @@ struct Layout {
 // A lane's byte offsets inside a pipeline stage, fixed for the kernel's life. Made once before the
 // k-block loop, so each block adds them to its stage address instead of rederiving them from
 // threadIdx (the compiler did that in every iteration: ~15 of the ~125 instructions per warp and
-// block of the 2-bit TMA kernel). s_stride: scale bytes per row block in a stage.
+// block of the 2-bit TMA kernel). s_stride: scale bytes per row block in a stage; smem_base: the
+// shared address of the table (kTableAddr, plus the CTA's rank << 24 in a cluster launch, which
+// lane_byte carries into every lookup's address: see byte_entry).
 struct LaneOffsets {
   uint32_t codes;      // this warp's block of codes + lane * 16 (3 bits: low nibbles)
   uint32_t hi;         // 3 bits: the block's high-bit words + lane * 8
@@ -57,7 +61,7 @@ struct LaneOffsets {
   uint32_t x;          // token row g's activations, this lane's 8 columns (+ 64 j for chunk j)
   uint32_t lane_byte;  // this lane's copy inside a table entry
   template <int BITS, int MT>
-  static __device__ __forceinline__ LaneOffsets make(int s_stride) {
+  static __device__ __forceinline__ LaneOffsets make(int s_stride, uint32_t smem_base) {
     using L = Layout<BITS, MT>;
     const int warp = group_tid() / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     LaneOffsets o;
@@ -65,7 +69,7 @@ struct LaneOffsets {
     o.hi = uint32_t(warp * L::kBlockBytes + 512 + lane * 8);
     o.scales = uint32_t(L::kStageW + warp * s_stride + g * 4);
     o.x = uint32_t(L::kStageW + L::kStageS + g * kXRowBytes + 16 * t);
-    o.lane_byte = uint32_t(lane) * (BITS == 2 ? 8u : 4u);  // quads at 2 bits
+    o.lane_byte = uint32_t(lane) * (BITS == 2 ? 8u : 4u) | (smem_base & 0xff000000u);  // quads at 2 bits
     return o;
   }
 };
@@ -73,10 +77,11 @@ struct LaneOffsets {
 // One warp, one k-block: adds this block's contribution for its 16 rows x 8*MT tokens to acc.
 // FULL: the caller guarantees 4 whole chunks and groups >= 128 columns (one scale flush, at the end),
 // so every per-chunk test folds away; the arithmetic, and so the result, is bitwise the same.
-// off: LaneOffsets::make<BITS, MT>(scale bytes per row block in a stage).
+// off: LaneOffsets::make<BITS, MT>(scale bytes per row block in a stage, table address).
 template <int BITS, int MT, typename T, bool FULL = false>
 __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t* stage, const LaneOffsets& off,
                                               int kb, float (&acc)[MT][4]) {
+  if constexpr (LUTMM_EXPERIMENT >= 40 && ((LUTMM_EXPERIMENT - 40) & 2)) return;  // ablation (lut_gemm.cu's list)
   using L = Layout<BITS, MT>;
   uint32_t wd[8] = {}, hi[2] = {};
   load_code_words<BITS>(stage + off.codes, stage + off.hi, wd, hi);
@@ -149,18 +154,60 @@ __device__ __forceinline__ void store_tile(const Params<T>& p, int tile, int m0,
   }
 }
 
+// Split-K over a cluster of C = p.cluster CTAs (sm_90a; lut_split, src/plan.cpp): the CTA of rank r
+// holds in acc the sum over its k-blocks [r CB / C, (r + 1) CB / C) of the tile; the tile is the sum
+// over the ranks. Row block w (warp w) is summed by rank w % C: every warp sends its partial through
+// distributed shared memory to that rank's exchange buffer `xbuf` (the drained pipeline stages,
+// [source rank][w / C][4 MT][32 lanes] floats, 4 MT KB), then the owning warps add the C partials in
+// rank order, the order of the Stream-K fixup, so both give bitwise the same Y. No global memory,
+// no counters: one cluster barrier pair instead of a write, a fence, an atomic and reads in L2.
+// Every thread of every CTA of the cluster must call it (a producer warp calls cluster_sync twice).
+template <int MT, typename T>
+__device__ __forceinline__ void cluster_finish(const Params<T>& p, int tile, int m0, bool warp_live,
+                                               const float (&acc)[MT][4], const float* xbuf) {
+#if LUTMM_SM90A
+  constexpr int kE = 4 * MT;  // accumulators per thread
+  const int C = p.cluster, per = kWarps / C;  // C in {2, 4, 8}: row blocks per rank
+  const int warp = group_tid() / 32, lane = threadIdx.x % 32, rank = blockIdx.x % C;
+  const uint32_t dst = wg::map_to_rank(smem_addr(xbuf) + uint32_t(((rank * per + warp / C) * kE) * 32 + lane) * 4u,
+                                       uint32_t(warp % C));
+  wg::cluster_sync();  // every CTA of the cluster is done with its stages
+#pragma unroll
+  for (int e = 0; e < kE; ++e) wg::st_cluster(dst + uint32_t(e * 32) * 4u, acc[e / 4][e % 4]);
+  wg::cluster_sync();  // the partials have landed
+  if (warp % C == rank) {
+    float sum[MT][4] = {};
+    for (int r = 0; r < C; ++r)
+#pragma unroll
+      for (int e = 0; e < kE; ++e) sum[e / 4][e % 4] += xbuf[((r * per + warp / C) * kE + e) * 32 + lane];
+    if (warp_live) store_tile<MT>(p, tile, m0, sum);
+  }
+#else
+  __trap();  // never launched: clusters need sm_90a code (the host plans none without it)
+#endif
+}
+
 // End of a worker's segment [seg_begin, it] of `tile` (iterations are (tile, k-block) pairs, k
 // innermost, split over p.workers workers by sk_start; this is worker `cta`): a whole tile is stored;
 // a piece is published as a Stream-K partial and the last contributor to arrive sums all pieces in
 // worker order, so the result is bitwise the same on every run. The worker's kThreads compute
-// threads all call it; `sync` is a barrier over them.
+// threads all call it; `sync` is a barrier over them. In a cluster launch (p.cluster > 1) the
+// worker's only segment goes to cluster_finish with the exchange buffer `xbuf` (drained stages).
 template <int MT, typename T, typename Sync>
 __device__ __forceinline__ void finish_segment(const Params<T>& p, int cta, int tile, int m0, int seg_begin, int it,
                                                int it_begin, bool warp_live, int* flag, const float (&acc)[MT][4],
-                                               Sync sync) {
+                                               const float* xbuf, Sync sync) {
+  if (p.cluster > 1) {
+    cluster_finish<MT>(p, tile, m0, warp_live, acc, xbuf);
+    return;
+  }
   const int64_t total = int64_t(p.tiles) * p.col_blocks, grid = p.workers;
   const int tid = group_tid();
   const int tile_begin = tile * p.col_blocks, tile_end = tile_begin + p.col_blocks;
+  if constexpr (LUTMM_EXPERIMENT >= 40 && ((LUTMM_EXPERIMENT - 40) & 1)) {  // ablation (lut_gemm.cu's list)
+    if (warp_live) store_tile<MT>(p, tile, m0, acc);
+    return;
+  }
   if (seg_begin == tile_begin && it == tile_end - 1) {
     if (warp_live) store_tile<MT>(p, tile, m0, acc);
     return;
@@ -177,6 +224,9 @@ __device__ __forceinline__ void finish_segment(const Params<T>& p, int cta, int 
   // 2026-11-26, M = 1: 4096x4096 9.1 -> 8.3 us, 8192x8192 TMA kernel 19.7 -> 18.4 us.)
   const int first = sk_owner(tile_begin, total, grid), last = sk_owner(tile_end - 1, total, grid);
   if (arrive_last(p.counters + int64_t(blockIdx.y) * p.tiles + tile, last - first + 1, tid, flag, sync)) {
+    // (Loading 8 / MT contributors' partials at once, then adding them in order, made no difference:
+    // H100, 2026-11-26, within 2% on 8192x8192, 57344x8192, 10240x8192, 3-bit 8192x8192: the cost is
+    // the chain of the partials' write, the counter's round trip and a read, not the reads' count.)
     float sum[MT][4] = {};
     for (int c = first; c <= last; ++c) {
       const int cslot = tile_begin <= sk_start(c, total, grid) ? 0 : 1;
@@ -202,6 +252,7 @@ struct Geometry {
   int tiles;       // 128-row tiles
   int col_blocks;  // 128-column k-blocks
   int stages;      // pipeline stages (tma)
+  int cluster;     // > 1: clusters of this many CTAs per tile (lut_split, src/plan.cpp)
   int device;      // the current device (asked once per call)
 };
 inline size_t counters_bytes(const Geometry& g) { return counter_region_bytes(int64_t(g.grid_y) * g.tiles); }
@@ -216,14 +267,17 @@ Params<T> make_params(const GemmProblem& prob, const Geometry& geo, void* ws) {
   p.tiles = geo.tiles;
   p.stages = geo.stages;
   p.workers = geo.grid_x;
+  p.cluster = geo.cluster;
   return p;
 }
 
 // lut_stream.cu: whether its kernel runs on `device` (sm_90 and a build with sm_90a code), its
-// Stream-K workers (warp groups) per SM and pipeline stages per worker for (bits, mt), and the launch.
+// Stream-K workers (warp groups) per SM, clusters and pipeline stages per worker for (bits, mt), and the launch.
 bool stream_supported(int device);
 int stream_workers_per_sm(int bits);
 int stream_stages(int bits, int mt, int device);
+// Clusters of 2, 4, 8 CTAs of the TMA kernel that fit `device` at once (lut_split, src/plan.cpp).
+std::array<int, 9> stream_max_clusters(int bits, int mt, int device);
 void stream_launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream);
 
 }  // namespace lut

@@ -125,14 +125,17 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   using L = Layout<BITS, MT>;
   extern __shared__ __align__(16) uint8_t smem[];
   check_table_addr(smem);  // the table first, at shared address kTableAddr: lookups add no base
+  // The table's shared address: kTableAddr, plus the CTA's rank << 24 in a cluster launch (H100: an
+  // address without it reaches rank 0's memory or faults; docs/performance.md item 31).
+  const uint32_t smem_base = smem_addr(smem);
   const int S = p.stages;  // per group
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool producer = warp >= kGroups * kWarps;
   const int group = producer ? warp - kGroups * kWarps : warp / kWarps;
   const uint32_t ring = uint32_t(group * S) * L::kStageBytes;          // this group's stages
   uint8_t* stages = smem + L::kLutBytes + ring;
-  const uint32_t stage0 = kTableAddr + L::kLutBytes + ring;
-  const uint32_t bars = kTableAddr + L::kLutBytes + uint32_t(kGroups * S) * L::kStageBytes + 16 * S * group;  // full[S], empty[S]
+  const uint32_t stage0 = smem_base + L::kLutBytes + ring;
+  const uint32_t bars = smem_base + L::kLutBytes + uint32_t(kGroups * S) * L::kStageBytes + 16 * S * group;  // full[S], empty[S]
   int* flag = reinterpret_cast<int*>(smem + L::kLutBytes + kGroups * S * (L::kStageBytes + 16)) + group;
 
   const int worker = blockIdx.x * kGroups + group;
@@ -144,7 +147,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < kGroups * S; ++i) {  // group-major: full[S], empty[S] of group 0, then group 1
-      const uint32_t b = kTableAddr + L::kLutBytes + uint32_t(kGroups * S) * L::kStageBytes + 16 * S * (i / S);
+      const uint32_t b = smem_base + L::kLutBytes + uint32_t(kGroups * S) * L::kStageBytes + 16 * S * (i / S);
       wg::mbar_init(b + 8 * (i % S), 1);            // the producer's arrive.expect_tx
       wg::mbar_init(b + 8 * (S + i % S), kWarps);   // one arrival per compute warp of the group
     }
@@ -153,6 +156,10 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   __syncthreads();
   if (producer) {
     if (lane == 0 && active) produce<BITS, MT, T>(p, Maps{&tm_w, &tm_s, &tm_x}, it_begin, it_end, m0, stage0, bars);
+    if (p.cluster > 1) {  // the two cluster barriers of cluster_finish
+      wg::cluster_sync();
+      wg::cluster_sync();
+    }
     return;
   }
 
@@ -166,7 +173,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
 
   const int gwarp = warp % kWarps;  // row block of the tile
   const int s_stride = 32 * groups_per_kblock(p.gl);  // scale bytes per row block in a stage (the TMA box row)
-  LaneOffsets off = LaneOffsets::make<BITS, MT>(s_stride);
+  LaneOffsets off = LaneOffsets::make<BITS, MT>(s_stride, smem_base);
   float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
@@ -207,7 +214,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
     }
     const int bar = 2 + group;
     finish_segment<MT>(p, worker, tile, m0, seg_begin, seg_end - 1, it_begin, warp_live, flag, acc,
-                       [bar] { wg::named_sync(bar, kThreads); });
+                       reinterpret_cast<const float*>(stages), [bar] { wg::named_sync(bar, kThreads); });
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
     seg_begin = seg_end;
@@ -248,8 +255,9 @@ void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t
   const CUtensorMap tm_x = tensor_map_2d(prob.x, prob.dtype == DType::F16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
                                                                           : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
                                          prob.M, s.K, s.K * 2, 8 * MT, kXRowBytes / 2, CU_TENSOR_MAP_SWIZZLE_NONE, "x");
+  if (geo.cluster > 1 && kGroups != 1) throw Error("internal: clusters need one warp group per CTA");
   launch_pdl(kernel, dim3((geo.grid_x + kGroups - 1) / kGroups, geo.grid_y), kCtaThreads, smem_bytes<BITS, MT>(geo.stages),
-             stream, dev, make_params<T>(prob, geo, ws), tm_w, tm_s, tm_x);
+             stream, dev, geo.cluster, make_params<T>(prob, geo, ws), tm_w, tm_s, tm_x);
 }
 
 template <typename T, int MT>
@@ -263,6 +271,21 @@ bool stream_supported(int device) { return wgmma_supported(device); }  // same r
 
 int stream_workers_per_sm(int bits) {
   return with_bits(bits, [](auto b) { return kGroups * kCtasPerSm<decltype(b)::value>; });
+}
+
+std::array<int, 9> stream_max_clusters(int bits, int /*mt*/, int device) {
+  if (kGroups != 1) return {};  // experiment 9: a CTA is two workers
+  return with_bits(bits, [&](auto b) {
+    constexpr int B = decltype(b)::value;
+    static PerDevice<std::array<int, 9>> cache;  // per bits (this lambda's instantiation)
+    return cache.get(device, [&] {
+      const int smem = smem_budget(device, kCtasPerSm<B>);
+      // fp16 and MT = 2 have the same resources (threads, the same shared memory budget)
+      auto* k1 = &lut_stream_kernel<B, 1, __nv_bfloat16>;
+      allow_dynamic_smem(reinterpret_cast<const void*>(k1), smem, device);
+      return max_clusters(k1, kCtaThreads, smem, device);
+    });
+  });
 }
 
 int stream_stages(int bits, int mt, int device) {

@@ -119,8 +119,9 @@ __device__ __forceinline__ void check_table_addr(const void* smem) {
 __device__ __forceinline__ uint32_t shift_right(uint32_t w, int s) { return s >= 0 ? w >> s : w << -s; }
 
 // (code byte `b` of w) << 8 | lane_byte: the table offset of a lane's copy of that entry, one prmt.
+// lane_byte's byte 3 (a cluster rank, see LaneOffsets) passes through; its bytes 1-2 must be 0.
 __device__ __forceinline__ uint32_t byte_entry(uint32_t w, int b, uint32_t lane_byte) {
-  return __byte_perm(w, lane_byte, 0x5504u | (uint32_t(b) << 4));
+  return __byte_perm(w, lane_byte, 0x7504u | (uint32_t(b) << 4));
 }
 
 // Fills the replicated value table (T rounded to T's dtype). One entry per 8 (pairs) or 16 (quads)
@@ -128,6 +129,7 @@ __device__ __forceinline__ uint32_t byte_entry(uint32_t w, int b, uint32_t lane_
 // goes out conflict-free. THREADS: the CTA size (all threads call it; it uses warp shuffles).
 template <int BITS, int ENTRY_BYTES, int THREADS, typename T>
 __device__ __forceinline__ void build_table(uint8_t* lut, const float (&table)[16]) {
+  if constexpr (LUTMM_EXPERIMENT >= 40 && ((LUTMM_EXPERIMENT - 40) & 4)) return;  // ablation (lut_gemm.cu's list)
   constexpr int kChunksPerEntry = (BITS == 2 ? 8 : 4) * 32 / 16;
   const float tv = table[threadIdx.x % 16];  // lane l holds T[l % 16]; shuffles fetch T[q]
   for (int c = threadIdx.x; c < lut_entries<BITS>() * kChunksPerEntry; c += THREADS) {  // same trip count in every lane

@@ -72,7 +72,7 @@ size_t ws_need(gpu::Path path, int64_t M, const Shape& s) {
 std::vector<float> run_gpu(const Layer& L, const std::vector<uint16_t>& x, int64_t M, DType dt,
                            const std::vector<uint16_t>* bias, void* ws, size_t ws_bytes,
                            gpu::Path path = gpu::Path::kLut, gpu::LutKernel kernel = gpu::LutKernel::kAuto,
-                           gpu::WgSplit split = gpu::WgSplit::kAuto) {
+                           gpu::WgSplit split = gpu::WgSplit::kAuto, gpu::DecodeSplit dsplit = gpu::DecodeSplit::kAuto) {
   const Shape& s = L.s;
   DevBuf<uint8_t> dx(x.size() * 2), dw(L.packed.size()), ds(L.packed_scales.size() * 2), dy(size_t(M * s.N) * 2),
       db(size_t(s.N) * 2);
@@ -88,7 +88,7 @@ std::vector<float> run_gpu(const Layer& L, const std::vector<uint16_t>& x, int64
   p.bias = bias ? db.p : nullptr;
   p.y = dy.p;
   if (path == gpu::Path::kWgmma) gpu::wgmma_gemm(p, ws, ws_bytes, nullptr, split);
-  else gpu::lut_gemm(p, ws, ws_bytes, nullptr, kernel);
+  else gpu::lut_gemm(p, ws, ws_bytes, nullptr, kernel, dsplit);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<uint16_t> yh(size_t(M * s.N));
   cudaMemcpy(yh.data(), dy.p, yh.size() * 2, cudaMemcpyDeviceToHost);
@@ -349,6 +349,67 @@ TEST(Gpu, TileAlignedDecodeSplitAgainstReference) {
       EXPECT_LT(rel_err(y, ref), 6e-3) << "N=" << shp.N << " K=" << shp.K << " M=" << M << " kernel " << int(kernel);
     }
   }
+}
+
+// Decode clusters (few tiles: 2, 4 or 8 CTAs per tile reduce through distributed shared memory)
+// against the CPU reference and against the same kernel forced to Stream-K: bitwise equal where both
+// use the same split (they add the same partials in the same order), close otherwise; both decode
+// kernels, every bits, M = 1..32 (the cp.async kernel's 8, 16 and 32-token tiles), rows past N, a
+// partial last k-block, bias, fp16.
+TEST(Gpu, DecodeClustersAgainstStreamKAndReference) {
+  REQUIRE_WGMMA();
+  std::mt19937 rng(95);
+  Workspace ws;
+  struct Case { Shape s; int64_t M; DType dt; bool bias; };
+  // Plans on an H100 (printed below): clusters where Stream-K cuts tiles into > 8 pieces or unevenly;
+  // 4096x4096 and 8192x8192 stay Stream-K there (too few clusters of 8 / 4 fit), clusters elsewhere.
+  const Case cases[] = {{Shape{4096, 4096, 4, 128}, 1, DType::BF16, false},  // 32 tiles: 8 per tile
+                        {Shape{8192, 8192, 4, 128}, 16, DType::BF16, true},  // 64 tiles: 4 per tile
+                        {Shape{1024, 4096, 2, 64}, 3, DType::F16, false},    // 8 tiles: 8 instead of 32 pieces
+                        {Shape{6144, 4096, 3, 32}, 1, DType::BF16, true},    // 48 tiles: 4 instead of Stream-K
+                        {Shape{777, 992, 4, 0}, 9, DType::F16, true},        // rows past N, g = K, partial k-block
+                        {Shape{300, 2048, 4, 128}, 27, DType::BF16, false},  // 32-token tiles, 128-byte entries (cp.async)
+                        {Shape{4096, 14336, 2, 128}, 5, DType::BF16, false}};
+  int clustered = 0, same_split = 0;
+  for (const Case& c0 : cases) {
+    Shape s = c0.s;
+    if (s.group_size == 0) s.group_size = s.K;
+    Layer L = make_layer(s, c0.dt, rng, 2);
+    std::vector<uint16_t> x(size_t(c0.M * s.K)), bias(size_t(s.N));
+    std::vector<float> xf(x.size()), biasf(bias.size());
+    std::normal_distribution<float> nd(0.f, 1.f);
+    for (size_t i = 0; i < x.size(); ++i) { x[i] = to_dtype(nd(rng), c0.dt); xf[i] = from_dtype(x[i], c0.dt); }
+    for (size_t i = 0; i < bias.size(); ++i) { bias[i] = to_dtype(nd(rng), c0.dt); biasf[i] = from_dtype(bias[i], c0.dt); }
+    const auto* b = c0.bias ? &bias : nullptr;
+    std::vector<float> ref(size_t(c0.M * s.N));
+    reference_matmul(xf.data(), DType::F32, c0.M, L.codes.data(), L.scales.data(), L.table_rounded.data(), s,
+                     c0.bias ? biasf.data() : nullptr, ref.data());
+    ws.ensure(gpu::workspace_bytes(c0.M, s, 0));
+    for (gpu::LutKernel kernel : {gpu::LutKernel::kCpAsync, gpu::LutKernel::kTma}) {
+      if (kernel == gpu::LutKernel::kTma && c0.M > 16) continue;
+      const gpu::DecodePlan pc = gpu::decode_plan(c0.M, s, c0.dt, 0, kernel);
+      const gpu::DecodePlan ps = gpu::decode_plan(c0.M, s, c0.dt, 0, kernel, gpu::DecodeSplit::kStreamK);
+      std::printf("N=%lld K=%lld M=%lld bits=%d kernel %d: %d workers in clusters of %d (Stream-K: %d workers)\n",
+                  (long long)s.N, (long long)s.K, (long long)c0.M, s.bits, int(kernel), pc.workers, pc.cluster, ps.workers);
+      ASSERT_EQ(ps.cluster, 1);
+      clustered += pc.cluster > 1;
+      auto y = run_gpu(L, x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel);
+      auto y2 = run_gpu(L, x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel);
+      auto ysk = run_gpu(L, x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel, gpu::WgSplit::kAuto,
+                         gpu::DecodeSplit::kStreamK);
+      ASSERT_EQ(std::memcmp(y.data(), y2.data(), y.size() * 4), 0) << "N=" << s.N << " M=" << c0.M << " not reproducible";
+      const double tol = c0.dt == DType::BF16 ? 6e-3 : 1.5e-3;
+      EXPECT_LT(rel_err(y, ref), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M << " kernel " << int(kernel);
+      EXPECT_LT(rel_err(ysk, ref), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M << " kernel " << int(kernel);
+      if (pc.workers == ps.workers) {
+        ++same_split;
+        EXPECT_EQ(std::memcmp(y.data(), ysk.data(), y.size() * 4), 0)
+            << "N=" << s.N << " M=" << c0.M << " kernel " << int(kernel) << ": clusters and Stream-K differ on one split";
+      }
+    }
+  }
+  EXPECT_GE(clustered, 5);   // an H100 plans them for 1024x4096, 6144x4096, 777x992, 300x2048
+  EXPECT_GE(same_split, 2);  // 777x992: 8 one-block pieces per tile either way
 }
 
 // Every work split of the wgmma kernel (Stream-K only, data-parallel waves, both): bitwise the same

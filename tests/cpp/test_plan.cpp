@@ -177,3 +177,63 @@ TEST(Plan, DecodeWorkers) {
   EXPECT_GT(aligned, 100);
   EXPECT_THROW(lut_workers(0, 4, 132), Error);
 }
+
+// Decode clusters: where every tile's workers fit one cluster of 2, 4 or 8 (dividing the k-blocks, all
+// clusters resident at once) and it pays (the same split as Stream-K's, >= 70% of the slots, or
+// Stream-K would cut every tile into more than 8 pieces), the split is clusters x tiles with rank r on
+// k-blocks [r CB / C, (r + 1) CB / C) of tile c / C; elsewhere lut_workers' split, or one whole tile
+// per worker where the tiles fill 80-100% of the slots.
+TEST(Plan, DecodeClusters) {
+  const int none[9] = {};
+  const int roomy[9] = {0, 0, 132, 0, 66, 0, 0, 0, 33};
+  auto split = [](int64_t t, int64_t cb, int64_t slots, const int(&mc)[9]) { return lut_split(t, cb, slots, mc); };
+  EXPECT_EQ(split(32, 32, 264, roomy).cluster, 8);    // 4096x4096: lut_workers' own 8 per tile
+  EXPECT_EQ(split(32, 32, 264, roomy).workers, 256);
+  EXPECT_EQ(split(64, 64, 264, roomy).cluster, 4);    // 8192x8192: 4 per tile, as lut_workers
+  EXPECT_EQ(split(48, 32, 264, roomy).workers, 192);  // 6144x4096: 4 per tile (73% of the slots), not
+  EXPECT_EQ(split(48, 32, 264, roomy).cluster, 4);    // Stream-K's 5-6 uneven pieces
+  EXPECT_EQ(split(8, 32, 264, roomy).workers, 64);    // 1024x4096: 8 per tile, not 32 one-block pieces
+  EXPECT_EQ(split(32, 32, 396, roomy).cluster, 8);    // 3 bits (3 per SM): 8 per tile, not 12-13 pieces
+  EXPECT_EQ(split(64, 64, 396, roomy).cluster, 1);    // 3-bit 8192x8192: 256 of 396 slots vs 6-7 pieces
+  EXPECT_EQ(split(16, 6, 40, roomy).cluster, 2);      // 6 k-blocks: 8 and 4 do not divide them
+  EXPECT_EQ(split(1, 1, 264, roomy).cluster, 1);      // one k-block: nothing to split
+  EXPECT_EQ(split(448, 64, 264, roomy).cluster, 1);   // 57344x8192: more tiles than slots
+  EXPECT_EQ(split(448, 64, 264, roomy).workers, 264);
+  EXPECT_EQ(split(224, 32, 264, roomy).cluster, 1);   // 28672x4096: 85% of the slots: one tile each
+  EXPECT_EQ(split(224, 32, 264, roomy).workers, 224);
+  // On the H100 only 30 clusters of 8 and 60 of 4 fit with 2 CTAs per SM: 4096x4096 and 8192x8192 keep
+  // Stream-K (clusters of half the size would halve the workers).
+  const int h100[9] = {0, 0, 128, 0, 60, 0, 0, 0, 30};
+  EXPECT_EQ(split(32, 32, 264, h100).cluster, 1);
+  EXPECT_EQ(split(32, 32, 264, h100).workers, 256);
+  EXPECT_EQ(split(64, 64, 264, h100).cluster, 1);
+  EXPECT_EQ(split(48, 32, 264, h100).cluster, 4);
+  int clustered = 0;
+  for (int64_t tiles = 1; tiles <= 300; tiles += (tiles < 80 ? 1 : 7))
+    for (int64_t cb : {1, 2, 3, 6, 8, 32, 64, 112})
+      for (int64_t slots : {132, 264, 396}) {
+        const LutSplit plain = split(tiles, cb, slots, none);
+        const bool whole = tiles <= slots && tiles * 10 >= slots * 8;
+        ASSERT_EQ(plain.cluster, 1);
+        ASSERT_EQ(plain.workers, whole ? tiles : lut_workers(tiles, cb, slots));
+        const LutSplit sp = split(tiles, cb, slots, roomy);
+        if (sp.cluster == 1) {
+          ASSERT_EQ(sp.workers, plain.workers);
+          continue;
+        }
+        ++clustered;
+        const int64_t C = sp.cluster, total = tiles * cb;
+        ASSERT_TRUE(C == 2 || C == 4 || C == 8);
+        ASSERT_EQ(sp.workers, C * tiles);
+        ASSERT_LE(sp.workers, slots);
+        ASSERT_LE(tiles, roomy[C]);
+        ASSERT_TRUE(sp.workers == plain.workers || sp.workers * 10 >= slots * 7 || plain.workers > 8 * tiles)
+            << tiles << " " << cb << " " << slots;
+        for (int64_t c = 0; c < sp.workers; ++c) {  // the kernels' Stream-K ranges are the cluster ranges
+          const int64_t t = c / C, r = c % C;
+          ASSERT_EQ(sk_start(c, total, sp.workers), t * cb + r * cb / C) << tiles << " " << cb << " " << slots;
+          ASSERT_EQ(sk_start(c + 1, total, sp.workers), t * cb + (r + 1) * cb / C);
+        }
+      }
+  EXPECT_GT(clustered, 200);
+}
