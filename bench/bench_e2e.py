@@ -71,8 +71,43 @@ def fuse(model) -> int:
     return report.linear_calls_saved
 
 
+def kernel_class(name: str) -> str:
+    """The breakdown class of a CUDA kernel by name: linears (ours, cuBLAS, dequant), attention, other."""
+    name = name.lower()
+    # Attention first: the memory-efficient SDPA kernels are CUTLASS kernels (fmha_cutlassF_...).
+    if any(k in name for k in ("attention", "flash", "fmha", "sdpa", "softmax")):
+        return "attention"
+    if any(k in name for k in ("lut_", "dequant", "gemm", "gemv", "sm90_xmma", "cutlass", "nvjet")):
+        return "quantized/dense linears"
+    return "other"
+
+
+def profile_replays(run, replays: int = 4) -> dict:
+    """Per-step CUDA time (us) by kernel class over `replays` replays of the captured decode step (what
+    the tokens/s above time), with the largest kernels of each class."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            run()
+        torch.cuda.synchronize()
+    out = {"quantized/dense linears": 0.0, "attention": 0.0, "other": 0.0}
+    top = []
+    for e in prof.key_averages():
+        us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        if us <= 0:
+            continue
+        out[kernel_class(e.key)] += us / replays
+        top.append((us / replays, e.count // replays, e.key[:70]))
+    top.sort(reverse=True)
+    out["top kernels (us per step, calls per step)"] = [(round(u, 1), c, k) for u, c, k in top[:8]]
+    return out
+
+
 @torch.no_grad()
-def decode_tokens_per_s(model, batch: int, prompt: int, gen: int, graph: bool, compile_step: bool = False) -> float:
+def decode_tokens_per_s(model, batch: int, prompt: int, gen: int, graph: bool, compile_step: bool = False,
+                        profile_step: bool = False):
+    """Decode tokens/s; with profile_step (graph mode on CUDA), also the captured step's breakdown
+    (profile_replays), else None."""
     dev = next(model.parameters()).device
     cache = StaticCache(config=model.config, max_cache_len=prompt + gen + 8)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=dev)
@@ -117,7 +152,14 @@ def decode_tokens_per_s(model, batch: int, prompt: int, gen: int, graph: bool, c
         static_pos.add_(1)
     if cuda:
         torch.cuda.synchronize()
-    return batch * gen / (time.perf_counter() - t0)
+    tps = batch * gen / (time.perf_counter() - t0)
+    prof = None
+    if profile_step and run is not None:
+        try:
+            prof = profile_replays(run)
+        except Exception as e:  # the profiler is a diagnostic: never lose the measurement to it
+            prof = {"error": repr(e)}
+    return tps, prof
 
 
 @torch.no_grad()
@@ -135,13 +177,7 @@ def breakdown(model, batch: int, steps: int = 4) -> dict:
     out = {"quantized/dense linears": 0.0, "attention": 0.0, "other": 0.0}
     for e in prof.key_averages():
         us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-        name = e.key.lower()
-        if any(k in name for k in ("lut_", "dequant", "gemm", "gemv", "sm90_xmma", "cutlass", "nvjet")):
-            out["quantized/dense linears"] += us
-        elif any(k in name for k in ("attention", "flash", "fmha", "sdpa", "softmax")):
-            out["attention"] += us
-        else:
-            out["other"] += us
+        out[kernel_class(e.key)] += us
     return {k: v / steps for k, v in out.items()}
 
 
@@ -154,6 +190,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=256)
     ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile replays of the captured decode step: CUDA time by kernel class")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the decode step (inductor, no cudagraphs) before capturing it")
     ap.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
@@ -179,16 +217,18 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         for b in args.batches:
             t0 = time.perf_counter()
-            tps = decode_tokens_per_s(model, b, args.prompt, args.gen, graph=not args.no_graph,
-                                      compile_step=args.compile)
+            tps, prof = decode_tokens_per_s(model, b, args.prompt, args.gen, graph=not args.no_graph,
+                                            compile_step=args.compile, profile_step=args.profile)
             if args.compile:
                 print(f"{'':>14} (compile + measure: {time.perf_counter() - t0:.0f} s)", flush=True)
-            eager = decode_tokens_per_s(model, b, args.prompt, min(args.gen, 32), graph=False)
+            eager, _ = decode_tokens_per_s(model, b, args.prompt, min(args.gen, 32), graph=False)
             mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
             rows.append((label, b, tps, eager, mem))
             mode = ("compiled " if args.compile else "") + ("eager" if args.no_graph or not cuda else "graph")
             print(f"{label:>14} batch {b:>3}: {tps:9.1f} tok/s ({mode})  {eager:9.1f} tok/s (eager)  "
                   f"peak {mem:6.2f} GiB", flush=True)
+            if prof is not None:
+                print(f"{'':>14} captured step, batch {b} (us per step): {prof}", flush=True)
         if cuda:
             print(f"{'':>14} per-token CUDA time, batch 1 (us): {breakdown(model, 1)}")
 

@@ -21,8 +21,9 @@ def test_tiny_model_swaps_every_decoder_linear_and_decodes():
     from lutmm.nn import LUTLinear
     assert sum(isinstance(m, LUTLinear) for m in model.modules()) == 14
     assert isinstance(model.lm_head, torch.nn.Linear)
-    tps = e2e.decode_tokens_per_s(model, batch=2, prompt=8, gen=3, graph=False)
+    tps, prof = e2e.decode_tokens_per_s(model, batch=2, prompt=8, gen=3, graph=False, profile_step=True)
     assert tps > 0
+    assert prof is None  # the step profile needs a captured CUDA graph
 
 
 def test_fused_tiny_models_decode_like_unfused():
@@ -43,7 +44,7 @@ def test_fused_tiny_models_decode_like_unfused():
         linears = [n for n, m in model.named_modules() if isinstance(m, kind) and "lm_head" not in n]
         assert len(linears) == 2 * 4 and any(n.endswith("qkv_proj") for n in linears)
         torch.testing.assert_close(fused, ref, rtol=0, atol=0 if quantize else 2e-2)
-        assert e2e.decode_tokens_per_s(model, batch=2, prompt=8, gen=3, graph=False) > 0
+        assert e2e.decode_tokens_per_s(model, batch=2, prompt=8, gen=3, graph=False)[0] > 0
 
 
 def test_cli_fuse_flag_is_reported(capsys, monkeypatch):
@@ -63,4 +64,16 @@ def test_lm_head_option_quantizes_the_head_too():
     model = e2e.build("tiny", "cpu")
     assert e2e.swap_to_lutmm(model, 4, 64, lm_head=True) == 2 * 7 + 1
     assert isinstance(model.lm_head, LUTLinear)
-    assert e2e.decode_tokens_per_s(model, batch=1, prompt=8, gen=2, graph=False) > 0
+    assert e2e.decode_tokens_per_s(model, batch=1, prompt=8, gen=2, graph=False)[0] > 0
+
+
+def test_breakdown_classes_kernels_by_name():
+    e2e = _load()
+    lin, att, other = "quantized/dense linears", "attention", "other"
+    for name, want in (("void lutmm::gpu::lut::lut_stream_kernel<4, 1, __nv_bfloat16>", lin),
+                       ("nvjet_tst_128x64_64x8_1x1_v_bz_TNT", lin), ("sm90_xmma_gemm_bf16bf16", lin),
+                       ("void pytorch_flash::flash_fwd_splitkv_kernel<...>", att),
+                       ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", att),  # a CUTLASS kernel, yet attention
+                       ("triton_per_fused__softmax_0", att), ("triton_poi_fused_add_mul_silu_3", other),
+                       ("void at::native::index_copy_kernel", other)):
+        assert e2e.kernel_class(name) == want, name
