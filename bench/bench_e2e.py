@@ -25,6 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import lutmm
+from lutmm.attention import use_gqa_attention
 from lutmm.nn import LUTLinear, fuse_projections
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -40,10 +41,17 @@ SHAPES = {
 }
 
 
-def build(shape: str, device: str) -> LlamaForCausalLM:
+def build(shape: str, device: str, attn: str = "sdpa") -> LlamaForCausalLM:
+    """The model with random weights; attn: "sdpa" (transformers' own) or "gqa" (lutmm.attention: K and V
+    read once per KV head instead of repeated for every query head)."""
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=2048, rope_theta=500000.0)
     with torch.device(device):
-        return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    if attn == "gqa":
+        use_gqa_attention(model)
+    elif attn != "sdpa":
+        raise ValueError(f"attn must be 'sdpa' or 'gqa', got {attn!r}")
+    return model
 
 
 def swap_to_lutmm(model, bits: int, g: int, lm_head: bool = False) -> int:
@@ -190,6 +198,9 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=256)
     ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--attn", choices=["gqa", "sdpa"], default="gqa",
+                    help="attention for bf16 and lutmm alike: gqa = lutmm.attention (K/V read once per KV head), "
+                         "sdpa = transformers' own (repeats K/V for every query head under a mask)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile replays of the captured decode step: CUDA time by kernel class")
     ap.add_argument("--compile", action="store_true",
@@ -209,7 +220,7 @@ def main():
                    (True, False): "fused q/k/v + gate/up for lutmm; bf16 baseline unfused (stock HF)",
                    (False, False): "unfused (7 linears per layer)"}[(args.fuse, fuse_bf16)]
     print(f"# {torch.cuda.get_device_name() if cuda else 'CPU'} | model {args.model} | lutmm {lutmm.__version__} "
-          f"| projections: {projections}")
+          f"| projections: {projections} | attention: {args.attn}")
     rows = []
 
     def measure(label, model):
@@ -232,7 +243,7 @@ def main():
         if cuda:
             print(f"{'':>14} per-token CUDA time, batch 1 (us): {breakdown(model, 1)}")
 
-    model = build(args.model, args.device)
+    model = build(args.model, args.device, args.attn)
     if fuse_bf16:
         fuse(model)
     measure("bf16", model)
@@ -240,7 +251,7 @@ def main():
         del model
         if cuda:
             torch.cuda.empty_cache()
-        model = build(args.model, args.device)
+        model = build(args.model, args.device, args.attn)
         swap_to_lutmm(model, bits, g, lm_head=args.lm_head)
         if args.fuse:
             fuse(model)

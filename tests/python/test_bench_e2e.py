@@ -47,6 +47,20 @@ def test_fused_tiny_models_decode_like_unfused():
         assert e2e.decode_tokens_per_s(model, batch=2, prompt=8, gen=3, graph=False)[0] > 0
 
 
+def test_gqa_attention_decodes_like_transformers_sdpa():
+    """--attn gqa (the default) and sdpa give the same greedy tokens on the tiny model."""
+    e2e = _load()
+    toks = {}
+    for attn in ("sdpa", "gqa"):
+        torch.manual_seed(0)
+        model = e2e.build("tiny", "cpu", attn).float()
+        assert model.config._attn_implementation == ("lutmm_gqa" if attn == "gqa" else "sdpa")
+        ids = torch.randint(0, model.config.vocab_size, (2, 6))
+        with torch.no_grad():
+            toks[attn] = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(toks["sdpa"], toks["gqa"])
+
+
 def test_cli_fuse_flag_is_reported(capsys, monkeypatch):
     e2e = _load()
     for flag, expect in (([], "fused q/k/v + gate/up (lutmm and bf16)"), (["--no-fuse"], "unfused (7 linears")):
@@ -55,7 +69,7 @@ def test_cli_fuse_flag_is_reported(capsys, monkeypatch):
                                          *flag])
         e2e.main()
         out = capsys.readouterr().out
-        assert f"projections: {expect}" in out and "lutmm 4b g64" in out
+        assert f"projections: {expect}" in out and "lutmm 4b g64" in out and "attention: gqa" in out
 
 
 def test_lm_head_option_quantizes_the_head_too():
