@@ -70,3 +70,28 @@ def test_rejects_what_it_cannot_do():
         gqa_sdpa_attention(module, q, k, k, torch.ones(1, 4, 2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="attention weights"):
         gqa_sdpa_attention(module, q, k, k, None, output_attentions=True)
+
+
+def test_gpu_bf16_matches_stock_sdpa():
+    """On the GPU in bf16 (SDPA picks its fused kernels there): the same logits up to bf16 rounding."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: GPU test skipped")
+    model = _model(heads=8, kv_heads=2).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 300, (4, 13), device="cuda")
+
+    def run():
+        cache = StaticCache(config=model.config, max_cache_len=24)
+        out = model(ids, past_key_values=cache, cache_position=torch.arange(13, device="cuda"), use_cache=True)
+        nxt = ids[:, :1]
+        steps = [out.logits.float()]
+        for i in range(3):
+            o = model(nxt, past_key_values=cache, cache_position=torch.tensor([13 + i], device="cuda"), use_cache=True)
+            steps.append(o.logits.float())
+        return steps
+
+    with torch.no_grad():
+        ref = run()
+        use_gqa_attention(model)
+        got = run()
+    for r, g in zip(ref, got):
+        assert (g - r).abs().max().item() <= 0.03 * r.abs().max().item()
