@@ -60,6 +60,23 @@ def test_folded_heads_equal_repeated_kv_with_a_mask():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_decode_path_matches_sdpa_with_bool_and_float_masks():
+    torch.manual_seed(2)
+    b, hkv, g, s, d = 3, 2, 4, 7, 8
+    q, k, v = torch.randn(b, hkv * g, 1, d), torch.randn(b, hkv, s, d), torch.randn(b, hkv, s, d)
+    mask = torch.rand(b, 1, 1, s) > 0.4
+    mask[..., 0] = True
+    kr, vr = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=mask).transpose(1, 2)
+    module = torch.nn.Module().eval()
+    for m in (mask, torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))):
+        out, _ = gqa_sdpa_attention(module, q, k, v, m)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out, _ = gqa_sdpa_attention(module, q, k, v, None)  # no mask: every position
+    ref = torch.nn.functional.scaled_dot_product_attention(q, kr, vr).transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_rejects_what_it_cannot_do():
     module = torch.nn.Module()
     q, k = torch.randn(1, 6, 2, 8), torch.randn(1, 4, 3, 8)
