@@ -48,9 +48,17 @@ LutSplit lut_split(int64_t tiles, int64_t col_blocks, int64_t slots, const int (
   // (2 CTAs per SM leave fewer than 32 clusters of 8 or 64 of 4 on 132 SMs): 4096x4096 128 vs 256
   // workers 9.7 vs 7.7 (cp.async), 8192x8192 18.5 vs 16.7, 4096x14336 20.7 vs 15.5 (TMA); 3-bit
   // 8192x8192, 256 of 396 slots vs 6-7 pieces: 22.5 vs 19.9.)
-  for (int64_t c : {8, 4, 2}) {
+  // Experiment 18: any c from 8 to 2, the k-blocks split into c near-equal ranges per tile
+  // (cluster_start) where c does not divide them. Slower (H100, 2026-11-26, lutmm_bench, M = 1, one
+  // call): 4096x4096 in clusters of 7 (224 workers, 4-5 k-blocks each) 8.8 us vs Stream-K's 7.7 (256
+  // workers of 4 with the fixup), 8192x8192 clusters of 3 (192) 17.8 vs 16.6 (M = 16: 21.4 vs 18.5),
+  // 4096x14336 clusters of 7 15.6 vs 15.4, 3-bit 4096x4096 9.6 vs 8.2: the longest range sets the
+  // time, and 5 k-blocks instead of 4 cost more than the fixup.
+  const bool any_c = LUTMM_EXPERIMENT == 18;
+  for (int64_t c : {8, 7, 6, 5, 4, 3, 2}) {
     const int64_t w = c * tiles;
-    if (w > slots || col_blocks % c != 0 || max_clusters[c] < tiles) continue;
+    if (!any_c && (c & (c - 1)) != 0) continue;
+    if (w > slots || (!any_c && col_blocks % c != 0) || c > col_blocks || max_clusters[c] < tiles) continue;
     if (w == sp.workers || w * 10 >= slots * 7 || sp.workers > 8 * tiles) {
       sp.workers = w;
       sp.cluster = int(c);

@@ -36,6 +36,12 @@ LUTMM_HD int64_t sk_start(int64_t c, int64_t total, int64_t grid) {
   const int64_t base = total / grid, rem = total % grid;
   return c * base + (c < rem ? c : rem);
 }
+// First iteration of worker w in a plan of clusters of c workers per tile (LutSplit::cluster): rank
+// r = w % c takes k-blocks [r CB / c, (r + 1) CB / c) of tile w / c. Equals sk_start when c divides
+// CB; otherwise the ranges differ by at most one k-block but still end on tile boundaries.
+LUTMM_HD int64_t cluster_start(int64_t w, int64_t col_blocks, int64_t c) {
+  return (w / c) * col_blocks + (w % c) * col_blocks / c;
+}
 // The worker whose range holds iteration i.
 LUTMM_HD int sk_owner(int64_t i, int64_t total, int64_t grid) {
   const int64_t base = total / grid, rem = total % grid, big = rem * (base + 1);

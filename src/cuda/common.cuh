@@ -163,13 +163,13 @@ void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cu
   check_cuda(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), "kernel launch");
 }
 
-// Clusters of c CTAs (c = 2, 4, 8: [c]; the other entries 0) of `kernel` (`threads` per CTA, `smem`
-// bytes of dynamic shared memory, already allowed) that run on `device` at once; all 0 below sm_90.
+// Clusters of c CTAs (c = 2..8: [c]; [0], [1] 0) of `kernel` (`threads` per CTA, `smem` bytes of
+// dynamic shared memory, already allowed) that run on `device` at once; all 0 below sm_90.
 template <typename... KArgs>
 std::array<int, 9> max_clusters(void (*kernel)(KArgs...), int threads, int smem, int device) {
   std::array<int, 9> n{};
   if (!pdl_supported(device)) return n;  // compute capability < 9.0: no clusters
-  for (int c : {2, 4, 8}) {
+  for (int c = 2; c <= 8; ++c) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(unsigned(c));
     cfg.blockDim = dim3(unsigned(threads));

@@ -45,6 +45,8 @@
 //  21  2 and 3 bits: the pair table spread over the lanes, looked up with warp shuffles, no shared table
 //  (20, 21: docs/performance.md item 36; the shared tables were kept. 23, a 2-bit pair table, was
 //   measured at commit a4a87fb and removed)
+//  18  src/plan.cpp: decode clusters of any size 2-8, each tile's k-blocks in near-equal ranges
+//      (cluster_start), where 2, 4, 8 do not fit or divide them: slower (item 38)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38)
@@ -130,7 +132,9 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
   const int64_t total = int64_t(p.tiles) * p.col_blocks;  // < 2^31 (checked on the host)
   const int64_t grid = gridDim.x;
   const int cta = blockIdx.x;
-  const int it_begin = int(sk_start(cta, total, grid)), it_end = int(sk_start(cta + 1, total, grid));
+  // Stream-K's even ranges, or in a cluster launch rank r's share of tile cta / C (cluster_start).
+  const int it_begin = int(p.cluster > 1 ? cluster_start(cta, p.col_blocks, p.cluster) : sk_start(cta, total, grid));
+  const int it_end = int(p.cluster > 1 ? cluster_start(cta + 1, p.col_blocks, p.cluster) : sk_start(cta + 1, total, grid));
   const int m0 = blockIdx.y * 8 * MT;
   const StageLoader<BITS, MT, T> loader(p, m0);
   loader.zero_rows(stages);
@@ -294,6 +298,8 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
 template <int BITS, int MT, typename T>
 void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
   fit<BITS, MT, T>(geo.device);  // sets the smem attribute on this device
+  if (geo.cluster > 1 && cluster_xbuf_bytes(geo.cluster, MT) > kStages * Layout<BITS, MT>::kStageBytes)
+    throw Error("internal: the cluster exchange buffer does not fit the pipeline stages");
   const Params<T> p = make_params<T>(prob, geo, ws);
   dim3 grid(geo.grid_x, geo.grid_y);
   launch_pdl(&lut_gemm_kernel<BITS, MT, T>, grid, kThreads, kSmemBytes<BITS, MT>, stream, geo.device, geo.cluster, p);

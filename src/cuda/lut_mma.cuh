@@ -134,6 +134,9 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
   }
 }
 
+// Bytes of cluster_finish's exchange buffer for clusters of c CTAs and MT token tiles.
+inline constexpr int cluster_xbuf_bytes(int c, int mt) { return c * ((kWarps + c - 1) / c) * 4 * mt * 32 * 4; }
+
 // Writes acc (+ bias) of this warp's 16 rows x 8*MT tokens to Y.
 template <int MT, typename T>
 __device__ __forceinline__ void store_tile(const Params<T>& p, int tile, int m0, const float (&acc)[MT][4]) {
@@ -158,7 +161,7 @@ __device__ __forceinline__ void store_tile(const Params<T>& p, int tile, int m0,
 // holds in acc the sum over its k-blocks [r CB / C, (r + 1) CB / C) of the tile; the tile is the sum
 // over the ranks. Row block w (warp w) is summed by rank w % C: every warp sends its partial through
 // distributed shared memory to that rank's exchange buffer `xbuf` (the drained pipeline stages,
-// [source rank][w / C][4 MT][32 lanes] floats, 4 MT KB), then the owning warps add the C partials in
+// [source rank][w / C][4 MT][32 lanes] floats, cluster_xbuf_bytes), then the owning warps add the C partials in
 // rank order, the order of the Stream-K fixup, so both give bitwise the same Y. No global memory,
 // no counters: one cluster barrier pair instead of a write, a fence, an atomic and reads in L2.
 // Every thread of every CTA of the cluster must call it (a producer warp calls cluster_sync twice).
@@ -167,7 +170,7 @@ __device__ __forceinline__ void cluster_finish(const Params<T>& p, int tile, int
                                                const float (&acc)[MT][4], const float* xbuf) {
 #if LUTMM_SM90A
   constexpr int kE = 4 * MT;  // accumulators per thread
-  const int C = p.cluster, per = kWarps / C;  // C in {2, 4, 8}: row blocks per rank
+  const int C = p.cluster, per = (kWarps + C - 1) / C;  // C in 2..8: row blocks per rank (at most)
   const int warp = group_tid() / 32, lane = threadIdx.x % 32, rank = blockIdx.x % C;
   const uint32_t dst = wg::map_to_rank(smem_addr(xbuf) + uint32_t(((rank * per + warp / C) * kE) * 32 + lane) * 4u,
                                        uint32_t(warp % C));

@@ -141,8 +141,11 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const int worker = blockIdx.x * kGroups + group;
   const int64_t total = int64_t(p.tiles) * p.col_blocks;  // < 2^31 (checked on the host)
   const bool active = worker < p.workers;
-  const int it_begin = active ? int(sk_start(worker, total, p.workers)) : 0;
-  const int it_end = active ? int(sk_start(worker + 1, total, p.workers)) : 0;
+  // Stream-K's even ranges, or in a cluster launch rank r's share of tile worker / C (cluster_start).
+  const int64_t b0 = p.cluster > 1 ? cluster_start(worker, p.col_blocks, p.cluster) : sk_start(worker, total, p.workers);
+  const int64_t b1 = p.cluster > 1 ? cluster_start(worker + 1, p.col_blocks, p.cluster) : sk_start(worker + 1, total, p.workers);
+  const int it_begin = active ? int(b0) : 0;
+  const int it_end = active ? int(b1) : 0;
   const int m0 = blockIdx.y * 8 * MT;
 
   if (threadIdx.x == 0) {
@@ -256,6 +259,8 @@ void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t
                                                                           : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
                                          prob.M, s.K, s.K * 2, 8 * MT, kXRowBytes / 2, CU_TENSOR_MAP_SWIZZLE_NONE, "x");
   if (geo.cluster > 1 && kGroups != 1) throw Error("internal: clusters need one warp group per CTA");
+  if (geo.cluster > 1 && cluster_xbuf_bytes(geo.cluster, MT) > geo.stages * Layout<BITS, MT>::kStageBytes)
+    throw Error("internal: the cluster exchange buffer does not fit the pipeline stages");
   launch_pdl(kernel, dim3((geo.grid_x + kGroups - 1) / kGroups, geo.grid_y), kCtaThreads, smem_bytes<BITS, MT>(geo.stages),
              stream, dev, geo.cluster, make_params<T>(prob, geo, ws), tm_w, tm_s, tm_x);
 }

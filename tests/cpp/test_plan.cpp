@@ -183,6 +183,26 @@ TEST(Plan, DecodeWorkers) {
 // Stream-K would cut every tile into more than 8 pieces), the split is clusters x tiles with rank r on
 // k-blocks [r CB / C, (r + 1) CB / C) of tile c / C; elsewhere lut_workers' split, or one whole tile
 // per worker where the tiles fill 80-100% of the slots.
+// Cluster ranges: rank r of tile t takes [r CB / c, (r + 1) CB / c): every tile covered once, in
+// order, no range empty for c <= CB; Stream-K's ranges exactly where c divides CB.
+TEST(Plan, ClusterRanges) {
+  for (int64_t cb : {1, 2, 3, 5, 7, 8, 32, 112})
+    for (int64_t c = 2; c <= 8; ++c) {
+      if (c > cb) continue;
+      const int64_t tiles = 5, w = tiles * c;
+      for (int64_t i = 0; i < w; ++i) {
+        const int64_t b = cluster_start(i, cb, c), e = cluster_start(i + 1, cb, c);
+        ASSERT_LT(b, e) << cb << " " << c << " " << i;           // never empty
+        ASSERT_EQ(b / cb, (e - 1) / cb) << cb << " " << c << " " << i;  // inside one tile
+        ASSERT_LE(e - b, (cb + c - 1) / c);
+        ASSERT_GE(e - b, cb / c);
+        if (cb % c == 0) ASSERT_EQ(b, sk_start(i, tiles * cb, w));
+      }
+      ASSERT_EQ(cluster_start(0, cb, c), 0);
+      ASSERT_EQ(cluster_start(w, cb, c), tiles * cb);  // all iterations, each once (ranges are contiguous)
+    }
+}
+
 TEST(Plan, DecodeClusters) {
   const int none[9] = {};
   const int roomy[9] = {0, 0, 132, 0, 66, 0, 0, 0, 33};
