@@ -90,6 +90,23 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
+def by_class(events, steps: int, top: int = 0) -> dict:
+    """Per-step CUDA time (us) by kernel_class over profiler events (key, count, device time) of `steps`
+    steps; with top > 0 also the `top` largest kernels as (us per step, calls per step, name)."""
+    out = {"quantized/dense linears": 0.0, "attention": 0.0, "other": 0.0}
+    largest = []
+    for e in events:
+        us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        if us <= 0:
+            continue
+        out[kernel_class(e.key)] += us / steps
+        largest.append((us / steps, e.count // steps, e.key[:70]))
+    if top:
+        largest.sort(reverse=True)
+        out["top kernels (us per step, calls per step)"] = [(round(u, 1), c, k) for u, c, k in largest[:top]]
+    return out
+
+
 def profile_replays(run, replays: int = 4) -> dict:
     """Per-step CUDA time (us) by kernel class over `replays` replays of the captured decode step (what
     the tokens/s above time), with the largest kernels of each class."""
@@ -98,17 +115,7 @@ def profile_replays(run, replays: int = 4) -> dict:
         for _ in range(replays):
             run()
         torch.cuda.synchronize()
-    out = {"quantized/dense linears": 0.0, "attention": 0.0, "other": 0.0}
-    top = []
-    for e in prof.key_averages():
-        us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-        if us <= 0:
-            continue
-        out[kernel_class(e.key)] += us / replays
-        top.append((us / replays, e.count // replays, e.key[:70]))
-    top.sort(reverse=True)
-    out["top kernels (us per step, calls per step)"] = [(round(u, 1), c, k) for u, c, k in top[:8]]
-    return out
+    return by_class(prof.key_averages(), replays, top=8)
 
 
 @torch.no_grad()
@@ -182,11 +189,7 @@ def breakdown(model, batch: int, steps: int = 4) -> dict:
         for i in range(steps):
             model(ids[:, :1], past_key_values=cache, cache_position=torch.tensor([8 + i], device=dev), use_cache=True)
         torch.cuda.synchronize()
-    out = {"quantized/dense linears": 0.0, "attention": 0.0, "other": 0.0}
-    for e in prof.key_averages():
-        us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-        out[kernel_class(e.key)] += us
-    return {k: v / steps for k, v in out.items()}
+    return by_class(prof.key_averages(), steps)
 
 
 def main():

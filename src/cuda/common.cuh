@@ -164,14 +164,15 @@ void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cu
 }
 
 // Clusters of c CTAs (c = 2..8: [c]; [0], [1] 0) of `kernel` (`threads` per CTA, `smem` bytes of
-// dynamic shared memory, already allowed) that run on `device` at once; all 0 below sm_90.
+// dynamic shared memory, already allowed) that run on `device` at once (how many GPCs hold that many
+// free CTA slots; the grid, 32 clusters, only has to be a multiple of c); all 0 below sm_90.
 template <typename... KArgs>
 std::array<int, 9> max_clusters(void (*kernel)(KArgs...), int threads, int smem, int device) {
   std::array<int, 9> n{};
   if (!pdl_supported(device)) return n;  // compute capability < 9.0: no clusters
   for (int c = 2; c <= 8; ++c) {
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(unsigned(c));
+    cfg.gridDim = dim3(unsigned(32 * c));
     cfg.blockDim = dim3(unsigned(threads));
     cfg.dynamicSmemBytes = size_t(smem);
     cudaLaunchAttribute attr[1];

@@ -272,7 +272,7 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   g.col_blocks = int(s.col_blocks());
   g.grid_y = int((M + 8 * g.mt - 1) / (8 * g.mt));
   auto split = [&](bool tma, int64_t& slots) {  // src/plan.cpp
-    const Fit f = tma ? Fit{stream_workers_per_sm(s.bits), stream_max_clusters(s.bits, g.mt, device)}
+    const Fit f = tma ? Fit{stream_workers_per_sm(s.bits), stream_max_clusters(s.bits, device)}
                       : fit_any(s.bits, g.mt, dt, device);
     int clusters[9] = {};  // one token slice (grid_y = 1) only: the capacity counts one slice's clusters
     if (allow_cluster && g.grid_y == 1) std::copy(f.clusters.begin(), f.clusters.end(), clusters);

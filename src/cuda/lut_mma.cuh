@@ -134,8 +134,10 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
   }
 }
 
-// Bytes of cluster_finish's exchange buffer for clusters of c CTAs and MT token tiles.
-inline constexpr int cluster_xbuf_bytes(int c, int mt) { return c * ((kWarps + c - 1) / c) * 4 * mt * 32 * 4; }
+// cluster_finish: row blocks (warps) of a tile summed by one rank of a cluster of c CTAs (at most), and
+// the bytes of its exchange buffer ([c source ranks][that many row blocks][4 mt][32 lanes] floats).
+__host__ __device__ inline constexpr int cluster_rows_per_rank(int c) { return (kWarps + c - 1) / c; }
+inline constexpr int cluster_xbuf_bytes(int c, int mt) { return c * cluster_rows_per_rank(c) * 4 * mt * 32 * 4; }
 
 // Writes acc (+ bias) of this warp's 16 rows x 8*MT tokens to Y.
 template <int MT, typename T>
@@ -170,7 +172,7 @@ __device__ __forceinline__ void cluster_finish(const Params<T>& p, int tile, int
                                                const float (&acc)[MT][4], const float* xbuf) {
 #if LUTMM_SM90A
   constexpr int kE = 4 * MT;  // accumulators per thread
-  const int C = p.cluster, per = (kWarps + C - 1) / C;  // C in 2..8: row blocks per rank (at most)
+  const int C = p.cluster, per = cluster_rows_per_rank(C);  // C in 2..8
   const int warp = group_tid() / 32, lane = threadIdx.x % 32, rank = blockIdx.x % C;
   const uint32_t dst = wg::map_to_rank(smem_addr(xbuf) + uint32_t(((rank * per + warp / C) * kE) * 32 + lane) * 4u,
                                        uint32_t(warp % C));
@@ -279,8 +281,8 @@ Params<T> make_params(const GemmProblem& prob, const Geometry& geo, void* ws) {
 bool stream_supported(int device);
 int stream_workers_per_sm(int bits);
 int stream_stages(int bits, int mt, int device);
-// Clusters of 2, 4, 8 CTAs of the TMA kernel that fit `device` at once (lut_split, src/plan.cpp).
-std::array<int, 9> stream_max_clusters(int bits, int mt, int device);
+// Clusters of 2..8 CTAs of the TMA kernel that fit `device` at once (lut_split, src/plan.cpp).
+std::array<int, 9> stream_max_clusters(int bits, int device);
 void stream_launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream);
 
 }  // namespace lut

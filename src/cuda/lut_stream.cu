@@ -278,7 +278,7 @@ int stream_workers_per_sm(int bits) {
   return with_bits(bits, [](auto b) { return kGroups * kCtasPerSm<decltype(b)::value>; });
 }
 
-std::array<int, 9> stream_max_clusters(int bits, int /*mt*/, int device) {
+std::array<int, 9> stream_max_clusters(int bits, int device) {
   if (kGroups != 1) return {};  // experiment 9: a CTA is two workers
   return with_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;

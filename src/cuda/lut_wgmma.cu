@@ -627,14 +627,8 @@ const WgDeviceLimits& wg_limits(int device) {
     using L = WgLayout<4, 256, 1>;  // the largest; every one-CTA-per-SM variant packs SMs alike
     auto* kernel = &lut_wgmma_kernel<4, 256, 1, __nv_bfloat16>;
     allow_dynamic_smem(reinterpret_cast<const void*>(kernel), L::kSmemBytes, device);
-    for (int size = 2; size <= 4; ++size) {
-      cudaLaunchAttribute attr[1];
-      const cudaLaunchConfig_t cfg = wg_config(size * 32, L::kSmemBytes, nullptr, size, attr);
-      int n = 0;
-      if (cudaOccupancyMaxActiveClusters(&n, reinterpret_cast<const void*>(kernel), &cfg) != cudaSuccess) n = 0;
-      cudaGetLastError();
-      d.max_clusters[size] = std::max(n, 0);
-    }
+    const std::array<int, 9> n = max_clusters(kernel, kCtaThreads, L::kSmemBytes, device);  // common.cuh
+    for (int size = 2; size <= 4; ++size) d.max_clusters[size] = std::max(n[size], 0);
     return d;
   });
 }

@@ -91,3 +91,18 @@ def test_breakdown_classes_kernels_by_name():
                        ("triton_per_fused__softmax_0", att), ("triton_poi_fused_add_mul_silu_3", other),
                        ("void at::native::index_copy_kernel", other)):
         assert e2e.kernel_class(name) == want, name
+
+
+def test_breakdown_sums_per_step_by_class_and_lists_the_largest():
+    e2e = _load()
+    from types import SimpleNamespace as E
+    events = [E(key="void lutmm::gpu::lut::lut_stream_kernel<4, 1>", count=8, device_time_total=400.0),
+              E(key="cudnn_generated_fort_native_sdpa_sm90_flash_fprop", count=4, device_time_total=100.0),
+              E(key="triton_poi_fused_add_mul_silu_3", count=4, device_time_total=60.0),
+              E(key="idle", count=4, device_time_total=0.0)]  # no device time: left out
+    out = e2e.by_class(events, steps=4, top=2)
+    assert out["quantized/dense linears"] == 100.0 and out["attention"] == 25.0 and out["other"] == 15.0
+    assert out["top kernels (us per step, calls per step)"] == [
+        (100.0, 2, "void lutmm::gpu::lut::lut_stream_kernel<4, 1>"),
+        (25.0, 1, "cudnn_generated_fort_native_sdpa_sm90_flash_fprop")]
+    assert "top kernels (us per step, calls per step)" not in e2e.by_class(events, steps=4)
