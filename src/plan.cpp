@@ -68,6 +68,17 @@ LutSplit lut_split(int64_t tiles, int64_t col_blocks, int64_t slots, const int (
   return sp;
 }
 
+int lut_tile_rows(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t slots) {
+  if (M < 1 || row_blocks < 1 || col_blocks < 1 || slots < 1)
+    throw Error("lut_tile_rows: M, row blocks, k-blocks and slots must be positive");
+  if (LUTMM_EXPERIMENT == 19) return 8;  // A/B: no row tiles (docs/performance.md item 39)
+  for (int64_t r : {1, 2, 4}) {
+    const int64_t tiles = (row_blocks + r - 1) / r;
+    if (M <= r && 8 / r <= col_blocks && tiles <= slots && tiles * 10 >= slots * 8) return int(r);
+  }
+  return 8;
+}
+
 // H100, 2026-11-26: TOK = 128 up to M = 512 made M = 256 45-55% slower (more tiles, each re-reading
 // its share of activations and paying the lookups for half the MMA work).
 // TOK = 64 for M <= 64 (wgmma m64n64k16): the lookups, not the MMAs, set the pace there, so halving

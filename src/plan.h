@@ -63,6 +63,15 @@ struct LutSplit {
 };
 LutSplit lut_split(int64_t tiles, int64_t col_blocks, int64_t slots, const int (&max_clusters)[9]);
 
+// Row blocks per tile of the cp.async decode kernel (lut_gemm.cu) for M tokens: 8 (warp w computes row
+// block w of the tile, every warp the same k-block), or R = 1, 2, 4 where M <= R and ceil(row_blocks /
+// R) tiles fill 80-100% of `slots`: then each CTA takes one whole tile of R row blocks, its 8 warps
+// split the tile's k-blocks 8 / R ways (warp w: row block w % R, k-blocks w / R, w / R + 8 / R, ...)
+// and add their partial sums in shared memory; no Stream-K partials in global memory. Tiles of R
+// row blocks read 8 / R k-blocks of activations per stage (one token row each: hence M <= R), and
+// 8 / R must not exceed the k-blocks.
+int lut_tile_rows(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t slots);
+
 constexpr int kWgTileRowBlocks = 8;  // 16-row blocks per tile (the kernel's 8 consumer warps): 128 weight rows
 
 // What the plan needs to know of the device.

@@ -29,6 +29,12 @@
 //   Where few tiles leave room (sm_90, lut_split in src/plan.cpp), each tile's CTAs form a
 //   thread-block cluster instead and add their partials through distributed shared memory
 //   (cluster_finish, lut_mma.cuh): no workspace round trips, the same sums.
+// * Row tiles. At M <= 4, where tiles of R = 1, 2 or 4 row blocks number 80-100% of the CTA slots
+//   (lut_tile_rows, src/plan.cpp; 4096x4096: 256 tiles of one row block), each CTA takes one whole
+//   tile instead: a stage holds its R row blocks at 8 / R consecutive k-blocks (block w: row block
+//   w % R, k-block w / R), so each warp still computes one 16 x 128 block per stage, and at the end
+//   warp w % R adds the 8 / R warps' sums of its row block in shared memory, in k order. No Stream-K
+//   partials, no counters: the global fixup was 2-2.3 us of a 7.7 us 4096x4096 call (item 38).
 #include <algorithm>
 #include <array>
 
@@ -47,6 +53,7 @@
 //   measured at commit a4a87fb and removed)
 //  18  src/plan.cpp: decode clusters of any size 2-8, each tile's k-blocks in near-equal ranges
 //      (cluster_start), where 2, 4, 8 do not fit or divide them: slower (item 38)
+//  19  src/plan.cpp: no row tiles (lut_tile_rows returns 8; item 39)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38)
@@ -59,28 +66,36 @@ using namespace lut;
 
 constexpr int kStages = LUTMM_EXPERIMENT == 2 ? 4 : 3;  // cp.async pipeline depth (k-blocks); 3 lets 2 CTAs
                                                         // (MT <= 2) share an SM beside their 64 KB tables
-template <int BITS, int MT>
-constexpr int kSmemBytes = Layout<BITS, MT>::kLutBytes + kStages * Layout<BITS, MT>::kStageBytes + 16;  // + flag
+// ROWS: the kernel for tiles of rpt < 8 row blocks (MT = 1), whose warps add their partial sums in
+// shared memory ([warp][4][32 lanes] floats after the flag). A separate instantiation, so that the
+// kernel for tiles of 8 keeps its instruction count: the runtime rpt cost it 5% (H100, 2026-11-26,
+// 4096x4096 M = 4, 7.7 -> 8.1 us).
+template <bool ROWS>
+constexpr int kRedBytes = ROWS ? kWarps * 4 * 32 * 4 : 0;
+template <int BITS, int MT, bool ROWS = false>
+constexpr int kSmemBytes = Layout<BITS, MT>::kLutBytes + kStages * Layout<BITS, MT>::kStageBytes + 16 + kRedBytes<ROWS>;  // + flag
 
 // Copies one iteration's weights, scales (WeightLoader, lut_table.cuh) and activations into a
 // pipeline stage. Activation rows at or beyond M are never loaded: zero_rows() clears them once in
 // every stage.
-template <int BITS, int MT, typename T>
+template <int BITS, int MT, typename T, bool ROWS>
 struct StageLoader {
   using L = Layout<BITS, MT>;
   static constexpr int kXChunks = 8 * MT * 16;                                 // 8*MT tokens x 16 chunks
   static constexpr int kXPer = (kXChunks + kThreads - 1) / kThreads;
 
-  WeightLoader<BITS, kWarps, kThreads> wl;
-  const T* x_src[kXPer];  // token row + chunk column at kb = 0; nullptr when unused (rows >= M)
-  int x_col[kXPer];       // first column of the chunk at kb = 0
+  WeightLoader<BITS, kWarps, kThreads, ROWS> wl;
+  const T* x_src[kXPer];  // token row + chunk column at kb0 = 0; nullptr when unused (rows >= M)
+  int x_col[kXPer];       // first column of the chunk at kb0 = 0
 
-  __device__ StageLoader(const Params<T>& p, int m0) : wl(p.s, p.G, p.col_blocks) {
+  // Stage row q of the activations is token q (rpt = 8), or token q % rpt at k-block kb0 + q / rpt.
+  __device__ StageLoader(const Params<T>& p, int m0, int rpt) : wl(p.s, p.G, p.col_blocks, rpt) {
     const int tid = threadIdx.x;
 #pragma unroll
     for (int i = 0; i < kXPer; ++i) {
-      const int c = tid + i * kThreads, r = c / 16;
-      x_col[i] = (c % 16) * 8;
+      const int c = tid + i * kThreads, q = c / 16;
+      const int r = rpt == kWarps ? q : q % rpt, ksub = rpt == kWarps ? 0 : q / rpt;
+      x_col[i] = ksub * kBlockCols + (c % 16) * 8;
       x_src[i] = c < kXChunks && m0 + r < p.M ? p.x + int64_t(m0 + r) * p.K + x_col[i] : nullptr;
     }
   }
@@ -97,46 +112,54 @@ struct StageLoader {
     }
   }
 
-  __device__ __forceinline__ void load(const Params<T>& p, uint8_t* stage, int tile, int kb) const {
-    load_weights(p, stage, tile, kb);
-    load_x(p, stage, kb);
+  // Row blocks per tile: a constant 8 but in the ROWS kernel.
+  static __device__ __forceinline__ int rpt(const Params<T>& p) { return ROWS ? p.rpt : kWarps; }
+  // One iteration: the tile's rpt row blocks at k-blocks [kb0, kb0 + 8 / rpt).
+  __device__ __forceinline__ void load(const Params<T>& p, uint8_t* stage, int tile, int kb0) const {
+    load_weights(p, stage, tile, kb0);
+    load_x(p, stage, kb0);
   }
   // Codes and scales: constant for the kernel's life, so safe to read before the previous kernel ends.
-  __device__ __forceinline__ void load_weights(const Params<T>& p, uint8_t* stage, int tile, int kb) const {
-    wl.load(stage, stage + L::kStageW, p.w, p.s, tile * kWarps, kb, p.row_blocks, p.col_blocks, p.K, p.G, p.gl);
+  __device__ __forceinline__ void load_weights(const Params<T>& p, uint8_t* stage, int tile, int kb0) const {
+    wl.load(stage, stage + L::kStageW, p.w, p.s, tile * rpt(p), kb0, p.row_blocks, p.col_blocks, p.K, p.G, p.gl);
   }
-  __device__ __forceinline__ void load_x(const Params<T>& p, uint8_t* stage, int kb) const {
+  __device__ __forceinline__ void load_x(const Params<T>& p, uint8_t* stage, int kb0) const {
     const int tid = threadIdx.x;
-    // Activations of tokens < M: 128 columns (zero beyond K).
+    // Activations of tokens < M: 128 columns per k-block (zero beyond K).
 #pragma unroll
     for (int i = 0; i < kXPer; ++i) {
       if (x_src[i] != nullptr) {
         const int c = tid + i * kThreads;
-        const bool ok = kb * kBlockCols + x_col[i] < p.K;
+        const bool ok = kb0 * kBlockCols + x_col[i] < p.K;
         cp_async16(stage + L::kStageW + L::kStageS + (c / 16) * kXRowBytes + (c % 16) * 16,
-                   ok ? x_src[i] + kb * kBlockCols : p.x, ok ? 16 : 0);
+                   ok ? x_src[i] + kb0 * kBlockCols : p.x, ok ? 16 : 0);
       }
     }
   }
 };
 
-template <int BITS, int MT, typename T>
+template <int BITS, int MT, typename T, bool ROWS>
 __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p) {
+  static_assert(!ROWS || MT == 1, "tiles of fewer than 8 row blocks hold one token row per k-block");
   using L = Layout<BITS, MT>;
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* lut = smem;  // first, at shared address kTableAddr (checked): lookups add no base
   check_table_addr(smem);
   uint8_t* stages = smem + L::kLutBytes;
   int* flag = reinterpret_cast<int*>(stages + kStages * L::kStageBytes);
+  float* red = reinterpret_cast<float*>(stages + kStages * L::kStageBytes + 16);  // kRedBytes<MT>
 
-  const int64_t total = int64_t(p.tiles) * p.col_blocks;  // < 2^31 (checked on the host)
+  // Iterations: (tile, i) pairs, i innermost; iteration i of a tile covers k-blocks [i kpt, (i + 1) kpt).
+  const int rpt = StageLoader<BITS, MT, T, ROWS>::rpt(p);
+  const int kpt = kWarps / rpt;  // k-blocks per iteration: 1, or 8 / rpt with tiles of rpt row blocks
+  const int64_t total = int64_t(p.tiles) * p.k_iters;  // < 2^31 (checked on the host)
   const int64_t grid = gridDim.x;
   const int cta = blockIdx.x;
   // Stream-K's even ranges, or in a cluster launch rank r's share of tile cta / C (cluster_start).
-  const int it_begin = int(p.cluster > 1 ? cluster_start(cta, p.col_blocks, p.cluster) : sk_start(cta, total, grid));
-  const int it_end = int(p.cluster > 1 ? cluster_start(cta + 1, p.col_blocks, p.cluster) : sk_start(cta + 1, total, grid));
+  const int it_begin = int(p.cluster > 1 ? cluster_start(cta, p.k_iters, p.cluster) : sk_start(cta, total, grid));
+  const int it_end = int(p.cluster > 1 ? cluster_start(cta + 1, p.k_iters, p.cluster) : sk_start(cta + 1, total, grid));
   const int m0 = blockIdx.y * 8 * MT;
-  const StageLoader<BITS, MT, T> loader(p, m0);
+  const StageLoader<BITS, MT, T, ROWS> loader(p, m0, rpt);
   loader.zero_rows(stages);
 
   // Prologue: start the first k-blocks' weight loads, build the replicated pair table meanwhile, and
@@ -145,13 +168,13 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
   // the first k-blocks' activations (one more cp.async group, waited for at the first iteration).
   // (tile, kb) of the next iteration to load and of the one to compute: advanced by one each step
   // (a 64-bit division per iteration cost ~100 instructions per thread).
-  int ld_tile = int(it_begin / p.col_blocks), ld_kb = int(it_begin % p.col_blocks);
+  int ld_tile = int(it_begin / p.k_iters), ld_kb = int(it_begin % p.k_iters);
   int tile = ld_tile, kb = ld_kb;
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (it_begin + s < it_end) {
-      loader.load_weights(p, stages + s * L::kStageBytes, ld_tile, ld_kb);
-      if (++ld_kb == p.col_blocks) { ld_kb = 0; ++ld_tile; }
+      loader.load_weights(p, stages + s * L::kStageBytes, ld_tile, ld_kb * kpt);
+      if (++ld_kb == p.k_iters) { ld_kb = 0; ++ld_tile; }
     }
     cp_async_commit();
   }
@@ -164,8 +187,8 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
       if (it_begin + s < it_end) {
-        loader.load_x(p, stages + s * L::kStageBytes, x_kb);
-        if (++x_kb == p.col_blocks) x_kb = 0;
+        loader.load_x(p, stages + s * L::kStageBytes, x_kb * kpt);
+        if (++x_kb == p.k_iters) x_kb = 0;
       }
     }
     cp_async_commit();
@@ -174,7 +197,9 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
   float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
-  LaneOffsets off = LaneOffsets::make<BITS, MT>(kScaleBytesPerRb, smem_addr(smem));
+  LaneOffsets off = LaneOffsets::make<BITS, MT>(kScaleBytesPerRb, smem_addr(smem), rpt);
+  const int warp = int(threadIdx.x / 32);
+  const int w_row = ROWS ? warp_row(warp, rpt) : warp, w_ksub = ROWS ? warp_ksub(warp, rpt) : 0;
   int seg_begin = it_begin;  // first iteration of the current tile segment
   uint8_t* st_cmp = stages;                                 // stage to compute
   uint8_t* st_ld = stages + (kStages - 1) * L::kStageBytes;  // stage to load
@@ -188,31 +213,44 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
     else cp_async_wait<kStages - 2>();
     __syncthreads();
     if (it + kStages - 1 < it_end) {
-      loader.load(p, st_ld, ld_tile, ld_kb);
-      if (++ld_kb == p.col_blocks) { ld_kb = 0; ++ld_tile; }
+      loader.load(p, st_ld, ld_tile, ld_kb * kpt);
+      if (++ld_kb == p.k_iters) { ld_kb = 0; ++ld_tile; }
     }
     cp_async_commit();
     st_ld = st_ld == st_last ? stages : st_ld + L::kStageBytes;
-    const bool warp_live = tile * kWarps + int(threadIdx.x / 32) < p.row_blocks;
-    if (warp_live) {
+    const bool row_live = tile * rpt + w_row < p.row_blocks;
+    const int wkb = kb * kpt + w_ksub;  // this warp's k-block
+    if (row_live && wkb < p.col_blocks) {
       // Whole k-blocks with g >= 128 take the specialised path (one scale flush, no per-chunk tests).
       // H200, 2026-11-26: 57344x8192 M = 16 126 us with it, 151 us without (M = 1: 12-21% faster).
-      if (p.gl >= 2 && (kb + 1) * kBlockCols <= p.K)
-        compute_block<BITS, MT, T, true>(p, st_cmp, off, kb, acc);
+      if (p.gl >= 2 && (wkb + 1) * kBlockCols <= p.K)
+        compute_block<BITS, MT, T, true>(p, st_cmp, off, wkb, acc);
       else
-        compute_block<BITS, MT, T, false>(p, st_cmp, off, kb, acc);
+        compute_block<BITS, MT, T, false>(p, st_cmp, off, wkb, acc);
     }
     st_cmp = st_cmp == st_last ? stages : st_cmp + L::kStageBytes;
 
-    if (kb == p.col_blocks - 1 || it == it_end - 1) {  // end of this CTA's segment of `tile`
+    if (kb == p.k_iters - 1 || it == it_end - 1) {  // end of this CTA's segment of `tile`
+      if constexpr (ROWS) {
+        if (kpt > 1) {  // tiles of rpt < 8 row blocks: warp w_row (w_ksub = 0) adds the others' sums in order
+#pragma unroll
+          for (int e = 0; e < 4; ++e) red[(warp * 4 + e) * 32 + threadIdx.x % 32] = acc[0][e];
+          __syncthreads();
+          if (w_ksub == 0)
+            for (int k = 1; k < kpt; ++k)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) acc[0][e] += red[((warp + k * rpt) * 4 + e) * 32 + threadIdx.x % 32];
+          // (the next writes to red come after the next segment's __syncthreads)
+        }
+      }
       if (p.cluster > 1) cp_async_wait<0>();  // the stages become the exchange buffer (only empty groups left)
-      finish_segment<MT>(p, cta, tile, m0, seg_begin, it, it_begin, warp_live, flag, acc,
-                         reinterpret_cast<const float*>(stages), [] { __syncthreads(); });
+      finish_segment<MT>(p, cta, tile, m0, seg_begin, it, it_begin, row_live && w_ksub == 0, flag, acc,
+                         reinterpret_cast<const float*>(stages), [] { __syncthreads(); }, rpt);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
       seg_begin = it + 1;
     }
-    if (++kb == p.col_blocks) { kb = 0; ++tile; }
+    if (++kb == p.k_iters) { kb = 0; ++tile; }
   }
   cp_async_wait<0>();
 }
@@ -225,24 +263,29 @@ struct Fit {
   int ctas_per_sm;
   std::array<int, 9> clusters;
 };
-template <int BITS, int MT, typename T>
+template <int BITS, int MT, typename T, bool ROWS = false>
 const Fit& fit(int dev) {
   // Resolved once per instantiation and device; kernel attributes must allow the large smem first.
   static PerDevice<Fit> cache;
   return cache.get(dev, [&] {
-    auto* k = &lut_gemm_kernel<BITS, MT, T>;
-    allow_dynamic_smem(reinterpret_cast<const void*>(k), kSmemBytes<BITS, MT>, dev);
+    auto* k = &lut_gemm_kernel<BITS, MT, T, ROWS>;
+    constexpr int smem = kSmemBytes<BITS, MT, ROWS>;
+    allow_dynamic_smem(reinterpret_cast<const void*>(k), smem, dev);
     Fit f{};
-    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&f.ctas_per_sm, k, kThreads, kSmemBytes<BITS, MT>),
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&f.ctas_per_sm, k, kThreads, smem),
                "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
     f.ctas_per_sm = std::max(1, f.ctas_per_sm);
-    if (stream_supported(dev)) f.clusters = max_clusters(k, kThreads, kSmemBytes<BITS, MT>, dev);
+    if (stream_supported(dev) && !ROWS) f.clusters = max_clusters(k, kThreads, smem, dev);
     return f;
   });
 }
-template <typename T, int MT>
+template <typename T, int MT, bool ROWS = false>
 Fit fit_bits(int bits, int dev) {
-  return with_bits(bits, [&](auto b) { return fit<decltype(b)::value, MT, T>(dev); });
+  return with_bits(bits, [&](auto b) { return fit<decltype(b)::value, MT, T, ROWS>(dev); });
+}
+// CTAs per SM of the kernel for tiles of fewer than 8 row blocks (MT = 1).
+int rows_ctas_per_sm(int bits, DType dt, int dev) {
+  return (dt == DType::F16 ? fit_bits<__half, 1, true>(bits, dev) : fit_bits<__nv_bfloat16, 1, true>(bits, dev)).ctas_per_sm;
 }
 Fit fit_any(int bits, int mt, DType dt, int dev) {
   if (dt == DType::F16)
@@ -258,24 +301,31 @@ Fit fit_any(int bits, int mt, DType dt, int dev) {
 // 102.5 vs 120.3. Smaller weights take it too where its split runs in clusters on >= 70% of the
 // slots (H100, 2026-11-26, M = 1: 6144x4096 in clusters of 4, 9.4 us, against 10.3 for the cp.async
 // kernel).
-constexpr int64_t kTmaMinWeights = int64_t(32) << 20;
+// At 3 bits (three CTAs per SM for the TMA kernel, two for the cp.async kernel) from 24M: H100,
+// 2026-11-26, lutmm_bench, TMA vs cp.async kernel in one call: 6144x4096 (24M) M = 1 10.9 vs 12.2 us
+// (clusters of 4), M = 4 10.9 vs 12.3, M = 16 12.1 vs 13.4; 5120x4096 M = 1 9.5 vs 9.4; 4096x4096 M = 1
+// 8.6 vs 7.3 (tiles of one row block), M = 4 8.5 vs 8.2, M = 16 9.3 vs 9.3.
+constexpr int64_t kTmaMinWeights = int64_t(32) << 20, kTmaMinWeights3 = int64_t(24) << 20;
 
-// The kernel for a call (see LutKernel) and its launch geometry; allow_cluster = false: Stream-K
-// only (the workspace bound: no plan needs more).
-Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel kernel, bool allow_cluster = true) {
+// The kernel for a call (see LutKernel) and its launch geometry; auto_split = false (DecodeSplit::
+// kStreamK): tiles of 8 row blocks and Stream-K only (the workspace bound: no plan needs more).
+Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel kernel, bool auto_split = true) {
   Geometry g;
   g.mt = mt_for(M);
   const bool tma_ok = g.mt <= 2 && stream_supported(device);
   if (kernel == LutKernel::kTma && !tma_ok)
     throw Error("lut kernel: the TMA decode kernel needs an sm_90 GPU, a build with sm_90a code and M <= 16");
+  g.rpt = kWarps;
   g.tiles = int((s.row_blocks() + kWarps - 1) / kWarps);
   g.col_blocks = int(s.col_blocks());
+  g.k_iters = g.col_blocks;
   g.grid_y = int((M + 8 * g.mt - 1) / (8 * g.mt));
+  g.device = device;
   auto split = [&](bool tma, int64_t& slots) {  // src/plan.cpp
     const Fit f = tma ? Fit{stream_workers_per_sm(s.bits), stream_max_clusters(s.bits, device)}
                       : fit_any(s.bits, g.mt, dt, device);
     int clusters[9] = {};  // one token slice (grid_y = 1) only: the capacity counts one slice's clusters
-    if (allow_cluster && g.grid_y == 1) std::copy(f.clusters.begin(), f.clusters.end(), clusters);
+    if (auto_split && g.grid_y == 1) std::copy(f.clusters.begin(), f.clusters.end(), clusters);
     slots = int64_t(sm_count(device)) * f.ctas_per_sm;
     return lut_split(g.tiles, g.col_blocks, slots, clusters);
   };
@@ -283,7 +333,7 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   LutSplit sp;
   if (kernel == LutKernel::kAuto && tma_ok) {
     sp = split(true, slots);
-    g.tma = s.N * s.K >= kTmaMinWeights || (sp.cluster > 1 && sp.workers * 10 >= slots * 7);
+    g.tma = s.N * s.K >= (s.bits == 3 ? kTmaMinWeights3 : kTmaMinWeights) || (sp.cluster > 1 && sp.workers * 10 >= slots * 7);
   } else {
     g.tma = kernel == LutKernel::kTma;
   }
@@ -291,18 +341,42 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   g.grid_x = int(sp.workers);
   g.cluster = sp.cluster;
   g.stages = g.tma ? stream_stages(s.bits, g.mt, device) : kStages;
-  g.device = device;
+  // The cp.async kernel on tiles of fewer row blocks, one whole tile per CTA, where they fill the GPU
+  // (lut_tile_rows, src/plan.cpp). H100, 2026-11-26, lutmm_bench A/B in one call, M = 1, against
+  // Stream-K over 256 workers (32 tiles x 8, fixup through global memory): 4096x4096 4-bit 7.7 -> 6.6
+  // us, 3-bit 8.2 -> 7.4, 2-bit 7.8 -> 6.8. Not where the TMA kernel serves (its deeper pipeline
+  // wins on long ranges): 4096x14336 15.3 (TMA, Stream-K) vs 16.0 (cp.async, 256 tiles of 1),
+  // 8192x8192 16.6 vs 17.9 (tiles of 2), 3-bit 19.8 vs 22.2, 2-bit 13.4 vs 17.4.
+  if (auto_split && g.mt == 1 && !g.tma) {
+    const int64_t slots_r = int64_t(sm_count(device)) * rows_ctas_per_sm(s.bits, dt, device);
+    const int r = lut_tile_rows(M, s.row_blocks(), s.col_blocks(), slots_r);
+    if (r < kWarps) {
+      g.rpt = r;
+      g.tiles = int((s.row_blocks() + r - 1) / r);
+      g.k_iters = (g.col_blocks + kWarps / r - 1) / (kWarps / r);
+      g.grid_x = g.tiles;
+      g.cluster = 1;
+    }
+  }
   return g;
 }
 
 template <int BITS, int MT, typename T>
 void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
-  fit<BITS, MT, T>(geo.device);  // sets the smem attribute on this device
   if (geo.cluster > 1 && cluster_xbuf_bytes(geo.cluster, MT) > kStages * Layout<BITS, MT>::kStageBytes)
     throw Error("internal: the cluster exchange buffer does not fit the pipeline stages");
   const Params<T> p = make_params<T>(prob, geo, ws);
   dim3 grid(geo.grid_x, geo.grid_y);
-  launch_pdl(&lut_gemm_kernel<BITS, MT, T>, grid, kThreads, kSmemBytes<BITS, MT>, stream, geo.device, geo.cluster, p);
+  if constexpr (MT == 1) {
+    if (geo.rpt < kWarps) {
+      fit<BITS, MT, T, true>(geo.device);  // sets the smem attribute on this device
+      launch_pdl(&lut_gemm_kernel<BITS, MT, T, true>, grid, kThreads, kSmemBytes<BITS, MT, true>, stream, geo.device, 1, p);
+      return;
+    }
+  }
+  if (geo.rpt != kWarps) throw Error("internal: tiles of fewer than 8 row blocks need M <= 8");
+  fit<BITS, MT, T>(geo.device);  // sets the smem attribute on this device
+  launch_pdl(&lut_gemm_kernel<BITS, MT, T, false>, grid, kThreads, kSmemBytes<BITS, MT>, stream, geo.device, geo.cluster, p);
 }
 
 template <typename T, int MT>
@@ -336,7 +410,7 @@ DecodePlan decode_plan(int64_t M, const Shape& shape, DType dtype, int device, L
   validate_shape(shape);
   if (M < 1) throw Error("decode_plan: M must be >= 1");
   const Geometry g = geometry(M, shape, dtype, device, kernel, split == DecodeSplit::kAuto);
-  return DecodePlan{g.grid_x, g.cluster};
+  return DecodePlan{g.grid_x, g.cluster, g.rpt, g.tma};
 }
 
 void lut_gemm(const GemmProblem& prob, void* ws, size_t ws_bytes, void* stream, LutKernel kernel, DecodeSplit split) {

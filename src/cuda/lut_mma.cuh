@@ -22,7 +22,9 @@ constexpr int kXRowBytes = kBlockCols * 2 + 64;   // one token's 128 activations
 template <typename T>
 struct Params : GemmParams<T> {
   const T* x;               // M x K activations
-  int tiles;                // 128-row tiles
+  int tiles;                // tiles of rpt row blocks
+  int rpt;                  // 16-row blocks per tile: 8, or 1, 2, 4 (lut_tile_rows; cp.async kernel, M <= rpt)
+  int k_iters;              // iterations per tile: k-blocks / (8 / rpt), rounded up (each takes 8 / rpt k-blocks)
   int stages;               // pipeline stages in shared memory (per warp group in lut_stream.cu)
   int workers;              // Stream-K workers splitting the iterations: CTAs (lut_gemm.cu) or warp groups
   int cluster;              // > 1: clusters of this many CTAs, one tile each, reduced in shared memory
@@ -48,6 +50,11 @@ struct Layout {
   static constexpr int kStageBytes = kStageW + kStageS + kStageX;  // codes, scales, activations
 };
 
+// Warp w of a tile of rpt row blocks computes row block w % rpt at k-block (iteration * 8 / rpt + w / rpt):
+// its block sits at w in a stage either way (lut_gemm.cu's loader puts it there).
+__device__ __forceinline__ int warp_row(int warp, int rpt) { return warp & (rpt - 1); }
+__device__ __forceinline__ int warp_ksub(int warp, int rpt) { return warp / rpt; }
+
 // A lane's byte offsets inside a pipeline stage, fixed for the kernel's life. Made once before the
 // k-block loop, so each block adds them to its stage address instead of rederiving them from
 // threadIdx (the compiler did that in every iteration: ~15 of the ~125 instructions per warp and
@@ -58,17 +65,21 @@ struct LaneOffsets {
   uint32_t codes;      // this warp's block of codes + lane * 16 (3 bits: low nibbles)
   uint32_t hi;         // 3 bits: the block's high-bit words + lane * 8
   uint32_t scales;     // this warp's scales, rows g and g + 8
-  uint32_t x;          // token row g's activations, this lane's 8 columns (+ 64 j for chunk j)
+  uint32_t x;          // token row g's activations, this lane's 8 columns (+ 64 j for chunk j); with
+                       // tiles of rpt < 8 row blocks, row g % rpt of the warp's k-block (tokens >= rpt are
+                       // never stored: M <= rpt)
   uint32_t lane_byte;  // this lane's copy inside a table entry
   template <int BITS, int MT>
-  static __device__ __forceinline__ LaneOffsets make(int s_stride, uint32_t smem_base) {
+  static __device__ __forceinline__ LaneOffsets make(int s_stride, uint32_t smem_base, int rpt = kWarps) {
     using L = Layout<BITS, MT>;
     const int warp = group_tid() / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     LaneOffsets o;
     o.codes = uint32_t(warp * L::kBlockBytes + lane * 16);
     o.hi = uint32_t(warp * L::kBlockBytes + 512 + lane * 8);
     o.scales = uint32_t(L::kStageW + warp * s_stride + g * 4);
-    o.x = uint32_t(L::kStageW + L::kStageS + g * kXRowBytes + 16 * t);
+    // Activation rows in a stage: [8 / rpt k-blocks][rpt tokens] (one k-block of 8 * MT tokens at rpt = 8).
+    const int xrow = rpt == kWarps ? g : warp_ksub(warp, rpt) * rpt + warp_row(g, rpt);
+    o.x = uint32_t(L::kStageW + L::kStageS + xrow * kXRowBytes + 16 * t);
     o.lane_byte = uint32_t(lane) * (BITS == 2 ? 8u : 4u) | (smem_base & 0xff000000u);  // quads at 2 bits
     return o;
   }
@@ -139,11 +150,14 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
 __host__ __device__ inline constexpr int cluster_rows_per_rank(int c) { return (kWarps + c - 1) / c; }
 inline constexpr int cluster_xbuf_bytes(int c, int mt) { return c * cluster_rows_per_rank(c) * 4 * mt * 32 * 4; }
 
-// Writes acc (+ bias) of this warp's 16 rows x 8*MT tokens to Y.
+// Writes acc (+ bias) of this warp's 16 rows x 8*MT tokens to Y; rpt: row blocks per tile (p.rpt, passed
+// as the constant 8 by the kernels without row tiles: a runtime value there cost the 3-bit cp.async
+// kernel 19 registers).
 template <int MT, typename T>
-__device__ __forceinline__ void store_tile(const Params<T>& p, int tile, int m0, const float (&acc)[MT][4]) {
+__device__ __forceinline__ void store_tile(const Params<T>& p, int tile, int m0, const float (&acc)[MT][4],
+                                           int rpt = kWarps) {
   const int warp = group_tid() / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int rb = tile * kWarps + warp;
+  const int rb = tile * rpt + warp;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int n = rb * 16 + g + 8 * i;
@@ -201,20 +215,20 @@ __device__ __forceinline__ void cluster_finish(const Params<T>& p, int tile, int
 template <int MT, typename T, typename Sync>
 __device__ __forceinline__ void finish_segment(const Params<T>& p, int cta, int tile, int m0, int seg_begin, int it,
                                                int it_begin, bool warp_live, int* flag, const float (&acc)[MT][4],
-                                               const float* xbuf, Sync sync) {
+                                               const float* xbuf, Sync sync, int rpt = kWarps) {
   if (p.cluster > 1) {
     cluster_finish<MT>(p, tile, m0, warp_live, acc, xbuf);
     return;
   }
-  const int64_t total = int64_t(p.tiles) * p.col_blocks, grid = p.workers;
+  const int64_t total = int64_t(p.tiles) * p.k_iters, grid = p.workers;
   const int tid = group_tid();
-  const int tile_begin = tile * p.col_blocks, tile_end = tile_begin + p.col_blocks;
+  const int tile_begin = tile * p.k_iters, tile_end = tile_begin + p.k_iters;
   if constexpr (LUTMM_EXPERIMENT >= 40 && ((LUTMM_EXPERIMENT - 40) & 1)) {  // ablation (lut_gemm.cu's list)
-    if (warp_live) store_tile<MT>(p, tile, m0, acc);
+    if (warp_live) store_tile<MT>(p, tile, m0, acc, rpt);
     return;
   }
   if (seg_begin == tile_begin && it == tile_end - 1) {
-    if (warp_live) store_tile<MT>(p, tile, m0, acc);
+    if (warp_live) store_tile<MT>(p, tile, m0, acc, rpt);
     return;
   }
   // Publish this partial; the last contributor to arrive sums all of them.
@@ -241,7 +255,7 @@ __device__ __forceinline__ void finish_segment(const Params<T>& p, int cta, int 
 #pragma unroll
         for (int e = 0; e < 4; ++e) sum[mt][e] += __ldcg(src + (mt * 4 + e) * kThreads + tid);
     }
-    if (warp_live) store_tile<MT>(p, tile, m0, sum);
+    if (warp_live) store_tile<MT>(p, tile, m0, sum, rpt);
   }
   // No barrier needed before the next fixup rewrites *flag: it first passes sync() above.
 }
@@ -254,14 +268,19 @@ struct Geometry {
   bool tma;        // lut_stream.cu's kernel (else lut_gemm.cu's)
   int grid_x;      // Stream-K workers splitting the (tile, k-block) iterations: CTAs, or warp groups (tma)
   int grid_y;      // token slices of 8 * mt
-  int tiles;       // 128-row tiles
+  int tiles;       // tiles of rpt row blocks
+  int rpt;         // 16-row blocks per tile (lut_tile_rows; 8 but in the cp.async kernel)
   int col_blocks;  // 128-column k-blocks
+  int k_iters;     // iterations per tile: col_blocks / (8 / rpt), rounded up
   int stages;      // pipeline stages (tma)
   int cluster;     // > 1: clusters of this many CTAs per tile (lut_split, src/plan.cpp)
   int device;      // the current device (asked once per call)
 };
 inline size_t counters_bytes(const Geometry& g) { return counter_region_bytes(int64_t(g.grid_y) * g.tiles); }
-inline size_t partials_bytes(const Geometry& g) { return size_t(g.grid_y) * g.grid_x * 2 * kThreads * 4 * g.mt * 4; }
+// (Tiles of fewer than 8 row blocks are one whole tile per CTA: no partials.)
+inline size_t partials_bytes(const Geometry& g) {
+  return g.rpt < kWarps ? 0 : size_t(g.grid_y) * g.grid_x * 2 * kThreads * 4 * g.mt * 4;
+}
 
 // The kernel parameters of a call (both kernels).
 template <typename T>
@@ -270,6 +289,8 @@ Params<T> make_params(const GemmProblem& prob, const Geometry& geo, void* ws) {
   fill_gemm_params(p, prob, ws, counters_bytes(geo));
   p.x = static_cast<const T*>(prob.x);
   p.tiles = geo.tiles;
+  p.rpt = geo.rpt;
+  p.k_iters = geo.k_iters;
   p.stages = geo.stages;
   p.workers = geo.grid_x;
   p.cluster = geo.cluster;

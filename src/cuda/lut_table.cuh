@@ -219,14 +219,16 @@ __device__ __forceinline__ void lookup_a(const uint32_t (&wd)[8], const uint32_t
 // j >> min(gl, 2) for 32-column chunk j of the k-block.
 constexpr int kScaleBytesPerRb = 4 * 16 * 2;
 
-// Copies the packed codes and scales of one (tile, k-block) into a pipeline stage: a tile is
-// ROW_BLOCKS consecutive 16-row blocks (warp w of the CTA computes row block w); codes land at
-// `stage_w` (block w at w * 256 * BITS), scales at `stage_s` (block w at w * kScaleBytesPerRb).
+// Copies the packed codes and scales of one iteration into a pipeline stage: ROW_BLOCKS blocks of a
+// tile of rpt consecutive 16-row blocks at ROW_BLOCKS / rpt consecutive k-blocks; block b is row
+// block b % rpt at k-block b / rpt (rpt = ROW_BLOCKS: one k-block, warp w computes row block w). Codes
+// land at `stage_w` (block b at b * 256 * BITS), scales at `stage_s` (block b at b * kScaleBytesPerRb).
 // What each thread copies is fixed for the CTA's life, so the plan is computed once (constructor) and
 // a load is a few adds per 16-byte cp.async. (H200, 2026-11-26: the first loader recomputed chunk
 // indices and 64-bit addresses per chunk; Nsight Compute counted 394 instructions per warp per 1 KB
 // block, ~250 of them outside the lookups and MMAs.) Rows beyond the weight are zero-filled.
-template <int BITS, int ROW_BLOCKS, int THREADS>
+// ROW_TILES: rpt may be below ROW_BLOCKS (else it is ROW_BLOCKS, and the k-block offsets fold away).
+template <int BITS, int ROW_BLOCKS, int THREADS, bool ROW_TILES = false>
 struct WeightLoader {
   static constexpr int kBlockBytes = 256 * BITS;
   static constexpr int kChunksPerBlock = kBlockBytes / 16;                 // 64, 48, 32
@@ -234,41 +236,49 @@ struct WeightLoader {
   static constexpr int kPer = (kChunks + THREADS - 1) / THREADS;           // chunks per thread
   static_assert(ROW_BLOCKS * 8 <= THREADS, "one thread per half (row block, group) of scales");
 
-  int64_t w_src[kPer];    // byte offset of the chunk from the tile's (row block 0, kb) block
+  int64_t w_src[kPer];    // byte offset of the chunk from the tile's (row block 0, kb0) block
   int w_rb[kPer];         // local row block of the chunk; ROW_BLOCKS when this slot is unused
+  int w_kb[kPer];         // its k-block after kb0
   const uint16_t* s_src;  // this thread's scale row pair (tid < ROW_BLOCKS * 8), at group 0
+  int s_rb, s_kb;         // the local row block and k-block after kb0 of those scales
 
-  __device__ WeightLoader(const uint16_t* s, int G, int col_blocks) {
+  // rpt: row blocks per tile (a power of two dividing ROW_BLOCKS).
+  __device__ WeightLoader(const uint16_t* s, int G, int col_blocks, int rpt = ROW_BLOCKS) {
     const int tid = threadIdx.x;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
-      const int c = tid + i * THREADS;
-      w_rb[i] = c < kChunks ? c / kChunksPerBlock : ROW_BLOCKS;
-      w_src[i] = int64_t(w_rb[i]) * col_blocks * kBlockBytes + (c % kChunksPerBlock) * 16;
+      const int c = tid + i * THREADS, b = c / kChunksPerBlock;
+      w_rb[i] = c < kChunks ? (ROW_TILES ? b % rpt : b) : ROW_BLOCKS;
+      w_kb[i] = ROW_TILES ? b / rpt : 0;
+      w_src[i] = (int64_t(w_rb[i]) * col_blocks + w_kb[i]) * kBlockBytes + (c % kChunksPerBlock) * 16;
     }
-    s_src = s + int64_t(tid / 8) * G * 16 + (tid % 2) * 8;
+    s_rb = ROW_TILES ? (tid / 8) % rpt : tid / 8;
+    s_kb = ROW_TILES ? (tid / 8) / rpt : 0;
+    s_src = s + int64_t(s_rb) * G * 16 + (tid % 2) * 8;
   }
 
-  // w, s: the packed codes and scales; rb0: the tile's first row block; gl: log2(g / 32) (30: g = K).
+  // w, s: the packed codes and scales; rb0: the tile's first row block; kb0: the iteration's first
+  // k-block; gl: log2(g / 32) (30: g = K). Blocks past the weight's rows or k-blocks arrive as zeros.
   __device__ __forceinline__ void load(uint8_t* stage_w, uint8_t* stage_s, const uint8_t* w, const uint16_t* s,
-                                       int rb0, int kb, int row_blocks, int col_blocks, int K, int G, int gl) const {
+                                       int rb0, int kb0, int row_blocks, int col_blocks, int K, int G, int gl) const {
     const int tid = threadIdx.x;
-    const uint8_t* wt = w + (int64_t(rb0) * col_blocks + kb) * kBlockBytes;
+    const uint8_t* wt = w + (int64_t(rb0) * col_blocks + kb0) * kBlockBytes;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       if (kChunks % THREADS == 0 || w_rb[i] < ROW_BLOCKS) {
-        const bool ok = rb0 + w_rb[i] < row_blocks;
+        const bool ok = rb0 + w_rb[i] < row_blocks && (!ROW_TILES || kb0 + w_kb[i] < col_blocks);
         cp_async16(stage_w + (tid + i * THREADS) * 16, ok ? wt + w_src[i] : w, ok ? 16 : 0);
       }
     }
     // Scales: the groups that intersect this k-block, 32 B per (row block, group): thread tid copies
-    // half (tid % 2) of group (tid % 8) / 2 of row block tid / 8.
+    // half (tid % 2) of group (tid % 8) / 2 of block tid / 8.
     if (tid < ROW_BLOCKS * 8) {
+      const int kb = kb0 + s_kb;
       const int chunk0 = kb * 4;
       const int nchunks = min(4, (K - kb * kBlockCols) / 32);
       const int g_first = chunk0 >> gl, g_count = ((chunk0 + nchunks - 1) >> gl) - g_first + 1;
       const int grp = (tid % 8) / 2;
-      const bool ok = rb0 + tid / 8 < row_blocks && grp < g_count;
+      const bool ok = rb0 + s_rb < row_blocks && (!ROW_TILES || kb < col_blocks) && grp < g_count;
       const uint16_t* src = s_src + int64_t(rb0) * G * 16 + (g_first + grp) * 16;
       cp_async16(stage_s + (tid / 8) * kScaleBytesPerRb + grp * 32 + (tid % 2) * 16, ok ? src : s, ok ? 16 : 0);
     }

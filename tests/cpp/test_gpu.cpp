@@ -412,6 +412,66 @@ TEST(Gpu, DecodeClustersAgainstStreamKAndReference) {
   EXPECT_GE(same_split, 2);  // 777x992: 8 one-block pieces per tile either way
 }
 
+// Tiles of 1, 2 or 4 row blocks (M <= 4, one whole tile per CTA, the CTA's warps splitting its
+// k-blocks and adding their sums in shared memory; lut_tile_rows; the cp.async kernel, dispatched or
+// forced) against the CPU reference and the same call on tiles of 8 row blocks with Stream-K: every
+// bits, rows past N, a partial last k-block, k-blocks that leave some warps without one in the last
+// iteration, g = 32 and g = K, bias, fp16.
+TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
+  REQUIRE_GPU();
+  std::mt19937 rng(96);
+  Workspace ws;
+  struct Case { Shape s; int64_t M; DType dt; bool bias; };
+  // Plans on an H100 (the cp.async kernel at two CTAs per SM: 264 slots), printed below; the dispatch
+  // takes the TMA kernel (tiles of 8) for the second and fifth case.
+  const Case cases[] = {{Shape{4096, 4096, 4, 128}, 1, DType::BF16, false},  // 256 tiles of 1 row block, 4 iterations
+                        {Shape{8192, 8192, 3, 64}, 2, DType::F16, true},     // 256 tiles of 2, 16 iterations
+                        {Shape{4000, 992, 4, 0}, 1, DType::F16, true},       // 250 tiles of 1, g = K, a partial k-block
+                        {Shape{8100, 2048, 2, 32}, 2, DType::BF16, false},   // 254 tiles of 2, the last one half past N
+                        {Shape{14720, 1024, 4, 64}, 4, DType::BF16, true},   // 230 tiles of 4
+                        {Shape{4096, 1664, 4, 128}, 1, DType::BF16, false}}; // 13 k-blocks: 3 warps idle in iteration 2
+  int tiled = 0;
+  for (const Case& c0 : cases) {
+    Shape s = c0.s;
+    if (s.group_size == 0) s.group_size = s.K;
+    Layer L = make_layer(s, c0.dt, rng, 2);
+    std::vector<uint16_t> x(size_t(c0.M * s.K)), bias(size_t(s.N));
+    std::vector<float> xf(x.size()), biasf(bias.size());
+    std::normal_distribution<float> nd(0.f, 1.f);
+    for (size_t i = 0; i < x.size(); ++i) { x[i] = to_dtype(nd(rng), c0.dt); xf[i] = from_dtype(x[i], c0.dt); }
+    for (size_t i = 0; i < bias.size(); ++i) { bias[i] = to_dtype(nd(rng), c0.dt); biasf[i] = from_dtype(bias[i], c0.dt); }
+    const auto* b = c0.bias ? &bias : nullptr;
+    std::vector<float> ref(size_t(c0.M * s.N));
+    reference_matmul(xf.data(), DType::F32, c0.M, L.codes.data(), L.scales.data(), L.table_rounded.data(), s,
+                     c0.bias ? biasf.data() : nullptr, ref.data());
+    ws.ensure(gpu::workspace_bytes(c0.M, s, 0));
+    for (gpu::LutKernel kernel : {gpu::LutKernel::kAuto, gpu::LutKernel::kCpAsync}) {
+      const gpu::DecodePlan pa = gpu::decode_plan(c0.M, s, c0.dt, 0, kernel);
+      const gpu::DecodePlan ps = gpu::decode_plan(c0.M, s, c0.dt, 0, kernel, gpu::DecodeSplit::kStreamK);
+      std::printf("N=%lld K=%lld M=%lld bits=%d kernel %d: %d workers, tiles of %d row blocks, %s kernel "
+                  "(kStreamK: %d workers, %d)\n", (long long)s.N, (long long)s.K, (long long)c0.M, s.bits, int(kernel),
+                  pa.workers, pa.rows_per_tile, pa.tma ? "TMA" : "cp.async", ps.workers, ps.rows_per_tile);
+      ASSERT_EQ(ps.rows_per_tile, 8);
+      if (pa.rows_per_tile < 8) {
+        ++tiled;
+        EXPECT_FALSE(pa.tma);
+        EXPECT_LE(c0.M, pa.rows_per_tile);
+        EXPECT_EQ(pa.workers, int((s.row_blocks() + pa.rows_per_tile - 1) / pa.rows_per_tile));  // one tile each
+      }
+      auto y = run_gpu(L, x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel);
+      auto y2 = run_gpu(L, x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel);
+      auto ysk = run_gpu(L, x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel, gpu::WgSplit::kAuto,
+                         gpu::DecodeSplit::kStreamK);
+      ASSERT_EQ(std::memcmp(y.data(), y2.data(), y.size() * 4), 0) << "N=" << s.N << " M=" << c0.M << " not reproducible";
+      const double tol = c0.dt == DType::BF16 ? 6e-3 : 1.5e-3;
+      EXPECT_LT(rel_err(y, ref), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M << " rows per tile " << pa.rows_per_tile;
+      EXPECT_LT(rel_err(ysk, ref), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M;
+      EXPECT_LT(rel_err(y, ysk), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M;
+    }
+  }
+  EXPECT_GE(tiled, 1);  // an H100 plans row tiles for 10 of these 12 calls (all six forced to cp.async)
+}
+
 // Every work split of the wgmma kernel (Stream-K only, data-parallel waves, both): bitwise the same
 // output on every run, and the same values as the LUT kernel (checked against the CPU reference
 // elsewhere) up to rounding.

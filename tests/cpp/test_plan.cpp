@@ -257,3 +257,39 @@ TEST(Plan, DecodeClusters) {
       }
   EXPECT_GT(clustered, 200);
 }
+
+// Tiles of 1, 2 or 4 row blocks for the cp.async decode kernel (lut_tile_rows): only where M fits
+// their activation rows (M <= R), the k-blocks give every warp one (8 / R <= col_blocks), and one whole
+// tile per CTA fills 80-100% of the slots; the smallest such R; 8 otherwise.
+TEST(Plan, DecodeRowTiles) {
+  EXPECT_EQ(lut_tile_rows(1, 256, 32, 264), 1);    // 4096x4096 M = 1: 256 tiles of one row block
+  EXPECT_EQ(lut_tile_rows(1, 256, 112, 264), 1);   // 4096x14336
+  EXPECT_EQ(lut_tile_rows(1, 512, 64, 264), 2);    // 8192x8192: 256 tiles of two
+  EXPECT_EQ(lut_tile_rows(2, 512, 64, 264), 2);
+  EXPECT_EQ(lut_tile_rows(3, 512, 64, 264), 8);    // M = 3 needs R >= 4: 128 tiles, too few
+  EXPECT_EQ(lut_tile_rows(2, 256, 32, 264), 8);    // 4096x4096 M = 2: 128 tiles of two, too few
+  EXPECT_EQ(lut_tile_rows(1, 384, 32, 264), 8);    // 6144x4096: 384 tiles of one (too many), 192 of two (73%)
+  EXPECT_EQ(lut_tile_rows(1, 1792, 32, 264), 8);   // 28672x4096: 224 tiles of eight already fill the slots
+  EXPECT_EQ(lut_tile_rows(1, 256, 4, 264), 8);     // K = 512: 4 k-blocks for 8 warps
+  EXPECT_EQ(lut_tile_rows(4, 920, 8, 264), 4);     // 230 tiles of four
+  EXPECT_EQ(lut_tile_rows(1, 256, 32, 396), 8);    // 3 CTAs per SM: 256 of 396 slots
+  EXPECT_THROW(lut_tile_rows(0, 256, 32, 264), Error);
+  EXPECT_THROW(lut_tile_rows(1, 256, 32, 0), Error);
+  for (int64_t M : {1, 2, 3, 4, 5, 16})
+    for (int64_t rb = 1; rb <= 2000; rb += 7)
+      for (int64_t cb : {1, 2, 4, 8, 32})
+        for (int64_t slots : {132, 264, 396}) {
+          const int64_t r = lut_tile_rows(M, rb, cb, slots);
+          ASSERT_TRUE(r == 1 || r == 2 || r == 4 || r == 8);
+          if (r == 8) continue;
+          const int64_t tiles = (rb + r - 1) / r;
+          ASSERT_LE(M, r);
+          ASSERT_LE(8 / r, cb);
+          ASSERT_LE(tiles, slots);
+          ASSERT_GE(tiles * 10, slots * 8);
+          for (int64_t smaller = 1; smaller < r; smaller *= 2) {  // no smaller R qualified
+            const int64_t t2 = (rb + smaller - 1) / smaller;
+            ASSERT_FALSE(M <= smaller && 8 / smaller <= cb && t2 <= slots && t2 * 10 >= slots * 8);
+          }
+        }
+}
