@@ -48,13 +48,13 @@ size_t dequant_scratch_bytes(const Shape& shape);
 
 // The two decode kernels of the LUT path. kAuto: the TMA kernel (lut_stream.cu: bulk tensor copies,
 // a producer warp, mbarrier pipeline; sm_90 only, M <= 16) where it is measured faster (M <= 16
-// and N x K >= 32M, 24M at 3 bits, on Hopper), else the cp.async kernel (lut_gemm.cu; any GPU, any M). Forcing one is
+// and N x K >= 32M, 24M at 3 bits, or 4 bits on row tiles, on Hopper), else the cp.async kernel (lut_gemm.cu; any GPU, any M). Forcing one is
 // for tests and A/B timing; forcing kTma where it cannot run throws.
 enum class LutKernel : int { kAuto = 0, kCpAsync = 1, kTma = 2 };
 // Work split of the decode kernels. kAuto: where a tile's Stream-K workers fit one thread-block
 // cluster (sm_90; few tiles: 2, 4 or 8 workers per tile dividing its k-blocks), they reduce through
 // distributed shared memory; at M <= 4, where tiles of 1, 2 or 4 row blocks (one per CTA) fill the
-// GPU, the cp.async kernel's warps split each tile's k-blocks instead (no Stream-K partials);
+// GPU, the kernel's warps split each tile's k-blocks instead (no Stream-K partials);
 // elsewhere Stream-K with the fixup through global memory. kStreamK: tiles of 8 row blocks, never the
 // clusters (tests and A/B timing). All are deterministic; on the same split they agree bitwise.
 enum class DecodeSplit : int { kAuto = 0, kStreamK = 1 };
@@ -65,7 +65,7 @@ void lut_gemm(const GemmProblem& p, void* workspace, size_t workspace_bytes, voi
               LutKernel kernel = LutKernel::kAuto, DecodeSplit split = DecodeSplit::kAuto);
 // The split lut_gemm would use for a call on `device` (tests, benchmarks): Stream-K workers, the
 // cluster size (1: no clusters), 16-row blocks per tile (8, or 1, 2, 4 at small M where one whole
-// tile per CTA fills the GPU: the CTA's warps split its k-blocks; cp.async kernel), and the kernel.
+// tile per CTA fills the GPU: the CTA's warps split its k-blocks), and the kernel.
 struct DecodePlan {
   int workers;
   int cluster;

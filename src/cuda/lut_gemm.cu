@@ -35,6 +35,7 @@
 //   w % R, k-block w / R), so each warp still computes one 16 x 128 block per stage, and at the end
 //   warp w % R adds the 8 / R warps' sums of its row block in shared memory, in k order. No Stream-K
 //   partials, no counters: the global fixup was 2-2.3 us of a 7.7 us 4096x4096 call (item 38).
+//   lut_stream.cu's kernel does the same with TMA boxes (item 40).
 #include <algorithm>
 #include <array>
 
@@ -54,6 +55,7 @@
 //  18  src/plan.cpp: decode clusters of any size 2-8, each tile's k-blocks in near-equal ranges
 //      (cluster_start), where 2, 4, 8 do not fit or divide them: slower (item 38)
 //  19  src/plan.cpp: no row tiles (lut_tile_rows returns 8; item 39)
+//  22  no row tiles on the TMA kernel (item 40)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38)
@@ -197,9 +199,9 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
   float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
-  LaneOffsets off = LaneOffsets::make<BITS, MT>(kScaleBytesPerRb, smem_addr(smem), rpt);
   const int warp = int(threadIdx.x / 32);
   const int w_row = ROWS ? warp_row(warp, rpt) : warp, w_ksub = ROWS ? warp_ksub(warp, rpt) : 0;
+  LaneOffsets off = LaneOffsets::make<BITS, MT>(kScaleBytesPerRb, smem_addr(smem), rpt, w_ksub);
   int seg_begin = it_begin;  // first iteration of the current tile segment
   uint8_t* st_cmp = stages;                                 // stage to compute
   uint8_t* st_ld = stages + (kStages - 1) * L::kStageBytes;  // stage to load
@@ -329,11 +331,28 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
     slots = int64_t(sm_count(device)) * f.ctas_per_sm;
     return lut_split(g.tiles, g.col_blocks, slots, clusters);
   };
+  // Row blocks per tile (lut_tile_rows, src/plan.cpp) for either kernel: 8 where row tiles do not apply.
+  // The TMA kernel's row tiles read a tile's scales as one box of 8 / R k-blocks' groups: each k-block
+  // must have its own (g <= 128) and the box be at most 256 wide; at R = 1 its activation box takes
+  // whole k-blocks (K a multiple of 128, see lut_stream.cu).
+  const int gl = group_log2(s.group_size);
+  auto rows_for = [&](bool tma) {
+    if (!auto_split || g.mt != 1 || (tma && (LUTMM_EXPERIMENT == 22 || gl > 2))) return kWarps;
+    const int64_t slots_r = int64_t(sm_count(device)) * (tma ? stream_workers_per_sm(s.bits)
+                                                              : rows_ctas_per_sm(s.bits, dt, device));
+    const int r = lut_tile_rows(M, s.row_blocks(), s.col_blocks(), slots_r);
+    if (tma && (16 * groups_per_kblock(gl) * (kWarps / r) > 256 || (r == 1 && s.K % 128 != 0))) return kWarps;
+    return r;
+  };
   int64_t slots = 0;
   LutSplit sp;
   if (kernel == LutKernel::kAuto && tma_ok) {
     sp = split(true, slots);
     g.tma = s.N * s.K >= (s.bits == 3 ? kTmaMinWeights3 : kTmaMinWeights) || (sp.cluster > 1 && sp.workers * 10 >= slots * 7);
+    // Smaller 4-bit weights take the TMA kernel too where its row tiles apply. (H100, 2026-11-26,
+    // lutmm_bench, M = 1: 4096x4096 TMA kernel on 256 tiles of one row block 6.0 us, the cp.async
+    // kernel's 6.6. At 2 bits not measured yet: docs/performance.md item 40.)
+    if (!g.tma && s.bits == 4 && rows_for(true) < kWarps) g.tma = true;
   } else {
     g.tma = kernel == LutKernel::kTma;
   }
@@ -347,15 +366,18 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   // us, 3-bit 8.2 -> 7.4, 2-bit 7.8 -> 6.8. Not where the TMA kernel serves (its deeper pipeline
   // wins on long ranges): 4096x14336 15.3 (TMA, Stream-K) vs 16.0 (cp.async, 256 tiles of 1),
   // 8192x8192 16.6 vs 17.9 (tiles of 2), 3-bit 19.8 vs 22.2, 2-bit 13.4 vs 17.4.
-  if (auto_split && g.mt == 1 && !g.tma) {
-    const int64_t slots_r = int64_t(sm_count(device)) * rows_ctas_per_sm(s.bits, dt, device);
-    const int r = lut_tile_rows(M, s.row_blocks(), s.col_blocks(), slots_r);
+  // Row tiles on the TMA kernel too (item 40; same call, M = 1, Stream-K -> row tiles: 4096x14336
+  // 15.4 -> 13.7 us (tiles of 1), 2-bit 12.5 -> 11.3; 8192x8192 16.7 -> 16.7 (tiles of 2), 8192x28672
+  // 49.8 -> 49.2).
+  {
+    const int r = rows_for(g.tma);
     if (r < kWarps) {
       g.rpt = r;
       g.tiles = int((s.row_blocks() + r - 1) / r);
       g.k_iters = (g.col_blocks + kWarps / r - 1) / (kWarps / r);
       g.grid_x = g.tiles;
       g.cluster = 1;
+      if (g.tma) g.stages = stream_stages(s.bits, g.mt, device, true);
     }
   }
   return g;

@@ -50,8 +50,9 @@ struct Layout {
   static constexpr int kStageBytes = kStageW + kStageS + kStageX;  // codes, scales, activations
 };
 
-// Warp w of a tile of rpt row blocks computes row block w % rpt at k-block (iteration * 8 / rpt + w / rpt):
-// its block sits at w in a stage either way (lut_gemm.cu's loader puts it there).
+// Row tiles: warp w of a tile of rpt row blocks computes block w of a stage, row block w % rpt at
+// k-block (iteration * 8 / rpt + w / rpt) in lut_gemm.cu (its loader puts them there); in lut_stream.cu,
+// whose TMA box lands row-major, row block w / (8 / rpt) at k-block w % (8 / rpt).
 __device__ __forceinline__ int warp_row(int warp, int rpt) { return warp & (rpt - 1); }
 __device__ __forceinline__ int warp_ksub(int warp, int rpt) { return warp / rpt; }
 
@@ -70,7 +71,8 @@ struct LaneOffsets {
                        // never stored: M <= rpt)
   uint32_t lane_byte;  // this lane's copy inside a table entry
   template <int BITS, int MT>
-  static __device__ __forceinline__ LaneOffsets make(int s_stride, uint32_t smem_base, int rpt = kWarps) {
+  // rpt, ksub: row blocks per tile and the warp's k-block within a stage (row tiles; see warp_row).
+  static __device__ __forceinline__ LaneOffsets make(int s_stride, uint32_t smem_base, int rpt = kWarps, int ksub = 0) {
     using L = Layout<BITS, MT>;
     const int warp = group_tid() / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     LaneOffsets o;
@@ -78,7 +80,7 @@ struct LaneOffsets {
     o.hi = uint32_t(warp * L::kBlockBytes + 512 + lane * 8);
     o.scales = uint32_t(L::kStageW + warp * s_stride + g * 4);
     // Activation rows in a stage: [8 / rpt k-blocks][rpt tokens] (one k-block of 8 * MT tokens at rpt = 8).
-    const int xrow = rpt == kWarps ? g : warp_ksub(warp, rpt) * rpt + warp_row(g, rpt);
+    const int xrow = rpt == kWarps ? g : ksub * rpt + (g & (rpt - 1));
     o.x = uint32_t(L::kStageW + L::kStageS + xrow * kXRowBytes + 16 * t);
     o.lane_byte = uint32_t(lane) * (BITS == 2 ? 8u : 4u) | (smem_base & 0xff000000u);  // quads at 2 bits
     return o;
@@ -301,7 +303,7 @@ Params<T> make_params(const GemmProblem& prob, const Geometry& geo, void* ws) {
 // Stream-K workers (warp groups) per SM, clusters and pipeline stages per worker for (bits, mt), and the launch.
 bool stream_supported(int device);
 int stream_workers_per_sm(int bits);
-int stream_stages(int bits, int mt, int device);
+int stream_stages(int bits, int mt, int device, bool rows = false);
 // Clusters of 2..8 CTAs of the TMA kernel that fit `device` at once (lut_split, src/plan.cpp).
 std::array<int, 9> stream_max_clusters(int bits, int device);
 void stream_launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream);

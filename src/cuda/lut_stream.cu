@@ -21,6 +21,10 @@
 //   ("empty" mbarrier, 8 arrivals); no CTA-wide barrier in the main loop.
 // * Programmatic dependent launch as in lut_gemm.cu: the codes and scales of the first stages are
 //   requested before griddepcontrol.wait, activations after it.
+// * Row tiles (lut_gemm.cu's header; item 40): at M <= 4, one whole tile of R = 1, 2, 4 row blocks
+//   per CTA where such tiles fill the GPU. A stage is then one 3-D box of codes (R row blocks x 8 / R
+//   k-blocks, landing row-major: warp w computes row block w / (8 / R) at k-block w % (8 / R)), one
+//   box of scales, and the activations (see issue_stage); the warps add their sums in shared memory.
 // * The remaining cost (docs/performance.md, items 16-20): ~5.8 us fixed per call on 8192x8192
 //   (launch, table build, first loads, Stream-K fixups) and a 2.75 TB/s marginal rate set by the
 //   compute warps (~190 instructions per warp and 4-bit block, ~90 of them lookups and MMAs).
@@ -51,18 +55,23 @@ constexpr int kComputeThreads = kGroups * kThreads;
 constexpr int kCtaThreads = kComputeThreads + kGroups * 32;  // + one producer warp per group
 constexpr int kMaxStages = 32;
 
-// Shared memory: table | stages[kGroups][S] | mbarriers full[S], empty[S] per group | flag per group.
-template <int BITS, int MT>
+// Row tiles (ROWS: tiles of rpt < 8 row blocks, one per CTA; lut_tile_rows): the 8 warps' sums meet
+// in shared memory, [warp][4][32 lanes] floats after the flags.
+template <bool ROWS>
+constexpr int kRedBytes = ROWS ? kWarps * 4 * 32 * 4 : 0;
+// Shared memory: table | stages[kGroups][S] | mbarriers full[S], empty[S] per group | flag per group | red.
+template <int BITS, int MT, bool ROWS = false>
 constexpr int smem_bytes(int stages) {
-  return Layout<BITS, MT>::kLutBytes + kGroups * stages * (Layout<BITS, MT>::kStageBytes + 16) + 16;
+  return Layout<BITS, MT>::kLutBytes + kGroups * stages * (Layout<BITS, MT>::kStageBytes + 16) + 16 + kRedBytes<ROWS>;
 }
 
 #if LUTMM_SM90A
 // The three TMA descriptors a producer reads from (kernel parameters, __grid_constant__).
 struct Maps {
   const CUtensorMap* w;  // codes: row blocks x (col_blocks * 256 * BITS / 4) 32-bit words, boxes of 8 x one block
-  const CUtensorMap* s;  // scales: row blocks x (G * 16) fp16, boxes of 8 x (16 * gpk)
-  const CUtensorMap* x;  // activations: M x K, boxes of 8 * MT tokens x 160 columns
+                         // (row tiles: row blocks x col_blocks x one block, boxes of rpt x 8 / rpt x one block)
+  const CUtensorMap* s;  // scales: row blocks x (G * 16) fp16, boxes of 8 x (16 * gpk) (row tiles: rpt x 8 / rpt k-blocks' groups)
+  const CUtensorMap* x;  // activations: M x K, boxes of 8 * MT tokens x 160 columns (row tiles: rpt tokens)
 };
 
 // Issues the copies of one (tile, k-block) iteration into a stage (shared addresses), from the
@@ -72,55 +81,80 @@ struct Maps {
 // k-block's 128 and 32 of the next, which land in the 64-byte row pad of kXRowBytes, so rows keep the
 // conflict-free stride; tokens >= M and columns >= K arrive as zeros); with `expect`, first the
 // stage's total bytes on its full barrier (whole boxes, zero-filled parts included).
-template <int BITS, int MT, typename T>
+// Row tiles (ROWS): iteration kb of the tile covers k-blocks [kb * 8 / rpt, (kb + 1) * 8 / rpt) of
+// its rpt row blocks; one box of codes lands them row-major (block r * 8 / rpt + k), one of scales
+// likewise, and 8 / rpt boxes of rpt tokens bring the activations ([k][token] rows of kXRowBytes).
+// At rpt = 1 those boxes would start 320 bytes apart, but a tensor copy's destination must be
+// 128-byte aligned (misaligned-address faults, H100): there one 3-D box brings the token's 8
+// k-blocks densely, [k][128 columns] (x_rows_1d; K a multiple of 128, so no k-block runs past a row).
+template <int BITS, int MT, typename T, bool ROWS>
 __device__ __forceinline__ void issue_stage(const Params<T>& p, const Maps& maps, uint32_t stage, uint32_t full, int tile,
                                             int kb, int m0, bool weights, bool acts, bool expect) {
   using L = Layout<BITS, MT>;
   static_assert(kXRowBytes == 160 * 2, "activation boxes fill whole padded rows");
   const int gpk = groups_per_kblock(p.gl);  // scale groups per k-block (box width)
-  if (expect) wg::mbar_arrive_expect_tx(full, uint32_t(kWarps * (L::kBlockBytes + 32 * gpk) + L::kStageX));
-  if (weights) {
-    wg::tma_load_2d(stage, maps.w, kb * (L::kBlockBytes / 4), tile * kWarps, full);
-    wg::tma_load_2d(stage + L::kStageW, maps.s, ((kb * 4) >> p.gl) * 16, tile * kWarps, full);
+  const int x_bytes = ROWS && p.rpt == 1 ? kWarps * kBlockCols * 2 : L::kStageX;
+  if (expect) wg::mbar_arrive_expect_tx(full, uint32_t(kWarps * (L::kBlockBytes + 32 * gpk) + x_bytes));
+  if constexpr (ROWS) {
+    const int rpt = p.rpt, kpt = kWarps / rpt, kb0 = kb * kpt;
+    if (weights) {
+      wg::tma_load_3d(stage, maps.w, 0, kb0, tile * rpt, full);
+      wg::tma_load_2d(stage + L::kStageW, maps.s, kb0 * gpk * 16, tile * rpt, full);
+    }
+    if (acts) {
+      if (rpt == 1) {
+        wg::tma_load_3d(stage + L::kStageW + L::kStageS, maps.x, 0, kb0, m0, full);
+      } else {
+        for (int k = 0; k < kpt; ++k)
+          wg::tma_load_2d(stage + L::kStageW + L::kStageS + uint32_t(k * rpt * kXRowBytes), maps.x,
+                          (kb0 + k) * kBlockCols, m0, full);
+      }
+    }
+  } else {
+    if (weights) {
+      wg::tma_load_2d(stage, maps.w, kb * (L::kBlockBytes / 4), tile * kWarps, full);
+      wg::tma_load_2d(stage + L::kStageW, maps.s, ((kb * 4) >> p.gl) * 16, tile * kWarps, full);
+    }
+    if (acts) wg::tma_load_2d(stage + L::kStageW + L::kStageS, maps.x, kb * kBlockCols, m0, full);
   }
-  if (acts) wg::tma_load_2d(stage + L::kStageW + L::kStageS, maps.x, kb * kBlockCols, m0, full);
 }
 
 // The producer (one thread): iteration q of the CTA's range goes to stage q % S, after the compute
 // warps have released that stage's previous use.
-template <int BITS, int MT, typename T>
+template <int BITS, int MT, typename T, bool ROWS>
 __device__ __forceinline__ void produce(const Params<T>& p, const Maps& maps, int it_begin, int it_end, int m0,
                                         uint32_t stage0, uint32_t bars) {
   using L = Layout<BITS, MT>;
   const int S = p.stages, n = it_end - it_begin, n0 = min(S, n);
-  const int tile0 = it_begin / p.col_blocks, kb0 = it_begin % p.col_blocks;
+  const int tile0 = it_begin / p.k_iters, kb0 = it_begin % p.k_iters;
   // Prologue: codes and scales of the first n0 iterations (constant for the kernel's life, so they
   // may be read before the previous kernel ends), then, after griddepcontrol.wait, their activations.
   for (int pass = 0; pass < 2; ++pass) {
     if (pass == 1) grid_dependency_wait();
     int tile = tile0, kb = kb0;
     for (int q = 0; q < n0; ++q) {
-      issue_stage<BITS, MT, T>(p, maps, stage0 + uint32_t(q) * L::kStageBytes, bars + 8 * q, tile, kb, m0, pass == 0,
-                               pass == 1, pass == 0);
-      if (++kb == p.col_blocks) { kb = 0; ++tile; }
+      issue_stage<BITS, MT, T, ROWS>(p, maps, stage0 + uint32_t(q) * L::kStageBytes, bars + 8 * q, tile, kb, m0,
+                                     pass == 0, pass == 1, pass == 0);
+      if (++kb == p.k_iters) { kb = 0; ++tile; }
     }
   }
-  int tile = tile0 + (kb0 + n0) / p.col_blocks, kb = (kb0 + n0) % p.col_blocks;
+  int tile = tile0 + (kb0 + n0) / p.k_iters, kb = (kb0 + n0) % p.k_iters;
   int st = 0, use = 1;  // stage of iteration q and how often it was filled before
   for (int q = n0; q < n; ++q) {
     wg::mbar_wait(bars + 8 * (S + st), (use - 1) & 1);  // released by all compute warps
-    issue_stage<BITS, MT, T>(p, maps, stage0 + uint32_t(st) * L::kStageBytes, bars + 8 * st, tile, kb, m0, true, true,
-                             true);
-    if (++kb == p.col_blocks) { kb = 0; ++tile; }
+    issue_stage<BITS, MT, T, ROWS>(p, maps, stage0 + uint32_t(st) * L::kStageBytes, bars + 8 * st, tile, kb, m0, true,
+                                   true, true);
+    if (++kb == p.k_iters) { kb = 0; ++tile; }
     if (++st == S) { st = 0; ++use; }
   }
 }
 #endif  // LUTMM_SM90A
 
-template <int BITS, int MT, typename T>
+template <int BITS, int MT, typename T, bool ROWS>
 __global__ void __launch_bounds__(kCtaThreads, kCtasPerSm<BITS>)
 lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_s,
                   const __grid_constant__ CUtensorMap tm_x) {
+  static_assert(!ROWS || (MT == 1 && kGroups == 1), "row tiles: one token row per k-block, one worker per CTA");
 #if LUTMM_SM90A
   using L = Layout<BITS, MT>;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -137,13 +171,14 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const uint32_t stage0 = smem_base + L::kLutBytes + ring;
   const uint32_t bars = smem_base + L::kLutBytes + uint32_t(kGroups * S) * L::kStageBytes + 16 * S * group;  // full[S], empty[S]
   int* flag = reinterpret_cast<int*>(smem + L::kLutBytes + kGroups * S * (L::kStageBytes + 16)) + group;
+  float* red = reinterpret_cast<float*>(smem + L::kLutBytes + kGroups * S * (L::kStageBytes + 16) + 16);  // ROWS
 
   const int worker = blockIdx.x * kGroups + group;
-  const int64_t total = int64_t(p.tiles) * p.col_blocks;  // < 2^31 (checked on the host)
+  const int64_t total = int64_t(p.tiles) * p.k_iters;  // < 2^31 (checked on the host)
   const bool active = worker < p.workers;
   // Stream-K's even ranges, or in a cluster launch rank r's share of tile worker / C (cluster_start).
-  const int64_t b0 = p.cluster > 1 ? cluster_start(worker, p.col_blocks, p.cluster) : sk_start(worker, total, p.workers);
-  const int64_t b1 = p.cluster > 1 ? cluster_start(worker + 1, p.col_blocks, p.cluster) : sk_start(worker + 1, total, p.workers);
+  const int64_t b0 = p.cluster > 1 ? cluster_start(worker, p.k_iters, p.cluster) : sk_start(worker, total, p.workers);
+  const int64_t b1 = p.cluster > 1 ? cluster_start(worker + 1, p.k_iters, p.cluster) : sk_start(worker + 1, total, p.workers);
   const int it_begin = active ? int(b0) : 0;
   const int it_end = active ? int(b1) : 0;
   const int m0 = blockIdx.y * 8 * MT;
@@ -158,7 +193,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   }
   __syncthreads();
   if (producer) {
-    if (lane == 0 && active) produce<BITS, MT, T>(p, Maps{&tm_w, &tm_s, &tm_x}, it_begin, it_end, m0, stage0, bars);
+    if (lane == 0 && active) produce<BITS, MT, T, ROWS>(p, Maps{&tm_w, &tm_s, &tm_x}, it_begin, it_end, m0, stage0, bars);
     if (p.cluster > 1) {  // the two cluster barriers of cluster_finish
       wg::cluster_sync();
       wg::cluster_sync();
@@ -174,9 +209,13 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   grid_dependency_wait();    // outputs and the workspace are written only after the previous kernel
   grid_dependents_launch();  // the next kernel may start its prologue as our CTAs finish
 
-  const int gwarp = warp % kWarps;  // row block of the tile
-  const int s_stride = 32 * groups_per_kblock(p.gl);  // scale bytes per row block in a stage (the TMA box row)
-  LaneOffsets off = LaneOffsets::make<BITS, MT>(s_stride, smem_base);
+  const int gwarp = warp % kWarps;  // block of a stage: row block of the tile (row tiles: see warp_row)
+  const int rpt = ROWS ? p.rpt : kWarps, kpt = kWarps / rpt;  // row blocks per tile, k-blocks per iteration
+  const int w_row = ROWS ? gwarp / kpt : gwarp, w_ksub = ROWS ? gwarp % kpt : 0;
+  const int s_stride = 32 * groups_per_kblock(p.gl);  // scale bytes per block in a stage (the TMA box row)
+  LaneOffsets off = LaneOffsets::make<BITS, MT>(s_stride, smem_base, rpt, w_ksub);
+  if (ROWS && rpt == 1)  // the dense [k][128 columns] activations (issue_stage): every lane reads token 0
+    off.x = uint32_t(L::kStageW + L::kStageS + w_ksub * kBlockCols * 2 + 16 * (lane % 4));
   float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
@@ -184,7 +223,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   // segment-end test, and k-blocks with 4 whole chunks and groups >= 128 (all but a partial last one)
   // take compute_block's FULL path.
   const int full_kbs = p.gl >= 2 ? p.K / kBlockCols : 0;  // k-blocks [0, full_kbs) are FULL
-  int tile = it_begin / p.col_blocks, kb0 = it_begin % p.col_blocks;
+  int tile = it_begin / p.k_iters, kb0 = it_begin % p.k_iters;
   // The current stage and its full barrier as running addresses (advanced, not recomputed from the
   // stage index: a few instructions per block off the chain); its empty barrier is S barriers on.
   uint32_t stage_off = uint32_t(stages - smem);  // the current stage: smem + stage_off
@@ -193,8 +232,8 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   uint32_t ring_base = stage_off;                      // as stages, bars, bars + 8 S: copies the
   uint32_t ring_bars = bars, ring_end = bars + 8 * S;  // compiler cannot rederive (see the loop)
   for (int seg_begin = it_begin; seg_begin < it_end; ++tile, kb0 = 0) {
-    const int seg_end = min(it_end, seg_begin + p.col_blocks - kb0);
-    const bool warp_live = tile * kWarps + gwarp < p.row_blocks;
+    const int seg_end = min(it_end, seg_begin + p.k_iters - kb0);
+    const bool warp_live = tile * rpt + w_row < p.row_blocks;
     int seg_last = seg_end;
     for (int kb = kb0, it = seg_begin; it < seg_last; ++it, ++kb) {
       // Loop-carried as far as the compiler knows, so ptxas keeps these in registers instead of
@@ -205,9 +244,10 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
       asm volatile("" : "+r"(ring_base), "+r"(ring_bars), "+r"(ring_end), "+r"(seg_last));
       wg::mbar_wait(full, phase);
       const uint8_t* stage = smem + stage_off;
-      if (warp_live) {
-        if (kb < full_kbs) compute_block<BITS, MT, T, true>(p, stage, off, kb, acc);
-        else compute_block<BITS, MT, T, false>(p, stage, off, kb, acc);
+      const int wkb = ROWS ? kb * kpt + w_ksub : kb;  // this warp's k-block
+      if (warp_live && (!ROWS || wkb < p.col_blocks)) {
+        if (wkb < full_kbs) compute_block<BITS, MT, T, true>(p, stage, off, wkb, acc);
+        else compute_block<BITS, MT, T, false>(p, stage, off, wkb, acc);
       }
       __syncwarp();
       if (lane == 0) wg::mbar_arrive(full + empty_off);  // this warp is done with the stage
@@ -216,8 +256,24 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
       if (full == ring_end) { full = ring_bars; stage_off = ring_base; phase ^= 1; }
     }
     const int bar = 2 + group;
-    finish_segment<MT>(p, worker, tile, m0, seg_begin, seg_end - 1, it_begin, warp_live, flag, acc,
-                       reinterpret_cast<const float*>(stages), [bar] { wg::named_sync(bar, kThreads); });
+    bool store_live = warp_live;
+    if constexpr (ROWS) {  // warp r < rpt adds the sums of row block r's kpt warps, in k order
+      const float* mine = &acc[0][0];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[(gwarp * 4 + e) * 32 + lane] = mine[e];
+      wg::named_sync(bar, kThreads);
+      if (gwarp < rpt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float sum = 0.f;
+          for (int k = 0; k < kpt; ++k) sum += red[((gwarp * kpt + k) * 4 + e) * 32 + lane];
+          acc[0][e] = sum;
+        }
+      wg::named_sync(bar, kThreads);  // red is free again
+      store_live = gwarp < rpt && tile * rpt + gwarp < p.row_blocks;
+    }
+    finish_segment<MT>(p, worker, tile, m0, seg_begin, seg_end - 1, it_begin, store_live, flag, acc,
+                       reinterpret_cast<const float*>(stages), [bar] { wg::named_sync(bar, kThreads); }, rpt);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
     seg_begin = seg_end;
@@ -226,9 +282,10 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
 }
 
 // Stages per group that fit beside the table.
-template <int BITS, int MT>
+template <int BITS, int MT, bool ROWS = false>
 int stages_for(int budget_bytes) {
-  const int s = (budget_bytes - Layout<BITS, MT>::kLutBytes - 16) / (kGroups * (Layout<BITS, MT>::kStageBytes + 16));
+  const int s = (budget_bytes - Layout<BITS, MT>::kLutBytes - 16 - kRedBytes<ROWS>) /
+                (kGroups * (Layout<BITS, MT>::kStageBytes + 16));
   return std::max(2, std::min(kMaxStages, s));
 }
 
@@ -247,22 +304,34 @@ int smem_budget(int device, int ctas) {
   })[ctas];
 }
 
-template <int BITS, int MT, typename T>
-void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
-  auto* kernel = &lut_stream_kernel<BITS, MT, T>;
+template <int BITS, int MT, typename T, bool ROWS>
+void launch_kernel(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
+  auto* kernel = &lut_stream_kernel<BITS, MT, T, ROWS>;
   const int dev = geo.device;
   allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_budget(dev, kCtasPerSm<BITS>), dev);
   const Shape& s = prob.shape;
-  const CUtensorMap tm_w = codes_tensor_map<BITS>(prob, kWarps, Layout<BITS, MT>::kBlockBytes / 4);  // one block
-  const CUtensorMap tm_s = scales_tensor_map(prob, kWarps);
-  const CUtensorMap tm_x = tensor_map_2d(prob.x, prob.dtype == DType::F16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
-                                                                          : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                                         prob.M, s.K, s.K * 2, 8 * MT, kXRowBytes / 2, CU_TENSOR_MAP_SWIZZLE_NONE, "x");
+  const int rpt = geo.rpt, kpt = kWarps / rpt;
+  const CUtensorMap tm_w = ROWS ? codes_tensor_map_3d<BITS>(prob, rpt, kpt)
+                                : codes_tensor_map<BITS>(prob, kWarps, Layout<BITS, MT>::kBlockBytes / 4);  // one block
+  const CUtensorMap tm_s = ROWS ? scales_tensor_map(prob, rpt, kpt) : scales_tensor_map(prob, kWarps);
+  const CUtensorMapDataType xt = prob.dtype == DType::F16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const CUtensorMap tm_x = ROWS && rpt == 1 ? x_rows_1d(prob.x, xt, prob.M, s.K)
+                                            : tensor_map_2d(prob.x, xt, prob.M, s.K, s.K * 2, ROWS ? rpt : 8 * MT,
+                                                            kXRowBytes / 2, CU_TENSOR_MAP_SWIZZLE_NONE, "x");
   if (geo.cluster > 1 && kGroups != 1) throw Error("internal: clusters need one warp group per CTA");
   if (geo.cluster > 1 && cluster_xbuf_bytes(geo.cluster, MT) > geo.stages * Layout<BITS, MT>::kStageBytes)
     throw Error("internal: the cluster exchange buffer does not fit the pipeline stages");
-  launch_pdl(kernel, dim3((geo.grid_x + kGroups - 1) / kGroups, geo.grid_y), kCtaThreads, smem_bytes<BITS, MT>(geo.stages),
-             stream, dev, geo.cluster, make_params<T>(prob, geo, ws), tm_w, tm_s, tm_x);
+  launch_pdl(kernel, dim3((geo.grid_x + kGroups - 1) / kGroups, geo.grid_y), kCtaThreads,
+             smem_bytes<BITS, MT, ROWS>(geo.stages), stream, dev, geo.cluster, make_params<T>(prob, geo, ws), tm_w, tm_s,
+             tm_x);
+}
+template <int BITS, int MT, typename T>
+void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
+  if constexpr (MT == 1 && kGroups == 1) {
+    if (geo.rpt < kWarps) return launch_kernel<BITS, MT, T, true>(prob, geo, ws, stream);
+  }
+  if (geo.rpt != kWarps) throw Error("internal: row tiles need M <= 8 and one warp group per CTA");
+  launch_kernel<BITS, MT, T, false>(prob, geo, ws, stream);
 }
 
 template <typename T, int MT>
@@ -286,18 +355,18 @@ std::array<int, 9> stream_max_clusters(int bits, int device) {
     return cache.get(device, [&] {
       const int smem = smem_budget(device, kCtasPerSm<B>);
       // fp16 and MT = 2 have the same resources (threads, the same shared memory budget)
-      auto* k1 = &lut_stream_kernel<B, 1, __nv_bfloat16>;
+      auto* k1 = &lut_stream_kernel<B, 1, __nv_bfloat16, false>;
       allow_dynamic_smem(reinterpret_cast<const void*>(k1), smem, device);
       return max_clusters(k1, kCtaThreads, smem, device);
     });
   });
 }
 
-int stream_stages(int bits, int mt, int device) {
+int stream_stages(int bits, int mt, int device, bool rows) {
   return with_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;
     const int budget = smem_budget(device, kCtasPerSm<B>);
-    return mt == 1 ? stages_for<B, 1>(budget) : stages_for<B, 2>(budget);
+    return mt == 1 ? (rows ? stages_for<B, 1, true>(budget) : stages_for<B, 1>(budget)) : stages_for<B, 2>(budget);
   });
 }
 

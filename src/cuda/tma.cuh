@@ -59,13 +59,45 @@ inline CUtensorMap codes_tensor_map(const GemmProblem& prob, int box_rows, int b
   return tensor_map_2d(prob.packed, CU_TENSOR_MAP_DATA_TYPE_UINT32, s.row_blocks(), row_bytes / 4, row_bytes, box_rows,
                        box_words, CU_TENSOR_MAP_SWIZZLE_NONE, "packed codes");
 }
+// The packed codes as a 3-D array of 32-bit words, [row_blocks][col_blocks][256 * BITS / 4], read in boxes of
+// `box_rows` row blocks x `box_kblocks` k-blocks x one block (lut_stream.cu's row tiles).
+template <int BITS>
+inline CUtensorMap codes_tensor_map_3d(const GemmProblem& prob, int box_rows, int box_kblocks) {
+  const Shape& s = prob.shape;
+  CUtensorMap m;
+  const cuuint64_t dims[3] = {cuuint64_t(64 * BITS), cuuint64_t(s.col_blocks()), cuuint64_t(s.row_blocks())};
+  const cuuint64_t strides[2] = {cuuint64_t(256 * BITS), cuuint64_t(s.col_blocks() * 256 * BITS)};
+  const cuuint32_t box[3] = {cuuint32_t(64 * BITS), cuuint32_t(box_kblocks), cuuint32_t(box_rows)};
+  const cuuint32_t estrides[3] = {1, 1, 1};
+  const CUresult r = encode_tiled()(&m, CU_TENSOR_MAP_DATA_TYPE_UINT32, 3, const_cast<void*>(prob.packed), dims, strides,
+                                    box, estrides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw Error(std::string("TMA: cuTensorMapEncodeTiled failed (") + std::to_string(int(r)) + ") for the packed codes");
+  return m;
+}
+// The activations (M x K, K a multiple of 128) as [M][K / 128][128], read in boxes of one token x 8 k-blocks
+// (lut_stream.cu's tiles of one row block).
+inline CUtensorMap x_rows_1d(const void* x, CUtensorMapDataType type, int64_t M, int64_t K) {
+  CUtensorMap m;
+  const cuuint64_t dims[3] = {128, cuuint64_t(K / 128), cuuint64_t(M)};
+  const cuuint64_t strides[2] = {256, cuuint64_t(K * 2)};
+  const cuuint32_t box[3] = {128, 8, 1};
+  const cuuint32_t estrides[3] = {1, 1, 1};
+  const CUresult r = encode_tiled()(&m, type, 3, const_cast<void*>(x), dims, strides, box, estrides,
+                                    CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) throw Error(std::string("TMA: cuTensorMapEncodeTiled failed (") + std::to_string(int(r)) + ") for x");
+  return m;
+}
 // The packed scales, [row_blocks][G * 16] fp16, read in boxes of `box_rows` row blocks x the 16 * gpk scales of
 // one k-block's groups (gpk = groups_per_kblock(gl)).
-inline CUtensorMap scales_tensor_map(const GemmProblem& prob, int box_rows) {
+// box_kblocks > 1 (row tiles): that many k-blocks' groups, for g <= 128 (each k-block has its own groups).
+inline CUtensorMap scales_tensor_map(const GemmProblem& prob, int box_rows, int box_kblocks = 1) {
   const Shape& s = prob.shape;
   const int gpk = groups_per_kblock(group_log2(s.group_size));
   return tensor_map_2d(prob.packed_scales, CU_TENSOR_MAP_DATA_TYPE_UINT16, s.row_blocks(), s.groups() * 16,
-                       s.groups() * 32, box_rows, 16 * gpk, CU_TENSOR_MAP_SWIZZLE_NONE, "packed scales");
+                       s.groups() * 32, box_rows, 16 * gpk * box_kblocks, CU_TENSOR_MAP_SWIZZLE_NONE, "packed scales");
 }
 
 }  // namespace gpu

@@ -413,24 +413,24 @@ TEST(Gpu, DecodeClustersAgainstStreamKAndReference) {
 }
 
 // Tiles of 1, 2 or 4 row blocks (M <= 4, one whole tile per CTA, the CTA's warps splitting its
-// k-blocks and adding their sums in shared memory; lut_tile_rows; the cp.async kernel, dispatched or
+// k-blocks and adding their sums in shared memory; lut_tile_rows; both decode kernels, dispatched or
 // forced) against the CPU reference and the same call on tiles of 8 row blocks with Stream-K: every
 // bits, rows past N, a partial last k-block, k-blocks that leave some warps without one in the last
-// iteration, g = 32 and g = K, bias, fp16.
+// iteration, g = 32 and g = K (no row tiles on the TMA kernel: its scale box needs g <= 128), bias, fp16.
 TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
   REQUIRE_GPU();
   std::mt19937 rng(96);
   Workspace ws;
   struct Case { Shape s; int64_t M; DType dt; bool bias; };
-  // Plans on an H100 (the cp.async kernel at two CTAs per SM: 264 slots), printed below; the dispatch
-  // takes the TMA kernel (tiles of 8) for the second and fifth case.
+  // Plans on an H100 (two CTAs per SM: 264 slots; the TMA kernel at 3 bits: 396), printed below.
   const Case cases[] = {{Shape{4096, 4096, 4, 128}, 1, DType::BF16, false},  // 256 tiles of 1 row block, 4 iterations
                         {Shape{8192, 8192, 3, 64}, 2, DType::F16, true},     // 256 tiles of 2, 16 iterations
                         {Shape{4000, 992, 4, 0}, 1, DType::F16, true},       // 250 tiles of 1, g = K, a partial k-block
                         {Shape{8100, 2048, 2, 32}, 2, DType::BF16, false},   // 254 tiles of 2, the last one half past N
                         {Shape{14720, 1024, 4, 64}, 4, DType::BF16, true},   // 230 tiles of 4
-                        {Shape{4096, 1664, 4, 128}, 1, DType::BF16, false}}; // 13 k-blocks: 3 warps idle in iteration 2
-  int tiled = 0;
+                        {Shape{4096, 1664, 4, 128}, 1, DType::BF16, false},  // 13 k-blocks: 3 warps idle in iteration 2
+                        {Shape{8192, 8192, 4, 128}, 1, DType::BF16, true}};  // TMA kernel, 256 tiles of 2
+  int tiled = 0, tiled_tma = 0;
   for (const Case& c0 : cases) {
     Shape s = c0.s;
     if (s.group_size == 0) s.group_size = s.K;
@@ -445,7 +445,8 @@ TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
     reference_matmul(xf.data(), DType::F32, c0.M, L.codes.data(), L.scales.data(), L.table_rounded.data(), s,
                      c0.bias ? biasf.data() : nullptr, ref.data());
     ws.ensure(gpu::workspace_bytes(c0.M, s, 0));
-    for (gpu::LutKernel kernel : {gpu::LutKernel::kAuto, gpu::LutKernel::kCpAsync}) {
+    for (gpu::LutKernel kernel : {gpu::LutKernel::kAuto, gpu::LutKernel::kCpAsync, gpu::LutKernel::kTma}) {
+      if (kernel == gpu::LutKernel::kTma && !gpu::wgmma_supported(0)) continue;  // sm_90 only
       const gpu::DecodePlan pa = gpu::decode_plan(c0.M, s, c0.dt, 0, kernel);
       const gpu::DecodePlan ps = gpu::decode_plan(c0.M, s, c0.dt, 0, kernel, gpu::DecodeSplit::kStreamK);
       std::printf("N=%lld K=%lld M=%lld bits=%d kernel %d: %d workers, tiles of %d row blocks, %s kernel "
@@ -454,7 +455,7 @@ TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
       ASSERT_EQ(ps.rows_per_tile, 8);
       if (pa.rows_per_tile < 8) {
         ++tiled;
-        EXPECT_FALSE(pa.tma);
+        tiled_tma += pa.tma;
         EXPECT_LE(c0.M, pa.rows_per_tile);
         EXPECT_EQ(pa.workers, int((s.row_blocks() + pa.rows_per_tile - 1) / pa.rows_per_tile));  // one tile each
       }
@@ -469,7 +470,8 @@ TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
       EXPECT_LT(rel_err(y, ysk), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M;
     }
   }
-  EXPECT_GE(tiled, 1);  // an H100 plans row tiles for 10 of these 12 calls (all six forced to cp.async)
+  EXPECT_GE(tiled, 1);  // an H100 plans row tiles for most of these 21 calls (printed)
+  if (gpu::wgmma_supported(0)) EXPECT_GE(tiled_tma, 1);  // (several on the TMA kernel)
 }
 
 // Every work split of the wgmma kernel (Stream-K only, data-parallel waves, both): bitwise the same
