@@ -351,6 +351,26 @@ TEST(Gpu, TileAlignedDecodeSplitAgainstReference) {
   }
 }
 
+// One decode-split test case: a layer with a random table (g = 0 means g = K), M random tokens, a
+// random bias (used when `bias`), and the CPU reference output with that bias.
+struct DecodeCase {
+  Layer L;
+  std::vector<uint16_t> x, bias;
+  std::vector<float> ref;
+};
+DecodeCase make_decode_case(Shape s, int64_t M, DType dt, bool bias, std::mt19937& rng) {
+  if (s.group_size == 0) s.group_size = s.K;
+  DecodeCase c{make_layer(s, dt, rng, 2), std::vector<uint16_t>(size_t(M * s.K)), std::vector<uint16_t>(size_t(s.N)), {}};
+  std::vector<float> xf(c.x.size()), biasf(c.bias.size());
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (size_t i = 0; i < c.x.size(); ++i) { c.x[i] = to_dtype(nd(rng), dt); xf[i] = from_dtype(c.x[i], dt); }
+  for (size_t i = 0; i < c.bias.size(); ++i) { c.bias[i] = to_dtype(nd(rng), dt); biasf[i] = from_dtype(c.bias[i], dt); }
+  c.ref.resize(size_t(M * s.N));
+  reference_matmul(xf.data(), DType::F32, M, c.L.codes.data(), c.L.scales.data(), c.L.table_rounded.data(), s,
+                   bias ? biasf.data() : nullptr, c.ref.data());
+  return c;
+}
+
 // Decode clusters (few tiles: 2, 4 or 8 CTAs per tile reduce through distributed shared memory)
 // against the CPU reference and against the same kernel forced to Stream-K: bitwise equal where both
 // use the same split (they add the same partials in the same order), close otherwise; both decode
@@ -372,18 +392,9 @@ TEST(Gpu, DecodeClustersAgainstStreamKAndReference) {
                         {Shape{4096, 14336, 2, 128}, 5, DType::BF16, false}};
   int clustered = 0, same_split = 0;
   for (const Case& c0 : cases) {
-    Shape s = c0.s;
-    if (s.group_size == 0) s.group_size = s.K;
-    Layer L = make_layer(s, c0.dt, rng, 2);
-    std::vector<uint16_t> x(size_t(c0.M * s.K)), bias(size_t(s.N));
-    std::vector<float> xf(x.size()), biasf(bias.size());
-    std::normal_distribution<float> nd(0.f, 1.f);
-    for (size_t i = 0; i < x.size(); ++i) { x[i] = to_dtype(nd(rng), c0.dt); xf[i] = from_dtype(x[i], c0.dt); }
-    for (size_t i = 0; i < bias.size(); ++i) { bias[i] = to_dtype(nd(rng), c0.dt); biasf[i] = from_dtype(bias[i], c0.dt); }
-    const auto* b = c0.bias ? &bias : nullptr;
-    std::vector<float> ref(size_t(c0.M * s.N));
-    reference_matmul(xf.data(), DType::F32, c0.M, L.codes.data(), L.scales.data(), L.table_rounded.data(), s,
-                     c0.bias ? biasf.data() : nullptr, ref.data());
+    const DecodeCase dc = make_decode_case(c0.s, c0.M, c0.dt, c0.bias, rng);
+    const Shape& s = dc.L.s;
+    const auto* b = c0.bias ? &dc.bias : nullptr;
     ws.ensure(gpu::workspace_bytes(c0.M, s, 0));
     for (gpu::LutKernel kernel : {gpu::LutKernel::kCpAsync, gpu::LutKernel::kTma}) {
       if (kernel == gpu::LutKernel::kTma && c0.M > 16) continue;
@@ -393,14 +404,14 @@ TEST(Gpu, DecodeClustersAgainstStreamKAndReference) {
                   (long long)s.N, (long long)s.K, (long long)c0.M, s.bits, int(kernel), pc.workers, pc.cluster, ps.workers);
       ASSERT_EQ(ps.cluster, 1);
       clustered += pc.cluster > 1;
-      auto y = run_gpu(L, x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel);
-      auto y2 = run_gpu(L, x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel);
-      auto ysk = run_gpu(L, x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel, gpu::WgSplit::kAuto,
+      auto y = run_gpu(dc.L, dc.x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel);
+      auto y2 = run_gpu(dc.L, dc.x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel);
+      auto ysk = run_gpu(dc.L, dc.x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel, gpu::WgSplit::kAuto,
                          gpu::DecodeSplit::kStreamK);
       ASSERT_EQ(std::memcmp(y.data(), y2.data(), y.size() * 4), 0) << "N=" << s.N << " M=" << c0.M << " not reproducible";
       const double tol = c0.dt == DType::BF16 ? 6e-3 : 1.5e-3;
-      EXPECT_LT(rel_err(y, ref), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M << " kernel " << int(kernel);
-      EXPECT_LT(rel_err(ysk, ref), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M << " kernel " << int(kernel);
+      EXPECT_LT(rel_err(y, dc.ref), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M << " kernel " << int(kernel);
+      EXPECT_LT(rel_err(ysk, dc.ref), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M << " kernel " << int(kernel);
       if (pc.workers == ps.workers) {
         ++same_split;
         EXPECT_EQ(std::memcmp(y.data(), ysk.data(), y.size() * 4), 0)
@@ -432,18 +443,9 @@ TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
                         {Shape{8192, 8192, 4, 128}, 1, DType::BF16, true}};  // TMA kernel, 256 tiles of 2
   int tiled = 0, tiled_tma = 0;
   for (const Case& c0 : cases) {
-    Shape s = c0.s;
-    if (s.group_size == 0) s.group_size = s.K;
-    Layer L = make_layer(s, c0.dt, rng, 2);
-    std::vector<uint16_t> x(size_t(c0.M * s.K)), bias(size_t(s.N));
-    std::vector<float> xf(x.size()), biasf(bias.size());
-    std::normal_distribution<float> nd(0.f, 1.f);
-    for (size_t i = 0; i < x.size(); ++i) { x[i] = to_dtype(nd(rng), c0.dt); xf[i] = from_dtype(x[i], c0.dt); }
-    for (size_t i = 0; i < bias.size(); ++i) { bias[i] = to_dtype(nd(rng), c0.dt); biasf[i] = from_dtype(bias[i], c0.dt); }
-    const auto* b = c0.bias ? &bias : nullptr;
-    std::vector<float> ref(size_t(c0.M * s.N));
-    reference_matmul(xf.data(), DType::F32, c0.M, L.codes.data(), L.scales.data(), L.table_rounded.data(), s,
-                     c0.bias ? biasf.data() : nullptr, ref.data());
+    const DecodeCase dc = make_decode_case(c0.s, c0.M, c0.dt, c0.bias, rng);
+    const Shape& s = dc.L.s;
+    const auto* b = c0.bias ? &dc.bias : nullptr;
     ws.ensure(gpu::workspace_bytes(c0.M, s, 0));
     for (gpu::LutKernel kernel : {gpu::LutKernel::kAuto, gpu::LutKernel::kCpAsync, gpu::LutKernel::kTma}) {
       if (kernel == gpu::LutKernel::kTma && !gpu::wgmma_supported(0)) continue;  // sm_90 only
@@ -459,14 +461,14 @@ TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
         EXPECT_LE(c0.M, pa.rows_per_tile);
         EXPECT_EQ(pa.workers, int((s.row_blocks() + pa.rows_per_tile - 1) / pa.rows_per_tile));  // one tile each
       }
-      auto y = run_gpu(L, x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel);
-      auto y2 = run_gpu(L, x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel);
-      auto ysk = run_gpu(L, x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel, gpu::WgSplit::kAuto,
+      auto y = run_gpu(dc.L, dc.x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel);
+      auto y2 = run_gpu(dc.L, dc.x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel);
+      auto ysk = run_gpu(dc.L, dc.x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel, gpu::WgSplit::kAuto,
                          gpu::DecodeSplit::kStreamK);
       ASSERT_EQ(std::memcmp(y.data(), y2.data(), y.size() * 4), 0) << "N=" << s.N << " M=" << c0.M << " not reproducible";
       const double tol = c0.dt == DType::BF16 ? 6e-3 : 1.5e-3;
-      EXPECT_LT(rel_err(y, ref), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M << " rows per tile " << pa.rows_per_tile;
-      EXPECT_LT(rel_err(ysk, ref), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M;
+      EXPECT_LT(rel_err(y, dc.ref), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M << " rows per tile " << pa.rows_per_tile;
+      EXPECT_LT(rel_err(ysk, dc.ref), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M;
       EXPECT_LT(rel_err(y, ysk), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M;
     }
   }
