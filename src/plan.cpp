@@ -79,6 +79,14 @@ int lut_tile_rows(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t slo
   return 8;
 }
 
+bool lut_tma_rows_ok(int r, int gl, int64_t K) {
+  if (r == 8) return true;
+  if (r != 1 && r != 2 && r != 4) throw Error("lut_tma_rows_ok: r must be 1, 2, 4 or 8");
+  if (gl < 0 || gl > 2) return false;
+  const int scales_per_kblock = 16 * (4 >> gl);
+  return scales_per_kblock * (8 / r) <= 256 && (r > 1 || K % 128 == 0);
+}
+
 // H100, 2026-11-26: TOK = 128 up to M = 512 made M = 256 45-55% slower (more tiles, each re-reading
 // its share of activations and paying the lookups for half the MMA work).
 // TOK = 64 for M <= 64 (wgmma m64n64k16): the lookups, not the MMAs, set the pace there, so halving

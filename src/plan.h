@@ -71,6 +71,11 @@ LutSplit lut_split(int64_t tiles, int64_t col_blocks, int64_t slots, const int (
 // row blocks read 8 / R k-blocks of activations per stage (one token row each: hence M <= R), and
 // 8 / R must not exceed the k-blocks.
 int lut_tile_rows(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t slots);
+// Whether the TMA decode kernel (lut_stream.cu) can run tiles of r row blocks for group size 32 << gl
+// (gl: group_log2, 30 for g = K) and K columns: one box brings the scales of 8 / r k-blocks, so each
+// k-block must have groups of its own (g <= 128) and the box be at most 256 scales wide; at r = 1 one
+// box brings 8 whole k-blocks of activations (K a multiple of 128). r = 8 (no row tiles) is always fine.
+bool lut_tma_rows_ok(int r, int gl, int64_t K);
 
 constexpr int kWgTileRowBlocks = 8;  // 16-row blocks per tile (the kernel's 8 consumer warps): 128 weight rows
 

@@ -331,18 +331,14 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
     slots = int64_t(sm_count(device)) * f.ctas_per_sm;
     return lut_split(g.tiles, g.col_blocks, slots, clusters);
   };
-  // Row blocks per tile (lut_tile_rows, src/plan.cpp) for either kernel: 8 where row tiles do not apply.
-  // The TMA kernel's row tiles read a tile's scales as one box of 8 / R k-blocks' groups: each k-block
-  // must have its own (g <= 128) and the box be at most 256 wide; at R = 1 its activation box takes
-  // whole k-blocks (K a multiple of 128, see lut_stream.cu).
-  const int gl = group_log2(s.group_size);
+  // Row blocks per tile (lut_tile_rows, src/plan.cpp) for either kernel: 8 where row tiles do not apply
+  // (on the TMA kernel also where its boxes cannot bring them: lut_tma_rows_ok).
   auto rows_for = [&](bool tma) {
-    if (!auto_split || g.mt != 1 || (tma && (LUTMM_EXPERIMENT == 22 || gl > 2))) return kWarps;
+    if (!auto_split || g.mt != 1 || (tma && LUTMM_EXPERIMENT == 22)) return kWarps;
     const int64_t slots_r = int64_t(sm_count(device)) * (tma ? stream_workers_per_sm(s.bits)
                                                               : rows_ctas_per_sm(s.bits, dt, device));
     const int r = lut_tile_rows(M, s.row_blocks(), s.col_blocks(), slots_r);
-    if (tma && (16 * groups_per_kblock(gl) * (kWarps / r) > 256 || (r == 1 && s.K % 128 != 0))) return kWarps;
-    return r;
+    return !tma || lut_tma_rows_ok(r, group_log2(s.group_size), s.K) ? r : kWarps;
   };
   int64_t slots = 0;
   LutSplit sp;

@@ -293,3 +293,19 @@ TEST(Plan, DecodeRowTiles) {
           }
         }
 }
+
+// The TMA kernel's row tiles (lut_tma_rows_ok): its scale box spans 8 / r k-blocks' groups, so g <= 128
+// and at most 256 scales; at r = 1 its activation box takes 8 whole k-blocks (K % 128 == 0).
+TEST(Plan, TmaRowTiles) {
+  EXPECT_TRUE(lut_tma_rows_ok(1, 2, 4096));    // g = 128: 8 x 16 scales
+  EXPECT_TRUE(lut_tma_rows_ok(1, 1, 14336));   // g = 64: 8 x 32 = 256
+  EXPECT_FALSE(lut_tma_rows_ok(1, 0, 4096));   // g = 32: 8 x 64 = 512 scales
+  EXPECT_TRUE(lut_tma_rows_ok(2, 0, 4096));    // 4 x 64
+  EXPECT_TRUE(lut_tma_rows_ok(4, 0, 4096));
+  EXPECT_FALSE(lut_tma_rows_ok(2, 3, 4096));   // g = 256: two k-blocks share a group
+  EXPECT_FALSE(lut_tma_rows_ok(1, 30, 992));   // g = K (not a power of two)
+  EXPECT_FALSE(lut_tma_rows_ok(1, 2, 1664 + 32));  // K not a multiple of 128 at r = 1
+  EXPECT_TRUE(lut_tma_rows_ok(2, 2, 1664 + 32));   // r = 2 reads activations by 160-column boxes
+  EXPECT_TRUE(lut_tma_rows_ok(8, 30, 992));    // tiles of 8: no row tiles, nothing to check
+  EXPECT_THROW(lut_tma_rows_ok(3, 2, 4096), Error);
+}
