@@ -440,7 +440,8 @@ TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
                         {Shape{8100, 2048, 2, 32}, 2, DType::BF16, false},   // 254 tiles of 2, the last one half past N
                         {Shape{14720, 1024, 4, 64}, 4, DType::BF16, true},   // 230 tiles of 4
                         {Shape{4096, 1664, 4, 128}, 1, DType::BF16, false},  // 13 k-blocks: 3 warps idle in iteration 2
-                        {Shape{8192, 8192, 4, 128}, 1, DType::BF16, true}};  // TMA kernel, 256 tiles of 2
+                        {Shape{8192, 8192, 4, 128}, 1, DType::BF16, true},   // TMA kernel, 256 tiles of 2
+                        {Shape{4096, 2048, 4, 64}, 1, DType::F16, true}};    // fp16 on the TMA kernel's tiles of 1
   int tiled = 0, tiled_tma = 0;
   for (const Case& c0 : cases) {
     const DecodeCase dc = make_decode_case(c0.s, c0.M, c0.dt, c0.bias, rng);
@@ -472,7 +473,7 @@ TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
       EXPECT_LT(rel_err(y, ysk), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M;
     }
   }
-  EXPECT_GE(tiled, 1);  // an H100 plans row tiles for most of these 21 calls (printed)
+  EXPECT_GE(tiled, 1);  // an H100 plans row tiles for most of these 24 calls (printed)
   if (gpu::wgmma_supported(0)) EXPECT_GE(tiled_tma, 1);  // (several on the TMA kernel)
 }
 
