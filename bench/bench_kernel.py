@@ -112,10 +112,15 @@ def forced_paths(M):
     return paths + ["dequant"]
 
 
+# --quick times these (the 8B model's q/k/v and down projections) at decode sizes only.
+QUICK_DECODE_ONLY = [(6144, 4096), (4096, 14336)]
+
+
 def main():
     faulthandler.enable()
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="4 shapes, fewer M")
+    ap.add_argument("--quick", action="store_true",
+                    help="4 shapes, fewer M; the 8B model's other two shapes at M = 1 and 16")
     ap.add_argument("--standard", action="store_true",
                     help="all shapes and M for 4-bit g128; 3/2-bit g128 and 4-bit g64 at M <= 16")
     ap.add_argument("--json", default=None, help="write all rows here")
@@ -129,8 +134,8 @@ def main():
     if args.standard:
         Ms, shapes, configs = [1, 4, 16, 64, 256, 1024, 4096], SHAPES_8B + SHAPES_70B, [(4, 128), (3, 128), (2, 128), (4, 64)]
     elif args.quick:
-        Ms, shapes, configs = [1, 16, 64, 256, 1024, 4096], [(8192, 8192), (4096, 4096), (28672, 4096), (57344, 8192)], \
-            [(4, 128), (3, 128), (2, 128), (4, 64)]
+        Ms, shapes, configs = [1, 16, 64, 256, 1024, 4096], [(8192, 8192), (4096, 4096), (28672, 4096), (57344, 8192),
+                                                             *QUICK_DECODE_ONLY], [(4, 128), (3, 128), (2, 128), (4, 64)]
     else:
         Ms, shapes, configs = [1, 4, 16, 64, 256, 1024, 4096], SHAPES_8B + SHAPES_70B, \
             [(b, g) for b in (4, 3, 2) for g in (128, 64)]
@@ -146,6 +151,8 @@ def main():
           f"{'cuBLAS us':>9} {'x cuBLAS':>8} {'int4 us':>8} {'x int4':>7}"
     for (N, K) in shapes:
         for M in Ms:
+            if args.quick and not args.ms and (N, K) in QUICK_DECODE_ONLY and M > 16:
+                continue
             cub = bench_cublas(M, N, K, dev)
             int4_by_g = {}
             for bits, g in configs:
