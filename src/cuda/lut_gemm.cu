@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
   check_table_addr(smem);
   uint8_t* stages = smem + L::kLutBytes;
   int* flag = reinterpret_cast<int*>(stages + kStages * L::kStageBytes);
-  float* red = reinterpret_cast<float*>(stages + kStages * L::kStageBytes + 16);  // kRedBytes<MT>
+  float* red = reinterpret_cast<float*>(stages + kStages * L::kStageBytes + 16);  // kRedBytes<ROWS>
 
   // Iterations: (tile, i) pairs, i innermost; iteration i of a tile covers k-blocks [i kpt, (i + 1) kpt).
   const int rpt = StageLoader<BITS, MT, T, ROWS>::rpt(p);

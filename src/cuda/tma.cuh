@@ -31,23 +31,31 @@ inline EncodeTiledFn encode_tiled() {
   return fn;
 }
 
+// Descriptor of a RANK-dimensional tensor (dims innermost first, byte strides of dims 1.. RANK-1) read in
+// boxes of `box`, zeros outside the tensor. `what` names it in errors.
+template <int RANK>
+inline CUtensorMap tensor_map(const void* base, CUtensorMapDataType type, const cuuint64_t (&dims)[RANK],
+                              const cuuint64_t (&strides)[RANK - 1], const cuuint32_t (&box)[RANK],
+                              CUtensorMapSwizzle swizzle, const std::string& what) {
+  CUtensorMap m;
+  cuuint32_t estrides[RANK];
+  std::fill(estrides, estrides + RANK, cuuint32_t(1));
+  const CUresult r = encode_tiled()(&m, type, RANK, const_cast<void*>(base), dims, strides, box, estrides,
+                                    CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw Error(std::string("TMA: cuTensorMapEncodeTiled failed (") + std::to_string(int(r)) + ") for " + what);
+  return m;
+}
+
 // Descriptor of a row-major 2-D tensor (`rows` x `cols` elements of `type`, rows `row_bytes` apart)
 // read in boxes of box_rows x box_cols, zeros outside the tensor. `what` names it in errors.
 inline CUtensorMap tensor_map_2d(const void* base, CUtensorMapDataType type, int64_t rows, int64_t cols,
                                  int64_t row_bytes, int box_rows, int box_cols, CUtensorMapSwizzle swizzle,
                                  const char* what) {
-  CUtensorMap m;
-  const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
-  const cuuint64_t strides[1] = {cuuint64_t(row_bytes)};
-  const cuuint32_t box[2] = {cuuint32_t(box_cols), cuuint32_t(box_rows)};
-  const cuuint32_t estrides[2] = {1, 1};
-  const CUresult r = encode_tiled()(&m, type, 2, const_cast<void*>(base), dims, strides, box, estrides,
-                                    CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS)
-    throw Error(std::string("TMA: cuTensorMapEncodeTiled failed (") + std::to_string(int(r)) + ") for " + what +
-                " of " + std::to_string(rows) + " x " + std::to_string(cols));
-  return m;
+  return tensor_map<2>(base, type, {cuuint64_t(cols), cuuint64_t(rows)}, {cuuint64_t(row_bytes)},
+                       {cuuint32_t(box_cols), cuuint32_t(box_rows)}, swizzle,
+                       std::string(what) + " of " + std::to_string(rows) + " x " + std::to_string(cols));
 }
 
 // The packed codes as a 2-D array of 32-bit words, [row_blocks][col_blocks * 256 * BITS / 4] (the blocks of a
@@ -64,31 +72,17 @@ inline CUtensorMap codes_tensor_map(const GemmProblem& prob, int box_rows, int b
 template <int BITS>
 inline CUtensorMap codes_tensor_map_3d(const GemmProblem& prob, int box_rows, int box_kblocks) {
   const Shape& s = prob.shape;
-  CUtensorMap m;
-  const cuuint64_t dims[3] = {cuuint64_t(64 * BITS), cuuint64_t(s.col_blocks()), cuuint64_t(s.row_blocks())};
-  const cuuint64_t strides[2] = {cuuint64_t(256 * BITS), cuuint64_t(s.col_blocks() * 256 * BITS)};
-  const cuuint32_t box[3] = {cuuint32_t(64 * BITS), cuuint32_t(box_kblocks), cuuint32_t(box_rows)};
-  const cuuint32_t estrides[3] = {1, 1, 1};
-  const CUresult r = encode_tiled()(&m, CU_TENSOR_MAP_DATA_TYPE_UINT32, 3, const_cast<void*>(prob.packed), dims, strides,
-                                    box, estrides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
-                                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS)
-    throw Error(std::string("TMA: cuTensorMapEncodeTiled failed (") + std::to_string(int(r)) + ") for the packed codes");
-  return m;
+  return tensor_map<3>(prob.packed, CU_TENSOR_MAP_DATA_TYPE_UINT32,
+                       {cuuint64_t(64 * BITS), cuuint64_t(s.col_blocks()), cuuint64_t(s.row_blocks())},
+                       {cuuint64_t(256 * BITS), cuuint64_t(s.col_blocks() * 256 * BITS)},
+                       {cuuint32_t(64 * BITS), cuuint32_t(box_kblocks), cuuint32_t(box_rows)}, CU_TENSOR_MAP_SWIZZLE_NONE,
+                       "the packed codes");
 }
 // The activations (M x K, K a multiple of 128) as [M][K / 128][128], read in boxes of one token x 8 k-blocks
 // (lut_stream.cu's tiles of one row block).
 inline CUtensorMap x_rows_1d(const void* x, CUtensorMapDataType type, int64_t M, int64_t K) {
-  CUtensorMap m;
-  const cuuint64_t dims[3] = {128, cuuint64_t(K / 128), cuuint64_t(M)};
-  const cuuint64_t strides[2] = {256, cuuint64_t(K * 2)};
-  const cuuint32_t box[3] = {128, 8, 1};
-  const cuuint32_t estrides[3] = {1, 1, 1};
-  const CUresult r = encode_tiled()(&m, type, 3, const_cast<void*>(x), dims, strides, box, estrides,
-                                    CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
-                                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) throw Error(std::string("TMA: cuTensorMapEncodeTiled failed (") + std::to_string(int(r)) + ") for x");
-  return m;
+  return tensor_map<3>(x, type, {128, cuuint64_t(K / 128), cuuint64_t(M)}, {256, cuuint64_t(K * 2)}, {128, 8, 1},
+                       CU_TENSOR_MAP_SWIZZLE_NONE, "x");
 }
 // The packed scales, [row_blocks][G * 16] fp16, read in boxes of `box_rows` row blocks x the 16 * gpk scales of
 // one k-block's groups (gpk = groups_per_kblock(gl)).

@@ -371,6 +371,27 @@ DecodeCase make_decode_case(Shape s, int64_t M, DType dt, bool bias, std::mt1993
   return c;
 }
 
+// Runs decode case `dc` on `kernel` with the dispatched split twice (bitwise the same output) and once
+// forced to Stream-K (DecodeSplit::kStreamK); both within the dtype's tolerance of the CPU reference.
+// `what` names the call in failure messages.
+struct SplitRuns {
+  std::vector<float> y, ysk;  // dispatched split, Stream-K
+  double tol;                 // the dtype's tolerance (relative error)
+};
+SplitRuns run_split_and_stream_k(const DecodeCase& dc, int64_t M, DType dt, bool bias, const Workspace& ws,
+                                 gpu::LutKernel kernel, const std::string& what) {
+  const auto* b = bias ? &dc.bias : nullptr;
+  SplitRuns r{run_gpu(dc.L, dc.x, M, dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel), {},
+              dt == DType::BF16 ? 6e-3 : 1.5e-3};
+  const auto y2 = run_gpu(dc.L, dc.x, M, dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel);
+  r.ysk = run_gpu(dc.L, dc.x, M, dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel, gpu::WgSplit::kAuto,
+                  gpu::DecodeSplit::kStreamK);
+  EXPECT_EQ(std::memcmp(r.y.data(), y2.data(), r.y.size() * 4), 0) << what << ": not reproducible";
+  EXPECT_LT(rel_err(r.y, dc.ref), r.tol) << what;
+  EXPECT_LT(rel_err(r.ysk, dc.ref), r.tol) << what << " (Stream-K)";
+  return r;
+}
+
 // Decode clusters (few tiles: 2, 4 or 8 CTAs per tile reduce through distributed shared memory)
 // against the CPU reference and against the same kernel forced to Stream-K: bitwise equal where both
 // use the same split (they add the same partials in the same order), close otherwise; both decode
@@ -394,7 +415,6 @@ TEST(Gpu, DecodeClustersAgainstStreamKAndReference) {
   for (const Case& c0 : cases) {
     const DecodeCase dc = make_decode_case(c0.s, c0.M, c0.dt, c0.bias, rng);
     const Shape& s = dc.L.s;
-    const auto* b = c0.bias ? &dc.bias : nullptr;
     ws.ensure(gpu::workspace_bytes(c0.M, s, 0));
     for (gpu::LutKernel kernel : {gpu::LutKernel::kCpAsync, gpu::LutKernel::kTma}) {
       if (kernel == gpu::LutKernel::kTma && c0.M > 16) continue;
@@ -404,17 +424,12 @@ TEST(Gpu, DecodeClustersAgainstStreamKAndReference) {
                   (long long)s.N, (long long)s.K, (long long)c0.M, s.bits, int(kernel), pc.workers, pc.cluster, ps.workers);
       ASSERT_EQ(ps.cluster, 1);
       clustered += pc.cluster > 1;
-      auto y = run_gpu(dc.L, dc.x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel);
-      auto y2 = run_gpu(dc.L, dc.x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel);
-      auto ysk = run_gpu(dc.L, dc.x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel, gpu::WgSplit::kAuto,
-                         gpu::DecodeSplit::kStreamK);
-      ASSERT_EQ(std::memcmp(y.data(), y2.data(), y.size() * 4), 0) << "N=" << s.N << " M=" << c0.M << " not reproducible";
-      const double tol = c0.dt == DType::BF16 ? 6e-3 : 1.5e-3;
-      EXPECT_LT(rel_err(y, dc.ref), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M << " kernel " << int(kernel);
-      EXPECT_LT(rel_err(ysk, dc.ref), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M << " kernel " << int(kernel);
+      const std::string what = "N=" + std::to_string(s.N) + " K=" + std::to_string(s.K) + " M=" +
+                               std::to_string(c0.M) + " kernel " + std::to_string(int(kernel));
+      const SplitRuns r = run_split_and_stream_k(dc, c0.M, c0.dt, c0.bias, ws, kernel, what);
       if (pc.workers == ps.workers) {
         ++same_split;
-        EXPECT_EQ(std::memcmp(y.data(), ysk.data(), y.size() * 4), 0)
+        EXPECT_EQ(std::memcmp(r.y.data(), r.ysk.data(), r.y.size() * 4), 0)
             << "N=" << s.N << " M=" << c0.M << " kernel " << int(kernel) << ": clusters and Stream-K differ on one split";
       }
     }
@@ -446,7 +461,6 @@ TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
   for (const Case& c0 : cases) {
     const DecodeCase dc = make_decode_case(c0.s, c0.M, c0.dt, c0.bias, rng);
     const Shape& s = dc.L.s;
-    const auto* b = c0.bias ? &dc.bias : nullptr;
     ws.ensure(gpu::workspace_bytes(c0.M, s, 0));
     for (gpu::LutKernel kernel : {gpu::LutKernel::kAuto, gpu::LutKernel::kCpAsync, gpu::LutKernel::kTma}) {
       if (kernel == gpu::LutKernel::kTma && !gpu::wgmma_supported(0)) continue;  // sm_90 only
@@ -462,15 +476,11 @@ TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
         EXPECT_LE(c0.M, pa.rows_per_tile);
         EXPECT_EQ(pa.workers, int((s.row_blocks() + pa.rows_per_tile - 1) / pa.rows_per_tile));  // one tile each
       }
-      auto y = run_gpu(dc.L, dc.x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel);
-      auto y2 = run_gpu(dc.L, dc.x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel);
-      auto ysk = run_gpu(dc.L, dc.x, c0.M, c0.dt, b, ws.p, ws.bytes, gpu::Path::kLut, kernel, gpu::WgSplit::kAuto,
-                         gpu::DecodeSplit::kStreamK);
-      ASSERT_EQ(std::memcmp(y.data(), y2.data(), y.size() * 4), 0) << "N=" << s.N << " M=" << c0.M << " not reproducible";
-      const double tol = c0.dt == DType::BF16 ? 6e-3 : 1.5e-3;
-      EXPECT_LT(rel_err(y, dc.ref), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M << " rows per tile " << pa.rows_per_tile;
-      EXPECT_LT(rel_err(ysk, dc.ref), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M;
-      EXPECT_LT(rel_err(y, ysk), tol) << "N=" << s.N << " K=" << s.K << " M=" << c0.M;
+      const std::string what = "N=" + std::to_string(s.N) + " K=" + std::to_string(s.K) + " M=" +
+                               std::to_string(c0.M) + " kernel " + std::to_string(int(kernel)) + " rows per tile " +
+                               std::to_string(pa.rows_per_tile);
+      const SplitRuns r = run_split_and_stream_k(dc, c0.M, c0.dt, c0.bias, ws, kernel, what);
+      EXPECT_LT(rel_err(r.y, r.ysk), r.tol) << what;
     }
   }
   EXPECT_GE(tiled, 1);  // an H100 plans row tiles for most of these 24 calls (printed)
