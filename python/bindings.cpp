@@ -114,6 +114,14 @@ NB_MODULE(_ext, m) {
     unpack_scales(P<const uint16_t>(packed_scales), s, P<uint16_t>(scales));
   }); });
 
+  m.def("repack_v1", [](uintptr_t v1, int64_t N, int64_t K, int bits, int64_t g, uintptr_t packed) {
+    return guarded([&] {
+      const Shape s = shape_of(N, K, bits, g);
+      nb::gil_scoped_release nogil;
+      repack_v1_codes(P<const uint8_t>(v1), s, P<uint8_t>(packed));
+    });
+  });
+
   m.def("slice_packed", [](uintptr_t packed, uintptr_t packed_scales, int64_t N, int64_t K, int bits, int64_t g,
                            int64_t n0, int64_t n_len, int64_t k0, int64_t k_len) { return guarded([&] {
     const Shape s = shape_of(N, K, bits, g);

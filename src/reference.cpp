@@ -54,14 +54,15 @@ void dequantize_packed(const uint8_t* packed, const uint16_t* packed_scales, con
             if (s.bits == 4) {
               const int idx = (wd[ks] >> (8 * p)) & 0xff;
               q0 = idx & 15; q1 = idx >> 4;
-            } else {
-              const int lo = (wd[ks / 2] >> (4 * ((ks % 2) * 4 + p))) & 0xf;
-              if (s.bits == 2) { q0 = lo & 3; q1 = lo >> 2; }
-              else {
-                const int h2 = (hi[ks / 4] >> (2 * ((ks % 4) * 4 + p))) & 3;
-                q0 = (lo & 3) | ((h2 & 1) << 2);
-                q1 = (lo >> 2) | ((h2 >> 1) << 2);
-              }
+            } else if (s.bits == 2) {
+              const int idx = (wd[ks / 2] >> (4 * ((ks % 2) * 4 + p))) & 0xf;
+              q0 = idx & 3; q1 = idx >> 2;
+            } else {  // pair i = 4 ks + p: bits 6 i .. 6 i + 5 of the lane's stream wd[0..3], hi[0..1]
+              const uint32_t stream[6] = {wd[0], wd[1], wd[2], wd[3], hi[0], hi[1]};
+              const int bit = 6 * (4 * ks + p), w = bit / 32;
+              const uint64_t two = stream[w] | (w < 5 ? uint64_t(stream[w + 1]) << 32 : 0);
+              const int idx = int(two >> (bit % 32)) & 63;
+              q0 = idx & 7; q1 = idx >> 3;
             }
             const float sc = half_to_float(packed_scales[(nb * G + col / s.group_size) * 16 + (r % 8) * 2 + r / 8]);
             out[row * s.K + col] = table[q0] * sc;

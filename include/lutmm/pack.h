@@ -34,17 +34,20 @@ void unpack_codes(const uint8_t* packed, const Shape& shape, uint8_t* codes);
 void pack_scales(const uint16_t* scales, const Shape& shape, uint16_t* packed);
 void unpack_scales(const uint16_t* packed, const Shape& shape, uint16_t* scales);
 
-// Position of one code inside the packed codes: byte offset and bit shift of its low bits (and for
-// 3 bits, byte offset/shift of its high bit). Exposed for tests and documentation.
+// Position of one code inside the packed codes: the byte holding its low bits and their shift; a 3-bit
+// code with shift > 5 continues (its bits from 8 - shift on) at bit 0 of hi_byte. Exposed for tests and
+// documentation.
 struct CodePosition {
-  int64_t byte = 0; int shift = 0;      // low bits (all bits for 2 and 4)
-  int64_t hi_byte = -1; int hi_shift = 0;  // 3 bits only: the high bit
+  int64_t byte = 0; int shift = 0;
+  int64_t hi_byte = -1;  // 3 bits only, for codes that straddle two bytes
 };
 CodePosition code_position(const Shape& shape, int64_t n, int64_t k);
 
-// Pair-table index of the pair (q0, q1) as the kernel reads it: 4 bits q0 | q1 << 4; 2 bits
-// q0 | q1 << 2; 3 bits lo | hi << 4 with lo = (q0 & 3) | (q1 & 3) << 2, hi = (q0 >> 2) | (q1 >> 2) << 1.
+// Pair-table index of the pair (q0, q1) as the kernel reads it: q0 | q1 << bits.
 int pair_index(int bits, int q0, int q1);
+// Converts packed codes of format version 1 (docs/format.md: 3 bits stored low bits and high bits
+// apart) to the current layout; 2 and 4 bits are the same in both and are copied.
+void repack_v1_codes(const uint8_t* v1, const Shape& shape, uint8_t* packed);
 // The 2^(2 bits) table of value pairs indexed by pair_index: entries (T[q0], T[q1]) as 2 floats each.
 std::vector<float> pair_table(const float* table, int bits);
 

@@ -8,7 +8,9 @@ import torch
 
 from . import _core
 
-FORMAT_VERSION = 1
+# Version 2 (2026-11-26): 3-bit pair codes are 6 contiguous bits of a lane's code stream (version 1 kept
+# their low and high bits apart); 2 and 4 bits are unchanged. Version 1 checkpoints load (repacked).
+FORMAT_VERSION = 2
 TableSpec = Union[str, Sequence[float], torch.Tensor]
 
 

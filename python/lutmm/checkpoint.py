@@ -24,7 +24,7 @@ from torch import nn
 from ._api import FORMAT_VERSION
 from .nn import lut_modules, quantizable_linears, replace_with_empty_lut_linear
 
-SUPPORTED_FORMAT_VERSIONS = (1,)
+SUPPORTED_FORMAT_VERSIONS = (1, 2)  # 1: repacked to the current layout on load (upgrade_packed)
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -82,6 +82,29 @@ def quantized_module_names(model: nn.Module, qc: dict):
     if qc.get("modules") is not None:
         return list(qc["modules"])
     return [n for n, _ in quantizable_linears(model, qc["group_size"], qc["skip"], warn=False)]
+
+
+def upgrade_packed(model: nn.Module, qc: dict) -> dict:
+    """Brings the LUT layers' packed codes of a version-1 checkpoint (qc: its validated quantization_config)
+    to the current layout, in place: 3-bit codes are repacked (docs/format.md, "Version 1"); 2 and 4 bits
+    are the same in both. Returns qc with format_version set to the current one."""
+    from . import _core
+    from ._api import _ptr
+
+    if qc["format_version"] == FORMAT_VERSION:
+        return qc
+    for name, m in lut_modules(model):
+        if m.bits != 3:
+            continue
+        N, K, g = m.out_features, m.in_features, m.group_size
+        v1 = m.packed.detach().cpu().contiguous()
+        new = torch.empty_like(v1)
+        _core.repack_v1(_ptr(v1, f"{name}.packed", torch.uint8, _core.packed_bytes(N, K, 3, g)), N, K, 3, g,
+                        new.data_ptr())
+        with torch.no_grad():
+            m.packed.copy_(new.to(m.packed.device))
+        m._qw = None
+    return {**qc, "format_version": FORMAT_VERSION}
 
 
 # ---- what a checkpoint must contain ---------------------------------------------------------------------
@@ -293,7 +316,7 @@ def load_quantized(path, device="cpu", dtype: torch.dtype = torch.bfloat16) -> n
     leftover = set(result.missing_keys) - tied_keys(model)
     if leftover or result.unexpected_keys:  # check_tensors makes this unreachable; kept as a guard
         raise ValueError(f"{source}: missing {sorted(leftover)} / unexpected {sorted(result.unexpected_keys)}")
-    model.config.quantization_config = qc
+    model.config.quantization_config = upgrade_packed(model, qc)
     model.to(device)
     model.eval()
     return model

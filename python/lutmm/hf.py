@@ -29,7 +29,7 @@ def _build_classes():
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
     from ._api import FORMAT_VERSION
-    from .checkpoint import check_tensors, check_table, quantized_module_names, read_header, \
+    from .checkpoint import check_tensors, check_table, quantized_module_names, read_header, upgrade_packed, \
         validate_quantization_config
     from .nn import lut_modules, quantize_model, replace_with_empty_lut_linear
 
@@ -106,6 +106,8 @@ def _build_classes():
                 m.table = m.table.to("cpu", torch.float32)
                 check_table(f"{name}.table", m.table, "checkpoint")
                 m._qw = None
+            qc = upgrade_packed(model, self.quantization_config.to_dict())  # format version 1: repacked
+            self.quantization_config.format_version = qc["format_version"]
             return model
 
         def is_serializable(self, safe_serialization=None):

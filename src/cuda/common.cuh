@@ -198,14 +198,8 @@ auto with_bits(int bits, F&& f) {
 
 // Inverse of pack.h's pair_index: the two codes behind pair-table entry `idx`.
 template <int BITS> __host__ __device__ __forceinline__ void pair_codes(int idx, int& q0, int& q1) {
-  if (BITS == 3) {
-    const int lo = idx & 15, hi = idx >> 4;
-    q0 = (lo & 3) | ((hi & 1) << 2);
-    q1 = (lo >> 2) | ((hi >> 1) << 2);
-  } else {
-    q0 = idx & ((1 << BITS) - 1);
-    q1 = idx >> BITS;
-  }
+  q0 = idx & ((1 << BITS) - 1);
+  q1 = idx >> BITS;
 }
 
 }  // namespace gpu

@@ -16,9 +16,10 @@
 //
 // At 2 bits lo and hi are one register each (4 values); at 3 bits two (8 values: lo, lo' = T[0..3],
 // T[4..7]). Building the selector: 2 bits, the masks x = w & 0x33.. (q0 of every pair) and y = (w >>
-// 2) & 0x33.. (q1) once per code word, then one prmt per quad; 3 bits, the 2-bit fields of the low
-// nibbles and the high bits spread to nibbles (shifts and masks, ~16 ops per k-step). Per k-step (4 A
-// registers): 2 bits ~11.5 ALU ops, 3 bits ~25, against 2 (4) shared loads plus 2 (~12) ALU ops.
+// 2) & 0x33.. (q1) once per code word, then one prmt per quad; 3 bits, the k-step's 24 stream bits (8
+// codes of 3 bits) spread to nibbles (shifts and masks, ~8 ops per k-step). Per k-step (4 A registers):
+// 2 bits ~11.5 ALU ops, 3 bits ~17, against 2 (4) shared loads plus 2 (8) ALU ops. (Measured in item 36
+// with format version 1's 3-bit layout, whose selector took ~16 ops.)
 //
 // Shuffles: lane l holds pair entry l & 15 (2 bits: 16 pairs) or entries l and l + 32 (3 bits: 64
 // pairs); the pair code is the source lane (shfl reads its low 5 bits, so no mask at 2 bits: lanes l
@@ -82,7 +83,7 @@ __device__ __forceinline__ void lookup_a_reg(const uint32_t (&wd)[8], const uint
                                              const RegTable<BITS, T>& rt, uint32_t (&a)[4]) {
   constexpr LutSource src = kLutSource<BITS>;
   static_assert(BITS != 4 && src != LutSource::kShared, "register tables serve 2 and 3 bits");
-  const uint32_t w = wd[ks / 2];  // nibble (ks % 2) * 4 + p: the pair code (2 bits) or its low 4 bits (3)
+  const uint32_t w = wd[ks / 2];  // 2 bits: nibble (ks % 2) * 4 + p is the pair code
   if (src == LutSource::kShfl) {
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
@@ -90,8 +91,7 @@ __device__ __forceinline__ void lookup_a_reg(const uint32_t (&wd)[8], const uint
       if (BITS == 2) {
         a[p] = __shfl_sync(~0u, rt.r[0], int(w >> (4 * nib)));
       } else {
-        const int fld = (ks % 4) * 4 + p;  // 2-bit field of the high bits
-        const uint32_t idx = ((w >> (4 * nib)) & 0xfu) | (shift_right(hi[ks / 4], 2 * fld - 4) & 0x30u);
+        const uint32_t idx = uint32_t(pair_code<BITS>(wd, hi, ks, p));
         const uint32_t v0 = __shfl_sync(~0u, rt.r[0], int(idx)), v1 = __shfl_sync(~0u, rt.r[1], int(idx));
         a[p] = idx & 0x20u ? v1 : v0;
       }
@@ -106,17 +106,12 @@ __device__ __forceinline__ void lookup_a_reg(const uint32_t (&wd)[8], const uint
       prmt_pair<BITS, 0x6240u, 0x7351u>(rt, __byte_perm(x, y, k | (k + 4) << 4), a[2 * q], a[2 * q + 1]);
     }
   } else {
-    // 3 bits: the 8 2-bit fields of the k-step's low nibbles (q0 & 3, q1 & 3 of pairs 0..3) spread to
-    // nibbles, and the 8 high bits (field order is the same) to bit 2 of those nibbles.
-    uint32_t z = (w >> (16 * (ks % 2))) & 0xffffu;
-    z = (z | (z << 8)) & 0x00ff00ffu;
-    z = (z | (z << 4)) & 0x0f0f0f0fu;
-    z = (z | (z << 2)) & 0x33333333u;
-    uint32_t u = (hi[ks / 4] >> (8 * (ks % 4))) & 0xffu;
-    u = (u | (u << 12)) & 0x000f000fu;
-    u = (u | (u << 6)) & 0x03030303u;
-    u = (u | (u << 3)) & 0x11111111u;
-    const uint32_t sel = z | (u << 2);  // nibbles: q0(0), q1(0), q0(1), q1(1), ..., q1(3)
+    // 3 bits: the k-step's 8 codes (q0, q1 of pairs 0..3, 3 bits each) spread to nibbles.
+    uint32_t z = stream3(wd, hi, 24 * ks, 24) & 0xffffffu;
+    z = (z & 0xfffu) | ((z & 0xfff000u) << 4);
+    z = (z & 0x003f003fu) | ((z & 0x0fc00fc0u) << 2);
+    z = (z & 0x07070707u) | ((z & 0x38383838u) << 1);
+    const uint32_t sel = z;  // nibbles: q0(0), q1(0), q0(1), q1(1), ..., q1(3)
     prmt_pair<BITS, 0x5140u, 0x7362u>(rt, sel, a[0], a[1]);
     prmt_pair<BITS, 0x5140u, 0x7362u>(rt, sel >> 16, a[2], a[3]);
   }

@@ -147,10 +147,11 @@ __device__ __forceinline__ void build_table(uint8_t* lut, const float (&table)[1
   }
 }
 
-// A lane's code words of one packed block: wd[0..7] (4 bits: one word per k-step; 2 and 3 bits: words
-// 0..3, the 2-bit fields / low nibbles) and, at 3 bits, hi[0..1] (the codes' high bits). `lo`: the
-// lane's first 16 bytes (block + lane * 16; at 4 bits the second 16 sit 512 bytes on); `hi_words`:
-// the lane's 8 bytes of high bits (3 bits: block + 512 + lane * 8).
+// A lane's code words of one packed block: wd[0..7] (4 bits: one word per k-step; 2 bits: words 0..3,
+// nibbles of pair codes; 3 bits: words 0..3, the first 128 bits of the lane's code stream) and, at 3
+// bits, hi[0..1] (the stream's last 64 bits). `lo`: the lane's first 16 bytes (block + lane * 16; at 4
+// bits the second 16 sit 512 bytes on); `hi_words`: 3 bits, the lane's other 8 bytes (block + 512 +
+// lane * 8).
 template <int BITS>
 __device__ __forceinline__ void load_code_words(const uint8_t* lo, const uint8_t* hi_words, uint32_t (&wd)[8],
                                                 uint32_t (&hi)[2]) {
@@ -172,15 +173,27 @@ __device__ __forceinline__ void load_codes(const uint8_t* wb, int lane, uint32_t
                         reinterpret_cast<const uint8_t*>(reinterpret_cast<const uint2*>(wb + 512) + lane), wd, hi);
 }
 
+// 3 bits: a lane's 24 code bytes are one 192-bit stream, words wd[0..3] then hi[0..1]; pair i = 4 ks + p
+// is bits 6 i .. 6 i + 5 (q0 | q1 << 3). stream3(wd, hi, b) returns the stream shifted right by b
+// (b >= -8, compile-time after unrolling; b < 0 shifts left): its bits 0 .. width - 1 are right (those
+// the stream has). Pairs that straddle two words come out of one funnel shift.
+__device__ __forceinline__ uint32_t stream3(const uint32_t (&wd)[8], const uint32_t (&hi)[2], int b,
+                                            int width = 14) {
+  if (b < 0) return wd[0] << -b;
+  const int w = b / 32, s = b % 32;
+  const uint32_t lo = w < 4 ? wd[w] : hi[w - 4];
+  if (s + width <= 32 || w == 5) return lo >> s;  // the bits needed are inside word w
+  return __funnelshift_r(lo, w + 1 < 4 ? wd[w + 1] : hi[w + 1 - 4], s);
+}
+
 // The pair code (index into the pair table, see pair_codes()) of pair p (0..3) of k-step ks in a
 // lane's code words (as load_codes() returns them). The decode kernels fold this into table offsets
 // (lookup_a); the dequant kernel uses it as is.
 template <int BITS>
 __device__ __forceinline__ int pair_code(const uint32_t (&wd)[8], const uint32_t (&hi)[2], int ks, int p) {
   if (BITS == 4) return (wd[ks] >> (8 * p)) & 0xff;
-  int idx = (wd[ks / 2] >> (4 * ((ks % 2) * 4 + p))) & 0xf;
-  if (BITS == 3) idx |= ((hi[ks / 4] >> (2 * ((ks % 4) * 4 + p))) & 3) << 4;
-  return idx;
+  if (BITS == 3) return stream3(wd, hi, 6 * (4 * ks + p)) & 0x3f;
+  return (wd[ks / 2] >> (4 * ((ks % 2) * 4 + p))) & 0xf;
 }
 
 // The four A registers (a0..a3 of mma.m16n8k16 / a warp's slice of wgmma's register A) of k-step ks,
@@ -204,10 +217,8 @@ __device__ __forceinline__ void lookup_a(const uint32_t (&wd)[8], const uint32_t
         off = byte_entry(wd[ks], q, lane_byte);
       } else if (BITS == 4) {                 // 128-byte entries
         off = (shift_right(wd[ks], 8 * q - 7) & 0x7f80u) | lane_byte;
-      } else {  // 3 bits: low 4 bits of the pair code from a nibble, high 2 from a 2-bit field
-        const int nib = (ks % 2) * 4 + q, fld = (ks % 4) * 4 + q;
-        off = (shift_right(wd[ks / 2], 4 * nib - 8) & 0xf00u) | (shift_right(hi[ks / 4], 2 * fld - 12) & 0x3000u) |
-              lane_byte;
+      } else {  // 3 bits: the 6-bit pair code moved to bits 8-13 by one (funnel) shift, then one lop3
+        off = (stream3(wd, hi, 6 * (4 * ks + q) - 8) & 0x3f00u) | lane_byte;
       }
       a[q] = lut_load32(off);
     }

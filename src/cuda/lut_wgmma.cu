@@ -137,21 +137,30 @@ constexpr int kTileRows = kWarps * 16;
 // block, columns 16 s + 2 t (+1) and 16 s + 8 + 2 t (+1) of rows g and g + 8; in the packed layout
 // those pairs sit with quad lanes (g, 2 (s % 2)) and (g, 2 (s % 2) + 1), in the code word of k-step
 // 2 (s / 2) + (t >> 1), at pair p = 2 (t & 1) (+1 for row g + 8). So every lane loads its quad's code
-// words (broadcast loads, no bank conflicts) and selects with per-lane byte selectors.
+// words (broadcast loads, no bank conflicts) and selects with per-lane byte selectors (3 bits: per-lane
+// funnel shifts of its code stream).
 template <int BITS>
 struct QuadCodes {
   uint4 w[4];   // lane (g, t)'s 16 bytes: 4 bits: of the current 16-byte chunk; 2, 3 bits: of the block
-  uint2 hi[4];  // 3 bits: lane (g, t)'s 8 bytes of high bits
+  uint2 hi[4];  // 3 bits: lane (g, t)'s other 8 bytes (the last 64 bits of its code stream)
   uint32_t sel0, sel1;  // prmt selectors: code byte -> bits 8-15, lane offset -> bits 0-7, rank -> bits 24-31
-  int hsel, sh_lo, sh_hi;
+  int hsel;
+  // 3 bits: the lane's two pairs of k-step 2 j + (t >> 1) start at stream bit 48 j + c, c = 24 (t >> 1) +
+  // 12 (t & 1) (pairs are 6 bits, k-steps 24): for even j at bit sh_even of stream word 3 j / 2 (+1 where
+  // up_even), for odd j at bit sh_odd of word 3 (j - 1) / 2 + 1 (+1 where up_odd).
+  bool up_even, up_odd;
+  int sh_even, sh_odd;
 
   __device__ QuadCodes() {
     const int t = threadIdx.x % 4;
     hsel = t >> 1;
     if (BITS == 4) { sel0 = 0x7504u | (uint32_t(2 * (t & 1)) << 4); sel1 = sel0 + 0x10u; }
     else { sel0 = 0x7504u | (uint32_t(t) << 4); sel1 = sel0; }
-    sh_lo = 8 * t;  // 3 bits: nibble 2 t of the low word, 2-bit field 2 t of the high word
-    sh_hi = 4 * t;
+    const int c = 24 * (t >> 1) + 12 * (t & 1);
+    up_even = c >= 32;
+    up_odd = c + 16 >= 32;
+    sh_even = c % 32;
+    sh_odd = (c + 16) % 32;
   }
   // Loads the quad's code words of a stage (4 bits: the half block's chunk; 2, 3 bits: the block).
   __device__ __forceinline__ void load(const uint8_t* wb) {
@@ -183,15 +192,18 @@ struct QuadCodes {
         a[2 * q] = r.x;
         a[2 * q + 1] = r.y;
       }
-    } else {  // 3 bits: low nibble 2 t + r of word j, high field 8 (j % 2) + 2 t + r of word j / 2
+    } else {  // 3 bits: 12 bits (the pairs of rows g, g + 8) from quad lane 2 v + q's stream, one funnel shift
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
-        const uint32_t lw = word(w[2 * v + q], j) >> sh_lo;
-        const uint32_t hw = (j / 2 ? hi[2 * v + q].y : hi[2 * v + q].x) >> sh_hi;
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-          a[2 * q + r] = lut_load32((shift_right(lw, 4 * r - 8) & 0xf00u) |
-                                    (shift_right(hw, 16 * (j % 2) + 2 * r - 12) & 0x3000u) | lane_byte);
+        const uint4& lw = w[2 * v + q];
+        const uint2& hw = hi[2 * v + q];
+        const uint32_t st[6] = {lw.x, lw.y, lw.z, lw.w, hw.x, hw.y};
+        const int w0 = j % 2 ? 3 * (j - 1) / 2 + 1 : 3 * j / 2;
+        const bool up = j % 2 ? up_odd : up_even;
+        const uint32_t lo = up ? st[w0 + 1] : st[w0], hi_w = up ? st[min(w0 + 2, 5)] : st[w0 + 1];
+        const uint32_t x = __funnelshift_r(lo, hi_w, j % 2 ? sh_odd : sh_even);
+        a[2 * q] = lut_load32(((x << 8) & 0x3f00u) | lane_byte);
+        a[2 * q + 1] = lut_load32(((x << 2) & 0x3f00u) | lane_byte);
       }
     }
   }

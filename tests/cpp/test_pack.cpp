@@ -21,20 +21,28 @@ TEST(Pack, RoundTripAllBitsAndRaggedShapes) {
     }
 }
 
+// The packed address of bit j of a code (bits past the first byte continue in hi_byte).
+int64_t code_bit(const CodePosition& p, int j) {
+  return p.shift + j < 8 ? p.byte * 8 + p.shift + j : p.hi_byte * 8 + (p.shift + j - 8);
+}
+
 TEST(Pack, PositionsAreABijection) {
   for (int bits : {2, 3, 4}) {
     Shape s{32, 256, bits, 128};
-    std::set<std::pair<int64_t, int>> seen, seen_hi;
+    std::set<int64_t> seen;
     for (int64_t n = 0; n < s.N; ++n)
       for (int64_t k = 0; k < s.K; ++k) {
         CodePosition p = code_position(s, n, k);
         ASSERT_LT(p.byte, s.packed_bytes());
-        EXPECT_TRUE(seen.insert({p.byte, p.shift}).second);
-        if (bits == 3) EXPECT_TRUE(seen_hi.insert({p.hi_byte, p.hi_shift}).second);
+        ASSERT_EQ(p.hi_byte >= 0, bits == 3 && p.shift > 5) << n << " " << k;
+        for (int j = 0; j < bits; ++j) {
+          const int64_t bit = code_bit(p, j);
+          ASSERT_LT(bit, s.packed_bytes() * 8);
+          EXPECT_TRUE(seen.insert(bit).second) << bits << ": bit " << bit << " twice";
+        }
       }
     // Every bit of the packed buffer is used exactly once.
-    const int lo_bits = bits == 3 ? 2 : bits;
-    EXPECT_EQ(int64_t(seen.size()) * lo_bits + int64_t(seen_hi.size()), s.packed_bytes() * 8);
+    EXPECT_EQ(int64_t(seen.size()), s.packed_bytes() * 8);
   }
 }
 
@@ -48,6 +56,49 @@ TEST(Pack, LayoutMatchesTheMmaFragmentFormula) {
   // Second row block, second column block of a 32 x 256 weight starts at block index 3.
   Shape s2{32, 256, 4, 128};
   EXPECT_EQ(code_position(s2, 16, 128).byte, 3 * 1024);
+  // 3 bits, the same lane 5: pair i = 4 ks + p sits at bits 6 i of the lane's stream (16 bytes at lane * 16,
+  // then 8 at 512 + lane * 8). Row 9, column 45: ks = 3, p = 1, e = 1 -> bit 6 * 13 + 3 = 81: byte 10, shift 1.
+  Shape s3{16, 128, 3, 128};
+  p = code_position(s3, 9, 45);
+  EXPECT_EQ(p.byte, 5 * 16 + 10);
+  EXPECT_EQ(p.shift, 1);
+  EXPECT_EQ(p.hi_byte, -1);
+  // Row 9, column 76 = 32*2 + 8*1 + 4*1: ks = 5, p = 1, e = 0 -> bits 126-128: the last two bits of the
+  // lane's 16 bytes and the first of its 8.
+  p = code_position(s3, 9, 76);
+  EXPECT_EQ(p.byte, 5 * 16 + 15);
+  EXPECT_EQ(p.shift, 6);
+  EXPECT_EQ(p.hi_byte, 512 + 5 * 8);
+}
+
+// Format version 1 stored a 3-bit code's low 2 bits and its high bit apart (docs/format.md, "Version 1"):
+// written here from that description, independently of src/pack.cpp.
+std::vector<uint8_t> pack_v1_3bit(const std::vector<uint8_t>& codes, const Shape& s) {
+  std::vector<uint8_t> out(size_t(s.packed_bytes()), 0);
+  for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t k = 0; k < s.K; ++k) {
+      const int r = int(n % 16), c = int(k % 128);
+      const int lane = 4 * (r % 8) + (c % 32) / 8, ks = 2 * (c / 32) + (c % 8) / 4;
+      const int p = r / 8 + 2 * ((c % 4) / 2), e = c % 2, q = codes[size_t(n * s.K + k)];
+      const int64_t base = ((n / 16) * s.col_blocks() + k / 128) * 768;
+      const int nib = (ks % 2) * 4 + p, fld = (ks % 4) * 4 + p;
+      out[size_t(base + lane * 16 + (ks / 2) * 4 + nib / 2)] |= uint8_t((q & 3) << ((nib % 2) * 4 + 2 * e));
+      out[size_t(base + 512 + lane * 8 + (ks / 4) * 4 + fld / 4)] |= uint8_t((q >> 2) << ((fld % 4) * 2 + e));
+    }
+  return out;
+}
+
+TEST(Pack, RepacksFormatVersion1) {
+  for (int bits : {2, 3, 4}) {
+    Shape s{40, 384, bits, 128};
+    auto codes = random_codes(size_t(s.N * s.K), bits, 31);
+    std::vector<uint8_t> current(size_t(s.packed_bytes())), v1(current.size()), out(current.size());
+    pack_codes(codes.data(), s, current.data());
+    v1 = bits == 3 ? pack_v1_3bit(codes, s) : current;  // 2 and 4 bits: unchanged since version 1
+    if (bits == 3) ASSERT_NE(v1, current);
+    repack_v1_codes(v1.data(), s, out.data());
+    EXPECT_EQ(out, current) << bits;
+  }
 }
 
 TEST(Pack, ScalesRoundTrip) {

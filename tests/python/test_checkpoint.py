@@ -61,6 +61,60 @@ def test_tiny_round_trip_identical_logits(tmp_path, tie, bits, g, table):
         assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
 
 
+def _pack_v1_3bit(codes: torch.Tensor) -> torch.Tensor:
+    """Format version 1's 3-bit packing (docs/format.md, "Version 1"), written from its description with numpy:
+    a code's low 2 bits in the nibble (ks % 2) * 4 + p of its lane's word ks / 2, its high bit in the 2-bit
+    field (ks % 4) * 4 + p of the lane's high word ks / 4 (bytes 512 + lane * 8 of the 768-byte block)."""
+    import numpy as np
+
+    N, K = codes.shape
+    rb, cb = (N + 15) // 16, (K + 127) // 128
+    q = np.zeros((rb * 16, cb * 128), np.int64)
+    q[:N, :K] = codes.numpy()
+    n, k = np.meshgrid(np.arange(rb * 16), np.arange(cb * 128), indexing="ij")
+    r, c = n % 16, k % 128
+    lane, ks = 4 * (r % 8) + (c % 32) // 8, 2 * (c // 32) + (c % 8) // 4
+    p, e = r // 8 + 2 * ((c % 4) // 2), c % 2
+    base = ((n // 16) * cb + k // 128) * 768
+    nib, fld = (ks % 2) * 4 + p, (ks % 4) * 4 + p
+    out = np.zeros(rb * cb * 768, np.int64)
+    np.add.at(out, (base + lane * 16 + (ks // 2) * 4 + nib // 2).ravel(), ((q & 3) << ((nib % 2) * 4 + 2 * e)).ravel())
+    np.add.at(out, (base + 512 + lane * 8 + (ks // 4) * 4 + fld // 4).ravel(), ((q >> 2) << ((fld % 4) * 2 + e)).ravel())
+    return torch.from_numpy(out.astype(np.uint8))
+
+
+def test_format_version_1_three_bit_checkpoint_loads_repacked(tmp_path):
+    """3-bit checkpoints written before format version 2 (split low / high bits) load through both paths
+    with the same logits as the model they were saved from, and re-save as version 2."""
+    model = tiny_llama(tie=True)
+    quantize_model(model, bits=3, group_size=32, table="nf", progress=False)
+    out = save_quantized(model, tmp_path / "v2")
+    sd = load_file(str(out / "model.safetensors"))
+    for name, m in lut_modules(model):
+        v1 = _pack_v1_3bit(m.quantized_weight().codes())
+        assert not torch.equal(v1, sd[f"{name}.packed"])
+        sd[f"{name}.packed"] = v1
+    old = tmp_path / "v1"
+    shutil.copytree(out, old)
+    save_file(sd, str(old / "model.safetensors"), metadata={"format": "pt", "lutmm_format_version": "1"})
+    cfg = json.loads((old / "config.json").read_text())
+    assert cfg["quantization_config"]["format_version"] == 2 == lutmm.FORMAT_VERSION
+    cfg["quantization_config"]["format_version"] = 1
+    (old / "config.json").write_text(json.dumps(cfg))
+    ids = torch.randint(0, 256, (2, 9))
+    ref = _logits(model, ids)
+    loaded = load_quantized(old)
+    assert torch.equal(_logits(loaded, ids), ref)
+    assert loaded.config.quantization_config["format_version"] == 2
+    hf = AutoModelForCausalLM.from_pretrained(str(old))
+    assert torch.equal(_logits(hf, ids), ref)
+    assert hf.config.quantization_config.format_version == 2
+    resaved = save_quantized(loaded, tmp_path / "again")
+    assert json.loads((resaved / "config.json").read_text())["quantization_config"]["format_version"] == 2
+    assert torch.equal(load_file(str(resaved / "model.safetensors"))[f"{KEY}.packed"],
+                       load_file(str(out / "model.safetensors"))[f"{KEY}.packed"])
+
+
 def test_load_in_float32(tiny_ckpt):
     model, out = tiny_ckpt
     a = load_quantized(out, dtype=torch.float32)
