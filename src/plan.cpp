@@ -79,6 +79,15 @@ int lut_tile_rows(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t slo
   return 8;
 }
 
+RowTiles lut_tile_rows_tma3(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t sms) {
+  if (sms < 1) throw Error("lut_tile_rows_tma3: the SM count must be positive");
+  const int r = lut_tile_rows(M, row_blocks, col_blocks, 3 * sms);
+  if (r < 8) return {r, 3};
+  const int r2 = lut_tile_rows(M, row_blocks, col_blocks, 2 * sms);
+  const int64_t iters = (col_blocks + 8 / r2 - 1) / (8 / r2);
+  return r2 < 8 && iters <= kRowTileMaxIters3 ? RowTiles{r2, 2} : RowTiles{8, 3};
+}
+
 bool lut_tma_rows_ok(int r, int gl, int64_t K) {
   if (r == 8) return true;
   if (r != 1 && r != 2 && r != 4) throw Error("lut_tma_rows_ok: r must be 1, 2, 4 or 8");

@@ -71,6 +71,17 @@ LutSplit lut_split(int64_t tiles, int64_t col_blocks, int64_t slots, const int (
 // row blocks read 8 / R k-blocks of activations per stage (one token row each: hence M <= R), and
 // 8 / R must not exceed the k-blocks.
 int lut_tile_rows(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t slots);
+// The TMA decode kernel at 3 bits runs three CTAs per SM (`sms` SMs). Its row tiles: where they fill
+// 80-100% of those slots, sized for three CTAs per SM (6144x4096: 384 tiles of one on 396); else where
+// they fill two per SM and a tile streams at most kRowTileMaxIters3 stages, sized for two CTAs per SM
+// (4096x14336: 256 tiles of one, 14 stages; 8192x8192: 256 of two, 16). Longer tiles keep Stream-K
+// over three CTAs per SM (8192x28672: 56 stages of tiles of two, 46.6 us against 43.6). rows = 8: none.
+constexpr int64_t kRowTileMaxIters3 = 32;
+struct RowTiles {
+  int rows;         // row blocks per tile (lut_tile_rows), 8 for none
+  int ctas_per_sm;  // CTAs per SM the row-tile kernel is sized for
+};
+RowTiles lut_tile_rows_tma3(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t sms);
 // Whether the TMA decode kernel (lut_stream.cu) can run tiles of r row blocks for group size 32 << gl
 // (gl: group_log2, 30 for g = K) and K columns: one box brings the scales of 8 / r k-blocks, so each
 // k-block must have groups of its own (g <= 128) and the box be at most 256 scales wide; at r = 1 one

@@ -56,6 +56,9 @@
 //      (cluster_start), where 2, 4, 8 do not fit or divide them: slower (item 38)
 //  19  src/plan.cpp: no row tiles (lut_tile_rows returns 8; item 39)
 //  22  no row tiles on the TMA kernel (item 40)
+//  24  lut_stream.cu: two CTAs per SM at 3 bits for row tiles (item 42)
+//  25  2- and 3-bit weights below the TMA threshold keep the cp.async kernel where the TMA kernel's row
+//      tiles apply (item 42)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38)
@@ -318,6 +321,7 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   if (kernel == LutKernel::kTma && !tma_ok)
     throw Error("lut kernel: the TMA decode kernel needs an sm_90 GPU, a build with sm_90a code and M <= 16");
   g.rpt = kWarps;
+  g.row_ctas = 0;
   g.tiles = int((s.row_blocks() + kWarps - 1) / kWarps);
   g.col_blocks = int(s.col_blocks());
   g.k_iters = g.col_blocks;
@@ -333,22 +337,26 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   };
   // Row blocks per tile (lut_tile_rows, src/plan.cpp) for either kernel: 8 where row tiles do not apply
   // (on the TMA kernel also where its boxes cannot bring them: lut_tma_rows_ok).
+  // At 3 bits the TMA kernel's row tiles come sized for three or two CTAs per SM (lut_tile_rows_tma3).
   auto rows_for = [&](bool tma) {
-    if (!auto_split || g.mt != 1 || (tma && LUTMM_EXPERIMENT == 22)) return kWarps;
-    const int64_t slots_r = int64_t(sm_count(device)) * (tma ? stream_workers_per_sm(s.bits)
-                                                              : rows_ctas_per_sm(s.bits, dt, device));
-    const int r = lut_tile_rows(M, s.row_blocks(), s.col_blocks(), slots_r);
-    return !tma || lut_tma_rows_ok(r, group_log2(s.group_size), s.K) ? r : kWarps;
+    RowTiles t{kWarps, 0};
+    if (!auto_split || g.mt != 1 || (tma && LUTMM_EXPERIMENT == 22)) return t;
+    const int ctas = tma ? stream_workers_per_sm(s.bits, true) : rows_ctas_per_sm(s.bits, dt, device);
+    if (tma && s.bits == 3 && ctas == 3) t = lut_tile_rows_tma3(M, s.row_blocks(), s.col_blocks(), sm_count(device));
+    else t = {lut_tile_rows(M, s.row_blocks(), s.col_blocks(), int64_t(sm_count(device)) * ctas), ctas};
+    if (tma && !lut_tma_rows_ok(t.rows, group_log2(s.group_size), s.K)) t.rows = kWarps;
+    return t;
   };
   int64_t slots = 0;
   LutSplit sp;
   if (kernel == LutKernel::kAuto && tma_ok) {
     sp = split(true, slots);
     g.tma = s.N * s.K >= (s.bits == 3 ? kTmaMinWeights3 : kTmaMinWeights) || (sp.cluster > 1 && sp.workers * 10 >= slots * 7);
-    // Smaller 4-bit weights take the TMA kernel too where its row tiles apply. (H100, 2026-11-26,
+    // Smaller weights take the TMA kernel too where its row tiles apply. (H100, 2026-11-26,
     // lutmm_bench, M = 1: 4096x4096 TMA kernel on 256 tiles of one row block 6.0 us, the cp.async
-    // kernel's 6.6. At 2 bits not measured yet: docs/performance.md item 40.)
-    if (!g.tma && s.bits == 4 && rows_for(true) < kWarps) g.tma = true;
+    // kernel's 6.6; 2 bits 6.0-6.1 vs 6.7, 3 bits (tiles sized for two CTAs per SM) 6.0 vs 6.6:
+    // docs/performance.md items 40, 42; LUTMM_EXPERIMENT 25 keeps 2 and 3 bits on the cp.async kernel.)
+    if (!g.tma && (s.bits == 4 || LUTMM_EXPERIMENT != 25) && rows_for(true).rows < kWarps) g.tma = true;
   } else {
     g.tma = kernel == LutKernel::kTma;
   }
@@ -366,14 +374,16 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   // 15.4 -> 13.7 us (tiles of 1), 2-bit 12.5 -> 11.3; 8192x8192 16.7 -> 16.7 (tiles of 2), 8192x28672
   // 49.8 -> 49.2).
   {
-    const int r = rows_for(g.tma);
+    const RowTiles t = rows_for(g.tma);
+    const int r = t.rows;
     if (r < kWarps) {
       g.rpt = r;
       g.tiles = int((s.row_blocks() + r - 1) / r);
       g.k_iters = (g.col_blocks + kWarps / r - 1) / (kWarps / r);
       g.grid_x = g.tiles;
       g.cluster = 1;
-      if (g.tma) g.stages = stream_stages(s.bits, g.mt, device, true);
+      g.row_ctas = t.ctas_per_sm;
+      if (g.tma) g.stages = stream_stages(s.bits, g.mt, device, t.ctas_per_sm);
     }
   }
   return g;
@@ -428,7 +438,7 @@ DecodePlan decode_plan(int64_t M, const Shape& shape, DType dtype, int device, L
   validate_shape(shape);
   if (M < 1) throw Error("decode_plan: M must be >= 1");
   const Geometry g = geometry(M, shape, dtype, device, kernel, split == DecodeSplit::kAuto);
-  return DecodePlan{g.grid_x, g.cluster, g.rpt, g.tma};
+  return DecodePlan{g.grid_x, g.cluster, g.rpt, g.tma, g.row_ctas};
 }
 
 void lut_gemm(const GemmProblem& prob, void* ws, size_t ws_bytes, void* stream, LutKernel kernel, DecodeSplit split) {

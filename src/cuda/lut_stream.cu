@@ -47,10 +47,16 @@ namespace {
 // of one group (8 compute warps per SM, 14 stages) 22.7 and 111.4 us: the compute warps, not the
 // bytes in flight, set the pace.
 // At 3 bits the table is 16 KB and three CTAs fit (24 compute warps per SM): H100, 2026-11-26,
-// 8192x8192 M = 1 22.1 -> 20.9 us (LUTMM_EXPERIMENT 11 keeps two).
+// 8192x8192 M = 1 22.1 -> 20.9 us (LUTMM_EXPERIMENT 11 keeps two). Row tiles at 3 bits come in two
+// sizes (the kernel's CTAS, lut_tile_rows_tma3): for three CTAs per SM, and for two where 256 tiles
+// would leave a third of the slots empty. H100, 2026-11-26, M = 1, row tiles sized for three vs two
+// (same call): 4096x14336 15.9 vs 13.5 us, 8192x8192 17.8 vs 15.7 (256 tiles do not spread two per SM
+// when three fit), 6144x4096 (384 tiles) 7.4 vs 9.8. LUTMM_EXPERIMENT 24 sizes every 3-bit row tile for two.
 constexpr int kGroups = LUTMM_EXPERIMENT == 9 ? 2 : 1;
-template <int BITS>
-constexpr int kCtasPerSm = LUTMM_EXPERIMENT == 9 ? 1 : BITS == 3 && LUTMM_EXPERIMENT != 11 ? 3 : 2;
+template <int BITS, bool ROWS = false>
+constexpr int kCtasPerSm = LUTMM_EXPERIMENT == 9                                               ? 1
+                           : BITS == 3 && LUTMM_EXPERIMENT != 11 && (!ROWS || LUTMM_EXPERIMENT != 24) ? 3
+                                                                                                  : 2;
 constexpr int kComputeThreads = kGroups * kThreads;
 constexpr int kCtaThreads = kComputeThreads + kGroups * 32;  // + one producer warp per group
 constexpr int kMaxStages = 32;
@@ -150,8 +156,9 @@ __device__ __forceinline__ void produce(const Params<T>& p, const Maps& maps, in
 }
 #endif  // LUTMM_SM90A
 
-template <int BITS, int MT, typename T, bool ROWS>
-__global__ void __launch_bounds__(kCtaThreads, kCtasPerSm<BITS>)
+// CTAS: CTAs per SM the kernel is sized for (registers here, shared memory at the launch).
+template <int BITS, int MT, typename T, bool ROWS, int CTAS = kCtasPerSm<BITS, ROWS>>
+__global__ void __launch_bounds__(kCtaThreads, CTAS)
 lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_s,
                   const __grid_constant__ CUtensorMap tm_x) {
   static_assert(!ROWS || (MT == 1 && kGroups == 1), "row tiles: one token row per k-block, one worker per CTA");
@@ -304,11 +311,11 @@ int smem_budget(int device, int ctas) {
   })[ctas];
 }
 
-template <int BITS, int MT, typename T, bool ROWS>
+template <int BITS, int MT, typename T, bool ROWS, int CTAS = kCtasPerSm<BITS, ROWS>>
 void launch_kernel(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
-  auto* kernel = &lut_stream_kernel<BITS, MT, T, ROWS>;
+  auto* kernel = &lut_stream_kernel<BITS, MT, T, ROWS, CTAS>;
   const int dev = geo.device;
-  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_budget(dev, kCtasPerSm<BITS>), dev);
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_budget(dev, CTAS), dev);
   const Shape& s = prob.shape;
   const int rpt = geo.rpt, kpt = kWarps / rpt;
   const CUtensorMap tm_w = ROWS ? codes_tensor_map_3d<BITS>(prob, rpt, kpt)
@@ -328,7 +335,13 @@ void launch_kernel(const GemmProblem& prob, const Geometry& geo, void* ws, cudaS
 template <int BITS, int MT, typename T>
 void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
   if constexpr (MT == 1 && kGroups == 1) {
-    if (geo.rpt < kWarps) return launch_kernel<BITS, MT, T, true>(prob, geo, ws, stream);
+    if (geo.rpt < kWarps) {
+      if (geo.row_ctas != kCtasPerSm<BITS, true> && !(BITS == 3 && geo.row_ctas == 2))
+        throw Error("internal: row tiles sized for " + std::to_string(geo.row_ctas) + " CTAs per SM");
+      if constexpr (BITS == 3 && kCtasPerSm<BITS, true> != 2)
+        if (geo.row_ctas == 2) return launch_kernel<BITS, MT, T, true, 2>(prob, geo, ws, stream);
+      return launch_kernel<BITS, MT, T, true>(prob, geo, ws, stream);
+    }
   }
   if (geo.rpt != kWarps) throw Error("internal: row tiles need M <= 8 and one warp group per CTA");
   launch_kernel<BITS, MT, T, false>(prob, geo, ws, stream);
@@ -343,8 +356,11 @@ void launch_bits(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStr
 
 bool stream_supported(int device) { return wgmma_supported(device); }  // same requirement: sm_90 + sm_90a code
 
-int stream_workers_per_sm(int bits) {
-  return with_bits(bits, [](auto b) { return kGroups * kCtasPerSm<decltype(b)::value>; });
+int stream_workers_per_sm(int bits, bool rows) {
+  return with_bits(bits, [&](auto b) {
+    constexpr int B = decltype(b)::value;
+    return kGroups * (rows ? kCtasPerSm<B, true> : kCtasPerSm<B>);
+  });
 }
 
 std::array<int, 9> stream_max_clusters(int bits, int device) {
@@ -362,11 +378,11 @@ std::array<int, 9> stream_max_clusters(int bits, int device) {
   });
 }
 
-int stream_stages(int bits, int mt, int device, bool rows) {
+int stream_stages(int bits, int mt, int device, int row_ctas) {
   return with_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;
-    const int budget = smem_budget(device, kCtasPerSm<B>);
-    return mt == 1 ? (rows ? stages_for<B, 1, true>(budget) : stages_for<B, 1>(budget)) : stages_for<B, 2>(budget);
+    const int budget = smem_budget(device, row_ctas ? row_ctas : kCtasPerSm<B>);
+    return mt == 1 ? (row_ctas ? stages_for<B, 1, true>(budget) : stages_for<B, 1>(budget)) : stages_for<B, 2>(budget);
   });
 }
 

@@ -448,7 +448,7 @@ TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
   std::mt19937 rng(96);
   Workspace ws;
   struct Case { Shape s; int64_t M; DType dt; bool bias; };
-  // Plans on an H100 (two CTAs per SM: 264 slots; the TMA kernel at 3 bits: 396), printed below.
+  // Plans on an H100 (two CTAs per SM: 264 slots; the TMA kernel's Stream-K at 3 bits: 396), printed below.
   const Case cases[] = {{Shape{4096, 4096, 4, 128}, 1, DType::BF16, false},  // 256 tiles of 1 row block, 4 iterations
                         {Shape{8192, 8192, 3, 64}, 2, DType::F16, true},     // 256 tiles of 2, 16 iterations
                         {Shape{4000, 992, 4, 0}, 1, DType::F16, true},       // 250 tiles of 1, g = K, a partial k-block
@@ -456,8 +456,10 @@ TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
                         {Shape{14720, 1024, 4, 64}, 4, DType::BF16, true},   // 230 tiles of 4
                         {Shape{4096, 1664, 4, 128}, 1, DType::BF16, false},  // 13 k-blocks: 3 warps idle in iteration 2
                         {Shape{8192, 8192, 4, 128}, 1, DType::BF16, true},   // TMA kernel, 256 tiles of 2
-                        {Shape{4096, 2048, 4, 64}, 1, DType::F16, true}};    // fp16 on the TMA kernel's tiles of 1
-  int tiled = 0, tiled_tma = 0;
+                        {Shape{4096, 2048, 4, 64}, 1, DType::F16, true},     // fp16 on the TMA kernel's tiles of 1
+                        {Shape{4096, 14336, 3, 128}, 1, DType::BF16, false},  // 3 bits, TMA: 256 tiles sized for 2 per SM
+                        {Shape{6144, 4096, 3, 128}, 1, DType::F16, true}};     // 3 bits, TMA: 384 tiles sized for 3
+  int tiled = 0, tiled_tma = 0, tma3_sized[4] = {};
   for (const Case& c0 : cases) {
     const DecodeCase dc = make_decode_case(c0.s, c0.M, c0.dt, c0.bias, rng);
     const Shape& s = dc.L.s;
@@ -466,13 +468,16 @@ TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
       if (kernel == gpu::LutKernel::kTma && !gpu::wgmma_supported(0)) continue;  // sm_90 only
       const gpu::DecodePlan pa = gpu::decode_plan(c0.M, s, c0.dt, 0, kernel);
       const gpu::DecodePlan ps = gpu::decode_plan(c0.M, s, c0.dt, 0, kernel, gpu::DecodeSplit::kStreamK);
-      std::printf("N=%lld K=%lld M=%lld bits=%d kernel %d: %d workers, tiles of %d row blocks, %s kernel "
-                  "(kStreamK: %d workers, %d)\n", (long long)s.N, (long long)s.K, (long long)c0.M, s.bits, int(kernel),
-                  pa.workers, pa.rows_per_tile, pa.tma ? "TMA" : "cp.async", ps.workers, ps.rows_per_tile);
+      std::printf("N=%lld K=%lld M=%lld bits=%d kernel %d: %d workers, tiles of %d row blocks (sized for %d "
+                  "CTAs per SM), %s kernel (kStreamK: %d workers, %d)\n", (long long)s.N, (long long)s.K,
+                  (long long)c0.M, s.bits, int(kernel), pa.workers, pa.rows_per_tile, pa.row_ctas_per_sm,
+                  pa.tma ? "TMA" : "cp.async", ps.workers, ps.rows_per_tile);
       ASSERT_EQ(ps.rows_per_tile, 8);
       if (pa.rows_per_tile < 8) {
         ++tiled;
         tiled_tma += pa.tma;
+        ASSERT_TRUE(pa.row_ctas_per_sm == 2 || pa.row_ctas_per_sm == 3) << pa.row_ctas_per_sm;
+        if (pa.tma && s.bits == 3) ++tma3_sized[pa.row_ctas_per_sm];
         EXPECT_LE(c0.M, pa.rows_per_tile);
         EXPECT_EQ(pa.workers, int((s.row_blocks() + pa.rows_per_tile - 1) / pa.rows_per_tile));  // one tile each
       }
@@ -484,7 +489,11 @@ TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
     }
   }
   EXPECT_GE(tiled, 1);  // an H100 plans row tiles for most of these 24 calls (printed)
-  if (gpu::wgmma_supported(0)) EXPECT_GE(tiled_tma, 1);  // (several on the TMA kernel)
+  if (gpu::wgmma_supported(0)) {
+    EXPECT_GE(tiled_tma, 1);  // (several on the TMA kernel)
+    EXPECT_GE(tma3_sized[2], 1);  // 3 bits: both sizes of the TMA kernel's row tiles ran (H100: 132 SMs)
+    EXPECT_GE(tma3_sized[3], 1);
+  }
 }
 
 // Every work split of the wgmma kernel (Stream-K only, data-parallel waves, both): bitwise the same

@@ -273,6 +273,22 @@ TEST(Plan, DecodeRowTiles) {
   EXPECT_EQ(lut_tile_rows(1, 256, 4, 264), 8);     // K = 512: 4 k-blocks for 8 warps
   EXPECT_EQ(lut_tile_rows(4, 920, 8, 264), 4);     // 230 tiles of four
   EXPECT_EQ(lut_tile_rows(1, 256, 32, 396), 8);    // 3 CTAs per SM: 256 of 396 slots
+  // The TMA kernel at 3 bits (three CTAs per SM, 132 SMs): tiles that fill 396 slots, else 264 if short.
+  auto tma3 = [](int64_t M, int64_t rb, int64_t cb) {
+    const RowTiles t = lut_tile_rows_tma3(M, rb, cb, 132);
+    return std::pair<int, int>{t.rows, t.ctas_per_sm};
+  };
+  using P = std::pair<int, int>;
+  EXPECT_EQ(tma3(1, 384, 32), P(1, 3));   // 6144x4096: 384 tiles of one, three per SM
+  EXPECT_EQ(tma3(1, 256, 112), P(1, 2));  // 4096x14336: 256 tiles, 14 stages each, two per SM
+  EXPECT_EQ(tma3(1, 512, 64), P(2, 2));   // 8192x8192: 256 tiles of two, 16 stages
+  EXPECT_EQ(tma3(1, 256, 32), P(1, 2));   // 4096x4096
+  EXPECT_EQ(tma3(1, 512, 224).first, 8);  // 8192x28672: 56 stages, Stream-K
+  EXPECT_EQ(tma3(1, 512, 256).first, 8);  // 64 stages
+  EXPECT_EQ(tma3(1, 256, 264).first, 8);  // tiles of one, 33 stages
+  EXPECT_EQ(tma3(1, 256, 256), P(1, 2));  // 32 stages
+  EXPECT_EQ(tma3(5, 256, 32).first, 8);   // M > 4
+  EXPECT_THROW(lut_tile_rows_tma3(1, 256, 32, 0), Error);
   EXPECT_THROW(lut_tile_rows(0, 256, 32, 264), Error);
   EXPECT_THROW(lut_tile_rows(1, 256, 32, 0), Error);
   for (int64_t M : {1, 2, 3, 4, 5, 16})
