@@ -65,14 +65,14 @@ LutSplit lut_split(int64_t tiles, int64_t col_blocks, int64_t slots, const int (
 
 // Row blocks per tile of the cp.async decode kernel (lut_gemm.cu) for M tokens: 8 (warp w computes row
 // block w of the tile, every warp the same k-block), or R = 1, 2, 4 where M <= R and ceil(row_blocks /
-// R) tiles fill 80-100% of `slots`: then each CTA takes one whole tile of R row blocks, its 8 warps
+// R) tiles fill 70-100% of `slots`: then each CTA takes one whole tile of R row blocks, its 8 warps
 // split the tile's k-blocks 8 / R ways (warp w: row block w % R, k-blocks w / R, w / R + 8 / R, ...)
 // and add their partial sums in shared memory; no Stream-K partials in global memory. Tiles of R
 // row blocks read 8 / R k-blocks of activations per stage (one token row each: hence M <= R), and
 // 8 / R must not exceed the k-blocks.
 int lut_tile_rows(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t slots);
 // The TMA decode kernel at 3 bits runs three CTAs per SM (`sms` SMs). Its row tiles: where they fill
-// 80-100% of those slots, sized for three CTAs per SM (6144x4096: 384 tiles of one on 396); else where
+// 70-100% of those slots, sized for three CTAs per SM (6144x4096: 384 tiles of one on 396); else where
 // they fill two per SM and a tile streams at most kRowTileMaxIters3 stages, sized for two CTAs per SM
 // (4096x14336: 256 tiles of one, 14 stages; 8192x8192: 256 of two, 16). Longer tiles keep Stream-K
 // over three CTAs per SM (8192x28672: 56 stages of tiles of two, 46.6 us against 43.6). rows = 8: none.

@@ -29,7 +29,7 @@
 //   Where few tiles leave room (sm_90, lut_split in src/plan.cpp), each tile's CTAs form a
 //   thread-block cluster instead and add their partials through distributed shared memory
 //   (cluster_finish, lut_mma.cuh): no workspace round trips, the same sums.
-// * Row tiles. At M <= 4, where tiles of R = 1, 2 or 4 row blocks number 80-100% of the CTA slots
+// * Row tiles. At M <= 4, where tiles of R = 1, 2 or 4 row blocks number 70-100% of the CTA slots
 //   (lut_tile_rows, src/plan.cpp; 4096x4096: 256 tiles of one row block), each CTA takes one whole
 //   tile instead: a stage holds its R row blocks at 8 / R consecutive k-blocks (block w: row block
 //   w % R, k-block w / R), so each warp still computes one 16 x 128 block per stage, and at the end
@@ -57,6 +57,7 @@
 //  19  src/plan.cpp: no row tiles (lut_tile_rows returns 8; item 39)
 //  22  no row tiles on the TMA kernel (item 40)
 //  24  lut_stream.cu: two CTAs per SM at 3 bits for row tiles (item 42)
+//  26  src/plan.cpp: row tiles only where they fill 80% of the slots, not 70% (item 43)
 //  25  2- and 3-bit weights below the TMA threshold keep the cp.async kernel where the TMA kernel's row
 //      tiles apply (item 42)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
