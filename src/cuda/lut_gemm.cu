@@ -57,9 +57,9 @@
 //  19  src/plan.cpp: no row tiles (lut_tile_rows returns 8; item 39)
 //  22  no row tiles on the TMA kernel (item 40)
 //  24  lut_stream.cu: two CTAs per SM at 3 bits for row tiles (item 42)
-//  26  src/plan.cpp: row tiles only where they fill 80% of the slots, not 70% (item 43)
 //  25  2- and 3-bit weights below the TMA threshold keep the cp.async kernel where the TMA kernel's row
 //      tiles apply (item 42)
+//  26  src/plan.cpp: row tiles only where they fill 80% of the slots, not 70% (item 43)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38)

@@ -51,7 +51,8 @@ namespace {
 // sizes (the kernel's CTAS, lut_tile_rows_tma3): for three CTAs per SM, and for two where 256 tiles
 // would leave a third of the slots empty. H100, 2026-11-26, M = 1, row tiles sized for three vs two
 // (same call): 4096x14336 15.9 vs 13.5 us, 8192x8192 17.8 vs 15.7 (256 tiles do not spread two per SM
-// when three fit), 6144x4096 (384 tiles) 7.4 vs 9.8. LUTMM_EXPERIMENT 24 sizes every 3-bit row tile for two.
+// when three fit); 6144x4096: 384 tiles sized for three 7.4 us, Stream-K 9.8 (with only the size for
+// two, 384 tiles are too many). LUTMM_EXPERIMENT 24 sizes every 3-bit row tile for two (item 42).
 constexpr int kGroups = LUTMM_EXPERIMENT == 9 ? 2 : 1;
 template <int BITS, bool ROWS = false>
 constexpr int kCtasPerSm = LUTMM_EXPERIMENT == 9                                               ? 1
