@@ -4,6 +4,7 @@
     lutmm quantize MODEL_DIR OUT_DIR --bits 4 --group-size 64 [--method gptq+kmeans --calib FILE]
     lutmm eval DIR --text FILE                   perplexity (DIR: a HF model or a lutmm checkpoint)
     lutmm generate DIR --prompt TEXT             greedy continuation
+    lutmm upgrade DIR OUT_DIR                    rewrite a lutmm checkpoint in the current format version
     lutmm bench [--quick]                        kernel benchmark (needs a CUDA GPU)
     lutmm info                                   versions, build, GPU
 """
@@ -205,6 +206,25 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_upgrade(args) -> int:
+    import lutmm
+
+    from .checkpoint import load_quantized, read_config, save_quantized, validate_quantization_config
+    from .nn import lut_modules
+
+    src, dst = Path(args.dir), Path(args.out_dir)
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"OUT_DIR: {dst} is the checkpoint itself; write the upgraded copy elsewhere")
+    qc = validate_quantization_config(read_config(src).get("quantization_config"))
+    t0 = time.perf_counter()
+    model = load_quantized(src, dtype=_DTYPES[args.dtype])  # repacks older layouts (checkpoint.upgrade_packed)
+    repacked = len(lut_modules(model)) if qc["format_version"] < lutmm.FORMAT_VERSION and qc["bits"] == 3 else 0
+    out = save_quantized(model, dst, tokenizer_dir=src)
+    print(f"format version {qc['format_version']} -> {lutmm.FORMAT_VERSION}: {repacked} layers repacked "
+          f"({qc['bits']}-bit; only 3-bit codes changed layout); wrote {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def cmd_bench(args) -> int:
     import runpy
 
@@ -397,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt", required=True)
     sp.add_argument("--max-new-tokens", type=int, default=32)
     model_opts(sp)
+
+    sp = add("upgrade", "rewrite a lutmm checkpoint (any supported format version) in the current one", cmd_upgrade)
+    sp.add_argument("dir", metavar="DIR", help="lutmm checkpoint directory")
+    sp.add_argument("out_dir", metavar="OUT_DIR", help="output directory (not DIR)")
+    sp.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16",
+                    help="dtype of the non-quantized weights as written (default bfloat16)")
 
     sp = add("bench", "kernel benchmark vs cuBLAS bf16 (needs a CUDA GPU and the repo's bench/ folder)", cmd_bench)
     sp.add_argument("--quick", action="store_true", help="a subset of shapes")

@@ -14,7 +14,7 @@ import lutmm  # noqa: E402
 from lutmm import cli  # noqa: E402
 from test_nn import tiny_llama  # noqa: E402
 
-SUBCOMMANDS = ["quantize", "eval", "generate", "bench", "info", "demo"]
+SUBCOMMANDS = ["quantize", "eval", "generate", "upgrade", "bench", "info", "demo"]
 
 
 def _ppl(out: str) -> float:
@@ -140,3 +140,43 @@ def test_demo_builtin_random_model(monkeypatch, capsys):
                      "--bits", "3", "--group-size", "32"]) == 0
     out = capsys.readouterr().out
     assert "built-in tiny random Llama" in out and "== summary" in out
+
+
+def test_upgrade_a_version_1_checkpoint(tmp_path, capsys):
+    """`lutmm upgrade` rewrites a format-version-1 3-bit checkpoint as version 2: the packed codes of the
+    checkpoint saved from the same model, the same logits, the tokenizer files kept; OUT_DIR = DIR is refused."""
+    from safetensors.torch import load_file, save_file
+    from test_checkpoint import _pack_v1_3bit
+
+    from lutmm.checkpoint import load_quantized, save_quantized
+    from lutmm.nn import lut_modules, quantize_model
+
+    model = tiny_llama(tie=True)
+    quantize_model(model, bits=3, group_size=64, table="nf", progress=False)
+    v2 = save_quantized(model, tmp_path / "v2")
+    (v2 / "tokenizer_config.json").write_text("{}")
+    sd = load_file(str(v2 / "model.safetensors"))
+    v1_sd = dict(sd)
+    for name, m in lut_modules(model):
+        v1_sd[f"{name}.packed"] = _pack_v1_3bit(m.quantized_weight().codes())
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    save_file(v1_sd, str(v1 / "model.safetensors"))
+    cfg = json.loads((v2 / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = 1
+    (v1 / "config.json").write_text(json.dumps(cfg))
+    (v1 / "tokenizer_config.json").write_text("{}")
+    assert cli.main(["upgrade", str(v1), str(tmp_path / "up")]) == 0
+    out = capsys.readouterr().out
+    assert "format version 1 -> 2: 14 layers repacked" in out
+    up = tmp_path / "up"
+    assert json.loads((up / "config.json").read_text())["quantization_config"]["format_version"] == 2
+    assert (up / "tokenizer_config.json").is_file()
+    got = load_file(str(up / "model.safetensors"))
+    for name, _ in lut_modules(model):
+        assert torch.equal(got[f"{name}.packed"], sd[f"{name}.packed"]), name
+    ids = torch.randint(0, 256, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(load_quantized(up)(ids).logits, model(ids).logits)
+    assert cli.main(["upgrade", str(v1), str(v1)]) == 2
+    assert "is the checkpoint itself" in capsys.readouterr().err
