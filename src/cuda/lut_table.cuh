@@ -7,7 +7,7 @@
 // it sits at e * kEntryBytes + l * 4 (quads: l * 8), so lane l always reads bank l (l and l + 16 at 2
 // bits, one 64-bit wavefront each): conflict-free whatever the codes. With the 256-byte stride an
 // address is one byte permute: prmt puts the code byte into bits 8-15 and the lane's offset into bits
-// 0-7. 3-bit codes are split over two fields and take shifts and masks.
+// 0-7. 3-bit pair codes are 6-bit fields of a lane's code stream: a (funnel) shift and a mask.
 #pragma once
 #include "common.cuh"
 #include "../plan.h"
@@ -177,20 +177,54 @@ __device__ __forceinline__ void load_codes(const uint8_t* wb, int lane, uint32_t
 // is bits 6 i .. 6 i + 5 (q0 | q1 << 3). stream3(wd, hi, b) returns the stream shifted right by b
 // (b >= -8, compile-time after unrolling; b < 0 shifts left): its bits 0 .. width - 1 are right (those
 // the stream has). Pairs that straddle two words come out of one funnel shift.
-__device__ __forceinline__ uint32_t stream3(const uint32_t (&wd)[8], const uint32_t (&hi)[2], int b,
-                                            int width = 14) {
+// Host and device (the host versions let tests/cpp/test_layout.cu check this bit arithmetic on a CPU).
+__host__ __device__ __forceinline__ uint32_t funnel_r(uint32_t lo, uint32_t hi, int s) {  // (hi:lo) >> s % 32
+#ifdef __CUDA_ARCH__
+  return __funnelshift_r(lo, hi, s);
+#else
+  return uint32_t(((uint64_t(hi) << 32) | lo) >> (s & 31));
+#endif
+}
+__host__ __device__ __forceinline__ uint32_t stream3(const uint32_t (&wd)[8], const uint32_t (&hi)[2], int b,
+                                                     int width = 14) {
   if (b < 0) return wd[0] << -b;
   const int w = b / 32, s = b % 32;
   const uint32_t lo = w < 4 ? wd[w] : hi[w - 4];
   if (s + width <= 32 || w == 5) return lo >> s;  // the bits needed are inside word w
-  return __funnelshift_r(lo, w + 1 < 4 ? wd[w + 1] : hi[w + 1 - 4], s);
+  return funnel_r(lo, w + 1 < 4 ? wd[w + 1] : hi[w + 1 - 4], s);
 }
+
+// wgmma's 3-bit A fragments (lut_wgmma.cu, QuadCodes): lane t (0..3) of a quad needs, for k-steps 2 j and
+// 2 j + 1 of a block, the pairs p = 2 (t & 1) and + 1 of k-step 2 j + (t >> 1) of a quad lane's stream
+// st[0..5]: 12 bits at stream bit 48 j + c, c = 24 (t >> 1) + 12 (t & 1) (pairs are 6 bits, k-steps 24).
+// For even j they start at bit sh_even of word 3 j / 2 (+1 where up_even), for odd j at bit sh_odd of
+// word 3 (j - 1) / 2 + 1 (+1 where up_odd); fixed per lane, so a window is 2 selects and a funnel shift.
+struct Quad3Window {
+  bool up_even, up_odd;
+  int sh_even, sh_odd;
+  Quad3Window() = default;
+  __host__ __device__ explicit Quad3Window(int t) { init(t); }
+  __host__ __device__ __forceinline__ void init(int t) {
+    const int c = 24 * (t >> 1) + 12 * (t & 1);
+    up_even = c >= 32;
+    up_odd = c + 16 >= 32;
+    sh_even = c % 32;
+    sh_odd = (c + 16) % 32;
+  }
+  // Bits 0-5: the pair of row g, bits 6-11: of row g + 8 (j compile-time after unrolling).
+  __host__ __device__ __forceinline__ uint32_t operator()(const uint32_t (&st)[6], int j) const {
+    const int w0 = j % 2 ? 3 * (j - 1) / 2 + 1 : 3 * j / 2;
+    const bool up = j % 2 ? up_odd : up_even;
+    const uint32_t lo = up ? st[w0 + 1] : st[w0], hi_w = up ? st[w0 + 2 < 6 ? w0 + 2 : 5] : st[w0 + 1];
+    return funnel_r(lo, hi_w, j % 2 ? sh_odd : sh_even);
+  }
+};
 
 // The pair code (index into the pair table, see pair_codes()) of pair p (0..3) of k-step ks in a
 // lane's code words (as load_codes() returns them). The decode kernels fold this into table offsets
 // (lookup_a); the dequant kernel uses it as is.
 template <int BITS>
-__device__ __forceinline__ int pair_code(const uint32_t (&wd)[8], const uint32_t (&hi)[2], int ks, int p) {
+__host__ __device__ __forceinline__ int pair_code(const uint32_t (&wd)[8], const uint32_t (&hi)[2], int ks, int p) {
   if (BITS == 4) return (wd[ks] >> (8 * p)) & 0xff;
   if (BITS == 3) return stream3(wd, hi, 6 * (4 * ks + p)) & 0x3f;
   return (wd[ks / 2] >> (4 * ((ks % 2) * 4 + p))) & 0xf;

@@ -145,22 +145,14 @@ struct QuadCodes {
   uint2 hi[4];  // 3 bits: lane (g, t)'s other 8 bytes (the last 64 bits of its code stream)
   uint32_t sel0, sel1;  // prmt selectors: code byte -> bits 8-15, lane offset -> bits 0-7, rank -> bits 24-31
   int hsel;
-  // 3 bits: the lane's two pairs of k-step 2 j + (t >> 1) start at stream bit 48 j + c, c = 24 (t >> 1) +
-  // 12 (t & 1) (pairs are 6 bits, k-steps 24): for even j at bit sh_even of stream word 3 j / 2 (+1 where
-  // up_even), for odd j at bit sh_odd of word 3 (j - 1) / 2 + 1 (+1 where up_odd).
-  bool up_even, up_odd;
-  int sh_even, sh_odd;
+  Quad3Window win3;  // 3 bits: where the lane's pairs sit in a quad lane's stream (lut_table.cuh)
 
   __device__ QuadCodes() {
     const int t = threadIdx.x % 4;
     hsel = t >> 1;
     if (BITS == 4) { sel0 = 0x7504u | (uint32_t(2 * (t & 1)) << 4); sel1 = sel0 + 0x10u; }
     else { sel0 = 0x7504u | (uint32_t(t) << 4); sel1 = sel0; }
-    const int c = 24 * (t >> 1) + 12 * (t & 1);
-    up_even = c >= 32;
-    up_odd = c + 16 >= 32;
-    sh_even = c % 32;
-    sh_odd = (c + 16) % 32;
+    win3.init(t);
   }
   // Loads the quad's code words of a stage (4 bits: the half block's chunk; 2, 3 bits: the block).
   __device__ __forceinline__ void load(const uint8_t* wb) {
@@ -198,10 +190,7 @@ struct QuadCodes {
         const uint4& lw = w[2 * v + q];
         const uint2& hw = hi[2 * v + q];
         const uint32_t st[6] = {lw.x, lw.y, lw.z, lw.w, hw.x, hw.y};
-        const int w0 = j % 2 ? 3 * (j - 1) / 2 + 1 : 3 * j / 2;
-        const bool up = j % 2 ? up_odd : up_even;
-        const uint32_t lo = up ? st[w0 + 1] : st[w0], hi_w = up ? st[min(w0 + 2, 5)] : st[w0 + 1];
-        const uint32_t x = __funnelshift_r(lo, hi_w, j % 2 ? sh_odd : sh_even);
+        const uint32_t x = win3(st, j);
         a[2 * q] = lut_load32(((x << 8) & 0x3f00u) | lane_byte);
         a[2 * q + 1] = lut_load32(((x << 2) & 0x3f00u) | lane_byte);
       }

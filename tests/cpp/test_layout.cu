@@ -1,0 +1,112 @@
+// The kernels' code-word bit arithmetic, checked on the host against the packer (no GPU needed; built
+// with nvcc, run in CI). lut_table.cuh's pair_code / stream3 are what the decode kernels' lookups and
+// the dequant kernel use, Quad3Window what the wgmma kernel's 3-bit lookups use; each must find, in the
+// packed bytes, exactly the pair of codes pack_codes put there (src/pack.cpp, docs/format.md).
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "../../src/cuda/lut_table.cuh"
+#include "lutmm/pack.h"
+
+using namespace lutmm;
+
+namespace {
+
+// One 16 x 128 block of random codes, packed.
+struct Block {
+  int bits;
+  std::vector<uint8_t> codes, packed;  // codes [16][128]
+  Block(int b, uint32_t seed) : bits(b), codes(16 * 128), packed(size_t(256 * b)) {
+    std::mt19937 rng(seed);
+    for (auto& c : codes) c = uint8_t(rng() % (1u << b));
+    pack_codes(codes.data(), Shape{16, 128, b, 128}, packed.data());
+  }
+  int pair(int row, int col) const {  // pair-table index of columns col, col + 1
+    return pair_index(bits, codes[size_t(row * 128 + col)], codes[size_t(row * 128 + col + 1)]);
+  }
+  // A lane's code words as load_code_words() reads them: 16 bytes at lane * 16, and at 4 bits 16 more
+  // 512 bytes on, at 3 bits 8 more at 512 + lane * 8.
+  void words(int lane, uint32_t (&wd)[8], uint32_t (&hi)[2]) const {
+    std::memset(wd, 0, sizeof(wd));
+    std::memset(hi, 0, sizeof(hi));
+    std::memcpy(wd, packed.data() + lane * 16, 16);
+    if (bits == 4) std::memcpy(wd + 4, packed.data() + 512 + lane * 16, 16);
+    if (bits == 3) std::memcpy(hi, packed.data() + 512 + lane * 8, 8);
+  }
+};
+
+int pair_code_of(int bits, const uint32_t (&wd)[8], const uint32_t (&hi)[2], int ks, int p) {
+  if (bits == 2) return gpu::pair_code<2>(wd, hi, ks, p);
+  if (bits == 3) return gpu::pair_code<3>(wd, hi, ks, p);
+  return gpu::pair_code<4>(wd, hi, ks, p);
+}
+
+}  // namespace
+
+// mma.m16n8k16 order: lane l = 4 g + t, k-step ks = 2 j + h, pair p holds rows g + 8 (p & 1), columns
+// 32 j + 8 t + 4 h + 2 (p >> 1) and + 1.
+TEST(Layout, PairCodeFindsThePackedPairs) {
+  for (int bits : {2, 3, 4})
+    for (uint32_t seed : {1u, 2u, 3u}) {
+      const Block b(bits, seed * 10 + uint32_t(bits));
+      for (int lane = 0; lane < 32; ++lane) {
+        uint32_t wd[8], hi[2];
+        b.words(lane, wd, hi);
+        const int g = lane / 4, t = lane % 4;
+        for (int ks = 0; ks < 8; ++ks)
+          for (int p = 0; p < 4; ++p) {
+            const int row = g + 8 * (p & 1), col = 32 * (ks / 2) + 8 * t + 4 * (ks % 2) + 2 * (p >> 1);
+            ASSERT_EQ(pair_code_of(bits, wd, hi, ks, p), b.pair(row, col))
+                << bits << " bits, lane " << lane << ", k-step " << ks << ", pair " << p;
+          }
+      }
+    }
+}
+
+// The decode kernels' 3-bit table offset (lookup_a): the stream shifted so the pair code lands in bits
+// 8-13, the lane's copy in the low bits; pairs that straddle two words (i = 5, 10, 21, 26, ...) included.
+TEST(Layout, ThreeBitLookupOffsets) {
+  for (uint32_t seed : {4u, 5u}) {
+    const Block b(3, seed);
+    for (int lane = 0; lane < 32; ++lane) {
+      uint32_t wd[8], hi[2];
+      b.words(lane, wd, hi);
+      for (int i = 0; i < 32; ++i) {
+        const uint32_t off = (gpu::stream3(wd, hi, 6 * i - 8) & 0x3f00u) | uint32_t(lane * 4);
+        ASSERT_EQ(int(off >> 8), pair_code_of(3, wd, hi, i / 4, i % 4)) << "lane " << lane << ", pair " << i;
+        ASSERT_EQ(off & 0xffu, uint32_t(lane * 4));
+      }
+      // The register-table experiment's 24-bit k-step fields (lut_regtable.cuh): 8 codes q0, q1 of pairs 0..3.
+      for (int ks = 0; ks < 8; ++ks) {
+        const uint32_t z = gpu::stream3(wd, hi, 24 * ks, 24) & 0xffffffu;
+        for (int p = 0; p < 4; ++p) ASSERT_EQ(int((z >> (6 * p)) & 63u), pair_code_of(3, wd, hi, ks, p));
+      }
+    }
+  }
+}
+
+// The wgmma kernel (natural column order): lane (g, t) at k-step s reads quad lanes (g, 2 (s % 2) + q),
+// q = 0, 1; window j = s / 2 of quad lane's stream gives the pairs of rows g (bits 0-5) and g + 8 (bits
+// 6-11) at columns 16 s + 8 q + 2 t, + 1.
+TEST(Layout, WgmmaThreeBitWindows) {
+  for (uint32_t seed : {6u, 7u}) {
+    const Block b(3, seed);
+    for (int g = 0; g < 8; ++g)
+      for (int t = 0; t < 4; ++t) {
+        const gpu::Quad3Window win(t);
+        for (int s = 0; s < 8; ++s)
+          for (int q = 0; q < 2; ++q) {
+            uint32_t wd[8], hi[2];
+            b.words(4 * g + 2 * (s % 2) + q, wd, hi);
+            const uint32_t st[6] = {wd[0], wd[1], wd[2], wd[3], hi[0], hi[1]};
+            const uint32_t x = win(st, s / 2);
+            const int col = 16 * s + 8 * q + 2 * t;
+            ASSERT_EQ(int(x & 63u), b.pair(g, col)) << "g " << g << " t " << t << " s " << s << " q " << q;
+            ASSERT_EQ(int((x >> 6) & 63u), b.pair(g + 8, col)) << "g " << g << " t " << t << " s " << s;
+          }
+      }
+  }
+}
