@@ -60,6 +60,8 @@
 //  25  2- and 3-bit weights below the TMA threshold keep the cp.async kernel where the TMA kernel's row
 //      tiles apply (item 42)
 //  26  src/plan.cpp: row tiles only where they fill 80% of the slots, not 70% (item 43)
+//  27  3 bits, TMA kernel: whole tiles of 8 row blocks sized for two CTAs per SM where they fill 80-100%
+//      of those slots (item 45; prepared, not yet measured)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38)
@@ -385,6 +387,17 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
       g.cluster = 1;
       g.row_ctas = t.ctas_per_sm;
       if (g.tma) g.stages = stream_stages(s.bits, g.mt, device, t.ctas_per_sm);
+    }
+  }
+  // Experiment 27 (item 45): at 3 bits, whole tiles of 8 row blocks on the TMA kernel sized for two CTAs
+  // per SM where they fill 80-100% of those slots (28672x4096: 224 tiles; on 396 slots they run Stream-K).
+  if (LUTMM_EXPERIMENT == 27 && g.tma && s.bits == 3 && auto_split && g.rpt == kWarps && g.grid_y == 1) {
+    const int64_t slots2 = int64_t(2) * sm_count(device);
+    if (g.tiles <= slots2 && g.tiles * 10 >= slots2 * 8) {
+      g.grid_x = g.tiles;
+      g.cluster = 1;
+      g.row_ctas = 2;
+      g.stages = stream_stages(s.bits, g.mt, device, 0, 2);
     }
   }
   return g;

@@ -345,6 +345,8 @@ void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t
     }
   }
   if (geo.rpt != kWarps) throw Error("internal: row tiles need M <= 8 and one warp group per CTA");
+  if constexpr (BITS == 3 && LUTMM_EXPERIMENT == 27)  // whole tiles sized for two CTAs per SM (item 45)
+    if (geo.row_ctas == 2) return launch_kernel<BITS, MT, T, false, 2>(prob, geo, ws, stream);
   launch_kernel<BITS, MT, T, false>(prob, geo, ws, stream);
 }
 
@@ -379,10 +381,10 @@ std::array<int, 9> stream_max_clusters(int bits, int device) {
   });
 }
 
-int stream_stages(int bits, int mt, int device, int row_ctas) {
+int stream_stages(int bits, int mt, int device, int row_ctas, int ctas) {
   return with_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;
-    const int budget = smem_budget(device, row_ctas ? row_ctas : kCtasPerSm<B>);
+    const int budget = smem_budget(device, row_ctas ? row_ctas : ctas ? ctas : kCtasPerSm<B>);
     return mt == 1 ? (row_ctas ? stages_for<B, 1, true>(budget) : stages_for<B, 1>(budget)) : stages_for<B, 2>(budget);
   });
 }
