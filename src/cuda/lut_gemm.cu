@@ -62,6 +62,8 @@
 //  26  src/plan.cpp: row tiles only where they fill 80% of the slots, not 70% (item 43)
 //  27  3 bits, TMA kernel: whole tiles of 8 row blocks sized for two CTAs per SM where they fill 80-100%
 //      of those slots (item 45; prepared, not yet measured)
+//  28  3 bits, TMA kernel, M = 5-16, weights < 200M elements: Stream-K sized for two CTAs per SM (item 44;
+//      prepared, not yet measured; experiment 11 did this for every 3-bit call)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38)
@@ -399,6 +401,17 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
       g.row_ctas = 2;
       g.stages = stream_stages(s.bits, g.mt, device, 0, 2);
     }
+  }
+  // Experiment 28 (item 44): at 3 bits and M = 5-16, weights below 200M elements on the TMA kernel's
+  // Stream-K sized for two CTAs per SM (264 workers, no clusters) instead of three.
+  if (LUTMM_EXPERIMENT == 28 && g.tma && s.bits == 3 && auto_split && g.rpt == kWarps && g.grid_y == 1 && M > 4 &&
+      s.N * s.K < (int64_t(200) << 20)) {
+    const int no_clusters[9] = {};
+    const LutSplit sp2 = lut_split(g.tiles, g.col_blocks, int64_t(2) * sm_count(device), no_clusters);
+    g.grid_x = int(sp2.workers);
+    g.cluster = 1;
+    g.row_ctas = 2;
+    g.stages = stream_stages(s.bits, g.mt, device, 0, 2);
   }
   return g;
 }

@@ -273,7 +273,7 @@ struct Geometry {
   int tiles;       // tiles of rpt row blocks
   int rpt;         // 16-row blocks per tile (lut_tile_rows; 8 but in the cp.async kernel)
   int row_ctas;    // TMA row tiles (rpt < 8): CTAs per SM the kernel is sized for (lut_tile_rows_tma3);
-                   // LUTMM_EXPERIMENT 27 also for whole 3-bit tiles of 8 row blocks (2; 0: the default)
+                   // LUTMM_EXPERIMENTs 27, 28 also for 3-bit tiles of 8 row blocks (2; 0: the default)
   int col_blocks;  // 128-column k-blocks
   int k_iters;     // iterations per tile: col_blocks / (8 / rpt), rounded up
   int stages;      // pipeline stages (tma)

@@ -345,7 +345,7 @@ void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t
     }
   }
   if (geo.rpt != kWarps) throw Error("internal: row tiles need M <= 8 and one warp group per CTA");
-  if constexpr (BITS == 3 && LUTMM_EXPERIMENT == 27)  // whole tiles sized for two CTAs per SM (item 45)
+  if constexpr (BITS == 3 && (LUTMM_EXPERIMENT == 27 || LUTMM_EXPERIMENT == 28))  // sized for two (items 44-45)
     if (geo.row_ctas == 2) return launch_kernel<BITS, MT, T, false, 2>(prob, geo, ws, stream);
   launch_kernel<BITS, MT, T, false>(prob, geo, ws, stream);
 }
