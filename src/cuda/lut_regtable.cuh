@@ -67,6 +67,15 @@ struct RegTable {
   }
 };
 
+// 3 bits: the 8 codes of a k-step (its 24 stream bits: q0, q1 of pairs 0..3, 3 bits each) spread to the 8
+// nibbles of a prmt selector (host and device: tests/cpp/test_layout.cu).
+__host__ __device__ __forceinline__ uint32_t spread3_nibbles(uint32_t bits24) {
+  uint32_t z = bits24 & 0xffffffu;
+  z = (z & 0xfffu) | ((z & 0xfff000u) << 4);
+  z = (z & 0x003f003fu) | ((z & 0x0fc00fc0u) << 2);
+  return (z & 0x07070707u) | ((z & 0x38383838u) << 1);
+}
+
 // Two A registers from a selector's low 4 nibbles (codes c0..c3, see the top of the file): a0 = (T[c0],
 // T[c1]), a1 = (T[c2], T[c3]) for I0 = 0x5140, I1 = 0x7362 (2 bits uses another nibble order).
 template <int BITS, uint32_t I0, uint32_t I1, typename T>
@@ -106,12 +115,7 @@ __device__ __forceinline__ void lookup_a_reg(const uint32_t (&wd)[8], const uint
       prmt_pair<BITS, 0x6240u, 0x7351u>(rt, __byte_perm(x, y, k | (k + 4) << 4), a[2 * q], a[2 * q + 1]);
     }
   } else {
-    // 3 bits: the k-step's 8 codes (q0, q1 of pairs 0..3, 3 bits each) spread to nibbles.
-    uint32_t z = stream3(wd, hi, 24 * ks, 24) & 0xffffffu;
-    z = (z & 0xfffu) | ((z & 0xfff000u) << 4);
-    z = (z & 0x003f003fu) | ((z & 0x0fc00fc0u) << 2);
-    z = (z & 0x07070707u) | ((z & 0x38383838u) << 1);
-    const uint32_t sel = z;  // nibbles: q0(0), q1(0), q0(1), q1(1), ..., q1(3)
+    const uint32_t sel = spread3_nibbles(stream3(wd, hi, 24 * ks, 24));  // nibbles: q0(0), q1(0), ..., q1(3)
     prmt_pair<BITS, 0x5140u, 0x7362u>(rt, sel, a[0], a[1]);
     prmt_pair<BITS, 0x5140u, 0x7362u>(rt, sel >> 16, a[2], a[3]);
   }

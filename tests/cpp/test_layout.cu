@@ -1,6 +1,7 @@
 // The kernels' code-word bit arithmetic, checked on the host against the packer (no GPU needed; built
 // with nvcc, run in CI). lut_table.cuh's pair_code / stream3 are what the decode kernels' lookups and
-// the dequant kernel use, Quad3Window what the wgmma kernel's 3-bit lookups use; each must find, in the
+// the dequant kernel use, Quad3Window what the wgmma kernel's 3-bit lookups use, spread3_nibbles what
+// the register-table experiment (lut_regtable.cuh) uses; each must find, in the
 // packed bytes, exactly the pair of codes pack_codes put there (src/pack.cpp, docs/format.md).
 #include <gtest/gtest.h>
 
@@ -8,7 +9,7 @@
 #include <random>
 #include <vector>
 
-#include "../../src/cuda/lut_table.cuh"
+#include "../../src/cuda/lut_regtable.cuh"
 #include "lutmm/pack.h"
 
 using namespace lutmm;
@@ -79,10 +80,14 @@ TEST(Layout, ThreeBitLookupOffsets) {
         ASSERT_EQ(int(off >> 8), pair_code_of(3, wd, hi, i / 4, i % 4)) << "lane " << lane << ", pair " << i;
         ASSERT_EQ(off & 0xffu, uint32_t(lane * 4));
       }
-      // The register-table experiment's 24-bit k-step fields (lut_regtable.cuh): 8 codes q0, q1 of pairs 0..3.
+      // The register-table experiment's selectors (lut_regtable.cuh): nibble 2 p = q0, 2 p + 1 = q1 of pair p.
       for (int ks = 0; ks < 8; ++ks) {
-        const uint32_t z = gpu::stream3(wd, hi, 24 * ks, 24) & 0xffffffu;
-        for (int p = 0; p < 4; ++p) ASSERT_EQ(int((z >> (6 * p)) & 63u), pair_code_of(3, wd, hi, ks, p));
+        const uint32_t sel = gpu::spread3_nibbles(gpu::stream3(wd, hi, 24 * ks, 24));
+        for (int p = 0; p < 4; ++p) {
+          const int code = pair_code_of(3, wd, hi, ks, p);
+          ASSERT_EQ(int((sel >> (8 * p)) & 0xfu), code & 7) << "lane " << lane << ", k-step " << ks;
+          ASSERT_EQ(int((sel >> (8 * p + 4)) & 0xfu), code >> 3) << "lane " << lane << ", k-step " << ks;
+        }
       }
     }
   }
