@@ -38,6 +38,7 @@
 //   lut_stream.cu's kernel does the same with TMA boxes (item 40).
 #include <algorithm>
 #include <array>
+#include <optional>
 
 #include "lut_mma.cuh"
 #include "lutmm/cuda.h"
@@ -326,7 +327,7 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   if (kernel == LutKernel::kTma && !tma_ok)
     throw Error("lut kernel: the TMA decode kernel needs an sm_90 GPU, a build with sm_90a code and M <= 16");
   g.rpt = kWarps;
-  g.row_ctas = 0;
+  g.ctas = 0;
   g.tiles = int((s.row_blocks() + kWarps - 1) / kWarps);
   g.col_blocks = int(s.col_blocks());
   g.k_iters = g.col_blocks;
@@ -354,6 +355,7 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   };
   int64_t slots = 0;
   LutSplit sp;
+  std::optional<RowTiles> tma_rows;  // rows_for(true), where the dispatch below already asked
   if (kernel == LutKernel::kAuto && tma_ok) {
     sp = split(true, slots);
     g.tma = s.N * s.K >= (s.bits == 3 ? kTmaMinWeights3 : kTmaMinWeights) || (sp.cluster > 1 && sp.workers * 10 >= slots * 7);
@@ -361,7 +363,10 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
     // lutmm_bench, M = 1: 4096x4096 TMA kernel on 256 tiles of one row block 6.0 us, the cp.async
     // kernel's 6.6; 2 bits 6.0-6.1 vs 6.7, 3 bits (tiles sized for two CTAs per SM) 6.0 vs 6.6:
     // docs/performance.md items 40, 42; LUTMM_EXPERIMENT 25 keeps 2 and 3 bits on the cp.async kernel.)
-    if (!g.tma && (s.bits == 4 || LUTMM_EXPERIMENT != 25) && rows_for(true).rows < kWarps) g.tma = true;
+    if (!g.tma && (s.bits == 4 || LUTMM_EXPERIMENT != 25)) {
+      tma_rows = rows_for(true);
+      g.tma = tma_rows->rows < kWarps;
+    }
   } else {
     g.tma = kernel == LutKernel::kTma;
   }
@@ -379,7 +384,7 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   // 15.4 -> 13.7 us (tiles of 1), 2-bit 12.5 -> 11.3; 8192x8192 16.7 -> 16.7 (tiles of 2), 8192x28672
   // 49.8 -> 49.2).
   {
-    const RowTiles t = rows_for(g.tma);
+    const RowTiles t = g.tma && tma_rows ? *tma_rows : rows_for(g.tma);
     const int r = t.rows;
     if (r < kWarps) {
       g.rpt = r;
@@ -387,31 +392,29 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
       g.k_iters = (g.col_blocks + kWarps / r - 1) / (kWarps / r);
       g.grid_x = g.tiles;
       g.cluster = 1;
-      g.row_ctas = t.ctas_per_sm;
-      if (g.tma) g.stages = stream_stages(s.bits, g.mt, device, t.ctas_per_sm);
+      g.ctas = t.ctas_per_sm;
+      if (g.tma) g.stages = stream_stages(s.bits, g.mt, device, t.ctas_per_sm, true);
     }
   }
-  // Experiment 27 (item 45): at 3 bits, whole tiles of 8 row blocks on the TMA kernel sized for two CTAs
-  // per SM where they fill 80-100% of those slots (28672x4096: 224 tiles; on 396 slots they run Stream-K).
-  if (LUTMM_EXPERIMENT == 27 && g.tma && s.bits == 3 && auto_split && g.rpt == kWarps && g.grid_y == 1) {
+  // Experiments 27 (item 45) and 28 (item 44): 3-bit tiles of 8 row blocks on the TMA kernel sized for
+  // two CTAs per SM (no clusters): 27 as whole tiles where they fill 80-100% of those slots (28672x4096:
+  // 224 tiles; on 396 slots they run Stream-K); 28 as Stream-K over those slots at M = 5-16 below 200M
+  // weights.
+  if ((LUTMM_EXPERIMENT == 27 || LUTMM_EXPERIMENT == 28) && g.tma && s.bits == 3 && auto_split && g.rpt == kWarps &&
+      g.grid_y == 1) {
     const int64_t slots2 = int64_t(2) * sm_count(device);
-    if (g.tiles <= slots2 && g.tiles * 10 >= slots2 * 8) {
-      g.grid_x = g.tiles;
-      g.cluster = 1;
-      g.row_ctas = 2;
-      g.stages = stream_stages(s.bits, g.mt, device, 0, 2);
+    int64_t workers = 0;
+    if (LUTMM_EXPERIMENT == 27 && g.tiles <= slots2 && g.tiles * 10 >= slots2 * 8) workers = g.tiles;
+    if (LUTMM_EXPERIMENT == 28 && M > 4 && s.N * s.K < (int64_t(200) << 20)) {
+      const int no_clusters[9] = {};
+      workers = lut_split(g.tiles, g.col_blocks, slots2, no_clusters).workers;
     }
-  }
-  // Experiment 28 (item 44): at 3 bits and M = 5-16, weights below 200M elements on the TMA kernel's
-  // Stream-K sized for two CTAs per SM (264 workers, no clusters) instead of three.
-  if (LUTMM_EXPERIMENT == 28 && g.tma && s.bits == 3 && auto_split && g.rpt == kWarps && g.grid_y == 1 && M > 4 &&
-      s.N * s.K < (int64_t(200) << 20)) {
-    const int no_clusters[9] = {};
-    const LutSplit sp2 = lut_split(g.tiles, g.col_blocks, int64_t(2) * sm_count(device), no_clusters);
-    g.grid_x = int(sp2.workers);
-    g.cluster = 1;
-    g.row_ctas = 2;
-    g.stages = stream_stages(s.bits, g.mt, device, 0, 2);
+    if (workers > 0) {
+      g.grid_x = int(workers);
+      g.cluster = 1;
+      g.ctas = 2;
+      g.stages = stream_stages(s.bits, g.mt, device, 2);
+    }
   }
   return g;
 }
@@ -465,7 +468,7 @@ DecodePlan decode_plan(int64_t M, const Shape& shape, DType dtype, int device, L
   validate_shape(shape);
   if (M < 1) throw Error("decode_plan: M must be >= 1");
   const Geometry g = geometry(M, shape, dtype, device, kernel, split == DecodeSplit::kAuto);
-  return DecodePlan{g.grid_x, g.cluster, g.rpt, g.tma, g.row_ctas};
+  return DecodePlan{g.grid_x, g.cluster, g.rpt, g.tma, g.ctas};
 }
 
 void lut_gemm(const GemmProblem& prob, void* ws, size_t ws_bytes, void* stream, LutKernel kernel, DecodeSplit split) {

@@ -272,8 +272,8 @@ struct Geometry {
   int grid_y;      // token slices of 8 * mt
   int tiles;       // tiles of rpt row blocks
   int rpt;         // 16-row blocks per tile (lut_tile_rows; 8 but in the cp.async kernel)
-  int row_ctas;    // TMA row tiles (rpt < 8): CTAs per SM the kernel is sized for (lut_tile_rows_tma3);
-                   // LUTMM_EXPERIMENTs 27, 28 also for 3-bit tiles of 8 row blocks (2; 0: the default)
+  int ctas;        // CTAs per SM the kernel is sized for, for row tiles (rpt < 8; lut_tile_rows_tma3) and
+                   // LUTMM_EXPERIMENTs 27, 28; 0: the TMA kernel's default (kCtasPerSm)
   int col_blocks;  // 128-column k-blocks
   int k_iters;     // iterations per tile: col_blocks / (8 / rpt), rounded up
   int stages;      // pipeline stages (tma)
@@ -305,8 +305,8 @@ Params<T> make_params(const GemmProblem& prob, const Geometry& geo, void* ws) {
 // Stream-K workers (warp groups) per SM, clusters and pipeline stages per worker for (bits, mt), and the launch.
 bool stream_supported(int device);
 int stream_workers_per_sm(int bits, bool rows = false);
-// row_ctas: row tiles sized for that many CTAs per SM (Geometry); ctas: other tiles sized so (0: the default).
-int stream_stages(int bits, int mt, int device, int row_ctas = 0, int ctas = 0);
+// ctas: CTAs per SM the kernel is sized for (Geometry::ctas; 0: its default); rows: tiles of rpt < 8 row blocks.
+int stream_stages(int bits, int mt, int device, int ctas = 0, bool rows = false);
 // Clusters of 2..8 CTAs of the TMA kernel that fit `device` at once (lut_split, src/plan.cpp).
 std::array<int, 9> stream_max_clusters(int bits, int device);
 void stream_launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream);

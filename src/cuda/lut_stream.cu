@@ -337,16 +337,16 @@ template <int BITS, int MT, typename T>
 void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
   if constexpr (MT == 1 && kGroups == 1) {
     if (geo.rpt < kWarps) {
-      if (geo.row_ctas != kCtasPerSm<BITS, true> && !(BITS == 3 && geo.row_ctas == 2))
-        throw Error("internal: row tiles sized for " + std::to_string(geo.row_ctas) + " CTAs per SM");
+      if (geo.ctas != kCtasPerSm<BITS, true> && !(BITS == 3 && geo.ctas == 2))
+        throw Error("internal: row tiles sized for " + std::to_string(geo.ctas) + " CTAs per SM");
       if constexpr (BITS == 3 && kCtasPerSm<BITS, true> != 2)
-        if (geo.row_ctas == 2) return launch_kernel<BITS, MT, T, true, 2>(prob, geo, ws, stream);
+        if (geo.ctas == 2) return launch_kernel<BITS, MT, T, true, 2>(prob, geo, ws, stream);
       return launch_kernel<BITS, MT, T, true>(prob, geo, ws, stream);
     }
   }
   if (geo.rpt != kWarps) throw Error("internal: row tiles need M <= 8 and one warp group per CTA");
   if constexpr (BITS == 3 && (LUTMM_EXPERIMENT == 27 || LUTMM_EXPERIMENT == 28))  // sized for two (items 44-45)
-    if (geo.row_ctas == 2) return launch_kernel<BITS, MT, T, false, 2>(prob, geo, ws, stream);
+    if (geo.ctas == 2) return launch_kernel<BITS, MT, T, false, 2>(prob, geo, ws, stream);
   launch_kernel<BITS, MT, T, false>(prob, geo, ws, stream);
 }
 
@@ -381,11 +381,11 @@ std::array<int, 9> stream_max_clusters(int bits, int device) {
   });
 }
 
-int stream_stages(int bits, int mt, int device, int row_ctas, int ctas) {
+int stream_stages(int bits, int mt, int device, int ctas, bool rows) {
   return with_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;
-    const int budget = smem_budget(device, row_ctas ? row_ctas : ctas ? ctas : kCtasPerSm<B>);
-    return mt == 1 ? (row_ctas ? stages_for<B, 1, true>(budget) : stages_for<B, 1>(budget)) : stages_for<B, 2>(budget);
+    const int budget = smem_budget(device, ctas ? ctas : kCtasPerSm<B>);
+    return mt == 1 ? (rows ? stages_for<B, 1, true>(budget) : stages_for<B, 1>(budget)) : stages_for<B, 2>(budget);
   });
 }
 
