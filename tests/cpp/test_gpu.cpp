@@ -488,7 +488,7 @@ TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
       EXPECT_LT(rel_err(r.y, r.ysk), r.tol) << what;
     }
   }
-  EXPECT_GE(tiled, 1);  // an H100 plans row tiles for most of these 24 calls (printed)
+  EXPECT_GE(tiled, 1);  // an H100 plans row tiles for most of these 30 calls (printed)
   if (gpu::wgmma_supported(0)) {
     EXPECT_GE(tiled_tma, 1);  // (several on the TMA kernel)
     EXPECT_GE(tma3_sized[2], 1);  // 3 bits: both sizes of the TMA kernel's row tiles ran (H100: 132 SMs)
