@@ -92,6 +92,15 @@ RowTiles lut_tile_rows_tma3(int64_t M, int64_t row_blocks, int64_t col_blocks, i
   return r2 < 8 && iters <= kRowTileMaxIters3 ? RowTiles{r2, 2} : RowTiles{8, 3};
 }
 
+Tiles3 lut_tiles8_tma3(int64_t M, int64_t tiles, int64_t weights, int64_t sms) {
+  if (sms < 1) throw Error("lut_tiles8_tma3: the SM count must be positive");
+  if (M < 1 || tiles < 1) throw Error("lut_tiles8_tma3: M and tiles must be positive");
+  const int64_t slots2 = 2 * sms;
+  if (tiles <= slots2 && tiles * 10 >= slots2 * 8) return {2, true};
+  if (M > 4 && M <= 16 && weights >= kTwoCta3MinWeights && weights < kTwoCta3MaxWeights) return {2, false};
+  return {3, false};
+}
+
 bool lut_tma_rows_ok(int r, int gl, int64_t K) {
   if (r == 8) return true;
   if (r != 1 && r != 2 && r != 4) throw Error("lut_tma_rows_ok: r must be 1, 2, 4 or 8");

@@ -82,6 +82,22 @@ struct RowTiles {
   int ctas_per_sm;  // CTAs per SM the row-tile kernel is sized for
 };
 RowTiles lut_tile_rows_tma3(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t sms);
+// The same kernel's 3-bit tiles of 8 row blocks (where no row tiles apply): sized for two CTAs per SM
+// instead of its default three, (a) as one whole tile per CTA where `tiles` fill 80-100% of the 2 x
+// `sms` slots (28672x4096: 224 tiles; on 396 slots Stream-K cut them into pieces), or (b) as Stream-K
+// over those 264 slots at M = 5-16 for weights of kTwoCta3MinWeights to kTwoCta3MaxWeights (4096x14336,
+// 8192x8192, 28672x4096). H100, 2026-11-26, lutmm_bench A/B in one call (docs/performance.md item 46),
+// three CTAs -> (a): 28672x4096 M = 1 29.1 -> 27.1 us, M = 4 27.3 -> 25.1, M = 8 25.0 -> 23.8, M = 16
+// 28.3 -> 27.4; (b): 4096x14336 M = 16 20.2 -> 18.4, M = 8 17.0 -> 16.4, 8192x8192 M = 16 19.0 -> 18.8,
+// but 6144x4096 M = 16 11.1 -> 12.3 and 57344x8192 M = 16 90.8 -> 93.0 (item 44): hence the bounds.
+// ctas_per_sm 3 (whole false): the default, Stream-K over three CTAs per SM.
+constexpr int64_t kTwoCta3MinWeights = int64_t(32) << 20;
+constexpr int64_t kTwoCta3MaxWeights = int64_t(200) << 20;
+struct Tiles3 {
+  int ctas_per_sm;  // 2 or 3
+  bool whole;       // one whole tile per CTA (else Stream-K over ctas_per_sm x sms workers)
+};
+Tiles3 lut_tiles8_tma3(int64_t M, int64_t tiles, int64_t weights, int64_t sms);
 // Whether the TMA decode kernel (lut_stream.cu) can run tiles of r row blocks for group size 32 << gl
 // (gl: group_log2, 30 for g = K) and K columns: one box brings the scales of 8 / r k-blocks, so each
 // k-block must have groups of its own (g <= 128) and the box be at most 256 scales wide; at r = 1 one

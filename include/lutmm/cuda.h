@@ -65,14 +65,14 @@ void lut_gemm(const GemmProblem& p, void* workspace, size_t workspace_bytes, voi
               LutKernel kernel = LutKernel::kAuto, DecodeSplit split = DecodeSplit::kAuto);
 // The split lut_gemm would use for a call on `device` (tests, benchmarks): Stream-K workers, the
 // cluster size (1: no clusters), 16-row blocks per tile (8, or 1, 2, 4 at small M where one whole
-// tile per CTA fills the GPU: the CTA's warps split its k-blocks), the kernel, and for row tiles the
-// CTAs per SM their kernel is sized for (3 bits on the TMA kernel: 3 or 2).
+// tile per CTA fills the GPU: the CTA's warps split its k-blocks), the kernel, and the CTAs per SM
+// its grid is sized for where the plan chose them (row tiles; 3 bits on the TMA kernel: 3 or 2).
 struct DecodePlan {
   int workers;
   int cluster;
   int rows_per_tile;
   bool tma;
-  int row_ctas_per_sm;  // 0 without row tiles
+  int ctas_per_sm;  // row tiles, 3-bit tiles of 8 on the TMA kernel sized for two; 0: the kernel's default
 };
 DecodePlan decode_plan(int64_t M, const Shape& shape, DType dtype, int device, LutKernel kernel = LutKernel::kAuto,
                        DecodeSplit split = DecodeSplit::kAuto);

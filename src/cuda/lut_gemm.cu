@@ -396,21 +396,13 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
       if (g.tma) g.stages = stream_stages(s.bits, g.mt, device, t.ctas_per_sm, true);
     }
   }
-  // Experiments 27 (item 45) and 28 (item 44): 3-bit tiles of 8 row blocks on the TMA kernel sized for
-  // two CTAs per SM (no clusters): 27 as whole tiles where they fill 80-100% of those slots (28672x4096:
-  // 224 tiles; on 396 slots they run Stream-K); 28 as Stream-K over those slots at M = 5-16 below 200M
-  // weights.
-  if ((LUTMM_EXPERIMENT == 27 || LUTMM_EXPERIMENT == 28) && g.tma && s.bits == 3 && auto_split && g.rpt == kWarps &&
-      g.grid_y == 1) {
-    const int64_t slots2 = int64_t(2) * sm_count(device);
-    int64_t workers = 0;
-    if (LUTMM_EXPERIMENT == 27 && g.tiles <= slots2 && g.tiles * 10 >= slots2 * 8) workers = g.tiles;
-    if (LUTMM_EXPERIMENT == 28 && M > 4 && s.N * s.K < (int64_t(200) << 20)) {
+  // 3-bit tiles of 8 row blocks on the TMA kernel sized for two CTAs per SM instead of three, whole
+  // or Stream-K (lut_tiles8_tma3, src/plan.cpp, with its measurements; no clusters).
+  if (g.tma && s.bits == 3 && auto_split && g.rpt == kWarps && g.grid_y == 1) {
+    const Tiles3 t3 = lut_tiles8_tma3(M, g.tiles, s.N * s.K, sm_count(device));
+    if (t3.ctas_per_sm == 2) {
       const int no_clusters[9] = {};
-      workers = lut_split(g.tiles, g.col_blocks, slots2, no_clusters).workers;
-    }
-    if (workers > 0) {
-      g.grid_x = int(workers);
+      g.grid_x = t3.whole ? g.tiles : int(lut_split(g.tiles, g.col_blocks, 2 * sm_count(device), no_clusters).workers);
       g.cluster = 1;
       g.ctas = 2;
       g.stages = stream_stages(s.bits, g.mt, device, 2);

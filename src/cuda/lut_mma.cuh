@@ -273,7 +273,7 @@ struct Geometry {
   int tiles;       // tiles of rpt row blocks
   int rpt;         // 16-row blocks per tile (lut_tile_rows; 8 but in the cp.async kernel)
   int ctas;        // CTAs per SM the kernel is sized for, for row tiles (rpt < 8; lut_tile_rows_tma3) and
-                   // LUTMM_EXPERIMENTs 27, 28; 0: the TMA kernel's default (kCtasPerSm)
+                   // 3-bit tiles of 8 on the TMA kernel (lut_tiles8_tma3); 0: the TMA kernel's default (kCtasPerSm)
   int col_blocks;  // 128-column k-blocks
   int k_iters;     // iterations per tile: col_blocks / (8 / rpt), rounded up
   int stages;      // pipeline stages (tma)

@@ -345,8 +345,10 @@ void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t
     }
   }
   if (geo.rpt != kWarps) throw Error("internal: row tiles need M <= 8 and one warp group per CTA");
-  if constexpr (BITS == 3 && (LUTMM_EXPERIMENT == 27 || LUTMM_EXPERIMENT == 28))  // sized for two (items 44-45)
+  if constexpr (BITS == 3 && kCtasPerSm<BITS> != 2)  // sized for two (lut_tiles8_tma3)
     if (geo.ctas == 2) return launch_kernel<BITS, MT, T, false, 2>(prob, geo, ws, stream);
+  if (geo.ctas != 0 && geo.ctas != kCtasPerSm<BITS>)
+    throw Error("internal: tiles of 8 row blocks sized for " + std::to_string(geo.ctas) + " CTAs per SM");
   launch_kernel<BITS, MT, T, false>(prob, geo, ws, stream);
 }
 

@@ -470,14 +470,14 @@ TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
       const gpu::DecodePlan ps = gpu::decode_plan(c0.M, s, c0.dt, 0, kernel, gpu::DecodeSplit::kStreamK);
       std::printf("N=%lld K=%lld M=%lld bits=%d kernel %d: %d workers, tiles of %d row blocks (sized for %d "
                   "CTAs per SM), %s kernel (kStreamK: %d workers, %d)\n", (long long)s.N, (long long)s.K,
-                  (long long)c0.M, s.bits, int(kernel), pa.workers, pa.rows_per_tile, pa.row_ctas_per_sm,
+                  (long long)c0.M, s.bits, int(kernel), pa.workers, pa.rows_per_tile, pa.ctas_per_sm,
                   pa.tma ? "TMA" : "cp.async", ps.workers, ps.rows_per_tile);
       ASSERT_EQ(ps.rows_per_tile, 8);
       if (pa.rows_per_tile < 8) {
         ++tiled;
         tiled_tma += pa.tma;
-        ASSERT_TRUE(pa.row_ctas_per_sm == 2 || pa.row_ctas_per_sm == 3) << pa.row_ctas_per_sm;
-        if (pa.tma && s.bits == 3) ++tma3_sized[pa.row_ctas_per_sm];
+        ASSERT_TRUE(pa.ctas_per_sm == 2 || pa.ctas_per_sm == 3) << pa.ctas_per_sm;
+        if (pa.tma && s.bits == 3) ++tma3_sized[pa.ctas_per_sm];
         EXPECT_LE(c0.M, pa.rows_per_tile);
         EXPECT_EQ(pa.workers, int((s.row_blocks() + pa.rows_per_tile - 1) / pa.rows_per_tile));  // one tile each
       }
@@ -494,6 +494,48 @@ TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
     EXPECT_GE(tma3_sized[2], 1);  // 3 bits: both sizes of the TMA kernel's row tiles ran (H100: 132 SMs)
     EXPECT_GE(tma3_sized[3], 1);
   }
+}
+
+// The TMA kernel's 3-bit tiles of 8 row blocks sized for two CTAs per SM instead of three
+// (lut_tiles8_tma3): whole tiles (28672x4096: 224 tiles on 264 slots) and Stream-K over 264 workers
+// (4096x14336 at M = 5-16), against the CPU reference and the same call forced to Stream-K over three
+// CTAs per SM; 8- and 16-token tiles, fp16, bias, g = 64; 6144x4096 at M = 16 keeps three per SM.
+TEST(Gpu, ThreeBitTilesSizedForTwoCtasAgainstStreamKAndReference) {
+  REQUIRE_WGMMA();
+  int sms = 0;
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  std::mt19937 rng(97);
+  Workspace ws;
+  struct Case { Shape s; int64_t M; DType dt; bool bias; int want_ctas; };
+  const Case cases[] = {{Shape{28672, 4096, 3, 128}, 1, DType::BF16, false, 2},  // 224 whole tiles
+                        {Shape{28672, 4096, 3, 64}, 12, DType::F16, true, 2},    // the same at 16 tokens
+                        {Shape{4096, 14336, 3, 128}, 16, DType::F16, true, 2},   // Stream-K over 264
+                        {Shape{4096, 14336, 3, 128}, 6, DType::BF16, false, 2},
+                        {Shape{6144, 4096, 3, 128}, 16, DType::BF16, false, 0}};  // 25M weights: three
+  int two = 0;
+  for (const Case& c0 : cases) {
+    const DecodeCase dc = make_decode_case(c0.s, c0.M, c0.dt, c0.bias, rng);
+    const Shape& s = dc.L.s;
+    ws.ensure(gpu::workspace_bytes(c0.M, s, 0));
+    const gpu::DecodePlan pa = gpu::decode_plan(c0.M, s, c0.dt, 0, gpu::LutKernel::kTma);
+    const gpu::DecodePlan ps = gpu::decode_plan(c0.M, s, c0.dt, 0, gpu::LutKernel::kTma, gpu::DecodeSplit::kStreamK);
+    std::printf("N=%lld K=%lld M=%lld: %d workers sized for %d CTAs per SM, tiles of %d (kStreamK: %d workers, %d)\n",
+                (long long)s.N, (long long)s.K, (long long)c0.M, pa.workers, pa.ctas_per_sm, pa.rows_per_tile,
+                ps.workers, ps.ctas_per_sm);
+    ASSERT_EQ(pa.rows_per_tile, 8);
+    ASSERT_EQ(ps.ctas_per_sm, 0);
+    ASSERT_TRUE(pa.ctas_per_sm == 0 || pa.ctas_per_sm == 2) << pa.ctas_per_sm;
+    if (sms == 132) EXPECT_EQ(pa.ctas_per_sm, c0.want_ctas);  // H100 / H200
+    if (pa.ctas_per_sm == 2) {
+      ++two;
+      EXPECT_LE(pa.workers, 2 * sms);
+      EXPECT_NE(pa.workers, ps.workers);
+    }
+    const std::string what = "N=" + std::to_string(s.N) + " K=" + std::to_string(s.K) + " M=" + std::to_string(c0.M);
+    const SplitRuns r = run_split_and_stream_k(dc, c0.M, c0.dt, c0.bias, ws, gpu::LutKernel::kTma, what);
+    EXPECT_LT(rel_err(r.y, r.ysk), r.tol) << what;
+  }
+  EXPECT_GE(two, 1);
 }
 
 // Every work split of the wgmma kernel (Stream-K only, data-parallel waves, both): bitwise the same

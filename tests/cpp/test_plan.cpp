@@ -290,6 +290,31 @@ TEST(Plan, DecodeRowTiles) {
   EXPECT_EQ(tma3(1, 256, 256), P(1, 2));  // 32 stages
   EXPECT_EQ(tma3(5, 256, 32).first, 8);   // M > 4
   EXPECT_THROW(lut_tile_rows_tma3(1, 256, 32, 0), Error);
+  // Its tiles of 8 (lut_tiles8_tma3, 132 SMs): whole tiles sized for two CTAs per SM where they fill
+  // 212-264 slots, else Stream-K over two per SM at M = 5-16 for 32M-200M weights, else three per SM.
+  auto t8 = [](int64_t M, int64_t tiles, int64_t weights) {
+    const Tiles3 t = lut_tiles8_tma3(M, tiles, weights, 132);
+    return std::pair<int, bool>{t.ctas_per_sm, t.whole};
+  };
+  using W = std::pair<int, bool>;
+  EXPECT_EQ(t8(1, 224, 28672LL * 4096), W(2, true));    // 28672x4096 (fused gate/up)
+  EXPECT_EQ(t8(16, 224, 28672LL * 4096), W(2, true));
+  EXPECT_EQ(t8(1, 212, 27136LL * 4096), W(2, true));    // 212 = 80% of 264
+  EXPECT_EQ(t8(1, 211, 27008LL * 4096), W(3, false));   // 79.9%
+  EXPECT_EQ(t8(1, 264, 33792LL * 4096), W(2, true));
+  EXPECT_EQ(t8(1, 265, 33920LL * 4096), W(3, false));
+  EXPECT_EQ(t8(16, 32, 4096LL * 14336), W(2, false));   // 4096x14336: Stream-K over 264
+  EXPECT_EQ(t8(5, 64, 8192LL * 8192), W(2, false));     // 8192x8192
+  EXPECT_EQ(t8(4, 64, 8192LL * 8192), W(3, false));     // M <= 4
+  EXPECT_EQ(t8(16, 48, 6144LL * 4096), W(3, false));    // 25M weights: slower on two (11.1 -> 12.3 us)
+  EXPECT_EQ(t8(16, 448, 57344LL * 8192), W(3, false));  // 470M weights: slower on two (item 44)
+  EXPECT_EQ(t8(16, 8, kTwoCta3MinWeights), W(2, false));
+  EXPECT_EQ(t8(16, 8, kTwoCta3MinWeights - 1), W(3, false));
+  EXPECT_EQ(t8(16, 8, kTwoCta3MaxWeights - 1), W(2, false));
+  EXPECT_EQ(t8(16, 8, kTwoCta3MaxWeights), W(3, false));
+  EXPECT_EQ(t8(17, 64, 8192LL * 8192), W(3, false));    // the TMA kernel serves M <= 16
+  EXPECT_THROW(lut_tiles8_tma3(1, 224, 1, 0), Error);
+  EXPECT_THROW(lut_tiles8_tma3(0, 224, 1, 132), Error);
   EXPECT_THROW(lut_tile_rows(0, 256, 32, 264), Error);
   EXPECT_THROW(lut_tile_rows(1, 256, 32, 0), Error);
   for (int64_t M : {1, 2, 3, 4, 5, 16})
