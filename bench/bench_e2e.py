@@ -208,6 +208,11 @@ def main():
                     help="also profile replays of the captured decode step: CUDA time by kernel class")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the decode step (inductor, no cudagraphs) before capturing it")
+    ap.add_argument("--inductor-pdl", action="store_true",
+                    help="with --compile, inductor's Triton kernels use programmatic dependent launch "
+                         "(torch._inductor.config.triton.enable_pdl, env TORCHINDUCTOR_ENABLE_PDL=1): they signal "
+                         "the next kernel early, so lutmm's kernels build their table and start their weight loads "
+                         "while the norm / SiLU kernel before them finishes")
     ap.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                     help="fuse q/k/v and gate/up into one linear each (default; --no-fuse: HF's 7 linears per layer)")
     ap.add_argument("--unfused-bf16", action="store_true",
@@ -216,6 +221,13 @@ def main():
                     help="also quantize the lm_head (same bits and group; `lutmm quantize --skip` with no names does "
                          "this for real checkpoints, RTN: docs/quality.md)")
     args = ap.parse_args()
+    if args.inductor_pdl:
+        if not args.compile:
+            ap.error("--inductor-pdl needs --compile (it changes the kernels inductor generates)")
+        import torch._inductor.config as inductor_config
+        if not hasattr(inductor_config.triton, "enable_pdl"):
+            ap.error(f"--inductor-pdl: torch {torch.__version__} has no torch._inductor.config.triton.enable_pdl")
+        inductor_config.triton.enable_pdl = True
     cuda = args.device.startswith("cuda")
     configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
     fuse_bf16 = args.fuse and not args.unfused_bf16
@@ -223,7 +235,8 @@ def main():
                    (True, False): "fused q/k/v + gate/up for lutmm; bf16 baseline unfused (stock HF)",
                    (False, False): "unfused (7 linears per layer)"}[(args.fuse, fuse_bf16)]
     print(f"# {torch.cuda.get_device_name() if cuda else 'CPU'} | model {args.model} | lutmm {lutmm.__version__} "
-          f"| projections: {projections} | attention: {args.attn}")
+          f"| projections: {projections} | attention: {args.attn}"
+          + (" | inductor PDL" if args.inductor_pdl else ""))
     rows = []
 
     def measure(label, model):
