@@ -208,11 +208,12 @@ def main():
                     help="also profile replays of the captured decode step: CUDA time by kernel class")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the decode step (inductor, no cudagraphs) before capturing it")
-    ap.add_argument("--inductor-pdl", action="store_true",
-                    help="with --compile, inductor's Triton kernels use programmatic dependent launch "
-                         "(torch._inductor.config.triton.enable_pdl, env TORCHINDUCTOR_ENABLE_PDL=1): they signal "
-                         "the next kernel early, so lutmm's kernels build their table and start their weight loads "
-                         "while the norm / SiLU kernel before them finishes")
+    ap.add_argument("--inductor-pdl", action=argparse.BooleanOptionalAction, default=None,
+                    help="with --compile (default on there, for bf16 and lutmm alike), inductor's Triton kernels use "
+                         "programmatic dependent launch (torch._inductor.config.triton.enable_pdl, env "
+                         "TORCHINDUCTOR_ENABLE_PDL=1): they signal the next kernel early, so lutmm's kernels build "
+                         "their table and start their weight loads while the norm / SiLU kernel before them finishes "
+                         "(H100, 3-bit batch 1: +6-11%%, bf16 +4%%: docs/performance.md)")
     ap.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                     help="fuse q/k/v and gate/up into one linear each (default; --no-fuse: HF's 7 linears per layer)")
     ap.add_argument("--unfused-bf16", action="store_true",
@@ -221,9 +222,10 @@ def main():
                     help="also quantize the lm_head (same bits and group; `lutmm quantize --skip` with no names does "
                          "this for real checkpoints, RTN: docs/quality.md)")
     args = ap.parse_args()
+    if args.inductor_pdl and not args.compile:
+        ap.error("--inductor-pdl needs --compile (it changes the kernels inductor generates)")
+    args.inductor_pdl = args.compile and args.inductor_pdl is not False
     if args.inductor_pdl:
-        if not args.compile:
-            ap.error("--inductor-pdl needs --compile (it changes the kernels inductor generates)")
         import torch._inductor.config as inductor_config
         if not hasattr(inductor_config.triton, "enable_pdl"):
             ap.error(f"--inductor-pdl: torch {torch.__version__} has no torch._inductor.config.triton.enable_pdl")

@@ -106,3 +106,13 @@ def test_breakdown_sums_per_step_by_class_and_lists_the_largest():
         (100.0, 2, "void lutmm::gpu::lut::lut_stream_kernel<4, 1>"),
         (25.0, 1, "cudnn_generated_fort_native_sdpa_sm90_flash_fprop")]
     assert "top kernels (us per step, calls per step)" not in e2e.by_class(events, steps=4)
+
+
+def test_inductor_pdl_needs_compile():
+    """--inductor-pdl changes the kernels inductor generates: without --compile it is an error, not a no-op."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench_e2e.py"), "--device", "cpu", "--inductor-pdl"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "--inductor-pdl needs --compile" in r.stderr
