@@ -42,15 +42,16 @@ SHAPES = {
 
 
 def build(shape: str, device: str, attn: str = "sdpa") -> LlamaForCausalLM:
-    """The model with random weights; attn: "sdpa" (transformers' own) or "gqa" (lutmm.attention: K and V
-    read once per KV head instead of repeated for every query head)."""
+    """The model with random weights; attn: "sdpa" (transformers' own), "gqa" (lutmm.attention: K and V
+    read once per KV head instead of repeated for every query head) or "gqa-kernel" (the same, decode
+    steps through lutmm's CUDA decode-attention kernel)."""
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=2048, rope_theta=500000.0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-    if attn == "gqa":
-        use_gqa_attention(model)
+    if attn in ("gqa", "gqa-kernel"):
+        use_gqa_attention(model, decode_kernel=attn == "gqa-kernel")
     elif attn != "sdpa":
-        raise ValueError(f"attn must be 'sdpa' or 'gqa', got {attn!r}")
+        raise ValueError(f"attn must be 'sdpa', 'gqa' or 'gqa-kernel', got {attn!r}")
     return model
 
 
@@ -201,8 +202,9 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=256)
     ap.add_argument("--no-graph", action="store_true")
-    ap.add_argument("--attn", choices=["gqa", "sdpa"], default="gqa",
+    ap.add_argument("--attn", choices=["gqa", "gqa-kernel", "sdpa"], default="gqa",
                     help="attention for bf16 and lutmm alike: gqa = lutmm.attention (K/V read once per KV head), "
+                         "gqa-kernel = the same with decode steps through lutmm's CUDA decode-attention kernel, "
                          "sdpa = transformers' own (repeats K/V for every query head under a mask)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile replays of the captured decode step: CUDA time by kernel class")

@@ -8,6 +8,7 @@
 
 #include <type_traits>
 
+#include "lutmm/attention.h"
 #include "lutmm/cuda.h"
 #include "lutmm/format.h"
 #include "lutmm/pack.h"
@@ -53,6 +54,23 @@ nb::tuple guarded(F&& f) {
   } catch (...) {
     return nb::make_tuple(std::string("lutmm: unknown C++ error"), nb::none());
   }
+}
+
+// A decode-attention problem: dims = {B, Hkv, G, S, D}, strides = {k_b, k_h, v_b, v_h, mask_b} (elements),
+// ptrs = {q, k, v, mask (0: none), out}.
+DecodeAttentionProblem attention_of(int dtype, const std::vector<int64_t>& dims, const std::vector<int64_t>& strides,
+                                    const std::vector<uintptr_t>& ptrs, float scale) {
+  if (dims.size() != 5 || strides.size() != 5 || ptrs.size() != 5)
+    throw Error("decode_attention: expected 5 dims, 5 strides and 5 pointers");
+  DecodeAttentionProblem p;
+  p.dtype = dtype_of(dtype);
+  p.B = dims[0]; p.Hkv = dims[1]; p.G = dims[2]; p.S = dims[3]; p.D = dims[4];
+  p.k_stride_b = strides[0]; p.k_stride_h = strides[1]; p.v_stride_b = strides[2]; p.v_stride_h = strides[3];
+  p.mask_stride_b = strides[4];
+  p.q = P<const void>(ptrs[0]); p.k = P<const void>(ptrs[1]); p.v = P<const void>(ptrs[2]);
+  p.mask = P<const uint8_t>(ptrs[3]); p.out = P<void>(ptrs[4]);
+  p.scale = scale;
+  return p;
 }
 
 }  // namespace
@@ -158,7 +176,28 @@ NB_MODULE(_ext, m) {
                      P<const float>(bias), P<float>(out));
   }); });
 
+  m.def("attention_split", [](int64_t B, int64_t Hkv, int64_t S, int64_t sms) { return guarded([&] {
+    const AttnSplit sp = attention_split(B, Hkv, S, sms);
+    return std::vector<int64_t>{sp.splits, sp.chunks_per_split};
+  }); });
+  m.def("reference_decode_attention", [](int dtype, std::vector<int64_t> dims, std::vector<int64_t> strides,
+                                         std::vector<uintptr_t> ptrs, float scale) { return guarded([&] {
+    const DecodeAttentionProblem p = attention_of(dtype, dims, strides, ptrs, scale);
+    nb::gil_scoped_release nogil;
+    reference_decode_attention(p);
+  }); });
+
   // ---- GPU ----
+  m.def("gpu_decode_attention_workspace_bytes", [](int dtype, std::vector<int64_t> dims, std::vector<int64_t> strides,
+                                                   std::vector<uintptr_t> ptrs, float scale, int device) { return guarded([&] {
+    return gpu::decode_attention_workspace_bytes(attention_of(dtype, dims, strides, ptrs, scale), device);
+  }); });
+  m.def("gpu_decode_attention", [](int dtype, std::vector<int64_t> dims, std::vector<int64_t> strides,
+                                   std::vector<uintptr_t> ptrs, float scale, uintptr_t workspace, size_t workspace_bytes,
+                                   uintptr_t stream) { return guarded([&] {
+    gpu::decode_attention(attention_of(dtype, dims, strides, ptrs, scale), P<void>(workspace), workspace_bytes,
+                          P<void>(stream));
+  }); });
   m.def("gpu_available", [] { return guarded([] { return gpu::available(); }); });
   m.def("build_info", [] { return guarded([] { return std::string(gpu::build_info()); }); });
   // path: 1 = the LUT (decode) kernel, 3 = the wgmma (prefill) kernel; see gpu::Path.

@@ -12,20 +12,110 @@ ops compile to ~7 us. The result equals the `sdpa` one up to rounding.
 
     from lutmm.attention import use_gqa_attention
     use_gqa_attention(model)   # any model whose attention goes through AttentionInterface (Llama, ...)
+
+Experimental (2026-11-26: built and CPU-tested, not yet run on a GPU; docs/performance.md item 48):
+`use_gqa_attention(model, decode_kernel=True)` runs decode steps through lutmm's own CUDA kernel
+(`torch.ops.lutmm.gqa_decode_attention`, src/cuda/decode_attention.cu: flash-decoding, one pass over
+K and V, masked positions not loaded); elsewhere (CPU, float masks, head dimensions other than 64 and
+128, more than 8 query heads per KV head) the plain ops below serve.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 NAME = "lutmm_gqa"
+NAME_KERNEL = "lutmm_gqa_kernel"  # the same, decode steps through gqa_decode_attention's CUDA kernel
+
+
+@torch.library.custom_op("lutmm::gqa_decode_attention", mutates_args=())
+def gqa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                         scale: float) -> torch.Tensor:
+    """One decode step of grouped-query attention. q [B, Hkv, G, D] (query head h * G + j), k / v
+    [B, Hkv, S, D], mask None or bool [B or 1, S] (True attends). Returns [B, Hkv, G, D] in q's dtype:
+    softmax(scale * q k^T, masked) v, fp32 inside; a row with nothing to attend gives NaN."""
+    raise NotImplementedError("lutmm::gqa_decode_attention: no implementation for this device")
+
+
+@gqa_decode_attention.register_fake
+def _(q, k, v, mask, scale):
+    return torch.empty_like(q)
+
+
+def _check_attention_args(q, k, v, mask):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"gqa_decode_attention: q, k, v must be 4-D, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    b, hkv, _, d = q.shape
+    if k.shape[:2] != (b, hkv) or k.shape[3] != d or v.shape != k.shape:
+        raise ValueError(f"gqa_decode_attention: k / v shape {tuple(k.shape)} / {tuple(v.shape)} do not match q "
+                         f"{tuple(q.shape)} ([B, Hkv, S, D])")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"gqa_decode_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[0] not in (1, b)
+                             or mask.shape[1] != k.shape[2]):
+        raise ValueError(f"gqa_decode_attention: mask must be bool [1 or {b}, {k.shape[2]}], got "
+                         f"{mask.dtype} {tuple(mask.shape)}")
+
+
+@gqa_decode_attention.register_kernel("cpu")
+def _(q, k, v, mask, scale):
+    _check_attention_args(q, k, v, mask)
+    sc = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        sc = sc.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return torch.matmul(torch.softmax(sc, dim=-1), v.float()).to(q.dtype)
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] and t.data_ptr() % 8 == 0 else t.contiguous()
+
+
+@gqa_decode_attention.register_kernel("cuda")
+def _(q, k, v, mask, scale):
+    from . import _core
+    from ._api import _DTYPE_CODE
+    _check_attention_args(q, k, v, mask)
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"gqa_decode_attention: dtype {q.dtype}, expected float16 or bfloat16 on CUDA")
+    if k.device != q.device or v.device != q.device or (mask is not None and mask.device != q.device):
+        raise ValueError("gqa_decode_attention: q, k, v and mask must be on one device")
+    b, hkv, g, d = q.shape
+    s_len = k.shape[2]
+    q = q.contiguous()
+    k, v = _rows_contiguous(k), _rows_contiguous(v)
+    if mask is not None and mask.stride(-1) != 1:
+        mask = mask.contiguous()
+    out = torch.empty_like(q)
+    dims = [b, hkv, g, s_len, d]
+    strides = [k.stride(0) if b > 1 else 0, k.stride(1) if hkv > 1 else 0,
+               v.stride(0) if b > 1 else 0, v.stride(1) if hkv > 1 else 0,
+               mask.stride(0) if mask is not None and mask.shape[0] > 1 else 0]
+    ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), 0 if mask is None else mask.data_ptr(), out.data_ptr()]
+    code = _DTYPE_CODE[q.dtype]
+    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    ws = torch.empty(_core.gpu_decode_attention_workspace_bytes(code, dims, strides, ptrs, float(scale), dev),
+                     dtype=torch.uint8, device=q.device)
+    _core.gpu_decode_attention(code, dims, strides, ptrs, float(scale), ws.data_ptr(), ws.numel(),
+                               torch.cuda.current_stream(q.device).cuda_stream)
+    return out
+
+
+def _kernel_serves(query, key, mask, q_len, g, training) -> bool:
+    return (q_len == 1 and not training and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+            and key.dtype == query.dtype and query.shape[-1] in (64, 128) and g <= 8
+            and (mask is None or (mask.dtype == torch.bool and mask.shape[1] == 1)))
 
 
 def gqa_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                       is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                       is_causal: bool | None = None, decode_kernel: bool = False,
+                       **kwargs) -> tuple[torch.Tensor, None]:
     """AttentionInterface function: query [B, Hq, L, D], key / value [B, Hkv, S, D], attention_mask None or
-    [B or 1, 1, L, >= S] (bool: True attends, or additive float). Returns ([B, L, Hq, D], None)."""
+    [B or 1, 1, L, >= S] (bool: True attends, or additive float). Returns ([B, L, Hq, D], None).
+    decode_kernel: decode steps (L = 1) through gqa_decode_attention where it serves (_kernel_serves)."""
     if kwargs.get("output_attentions", False):
         raise ValueError(f"{NAME} attention does not return attention weights (use attn_implementation='eager')")
     b, hq, q_len, d = query.shape
@@ -41,6 +131,10 @@ def gqa_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         rows = torch.arange(q_len, device=query.device)[:, None]
         mask = (rows >= torch.arange(s_len, device=query.device)[None, :]).view(1, 1, q_len, s_len)
     q = query.reshape(b, hkv, g * q_len, d)  # head h = kv * G + j: rows j * L + i of KV head kv
+    if decode_kernel and _kernel_serves(query, key, mask, q_len, g, module.training):
+        m2 = None if mask is None else mask[:, 0, 0, :]  # [B or 1, S]
+        out = gqa_decode_attention(q, key, value, m2, float(d ** -0.5 if scaling is None else scaling))
+        return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous(), None
     if mask is not None and g > 1:
         mb, mh = mask.shape[0], mask.shape[1]
         if mh != 1:
@@ -62,17 +156,25 @@ def gqa_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     return out.reshape(b, hq, q_len, d).transpose(1, 2).contiguous(), None
 
 
-def register() -> str:
+def gqa_kernel_attention(*args, **kwargs):
+    """gqa_sdpa_attention with decode steps through lutmm's CUDA decode-attention kernel."""
+    return gqa_sdpa_attention(*args, decode_kernel=True, **kwargs)
+
+
+def register(decode_kernel: bool = False) -> str:
     """Registers the attention function (and SDPA's boolean mask for it) with transformers; returns its name."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    AttentionInterface.register(NAME, gqa_sdpa_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    return NAME
+    name = NAME_KERNEL if decode_kernel else NAME
+    AttentionInterface.register(name, gqa_kernel_attention if decode_kernel else gqa_sdpa_attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
 
 
-def use_gqa_attention(model) -> None:
-    """Switches a transformers model (and its submodels) to gqa_sdpa_attention."""
-    model.set_attn_implementation(register())
-    if model.config._attn_implementation != NAME:
-        raise RuntimeError(f"{type(model).__name__} did not take attn_implementation={NAME!r}")
+def use_gqa_attention(model, decode_kernel: bool = False) -> None:
+    """Switches a transformers model (and its submodels) to gqa_sdpa_attention; decode_kernel: decode steps
+    through lutmm's CUDA kernel (gqa_decode_attention) where it serves."""
+    name = register(decode_kernel)
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise RuntimeError(f"{type(model).__name__} did not take attn_implementation={name!r}")

@@ -112,3 +112,118 @@ def test_gpu_bf16_matches_stock_sdpa():
         got = run()
     for r, g in zip(ref, got):
         assert (g - r).abs().max().item() <= 0.03 * r.abs().max().item()
+
+
+def _decode_inputs(b, hkv, g, s, d, dtype, device="cpu", s_max=None, mask_kind="rows"):
+    gen = torch.Generator().manual_seed(b * 1000 + s)
+    q = torch.randn(b, hkv, g, d, generator=gen).to(dtype)
+    kv = torch.randn(2, b, hkv, s_max or s, d, generator=gen).mul(2).to(dtype)
+    k, v = kv[0, :, :, :s], kv[1, :, :, :s]  # views into a longer cache when s_max > s
+    mask = None
+    if mask_kind == "rows":
+        mask = torch.rand(b, s, generator=gen) > 0.3
+        mask[:, 0] = True
+    elif mask_kind == "one":
+        mask = torch.ones(1, s, dtype=torch.bool)
+        mask[:, s * 3 // 4:] = False
+    to = (lambda t: None if t is None else t.to(device))
+    return to(q), to(k), to(v), to(mask)
+
+
+def test_decode_op_cpu_matches_cpp_reference_and_plain_path():
+    from lutmm import _core
+    from lutmm.attention import gqa_decode_attention
+    b, hkv, g, s, d = 3, 2, 4, 70, 64
+    q, k, v, mask = _decode_inputs(b, hkv, g, s, d, torch.bfloat16, s_max=80)
+    out = gqa_decode_attention(q, k, v, mask, 0.125)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    # C++ reference (fp64 sums) on contiguous copies
+    kc, vc, qc, mc = k.contiguous(), v.contiguous(), q.contiguous(), mask.to(torch.uint8).contiguous()
+    ref = torch.empty_like(qc)
+    _core.reference_decode_attention(2, [b, hkv, g, s, d], [hkv * s * d, s * d, hkv * s * d, s * d, s],
+                                     [qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), mc.data_ptr(), ref.data_ptr()],
+                                     0.125)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=0.02)
+    # the attention function's plain decode path (query heads h * G + j, [B, L, Hq, D] out)
+    plain, _ = gqa_sdpa_attention(torch.nn.Module().eval(), q.float().reshape(b, hkv * g, 1, d), k.float(), v.float(),
+                                  mask[:, None, None, :], scaling=0.125)
+    torch.testing.assert_close(out.float().reshape(b, 1, hkv * g, d), plain, rtol=0, atol=0.02)
+    # a row with nothing to attend gives NaN, as the plain path's softmax does
+    mask[1] = False
+    assert torch.isnan(gqa_decode_attention(q, k, v, mask, 0.125)[1]).all()
+
+
+def test_decode_op_rejects_bad_arguments():
+    from lutmm.attention import gqa_decode_attention
+    q, k, v, mask = _decode_inputs(2, 2, 4, 10, 64, torch.bfloat16)
+    with pytest.raises(ValueError, match="do not match"):
+        gqa_decode_attention(q, k[:, :1], v[:, :1], mask, 1.0)
+    with pytest.raises(ValueError, match="mask must be bool"):
+        gqa_decode_attention(q, k, v, mask.float(), 1.0)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        gqa_decode_attention(q, k.half(), v, mask, 1.0)
+
+
+def _gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: GPU test skipped")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,mask_kind", [((1, 8, 4, 392, 128), "one"), ((16, 8, 4, 392, 128), "rows"),
+                                             ((2, 8, 8, 3000, 128), "rows"), ((3, 4, 1, 65, 64), None),
+                                             ((2, 2, 5, 1, 64), "rows")])
+def test_gpu_decode_kernel_matches_cpu(shape, mask_kind, dtype):
+    _gpu()
+    from lutmm.attention import gqa_decode_attention
+    b, hkv, g, s, d = shape
+    q, k, v, mask = _decode_inputs(b, hkv, g, s, d, dtype, device="cuda", s_max=s + 16, mask_kind=mask_kind)
+    got = gqa_decode_attention(q, k, v, mask, d ** -0.5)
+    again = gqa_decode_attention(q, k, v, mask, d ** -0.5)
+    assert torch.equal(got, again)  # deterministic
+    ref = gqa_decode_attention(q.cpu(), k.cpu(), v.cpu(), None if mask is None else mask.cpu(), d ** -0.5)
+    tol = 0.02 if dtype == torch.bfloat16 else 3e-3
+    torch.testing.assert_close(got.cpu().float(), ref.float(), rtol=0, atol=tol * ref.float().abs().max().item())
+
+
+def test_gpu_decode_kernel_in_a_model_under_compile_and_cuda_graph(monkeypatch):
+    """use_gqa_attention(decode_kernel=True): decode steps go through the kernel (counted), and the logits
+    equal the plain path's up to bf16 rounding, compiled and replayed from a CUDA graph."""
+    _gpu()
+    import lutmm.attention as la
+    calls = []
+    real = la.gqa_decode_attention
+    monkeypatch.setattr(la, "gqa_decode_attention", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=256)  # head dim 64, G = 4
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(0, 300, (2, 9), device="cuda")
+
+    def run():
+        cache = StaticCache(config=model.config, max_cache_len=20)
+        model(ids, past_key_values=cache, cache_position=torch.arange(9, device="cuda"), use_cache=True)
+        nxt, pos = ids[:, :1].clone(), torch.tensor([9], device="cuda")
+        step = lambda: model(nxt, past_key_values=cache, cache_position=pos, use_cache=True).logits.float()
+        return [step()], step, pos
+
+    with torch.no_grad():
+        use_gqa_attention(model)
+        ref, _, _ = run()
+        use_gqa_attention(model, decode_kernel=True)
+        assert model.config._attn_implementation == la.NAME_KERNEL
+        got, step, pos = run()
+        assert len(calls) == 2  # one decode step, two layers
+        torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0.03 * ref[0].abs().max().item())
+        compiled = torch.compile(step)
+        for _ in range(2):
+            compiled()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = compiled()
+        pos.fill_(10)
+        graph.replay()
+        pos.fill_(10)
+        eager = step()
+        torch.testing.assert_close(out, eager, rtol=0, atol=0.03 * eager.abs().max().item())

@@ -1,0 +1,67 @@
+// Decode attention for grouped-query heads: one query token per sequence, and the G query heads that
+// share a KV head read its keys and values once (flash-decoding: the key positions are split over
+// CTAs, each keeps a running softmax, a second kernel combines the splits in a fixed order).
+//
+//   out[b, h, j, :] = sum_s softmax_s(scale * q[b, h, j, :] . k[b, h, s, :] | mask[b, s]) v[b, h, s, :]
+//
+// for sequence b < B, KV head h < Hkv, query head j < G of that KV head (query head h * G + j in a
+// model's numbering), key position s < S where mask[b, s] is nonzero. A row whose positions are all
+// masked gives NaN (as a softmax over nothing does in torch). Host code (validation, the split, the
+// CPU reference) builds everywhere; the GPU entry points throw in a build without CUDA.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "lutmm/format.h"
+
+namespace lutmm {
+
+struct DecodeAttentionProblem {
+  DType dtype = DType::BF16;  // of q, k, v and out (fp16 or bf16)
+  int64_t B = 0;              // sequences
+  int64_t Hkv = 0;            // KV heads
+  int64_t G = 0;              // query heads per KV head, 1..8
+  int64_t S = 0;              // key positions (>= 1)
+  int64_t D = 0;              // head dimension: 64 or 128
+  const void* q = nullptr;    // [B, Hkv, G, D], contiguous
+  // k[b, h, s, d] at k + b * k_stride_b + h * k_stride_h + s * D + d (elements): each position's D
+  // values contiguous, positions D apart (a KV cache [B, Hkv, S_max, D] with S <= S_max). Same for v.
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t k_stride_b = 0, k_stride_h = 0, v_stride_b = 0, v_stride_h = 0;
+  // mask[b, s] at mask + b * mask_stride_b + s: nonzero attends. nullptr: every position attends.
+  const uint8_t* mask = nullptr;
+  int64_t mask_stride_b = 0;  // 0: one row for every sequence
+  float scale = 0.f;          // scores are scale * (q . k)
+  void* out = nullptr;        // [B, Hkv, G, D], contiguous
+};
+
+// Throws lutmm::Error naming the problem (sizes, dtype, pointers, strides, alignment: q, k, v and
+// out 8-byte aligned with strides that keep every row so) unless `p` can run.
+void validate_decode_attention(const DecodeAttentionProblem& p);
+
+// How the GPU kernel splits the key positions: chunks of kAttnChunk positions, `chunks_per_split`
+// consecutive chunks per CTA, `splits` CTAs per (sequence, KV head). The split aims at
+// kAttnCtasPerSm CTAs per SM and never gives a CTA fewer than one chunk; it depends on the SM count,
+// so results are bitwise reproducible on one GPU model, not across models.
+constexpr int64_t kAttnChunk = 64;
+constexpr int64_t kAttnCtasPerSm = 4;
+struct AttnSplit {
+  int64_t splits;
+  int64_t chunks_per_split;
+};
+AttnSplit attention_split(int64_t B, int64_t Hkv, int64_t S, int64_t sms);
+
+// CPU reference on host pointers (fp64 sums, one rounding to the dtype at the end).
+void reference_decode_attention(const DecodeAttentionProblem& p);
+
+namespace gpu {
+// Bytes of scratch decode_attention needs on `device` (partial outputs and softmax statistics of
+// every split); contents need no initialization.
+size_t decode_attention_workspace_bytes(const DecodeAttentionProblem& p, int device);
+// Runs the problem on the current device and the caller's stream (two kernels, programmatic
+// dependent launch where supported); never synchronizes, allocates nothing: safe in CUDA graph capture.
+void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t workspace_bytes, void* stream);
+}  // namespace gpu
+
+}  // namespace lutmm

@@ -1,0 +1,91 @@
+// Decode attention, host side: argument checks, the GPU kernel's split of key positions, and the CPU
+// reference the GPU tests compare against (include/lutmm/attention.h).
+#include "lutmm/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "half.h"
+
+namespace lutmm {
+
+namespace {
+void require(bool ok, const std::string& what) {
+  if (!ok) throw Error("decode_attention: " + what);
+}
+bool aligned8(const void* p) { return reinterpret_cast<uintptr_t>(p) % 8 == 0; }
+}  // namespace
+
+void validate_decode_attention(const DecodeAttentionProblem& p) {
+  require(p.dtype == DType::BF16 || p.dtype == DType::F16,
+          std::string("dtype ") + dtype_name(p.dtype) + ", expected float16 or bfloat16");
+  require(p.B >= 1 && p.Hkv >= 1 && p.S >= 1, "B, Hkv and S must be >= 1 (got B=" + std::to_string(p.B) +
+                                                  " Hkv=" + std::to_string(p.Hkv) + " S=" + std::to_string(p.S) + ")");
+  require(p.G >= 1 && p.G <= 8, "G (query heads per KV head) must be 1..8, got " + std::to_string(p.G));
+  require(p.D == 64 || p.D == 128, "head dimension must be 64 or 128, got " + std::to_string(p.D));
+  require(p.q && p.k && p.v && p.out, "q, k, v and out must be non-null");
+  require(aligned8(p.q) && aligned8(p.k) && aligned8(p.v) && aligned8(p.out),
+          "q, k, v and out must be 8-byte aligned");
+  for (int64_t st : {p.k_stride_b, p.k_stride_h, p.v_stride_b, p.v_stride_h})
+    require(st >= 0 && st % 4 == 0, "k / v strides must be non-negative multiples of 4 elements, got " +
+                                        std::to_string(st));
+  require(p.Hkv == 1 || p.k_stride_h >= p.S * p.D, "k: the head stride " + std::to_string(p.k_stride_h) +
+                                                       " is shorter than S x D = " + std::to_string(p.S * p.D));
+  require(p.Hkv == 1 || p.v_stride_h >= p.S * p.D, "v: the head stride " + std::to_string(p.v_stride_h) +
+                                                       " is shorter than S x D = " + std::to_string(p.S * p.D));
+  require(p.mask_stride_b >= 0, "mask_stride_b must be >= 0");
+  require(std::isfinite(p.scale), "scale must be finite");
+}
+
+AttnSplit attention_split(int64_t B, int64_t Hkv, int64_t S, int64_t sms) {
+  if (B < 1 || Hkv < 1 || S < 1 || sms < 1) throw Error("attention_split: B, Hkv, S and sms must be >= 1");
+  const int64_t chunks = (S + kAttnChunk - 1) / kAttnChunk;
+  const int64_t pairs = B * Hkv;
+  const int64_t want = std::max<int64_t>(1, (kAttnCtasPerSm * sms + pairs - 1) / pairs);  // splits per pair
+  const int64_t per = (chunks + std::min(want, chunks) - 1) / std::min(want, chunks);
+  return {(chunks + per - 1) / per, per};
+}
+
+void reference_decode_attention(const DecodeAttentionProblem& p) {
+  validate_decode_attention(p);
+  const bool bf = p.dtype == DType::BF16;
+  auto get = [&](const void* base, int64_t i) {
+    const uint16_t h = static_cast<const uint16_t*>(base)[i];
+    return double(bf ? bf16_to_float(h) : half_to_float(h));
+  };
+  std::vector<double> sc(size_t(p.S)), acc(size_t(p.D));
+  for (int64_t b = 0; b < p.B; ++b)
+    for (int64_t h = 0; h < p.Hkv; ++h)
+      for (int64_t j = 0; j < p.G; ++j) {
+        const int64_t qo = ((b * p.Hkv + h) * p.G + j) * p.D;
+        double m = -std::numeric_limits<double>::infinity();
+        for (int64_t s = 0; s < p.S; ++s) {
+          const bool on = !p.mask || p.mask[b * p.mask_stride_b + s] != 0;
+          double dot = 0;
+          const int64_t ko = b * p.k_stride_b + h * p.k_stride_h + s * p.D;
+          if (on)
+            for (int64_t d = 0; d < p.D; ++d) dot += get(p.q, qo + d) * get(p.k, ko + d);
+          sc[size_t(s)] = on ? dot * p.scale : -std::numeric_limits<double>::infinity();
+          m = std::max(m, sc[size_t(s)]);
+        }
+        std::fill(acc.begin(), acc.end(), 0.0);
+        double l = 0;
+        for (int64_t s = 0; s < p.S && m > -std::numeric_limits<double>::infinity(); ++s) {
+          if (sc[size_t(s)] == -std::numeric_limits<double>::infinity()) continue;
+          const double e = std::exp(sc[size_t(s)] - m);
+          l += e;
+          const int64_t vo = b * p.v_stride_b + h * p.v_stride_h + s * p.D;
+          for (int64_t d = 0; d < p.D; ++d) acc[size_t(d)] += e * get(p.v, vo + d);
+        }
+        uint16_t* out = static_cast<uint16_t*>(p.out) + qo;
+        for (int64_t d = 0; d < p.D; ++d) {
+          const float o = l > 0 ? float(acc[size_t(d)] / l) : std::numeric_limits<float>::quiet_NaN();
+          out[d] = bf ? float_to_bf16(o) : float_to_half(o);
+        }
+      }
+}
+
+}  // namespace lutmm

@@ -1,0 +1,110 @@
+// Decode attention, host side: the GPU kernel's split of key positions, argument checks, and the CPU
+// reference on cases whose answer is known in closed form.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../../src/half.h"
+#include "lutmm/attention.h"
+
+using namespace lutmm;
+
+TEST(Attention, SplitCoversEveryChunkOnce) {
+  // LLaMA-3-8B decode on 132 SMs: 392 cached positions (7 chunks of 64).
+  EXPECT_EQ(attention_split(1, 8, 392, 132).splits, 7);   // 56 CTAs: one chunk each
+  EXPECT_EQ(attention_split(1, 8, 392, 132).chunks_per_split, 1);
+  EXPECT_EQ(attention_split(16, 8, 392, 132).chunks_per_split, 2);  // 128 pairs x 4 splits = 512 CTAs
+  EXPECT_EQ(attention_split(16, 8, 392, 132).splits, 4);
+  EXPECT_EQ(attention_split(1, 8, 8192, 132).chunks_per_split, 2);  // 128 chunks over 64 splits
+  EXPECT_EQ(attention_split(1, 1, 1, 132).splits, 1);
+  for (int64_t B : {1, 3, 16, 64})
+    for (int64_t Hkv : {1, 8})
+      for (int64_t S : {1, 63, 64, 65, 392, 1000, 8192, 100000})
+        for (int64_t sms : {1, 108, 132}) {
+          const AttnSplit sp = attention_split(B, Hkv, S, sms);
+          const int64_t chunks = (S + kAttnChunk - 1) / kAttnChunk;
+          ASSERT_GE(sp.splits, 1);
+          ASSERT_GE(sp.chunks_per_split, 1);
+          ASSERT_GE(sp.splits * sp.chunks_per_split, chunks);         // every chunk has a split
+          ASSERT_LT((sp.splits - 1) * sp.chunks_per_split, chunks);   // and every split a chunk
+          ASSERT_LE(B * Hkv * sp.splits, std::max(B * Hkv, kAttnCtasPerSm * sms + B * Hkv));  // bounded workspace
+        }
+  EXPECT_THROW(attention_split(0, 8, 392, 132), Error);
+  EXPECT_THROW(attention_split(1, 8, 392, 0), Error);
+}
+
+namespace {
+struct Host {  // a bf16 problem on host vectors, contiguous [B, Hkv, S, D] caches
+  DecodeAttentionProblem p;
+  std::vector<uint16_t> q, k, v, out;
+  std::vector<uint8_t> mask;
+  Host(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D) {
+    q.assign(size_t(B * Hkv * G * D), 0);
+    k.assign(size_t(B * Hkv * S * D), 0);
+    v.assign(size_t(B * Hkv * S * D), 0);
+    out.assign(q.size(), 0);
+    p.B = B; p.Hkv = Hkv; p.G = G; p.S = S; p.D = D;
+    p.k_stride_b = p.v_stride_b = Hkv * S * D;
+    p.k_stride_h = p.v_stride_h = S * D;
+    p.q = q.data(); p.k = k.data(); p.v = v.data(); p.out = out.data();
+    p.scale = 1.f / std::sqrt(float(D));
+  }
+  float o(int64_t i) const { return bf16_to_float(out[size_t(i)]); }
+};
+}  // namespace
+
+TEST(Attention, ReferenceClosedForms) {
+  // Equal keys: the output is the mean of the attended values. Masking leaves one position: its value.
+  Host h(1, 1, 2, 3, 64);
+  for (int64_t s = 0; s < 3; ++s)
+    for (int64_t d = 0; d < 64; ++d) {
+      h.k[size_t(s * 64 + d)] = float_to_bf16(0.5f);
+      h.v[size_t(s * 64 + d)] = float_to_bf16(float(s + 1) + d / 64.f);
+    }
+  for (auto& x : h.q) x = float_to_bf16(0.25f);
+  reference_decode_attention(h.p);
+  for (int64_t j = 0; j < 2; ++j)
+    for (int64_t d = 0; d < 64; ++d) EXPECT_NEAR(h.o(j * 64 + d), 2.f + d / 64.f, 0.02f) << j << " " << d;
+  h.mask = {0, 0, 1};
+  h.p.mask = h.mask.data();
+  reference_decode_attention(h.p);
+  EXPECT_NEAR(h.o(5), 3.f + 5 / 64.f, 0.02f);
+  // Two positions, scores 0 and log 3 (q . k scaled): weights 1/4 and 3/4.
+  Host t(1, 1, 1, 2, 64);
+  t.p.scale = 1.f;
+  t.q[0] = float_to_bf16(1.f);
+  t.k[64] = float_to_bf16(std::log(3.f));
+  for (int64_t d = 0; d < 64; ++d) t.v[size_t(64 + d)] = float_to_bf16(4.f);
+  reference_decode_attention(t.p);
+  EXPECT_NEAR(t.o(0), 3.f, 0.02f);
+  // Nothing attends: NaN, as torch's softmax over nothing.
+  std::vector<uint8_t> none(2, 0);
+  t.p.mask = none.data();
+  reference_decode_attention(t.p);
+  EXPECT_TRUE(std::isnan(t.o(0)));
+}
+
+TEST(Attention, RejectsBadArguments) {
+  Host h(1, 2, 4, 16, 128);
+  EXPECT_NO_THROW(validate_decode_attention(h.p));
+  auto bad = [&](auto change, const char* what) {
+    DecodeAttentionProblem p = h.p;
+    change(p);
+    try {
+      validate_decode_attention(p);
+      ADD_FAILURE() << "accepted: " << what;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+  };
+  bad([](DecodeAttentionProblem& p) { p.dtype = DType::F32; }, "dtype");
+  bad([](DecodeAttentionProblem& p) { p.G = 9; }, "G (query heads per KV head)");
+  bad([](DecodeAttentionProblem& p) { p.D = 96; }, "head dimension");
+  bad([](DecodeAttentionProblem& p) { p.S = 0; }, "must be >= 1");
+  bad([](DecodeAttentionProblem& p) { p.k = nullptr; }, "non-null");
+  bad([](DecodeAttentionProblem& p) { p.v = static_cast<const char*>(p.v) + 2; }, "8-byte aligned");
+  bad([](DecodeAttentionProblem& p) { p.k_stride_h = 6; }, "multiples of 4");
+  bad([](DecodeAttentionProblem& p) { p.v_stride_h = 8 * 128; }, "head stride");
+  bad([](DecodeAttentionProblem& p) { p.scale = NAN; }, "scale");
+}
