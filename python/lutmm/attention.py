@@ -41,7 +41,7 @@ def gqa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
 
 @gqa_decode_attention.register_fake
 def _(q, k, v, mask, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as both implementations return it
 
 
 def _check_attention_args(q, k, v, mask):
@@ -66,7 +66,7 @@ def _(q, k, v, mask, scale):
     sc = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if mask is not None:
         sc = sc.masked_fill(~mask[:, None, None, :], float("-inf"))
-    return torch.matmul(torch.softmax(sc, dim=-1), v.float()).to(q.dtype)
+    return torch.matmul(torch.softmax(sc, dim=-1), v.float()).to(q.dtype).contiguous()
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
