@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, GPU tests (C++ and Python), then the kernel benchmark.
-# Usage (device tool, repo root): bash scripts/gpu.sh [quick|standard|full|tests|bench|profile|sanitize|ab|kab|cxx|e2e]
+# Usage (device tool, repo root): bash scripts/gpu.sh [quick|standard|full|tests|bench|profile|sanitize|ab|kab|cxx|e2e|attn]
 # Logs go to $OUT. ab: everything, then kernel A/B builds (EXPERIMENTS="2"); kab: C++ build, GPU tests
 # and the A/B only; cxx: C++ build, GPU tests and the C++ kernel benchmark (lutmm_bench) only;
-# e2e: build, then bench/bench_e2e.py $E2E_ARGS only. BENCH_ARGS replaces --quick for quick/bench.
+# e2e: build, then bench/bench_e2e.py $E2E_ARGS only; attn: build, the decode-attention GPU tests and
+# bench/bench_attention.py. BENCH_ARGS replaces --quick for quick/bench.
 # ab/kab take AB_CASES / AB_B_PATHS (see bench_cases below). profile: Nsight Compute on PROFILE_CASES
 # ("N K M BITS [PATH];...", lutmm_bench) and PROFILE_TORCH ("M N K;...", cuBLAS bf16 through torch.mm).
 set -uo pipefail
@@ -31,6 +32,13 @@ status=0
 if [[ $MODE == e2e ]]; then
   python3 bench/bench_e2e.py ${E2E_ARGS:-} 2>"$OUT/e2e.err" | tee "$OUT/e2e.txt"
   exit ${PIPESTATUS[0]}
+fi
+if [[ $MODE == attn ]]; then  # the decode-attention kernel: its C++ and Python GPU tests, then its benchmark
+  ./build/gpu/lutmm_gpu_tests --gtest_filter='GpuAttention.*' 2>&1 | tee "$OUT/attn_tests.log" | \
+    grep -E "^\[  (PASSED|FAILED) |Failure|case|Expected|Which" | head -30
+  python3 -m pytest -q -rs tests/python/test_attention.py 2>&1 | tail -15
+  python3 bench/bench_attention.py 2>"$OUT/attn.err" | tee "$OUT/attn.txt"
+  exit 0
 fi
 if [[ $MODE != bench && $MODE != profile ]]; then
   ./build/gpu/lutmm_tests --gtest_brief=1 2>&1 | tail -3
