@@ -194,9 +194,9 @@ NB_MODULE(_ext, m) {
   }); });
   m.def("gpu_decode_attention", [](int dtype, std::vector<int64_t> dims, std::vector<int64_t> strides,
                                    std::vector<uintptr_t> ptrs, float scale, uintptr_t workspace, size_t workspace_bytes,
-                                   uintptr_t stream) { return guarded([&] {
+                                   uintptr_t stream, int kernel) { return guarded([&] {
     gpu::decode_attention(attention_of(dtype, dims, strides, ptrs, scale), P<void>(workspace), workspace_bytes,
-                          P<void>(stream));
+                          P<void>(stream), gpu::AttnKernel(kernel));
   }); });
   m.def("gpu_available", [] { return guarded([] { return gpu::available(); }); });
   m.def("build_info", [] { return guarded([] { return std::string(gpu::build_info()); }); });

@@ -20,6 +20,6 @@ int wgmma_cluster_size(int64_t, const Shape&, int) { no_cuda(); }
 void wgmma_gemm(const GemmProblem&, void*, size_t, void*, WgSplit) { no_cuda(); }
 void dequantize(const void*, const uint16_t*, const float*, const Shape&, DType, void*, void*) { no_cuda(); }
 size_t decode_attention_workspace_bytes(const DecodeAttentionProblem&, int) { no_cuda(); }
-void decode_attention(const DecodeAttentionProblem&, void*, size_t, void*) { no_cuda(); }
+void decode_attention(const DecodeAttentionProblem&, void*, size_t, void*, AttnKernel) { no_cuda(); }
 }  // namespace gpu
 }  // namespace lutmm

@@ -59,9 +59,15 @@ namespace gpu {
 // Bytes of scratch decode_attention needs on `device` (partial outputs and softmax statistics of
 // every split); contents need no initialization.
 size_t decode_attention_workspace_bytes(const DecodeAttentionProblem& p, int device);
+// The split kernel's two variants (src/cuda/decode_attention.cu), both checked against the reference:
+// kChunked: the CTA's warps share each chunk of 64 positions (scores, softmax, P V, a barrier each);
+// kWarps: each warp keeps its own running softmax over its positions, the CTA combines them once.
+// kAuto: kWarps (not yet measured against kChunked: docs/performance.md item 48).
+enum class AttnKernel : int { kAuto = 0, kChunked = 1, kWarps = 2 };
 // Runs the problem on the current device and the caller's stream (two kernels, programmatic
 // dependent launch where supported); never synchronizes, allocates nothing: safe in CUDA graph capture.
-void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t workspace_bytes, void* stream);
+void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t workspace_bytes, void* stream,
+                      AttnKernel kernel = AttnKernel::kAuto);
 }  // namespace gpu
 
 }  // namespace lutmm

@@ -32,15 +32,16 @@ NAME_KERNEL = "lutmm_gqa_kernel"  # the same, decode steps through gqa_decode_at
 
 @torch.library.custom_op("lutmm::gqa_decode_attention", mutates_args=())
 def gqa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                         scale: float) -> torch.Tensor:
+                         scale: float, kernel: int = 0) -> torch.Tensor:
     """One decode step of grouped-query attention. q [B, Hkv, G, D] (query head h * G + j), k / v
     [B, Hkv, S, D], mask None or bool [B or 1, S] (True attends). Returns [B, Hkv, G, D] in q's dtype:
-    softmax(scale * q k^T, masked) v, fp32 inside; a row with nothing to attend gives NaN."""
+    softmax(scale * q k^T, masked) v, fp32 inside; a row with nothing to attend gives NaN.
+    kernel (CUDA): 0 auto, 1 / 2 force the kChunked / kWarps variant (include/lutmm/attention.h)."""
     raise NotImplementedError("lutmm::gqa_decode_attention: no implementation for this device")
 
 
 @gqa_decode_attention.register_fake
-def _(q, k, v, mask, scale):
+def _(q, k, v, mask, scale, kernel=0):
     return q.new_empty(q.shape)  # contiguous, as both implementations return it
 
 
@@ -61,7 +62,7 @@ def _check_attention_args(q, k, v, mask):
 
 
 @gqa_decode_attention.register_kernel("cpu")
-def _(q, k, v, mask, scale):
+def _(q, k, v, mask, scale, kernel=0):
     _check_attention_args(q, k, v, mask)
     sc = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if mask is not None:
@@ -74,7 +75,7 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 @gqa_decode_attention.register_kernel("cuda")
-def _(q, k, v, mask, scale):
+def _(q, k, v, mask, scale, kernel=0):
     from . import _core
     from ._api import _DTYPE_CODE
     _check_attention_args(q, k, v, mask)
@@ -99,7 +100,7 @@ def _(q, k, v, mask, scale):
     ws = torch.empty(_core.gpu_decode_attention_workspace_bytes(code, dims, strides, ptrs, float(scale), dev),
                      dtype=torch.uint8, device=q.device)
     _core.gpu_decode_attention(code, dims, strides, ptrs, float(scale), ws.data_ptr(), ws.numel(),
-                               torch.cuda.current_stream(q.device).cuda_stream)
+                               torch.cuda.current_stream(q.device).cuda_stream, int(kernel))
     return out
 
 

@@ -1,6 +1,6 @@
 // Decode attention for grouped-query heads (include/lutmm/attention.h): flash-decoding in two kernels.
 //
-// attn_split_kernel: one CTA per (split, KV head, sequence). Its 4 warps walk the split's chunks of
+// attn_split_kernel (variant 1, AttnKernel::kChunked): one CTA per (split, KV head, sequence). Its 4 warps walk the split's chunks of
 //   64 key positions. Per chunk: (1) scores: warp w takes positions w, w + 4, ...; each lane holds
 //   D / 32 dimensions of the G queries (pre-multiplied by the scale) and of the key row, and a warp
 //   all-reduce (5 shuffles per query) sums the G dot products; masked positions load nothing. (2) The
@@ -9,6 +9,11 @@
 //   position, G running sums each, rescaled with the running max. At the end the slices meet in
 //   shared memory and the CTA writes its partial output (fp32, not normalized) and (max, sum) per
 //   query head to the workspace.
+// attn_warps_kernel (variant 2, AttnKernel::kWarps): the same split, but each warp walks its own
+//   positions (4 consecutive ones per step, K and V rows loaded together, 8 bytes per lane) with its
+//   own running softmax in registers (every lane holds the G maxima, sums and its D / 32 columns of
+//   the G outputs): no barrier per chunk, twice the loads in flight. The 4 warps' states meet in
+//   shared memory once, at the end.
 // attn_combine_kernel: one CTA per (KV head, sequence), thread d: out = sum_i o_i e^(m_i - M) /
 //   sum_i l_i e^(m_i - M) over the splits i in order (deterministic), M = max_i m_i.
 // Both launch with programmatic dependent launch: the split kernel waits for the previous kernel
@@ -203,6 +208,116 @@ __global__ void __launch_bounds__(kThreads, 1) attn_split_kernel(AttnParams p) {
 }
 
 template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) attn_warps_kernel(AttnParams p) {
+  constexpr int kLane = D / 32;  // columns per lane (of q, the key rows, the value rows and the output)
+  constexpr int kStep = 4;       // consecutive positions a warp loads at once
+  __shared__ float s_o[kWarps][kMaxG][D];  // the warps' outputs (relative to their own maxima)
+  __shared__ float s_m[kWarps][kMaxG], s_l[kWarps][kMaxG], s_M[kMaxG], s_L[kMaxG];
+
+  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int G = p.G;
+  const T* k_bh = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + lane * kLane;
+  const T* v_bh = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + lane * kLane;
+  const uint8_t* mask_b = p.mask ? p.mask + b * p.mask_sb : nullptr;
+
+  grid_dependency_wait();
+  grid_dependents_launch();
+
+  float qr[kMaxG][kLane];
+  {
+    const T* q_bh = static_cast<const T*>(p.q) + (int64_t(b) * p.Hkv + h) * G * D + lane * kLane;
+#pragma unroll
+    for (int j = 0; j < kMaxG; ++j) {
+      if (j < G) load_row<T, kLane>(q_bh + j * D, qr[j]);
+#pragma unroll
+      for (int i = 0; i < kLane; ++i) qr[j][i] = j < G ? qr[j][i] * p.scale : 0.f;
+    }
+  }
+  float m[kMaxG], l[kMaxG], acc[kMaxG][kLane];
+#pragma unroll
+  for (int j = 0; j < kMaxG; ++j) {
+    m[j] = -INFINITY;
+    l[j] = 0.f;
+#pragma unroll
+    for (int i = 0; i < kLane; ++i) acc[j][i] = 0.f;
+  }
+
+  const int first = split * p.chunks_per_split * kChunk;
+  const int last = min(p.S, first + p.chunks_per_split * kChunk);
+  for (int s0 = first + warp * kStep; s0 < last; s0 += kWarps * kStep) {
+    float kr[kStep][kLane] = {}, vr[kStep][kLane] = {};
+    bool on[kStep];
+#pragma unroll
+    for (int u = 0; u < kStep; ++u) {  // every lane reads the same mask byte: warp-uniform branches
+      const int s = s0 + u;
+      on[u] = s < last && (!mask_b || mask_b[s] != 0);
+      if (on[u]) {
+        load_row<T, kLane>(k_bh + int64_t(s) * D, kr[u]);
+        load_row<T, kLane>(v_bh + int64_t(s) * D, vr[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kStep; ++u) {
+      if (!on[u]) continue;
+#pragma unroll
+      for (int j = 0; j < kMaxG; ++j) {
+        if (j >= G) continue;
+        float dot = 0.f;
+#pragma unroll
+        for (int e = 0; e < kLane; ++e) dot += qr[j][e] * kr[u][e];
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+        const float m_new = fmaxf(m[j], dot);
+        const float corr = __expf(m[j] - m_new);  // m[j] = -inf: 0 (m_new is finite)
+        const float e_s = __expf(dot - m_new);
+        l[j] = l[j] * corr + e_s;
+#pragma unroll
+        for (int e = 0; e < kLane; ++e) acc[j][e] = acc[j][e] * corr + e_s * vr[u][e];
+        m[j] = m_new;
+      }
+    }
+  }
+
+  // The warps' states meet: M = max over warps, L = sum l e^(m - M), O = sum o e^(m - M) (warps that
+  // saw nothing, l = 0, are skipped).
+#pragma unroll
+  for (int j = 0; j < kMaxG; ++j) {
+    if (j >= G) continue;
+#pragma unroll
+    for (int e = 0; e < kLane; ++e) s_o[warp][j][lane * kLane + e] = acc[j][e];
+    if (lane == 0) {
+      s_m[warp][j] = m[j];
+      s_l[warp][j] = l[j];
+    }
+  }
+  __syncthreads();
+  if (tid < G) {
+    float M = -INFINITY, L = 0.f;
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w][tid]);
+    for (int w = 0; w < kWarps; ++w)
+      if (s_l[w][tid] > 0.f) L += s_l[w][tid] * __expf(s_m[w][tid] - M);
+    s_M[tid] = M;
+    s_L[tid] = L;
+  }
+  __syncthreads();
+  const int64_t part = (int64_t(b) * p.Hkv + h) * p.splits + split;
+  float* o = p.part_o + part * G * D;
+  for (int idx = tid; idx < G * D; idx += kThreads) {
+    const int j = idx / D;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w)
+      if (s_l[w][j] > 0.f) sum += s_o[w][j][idx % D] * __expf(s_m[w][j] - s_M[j]);
+    o[idx] = sum;
+  }
+  if (tid < G) {
+    p.part_ml[part * G * 2 + 2 * tid] = s_M[tid];
+    p.part_ml[part * G * 2 + 2 * tid + 1] = s_L[tid];
+  }
+}
+
+template <typename T, int D>
 __global__ void __launch_bounds__(D) attn_combine_kernel(AttnParams p) {
   const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
   const int G = p.G;
@@ -226,9 +341,12 @@ __global__ void __launch_bounds__(D) attn_combine_kernel(AttnParams p) {
 }
 
 template <typename T, int D>
-void launch(const AttnParams& ap, int64_t B, int64_t Hkv, cudaStream_t stream, int device) {
-  launch_pdl(&attn_split_kernel<T, D>, dim3(unsigned(ap.splits), unsigned(Hkv), unsigned(B)), dim3(kThreads), 0,
-             stream, device, 1, ap);
+void launch(const AttnParams& ap, int64_t B, int64_t Hkv, AttnKernel kernel, cudaStream_t stream, int device) {
+  const dim3 grid(unsigned(ap.splits), unsigned(Hkv), unsigned(B));
+  if (kernel == AttnKernel::kChunked)
+    launch_pdl(&attn_split_kernel<T, D>, grid, dim3(kThreads), 0, stream, device, 1, ap);
+  else
+    launch_pdl(&attn_warps_kernel<T, D>, grid, dim3(kThreads), 0, stream, device, 1, ap);
   launch_pdl(&attn_combine_kernel<T, D>, dim3(unsigned(Hkv), unsigned(B)), dim3(D), 0, stream, device, 1, ap);
 }
 
@@ -243,8 +361,12 @@ size_t decode_attention_workspace_bytes(const DecodeAttentionProblem& p, int dev
   return part_bytes(p, attention_split(p.B, p.Hkv, p.S, sm_count(device)));
 }
 
-void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t workspace_bytes, void* stream) {
+void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t workspace_bytes, void* stream,
+                      AttnKernel kernel) {
   validate_decode_attention(p);
+  if (kernel != AttnKernel::kAuto && kernel != AttnKernel::kChunked && kernel != AttnKernel::kWarps)
+    throw Error("decode_attention: kernel must be kAuto, kChunked or kWarps");
+  if (kernel == AttnKernel::kAuto) kernel = AttnKernel::kWarps;  // unmeasured (2026-11-26): the design with more loads in flight
   if (p.B > 65535 || p.Hkv > 65535) throw Error("decode_attention: B and Hkv must be <= 65535");
   if (p.S > (int64_t(1) << 30)) throw Error("decode_attention: S must be < 2^30");
   int device = 0;
@@ -273,11 +395,11 @@ void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t w
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const bool bf = p.dtype == DType::BF16;
   if (p.D == 128) {
-    if (bf) launch<__nv_bfloat16, 128>(ap, p.B, p.Hkv, st, device);
-    else launch<__half, 128>(ap, p.B, p.Hkv, st, device);
+    if (bf) launch<__nv_bfloat16, 128>(ap, p.B, p.Hkv, kernel, st, device);
+    else launch<__half, 128>(ap, p.B, p.Hkv, kernel, st, device);
   } else {
-    if (bf) launch<__nv_bfloat16, 64>(ap, p.B, p.Hkv, st, device);
-    else launch<__half, 64>(ap, p.B, p.Hkv, st, device);
+    if (bf) launch<__nv_bfloat16, 64>(ap, p.B, p.Hkv, kernel, st, device);
+    else launch<__half, 64>(ap, p.B, p.Hkv, kernel, st, device);
   }
 }
 

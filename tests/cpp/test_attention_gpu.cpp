@@ -1,7 +1,8 @@
 // Decode attention on the GPU (src/cuda/decode_attention.cu) against the CPU reference: random cases
 // over B, KV heads, G, S (one and many chunks, splits of several chunks, S not a multiple of 64), D,
 // dtype, masks (none, one row for all sequences, per-sequence prefixes, random holes, a sequence with
-// nothing to attend) and caches longer than S; bitwise reproducible; bad arguments rejected.
+// nothing to attend) and caches longer than S, both kernel variants; bitwise reproducible; bad
+// arguments rejected.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -35,7 +36,7 @@ struct Case {
 
 // Runs a case on the GPU twice and on the CPU; returns the max |gpu - ref| / max |ref| over non-NaN
 // outputs (NaN must match NaN).
-double run_case(const Case& c, std::mt19937& rng) {
+double run_case(const Case& c, std::mt19937& rng, gpu::AttnKernel kernel) {
   const bool bf = c.dt == DType::BF16;
   auto cvt = [&](float f) { return bf ? float_to_bf16(f) : float_to_half(f); };
   auto back = [&](uint16_t h) { return bf ? bf16_to_float(h) : half_to_float(h); };
@@ -86,7 +87,7 @@ double run_case(const Case& c, std::mt19937& rng) {
   for (auto* y : {&y1, &y2}) {
     EXPECT_EQ(cudaMemset(dout.p, 0xff, q.size() * 2), cudaSuccess);  // poisoned: NaN in both dtypes
     EXPECT_EQ(cudaMemset(ws.p, 0x7f, ws_bytes), cudaSuccess);
-    gpu::decode_attention(p, ws.p, ws_bytes, nullptr);
+    gpu::decode_attention(p, ws.p, ws_bytes, nullptr, kernel);
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     EXPECT_EQ(cudaMemcpy(y->data(), dout.p, q.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
   }
@@ -115,17 +116,20 @@ TEST(GpuAttention, RandomizedAgainstReference) {
                         {3, 2, 3, 65, 65, 64, DType::BF16, 3},       // holes, an empty sequence (NaN)
                         {1, 1, 1, 1, 1, 64, DType::F16, 0},          // one position
                         {4, 4, 2, 127, 256, 128, DType::F16, 0}};
-  for (const Case& c : fixed) {
-    const double e = run_case(c, rng);
-    EXPECT_LT(e, c.dt == DType::BF16 ? 1.2e-2 : 2e-3) << "B=" << c.B << " Hkv=" << c.Hkv << " G=" << c.G << " S=" << c.S;
-  }
+  for (gpu::AttnKernel kernel : {gpu::AttnKernel::kChunked, gpu::AttnKernel::kWarps})
+    for (const Case& c : fixed) {
+      const double e = run_case(c, rng, kernel);
+      EXPECT_LT(e, c.dt == DType::BF16 ? 1.2e-2 : 2e-3)
+          << "kernel " << int(kernel) << " B=" << c.B << " Hkv=" << c.Hkv << " G=" << c.G << " S=" << c.S;
+    }
   std::uniform_int_distribution<int> pick(0, 1000000);
   for (int t = 0; t < 60; ++t) {
     Case c{1 + pick(rng) % 5, 1 + pick(rng) % 4, 1 + pick(rng) % 8, 1 + pick(rng) % 700, 0,
            pick(rng) % 2 ? 128 : 64, pick(rng) % 2 ? DType::BF16 : DType::F16, pick(rng) % 4};
     c.S_max = c.S + (pick(rng) % 3) * 16;
-    const double e = run_case(c, rng);
-    EXPECT_LT(e, c.dt == DType::BF16 ? 1.2e-2 : 2e-3) << "case " << t << ": B=" << c.B << " Hkv=" << c.Hkv
+    const auto kernel = t % 2 ? gpu::AttnKernel::kWarps : gpu::AttnKernel::kChunked;
+    const double e = run_case(c, rng, kernel);
+    EXPECT_LT(e, c.dt == DType::BF16 ? 1.2e-2 : 2e-3) << "case " << t << " kernel " << int(kernel) << ": B=" << c.B << " Hkv=" << c.Hkv
                                                        << " G=" << c.G << " S=" << c.S << " D=" << c.D;
   }
 }
@@ -143,4 +147,6 @@ TEST(GpuAttention, RejectsBadArguments) {
   EXPECT_THROW(gpu::decode_attention(p, buf.p, need - 1, nullptr), Error);  // workspace too small
   p.G = 16;
   EXPECT_THROW(gpu::decode_attention(p, buf.p, 1 << 20, nullptr), Error);
+  p.G = 4;
+  EXPECT_THROW(gpu::decode_attention(p, buf.p, 1 << 20, nullptr, gpu::AttnKernel(7)), Error);  // no such variant
 }

@@ -169,17 +169,18 @@ def _gpu():
         pytest.skip("no CUDA device: GPU test skipped")
 
 
+@pytest.mark.parametrize("kernel", [0, 1, 2])  # auto, chunked, warps
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,mask_kind", [((1, 8, 4, 392, 128), "one"), ((16, 8, 4, 392, 128), "rows"),
                                              ((2, 8, 8, 3000, 128), "rows"), ((3, 4, 1, 65, 64), None),
                                              ((2, 2, 5, 1, 64), "rows")])
-def test_gpu_decode_kernel_matches_cpu(shape, mask_kind, dtype):
+def test_gpu_decode_kernel_matches_cpu(shape, mask_kind, dtype, kernel):
     _gpu()
     from lutmm.attention import gqa_decode_attention
     b, hkv, g, s, d = shape
     q, k, v, mask = _decode_inputs(b, hkv, g, s, d, dtype, device="cuda", s_max=s + 16, mask_kind=mask_kind)
-    got = gqa_decode_attention(q, k, v, mask, d ** -0.5)
-    again = gqa_decode_attention(q, k, v, mask, d ** -0.5)
+    got = gqa_decode_attention(q, k, v, mask, d ** -0.5, kernel)
+    again = gqa_decode_attention(q, k, v, mask, d ** -0.5, kernel)
     assert torch.equal(got, again)  # deterministic
     ref = gqa_decode_attention(q.cpu(), k.cpu(), v.cpu(), None if mask is None else mask.cpu(), d ** -0.5)
     tol = 0.02 if dtype == torch.bfloat16 else 3e-3
