@@ -83,12 +83,23 @@ def fuse(model) -> int:
 def kernel_class(name: str) -> str:
     """The breakdown class of a CUDA kernel by name: linears (ours, cuBLAS, dequant), attention, other."""
     name = name.lower()
-    # Attention first: the memory-efficient SDPA kernels are CUTLASS kernels (fmha_cutlassF_...).
-    if any(k in name for k in ("attention", "flash", "fmha", "sdpa", "softmax")):
+    # Attention first: the memory-efficient SDPA kernels are CUTLASS kernels (fmha_cutlassF_...); lutmm's
+    # decode attention is attn_split / attn_warps / attn_combine. (cuBLAS batched matmuls of the plain
+    # decode path, nvjet_*, count as linears: their names do not tell them apart.)
+    if any(k in name for k in ("attention", "flash", "fmha", "sdpa", "softmax", "attn_")):
         return "attention"
     if any(k in name for k in ("lut_", "dequant", "gemm", "gemv", "sm90_xmma", "cutlass", "nvjet")):
         return "quantized/dense linears"
     return "other"
+
+
+def short_name(key: str) -> str:
+    """A kernel's profiler name without the namespaces, template arguments kept (lut_stream_kernel<3, 1,
+    bf16, true, 2>: bits, token tiles, dtype, row tiles, CTAs per SM)."""
+    for a, b in (("void ", ""), ("lutmm::gpu::", ""), ("lut::", ""), ("(anonymous namespace)::", ""),
+                 ("__nv_bfloat16", "bf16"), ("__half", "fp16")):
+        key = key.replace(a, b)
+    return key[:90]
 
 
 def by_class(events, steps: int, top: int = 0) -> dict:
@@ -101,7 +112,7 @@ def by_class(events, steps: int, top: int = 0) -> dict:
         if us <= 0:
             continue
         out[kernel_class(e.key)] += us / steps
-        largest.append((us / steps, e.count // steps, e.key[:70]))
+        largest.append((us / steps, e.count // steps, short_name(e.key)))
     if top:
         largest.sort(reverse=True)
         out["top kernels (us per step, calls per step)"] = [(round(u, 1), c, k) for u, c, k in largest[:top]]
@@ -116,7 +127,7 @@ def profile_replays(run, replays: int = 4) -> dict:
         for _ in range(replays):
             run()
         torch.cuda.synchronize()
-    return by_class(prof.key_averages(), replays, top=8)
+    return by_class(prof.key_averages(), replays, top=10)
 
 
 @torch.no_grad()

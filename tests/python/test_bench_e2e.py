@@ -89,6 +89,8 @@ def test_breakdown_classes_kernels_by_name():
                        ("void pytorch_flash::flash_fwd_splitkv_kernel<...>", att),
                        ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", att),  # a CUTLASS kernel, yet attention
                        ("triton_per_fused__softmax_0", att), ("triton_poi_fused_add_mul_silu_3", other),
+                       ("void lutmm::gpu::(anonymous namespace)::attn_warps_kernel<__nv_bfloat16, 128>", att),
+                       ("void lutmm::gpu::(anonymous namespace)::attn_combine_kernel<__half, 64>", att),
                        ("void at::native::index_copy_kernel", other)):
         assert e2e.kernel_class(name) == want, name
 
@@ -103,7 +105,7 @@ def test_breakdown_sums_per_step_by_class_and_lists_the_largest():
     out = e2e.by_class(events, steps=4, top=2)
     assert out["quantized/dense linears"] == 100.0 and out["attention"] == 25.0 and out["other"] == 15.0
     assert out["top kernels (us per step, calls per step)"] == [
-        (100.0, 2, "void lutmm::gpu::lut::lut_stream_kernel<4, 1>"),
+        (100.0, 2, "lut_stream_kernel<4, 1>"),  # short_name: namespaces dropped, template arguments kept
         (25.0, 1, "cudnn_generated_fort_native_sdpa_sm90_flash_fprop")]
     assert "top kernels (us per step, calls per step)" not in e2e.by_class(events, steps=4)
 
