@@ -198,11 +198,29 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .evaluate import generate
+    from .evaluate import generate, load_tokenizer
 
     dev = _device(args.device)
     model = _load(args.dir, dev, _DTYPES[args.dtype])
-    print(args.prompt + generate(model, args.tokenizer or args.dir, args.prompt, args.max_new_tokens))
+    if not args.static:
+        print(args.prompt + generate(model, args.tokenizer or args.dir, args.prompt, args.max_new_tokens))
+        return 0
+    from .generation import greedy_static
+    tok = load_tokenizer(args.tokenizer or args.dir)
+    ids = torch.tensor([tok.encode(args.prompt)], dtype=torch.long, device=next(model.parameters()).device)
+    if ids.numel() == 0:
+        raise ValueError("prompt: empty after tokenization")
+    t0 = time.perf_counter()
+    out = greedy_static(model, ids, args.max_new_tokens, eos_token_id=tok.eos_token_id, compile=args.compile)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    gen = out[0, ids.shape[1]:].tolist()
+    if tok.eos_token_id is not None and tok.eos_token_id in gen:  # up to its end, as `generate` prints it
+        gen = gen[:gen.index(tok.eos_token_id) + 1]
+    new = len(gen)
+    print(args.prompt + tok.decode(gen))
+    print(f"({new} tokens in {time.perf_counter() - t0:.2f} s with prefill and graph capture"
+          f"{' and compilation' if args.compile else ''})", file=sys.stderr)
     return 0
 
 
@@ -416,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dir", metavar="DIR")
     sp.add_argument("--prompt", required=True)
     sp.add_argument("--max-new-tokens", type=int, default=32)
+    sp.add_argument("--static", action="store_true",
+                    help="decode through a static KV cache, on CUDA with the step replayed as one CUDA graph "
+                         "(lutmm.generation.greedy_static; experimental, not yet the default)")
+    sp.add_argument("--compile", action="store_true", help="with --static: torch.compile the decode step first")
     model_opts(sp)
 
     sp = add("upgrade", "rewrite a lutmm checkpoint (any supported format version) in the current one", cmd_upgrade)

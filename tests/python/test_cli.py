@@ -121,6 +121,20 @@ def test_generate(mini_ckpt, capsys):
     assert text.startswith("The Python") and len(text.strip()) > len("The Python")
 
 
+def test_generate_static_gives_the_same_text(mini_ckpt, capsys):
+    """--static (lutmm.generation.greedy_static: static cache, CUDA graph on a GPU) continues a prompt as
+    Hugging Face greedy generate does."""
+    _, _, out = mini_ckpt
+    args = ["generate", str(out), "--prompt", "The river", "--max-new-tokens", "12", "--device", "cpu", "--dtype",
+            "float32"]
+    assert cli.main(args) == 0
+    plain = capsys.readouterr().out
+    assert cli.main(args + ["--static"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain
+    assert "tokens in" in captured.err
+
+
 def test_demo_mini_llama(mini_ckpt, capsys):
     assert cli.main(["demo", "--max-tokens", "1024", "--new-tokens", "4", "--speed-tokens", "4", "--quiet"]) == 0
     out = capsys.readouterr().out
