@@ -228,3 +228,22 @@ def test_gpu_decode_kernel_in_a_model_under_compile_and_cuda_graph(monkeypatch):
         pos.fill_(10)
         eager = step()
         torch.testing.assert_close(out, eager, rtol=0, atol=0.03 * eager.abs().max().item())
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_decode_op_passes_opcheck(device):
+    """torch.library.opcheck: schema, fake implementation (shape, strides: q arrives non-contiguous from the
+    transposed query heads), autograd registration and torch.compile tracing agree with the real one."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device: GPU test skipped")
+    import lutmm.attention  # noqa: F401  (registers the op)
+    q, k, v, mask = _decode_inputs(2, 2, 4, 40, 64, torch.bfloat16, device=device)
+    q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    op = torch.ops.lutmm.gqa_decode_attention.default
+    for args in ((q, k, v, mask, 0.125), (q_strided, k, v, None, 0.125)):
+        torch.library.opcheck(op, args)
+        # opcheck compares shapes and dtypes, not strides: the fake must also give the real strides
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode() as mode:
+            fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+        assert fake.stride() == op(*args).stride()
