@@ -188,9 +188,9 @@ NB_MODULE(_ext, m) {
   }); });
 
   // ---- GPU ----
-  m.def("gpu_decode_attention_workspace_bytes", [](int dtype, std::vector<int64_t> dims, std::vector<int64_t> strides,
-                                                   std::vector<uintptr_t> ptrs, float scale, int device) { return guarded([&] {
-    return gpu::decode_attention_workspace_bytes(attention_of(dtype, dims, strides, ptrs, scale), device);
+  m.def("gpu_decode_attention_workspace_bytes", [](int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D,
+                                                   int device) { return guarded([&] {
+    return gpu::decode_attention_workspace_bytes(B, Hkv, G, S, D, device);
   }); });
   m.def("gpu_decode_attention", [](int dtype, std::vector<int64_t> dims, std::vector<int64_t> strides,
                                    std::vector<uintptr_t> ptrs, float scale, uintptr_t workspace, size_t workspace_bytes,

@@ -17,15 +17,19 @@ void require(bool ok, const std::string& what) {
   if (!ok) throw Error("decode_attention: " + what);
 }
 bool aligned8(const void* p) { return reinterpret_cast<uintptr_t>(p) % 8 == 0; }
+
+void validate_sizes(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D) {
+  require(B >= 1 && Hkv >= 1 && S >= 1, "B, Hkv and S must be >= 1 (got B=" + std::to_string(B) +
+                                            " Hkv=" + std::to_string(Hkv) + " S=" + std::to_string(S) + ")");
+  require(G >= 1 && G <= 8, "G (query heads per KV head) must be 1..8, got " + std::to_string(G));
+  require(D == 64 || D == 128, "head dimension must be 64 or 128, got " + std::to_string(D));
+}
 }  // namespace
 
 void validate_decode_attention(const DecodeAttentionProblem& p) {
   require(p.dtype == DType::BF16 || p.dtype == DType::F16,
           std::string("dtype ") + dtype_name(p.dtype) + ", expected float16 or bfloat16");
-  require(p.B >= 1 && p.Hkv >= 1 && p.S >= 1, "B, Hkv and S must be >= 1 (got B=" + std::to_string(p.B) +
-                                                  " Hkv=" + std::to_string(p.Hkv) + " S=" + std::to_string(p.S) + ")");
-  require(p.G >= 1 && p.G <= 8, "G (query heads per KV head) must be 1..8, got " + std::to_string(p.G));
-  require(p.D == 64 || p.D == 128, "head dimension must be 64 or 128, got " + std::to_string(p.D));
+  validate_sizes(p.B, p.Hkv, p.G, p.S, p.D);
   require(p.q && p.k && p.v && p.out, "q, k, v and out must be non-null");
   require(aligned8(p.q) && aligned8(p.k) && aligned8(p.v) && aligned8(p.out),
           "q, k, v and out must be 8-byte aligned");
@@ -47,6 +51,12 @@ AttnSplit attention_split(int64_t B, int64_t Hkv, int64_t S, int64_t sms) {
   const int64_t want = std::max<int64_t>(1, (kAttnCtasPerSm * sms + pairs - 1) / pairs);  // splits per pair
   const int64_t per = (chunks + std::min(want, chunks) - 1) / std::min(want, chunks);
   return {(chunks + per - 1) / per, per};
+}
+
+size_t attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D, int64_t sms) {
+  validate_sizes(B, Hkv, G, S, D);
+  const AttnSplit sp = attention_split(B, Hkv, S, sms);
+  return size_t(B * Hkv * sp.splits * G) * size_t(D + 2) * sizeof(float);
 }
 
 void reference_decode_attention(const DecodeAttentionProblem& p) {

@@ -19,7 +19,7 @@ size_t wgmma_workspace_bytes(int64_t, const Shape&, int) { no_cuda(); }
 int wgmma_cluster_size(int64_t, const Shape&, int) { no_cuda(); }
 void wgmma_gemm(const GemmProblem&, void*, size_t, void*, WgSplit) { no_cuda(); }
 void dequantize(const void*, const uint16_t*, const float*, const Shape&, DType, void*, void*) { no_cuda(); }
-size_t decode_attention_workspace_bytes(const DecodeAttentionProblem&, int) { no_cuda(); }
+size_t decode_attention_workspace_bytes(int64_t, int64_t, int64_t, int64_t, int64_t, int) { no_cuda(); }
 void decode_attention(const DecodeAttentionProblem&, void*, size_t, void*, AttnKernel) { no_cuda(); }
 }  // namespace gpu
 }  // namespace lutmm

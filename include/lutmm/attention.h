@@ -51,14 +51,17 @@ struct AttnSplit {
   int64_t chunks_per_split;
 };
 AttnSplit attention_split(int64_t B, int64_t Hkv, int64_t S, int64_t sms);
+// Bytes of the GPU kernel's scratch on `sms` SMs: every split's partial output (G x D fp32) and (max,
+// sum) per query head. Throws lutmm::Error for sizes decode_attention rejects.
+size_t attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D, int64_t sms);
 
 // CPU reference on host pointers (fp64 sums, one rounding to the dtype at the end).
 void reference_decode_attention(const DecodeAttentionProblem& p);
 
 namespace gpu {
-// Bytes of scratch decode_attention needs on `device` (partial outputs and softmax statistics of
-// every split); contents need no initialization.
-size_t decode_attention_workspace_bytes(const DecodeAttentionProblem& p, int device);
+// Bytes of scratch decode_attention needs on `device` (attention_workspace_bytes with its SM count);
+// contents need no initialization.
+size_t decode_attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D, int device);
 // The split kernel's two variants (src/cuda/decode_attention.cu), both checked against the reference:
 // kChunked: the CTA's warps share each chunk of 64 positions (scores, softmax, P V, a barrier each);
 // kWarps: each warp keeps its own running softmax over its positions, the CTA combines them once.

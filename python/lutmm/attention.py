@@ -21,6 +21,7 @@ K and V, masked positions not loaded); elsewhere (CPU, float masks, head dimensi
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -70,6 +71,13 @@ def _(q, k, v, mask, scale, kernel=0):
     return torch.matmul(torch.softmax(sc, dim=-1), v.float()).to(q.dtype).contiguous()
 
 
+@functools.lru_cache(maxsize=1024)
+def _workspace_bytes(b: int, hkv: int, g: int, s: int, d: int, device: int) -> int:
+    """The kernel's scratch bytes for these sizes on `device` (one crossing into C++ per shape)."""
+    from . import _core
+    return _core.gpu_decode_attention_workspace_bytes(b, hkv, g, s, d, device)
+
+
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] and t.data_ptr() % 8 == 0 else t.contiguous()
 
@@ -97,8 +105,7 @@ def _(q, k, v, mask, scale, kernel=0):
     ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), 0 if mask is None else mask.data_ptr(), out.data_ptr()]
     code = _DTYPE_CODE[q.dtype]
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    ws = torch.empty(_core.gpu_decode_attention_workspace_bytes(code, dims, strides, ptrs, float(scale), dev),
-                     dtype=torch.uint8, device=q.device)
+    ws = torch.empty(_workspace_bytes(b, hkv, g, s_len, d, dev), dtype=torch.uint8, device=q.device)
     _core.gpu_decode_attention(code, dims, strides, ptrs, float(scale), ws.data_ptr(), ws.numel(),
                                torch.cuda.current_stream(q.device).cuda_stream, int(kernel))
     return out

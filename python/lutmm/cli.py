@@ -198,29 +198,19 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .evaluate import generate, load_tokenizer
+    from .evaluate import generate
 
+    if args.compile and not args.static:
+        raise ValueError("--compile needs --static (it compiles the static decode step)")
     dev = _device(args.device)
     model = _load(args.dir, dev, _DTYPES[args.dtype])
-    if not args.static:
-        print(args.prompt + generate(model, args.tokenizer or args.dir, args.prompt, args.max_new_tokens))
-        return 0
-    from .generation import greedy_static
-    tok = load_tokenizer(args.tokenizer or args.dir)
-    ids = torch.tensor([tok.encode(args.prompt)], dtype=torch.long, device=next(model.parameters()).device)
-    if ids.numel() == 0:
-        raise ValueError("prompt: empty after tokenization")
     t0 = time.perf_counter()
-    out = greedy_static(model, ids, args.max_new_tokens, eos_token_id=tok.eos_token_id, compile=args.compile)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    gen = out[0, ids.shape[1]:].tolist()
-    if tok.eos_token_id is not None and tok.eos_token_id in gen:  # up to its end, as `generate` prints it
-        gen = gen[:gen.index(tok.eos_token_id) + 1]
-    new = len(gen)
-    print(args.prompt + tok.decode(gen))
-    print(f"({new} tokens in {time.perf_counter() - t0:.2f} s with prefill and graph capture"
-          f"{' and compilation' if args.compile else ''})", file=sys.stderr)
+    text = generate(model, args.tokenizer or args.dir, args.prompt, args.max_new_tokens, static=args.static,
+                    compile=args.compile)
+    print(args.prompt + text)
+    print(f"(generated in {time.perf_counter() - t0:.2f} s with prefill"
+          f"{', graph capture' if args.static and dev.type == 'cuda' else ''}"
+          f"{', compilation' if args.compile else ''})", file=sys.stderr)
     return 0
 
 

@@ -164,15 +164,26 @@ def perplexity(model, tokenizer_or_dir, text_path, window: int = 512, max_tokens
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, min_new_tokens: int = 0) -> str:
-    """Greedy continuation of `prompt` (the new text only)."""
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, min_new_tokens: int = 0, static: bool = False,
+             compile: bool = False) -> str:
+    """Greedy continuation of `prompt` (the new text only, up to and with its end-of-sequence token).
+    static: through lutmm.generation.greedy_static (static cache; on CUDA a replayed CUDA graph, compiled
+    first with `compile`) instead of Hugging Face `generate`; the same tokens."""
     tok = load_tokenizer(tokenizer)
     device = _model_device(model)
     ids = torch.tensor([tok.encode(prompt)], dtype=torch.long, device=device)
     if ids.numel() == 0:
         raise ValueError("prompt: empty after tokenization")
-    out = _greedy(model, ids, max_new_tokens, min_new_tokens, tok.eos_token_id)
-    return tok.decode(out[0, ids.shape[1]:].tolist())
+    if static:
+        from .generation import greedy_static
+        out = greedy_static(model, ids, max_new_tokens, eos_token_id=tok.eos_token_id, min_new_tokens=min_new_tokens,
+                            compile=compile)
+    else:
+        out = _greedy(model, ids, max_new_tokens, min_new_tokens, tok.eos_token_id)
+    gen = out[0, ids.shape[1]:].tolist()
+    if tok.eos_token_id is not None and tok.eos_token_id in gen:  # greedy_static pads ended rows with it
+        gen = gen[:gen.index(tok.eos_token_id) + 1]
+    return tok.decode(gen)
 
 
 def _greedy(model, ids, max_new_tokens, min_new_tokens, eos_token_id):

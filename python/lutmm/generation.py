@@ -81,12 +81,9 @@ def greedy_static(model, input_ids: torch.Tensor, max_new_tokens: int, *, eos_to
             return graph_out
 
     new = [token]
-    done = torch.zeros(b, dtype=torch.bool, device=dev)
     for i in range(1, max_new_tokens):
-        if eos_token_id is not None and i % check_every == 0:
-            done = _ended(torch.cat(new, 1), eos_token_id)
-            if bool(done.all()):
-                break
+        if eos_token_id is not None and i % check_every == 0 and bool(_ended(torch.cat(new, 1), eos_token_id).all()):
+            break
         nxt = run()
         new.append(nxt.clone())
         static_ids.copy_(nxt)

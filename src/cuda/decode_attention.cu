@@ -350,15 +350,10 @@ void launch(const AttnParams& ap, int64_t B, int64_t Hkv, AttnKernel kernel, cud
   launch_pdl(&attn_combine_kernel<T, D>, dim3(unsigned(Hkv), unsigned(B)), dim3(D), 0, stream, device, 1, ap);
 }
 
-size_t part_bytes(const DecodeAttentionProblem& p, const AttnSplit& sp) {
-  return size_t(p.B * p.Hkv * sp.splits * p.G) * size_t(p.D + 2) * sizeof(float);
-}
-
 }  // namespace
 
-size_t decode_attention_workspace_bytes(const DecodeAttentionProblem& p, int device) {
-  validate_decode_attention(p);
-  return part_bytes(p, attention_split(p.B, p.Hkv, p.S, sm_count(device)));
+size_t decode_attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D, int device) {
+  return attention_workspace_bytes(B, Hkv, G, S, D, sm_count(device));
 }
 
 void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t workspace_bytes, void* stream,
@@ -371,8 +366,10 @@ void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t w
   if (p.S > (int64_t(1) << 30)) throw Error("decode_attention: S must be < 2^30");
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  const AttnSplit sp = attention_split(p.B, p.Hkv, p.S, sm_count(device));
-  check_workspace(workspace, workspace_bytes, part_bytes(p, sp), "decode_attention_workspace_bytes");
+  const int sms = sm_count(device);
+  const AttnSplit sp = attention_split(p.B, p.Hkv, p.S, sms);
+  check_workspace(workspace, workspace_bytes, attention_workspace_bytes(p.B, p.Hkv, p.G, p.S, p.D, sms),
+                  "decode_attention_workspace_bytes");
   AttnParams ap;
   ap.q = p.q;
   ap.k = p.k;

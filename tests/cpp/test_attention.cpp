@@ -30,6 +30,10 @@ TEST(Attention, SplitCoversEveryChunkOnce) {
           ASSERT_LT((sp.splits - 1) * sp.chunks_per_split, chunks);   // and every split a chunk
           ASSERT_LE(B * Hkv * sp.splits, std::max(B * Hkv, kAttnCtasPerSm * sms + B * Hkv));  // bounded workspace
         }
+  // Scratch: every split's G x D partial output and (max, sum) per query head, in fp32.
+  EXPECT_EQ(attention_workspace_bytes(16, 8, 4, 392, 128, 132), size_t(16 * 8 * 4 * 4 * (128 + 2) * 4));
+  EXPECT_THROW(attention_workspace_bytes(16, 8, 9, 392, 128, 132), Error);  // G > 8
+  EXPECT_THROW(attention_workspace_bytes(16, 8, 4, 392, 96, 132), Error);   // D
   EXPECT_THROW(attention_split(0, 8, 392, 132), Error);
   EXPECT_THROW(attention_split(1, 8, 392, 0), Error);
 }

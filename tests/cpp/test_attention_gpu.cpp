@@ -11,22 +11,13 @@
 #include <random>
 #include <vector>
 
-#include "../../src/half.h"
+#include "gpu_test_util.h"
 #include "lutmm/attention.h"
-#include "lutmm/cuda.h"
 
 using namespace lutmm;
-
-#define REQUIRE_GPU() \
-  if (!gpu::available()) GTEST_SKIP() << "no CUDA device: GPU test skipped"
+using namespace lutmm_test;
 
 namespace {
-
-struct Dev {
-  void* p = nullptr;
-  explicit Dev(size_t bytes) { if (cudaMalloc(&p, std::max<size_t>(bytes, 16)) != cudaSuccess) p = nullptr; }
-  ~Dev() { cudaFree(p); }
-};
 
 struct Case {
   int64_t B, Hkv, G, S, S_max, D;
@@ -37,9 +28,8 @@ struct Case {
 // Runs a case on the GPU twice and on the CPU; returns the max |gpu - ref| / max |ref| over non-NaN
 // outputs (NaN must match NaN).
 double run_case(const Case& c, std::mt19937& rng, gpu::AttnKernel kernel) {
-  const bool bf = c.dt == DType::BF16;
-  auto cvt = [&](float f) { return bf ? float_to_bf16(f) : float_to_half(f); };
-  auto back = [&](uint16_t h) { return bf ? bf16_to_float(h) : half_to_float(h); };
+  auto cvt = [&](float f) { return to_dtype(f, c.dt); };
+  auto back = [&](uint16_t h) { return from_dtype(h, c.dt); };
   std::normal_distribution<float> nd(0.f, 1.f);
   std::vector<uint16_t> q(size_t(c.B * c.Hkv * c.G * c.D)), k(size_t(c.B * c.Hkv * c.S_max * c.D)), v(k.size());
   for (auto& x : q) x = cvt(nd(rng));
@@ -75,14 +65,14 @@ double run_case(const Case& c, std::mt19937& rng, gpu::AttnKernel kernel) {
   h.q = q.data(); h.k = k.data(); h.v = v.data(); h.mask = mask.empty() ? nullptr : mask.data(); h.out = ref.data();
   reference_decode_attention(h);
 
-  Dev dq(q.size() * 2), dk(k.size() * 2), dv(v.size() * 2), dm(mask.size() + 1), dout(q.size() * 2);
+  DevBuf<void> dq(q.size() * 2), dk(k.size() * 2), dv(v.size() * 2), dm(mask.size() + 1), dout(q.size() * 2);
   EXPECT_EQ(cudaMemcpy(dq.p, q.data(), q.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
   EXPECT_EQ(cudaMemcpy(dk.p, k.data(), k.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
   EXPECT_EQ(cudaMemcpy(dv.p, v.data(), v.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
   if (!mask.empty()) EXPECT_EQ(cudaMemcpy(dm.p, mask.data(), mask.size(), cudaMemcpyHostToDevice), cudaSuccess);
   p.q = dq.p; p.k = dk.p; p.v = dv.p; p.mask = mask.empty() ? nullptr : static_cast<uint8_t*>(dm.p); p.out = dout.p;
-  const size_t ws_bytes = gpu::decode_attention_workspace_bytes(p, 0);
-  Dev ws(ws_bytes);
+  const size_t ws_bytes = gpu::decode_attention_workspace_bytes(p.B, p.Hkv, p.G, p.S, p.D, 0);
+  DevBuf<void> ws(ws_bytes);
   std::vector<uint16_t> y1(q.size()), y2(q.size());
   for (auto* y : {&y1, &y2}) {
     EXPECT_EQ(cudaMemset(dout.p, 0xff, q.size() * 2), cudaSuccess);  // poisoned: NaN in both dtypes
@@ -136,13 +126,13 @@ TEST(GpuAttention, RandomizedAgainstReference) {
 
 TEST(GpuAttention, RejectsBadArguments) {
   REQUIRE_GPU();
-  Dev buf(1 << 20);
+  DevBuf<void> buf(1 << 20);
   DecodeAttentionProblem p;
   p.B = 1; p.Hkv = 1; p.G = 4; p.S = 16; p.D = 128;
   p.q = p.k = p.v = buf.p;
   p.out = buf.p;
   p.scale = 0.1f;
-  const size_t need = gpu::decode_attention_workspace_bytes(p, 0);
+  const size_t need = gpu::decode_attention_workspace_bytes(p.B, p.Hkv, p.G, p.S, p.D, 0);
   EXPECT_GT(need, 0u);
   EXPECT_THROW(gpu::decode_attention(p, buf.p, need - 1, nullptr), Error);  // workspace too small
   p.G = 16;

@@ -13,27 +13,13 @@
 #include "lutmm/pack.h"
 #include "lutmm/reference.h"
 #include "lutmm/tables.h"
+#include "gpu_test_util.h"
 #include "test_util.h"
 
 using namespace lutmm;
 using namespace lutmm_test;
 
-#define REQUIRE_GPU() \
-  if (!gpu::available()) GTEST_SKIP() << "no CUDA device: GPU test skipped"
-
-#define CK(x) ASSERT_EQ((x), cudaSuccess) << cudaGetErrorString(x)
-
 namespace {
-
-template <typename P> struct DevBuf {
-  P* p = nullptr;
-  size_t bytes = 0;
-  explicit DevBuf(size_t b) : bytes(b) { if (cudaMalloc(&p, std::max<size_t>(b, 16)) != cudaSuccess) p = nullptr; }
-  ~DevBuf() { cudaFree(p); }
-};
-
-uint16_t to_dtype(float f, DType dt) { return dt == DType::F16 ? float_to_half(f) : float_to_bf16(f); }
-float from_dtype(uint16_t h, DType dt) { return dt == DType::F16 ? half_to_float(h) : bf16_to_float(h); }
 
 struct Layer {
   Shape s;

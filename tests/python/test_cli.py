@@ -132,7 +132,9 @@ def test_generate_static_gives_the_same_text(mini_ckpt, capsys):
     assert cli.main(args + ["--static"]) == 0
     captured = capsys.readouterr()
     assert captured.out == plain
-    assert "tokens in" in captured.err
+    assert "generated in" in captured.err
+    assert cli.main(args + ["--compile"]) == 2  # without --static: a one-line error
+    assert "--compile needs --static" in capsys.readouterr().err
 
 
 def test_demo_mini_llama(mini_ckpt, capsys):

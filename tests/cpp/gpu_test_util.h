@@ -1,0 +1,38 @@
+// Helpers for the GPU tests (lutmm_gpu_tests): skipping without a device, checked CUDA calls, device
+// buffers, fp16 / bf16 conversions by DType.
+#pragma once
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../../src/half.h"
+#include "lutmm/cuda.h"
+#include "lutmm/format.h"
+
+#define REQUIRE_GPU() \
+  if (!lutmm::gpu::available()) GTEST_SKIP() << "no CUDA device: GPU test skipped"
+
+#define CK(x) ASSERT_EQ((x), cudaSuccess) << cudaGetErrorString(x)
+
+namespace lutmm_test {
+
+// Device memory of `b` bytes (at least 16), freed on scope exit; p is null when the allocation failed.
+template <typename P> struct DevBuf {
+  P* p = nullptr;
+  size_t bytes = 0;
+  explicit DevBuf(size_t b) : bytes(b) { if (cudaMalloc(&p, std::max<size_t>(b, 16)) != cudaSuccess) p = nullptr; }
+  ~DevBuf() { cudaFree(p); }
+  DevBuf(const DevBuf&) = delete;
+  DevBuf& operator=(const DevBuf&) = delete;
+};
+
+inline uint16_t to_dtype(float f, lutmm::DType dt) {
+  return dt == lutmm::DType::F16 ? lutmm::float_to_half(f) : lutmm::float_to_bf16(f);
+}
+inline float from_dtype(uint16_t h, lutmm::DType dt) {
+  return dt == lutmm::DType::F16 ? lutmm::half_to_float(h) : lutmm::bf16_to_float(h);
+}
+
+}  // namespace lutmm_test
