@@ -4,7 +4,7 @@ grouped-query heads, measured in the same run.
 
     python3 bench/bench_attention.py           # LLaMA-3 8B / 70B heads, batch 1-16, 392-8192 cached positions
 
-Both variants of the kernel (chunked, warps: include/lutmm/attention.h); TB/s and "x plain" use the
+Both variants of the kernel (mma, warps: include/lutmm/attention.h); TB/s and "x plain" use the
 faster. One decode step of one layer: q [B, Hkv, G, D], a static KV cache [B, Hkv, S, D] of which the first
 `valid` positions attend (a bool mask, as transformers gives it). K and V are rotated over enough copies
 to defeat the 50 MB L2; each timing is the median over replays of a CUDA graph of calls. The floor is
@@ -36,7 +36,7 @@ def main():
     dev = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | bf16 | one layer's decode attention")
     hdr = (f"{'model':>5} {'B':>3} {'S':>5} {'valid':>5} {'floor us':>8} {'plain us':>8} {'sdpa us':>8} "
-           f"{'chunked':>8} {'warps':>8} {'TB/s':>5} {'x plain':>7} {'max |diff|':>10}")
+           f"{'mma':>8} {'warps':>8} {'TB/s':>5} {'x plain':>7} {'max |diff|':>10}")
     rows = []
     for model in args.models.split(","):
         hkv, g, d = HEADS[model]
@@ -59,7 +59,7 @@ def main():
             t_sdpa = _bk.time_graph([lambda k=k, v=v: F.scaled_dot_product_attention(
                 q4, k, v, attn_mask=m4, enable_gqa=True) for k, v in sets])
             t_var = [_bk.time_graph([lambda k=k, v=v, kern=kern: gqa_decode_attention(q, k, v, mask, scale, kern)
-                                     for k, v in sets]) for kern in (1, 2)]  # chunked, warps
+                                     for k, v in sets]) for kern in (1, 2)]  # mma, warps
             k, v = sets[0]
             ref = plain(q4, k, v, m4).float().reshape(b, hkv, g, d)  # [B, 1, Hq, D] -> heads h * G + j
             diff = max((gqa_decode_attention(q, k, v, mask, scale, kern).float() - ref).abs().max().item()

@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import lutmm
 from lutmm.attention import use_gqa_attention
+from lutmm.generation import rewind_static_cache
 from lutmm.nn import LUTLinear, fuse_projections
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -41,18 +42,28 @@ SHAPES = {
 }
 
 
+ATTNS = ("gqa", "gqa-kernel", "sdpa")
+
+
 def build(shape: str, device: str, attn: str = "sdpa") -> LlamaForCausalLM:
-    """The model with random weights; attn: "sdpa" (transformers' own), "gqa" (lutmm.attention: K and V
-    read once per KV head instead of repeated for every query head) or "gqa-kernel" (the same, decode
-    steps through lutmm's CUDA decode-attention kernel)."""
+    """The model with random weights and attention `attn` (set_attention)."""
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=2048, rope_theta=500000.0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    set_attention(model, attn)
+    return model
+
+
+def set_attention(model, attn: str) -> None:
+    """attn: "sdpa" (transformers' own), "gqa" (lutmm.attention: K and V read once per KV head instead of
+    repeated for every query head) or "gqa-kernel" (the same, decode steps through lutmm's CUDA
+    decode-attention kernel)."""
     if attn in ("gqa", "gqa-kernel"):
         use_gqa_attention(model, decode_kernel=attn == "gqa-kernel")
-    elif attn != "sdpa":
-        raise ValueError(f"attn must be 'sdpa', 'gqa' or 'gqa-kernel', got {attn!r}")
-    return model
+    elif attn == "sdpa":
+        model.set_attn_implementation("sdpa")
+    else:
+        raise ValueError(f"attn must be one of {ATTNS}, got {attn!r}")
 
 
 def swap_to_lutmm(model, bits: int, g: int, lm_head: bool = False) -> int:
@@ -157,6 +168,7 @@ def decode_tokens_per_s(model, batch: int, prompt: int, gen: int, graph: bool, c
             for _ in range(2):
                 step()
         torch.cuda.current_stream().wait_stream(s)
+        rewind_static_cache(cache, prompt)  # the warm-up steps advanced the cache's own write position
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             static_out = step()
@@ -167,6 +179,7 @@ def decode_tokens_per_s(model, batch: int, prompt: int, gen: int, graph: bool, c
         if compile_step:  # compile outside the timed loop
             for _ in range(2):
                 step()
+            rewind_static_cache(cache, prompt)
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -213,8 +226,9 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=256)
     ap.add_argument("--no-graph", action="store_true")
-    ap.add_argument("--attn", choices=["gqa", "gqa-kernel", "sdpa"], default="gqa",
-                    help="attention for bf16 and lutmm alike: gqa = lutmm.attention (K/V read once per KV head), "
+    ap.add_argument("--attn", default="gqa",
+                    help="attention for bf16 and lutmm alike, or a comma list (each measured on the same models, "
+                         "an A/B in one run): gqa = lutmm.attention (K/V read once per KV head), "
                          "gqa-kernel = the same with decode steps through lutmm's CUDA decode-attention kernel, "
                          "sdpa = transformers' own (repeats K/V for every query head under a mask)")
     ap.add_argument("--profile", action="store_true",
@@ -235,6 +249,9 @@ def main():
                     help="also quantize the lm_head (same bits and group; `lutmm quantize --skip` with no names does "
                          "this for real checkpoints, RTN: docs/quality.md)")
     args = ap.parse_args()
+    attns = args.attn.split(",")
+    if not attns or any(a not in ATTNS for a in attns):
+        ap.error(f"--attn: a comma list of {', '.join(ATTNS)}, got {args.attn!r}")
     if args.inductor_pdl and not args.compile:
         ap.error("--inductor-pdl needs --compile (it changes the kernels inductor generates)")
     args.inductor_pdl = args.compile and args.inductor_pdl is not False
@@ -255,6 +272,13 @@ def main():
     rows = []
 
     def measure(label, model):
+        for attn in attns:
+            set_attention(model, attn)
+            if len(attns) > 1:
+                torch._dynamo.reset()  # the attention function is traced into the compiled step
+            measure_attn(label + (f" [{attn}]" if len(attns) > 1 else ""), model)
+
+    def measure_attn(label, model):
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         for b in args.batches:
@@ -274,7 +298,7 @@ def main():
         if cuda:
             print(f"{'':>14} per-token CUDA time, batch 1 (us): {breakdown(model, 1)}")
 
-    model = build(args.model, args.device, args.attn)
+    model = build(args.model, args.device, attns[0])
     if fuse_bf16:
         fuse(model)
     measure("bf16", model)
@@ -282,18 +306,21 @@ def main():
         del model
         if cuda:
             torch.cuda.empty_cache()
-        model = build(args.model, args.device, args.attn)
+        model = build(args.model, args.device, attns[0])
         swap_to_lutmm(model, bits, g, lm_head=args.lm_head)
         if args.fuse:
             fuse(model)
         if cuda:
             torch.cuda.empty_cache()
         measure(f"lutmm {bits}b g{g}" + ("+head" if args.lm_head else ""), model)
-    base = {b: t for (l, b, t, _, _) in rows if l == "bf16"}
+    def attn_of(label):  # "" for a single attention
+        return label[label.index("["):] if "[" in label else ""
+
+    base = {(attn_of(l), b): t for (l, b, t, _, _) in rows if l.startswith("bf16")}
     print(f"\nprojections: {projections}")
     print(f"{'model':>14} {'batch':>5} {'tok/s':>9} {'x bf16':>7} {'eager tok/s':>11} {'peak GiB':>8}")
     for label, b, tps, eager, mem in rows:
-        print(f"{label:>14} {b:>5} {tps:9.1f} {tps / base[b]:7.2f} {eager:11.1f} {mem:8.2f}")
+        print(f"{label:>14} {b:>5} {tps:9.1f} {tps / base[(attn_of(label), b)]:7.2f} {eager:11.1f} {mem:8.2f}")
 
 
 if __name__ == "__main__":

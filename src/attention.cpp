@@ -16,7 +16,7 @@ namespace {
 void require(bool ok, const std::string& what) {
   if (!ok) throw Error("decode_attention: " + what);
 }
-bool aligned8(const void* p) { return reinterpret_cast<uintptr_t>(p) % 8 == 0; }
+bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 void validate_sizes(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D) {
   require(B >= 1 && Hkv >= 1 && S >= 1, "B, Hkv and S must be >= 1 (got B=" + std::to_string(B) +
@@ -31,10 +31,10 @@ void validate_decode_attention(const DecodeAttentionProblem& p) {
           std::string("dtype ") + dtype_name(p.dtype) + ", expected float16 or bfloat16");
   validate_sizes(p.B, p.Hkv, p.G, p.S, p.D);
   require(p.q && p.k && p.v && p.out, "q, k, v and out must be non-null");
-  require(aligned8(p.q) && aligned8(p.k) && aligned8(p.v) && aligned8(p.out),
-          "q, k, v and out must be 8-byte aligned");
+  require(aligned(p.q, 16) && aligned(p.k, 16) && aligned(p.v, 16), "q, k and v must be 16-byte aligned");
+  require(aligned(p.out, 8), "out must be 8-byte aligned");
   for (int64_t st : {p.k_stride_b, p.k_stride_h, p.v_stride_b, p.v_stride_h})
-    require(st >= 0 && st % 4 == 0, "k / v strides must be non-negative multiples of 4 elements, got " +
+    require(st >= 0 && st % 8 == 0, "k / v strides must be non-negative multiples of 8 elements, got " +
                                         std::to_string(st));
   require(p.Hkv == 1 || p.k_stride_h >= p.S * p.D, "k: the head stride " + std::to_string(p.k_stride_h) +
                                                        " is shorter than S x D = " + std::to_string(p.S * p.D));

@@ -23,9 +23,10 @@ struct DecodeAttentionProblem {
   int64_t G = 0;              // query heads per KV head, 1..8
   int64_t S = 0;              // key positions (>= 1)
   int64_t D = 0;              // head dimension: 64 or 128
-  const void* q = nullptr;    // [B, Hkv, G, D], contiguous
+  const void* q = nullptr;    // [B, Hkv, G, D], contiguous, 16-byte aligned
   // k[b, h, s, d] at k + b * k_stride_b + h * k_stride_h + s * D + d (elements): each position's D
-  // values contiguous, positions D apart (a KV cache [B, Hkv, S_max, D] with S <= S_max). Same for v.
+  // values contiguous, positions D apart (a KV cache [B, Hkv, S_max, D] with S <= S_max); 16-byte
+  // aligned, strides multiples of 8 elements (every row 16-byte aligned). Same for v.
   const void* k = nullptr;
   const void* v = nullptr;
   int64_t k_stride_b = 0, k_stride_h = 0, v_stride_b = 0, v_stride_h = 0;
@@ -37,7 +38,7 @@ struct DecodeAttentionProblem {
 };
 
 // Throws lutmm::Error naming the problem (sizes, dtype, pointers, strides, alignment: q, k, v and
-// out 8-byte aligned with strides that keep every row so) unless `p` can run.
+// 16-byte aligned with strides that keep every row so, out 8-byte aligned) unless `p` can run.
 void validate_decode_attention(const DecodeAttentionProblem& p);
 
 // How the GPU kernel splits the key positions: chunks of kAttnChunk positions, `chunks_per_split`
@@ -62,11 +63,11 @@ namespace gpu {
 // Bytes of scratch decode_attention needs on `device` (attention_workspace_bytes with its SM count);
 // contents need no initialization.
 size_t decode_attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D, int device);
-// The split kernel's two variants (src/cuda/decode_attention.cu), both checked against the reference:
-// kChunked: the CTA's warps share each chunk of 64 positions (scores, softmax, P V, a barrier each);
-// kWarps: each warp keeps its own running softmax over its positions, the CTA combines them once.
-// kAuto: kWarps (not yet measured against kChunked: docs/performance.md item 48).
-enum class AttnKernel : int { kAuto = 0, kChunked = 1, kWarps = 2 };
+// The split kernel's variants (src/cuda/decode_attention.cu), both checked against the reference:
+// kMma: tensor cores (mma.m16n8k16) for both products, K and V loaded straight into fragments;
+// kWarps: CUDA cores, lanes over the head dimension (a 5-shuffle all-reduce per score).
+// kAuto: kMma.
+enum class AttnKernel : int { kAuto = 0, kMma = 1, kWarps = 2 };
 // Runs the problem on the current device and the caller's stream (two kernels, programmatic
 // dependent launch where supported); never synchronizes, allocates nothing: safe in CUDA graph capture.
 void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t workspace_bytes, void* stream,

@@ -33,16 +33,17 @@ NAME_KERNEL = "lutmm_gqa_kernel"  # the same, decode steps through gqa_decode_at
 
 @torch.library.custom_op("lutmm::gqa_decode_attention", mutates_args=())
 def gqa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                         scale: float, kernel: int = 0) -> torch.Tensor:
+                         scale: float, variant: int = 0) -> torch.Tensor:
     """One decode step of grouped-query attention. q [B, Hkv, G, D] (query head h * G + j), k / v
     [B, Hkv, S, D], mask None or bool [B or 1, S] (True attends). Returns [B, Hkv, G, D] in q's dtype:
     softmax(scale * q k^T, masked) v, fp32 inside; a row with nothing to attend gives NaN.
-    kernel (CUDA): 0 auto, 1 / 2 force the kChunked / kWarps variant (include/lutmm/attention.h)."""
+    variant (CUDA): 0 auto, 1 / 2 force the kMma (tensor cores) / kWarps (CUDA cores) split kernel
+    (include/lutmm/attention.h). (Not named `kernel`: inductor's fallback lowering takes that name.)"""
     raise NotImplementedError("lutmm::gqa_decode_attention: no implementation for this device")
 
 
 @gqa_decode_attention.register_fake
-def _(q, k, v, mask, scale, kernel=0):
+def _(q, k, v, mask, scale, variant=0):
     return q.new_empty(q.shape)  # contiguous, as both implementations return it
 
 
@@ -63,7 +64,7 @@ def _check_attention_args(q, k, v, mask):
 
 
 @gqa_decode_attention.register_kernel("cpu")
-def _(q, k, v, mask, scale, kernel=0):
+def _(q, k, v, mask, scale, variant=0):
     _check_attention_args(q, k, v, mask)
     sc = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if mask is not None:
@@ -79,11 +80,15 @@ def _workspace_bytes(b: int, hkv: int, g: int, s: int, d: int, device: int) -> i
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] and t.data_ptr() % 8 == 0 else t.contiguous()
+    """t itself when the kernel can read it in place (rows contiguous and 16-byte aligned: strides of
+    the two leading dimensions multiples of 8 elements), else a contiguous copy."""
+    ok = (t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] and t.data_ptr() % 16 == 0
+          and all(t.shape[i] == 1 or t.stride(i) % 8 == 0 for i in (0, 1)))
+    return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
 @gqa_decode_attention.register_kernel("cuda")
-def _(q, k, v, mask, scale, kernel=0):
+def _(q, k, v, mask, scale, variant=0):
     from . import _core
     from ._api import _DTYPE_CODE
     _check_attention_args(q, k, v, mask)
@@ -93,7 +98,7 @@ def _(q, k, v, mask, scale, kernel=0):
         raise ValueError("gqa_decode_attention: q, k, v and mask must be on one device")
     b, hkv, g, d = q.shape
     s_len = k.shape[2]
-    q = q.contiguous()
+    q = q if q.is_contiguous() and q.data_ptr() % 16 == 0 else q.clone(memory_format=torch.contiguous_format)
     k, v = _rows_contiguous(k), _rows_contiguous(v)
     if mask is not None and mask.stride(-1) != 1:
         mask = mask.contiguous()
@@ -107,7 +112,7 @@ def _(q, k, v, mask, scale, kernel=0):
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
     ws = torch.empty(_workspace_bytes(b, hkv, g, s_len, d, dev), dtype=torch.uint8, device=q.device)
     _core.gpu_decode_attention(code, dims, strides, ptrs, float(scale), ws.data_ptr(), ws.numel(),
-                               torch.cuda.current_stream(q.device).cuda_stream, int(kernel))
+                               torch.cuda.current_stream(q.device).cuda_stream, int(variant))
     return out
 
 

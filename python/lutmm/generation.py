@@ -72,6 +72,7 @@ def greedy_static(model, input_ids: torch.Tensor, max_new_tokens: int, *, eos_to
             for _ in range(2):
                 step()
         torch.cuda.current_stream(dev).wait_stream(side)
+        rewind_static_cache(cache, p)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             graph_out = step()
@@ -93,6 +94,18 @@ def greedy_static(model, input_ids: torch.Tensor, max_new_tokens: int, *, eos_to
         ended = _ended_at(gen, eos_token_id)
         gen = gen.masked_fill(torch.arange(gen.shape[1], device=dev)[None, :] > ended[:, None], eos_token_id)
     return torch.cat([input_ids, gen], 1)
+
+
+def rewind_static_cache(cache, length: int) -> None:
+    """Make the next write of every layer of a transformers StaticCache land at position `length`.
+    Its layers (transformers 5) count the positions written so far themselves (`cumulative_length`)
+    and write there whatever `cache_position` says, so warm-up runs of a decode step, which a CUDA
+    graph capture needs, would shift every later write (and run past the end: an index_copy_ assert).
+    Captured steps then advance the count on the device, one position per replay."""
+    for layer in getattr(cache, "layers", ()):
+        n = getattr(layer, "cumulative_length", None)
+        if torch.is_tensor(n):
+            n.fill_(length)
 
 
 def _ended_at(gen: torch.Tensor, eos: int) -> torch.Tensor:

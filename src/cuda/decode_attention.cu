@@ -1,21 +1,29 @@
 // Decode attention for grouped-query heads (include/lutmm/attention.h): flash-decoding in two kernels.
 //
-// attn_split_kernel (variant 1, AttnKernel::kChunked): one CTA per (split, KV head, sequence). Its 4 warps walk the split's chunks of
-//   64 key positions. Per chunk: (1) scores: warp w takes positions w, w + 4, ...; each lane holds
-//   D / 32 dimensions of the G queries (pre-multiplied by the scale) and of the key row, and a warp
-//   all-reduce (5 shuffles per query) sums the G dot products; masked positions load nothing. (2) The
-//   running softmax: warp w updates query heads w and w + 4 (max, rescale, exp, sum over the chunk).
-//   (3) P V: thread t takes the value columns 2c, 2c + 1 (c = t % (D / 2)) of every (128 / (D / 2))-th
-//   position, G running sums each, rescaled with the running max. At the end the slices meet in
-//   shared memory and the CTA writes its partial output (fp32, not normalized) and (max, sum) per
-//   query head to the workspace.
-// attn_warps_kernel (variant 2, AttnKernel::kWarps): the same split, but each warp walks its own
-//   positions (4 consecutive ones per step, K and V rows loaded together, 8 bytes per lane) with its
-//   own running softmax in registers (every lane holds the G maxima, sums and its D / 32 columns of
-//   the G outputs): no barrier per chunk, twice the loads in flight. The 4 warps' states meet in
-//   shared memory once, at the end.
-// attn_combine_kernel: one CTA per (KV head, sequence), thread d: out = sum_i o_i e^(m_i - M) /
-//   sum_i l_i e^(m_i - M) over the splits i in order (deterministic), M = max_i m_i.
+// attn_mma_kernel (AttnKernel::kMma, the default): one CTA of 4 warps per (split, KV head, sequence);
+// warp w takes positions 16w .. 16w + 15 of each chunk of 64 in the split and keeps its own running
+// softmax. Both products run on the tensor cores (mma.m16n8k16, fp32 accumulation), transposed so that
+// the G <= 8 query heads are the 8 columns (N) and nothing is padded:
+//   - Scores S^T = K Q^T: A = K [16 positions x D], B = Q^T [D x 8 heads]. The order of the D
+//     dimensions inside a k-step is free as long as K and Q use the same one, so lane (group r =
+//     lane / 4, quad = lane % 4) loads 16 bytes = dims c * 32 + quad * 8 .. + 7 of K rows p0 + r and
+//     p0 + r + 8 and of Q row r straight from global memory into registers: words 0, 1 are the
+//     fragments of k-step 2c, words 2, 3 those of k-step 2c + 1. No shared memory, no shuffles.
+//   - O^T += V^T P^T: B = P^T is the scores' C fragment (positions x heads) rounded to T and
+//     transposed in registers (movmatrix); A = V^T [dims x 16 positions] needs two consecutive
+//     positions of one dim per register, so the lane loads 16 bytes (8 dims) of V rows 2 quad,
+//     2 quad + 1, 8 + 2 quad, 9 + 2 quad and pairs them with byte permutes; m-tile (blk, ip) then holds
+//     dims blk * 64 + 8 r + 2 ip (rows r) and + 1 (rows r + 8), which the epilogue undoes.
+//   Masked positions load nothing (their K and V are zero, their score -inf); the mask bytes of the
+//   next block are loaded while this one computes. The 4 warps' (max, sum, output) meet once in
+//   shared memory; the CTA writes its partial output (fp32, not normalized) and (max, sum) per query
+//   head to the workspace. Scores are kept in the log2 domain (scale * log2(e) folded in), so every
+//   exponential is one ex2.
+// attn_warps_kernel (AttnKernel::kWarps): the same split on CUDA cores: each warp walks its positions
+//   4 at a time with lanes over D (a 5-shuffle all-reduce per score), running softmax in registers.
+// attn_combine_kernel: one CTA per (KV head, sequence): per query head the splits' maxima and sums
+//   are reduced by one warp, weights w_i = 2^(m_i - M) go to shared memory, then each thread sums 4
+//   output columns over the splits in order (deterministic).
 // Both launch with programmatic dependent launch: the split kernel waits for the previous kernel
 // before its first load (it has nothing to prefetch: q, k, v and the mask are all fresh).
 #include <cmath>
@@ -29,8 +37,11 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kChunk = int(kAttnChunk);  // key positions per chunk
+constexpr int kChunk = int(kAttnChunk);  // key positions per chunk (16 per warp in attn_mma_kernel)
 constexpr int kMaxG = 8;
+constexpr int kCombineThreads = 256;
+constexpr float kLog2e = 1.4426950408889634f;
+static_assert(kChunk == 16 * kWarps, "attn_mma_kernel: a chunk is 16 positions per warp");
 
 struct AttnParams {
   const void* q;
@@ -39,11 +50,184 @@ struct AttnParams {
   const uint8_t* mask;
   void* out;
   float* part_o;   // [B, Hkv, splits, G, D]
-  float* part_ml;  // [B, Hkv, splits, G, 2]: running max (scaled scores), sum of exponentials
+  float* part_ml;  // [B, Hkv, splits, G, 2]: running max (log2-domain scores), sum of 2^(score - max)
   int64_t k_sb, k_sh, v_sb, v_sh, mask_sb;
   int S, G, Hkv, splits, chunks_per_split;
   float scale;
 };
+
+__device__ __forceinline__ float fast_exp2(float x) {  // 2^x; -inf gives +0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ uint4 ld16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// The transpose of an 8x8 matrix of 16-bit elements held as one mma fragment register per lane
+// (lane: row lane / 4, columns 2 (lane % 4), + 1).
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t a) {
+  uint32_t d;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
+  return d;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attn_mma_kernel(AttnParams p) {
+  constexpr int kK32 = D / 32;  // 16-byte pieces of a K (Q) row per lane: two k-steps each
+  constexpr int kV64 = D / 64;  // 16-byte pieces of a V row per lane: four m-tiles each
+  constexpr int kPad = D + 4;   // s_o row stride
+  __shared__ float s_o[kWarps][kMaxG][kPad];  // the warps' outputs, relative to their own maxima
+  __shared__ float s_m[kWarps][kMaxG], s_l[kWarps][kMaxG], s_M[kMaxG], s_L[kMaxG];
+
+  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int r = lane / 4, quad = lane % 4;  // fragment group (a position, a query head) and column pair
+  const int G = p.G;
+  const T* k_bh = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
+  const T* v_bh = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+  const uint8_t* mask_b = p.mask ? p.mask + b * p.mask_sb : nullptr;
+
+  grid_dependency_wait();
+  grid_dependents_launch();  // the combine kernel may launch; it waits for this grid to finish
+
+  uint4 qf[kK32];  // B operand Q^T: query head r's dims c * 32 + quad * 8 .. + 7 (zero beyond G)
+  {
+    const T* q_row = static_cast<const T*>(p.q) + ((int64_t(b) * p.Hkv + h) * G + r) * D + quad * 8;
+#pragma unroll
+    for (int c = 0; c < kK32; ++c) qf[c] = r < G ? ld16(q_row + c * 32) : make_uint4(0, 0, 0, 0);
+  }
+  const float sl2 = p.scale * kLog2e;
+  float m[2] = {-INFINITY, -INFINITY};  // running max of query heads 2 quad + e (log2 domain)
+  float l[2] = {0.f, 0.f};              // this lane's share of their sums
+  float o[kV64 * 4][4];  // O^T m-tile blk * 4 + ip: [e] dim blk * 64 + 8 r + 2 ip, [2 + e] the next dim; head 2 quad + e
+#pragma unroll
+  for (int t = 0; t < kV64 * 4; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
+
+  const int first = split * p.chunks_per_split * kChunk;
+  const int last = min(p.S, first + p.chunks_per_split * kChunk);
+  auto mask_byte = [&](int pos) -> uint32_t {  // nonzero: position pos attends
+    return pos < last ? (mask_b ? uint32_t(mask_b[pos]) : 1u) : 0u;
+  };
+  int p0 = first + warp * 16;
+  uint32_t m_raw = mask_byte(p0 + (lane & 15));
+  for (; p0 < last; p0 += kChunk) {
+    const uint32_t on = __ballot_sync(0xffffffffu, m_raw != 0) & 0xffffu;  // bit i: position p0 + i attends
+    m_raw = mask_byte(p0 + kChunk + (lane & 15));  // the next block's, in flight during this one
+    if (on == 0) continue;  // warp-uniform: nothing attends, nothing loads
+
+    uint4 ka[kK32], kb[kK32];  // A operand K: rows p0 + r, p0 + r + 8
+    const bool att_a = (on >> r) & 1, att_b = (on >> (r + 8)) & 1;
+#pragma unroll
+    for (int c = 0; c < kK32; ++c) {
+      ka[c] = att_a ? ld16(k_bh + int64_t(p0 + r) * D + quad * 8 + c * 32) : make_uint4(0, 0, 0, 0);
+      kb[c] = att_b ? ld16(k_bh + int64_t(p0 + r + 8) * D + quad * 8 + c * 32) : make_uint4(0, 0, 0, 0);
+    }
+    uint4 vf[4][kV64];  // V rows p0 + {2 quad, 2 quad + 1, 8 + 2 quad, 9 + 2 quad}, dims blk * 64 + 8 r ..
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int off = (i >> 1) * 8 + 2 * quad + (i & 1);
+      const bool att = (on >> off) & 1;
+#pragma unroll
+      for (int c = 0; c < kV64; ++c)
+        vf[i][c] = att ? ld16(v_bh + int64_t(p0 + off) * D + r * 8 + c * 64) : make_uint4(0, 0, 0, 0);
+    }
+
+    // S^T = K Q^T: [0], [1] position p0 + r, heads 2 quad + e; [2], [3] position p0 + r + 8.
+    float sc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int c = 0; c < kK32; ++c)
+#pragma unroll
+      for (int hlf = 0; hlf < 2; ++hlf) {
+        const uint32_t a[4] = {word(ka[c], 2 * hlf), word(kb[c], 2 * hlf), word(ka[c], 2 * hlf + 1),
+                               word(kb[c], 2 * hlf + 1)};
+        Elem<T>::mma(sc, a, word(qf[c], 2 * hlf), word(qf[c], 2 * hlf + 1));
+      }
+    float corr[2], pr[4];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      sc[e] = att_a ? sc[e] * sl2 : -INFINITY;
+      sc[2 + e] = att_b ? sc[2 + e] * sl2 : -INFINITY;
+      float mx = fmaxf(sc[e], sc[2 + e]);
+#pragma unroll
+      for (int off = 4; off < 32; off *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_new = fmaxf(m[e], mx);  // finite: some position attends
+      corr[e] = fast_exp2(m[e] - m_new);    // 0 on the first block with something attended
+      m[e] = m_new;
+      pr[e] = fast_exp2(sc[e] - m_new);
+      pr[2 + e] = fast_exp2(sc[2 + e] - m_new);
+      l[e] = l[e] * corr[e] + pr[e] + pr[2 + e];
+    }
+    // P^T as the B operand: the scores' C fragment, rounded to T, transposed in registers.
+    const uint32_t pb0 = transpose8x8(Elem<T>::pack2(pr[0], pr[1]));  // heads r; positions 2 quad, + 1
+    const uint32_t pb1 = transpose8x8(Elem<T>::pack2(pr[2], pr[3]));  // positions 8 + 2 quad, + 1
+    // O^T += V^T P^T, m-tile (blk, ip): rows r -> dim blk * 64 + 8 r + 2 ip, r + 8 -> that dim + 1.
+#pragma unroll
+    for (int c = 0; c < kV64; ++c)
+#pragma unroll
+      for (int ip = 0; ip < 4; ++ip) {
+        const uint32_t a[4] = {__byte_perm(word(vf[0][c], ip), word(vf[1][c], ip), 0x5410u),
+                               __byte_perm(word(vf[0][c], ip), word(vf[1][c], ip), 0x7632u),
+                               __byte_perm(word(vf[2][c], ip), word(vf[3][c], ip), 0x5410u),
+                               __byte_perm(word(vf[2][c], ip), word(vf[3][c], ip), 0x7632u)};
+        float(&acc)[4] = o[c * 4 + ip];
+        acc[0] *= corr[0];
+        acc[1] *= corr[1];
+        acc[2] *= corr[0];
+        acc[3] *= corr[1];
+        Elem<T>::mma(acc, a, pb0, pb1);
+      }
+  }
+
+  // The warps meet: M = max over warps, L = sum l 2^(m - M), O = sum o 2^(m - M) (warps that saw
+  // nothing, l = 0, are skipped).
+#pragma unroll
+  for (int e = 0; e < 2; ++e)
+#pragma unroll
+    for (int off = 4; off < 32; off *= 2) l[e] += __shfl_xor_sync(0xffffffffu, l[e], off);
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int j = 2 * quad + e;
+    if (j >= G) continue;
+#pragma unroll
+    for (int c = 0; c < kV64; ++c)
+#pragma unroll
+      for (int ip = 0; ip < 4; ++ip) {
+        s_o[warp][j][c * 64 + 8 * r + 2 * ip] = o[c * 4 + ip][e];
+        s_o[warp][j][c * 64 + 8 * r + 2 * ip + 1] = o[c * 4 + ip][2 + e];
+      }
+    if (r == 0) {
+      s_m[warp][j] = m[e];
+      s_l[warp][j] = l[e];
+    }
+  }
+  __syncthreads();
+  if (tid < G) {
+    float M = -INFINITY, L = 0.f;
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w][tid]);
+    for (int w = 0; w < kWarps; ++w)
+      if (s_l[w][tid] > 0.f) L += s_l[w][tid] * fast_exp2(s_m[w][tid] - M);
+    s_M[tid] = M;
+    s_L[tid] = L;
+  }
+  __syncthreads();
+  const int64_t part = (int64_t(b) * p.Hkv + h) * p.splits + split;
+  float* po = p.part_o + part * G * D;
+  for (int idx = tid; idx < G * D; idx += kThreads) {
+    const int j = idx / D;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w)
+      if (s_l[w][j] > 0.f) sum += s_o[w][j][idx % D] * fast_exp2(s_m[w][j] - s_M[j]);
+    po[idx] = sum;
+  }
+  if (tid < G) {
+    p.part_ml[part * G * 2 + 2 * tid] = s_M[tid];
+    p.part_ml[part * G * 2 + 2 * tid + 1] = s_L[tid];
+  }
+}
 
 // D / 32 consecutive elements of a row, loaded at once (8 bytes for D = 128, 4 for D = 64).
 template <typename T, int N>
@@ -63,152 +247,7 @@ __device__ __forceinline__ void load_row(const T* p, float (&f)[N]) {
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 1) attn_split_kernel(AttnParams p) {
-  constexpr int kLane = D / 32;            // dimensions per lane in the score loop
-  constexpr int kPairs = D / 2;            // value column pairs in the P V loop
-  constexpr int kSlices = kThreads / kPairs;  // positions interleaved over this many thread slices
-  __shared__ float s_p[kMaxG][kChunk];     // scores, then probabilities of the chunk
-  __shared__ uint8_t s_on[kChunk];         // position attends
-  __shared__ float s_m[kMaxG], s_l[kMaxG], s_alpha[kMaxG];  // running max / sum, this chunk's rescale
-  __shared__ float s_acc[kSlices][kMaxG][D];  // the slices' P V sums, for the final reduction
-
-  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int G = p.G;
-  const T* k_bh = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const T* v_bh = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
-  const uint8_t* mask_b = p.mask ? p.mask + b * p.mask_sb : nullptr;
-
-  grid_dependency_wait();
-  grid_dependents_launch();  // the combine kernel may launch; it waits for this grid to finish
-
-  float qr[kMaxG][kLane];  // this lane's dimensions of the G scaled queries
-  {
-    const T* q_bh = static_cast<const T*>(p.q) + (int64_t(b) * p.Hkv + h) * G * D;
-#pragma unroll
-    for (int j = 0; j < kMaxG; ++j) {
-      if (j < G) load_row<T, kLane>(q_bh + j * D + lane * kLane, qr[j]);
-#pragma unroll
-      for (int i = 0; i < kLane; ++i) qr[j][i] = j < G ? qr[j][i] * p.scale : 0.f;
-    }
-  }
-  if (tid < kMaxG) {
-    s_m[tid] = -INFINITY;
-    s_l[tid] = 0.f;
-  }
-  const int c_pair = tid % kPairs, slice = tid / kPairs;
-  float acc[kMaxG][2] = {};
-
-  const int first = split * p.chunks_per_split * kChunk;
-  const int last = min(p.S, first + p.chunks_per_split * kChunk);
-  for (int s0 = first; s0 < last; s0 += kChunk) {
-    const int n = min(kChunk, last - s0);
-    bool on = false;
-    if (tid < kChunk) {
-      on = tid < n && (!mask_b || mask_b[s0 + tid] != 0);
-      s_on[tid] = on;
-    }
-    if (!__syncthreads_or(on)) continue;  // nothing attends in this chunk: no loads
-
-    // (1) Scores, four positions per warp in flight.
-    for (int i0 = warp; i0 < kChunk; i0 += 4 * kWarps) {
-      float kr[4][kLane] = {};
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int i = i0 + u * kWarps;
-        if (i < kChunk && s_on[i]) load_row<T, kLane>(k_bh + int64_t(s0 + i) * D + lane * kLane, kr[u]);
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int i = i0 + u * kWarps;
-        if (i >= kChunk) continue;
-        const bool att = s_on[i];
-#pragma unroll
-        for (int j = 0; j < kMaxG; ++j) {
-          if (j >= G) continue;
-          float dot = 0.f;
-#pragma unroll
-          for (int e = 0; e < kLane; ++e) dot += att ? qr[j][e] * kr[u][e] : 0.f;
-#pragma unroll
-          for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-          if (lane == j) s_p[j][i] = att ? dot : -INFINITY;
-        }
-      }
-    }
-    __syncthreads();
-
-    // (2) Running softmax: warp w updates query heads w, w + 4.
-    for (int j = warp; j < G; j += kWarps) {
-      float a = s_p[j][lane], c = s_p[j][lane + 32];
-      float mx = fmaxf(a, c);
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      const float m_old = s_m[j];
-      const float m_new = fmaxf(m_old, mx);  // finite: some position of the chunk attends
-      a = __expf(a - m_new);                  // masked: exp(-inf) = 0
-      c = __expf(c - m_new);
-      s_p[j][lane] = a;
-      s_p[j][lane + 32] = c;
-      float sum = a + c;
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-      __syncwarp();
-      if (lane == 0) {
-        const float alpha = m_old == -INFINITY ? 0.f : __expf(m_old - m_new);
-        s_alpha[j] = alpha;
-        s_l[j] = s_l[j] * alpha + sum;
-        s_m[j] = m_new;
-      }
-    }
-    __syncthreads();
-
-    // (3) P V over this thread's slice of positions and its two value columns.
-#pragma unroll
-    for (int j = 0; j < kMaxG; ++j) {
-      const float alpha = j < G ? s_alpha[j] : 0.f;
-      acc[j][0] *= alpha;
-      acc[j][1] *= alpha;
-    }
-#pragma unroll 4
-    for (int i = slice; i < n; i += kSlices) {
-      if (!s_on[i]) continue;
-      float vv[2];
-      load_row<T, 2>(v_bh + int64_t(s0 + i) * D + 2 * c_pair, vv);
-#pragma unroll
-      for (int j = 0; j < kMaxG; ++j) {
-        if (j >= G) continue;
-        const float pj = s_p[j][i];
-        acc[j][0] += pj * vv[0];
-        acc[j][1] += pj * vv[1];
-      }
-    }
-    __syncthreads();  // s_p, s_on and s_alpha are rewritten by the next chunk
-  }
-
-  // The slices' sums meet in shared memory; the CTA writes its partial output and statistics.
-#pragma unroll
-  for (int j = 0; j < kMaxG; ++j) {
-    if (j >= G) continue;
-    s_acc[slice][j][2 * c_pair] = acc[j][0];
-    s_acc[slice][j][2 * c_pair + 1] = acc[j][1];
-  }
-  __syncthreads();
-  const int64_t part = (int64_t(b) * p.Hkv + h) * p.splits + split;
-  float* o = p.part_o + part * G * D;
-  for (int idx = tid; idx < G * D; idx += kThreads) {
-    float sum = 0.f;
-#pragma unroll
-    for (int sl = 0; sl < kSlices; ++sl) sum += s_acc[sl][idx / D][idx % D];
-    o[idx] = sum;
-  }
-  if (tid < G) {
-    p.part_ml[part * G * 2 + 2 * tid] = s_m[tid];
-    p.part_ml[part * G * 2 + 2 * tid + 1] = s_l[tid];
-  }
-}
-
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 1) attn_warps_kernel(AttnParams p) {
+__global__ void __launch_bounds__(kThreads) attn_warps_kernel(AttnParams p) {
   constexpr int kLane = D / 32;  // columns per lane (of q, the key rows, the value rows and the output)
   constexpr int kStep = 4;       // consecutive positions a warp loads at once
   __shared__ float s_o[kWarps][kMaxG][D];  // the warps' outputs (relative to their own maxima)
@@ -224,14 +263,15 @@ __global__ void __launch_bounds__(kThreads, 1) attn_warps_kernel(AttnParams p) {
   grid_dependency_wait();
   grid_dependents_launch();
 
-  float qr[kMaxG][kLane];
+  float qr[kMaxG][kLane];  // scaled into the log2 domain
   {
     const T* q_bh = static_cast<const T*>(p.q) + (int64_t(b) * p.Hkv + h) * G * D + lane * kLane;
+    const float sl2 = p.scale * kLog2e;
 #pragma unroll
     for (int j = 0; j < kMaxG; ++j) {
       if (j < G) load_row<T, kLane>(q_bh + j * D, qr[j]);
 #pragma unroll
-      for (int i = 0; i < kLane; ++i) qr[j][i] = j < G ? qr[j][i] * p.scale : 0.f;
+      for (int i = 0; i < kLane; ++i) qr[j][i] = j < G ? qr[j][i] * sl2 : 0.f;
     }
   }
   float m[kMaxG], l[kMaxG], acc[kMaxG][kLane];
@@ -269,8 +309,8 @@ __global__ void __launch_bounds__(kThreads, 1) attn_warps_kernel(AttnParams p) {
 #pragma unroll
         for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
         const float m_new = fmaxf(m[j], dot);
-        const float corr = __expf(m[j] - m_new);  // m[j] = -inf: 0 (m_new is finite)
-        const float e_s = __expf(dot - m_new);
+        const float corr = fast_exp2(m[j] - m_new);  // m[j] = -inf: 0 (m_new is finite)
+        const float e_s = fast_exp2(dot - m_new);
         l[j] = l[j] * corr + e_s;
 #pragma unroll
         for (int e = 0; e < kLane; ++e) acc[j][e] = acc[j][e] * corr + e_s * vr[u][e];
@@ -279,8 +319,6 @@ __global__ void __launch_bounds__(kThreads, 1) attn_warps_kernel(AttnParams p) {
     }
   }
 
-  // The warps' states meet: M = max over warps, L = sum l e^(m - M), O = sum o e^(m - M) (warps that
-  // saw nothing, l = 0, are skipped).
 #pragma unroll
   for (int j = 0; j < kMaxG; ++j) {
     if (j >= G) continue;
@@ -296,7 +334,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_warps_kernel(AttnParams p) {
     float M = -INFINITY, L = 0.f;
     for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w][tid]);
     for (int w = 0; w < kWarps; ++w)
-      if (s_l[w][tid] > 0.f) L += s_l[w][tid] * __expf(s_m[w][tid] - M);
+      if (s_l[w][tid] > 0.f) L += s_l[w][tid] * fast_exp2(s_m[w][tid] - M);
     s_M[tid] = M;
     s_L[tid] = L;
   }
@@ -308,7 +346,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_warps_kernel(AttnParams p) {
     float sum = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w)
-      if (s_l[w][j] > 0.f) sum += s_o[w][j][idx % D] * __expf(s_m[w][j] - s_M[j]);
+      if (s_l[w][j] > 0.f) sum += s_o[w][j][idx % D] * fast_exp2(s_m[w][j] - s_M[j]);
     o[idx] = sum;
   }
   if (tid < G) {
@@ -317,37 +355,67 @@ __global__ void __launch_bounds__(kThreads, 1) attn_warps_kernel(AttnParams p) {
   }
 }
 
+// Dynamic shared memory: s_w [splits][G] weights, then s_inv [G].
 template <typename T, int D>
-__global__ void __launch_bounds__(D) attn_combine_kernel(AttnParams p) {
-  const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
-  const int G = p.G;
+__global__ void __launch_bounds__(kCombineThreads) attn_combine_kernel(AttnParams p) {
+  extern __shared__ float s_w[];
+  const int h = blockIdx.x, b = blockIdx.y;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int G = p.G, splits = p.splits;
+  float* s_inv = s_w + splits * G;
   grid_dependency_wait();
   grid_dependents_launch();
-  const int64_t part0 = (int64_t(b) * p.Hkv + h) * p.splits;
-  T* out = static_cast<T*>(p.out) + (int64_t(b) * p.Hkv + h) * G * D;
-  for (int j = 0; j < G; ++j) {
+  const int64_t part0 = (int64_t(b) * p.Hkv + h) * splits;
+  const float* ml = p.part_ml + part0 * G * 2;
+  for (int j = warp; j < G; j += kCombineThreads / 32) {  // warp j: query head j's weights
     float M = -INFINITY;
-    for (int i = 0; i < p.splits; ++i) M = fmaxf(M, p.part_ml[(part0 + i) * G * 2 + 2 * j]);
-    float L = 0.f, O = 0.f;
-    for (int i = 0; i < p.splits; ++i) {
-      const float l = p.part_ml[(part0 + i) * G * 2 + 2 * j + 1];
-      if (l == 0.f) continue;  // nothing attended in this split (its partial output is zeros, its max -inf)
-      const float w = __expf(p.part_ml[(part0 + i) * G * 2 + 2 * j] - M);
-      L += l * w;
-      O += p.part_o[(part0 + i) * G * D + j * D + d] * w;
+    for (int i = lane; i < splits; i += 32) M = fmaxf(M, ml[(i * G + j) * 2]);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+    float L = 0.f;
+    for (int i = lane; i < splits; i += 32) {
+      const float li = ml[(i * G + j) * 2 + 1];
+      const float w = li > 0.f ? fast_exp2(ml[(i * G + j) * 2] - M) : 0.f;  // empty split: nothing
+      s_w[i * G + j] = w;
+      L += li * w;
     }
-    out[j * D + d] = Elem<T>::from_float(L > 0.f ? O / L : NAN);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) L += __shfl_xor_sync(0xffffffffu, L, off);
+    if (lane == 0) s_inv[j] = L > 0.f ? 1.f / L : NAN;  // nothing attended: NaN, as torch's softmax
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(p.out) + (int64_t(b) * p.Hkv + h) * G * D;
+  const float4* po = reinterpret_cast<const float4*>(p.part_o + part0 * G * D);
+  for (int idx = tid; idx < G * D / 4; idx += kCombineThreads) {  // 4 columns of head j
+    const int j = idx / (D / 4);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int i = 0; i < splits; ++i) {  // in order: deterministic
+      const float w = s_w[i * G + j];
+      const float4 v = po[int64_t(i) * G * D / 4 + idx];
+      acc.x += w * v.x;
+      acc.y += w * v.y;
+      acc.z += w * v.z;
+      acc.w += w * v.w;
+    }
+    const float inv = s_inv[j];
+    out[4 * idx + 0] = Elem<T>::from_float(acc.x * inv);
+    out[4 * idx + 1] = Elem<T>::from_float(acc.y * inv);
+    out[4 * idx + 2] = Elem<T>::from_float(acc.z * inv);
+    out[4 * idx + 3] = Elem<T>::from_float(acc.w * inv);
   }
 }
 
 template <typename T, int D>
 void launch(const AttnParams& ap, int64_t B, int64_t Hkv, AttnKernel kernel, cudaStream_t stream, int device) {
   const dim3 grid(unsigned(ap.splits), unsigned(Hkv), unsigned(B));
-  if (kernel == AttnKernel::kChunked)
-    launch_pdl(&attn_split_kernel<T, D>, grid, dim3(kThreads), 0, stream, device, 1, ap);
+  if (kernel == AttnKernel::kMma)
+    launch_pdl(&attn_mma_kernel<T, D>, grid, dim3(kThreads), 0, stream, device, 1, ap);
   else
     launch_pdl(&attn_warps_kernel<T, D>, grid, dim3(kThreads), 0, stream, device, 1, ap);
-  launch_pdl(&attn_combine_kernel<T, D>, dim3(unsigned(Hkv), unsigned(B)), dim3(D), 0, stream, device, 1, ap);
+  const size_t smem = size_t(ap.splits + 1) * size_t(ap.G) * sizeof(float);
+  launch_pdl(&attn_combine_kernel<T, D>, dim3(unsigned(Hkv), unsigned(B)), dim3(kCombineThreads), smem, stream,
+             device, 1, ap);
 }
 
 }  // namespace
@@ -359,9 +427,9 @@ size_t decode_attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64
 void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t workspace_bytes, void* stream,
                       AttnKernel kernel) {
   validate_decode_attention(p);
-  if (kernel != AttnKernel::kAuto && kernel != AttnKernel::kChunked && kernel != AttnKernel::kWarps)
-    throw Error("decode_attention: kernel must be kAuto, kChunked or kWarps");
-  if (kernel == AttnKernel::kAuto) kernel = AttnKernel::kWarps;  // unmeasured (2026-11-26): the design with more loads in flight
+  if (kernel != AttnKernel::kAuto && kernel != AttnKernel::kMma && kernel != AttnKernel::kWarps)
+    throw Error("decode_attention: kernel must be kAuto, kMma or kWarps");
+  if (kernel == AttnKernel::kAuto) kernel = AttnKernel::kMma;
   if (p.B > 65535 || p.Hkv > 65535) throw Error("decode_attention: B and Hkv must be <= 65535");
   if (p.S > (int64_t(1) << 30)) throw Error("decode_attention: S must be < 2^30");
   int device = 0;
@@ -370,6 +438,9 @@ void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t w
   const AttnSplit sp = attention_split(p.B, p.Hkv, p.S, sms);
   check_workspace(workspace, workspace_bytes, attention_workspace_bytes(p.B, p.Hkv, p.G, p.S, p.D, sms),
                   "decode_attention_workspace_bytes");
+  // The combine kernel's weights: (splits + 1) x G floats of shared memory (splits <= kAttnCtasPerSm x SMs).
+  if (size_t(sp.splits + 1) * size_t(p.G) * sizeof(float) > 48 * 1024)
+    throw Error("decode_attention: too many splits for the combine kernel's shared memory");
   AttnParams ap;
   ap.q = p.q;
   ap.k = p.k;

@@ -107,8 +107,9 @@ TEST(Attention, RejectsBadArguments) {
   bad([](DecodeAttentionProblem& p) { p.D = 96; }, "head dimension");
   bad([](DecodeAttentionProblem& p) { p.S = 0; }, "must be >= 1");
   bad([](DecodeAttentionProblem& p) { p.k = nullptr; }, "non-null");
-  bad([](DecodeAttentionProblem& p) { p.v = static_cast<const char*>(p.v) + 2; }, "8-byte aligned");
-  bad([](DecodeAttentionProblem& p) { p.k_stride_h = 6; }, "multiples of 4");
+  bad([](DecodeAttentionProblem& p) { p.v = static_cast<const char*>(p.v) + 8; }, "16-byte aligned");
+  bad([](DecodeAttentionProblem& p) { p.out = static_cast<char*>(p.out) + 4; }, "out must be 8-byte aligned");
+  bad([](DecodeAttentionProblem& p) { p.k_stride_h = 12; }, "multiples of 8");
   bad([](DecodeAttentionProblem& p) { p.v_stride_h = 8 * 128; }, "head stride");
   bad([](DecodeAttentionProblem& p) { p.scale = NAN; }, "scale");
 }

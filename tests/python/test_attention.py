@@ -7,6 +7,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
 
 from lutmm.attention import NAME, gqa_sdpa_attention, use_gqa_attention  # noqa: E402
+from lutmm.generation import rewind_static_cache  # noqa: E402
 
 
 def _model(heads=8, kv_heads=2):
@@ -169,18 +170,18 @@ def _gpu():
         pytest.skip("no CUDA device: GPU test skipped")
 
 
-@pytest.mark.parametrize("kernel", [0, 1, 2])  # auto, chunked, warps
+@pytest.mark.parametrize("variant", [0, 1, 2])  # auto, mma, warps
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,mask_kind", [((1, 8, 4, 392, 128), "one"), ((16, 8, 4, 392, 128), "rows"),
                                              ((2, 8, 8, 3000, 128), "rows"), ((3, 4, 1, 65, 64), None),
                                              ((2, 2, 5, 1, 64), "rows")])
-def test_gpu_decode_kernel_matches_cpu(shape, mask_kind, dtype, kernel):
+def test_gpu_decode_kernel_matches_cpu(shape, mask_kind, dtype, variant):
     _gpu()
     from lutmm.attention import gqa_decode_attention
     b, hkv, g, s, d = shape
     q, k, v, mask = _decode_inputs(b, hkv, g, s, d, dtype, device="cuda", s_max=s + 16, mask_kind=mask_kind)
-    got = gqa_decode_attention(q, k, v, mask, d ** -0.5, kernel)
-    again = gqa_decode_attention(q, k, v, mask, d ** -0.5, kernel)
+    got = gqa_decode_attention(q, k, v, mask, d ** -0.5, variant)
+    again = gqa_decode_attention(q, k, v, mask, d ** -0.5, variant)
     assert torch.equal(got, again)  # deterministic
     ref = gqa_decode_attention(q.cpu(), k.cpu(), v.cpu(), None if mask is None else mask.cpu(), d ** -0.5)
     tol = 0.02 if dtype == torch.bfloat16 else 3e-3
@@ -207,14 +208,14 @@ def test_gpu_decode_kernel_in_a_model_under_compile_and_cuda_graph(monkeypatch):
         model(ids, past_key_values=cache, cache_position=torch.arange(9, device="cuda"), use_cache=True)
         nxt, pos = ids[:, :1].clone(), torch.tensor([9], device="cuda")
         step = lambda: model(nxt, past_key_values=cache, cache_position=pos, use_cache=True).logits.float()
-        return [step()], step, pos
+        return [step()], step, pos, cache
 
     with torch.no_grad():
         use_gqa_attention(model)
-        ref, _, _ = run()
+        ref, _, _, _ = run()
         use_gqa_attention(model, decode_kernel=True)
         assert model.config._attn_implementation == la.NAME_KERNEL
-        got, step, pos = run()
+        got, step, pos, cache = run()
         assert len(calls) == 2  # one decode step, two layers
         torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0.03 * ref[0].abs().max().item())
         compiled = torch.compile(step)
@@ -223,9 +224,12 @@ def test_gpu_decode_kernel_in_a_model_under_compile_and_cuda_graph(monkeypatch):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = compiled()
+        # The cache layers write at their own count of positions (lutmm.generation.rewind_static_cache):
+        # both runs must write where they attend, position 10.
         pos.fill_(10)
+        rewind_static_cache(cache, 10)
         graph.replay()
-        pos.fill_(10)
+        rewind_static_cache(cache, 10)
         eager = step()
         torch.testing.assert_close(out, eager, rtol=0, atol=0.03 * eager.abs().max().item())
 

@@ -2,6 +2,7 @@
 import importlib.util
 import os
 
+import pytest
 import torch
 
 from conftest import REPO
@@ -118,3 +119,23 @@ def test_inductor_pdl_needs_compile():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "--inductor-pdl needs --compile" in r.stderr
+
+
+def test_attention_list_measures_each_on_the_same_models(capsys, monkeypatch):
+    """--attn gqa,sdpa: one row per (model, attention, batch), each lutmm row divided by the bf16 row of
+    its own attention; an unknown name is an error naming the choices."""
+    e2e = _load()
+    monkeypatch.setattr("sys.argv", ["bench_e2e.py", "--model", "tiny", "--device", "cpu", "--gen", "1", "--prompt", "4",
+                                     "--batches", "1", "--configs", "4:64", "--no-graph", "--attn", "gqa,sdpa"])
+    e2e.main()
+    out = capsys.readouterr().out
+    table = out[out.index("x bf16"):].splitlines()[1:]
+    labels = [line.split(" 1 ")[0].strip() for line in table if line.strip()]
+    assert labels == ["bf16 [gqa]", "bf16 [sdpa]", "lutmm 4b g64 [gqa]", "lutmm 4b g64 [sdpa]"]
+    rows = [line.split() for line in table if line.strip()]
+    assert all(float(r[-4]) > 0 for r in rows)  # tok/s
+    assert [r[-3] for r in rows[:2]] == ["1.00", "1.00"]  # each bf16 row is its own attention's base
+    monkeypatch.setattr("sys.argv", ["bench_e2e.py", "--device", "cpu", "--attn", "gqa,flash"])
+    with pytest.raises(SystemExit):
+        e2e.main()
+    assert "--attn: a comma list of gqa, gqa-kernel, sdpa" in capsys.readouterr().err

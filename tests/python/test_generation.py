@@ -65,3 +65,25 @@ def test_cuda_graph_replay_matches_the_plain_loop():
     plain = greedy_static(model, ids, 16, graph=False)
     replayed = greedy_static(model, ids, 16)  # graph on CUDA by default
     assert torch.equal(replayed, plain)
+
+
+def test_rewind_static_cache_moves_the_next_write():
+    """Transformers' StaticCache layers write at their own count of positions, not at cache_position:
+    after two warm-up steps the next write lands two positions late unless rewound."""
+    from transformers import StaticCache
+
+    from lutmm.generation import rewind_static_cache
+    model = _model()
+    ids = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(3))
+    cache = StaticCache(config=model.config, max_cache_len=12)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, cache_position=torch.arange(5), use_cache=True)
+        tok, pos = ids[:, :1], torch.tensor([5])
+        for _ in range(2):  # warm-up steps, as before a CUDA graph capture
+            model(tok, past_key_values=cache, cache_position=pos, use_cache=True)
+        keys = cache.layers[0].keys
+        assert keys[:, :, 6].abs().sum() > 0  # the second warm-up wrote position 6
+        rewind_static_cache(cache, 5)
+        keys[:, :, 5:].zero_()
+        model(tok, past_key_values=cache, cache_position=pos, use_cache=True)
+    assert keys[:, :, 5].abs().sum() > 0 and keys[:, :, 6:].abs().sum() == 0
