@@ -1,6 +1,6 @@
 // Decode attention for grouped-query heads (include/lutmm/attention.h): flash-decoding in two kernels.
 //
-// attn_mma_kernel (AttnKernel::kMma, the default): one CTA of 4 warps per (split, KV head, sequence);
+// attn_mma_kernel (AttnKernel::kMma): one CTA of 4 warps per (split, KV head, sequence);
 // warp w takes positions 16w .. 16w + 15 of each chunk of 64 in the split and keeps its own running
 // softmax. Both products run on the tensor cores (mma.m16n8k16, fp32 accumulation), transposed so that
 // the G <= 8 query heads are the 8 columns (N) and nothing is padded:
@@ -19,11 +19,15 @@
 //   shared memory; the CTA writes its partial output (fp32, not normalized) and (max, sum) per query
 //   head to the workspace. Scores are kept in the log2 domain (scale * log2(e) folded in), so every
 //   exponential is one ex2.
-// attn_warps_kernel (AttnKernel::kWarps): the same split on CUDA cores: each warp walks its positions
-//   4 at a time with lanes over D (a 5-shuffle all-reduce per score), running softmax in registers.
 // attn_combine_kernel: one CTA per (KV head, sequence): per query head the splits' maxima and sums
 //   are reduced by one warp, weights w_i = 2^(m_i - M) go to shared memory, then each thread sums 4
 //   output columns over the splits in order (deterministic).
+// Measured (H100, 2026-11-26, bench/bench_attention.py, one layer of 8B heads, us at batch x positions
+// in use 1 x 256 / 16 x 256 / 16 x 2048): this kernel 6.2 / 13.2 / 70.7 (the first tensor-core version,
+// Q as the 16-row A operand with rows G..15 zero, 178 registers: 5.7 / 13.7 / 60.6), the compiled plain
+// ops it replaces 7.5 / 19.3 / 60.8. Two CUDA-core variants (lanes over D, a 5-shuffle all-reduce
+// per score) were removed: a warp per position group 16.7 / 41.1 / 238.6, the CTA sharing chunks
+// 27.6 / 67.4 / 417.6 (with a combine kernel that walked the splits with dependent loads).
 // Both launch with programmatic dependent launch: the split kernel waits for the previous kernel
 // before its first load (it has nothing to prefetch: q, k, v and the mask are all fresh).
 #include <cmath>
@@ -229,132 +233,6 @@ __global__ void __launch_bounds__(kThreads) attn_mma_kernel(AttnParams p) {
   }
 }
 
-// D / 32 consecutive elements of a row, loaded at once (8 bytes for D = 128, 4 for D = 64).
-template <typename T, int N>
-__device__ __forceinline__ void load_row(const T* p, float (&f)[N]) {
-  static_assert(N == 2 || N == 4, "2 or 4 elements per lane");
-  if constexpr (N == 4) {
-    const uint2 raw = *reinterpret_cast<const uint2*>(p);
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) f[i] = Elem<T>::to_float(e[i]);
-  } else {
-    const uint32_t raw = *reinterpret_cast<const uint32_t*>(p);
-    const T* e = reinterpret_cast<const T*>(&raw);
-    f[0] = Elem<T>::to_float(e[0]);
-    f[1] = Elem<T>::to_float(e[1]);
-  }
-}
-
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attn_warps_kernel(AttnParams p) {
-  constexpr int kLane = D / 32;  // columns per lane (of q, the key rows, the value rows and the output)
-  constexpr int kStep = 4;       // consecutive positions a warp loads at once
-  __shared__ float s_o[kWarps][kMaxG][D];  // the warps' outputs (relative to their own maxima)
-  __shared__ float s_m[kWarps][kMaxG], s_l[kWarps][kMaxG], s_M[kMaxG], s_L[kMaxG];
-
-  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int G = p.G;
-  const T* k_bh = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + lane * kLane;
-  const T* v_bh = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + lane * kLane;
-  const uint8_t* mask_b = p.mask ? p.mask + b * p.mask_sb : nullptr;
-
-  grid_dependency_wait();
-  grid_dependents_launch();
-
-  float qr[kMaxG][kLane];  // scaled into the log2 domain
-  {
-    const T* q_bh = static_cast<const T*>(p.q) + (int64_t(b) * p.Hkv + h) * G * D + lane * kLane;
-    const float sl2 = p.scale * kLog2e;
-#pragma unroll
-    for (int j = 0; j < kMaxG; ++j) {
-      if (j < G) load_row<T, kLane>(q_bh + j * D, qr[j]);
-#pragma unroll
-      for (int i = 0; i < kLane; ++i) qr[j][i] = j < G ? qr[j][i] * sl2 : 0.f;
-    }
-  }
-  float m[kMaxG], l[kMaxG], acc[kMaxG][kLane];
-#pragma unroll
-  for (int j = 0; j < kMaxG; ++j) {
-    m[j] = -INFINITY;
-    l[j] = 0.f;
-#pragma unroll
-    for (int i = 0; i < kLane; ++i) acc[j][i] = 0.f;
-  }
-
-  const int first = split * p.chunks_per_split * kChunk;
-  const int last = min(p.S, first + p.chunks_per_split * kChunk);
-  for (int s0 = first + warp * kStep; s0 < last; s0 += kWarps * kStep) {
-    float kr[kStep][kLane] = {}, vr[kStep][kLane] = {};
-    bool on[kStep];
-#pragma unroll
-    for (int u = 0; u < kStep; ++u) {  // every lane reads the same mask byte: warp-uniform branches
-      const int s = s0 + u;
-      on[u] = s < last && (!mask_b || mask_b[s] != 0);
-      if (on[u]) {
-        load_row<T, kLane>(k_bh + int64_t(s) * D, kr[u]);
-        load_row<T, kLane>(v_bh + int64_t(s) * D, vr[u]);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kStep; ++u) {
-      if (!on[u]) continue;
-#pragma unroll
-      for (int j = 0; j < kMaxG; ++j) {
-        if (j >= G) continue;
-        float dot = 0.f;
-#pragma unroll
-        for (int e = 0; e < kLane; ++e) dot += qr[j][e] * kr[u][e];
-#pragma unroll
-        for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-        const float m_new = fmaxf(m[j], dot);
-        const float corr = fast_exp2(m[j] - m_new);  // m[j] = -inf: 0 (m_new is finite)
-        const float e_s = fast_exp2(dot - m_new);
-        l[j] = l[j] * corr + e_s;
-#pragma unroll
-        for (int e = 0; e < kLane; ++e) acc[j][e] = acc[j][e] * corr + e_s * vr[u][e];
-        m[j] = m_new;
-      }
-    }
-  }
-
-#pragma unroll
-  for (int j = 0; j < kMaxG; ++j) {
-    if (j >= G) continue;
-#pragma unroll
-    for (int e = 0; e < kLane; ++e) s_o[warp][j][lane * kLane + e] = acc[j][e];
-    if (lane == 0) {
-      s_m[warp][j] = m[j];
-      s_l[warp][j] = l[j];
-    }
-  }
-  __syncthreads();
-  if (tid < G) {
-    float M = -INFINITY, L = 0.f;
-    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w][tid]);
-    for (int w = 0; w < kWarps; ++w)
-      if (s_l[w][tid] > 0.f) L += s_l[w][tid] * fast_exp2(s_m[w][tid] - M);
-    s_M[tid] = M;
-    s_L[tid] = L;
-  }
-  __syncthreads();
-  const int64_t part = (int64_t(b) * p.Hkv + h) * p.splits + split;
-  float* o = p.part_o + part * G * D;
-  for (int idx = tid; idx < G * D; idx += kThreads) {
-    const int j = idx / D;
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w)
-      if (s_l[w][j] > 0.f) sum += s_o[w][j][idx % D] * fast_exp2(s_m[w][j] - s_M[j]);
-    o[idx] = sum;
-  }
-  if (tid < G) {
-    p.part_ml[part * G * 2 + 2 * tid] = s_M[tid];
-    p.part_ml[part * G * 2 + 2 * tid + 1] = s_L[tid];
-  }
-}
-
 // Dynamic shared memory: s_w [splits][G] weights, then s_inv [G].
 template <typename T, int D>
 __global__ void __launch_bounds__(kCombineThreads) attn_combine_kernel(AttnParams p) {
@@ -407,12 +285,9 @@ __global__ void __launch_bounds__(kCombineThreads) attn_combine_kernel(AttnParam
 }
 
 template <typename T, int D>
-void launch(const AttnParams& ap, int64_t B, int64_t Hkv, AttnKernel kernel, cudaStream_t stream, int device) {
+void launch(const AttnParams& ap, int64_t B, int64_t Hkv, cudaStream_t stream, int device) {
   const dim3 grid(unsigned(ap.splits), unsigned(Hkv), unsigned(B));
-  if (kernel == AttnKernel::kMma)
-    launch_pdl(&attn_mma_kernel<T, D>, grid, dim3(kThreads), 0, stream, device, 1, ap);
-  else
-    launch_pdl(&attn_warps_kernel<T, D>, grid, dim3(kThreads), 0, stream, device, 1, ap);
+  launch_pdl(&attn_mma_kernel<T, D>, grid, dim3(kThreads), 0, stream, device, 1, ap);
   const size_t smem = size_t(ap.splits + 1) * size_t(ap.G) * sizeof(float);
   launch_pdl(&attn_combine_kernel<T, D>, dim3(unsigned(Hkv), unsigned(B)), dim3(kCombineThreads), smem, stream,
              device, 1, ap);
@@ -427,9 +302,8 @@ size_t decode_attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64
 void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t workspace_bytes, void* stream,
                       AttnKernel kernel) {
   validate_decode_attention(p);
-  if (kernel != AttnKernel::kAuto && kernel != AttnKernel::kMma && kernel != AttnKernel::kWarps)
-    throw Error("decode_attention: kernel must be kAuto, kMma or kWarps");
-  if (kernel == AttnKernel::kAuto) kernel = AttnKernel::kMma;
+  if (kernel != AttnKernel::kAuto && kernel != AttnKernel::kMma)
+    throw Error("decode_attention: kernel must be kAuto or kMma");
   if (p.B > 65535 || p.Hkv > 65535) throw Error("decode_attention: B and Hkv must be <= 65535");
   if (p.S > (int64_t(1) << 30)) throw Error("decode_attention: S must be < 2^30");
   int device = 0;
@@ -463,11 +337,11 @@ void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t w
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const bool bf = p.dtype == DType::BF16;
   if (p.D == 128) {
-    if (bf) launch<__nv_bfloat16, 128>(ap, p.B, p.Hkv, kernel, st, device);
-    else launch<__half, 128>(ap, p.B, p.Hkv, kernel, st, device);
+    if (bf) launch<__nv_bfloat16, 128>(ap, p.B, p.Hkv, st, device);
+    else launch<__half, 128>(ap, p.B, p.Hkv, st, device);
   } else {
-    if (bf) launch<__nv_bfloat16, 64>(ap, p.B, p.Hkv, kernel, st, device);
-    else launch<__half, 64>(ap, p.B, p.Hkv, kernel, st, device);
+    if (bf) launch<__nv_bfloat16, 64>(ap, p.B, p.Hkv, st, device);
+    else launch<__half, 64>(ap, p.B, p.Hkv, st, device);
   }
 }
 

@@ -90,7 +90,7 @@ def test_breakdown_classes_kernels_by_name():
                        ("void pytorch_flash::flash_fwd_splitkv_kernel<...>", att),
                        ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", att),  # a CUTLASS kernel, yet attention
                        ("triton_per_fused__softmax_0", att), ("triton_poi_fused_add_mul_silu_3", other),
-                       ("void lutmm::gpu::(anonymous namespace)::attn_warps_kernel<__nv_bfloat16, 128>", att),
+                       ("void lutmm::gpu::(anonymous namespace)::attn_mma_kernel<__nv_bfloat16, 128>", att),
                        ("void lutmm::gpu::(anonymous namespace)::attn_combine_kernel<__half, 64>", att),
                        ("void at::native::index_copy_kernel", other)):
         assert e2e.kernel_class(name) == want, name
