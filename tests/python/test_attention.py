@@ -154,6 +154,15 @@ def test_decode_op_cpu_matches_cpp_reference_and_plain_path():
     assert torch.isnan(gqa_decode_attention(q, k, v, mask, 0.125)[1]).all()
 
 
+def test_decode_op_lowers_in_inductor():
+    """torch.compile (inductor) lowers the op as a fallback kernel: an argument named `kernel` collided
+    with the lowering's own (every compiled model with the decode kernel failed; found on the GPU)."""
+    from lutmm.attention import gqa_decode_attention
+    q, k, v, mask = _decode_inputs(2, 2, 4, 40, 64, torch.float32)
+    fn = lambda q, k, v, m: gqa_decode_attention(q, k, v, m, 0.125) * 2.0  # noqa: E731
+    torch.testing.assert_close(torch.compile(fn, backend="inductor")(q, k, v, mask), fn(q, k, v, mask))
+
+
 def test_decode_op_rejects_bad_arguments():
     from lutmm.attention import gqa_decode_attention
     q, k, v, mask = _decode_inputs(2, 2, 4, 10, 64, torch.bfloat16)
