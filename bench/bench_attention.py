@@ -7,8 +7,9 @@ grouped-query heads, measured in the same run.
 One decode step of one layer: q [B, Hkv, G, D], a static KV cache [B, Hkv, S, D] of which the first
 `valid` positions attend (a bool mask, as transformers gives it). K and V are rotated over enough copies
 to defeat the 50 MB L2; each timing is the median over replays of a CUDA graph of calls. The floor is
-the attended K and V bytes / 3.0 TB/s (what a kernel that skips masked positions must read); TB/s and
-"x plain" are the kernel's.
+the attended K and V bytes / 3.0 TB/s (what a kernel that skips masked positions must read). The kernel
+in its variants (include/lutmm/attention.h: mma = kMma, the default, fine = kMmaFine); TB/s and "x plain"
+are the default's.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def main():
     dev = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | bf16 | one layer's decode attention")
     hdr = (f"{'model':>5} {'B':>3} {'S':>5} {'valid':>5} {'floor us':>8} {'plain us':>8} {'sdpa us':>8} "
-           f"{'lutmm us':>8} {'TB/s':>5} {'x plain':>7} {'max |diff|':>10}")
+           f"{'mma us':>8} {'fine us':>8} {'TB/s':>5} {'x plain':>7} {'max |diff|':>10}")
     rows = []
     for model in args.models.split(","):
         hkv, g, d = HEADS[model]
@@ -58,14 +59,16 @@ def main():
             t_plain = _bk.time_graph([lambda k=k, v=v: plain(q4, k, v, m4) for k, v in sets])
             t_sdpa = _bk.time_graph([lambda k=k, v=v: F.scaled_dot_product_attention(
                 q4, k, v, attn_mask=m4, enable_gqa=True) for k, v in sets])
-            t_lut = _bk.time_graph([lambda k=k, v=v: gqa_decode_attention(q, k, v, mask, scale) for k, v in sets])
+            t_var = [_bk.time_graph([lambda k=k, v=v, var=var: gqa_decode_attention(q, k, v, mask, scale, var)
+                                     for k, v in sets]) for var in (1, 2)]
             k, v = sets[0]
             ref = plain(q4, k, v, m4).float().reshape(b, hkv, g, d)  # [B, 1, Hq, D] -> heads h * G + j
-            diff = (gqa_decode_attention(q, k, v, mask, scale).float() - ref).abs().max().item()
+            diff = max((gqa_decode_attention(q, k, v, mask, scale, var).float() - ref).abs().max().item()
+                       for var in (1, 2))
             used = 2 * b * hkv * valid * d * 2
             floor = used / _bk.PEAK_BYTES_S * 1e6
-            row = (model, b, s, valid, floor, t_plain, t_sdpa, t_lut, used / (t_lut * 1e-6) / 1e12, t_plain / t_lut,
-                   diff)
+            row = (model, b, s, valid, floor, t_plain, t_sdpa, t_var[0], t_var[1], used / (t_var[0] * 1e-6) / 1e12,
+                   t_plain / t_var[0], diff)
             rows.append(row)
             print(_fmt(row), flush=True)
     print("\n" + hdr)
@@ -74,8 +77,8 @@ def main():
 
 
 def _fmt(r):
-    return (f"{r[0]:>5} {r[1]:>3} {r[2]:>5} {r[3]:>5} {r[4]:8.1f} {r[5]:8.1f} {r[6]:8.1f} {r[7]:8.1f} {r[8]:5.2f} "
-            f"{r[9]:7.2f} {r[10]:10.2e}")
+    return (f"{r[0]:>5} {r[1]:>3} {r[2]:>5} {r[3]:>5} {r[4]:8.1f} {r[5]:8.1f} {r[6]:8.1f} {r[7]:8.1f} {r[8]:8.1f} "
+            f"{r[9]:5.2f} {r[10]:7.2f} {r[11]:10.2e}")
 
 
 if __name__ == "__main__":

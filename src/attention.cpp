@@ -44,19 +44,21 @@ void validate_decode_attention(const DecodeAttentionProblem& p) {
   require(std::isfinite(p.scale), "scale must be finite");
 }
 
-AttnSplit attention_split(int64_t B, int64_t Hkv, int64_t S, int64_t sms) {
-  if (B < 1 || Hkv < 1 || S < 1 || sms < 1) throw Error("attention_split: B, Hkv, S and sms must be >= 1");
+AttnSplit attention_split(int64_t B, int64_t Hkv, int64_t S, int64_t sms, int64_t ctas_per_sm) {
+  if (B < 1 || Hkv < 1 || S < 1 || sms < 1 || ctas_per_sm < 1)
+    throw Error("attention_split: B, Hkv, S, sms and ctas_per_sm must be >= 1");
   const int64_t chunks = (S + kAttnChunk - 1) / kAttnChunk;
   const int64_t pairs = B * Hkv;
-  const int64_t want = std::max<int64_t>(1, (kAttnCtasPerSm * sms + pairs - 1) / pairs);  // splits per pair
+  const int64_t want = std::clamp<int64_t>((ctas_per_sm * sms + pairs - 1) / pairs, 1, kAttnMaxSplits);  // per pair
   const int64_t per = (chunks + std::min(want, chunks) - 1) / std::min(want, chunks);
   return {(chunks + per - 1) / per, per};
 }
 
 size_t attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D, int64_t sms) {
   validate_sizes(B, Hkv, G, S, D);
-  const AttnSplit sp = attention_split(B, Hkv, S, sms);
-  return size_t(B * Hkv * sp.splits * G) * size_t(D + 2) * sizeof(float);
+  const int64_t splits = std::max(attention_split(B, Hkv, S, sms, kAttnCtasPerSm).splits,
+                                  attention_split(B, Hkv, S, sms, kAttnCtasPerSmFine).splits);
+  return size_t(B * Hkv * splits * G) * size_t(D + 2) * sizeof(float);
 }
 
 void reference_decode_attention(const DecodeAttentionProblem& p) {

@@ -46,14 +46,17 @@ void validate_decode_attention(const DecodeAttentionProblem& p);
 // kAttnCtasPerSm CTAs per SM and never gives a CTA fewer than one chunk; it depends on the SM count,
 // so results are bitwise reproducible on one GPU model, not across models.
 constexpr int64_t kAttnChunk = 64;
-constexpr int64_t kAttnCtasPerSm = 4;
+constexpr int64_t kAttnCtasPerSm = 4;      // the split of AttnKernel::kMma (and kAuto)
+constexpr int64_t kAttnCtasPerSmFine = 8;  // the split of AttnKernel::kMmaFine
+constexpr int64_t kAttnMaxSplits = 1024;   // per (sequence, KV head): bounds the combine's shared memory
 struct AttnSplit {
   int64_t splits;
   int64_t chunks_per_split;
 };
-AttnSplit attention_split(int64_t B, int64_t Hkv, int64_t S, int64_t sms);
-// Bytes of the GPU kernel's scratch on `sms` SMs: every split's partial output (G x D fp32) and (max,
-// sum) per query head. Throws lutmm::Error for sizes decode_attention rejects.
+AttnSplit attention_split(int64_t B, int64_t Hkv, int64_t S, int64_t sms, int64_t ctas_per_sm = kAttnCtasPerSm);
+// Bytes of the GPU kernel's scratch on `sms` SMs, for every variant (the finer split's): every split's
+// partial output (G x D fp32) and (max, sum) per query head. Throws lutmm::Error for sizes
+// decode_attention rejects.
 size_t attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D, int64_t sms);
 
 // CPU reference on host pointers (fp64 sums, one rounding to the dtype at the end).
@@ -64,9 +67,11 @@ namespace gpu {
 // contents need no initialization.
 size_t decode_attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D, int device);
 // The split kernel (src/cuda/decode_attention.cu): kMma, tensor cores (mma.m16n8k16) for both
-// products with K and V loaded straight into fragments. kAuto: kMma. (CUDA-core variants were
-// measured 2.7-3.4x slower on the H100 and removed; the enum keeps room for another.)
-enum class AttnKernel : int { kAuto = 0, kMma = 1 };
+// products with K and V loaded straight into fragments, positions split for ~kAttnCtasPerSm CTAs
+// per SM. kMmaFine: the same kernel on a split for ~kAttnCtasPerSmFine CTAs per SM (shorter runs of
+// positions per CTA; prepared 2026-11-26, not yet measured: docs/performance.md next step 0a).
+// kAuto: kMma. (CUDA-core variants were measured 2.7-3.4x slower on the H100 and removed.)
+enum class AttnKernel : int { kAuto = 0, kMma = 1, kMmaFine = 2 };
 // Runs the problem on the current device and the caller's stream (two kernels, programmatic
 // dependent launch where supported); never synchronizes, allocates nothing: safe in CUDA graph capture.
 void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t workspace_bytes, void* stream,

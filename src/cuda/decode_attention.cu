@@ -302,17 +302,18 @@ size_t decode_attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64
 void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t workspace_bytes, void* stream,
                       AttnKernel kernel) {
   validate_decode_attention(p);
-  if (kernel != AttnKernel::kAuto && kernel != AttnKernel::kMma)
-    throw Error("decode_attention: kernel must be kAuto or kMma");
+  if (kernel != AttnKernel::kAuto && kernel != AttnKernel::kMma && kernel != AttnKernel::kMmaFine)
+    throw Error("decode_attention: kernel must be kAuto, kMma or kMmaFine");
   if (p.B > 65535 || p.Hkv > 65535) throw Error("decode_attention: B and Hkv must be <= 65535");
   if (p.S > (int64_t(1) << 30)) throw Error("decode_attention: S must be < 2^30");
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
   const int sms = sm_count(device);
-  const AttnSplit sp = attention_split(p.B, p.Hkv, p.S, sms);
+  const AttnSplit sp = attention_split(p.B, p.Hkv, p.S, sms,
+                                      kernel == AttnKernel::kMmaFine ? kAttnCtasPerSmFine : kAttnCtasPerSm);
   check_workspace(workspace, workspace_bytes, attention_workspace_bytes(p.B, p.Hkv, p.G, p.S, p.D, sms),
                   "decode_attention_workspace_bytes");
-  // The combine kernel's weights: (splits + 1) x G floats of shared memory (splits <= kAttnCtasPerSm x SMs).
+  // The combine kernel's weights: (splits + 1) x G floats of shared memory (splits <= kAttnMaxSplits: 32.8 KB).
   if (size_t(sp.splits + 1) * size_t(p.G) * sizeof(float) > 48 * 1024)
     throw Error("decode_attention: too many splits for the combine kernel's shared memory");
   AttnParams ap;

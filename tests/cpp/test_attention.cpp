@@ -18,24 +18,35 @@ TEST(Attention, SplitCoversEveryChunkOnce) {
   EXPECT_EQ(attention_split(16, 8, 392, 132).splits, 4);
   EXPECT_EQ(attention_split(1, 8, 8192, 132).chunks_per_split, 2);  // 128 chunks over 64 splits
   EXPECT_EQ(attention_split(1, 1, 1, 132).splits, 1);
-  for (int64_t B : {1, 3, 16, 64})
-    for (int64_t Hkv : {1, 8})
-      for (int64_t S : {1, 63, 64, 65, 392, 1000, 8192, 100000})
-        for (int64_t sms : {1, 108, 132}) {
-          const AttnSplit sp = attention_split(B, Hkv, S, sms);
-          const int64_t chunks = (S + kAttnChunk - 1) / kAttnChunk;
-          ASSERT_GE(sp.splits, 1);
-          ASSERT_GE(sp.chunks_per_split, 1);
-          ASSERT_GE(sp.splits * sp.chunks_per_split, chunks);         // every chunk has a split
-          ASSERT_LT((sp.splits - 1) * sp.chunks_per_split, chunks);   // and every split a chunk
-          ASSERT_LE(B * Hkv * sp.splits, std::max(B * Hkv, kAttnCtasPerSm * sms + B * Hkv));  // bounded workspace
-        }
-  // Scratch: every split's G x D partial output and (max, sum) per query head, in fp32.
-  EXPECT_EQ(attention_workspace_bytes(16, 8, 4, 392, 128, 132), size_t(16 * 8 * 4 * 4 * (128 + 2) * 4));
+  // kMmaFine's split (~8 CTAs per SM): batch 16 gets one chunk per CTA, 7 splits (896 CTAs).
+  EXPECT_EQ(attention_split(16, 8, 392, 132, kAttnCtasPerSmFine).splits, 7);
+  EXPECT_EQ(attention_split(16, 8, 2048, 132, kAttnCtasPerSmFine).chunks_per_split, 4);  // 32 chunks, 8 splits
+  EXPECT_EQ(attention_split(1, 1, 1 << 20, 1000, kAttnCtasPerSmFine).splits, kAttnMaxSplits);  // capped
+  for (int64_t cps : {kAttnCtasPerSm, kAttnCtasPerSmFine})
+    for (int64_t B : {1, 3, 16, 64})
+      for (int64_t Hkv : {1, 8})
+        for (int64_t S : {1, 63, 64, 65, 392, 1000, 8192, 100000})
+          for (int64_t sms : {1, 108, 132}) {
+            const AttnSplit sp = attention_split(B, Hkv, S, sms, cps);
+            const int64_t chunks = (S + kAttnChunk - 1) / kAttnChunk;
+            ASSERT_GE(sp.splits, 1);
+            ASSERT_GE(sp.chunks_per_split, 1);
+            ASSERT_GE(sp.splits * sp.chunks_per_split, chunks);        // every chunk has a split
+            ASSERT_LT((sp.splits - 1) * sp.chunks_per_split, chunks);  // and every split a chunk
+            ASSERT_LE(B * Hkv * sp.splits, std::max(B * Hkv, cps * sms + B * Hkv));  // bounded workspace
+            ASSERT_LE(sp.splits, kAttnMaxSplits);
+            // The finer split never has fewer splits: the workspace sized for it holds either.
+            ASSERT_GE(attention_split(B, Hkv, S, sms, kAttnCtasPerSmFine).splits,
+                      attention_split(B, Hkv, S, sms, kAttnCtasPerSm).splits);
+          }
+  // Scratch: every split's G x D partial output and (max, sum) per query head, in fp32, for the finer
+  // split (7 splits here against kMma's 4).
+  EXPECT_EQ(attention_workspace_bytes(16, 8, 4, 392, 128, 132), size_t(16 * 8 * 7 * 4 * (128 + 2) * 4));
   EXPECT_THROW(attention_workspace_bytes(16, 8, 9, 392, 128, 132), Error);  // G > 8
   EXPECT_THROW(attention_workspace_bytes(16, 8, 4, 392, 96, 132), Error);   // D
   EXPECT_THROW(attention_split(0, 8, 392, 132), Error);
   EXPECT_THROW(attention_split(1, 8, 392, 0), Error);
+  EXPECT_THROW(attention_split(1, 8, 392, 132, 0), Error);
 }
 
 namespace {
