@@ -1,6 +1,7 @@
 // Decode attention for grouped-query heads (include/lutmm/attention.h): flash-decoding in two kernels.
 //
-// attn_mma_kernel (AttnKernel::kMma): one CTA of 4 warps per (split, KV head, sequence);
+// attn_mma_kernel (AttnKernel::kMma; kMmaFine runs it on a finer split, attention_split's ctas_per_sm):
+// one CTA of 4 warps per (split, KV head, sequence);
 // warp w takes positions 16w .. 16w + 15 of each chunk of 64 in the split and keeps its own running
 // softmax. Both products run on the tensor cores (mma.m16n8k16, fp32 accumulation), transposed so that
 // the G <= 8 query heads are the 8 columns (N) and nothing is padded:
