@@ -230,7 +230,7 @@ def main():
                     help="attention for bf16 and lutmm alike, or a comma list (each measured on the same models, "
                          "an A/B in one run): gqa = lutmm.attention (K/V read once per KV head), "
                          "gqa-kernel (default) = the same with decode steps through lutmm's CUDA decode-attention "
-                         "kernel (H100, 8B: bf16 +3-5%%, 3-bit +6-7%% over gqa; docs/performance.md item 49), "
+                         "kernel (H100, 8B, over gqa: 3-bit +6-7%%, bf16 -3%% to +5%% over two runs; docs/performance.md item 49), "
                          "sdpa = transformers' own (repeats K/V for every query head under a mask)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile replays of the captured decode step: CUDA time by kernel class")

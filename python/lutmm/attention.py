@@ -18,7 +18,7 @@ kernel (`torch.ops.lutmm.gqa_decode_attention`, src/cuda/decode_attention.cu: fl
 tensor cores, one pass over K and V, masked positions not loaded); elsewhere (CPU, float masks, head
 dimensions other than 64 and 128, more than 8 query heads per KV head) the plain ops below serve.
 H100, 2026-11-26 (docs/performance.md item 49): one 8B layer at batch 16 13.2 us against the compiled
-plain ops' 19.3; the 8B-shaped model's compiled decode step +3-5% (bf16) and +6-7% (3 bits).
+plain ops' 19.3; the 8B-shaped model's compiled decode step +6-7% at 3 bits (bf16 -3% to +5% over two runs).
 """
 from __future__ import annotations
 
