@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import lutmm
 from lutmm.attention import use_gqa_attention
-from lutmm.generation import rewind_static_cache
+from lutmm.generation import capture_step, rewind_static_cache
 from lutmm.nn import LUTLinear, fuse_projections
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -95,7 +95,7 @@ def kernel_class(name: str) -> str:
     """The breakdown class of a CUDA kernel by name: linears (ours, cuBLAS, dequant), attention, other."""
     name = name.lower()
     # Attention first: the memory-efficient SDPA kernels are CUTLASS kernels (fmha_cutlassF_...); lutmm's
-    # decode attention is attn_split / attn_warps / attn_combine. (cuBLAS batched matmuls of the plain
+    # decode attention is attn_mma_kernel / attn_combine_kernel. (cuBLAS batched matmuls of the plain
     # decode path, nvjet_*, count as linears: their names do not tell them apart.)
     if any(k in name for k in ("attention", "flash", "fmha", "sdpa", "softmax", "attn_")):
         return "attention"
@@ -162,17 +162,7 @@ def decode_tokens_per_s(model, batch: int, prompt: int, gen: int, graph: bool, c
 
     cuda = dev.type == "cuda"
     if graph and cuda:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(s)
-        rewind_static_cache(cache, prompt)  # the warm-up steps advanced the cache's own write position
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            static_out = step()
-        run = g.replay
+        run, static_out = capture_step(step, cache, prompt, dev)
     else:
         static_out = None
         run = None

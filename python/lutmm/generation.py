@@ -64,21 +64,10 @@ def greedy_static(model, input_ids: torch.Tensor, max_new_tokens: int, *, eos_to
         step = torch.compile(step, dynamic=False)
     run = step
     if graph and max_new_tokens > 1:
-        # Warm-up runs (compilation, workspaces, lazy init) on a side stream, as capture requires; they
-        # write the cache at position p with the same token the first replay writes there.
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        rewind_static_cache(cache, p)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            graph_out = step()
+        replay, graph_out = capture_step(step, cache, p, dev)
 
         def run():
-            g.replay()
+            replay()
             return graph_out
 
     new = [token]
@@ -94,6 +83,24 @@ def greedy_static(model, input_ids: torch.Tensor, max_new_tokens: int, *, eos_to
         ended = _ended_at(gen, eos_token_id)
         gen = gen.masked_fill(torch.arange(gen.shape[1], device=dev)[None, :] > ended[:, None], eos_token_id)
     return torch.cat([input_ids, gen], 1)
+
+
+def capture_step(step, cache, length: int, device, warmups: int = 2):
+    """A decode step captured as one CUDA graph: `warmups` runs of `step` first on a side stream
+    (compilation, workspaces, lazy initialization; capture requires them), then the cache's write
+    position rewound to `length` (rewind_static_cache: the warm-up runs advanced it), then the capture.
+    Returns (replay, out): replay() runs the graph, which leaves its result in the tensor `out`."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    rewind_static_cache(cache, length)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step()
+    return g.replay, out
 
 
 def rewind_static_cache(cache, length: int) -> None:

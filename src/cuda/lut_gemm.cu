@@ -61,10 +61,7 @@
 //  25  2- and 3-bit weights below the TMA threshold keep the cp.async kernel where the TMA kernel's row
 //      tiles apply (item 42)
 //  26  src/plan.cpp: row tiles only where they fill 80% of the slots, not 70% (item 43)
-//  27  3 bits, TMA kernel: whole tiles of 8 row blocks sized for two CTAs per SM where they fill 80-100%
-//      of those slots (item 45; prepared, not yet measured)
-//  28  3 bits, TMA kernel, M = 5-16, weights < 200M elements: Stream-K sized for two CTAs per SM (item 44;
-//      prepared, not yet measured; experiment 11 did this for every 3-bit call)
+//  (27, 28: measured and adopted as lut_tiles8_tma3, src/plan.cpp, item 46; the numbers are free)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38)
