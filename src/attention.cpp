@@ -49,9 +49,19 @@ AttnSplit attention_split(int64_t B, int64_t Hkv, int64_t S, int64_t sms, int64_
     throw Error("attention_split: B, Hkv, S, sms and ctas_per_sm must be >= 1");
   const int64_t chunks = (S + kAttnChunk - 1) / kAttnChunk;
   const int64_t pairs = B * Hkv;
-  const int64_t want = std::clamp<int64_t>((ctas_per_sm * sms + pairs - 1) / pairs, 1, kAttnMaxSplits);  // per pair
-  const int64_t per = (chunks + std::min(want, chunks) - 1) / std::min(want, chunks);
-  return {(chunks + per - 1) / per, per};
+  const int64_t slots = ctas_per_sm * sms;  // CTAs resident at once
+  // Time ~ waves x chunks per CTA: pick the split with the fewest (the fewest splits on a tie: a
+  // cheaper combine), looking no further than two waves.
+  const int64_t most = std::clamp<int64_t>(2 * slots / pairs, 1, std::min(chunks, kAttnMaxSplits));
+  AttnSplit best{1, chunks};
+  int64_t best_cost = ((pairs + slots - 1) / slots) * chunks;
+  for (int64_t want = 2; want <= most; ++want) {
+    const int64_t per = (chunks + want - 1) / want;
+    const int64_t splits = (chunks + per - 1) / per;
+    const int64_t cost = ((pairs * splits + slots - 1) / slots) * per;
+    if (cost < best_cost) best = {splits, per}, best_cost = cost;
+  }
+  return best;
 }
 
 size_t attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D, int64_t sms) {

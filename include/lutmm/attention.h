@@ -42,12 +42,15 @@ struct DecodeAttentionProblem {
 void validate_decode_attention(const DecodeAttentionProblem& p);
 
 // How the GPU kernel splits the key positions: chunks of kAttnChunk positions, `chunks_per_split`
-// consecutive chunks per CTA, `splits` CTAs per (sequence, KV head). The split aims at
-// kAttnCtasPerSm CTAs per SM and never gives a CTA fewer than one chunk; it depends on the SM count,
-// so results are bitwise reproducible on one GPU model, not across models.
+// consecutive chunks per CTA, `splits` CTAs per (sequence, KV head). With ctas_per_sm CTAs resident
+// per SM, the split minimizes waves x chunks per CTA (the fewest splits on a tie, at most two waves),
+// never giving a CTA fewer than one chunk; it depends on the SM count, so results are bitwise
+// reproducible on one GPU model, not across models. (The first split aimed at ctas_per_sm x SMs CTAs
+// and took two waves at batch 16 x 2048 positions: 640 CTAs for 528 slots, 71.3 us against this
+// split's predicted ~60; H100, 2026-11-27.)
 constexpr int64_t kAttnChunk = 64;
-constexpr int64_t kAttnCtasPerSm = 4;      // the split of AttnKernel::kMma (and kAuto)
-constexpr int64_t kAttnCtasPerSmFine = 8;  // the split of AttnKernel::kMmaFine
+constexpr int64_t kAttnCtasPerSm = 4;      // attn_mma_kernel's residency (128 threads x 128 registers)
+constexpr int64_t kAttnCtasPerSmFine = 8;  // AttnKernel::kMmaFine's split: as if 8 were resident
 constexpr int64_t kAttnMaxSplits = 1024;   // per (sequence, KV head): bounds the combine's shared memory
 struct AttnSplit {
   int64_t splits;
