@@ -36,8 +36,8 @@ fi
 if [[ $MODE == attn ]]; then  # the decode-attention kernel: its C++ and Python GPU tests, then its benchmark
   ./build/gpu/lutmm_gpu_tests --gtest_filter='GpuAttention.*' 2>&1 | tee "$OUT/attn_tests.log" | \
     grep -E "^\[  (PASSED|FAILED) |Failure|case|Expected|Which" | head -30
-  python3 -m pytest -q -rfs tests/python/test_attention.py tests/python/test_generation.py > "$OUT/attn_py.log" 2>&1
-  echo "pytest attention + generation: rc=$? $(tail -1 "$OUT/attn_py.log")"
+  python3 -m pytest -q -rfs tests/python/test_attention.py tests/python/test_generation.py tests/python/test_cli.py > "$OUT/attn_py.log" 2>&1
+  echo "pytest attention + generation + cli: rc=$? $(tail -1 "$OUT/attn_py.log")"
   grep -E "^(FAILED|ERROR)|^E  " "$OUT/attn_py.log" | head -20
   python3 bench/bench_attention.py 2>"$OUT/attn.err" | tee "$OUT/attn.txt"
   exit 0

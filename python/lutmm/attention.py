@@ -13,8 +13,7 @@ ops compile to ~7 us. The result equals the `sdpa` one up to rounding.
     from lutmm.attention import use_gqa_attention
     use_gqa_attention(model)   # any model whose attention goes through AttentionInterface (Llama, ...)
 
-Faster on CUDA: `use_gqa_attention(model, decode_kernel=True)` runs decode steps through lutmm's own
-kernel (`torch.ops.lutmm.gqa_decode_attention`, src/cuda/decode_attention.cu: flash-decoding on the
+On CUDA decode steps run through lutmm's own kernel (`decode_kernel=False`: the plain ops below) (`torch.ops.lutmm.gqa_decode_attention`, src/cuda/decode_attention.cu: flash-decoding on the
 tensor cores, one pass over K and V, masked positions not loaded); elsewhere (CPU, float masks, head
 dimensions other than 64 and 128, more than 8 query heads per KV head) the plain ops below serve.
 H100, 2026-11-26 (docs/performance.md item 49): one 8B layer at batch 16 13.2 us against the compiled
@@ -185,9 +184,9 @@ def register(decode_kernel: bool = False) -> str:
     return name
 
 
-def use_gqa_attention(model, decode_kernel: bool = False) -> None:
-    """Switches a transformers model (and its submodels) to gqa_sdpa_attention; decode_kernel: decode steps
-    through lutmm's CUDA kernel (gqa_decode_attention) where it serves."""
+def use_gqa_attention(model, decode_kernel: bool = True) -> None:
+    """Switches a transformers model (and its submodels) to gqa_sdpa_attention; decode_kernel (default):
+    decode steps through lutmm's CUDA kernel (gqa_decode_attention) where it serves, the plain ops elsewhere."""
     name = register(decode_kernel)
     model.set_attn_implementation(name)
     if model.config._attn_implementation != name:

@@ -200,10 +200,15 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     from .evaluate import generate
 
+    dev = _device(args.device)
+    if args.static is None:  # the fast path where it is fast: a replayed CUDA graph
+        args.static = dev.type == "cuda"
     if args.compile and not args.static:
         raise ValueError("--compile needs --static (it compiles the static decode step)")
-    dev = _device(args.device)
     model = _load(args.dir, dev, _DTYPES[args.dtype])
+    if args.static and dev.type == "cuda":  # K/V read once per KV head, decode steps through lutmm's kernel
+        from .attention import use_gqa_attention
+        use_gqa_attention(model)
     t0 = time.perf_counter()
     text = generate(model, args.tokenizer or args.dir, args.prompt, args.max_new_tokens, static=args.static,
                     compile=args.compile)
@@ -424,9 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dir", metavar="DIR")
     sp.add_argument("--prompt", required=True)
     sp.add_argument("--max-new-tokens", type=int, default=32)
-    sp.add_argument("--static", action="store_true",
-                    help="decode through a static KV cache, on CUDA with the step replayed as one CUDA graph "
-                         "(lutmm.generation.greedy_static; experimental, not yet the default)")
+    sp.add_argument("--static", action=argparse.BooleanOptionalAction, default=None,
+                    help="decode through a static KV cache with the step replayed as one CUDA graph on CUDA and "
+                         "lutmm's grouped-query attention (lutmm.generation.greedy_static, lutmm.attention; the "
+                         "default on CUDA); --no-static: Hugging Face generate (the default on CPU)")
     sp.add_argument("--compile", action="store_true", help="with --static: torch.compile the decode step first")
     model_opts(sp)
 

@@ -6,7 +6,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
 
-from lutmm.attention import NAME, gqa_sdpa_attention, use_gqa_attention  # noqa: E402
+from lutmm.attention import NAME, NAME_KERNEL, gqa_sdpa_attention, use_gqa_attention  # noqa: E402
 from lutmm.generation import rewind_static_cache  # noqa: E402
 
 
@@ -31,15 +31,16 @@ def _decode(model, ids, steps):
     return logits
 
 
+@pytest.mark.parametrize("decode_kernel", [False, True])  # on the CPU both decode through the plain ops
 @pytest.mark.parametrize("kv_heads", [2, 8])  # 4 query heads per KV head; plain multi-head
-def test_matches_stock_sdpa_through_prefill_and_static_cache_decode(kv_heads):
+def test_matches_stock_sdpa_through_prefill_and_static_cache_decode(kv_heads, decode_kernel):
     model = _model(kv_heads=kv_heads)
     ids = torch.randint(0, 300, (3, 11))
     with torch.no_grad():
         ref = _decode(model, ids, 4)
         no_cache = model(ids).logits
-        use_gqa_attention(model)
-        assert model.config._attn_implementation == NAME
+        use_gqa_attention(model, decode_kernel=decode_kernel)
+        assert model.config._attn_implementation == (NAME_KERNEL if decode_kernel else NAME)
         got = _decode(model, ids, 4)
         got_no_cache = model(ids).logits
     for r, g in zip(ref, got):
@@ -198,7 +199,7 @@ def test_gpu_decode_kernel_matches_cpu(shape, mask_kind, dtype, variant):
 
 
 def test_gpu_decode_kernel_in_a_model_under_compile_and_cuda_graph(monkeypatch):
-    """use_gqa_attention(decode_kernel=True): decode steps go through the kernel (counted), and the logits
+    """use_gqa_attention (decode_kernel=True by default): decode steps go through the kernel (counted), and the logits
     equal the plain path's up to bf16 rounding, compiled and replayed from a CUDA graph."""
     _gpu()
     import lutmm.attention as la
@@ -220,9 +221,11 @@ def test_gpu_decode_kernel_in_a_model_under_compile_and_cuda_graph(monkeypatch):
         return [step()], step, pos, cache
 
     with torch.no_grad():
-        use_gqa_attention(model)
+        use_gqa_attention(model, decode_kernel=False)
+        assert model.config._attn_implementation == la.NAME
         ref, _, _, _ = run()
-        use_gqa_attention(model, decode_kernel=True)
+        assert not calls
+        use_gqa_attention(model)
         assert model.config._attn_implementation == la.NAME_KERNEL
         got, step, pos, cache = run()
         assert len(calls) == 2  # one decode step, two layers

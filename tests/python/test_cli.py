@@ -137,6 +137,22 @@ def test_generate_static_gives_the_same_text(mini_ckpt, capsys):
     assert "--compile needs --static" in capsys.readouterr().err
 
 
+def test_generate_on_cuda_defaults_to_the_graph_path(mini_ckpt, capsys):
+    """On CUDA `generate` decodes through greedy_static's CUDA graph with lutmm's attention kernel by
+    default; its text matches Hugging Face generate's (--no-static) on this prompt."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: GPU test skipped")
+    _, _, out = mini_ckpt
+    args = ["generate", str(out), "--prompt", "The river", "--max-new-tokens", "12", "--device", "cuda"]
+    assert cli.main(args) == 0
+    fast = capsys.readouterr()
+    assert "graph capture" in fast.err
+    assert cli.main(args + ["--no-static"]) == 0
+    plain = capsys.readouterr()
+    assert "graph capture" not in plain.err
+    assert fast.out == plain.out and len(fast.out) > len("The river") + 8
+
+
 def test_demo_mini_llama(mini_ckpt, capsys):
     assert cli.main(["demo", "--max-tokens", "1024", "--new-tokens", "4", "--speed-tokens", "4", "--quiet"]) == 0
     out = capsys.readouterr().out
