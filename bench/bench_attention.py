@@ -8,8 +8,8 @@ One decode step of one layer: q [B, Hkv, G, D], a static KV cache [B, Hkv, S, D]
 `valid` positions attend (a bool mask, as transformers gives it). K and V are rotated over enough copies
 to defeat the 50 MB L2; each timing is the median over replays of a CUDA graph of calls. The floor is
 the attended K and V bytes / 3.0 TB/s (what a kernel that skips masked positions must read). The kernel
-in its variants (include/lutmm/attention.h: mma = kMma, the default, fine = kMmaFine); TB/s and "x plain"
-are the default's.
+in its variants (include/lutmm/attention.h's AttnKernel: auto = kAuto, the default; mma = kMma, split +
+combine; wide = kWide, a CTA of 16 warps per KV head); TB/s and "x plain" are the default's.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ _bk = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_bk)
 
 HEADS = {"8b": (8, 4, 128), "70b": (8, 8, 128)}  # KV heads, query heads per KV head, head dim
-CASES = [(1, 392, 256), (4, 392, 256), (16, 392, 256), (1, 8192, 4096), (16, 2048, 2048)]  # B, S, valid
+CASES = [(1, 392, 256), (4, 392, 256), (16, 392, 256), (1, 1024, 768), (16, 1024, 768), (1, 8192, 4096),
+         (16, 2048, 2048)]  # B, S, valid
 
 
 def main():
@@ -37,7 +38,7 @@ def main():
     dev = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | bf16 | one layer's decode attention")
     hdr = (f"{'model':>5} {'B':>3} {'S':>5} {'valid':>5} {'floor us':>8} {'plain us':>8} {'sdpa us':>8} "
-           f"{'mma us':>8} {'fine us':>8} {'TB/s':>5} {'x plain':>7} {'max |diff|':>10}")
+           f"{'auto us':>8} {'mma us':>8} {'wide us':>8} {'TB/s':>5} {'x plain':>7} {'max |diff|':>10}")
     rows = []
     for model in args.models.split(","):
         hkv, g, d = HEADS[model]
@@ -60,14 +61,14 @@ def main():
             t_sdpa = _bk.time_graph([lambda k=k, v=v: F.scaled_dot_product_attention(
                 q4, k, v, attn_mask=m4, enable_gqa=True) for k, v in sets])
             t_var = [_bk.time_graph([lambda k=k, v=v, var=var: gqa_decode_attention(q, k, v, mask, scale, var)
-                                     for k, v in sets]) for var in (1, 2)]
+                                     for k, v in sets]) for var in (0, 1, 2)]
             k, v = sets[0]
             ref = plain(q4, k, v, m4).float().reshape(b, hkv, g, d)  # [B, 1, Hq, D] -> heads h * G + j
             diff = max((gqa_decode_attention(q, k, v, mask, scale, var).float() - ref).abs().max().item()
-                       for var in (1, 2))
+                       for var in (0, 1, 2))
             used = 2 * b * hkv * valid * d * 2
             floor = used / _bk.PEAK_BYTES_S * 1e6
-            row = (model, b, s, valid, floor, t_plain, t_sdpa, t_var[0], t_var[1], used / (t_var[0] * 1e-6) / 1e12,
+            row = (model, b, s, valid, floor, t_plain, t_sdpa, *t_var, used / (t_var[0] * 1e-6) / 1e12,
                    t_plain / t_var[0], diff)
             rows.append(row)
             print(_fmt(row), flush=True)
@@ -78,7 +79,7 @@ def main():
 
 def _fmt(r):
     return (f"{r[0]:>5} {r[1]:>3} {r[2]:>5} {r[3]:>5} {r[4]:8.1f} {r[5]:8.1f} {r[6]:8.1f} {r[7]:8.1f} {r[8]:8.1f} "
-            f"{r[9]:5.2f} {r[10]:7.2f} {r[11]:10.2e}")
+            f"{r[9]:8.1f} {r[10]:5.2f} {r[11]:7.2f} {r[12]:10.2e}")
 
 
 if __name__ == "__main__":

@@ -64,10 +64,14 @@ AttnSplit attention_split(int64_t B, int64_t Hkv, int64_t S, int64_t sms, int64_
   return best;
 }
 
+bool attention_wide(int64_t B, int64_t Hkv, int64_t S, int64_t sms) {
+  if (B < 1 || Hkv < 1 || S < 1 || sms < 1) throw Error("attention_wide: B, Hkv, S and sms must be >= 1");
+  return 8 * B * Hkv >= sms && B * Hkv <= sms && (S + kAttnChunk - 1) / kAttnChunk <= kAttnWideMaxChunks;
+}
+
 size_t attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D, int64_t sms) {
   validate_sizes(B, Hkv, G, S, D);
-  const int64_t splits = std::max(attention_split(B, Hkv, S, sms, kAttnCtasPerSm).splits,
-                                  attention_split(B, Hkv, S, sms, kAttnCtasPerSmFine).splits);
+  const int64_t splits = attention_split(B, Hkv, S, sms).splits;
   return size_t(B * Hkv * splits * G) * size_t(D + 2) * sizeof(float);
 }
 

@@ -49,17 +49,24 @@ void validate_decode_attention(const DecodeAttentionProblem& p);
 // and took two waves at batch 16 x 2048 positions: 640 CTAs for 528 slots, 71.3 us against this
 // split's predicted ~60; H100, 2026-11-27.)
 constexpr int64_t kAttnChunk = 64;
-constexpr int64_t kAttnCtasPerSm = 4;      // attn_mma_kernel's residency (128 threads x 128 registers)
-constexpr int64_t kAttnCtasPerSmFine = 8;  // AttnKernel::kMmaFine's split: as if 8 were resident
-constexpr int64_t kAttnMaxSplits = 1024;   // per (sequence, KV head): bounds the combine's shared memory
+constexpr int64_t kAttnCtasPerSm = 4;     // kMma's residency (4 warps x 128 registers per thread)
+constexpr int64_t kAttnMaxSplits = 1024;  // per (sequence, KV head): bounds the combine's shared memory
+constexpr int64_t kAttnWideWarps = 16;    // kWide: warps per CTA (16 x 32 x 128 registers: one CTA per SM)
+constexpr int64_t kAttnWideMaxChunks = 32;  // kAuto takes kWide up to 32 chunks (2048 positions; attention_wide)
 struct AttnSplit {
   int64_t splits;
   int64_t chunks_per_split;
 };
 AttnSplit attention_split(int64_t B, int64_t Hkv, int64_t S, int64_t sms, int64_t ctas_per_sm = kAttnCtasPerSm);
-// Bytes of the GPU kernel's scratch on `sms` SMs, for every variant (the finer split's): every split's
-// partial output (G x D fp32) and (max, sum) per query head. Throws lutmm::Error for sizes
-// decode_attention rejects.
+// Whether AttnKernel::kAuto runs kWide (one CTA per (sequence, KV head), no combine): when those CTAs
+// fill from 1/8 of the SMs to all of them, one per SM, and the positions take at most
+// kAttnWideMaxChunks chunks. H100, 2026-11-27, 8B heads, us kMma -> kWide at batch x positions in use:
+// 4 x 256 7.7 -> 7.2, 16 x 256 12.8 -> 11.2, 16 x 768 27.2 -> 24.4, 16 x 2048 55.6 -> 54.7; batch 1
+// (8 CTAs) loses: 1 x 256 6.1 -> 6.3, 1 x 768 8.0 -> 12.0.
+bool attention_wide(int64_t B, int64_t Hkv, int64_t S, int64_t sms);
+// Bytes of the GPU kernel's scratch on `sms` SMs, for every variant (kMma's split; kWide needs none):
+// every split's partial output (G x D fp32) and (max, sum) per query head. Throws lutmm::Error for
+// sizes decode_attention rejects.
 size_t attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D, int64_t sms);
 
 // CPU reference on host pointers (fp64 sums, one rounding to the dtype at the end).
@@ -69,13 +76,14 @@ namespace gpu {
 // Bytes of scratch decode_attention needs on `device` (attention_workspace_bytes with its SM count);
 // contents need no initialization.
 size_t decode_attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D, int device);
-// The split kernel (src/cuda/decode_attention.cu): kMma, tensor cores (mma.m16n8k16) for both
-// products with K and V loaded straight into fragments, positions split for ~kAttnCtasPerSm CTAs
-// per SM. kMmaFine: the same kernel on a split for ~kAttnCtasPerSmFine CTAs per SM (shorter runs of
-// positions per CTA; prepared 2026-11-26, not yet measured: docs/performance.md next step 0a).
-// kAuto: kMma. (CUDA-core variants were measured 2.7-3.4x slower on the H100 and removed.)
-enum class AttnKernel : int { kAuto = 0, kMma = 1, kMmaFine = 2 };
-// Runs the problem on the current device and the caller's stream (two kernels, programmatic
+// The kernel (src/cuda/decode_attention.cu), tensor cores (mma.m16n8k16) for both products with K and
+// V loaded straight into fragments. kMma: CTAs of 4 warps on attention_split's split, then a combine
+// kernel (none when there is one split). kWide: one CTA of kAttnWideWarps warps per (sequence, KV
+// head) over all positions, writing the output itself. kAuto: kWide where attention_wide says so, else
+// kMma. (CUDA-core variants were measured 2.7-3.4x slower on the H100 and removed; kMmaFine, kMma on a
+// split for 8 CTAs per SM, lost to the wave-aware split everywhere: H100, 2026-11-27.)
+enum class AttnKernel : int { kAuto = 0, kMma = 1, kWide = 2 };
+// Runs the problem on the current device and the caller's stream (one or two kernels, programmatic
 // dependent launch where supported); never synchronizes, allocates nothing: safe in CUDA graph capture.
 void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t workspace_bytes, void* stream,
                       AttnKernel kernel = AttnKernel::kAuto);

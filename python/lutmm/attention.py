@@ -37,7 +37,7 @@ def gqa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     """One decode step of grouped-query attention. q [B, Hkv, G, D] (query head h * G + j), k / v
     [B, Hkv, S, D], mask None or bool [B or 1, S] (True attends). Returns [B, Hkv, G, D] in q's dtype:
     softmax(scale * q k^T, masked) v, fp32 inside; a row with nothing to attend gives NaN.
-    variant (CUDA): 0 auto, 1 kMma, 2 kMmaFine (include/lutmm/attention.h's AttnKernel).
+    variant (CUDA): 0 auto, 1 kMma (split + combine), 2 kWide (a CTA per KV head), include/lutmm/attention.h's AttnKernel.
     (Not named `kernel`: inductor's fallback lowering passes an argument of that name.)"""
     raise NotImplementedError("lutmm::gqa_decode_attention: no implementation for this device")
 

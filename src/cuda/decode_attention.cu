@@ -1,8 +1,9 @@
 // Decode attention for grouped-query heads (include/lutmm/attention.h): flash-decoding in two kernels.
 //
-// attn_mma_kernel (AttnKernel::kMma; kMmaFine runs it on a finer split, attention_split's ctas_per_sm):
-// one CTA of 4 warps per (split, KV head, sequence);
-// warp w takes positions 16w .. 16w + 15 of each chunk of 64 in the split and keeps its own running
+// attn_mma_kernel<kWarps>: one CTA per (split, KV head, sequence). kMma: 4 warps on attention_split's
+// split (rounds of one 64-position chunk); kWide: 16 warps, one split covering every position (rounds
+// of 256), so the CTA writes the output itself and no combine kernel runs (kMma does the same when its
+// split is one). Warp w takes positions 16w .. 16w + 15 of each round and keeps its own running
 // softmax. Both products run on the tensor cores (mma.m16n8k16, fp32 accumulation), transposed so that
 // the G <= 8 query heads are the 8 columns (N) and nothing is padded:
 //   - Scores S^T = K Q^T: A = K [16 positions x D], B = Q^T [D x 8 heads]. The order of the D
@@ -16,9 +17,11 @@
 //     2 quad + 1, 8 + 2 quad, 9 + 2 quad and pairs them with byte permutes; m-tile (blk, ip) then holds
 //     dims blk * 64 + 8 r + 2 ip (rows r) and + 1 (rows r + 8), which the epilogue undoes.
 //   Masked positions load nothing (their K and V are zero, their score -inf); the mask bytes of the
-//   next block are loaded while this one computes. The 4 warps' (max, sum, output) meet once in
-//   shared memory; the CTA writes its partial output (fp32, not normalized) and (max, sum) per query
-//   head to the workspace. Scores are kept in the log2 domain (scale * log2(e) folded in), so every
+//   next block are loaded while this one computes. The warps' (max, sum) meet in shared memory; each
+//   lane rescales its output fragments to the CTA's maximum, and the fragments are summed down a
+//   binary tree of warps through shared memory (fixed order: deterministic). Warp 0 then writes the
+//   normalized output, or the partial output (fp32, not normalized) and (max, sum) per query head to
+//   the workspace. Scores are kept in the log2 domain (scale * log2(e) folded in), so every
 //   exponential is one ex2.
 // attn_combine_kernel: one CTA per (KV head, sequence): per query head the splits' maxima and sums
 //   are reduced by one warp, weights w_i = 2^(m_i - M) go to shared memory, then each thread sums 4
@@ -40,13 +43,13 @@ namespace lutmm {
 namespace gpu {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = 32 * kWarps;
-constexpr int kChunk = int(kAttnChunk);  // key positions per chunk (16 per warp in attn_mma_kernel)
+constexpr int kSplitWarps = 4;                 // kMma: a chunk of 64 positions per round, 16 per warp
+constexpr int kWideWarps = int(kAttnWideWarps);  // kWide: 256 positions per round
+constexpr int kChunk = int(kAttnChunk);
 constexpr int kMaxG = 8;
 constexpr int kCombineThreads = 256;
 constexpr float kLog2e = 1.4426950408889634f;
-static_assert(kChunk == 16 * kWarps, "attn_mma_kernel: a chunk is 16 positions per warp");
+static_assert(kChunk == 16 * kSplitWarps, "attn_mma_kernel: kMma's round is one chunk, 16 positions per warp");
 
 struct AttnParams {
   const void* q;
@@ -57,7 +60,7 @@ struct AttnParams {
   float* part_o;   // [B, Hkv, splits, G, D]
   float* part_ml;  // [B, Hkv, splits, G, 2]: running max (log2-domain scores), sum of 2^(score - max)
   int64_t k_sb, k_sh, v_sb, v_sh, mask_sb;
-  int S, G, Hkv, splits, chunks_per_split;
+  int S, G, Hkv, splits, chunks_per_split;  // splits == 1: the split kernel writes `out` itself
   float scale;
 };
 
@@ -79,13 +82,16 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t a) {
   return d;
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attn_mma_kernel(AttnParams p) {
-  constexpr int kK32 = D / 32;  // 16-byte pieces of a K (Q) row per lane: two k-steps each
-  constexpr int kV64 = D / 64;  // 16-byte pieces of a V row per lane: four m-tiles each
-  constexpr int kPad = D + 4;   // s_o row stride
-  __shared__ float s_o[kWarps][kMaxG][kPad];  // the warps' outputs, relative to their own maxima
-  __shared__ float s_m[kWarps][kMaxG], s_l[kWarps][kMaxG], s_M[kMaxG], s_L[kMaxG];
+// kWarps: 4 (kMma, one chunk per round) or 16 (kWide, four chunks per round).
+template <typename T, int D, int kWarps>
+__global__ void __launch_bounds__(32 * kWarps) attn_mma_kernel(AttnParams p) {
+  constexpr int kRound = 16 * kWarps;  // positions the CTA covers per round
+  constexpr int kK32 = D / 32;         // 16-byte pieces of a K (Q) row per lane: two k-steps each
+  constexpr int kV64 = D / 64;         // 16-byte pieces of a V row per lane: four m-tiles each
+  constexpr int kOut = kV64 * 16;      // output fragment registers per lane
+  static_assert(kWarps >= 2 && (kWarps & (kWarps - 1)) == 0, "the warps' merge is a binary tree");
+  __shared__ float s_red[kWarps / 2][kOut][32];  // fragments handed down the merge tree, lane-major
+  __shared__ float s_m[kWarps][kMaxG], s_l[kWarps][kMaxG];
 
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -118,9 +124,9 @@ __global__ void __launch_bounds__(kThreads) attn_mma_kernel(AttnParams p) {
   };
   int p0 = first + warp * 16;
   uint32_t m_raw = mask_byte(p0 + (lane & 15));
-  for (; p0 < last; p0 += kChunk) {
+  for (; p0 < last; p0 += kRound) {
     const uint32_t on = __ballot_sync(0xffffffffu, m_raw != 0) & 0xffffu;  // bit i: position p0 + i attends
-    m_raw = mask_byte(p0 + kChunk + (lane & 15));  // the next block's, in flight during this one
+    m_raw = mask_byte(p0 + kRound + (lane & 15));  // the next block's, in flight during this one
     if (on == 0) continue;  // warp-uniform: nothing attends, nothing loads
 
     uint4 ka[kK32], kb[kK32];  // A operand K: rows p0 + r, p0 + r + 8
@@ -187,50 +193,76 @@ __global__ void __launch_bounds__(kThreads) attn_mma_kernel(AttnParams p) {
   }
 
   // The warps meet: M = max over warps, L = sum l 2^(m - M), O = sum o 2^(m - M) (warps that saw
-  // nothing, l = 0, are skipped).
+  // nothing, l = 0, weigh 0). Each lane rescales its own fragments, then the fragments are summed down
+  // a binary tree through shared memory in a fixed order (deterministic): every warp holds the same
+  // fragment layout, so a lane adds exactly the registers its partner lane wrote.
 #pragma unroll
   for (int e = 0; e < 2; ++e)
 #pragma unroll
     for (int off = 4; off < 32; off *= 2) l[e] += __shfl_xor_sync(0xffffffffu, l[e], off);
+  if (r == 0)
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+      if (2 * quad + e < G) {
+        s_m[warp][2 * quad + e] = m[e];
+        s_l[warp][2 * quad + e] = l[e];
+      }
+  __syncthreads();
+  float M[2] = {-INFINITY, -INFINITY}, L[2] = {0.f, 0.f};
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     const int j = 2 * quad + e;
     if (j >= G) continue;
+    for (int w = 0; w < kWarps; ++w) M[e] = fmaxf(M[e], s_m[w][j]);
+    for (int w = 0; w < kWarps; ++w)
+      if (s_l[w][j] > 0.f) L[e] += s_l[w][j] * fast_exp2(s_m[w][j] - M[e]);
+    const float f = l[e] > 0.f ? fast_exp2(m[e] - M[e]) : 0.f;
 #pragma unroll
-    for (int c = 0; c < kV64; ++c)
-#pragma unroll
-      for (int ip = 0; ip < 4; ++ip) {
-        s_o[warp][j][c * 64 + 8 * r + 2 * ip] = o[c * 4 + ip][e];
-        s_o[warp][j][c * 64 + 8 * r + 2 * ip + 1] = o[c * 4 + ip][2 + e];
-      }
-    if (r == 0) {
-      s_m[warp][j] = m[e];
-      s_l[warp][j] = l[e];
+    for (int t = 0; t < kV64 * 4; ++t) {
+      o[t][e] *= f;
+      o[t][2 + e] *= f;
     }
   }
-  __syncthreads();
-  if (tid < G) {
-    float M = -INFINITY, L = 0.f;
-    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w][tid]);
-    for (int w = 0; w < kWarps; ++w)
-      if (s_l[w][tid] > 0.f) L += s_l[w][tid] * fast_exp2(s_m[w][tid] - M);
-    s_M[tid] = M;
-    s_L[tid] = L;
-  }
-  __syncthreads();
-  const int64_t part = (int64_t(b) * p.Hkv + h) * p.splits + split;
-  float* po = p.part_o + part * G * D;
-  for (int idx = tid; idx < G * D; idx += kThreads) {
-    const int j = idx / D;
-    float sum = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w)
-      if (s_l[w][j] > 0.f) sum += s_o[w][j][idx % D] * fast_exp2(s_m[w][j] - s_M[j]);
-    po[idx] = sum;
+  for (int half = kWarps / 2; half >= 1; half /= 2) {
+    if (warp >= half && warp < 2 * half)
+#pragma unroll
+      for (int t = 0; t < kOut; ++t) s_red[warp - half][t][lane] = o[t / 4][t % 4];
+    __syncthreads();
+    if (warp < half)
+#pragma unroll
+      for (int t = 0; t < kOut; ++t) o[t / 4][t % 4] += s_red[warp][t][lane];
+    __syncthreads();
   }
-  if (tid < G) {
-    p.part_ml[part * G * 2 + 2 * tid] = s_M[tid];
-    p.part_ml[part * G * 2 + 2 * tid + 1] = s_L[tid];
+  if (warp != 0) return;
+  // Warp 0 holds the CTA's output: lane (r, quad), head 2 quad + e, dims c * 64 + 8 r + 2 ip and + 1.
+  const bool direct = p.splits == 1;  // the whole row of positions: normalize and write `out`
+  const int64_t part = (int64_t(b) * p.Hkv + h) * p.splits + split;
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int j = 2 * quad + e;
+    if (j >= G) continue;
+    if (direct) {
+      const float inv = L[e] > 0.f ? 1.f / L[e] : NAN;  // nothing attended: NaN, as torch's softmax
+      T* out = static_cast<T*>(p.out) + ((int64_t(b) * p.Hkv + h) * G + j) * D;
+#pragma unroll
+      for (int c = 0; c < kV64; ++c)
+#pragma unroll
+        for (int ip = 0; ip < 4; ++ip)
+          *reinterpret_cast<uint32_t*>(out + c * 64 + 8 * r + 2 * ip) =
+              Elem<T>::pack2(o[c * 4 + ip][e] * inv, o[c * 4 + ip][2 + e] * inv);
+    } else {
+      float* po = p.part_o + (part * G + j) * D;
+#pragma unroll
+      for (int c = 0; c < kV64; ++c)
+#pragma unroll
+        for (int ip = 0; ip < 4; ++ip)
+          *reinterpret_cast<float2*>(po + c * 64 + 8 * r + 2 * ip) = make_float2(o[c * 4 + ip][e], o[c * 4 + ip][2 + e]);
+      if (r == 0) {
+        p.part_ml[(part * G + j) * 2] = M[e];
+        p.part_ml[(part * G + j) * 2 + 1] = L[e];
+      }
+    }
   }
 }
 
@@ -286,9 +318,13 @@ __global__ void __launch_bounds__(kCombineThreads) attn_combine_kernel(AttnParam
 }
 
 template <typename T, int D>
-void launch(const AttnParams& ap, int64_t B, int64_t Hkv, cudaStream_t stream, int device) {
+void launch(const AttnParams& ap, int64_t B, int64_t Hkv, bool wide, cudaStream_t stream, int device) {
   const dim3 grid(unsigned(ap.splits), unsigned(Hkv), unsigned(B));
-  launch_pdl(&attn_mma_kernel<T, D>, grid, dim3(kThreads), 0, stream, device, 1, ap);
+  if (wide)
+    launch_pdl(&attn_mma_kernel<T, D, kWideWarps>, grid, dim3(32 * kWideWarps), 0, stream, device, 1, ap);
+  else
+    launch_pdl(&attn_mma_kernel<T, D, kSplitWarps>, grid, dim3(32 * kSplitWarps), 0, stream, device, 1, ap);
+  if (ap.splits == 1) return;  // the split kernel wrote `out`
   const size_t smem = size_t(ap.splits + 1) * size_t(ap.G) * sizeof(float);
   launch_pdl(&attn_combine_kernel<T, D>, dim3(unsigned(Hkv), unsigned(B)), dim3(kCombineThreads), smem, stream,
              device, 1, ap);
@@ -303,15 +339,16 @@ size_t decode_attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64
 void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t workspace_bytes, void* stream,
                       AttnKernel kernel) {
   validate_decode_attention(p);
-  if (kernel != AttnKernel::kAuto && kernel != AttnKernel::kMma && kernel != AttnKernel::kMmaFine)
-    throw Error("decode_attention: kernel must be kAuto, kMma or kMmaFine");
+  if (kernel != AttnKernel::kAuto && kernel != AttnKernel::kMma && kernel != AttnKernel::kWide)
+    throw Error("decode_attention: kernel must be kAuto, kMma or kWide");
   if (p.B > 65535 || p.Hkv > 65535) throw Error("decode_attention: B and Hkv must be <= 65535");
   if (p.S > (int64_t(1) << 30)) throw Error("decode_attention: S must be < 2^30");
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
   const int sms = sm_count(device);
-  const AttnSplit sp = attention_split(p.B, p.Hkv, p.S, sms,
-                                      kernel == AttnKernel::kMmaFine ? kAttnCtasPerSmFine : kAttnCtasPerSm);
+  if (kernel == AttnKernel::kAuto) kernel = attention_wide(p.B, p.Hkv, p.S, sms) ? AttnKernel::kWide : AttnKernel::kMma;
+  const bool wide = kernel == AttnKernel::kWide;
+  const AttnSplit sp = wide ? AttnSplit{1, (p.S + kAttnChunk - 1) / kAttnChunk} : attention_split(p.B, p.Hkv, p.S, sms);
   check_workspace(workspace, workspace_bytes, attention_workspace_bytes(p.B, p.Hkv, p.G, p.S, p.D, sms),
                   "decode_attention_workspace_bytes");
   // The combine kernel's weights: (splits + 1) x G floats of shared memory (splits <= kAttnMaxSplits: 32.8 KB).
@@ -339,11 +376,11 @@ void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t w
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const bool bf = p.dtype == DType::BF16;
   if (p.D == 128) {
-    if (bf) launch<__nv_bfloat16, 128>(ap, p.B, p.Hkv, st, device);
-    else launch<__half, 128>(ap, p.B, p.Hkv, st, device);
+    if (bf) launch<__nv_bfloat16, 128>(ap, p.B, p.Hkv, wide, st, device);
+    else launch<__half, 128>(ap, p.B, p.Hkv, wide, st, device);
   } else {
-    if (bf) launch<__nv_bfloat16, 64>(ap, p.B, p.Hkv, st, device);
-    else launch<__half, 64>(ap, p.B, p.Hkv, st, device);
+    if (bf) launch<__nv_bfloat16, 64>(ap, p.B, p.Hkv, wide, st, device);
+    else launch<__half, 64>(ap, p.B, p.Hkv, wide, st, device);
   }
 }
 

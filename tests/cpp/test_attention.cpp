@@ -23,11 +23,10 @@ TEST(Attention, SplitCoversEveryChunkOnce) {
   EXPECT_EQ(attention_split(16, 8, 2048, 132).splits, 4);
   EXPECT_EQ(attention_split(16, 8, 2048, 132).chunks_per_split, 8);
   EXPECT_EQ(attention_split(128, 8, 2048, 132).splits, 1);  // 1024 pairs: already two waves
-  // kMmaFine's split (~8 CTAs per SM): batch 16 gets one chunk per CTA, 7 splits (896 CTAs).
-  EXPECT_EQ(attention_split(16, 8, 392, 132, kAttnCtasPerSmFine).splits, 7);
-  EXPECT_EQ(attention_split(16, 8, 2048, 132, kAttnCtasPerSmFine).chunks_per_split, 4);  // 32 chunks, 8 splits
-  EXPECT_EQ(attention_split(1, 1, 1 << 20, 1000, kAttnCtasPerSmFine).splits, kAttnMaxSplits);  // capped
-  for (int64_t cps : {kAttnCtasPerSm, kAttnCtasPerSmFine})
+  // With 8 CTAs resident per SM (1056 slots): 8 splits of 4 chunks fill one wave at 16 x 2048.
+  EXPECT_EQ(attention_split(16, 8, 2048, 132, 8).chunks_per_split, 4);
+  EXPECT_EQ(attention_split(1, 1, 1 << 20, 1000, 8).splits, kAttnMaxSplits);  // capped
+  for (int64_t cps : {kAttnCtasPerSm, int64_t(8)})
     for (int64_t B : {1, 3, 16, 64})
       for (int64_t Hkv : {1, 8})
         for (int64_t S : {1, 63, 64, 65, 392, 1000, 8192, 100000})
@@ -40,17 +39,28 @@ TEST(Attention, SplitCoversEveryChunkOnce) {
             ASSERT_LT((sp.splits - 1) * sp.chunks_per_split, chunks);  // and every split a chunk
             ASSERT_LE(B * Hkv * sp.splits, std::max(B * Hkv, 2 * cps * sms));  // at most two waves
             ASSERT_LE(sp.splits, kAttnMaxSplits);
-            // The workspace holds either variant's split.
-            ASSERT_LE(size_t(B * Hkv * sp.splits * 8 * (128 + 2) * 4), attention_workspace_bytes(B, Hkv, 8, S, 128, sms));
+            if (cps == kAttnCtasPerSm)  // the workspace holds kMma's split
+              ASSERT_LE(size_t(B * Hkv * sp.splits * 8 * (128 + 2) * 4), attention_workspace_bytes(B, Hkv, 8, S, 128, sms));
           }
-  // Scratch: every split's G x D partial output and (max, sum) per query head, in fp32, for the finer
-  // split (7 splits here against kMma's 4).
-  EXPECT_EQ(attention_workspace_bytes(16, 8, 4, 392, 128, 132), size_t(16 * 8 * 7 * 4 * (128 + 2) * 4));
+  // Scratch: every split's G x D partial output and (max, sum) per query head, in fp32.
+  EXPECT_EQ(attention_workspace_bytes(16, 8, 4, 392, 128, 132), size_t(16 * 8 * 4 * 4 * (128 + 2) * 4));
   EXPECT_THROW(attention_workspace_bytes(16, 8, 9, 392, 128, 132), Error);  // G > 8
   EXPECT_THROW(attention_workspace_bytes(16, 8, 4, 392, 96, 132), Error);   // D
   EXPECT_THROW(attention_split(0, 8, 392, 132), Error);
   EXPECT_THROW(attention_split(1, 8, 392, 0), Error);
   EXPECT_THROW(attention_split(1, 8, 392, 132, 0), Error);
+}
+
+TEST(Attention, AutoTakesTheWideKernelWhenItsCtasFillOnePerSm) {
+  EXPECT_TRUE(attention_wide(16, 8, 392, 132));    // 8B decode, batch 16: 128 CTAs <= 132 SMs
+  EXPECT_TRUE(attention_wide(4, 8, 392, 132));     // 32 CTAs: at least 132 / 8
+  EXPECT_TRUE(attention_wide(16, 8, 2048, 132));   // 32 chunks
+  EXPECT_FALSE(attention_wide(16, 8, 2049, 132));  // 33 chunks
+  EXPECT_FALSE(attention_wide(2, 8, 392, 132));    // 16 CTAs: too few SMs busy
+  EXPECT_FALSE(attention_wide(1, 8, 392, 132));    // batch 1: the split kernel spreads over more SMs
+  EXPECT_FALSE(attention_wide(17, 8, 392, 132));   // 136 CTAs: more than one per SM
+  EXPECT_FALSE(attention_wide(16, 8, 392, 108));   // A100: 108 SMs
+  EXPECT_THROW(attention_wide(0, 8, 392, 132), Error);
 }
 
 namespace {

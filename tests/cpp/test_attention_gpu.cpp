@@ -106,7 +106,7 @@ TEST(GpuAttention, RandomizedAgainstReference) {
                         {3, 2, 3, 65, 65, 64, DType::BF16, 3},       // holes, an empty sequence (NaN)
                         {1, 1, 1, 1, 1, 64, DType::F16, 0},          // one position
                         {4, 4, 2, 127, 256, 128, DType::F16, 0}};
-  for (gpu::AttnKernel kernel : {gpu::AttnKernel::kMma, gpu::AttnKernel::kMmaFine})
+  for (gpu::AttnKernel kernel : {gpu::AttnKernel::kMma, gpu::AttnKernel::kWide})
     for (const Case& c : fixed) {
       const double e = run_case(c, rng, kernel);
       EXPECT_LT(e, c.dt == DType::BF16 ? 1.2e-2 : 2e-3)
@@ -117,7 +117,7 @@ TEST(GpuAttention, RandomizedAgainstReference) {
     Case c{1 + pick(rng) % 5, 1 + pick(rng) % 4, 1 + pick(rng) % 8, 1 + pick(rng) % 700, 0,
            pick(rng) % 2 ? 128 : 64, pick(rng) % 2 ? DType::BF16 : DType::F16, pick(rng) % 4};
     c.S_max = c.S + (pick(rng) % 3) * 16;
-    const auto kernel = gpu::AttnKernel(t % 3);  // kAuto, kMma, kMmaFine
+    const auto kernel = gpu::AttnKernel(t % 3);  // kAuto, kMma, kWide
     const double e = run_case(c, rng, kernel);
     EXPECT_LT(e, c.dt == DType::BF16 ? 1.2e-2 : 2e-3) << "case " << t << " kernel " << int(kernel) << ": B=" << c.B << " Hkv=" << c.Hkv
                                                        << " G=" << c.G << " S=" << c.S << " D=" << c.D;

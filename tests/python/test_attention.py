@@ -180,7 +180,7 @@ def _gpu():
         pytest.skip("no CUDA device: GPU test skipped")
 
 
-@pytest.mark.parametrize("variant", [0, 1, 2])  # auto, mma, mma on the finer split
+@pytest.mark.parametrize("variant", [0, 1, 2])  # auto, mma (split + combine), wide (a CTA per KV head)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,mask_kind", [((1, 8, 4, 392, 128), "one"), ((16, 8, 4, 392, 128), "rows"),
                                              ((2, 8, 8, 3000, 128), "rows"), ((3, 4, 1, 65, 64), None),
