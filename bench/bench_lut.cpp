@@ -29,6 +29,12 @@ using namespace lutmm;
 //                                          or wgmmask (wgmma with data-parallel + Stream-K forced);
 //                                          lut80sk / luttmask: that decode kernel without clusters
 //                                          (Nsight Compute: ncu -k regex:lut_ -s 2 -c 1 ...)
+//        lutmm_bench N K M BITS PATH gap   also timed with a memset of X before every call (X rewritten
+//                                          with its own value), as in a decode step, where the kernel
+//                                          before a linear is a norm or SiLU that does not let it start
+//                                          early: "gap us" = (memsets + calls - memsets alone) / calls.
+//                                          Back to back, each call's prologue overlaps the previous
+//                                          call's tail (programmatic dependent launch); here it cannot.
 int main(int argc, char** argv) {
   if (!gpu::available()) {
     std::printf("no CUDA device: kernel benchmark skipped\n");
@@ -66,6 +72,7 @@ int main(int argc, char** argv) {
     if ((kind == kWgmma || kind == kWgmmaSk) && !have_wgmma) { std::printf("wgmma path not supported here\n"); return 1; }
     cases = {{std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3]), std::atoi(argv[4]), kind}};
   }
+  const bool gap = argc >= 7 && std::string(argv[6]) == "gap";
   std::mt19937 rng(1);
   cudaStream_t st;
   CK(cudaStreamCreate(&st));
@@ -106,32 +113,47 @@ int main(int argc, char** argv) {
     };
     for (int i = 0; i < copies; ++i) call(i);  // warm-up
     CK(cudaStreamSynchronize(st));
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-    for (int i = 0; i < copies; ++i) call(i);
-    CK(cudaStreamEndCapture(st, &graph));
-    CK(cudaGraphInstantiate(&exec, graph, 0));
     cudaEvent_t a, b;
     CK(cudaEventCreate(&a));
     CK(cudaEventCreate(&b));
-    std::vector<float> us;
-    for (int r = 0; r < 21; ++r) {
-      CK(cudaEventRecord(a, st));
-      CK(cudaGraphLaunch(exec, st));
-      CK(cudaEventRecord(b, st));
-      CK(cudaEventSynchronize(b));
-      float ms = 0;
-      CK(cudaEventElapsedTime(&ms, a, b));
-      if (r > 0) us.push_back(ms * 1000.f / float(copies));
-    }
-    std::sort(us.begin(), us.end());
-    const float med = us[us.size() / 2];
-    std::printf("%6lldx%-6lld %5lld %2d %4d %6s %9.1f %7.2f %8.1f\n", (long long)c.N, (long long)c.K, (long long)c.M,
+    // Median us per call over 20 replays of a graph of `copies` calls (memsets: with / only the memset
+    // of X before each).
+    auto time_graph = [&](bool memsets, bool calls, float* med) -> int {
+      cudaGraph_t graph;
+      cudaGraphExec_t exec;
+      CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+      for (int i = 0; i < copies; ++i) {
+        if (memsets) CK(cudaMemsetAsync(x, 0x3c, size_t(c.M * c.K) * 2, st));
+        if (calls) call(i);
+      }
+      CK(cudaStreamEndCapture(st, &graph));
+      CK(cudaGraphInstantiate(&exec, graph, 0));
+      std::vector<float> us;
+      for (int r = 0; r < 21; ++r) {
+        CK(cudaEventRecord(a, st));
+        CK(cudaGraphLaunch(exec, st));
+        CK(cudaEventRecord(b, st));
+        CK(cudaEventSynchronize(b));
+        float ms = 0;
+        CK(cudaEventElapsedTime(&ms, a, b));
+        if (r > 0) us.push_back(ms * 1000.f / float(copies));
+      }
+      std::sort(us.begin(), us.end());
+      *med = us[us.size() / 2];
+      cudaGraphExecDestroy(exec);
+      cudaGraphDestroy(graph);
+      return 0;
+    };
+    float med = 0, with_memsets = 0, memsets_only = 0;
+    if (time_graph(false, true, &med)) return 1;
+    if (gap && (time_graph(true, true, &with_memsets) || time_graph(true, false, &memsets_only))) return 1;
+    std::printf("%6lldx%-6lld %5lld %2d %4d %6s %9.1f %7.2f %8.1f", (long long)c.N, (long long)c.K, (long long)c.M,
                 c.bits, 128, kind_name[c.kind], med, double(wbytes + sbytes) / med / 1e6,
                 2.0 * double(c.M) * double(c.N) * double(c.K) / med / 1e6);
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(graph);
+    if (gap) std::printf("   gap us %6.1f (memset alone %4.1f)", with_memsets - memsets_only, memsets_only);
+    std::printf("\n");
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
     for (int i = 0; i < copies; ++i) { cudaFree(w[i]); cudaFree(sc[i]); }
     cudaFree(x); cudaFree(y); cudaFree(ws);
   }
