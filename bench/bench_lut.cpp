@@ -17,6 +17,8 @@
 
 using namespace lutmm;
 
+cudaError_t bench_launch_filler(void* x, int64_t n, cudaStream_t stream, bool pdl);  // bench_filler.cu
+
 #define CK(x)                                                                     \
   do {                                                                            \
     cudaError_t e_ = (x);                                                         \
@@ -35,6 +37,10 @@ using namespace lutmm;
 //                                          early: "gap us" = (memsets + calls - memsets alone) / calls.
 //                                          Back to back, each call's prologue overlaps the previous
 //                                          call's tail (programmatic dependent launch); here it cannot.
+//                                          Also "pdl gap us": the same with a small kernel over X launched
+//                                          with programmatic dependent launch that lets the call start
+//                                          after its loads, as inductor's kernels do with enable_pdl
+//                                          (bench/bench_filler.cu).
 int main(int argc, char** argv) {
   if (!gpu::available()) {
     std::printf("no CUDA device: kernel benchmark skipped\n");
@@ -116,14 +122,15 @@ int main(int argc, char** argv) {
     cudaEvent_t a, b;
     CK(cudaEventCreate(&a));
     CK(cudaEventCreate(&b));
-    // Median us per call over 20 replays of a graph of `copies` calls (memsets: with / only the memset
-    // of X before each).
-    auto time_graph = [&](bool memsets, bool calls, float* med) -> int {
+    // Median us per call over 20 replays of a graph of `copies` calls, each after `before` (0 nothing,
+    // 1 a memset of X, 2 the PDL filler kernel over X); calls = false: the `before` nodes alone.
+    auto time_graph = [&](int before, bool calls, float* med) -> int {
       cudaGraph_t graph;
       cudaGraphExec_t exec;
       CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
       for (int i = 0; i < copies; ++i) {
-        if (memsets) CK(cudaMemsetAsync(x, 0x3c, size_t(c.M * c.K) * 2, st));
+        if (before == 1) CK(cudaMemsetAsync(x, 0x3c, size_t(c.M * c.K) * 2, st));
+        if (before == 2) CK(bench_launch_filler(x, c.M * c.K, st, true));
         if (calls) call(i);
       }
       CK(cudaStreamEndCapture(st, &graph));
@@ -144,13 +151,17 @@ int main(int argc, char** argv) {
       cudaGraphDestroy(graph);
       return 0;
     };
-    float med = 0, with_memsets = 0, memsets_only = 0;
-    if (time_graph(false, true, &med)) return 1;
-    if (gap && (time_graph(true, true, &with_memsets) || time_graph(true, false, &memsets_only))) return 1;
+    float med = 0, with_memsets = 0, memsets_only = 0, with_fillers = 0, fillers_only = 0;
+    if (time_graph(0, true, &med)) return 1;
+    if (gap && (time_graph(1, true, &with_memsets) || time_graph(1, false, &memsets_only) ||
+                time_graph(2, true, &with_fillers) || time_graph(2, false, &fillers_only)))
+      return 1;
     std::printf("%6lldx%-6lld %5lld %2d %4d %6s %9.1f %7.2f %8.1f", (long long)c.N, (long long)c.K, (long long)c.M,
                 c.bits, 128, kind_name[c.kind], med, double(wbytes + sbytes) / med / 1e6,
                 2.0 * double(c.M) * double(c.N) * double(c.K) / med / 1e6);
-    if (gap) std::printf("   gap us %6.1f (memset alone %4.1f)", with_memsets - memsets_only, memsets_only);
+    if (gap)
+      std::printf("   gap us %6.1f (memset alone %4.1f)  pdl gap us %6.1f (filler alone %4.1f)",
+                  with_memsets - memsets_only, memsets_only, with_fillers - fillers_only, fillers_only);
     std::printf("\n");
     cudaEventDestroy(a);
     cudaEventDestroy(b);
