@@ -8,6 +8,7 @@ See docs/format.md for the format and the packed layout.
 """
 from ._api import (QuantizedWeight, quantize, dequantize, matmul, reference_matmul, make_table, gpu_available,
                    build_info, concat_rows, FORMAT_VERSION)
+from ._slicing import slice_weight, shard
 
 __version__ = "0.1.0"
 
@@ -16,7 +17,7 @@ try:  # transformers integration: registers quant_method "lutmm" for from_pretra
 except Exception:  # pragma: no cover - never break `import lutmm`
     pass
 __all__ = ["QuantizedWeight", "quantize", "dequantize", "matmul", "reference_matmul", "make_table",
-           "gpu_available", "build_info", "concat_rows", "FORMAT_VERSION"]
+           "gpu_available", "build_info", "concat_rows", "slice_weight", "shard", "FORMAT_VERSION"]
 
 
 def __getattr__(name):  # lazy submodules that import torch-heavy code only when used
