@@ -208,7 +208,10 @@ def cmd_generate(args) -> int:
     model = _load(args.dir, dev, _DTYPES[args.dtype])
     if args.static and dev.type == "cuda":  # K/V read once per KV head, decode steps through lutmm's kernel
         from .attention import use_gqa_attention
-        use_gqa_attention(model)
+        try:
+            use_gqa_attention(model)
+        except (RuntimeError, ValueError) as e:  # a model without transformers' AttentionInterface
+            print(f"lutmm: keeping the model's own attention ({e})", file=sys.stderr)
     t0 = time.perf_counter()
     text = generate(model, args.tokenizer or args.dir, args.prompt, args.max_new_tokens, static=args.static,
                     compile=args.compile)

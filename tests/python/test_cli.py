@@ -153,6 +153,21 @@ def test_generate_on_cuda_defaults_to_the_graph_path(mini_ckpt, capsys):
     assert fast.out == plain.out and len(fast.out) > len("The river") + 8
 
 
+def test_generate_on_cuda_keeps_a_models_own_attention_when_it_cannot_switch(mini_ckpt, capsys, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: GPU test skipped")
+    import lutmm.attention
+
+    def refuse(model, decode_kernel=True):
+        raise RuntimeError("no AttentionInterface here")
+    monkeypatch.setattr(lutmm.attention, "use_gqa_attention", refuse)
+    _, _, out = mini_ckpt
+    assert cli.main(["generate", str(out), "--prompt", "The river", "--max-new-tokens", "6", "--device", "cuda"]) == 0
+    captured = capsys.readouterr()
+    assert "keeping the model's own attention (no AttentionInterface here)" in captured.err
+    assert "graph capture" in captured.err and captured.out.startswith("The river")
+
+
 def test_demo_mini_llama(mini_ckpt, capsys):
     assert cli.main(["demo", "--max-tokens", "1024", "--new-tokens", "4", "--speed-tokens", "4", "--quiet"]) == 0
     out = capsys.readouterr().out
