@@ -176,10 +176,6 @@ NB_MODULE(_ext, m) {
                      P<const float>(bias), P<float>(out));
   }); });
 
-  m.def("attention_split", [](int64_t B, int64_t Hkv, int64_t S, int64_t sms) { return guarded([&] {
-    const AttnSplit sp = attention_split(B, Hkv, S, sms);
-    return std::vector<int64_t>{sp.splits, sp.chunks_per_split};
-  }); });
   m.def("reference_decode_attention", [](int dtype, std::vector<int64_t> dims, std::vector<int64_t> strides,
                                          std::vector<uintptr_t> ptrs, float scale) { return guarded([&] {
     const DecodeAttentionProblem p = attention_of(dtype, dims, strides, ptrs, scale);

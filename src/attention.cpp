@@ -44,12 +44,11 @@ void validate_decode_attention(const DecodeAttentionProblem& p) {
   require(std::isfinite(p.scale), "scale must be finite");
 }
 
-AttnSplit attention_split(int64_t B, int64_t Hkv, int64_t S, int64_t sms, int64_t ctas_per_sm) {
-  if (B < 1 || Hkv < 1 || S < 1 || sms < 1 || ctas_per_sm < 1)
-    throw Error("attention_split: B, Hkv, S, sms and ctas_per_sm must be >= 1");
+AttnSplit attention_split(int64_t B, int64_t Hkv, int64_t S, int64_t sms) {
+  if (B < 1 || Hkv < 1 || S < 1 || sms < 1) throw Error("attention_split: B, Hkv, S and sms must be >= 1");
   const int64_t chunks = (S + kAttnChunk - 1) / kAttnChunk;
   const int64_t pairs = B * Hkv;
-  const int64_t slots = ctas_per_sm * sms;  // CTAs resident at once
+  const int64_t slots = kAttnCtasPerSm * sms;  // CTAs resident at once
   // Time ~ waves x chunks per CTA: pick the split with the fewest (the fewest splits on a tie: a
   // cheaper combine), looking no further than two waves.
   const int64_t most = std::clamp<int64_t>(2 * slots / pairs, 1, std::min(chunks, kAttnMaxSplits));

@@ -42,10 +42,10 @@ struct DecodeAttentionProblem {
 void validate_decode_attention(const DecodeAttentionProblem& p);
 
 // How the GPU kernel splits the key positions: chunks of kAttnChunk positions, `chunks_per_split`
-// consecutive chunks per CTA, `splits` CTAs per (sequence, KV head). With ctas_per_sm CTAs resident
+// consecutive chunks per CTA, `splits` CTAs per (sequence, KV head). With kAttnCtasPerSm CTAs resident
 // per SM, the split minimizes waves x chunks per CTA (the fewest splits on a tie, at most two waves),
 // never giving a CTA fewer than one chunk; it depends on the SM count, so results are bitwise
-// reproducible on one GPU model, not across models. (The first split aimed at ctas_per_sm x SMs CTAs
+// reproducible on one GPU model, not across models. (The first split aimed at kAttnCtasPerSm x SMs CTAs
 // and took two waves at batch 16 x 2048 positions: 640 CTAs for 528 slots, 71.3 us against this
 // split's predicted ~60; H100, 2026-11-27.)
 constexpr int64_t kAttnChunk = 64;
@@ -57,7 +57,7 @@ struct AttnSplit {
   int64_t splits;
   int64_t chunks_per_split;
 };
-AttnSplit attention_split(int64_t B, int64_t Hkv, int64_t S, int64_t sms, int64_t ctas_per_sm = kAttnCtasPerSm);
+AttnSplit attention_split(int64_t B, int64_t Hkv, int64_t S, int64_t sms);
 // Whether AttnKernel::kAuto runs kWide (one CTA per (sequence, KV head), no combine): when those CTAs
 // fill from 1/8 of the SMs to all of them, one per SM, and the positions take at most
 // kAttnWideMaxChunks chunks. H100, 2026-11-27, 8B heads, us kMma -> kWide at batch x positions in use:

@@ -13,11 +13,12 @@ ops compile to ~7 us. The result equals the `sdpa` one up to rounding.
     from lutmm.attention import use_gqa_attention
     use_gqa_attention(model)   # any model whose attention goes through AttentionInterface (Llama, ...)
 
-On CUDA decode steps run through lutmm's own kernel (`decode_kernel=False`: the plain ops below) (`torch.ops.lutmm.gqa_decode_attention`, src/cuda/decode_attention.cu: flash-decoding on the
-tensor cores, one pass over K and V, masked positions not loaded); elsewhere (CPU, float masks, head
-dimensions other than 64 and 128, more than 8 query heads per KV head) the plain ops below serve.
-H100, 2026-11-26 (docs/performance.md item 49): one 8B layer at batch 16 13.2 us against the compiled
-plain ops' 19.3; the 8B-shaped model's compiled decode step +6-7% at 3 bits (bf16 -3% to +5% over two runs).
+On CUDA, decode steps run through lutmm's own kernel (`torch.ops.lutmm.gqa_decode_attention`,
+src/cuda/decode_attention.cu: flash-decoding on the tensor cores, one pass over K and V, masked
+positions not loaded); elsewhere (CPU, float masks, head dimensions other than 64 and 128, more than 8
+query heads per KV head), or with `use_gqa_attention(model, decode_kernel=False)`, the plain ops below
+serve. H100, 2026-11-27 (docs/performance.md items 49-51): one 8B layer at batch 16 11.2 us against the
+compiled plain ops' 19.3; the 8B-shaped model's compiled decode step +6-7% at 3 bits over the plain ops.
 """
 from __future__ import annotations
 
@@ -144,9 +145,10 @@ def gqa_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         rows = torch.arange(q_len, device=query.device)[:, None]
         mask = (rows >= torch.arange(s_len, device=query.device)[None, :]).view(1, 1, q_len, s_len)
     q = query.reshape(b, hkv, g * q_len, d)  # head h = kv * G + j: rows j * L + i of KV head kv
+    scale = d ** -0.5 if scaling is None else scaling
     if decode_kernel and _kernel_serves(query, key, mask, q_len, g, module.training):
         m2 = None if mask is None else mask[:, 0, 0, :]  # [B or 1, S]
-        out = gqa_decode_attention(q, key, value, m2, float(d ** -0.5 if scaling is None else scaling))
+        out = gqa_decode_attention(q, key, value, m2, float(scale))
         return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous(), None
     if mask is not None and g > 1:
         mb, mh = mask.shape[0], mask.shape[1]
@@ -159,7 +161,7 @@ def gqa_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         # per call at batch 1 and 15.4 at batch 16, against 19.5 / 22.8 for SDPA (cuDNN) on the folded
         # heads and 13.4 / 48.8 for SDPA on repeated K/V.) The scores are rounded to the activations'
         # dtype and the softmax runs in fp32, as in transformers' eager attention.
-        sc = torch.matmul(q, key.transpose(-1, -2)) * (d ** -0.5 if scaling is None else scaling)
+        sc = torch.matmul(q, key.transpose(-1, -2)) * scale
         if mask is not None:
             sc = sc.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else sc + mask
         out = torch.matmul(torch.softmax(sc, dim=-1, dtype=torch.float32).to(value.dtype), value)

@@ -206,7 +206,8 @@ def cmd_generate(args) -> int:
     if args.compile and not args.static:
         raise ValueError("--compile needs --static (it compiles the static decode step)")
     model = _load(args.dir, dev, _DTYPES[args.dtype])
-    if args.static and dev.type == "cuda":  # K/V read once per KV head, decode steps through lutmm's kernel
+    graph = args.static and dev.type == "cuda"  # greedy_static captures the step on CUDA only
+    if graph:  # K/V read once per KV head, decode steps through lutmm's kernel
         from .attention import use_gqa_attention
         try:
             use_gqa_attention(model)
@@ -217,7 +218,7 @@ def cmd_generate(args) -> int:
                     compile=args.compile)
     print(args.prompt + text)
     print(f"(generated in {time.perf_counter() - t0:.2f} s with prefill"
-          f"{', graph capture' if args.static and dev.type == 'cuda' else ''}"
+          f"{', graph capture' if graph else ''}"
           f"{', compilation' if args.compile else ''})", file=sys.stderr)
     return 0
 

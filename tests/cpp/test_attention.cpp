@@ -23,32 +23,29 @@ TEST(Attention, SplitCoversEveryChunkOnce) {
   EXPECT_EQ(attention_split(16, 8, 2048, 132).splits, 4);
   EXPECT_EQ(attention_split(16, 8, 2048, 132).chunks_per_split, 8);
   EXPECT_EQ(attention_split(128, 8, 2048, 132).splits, 1);  // 1024 pairs: already two waves
-  // With 8 CTAs resident per SM (1056 slots): 8 splits of 4 chunks fill one wave at 16 x 2048.
-  EXPECT_EQ(attention_split(16, 8, 2048, 132, 8).chunks_per_split, 4);
-  EXPECT_EQ(attention_split(1, 1, 1 << 20, 1000, 8).splits, kAttnMaxSplits);  // capped
-  for (int64_t cps : {kAttnCtasPerSm, int64_t(8)})
-    for (int64_t B : {1, 3, 16, 64})
-      for (int64_t Hkv : {1, 8})
-        for (int64_t S : {1, 63, 64, 65, 392, 1000, 8192, 100000})
-          for (int64_t sms : {1, 108, 132}) {
-            const AttnSplit sp = attention_split(B, Hkv, S, sms, cps);
-            const int64_t chunks = (S + kAttnChunk - 1) / kAttnChunk;
-            ASSERT_GE(sp.splits, 1);
-            ASSERT_GE(sp.chunks_per_split, 1);
-            ASSERT_GE(sp.splits * sp.chunks_per_split, chunks);        // every chunk has a split
-            ASSERT_LT((sp.splits - 1) * sp.chunks_per_split, chunks);  // and every split a chunk
-            ASSERT_LE(B * Hkv * sp.splits, std::max(B * Hkv, 2 * cps * sms));  // at most two waves
-            ASSERT_LE(sp.splits, kAttnMaxSplits);
-            if (cps == kAttnCtasPerSm)  // the workspace holds kMma's split
-              ASSERT_LE(size_t(B * Hkv * sp.splits * 8 * (128 + 2) * 4), attention_workspace_bytes(B, Hkv, 8, S, 128, sms));
-          }
+  // With twice the SMs (1056 slots): 8 splits of 4 chunks fill one wave at 16 x 2048.
+  EXPECT_EQ(attention_split(16, 8, 2048, 264).chunks_per_split, 4);
+  EXPECT_EQ(attention_split(1, 1, 1 << 20, 2000).splits, kAttnMaxSplits);  // capped
+  for (int64_t B : {1, 3, 16, 64})
+    for (int64_t Hkv : {1, 8})
+      for (int64_t S : {1, 63, 64, 65, 392, 1000, 8192, 100000})
+        for (int64_t sms : {1, 108, 132, 264}) {
+          const AttnSplit sp = attention_split(B, Hkv, S, sms);
+          const int64_t chunks = (S + kAttnChunk - 1) / kAttnChunk;
+          ASSERT_GE(sp.splits, 1);
+          ASSERT_GE(sp.chunks_per_split, 1);
+          ASSERT_GE(sp.splits * sp.chunks_per_split, chunks);        // every chunk has a split
+          ASSERT_LT((sp.splits - 1) * sp.chunks_per_split, chunks);  // and every split a chunk
+          ASSERT_LE(B * Hkv * sp.splits, std::max(B * Hkv, 2 * kAttnCtasPerSm * sms));  // at most two waves
+          ASSERT_LE(sp.splits, kAttnMaxSplits);
+          ASSERT_LE(size_t(B * Hkv * sp.splits * 8 * (128 + 2) * 4), attention_workspace_bytes(B, Hkv, 8, S, 128, sms));
+        }
   // Scratch: every split's G x D partial output and (max, sum) per query head, in fp32.
   EXPECT_EQ(attention_workspace_bytes(16, 8, 4, 392, 128, 132), size_t(16 * 8 * 4 * 4 * (128 + 2) * 4));
   EXPECT_THROW(attention_workspace_bytes(16, 8, 9, 392, 128, 132), Error);  // G > 8
   EXPECT_THROW(attention_workspace_bytes(16, 8, 4, 392, 96, 132), Error);   // D
   EXPECT_THROW(attention_split(0, 8, 392, 132), Error);
   EXPECT_THROW(attention_split(1, 8, 392, 0), Error);
-  EXPECT_THROW(attention_split(1, 8, 392, 132, 0), Error);
 }
 
 TEST(Attention, AutoTakesTheWideKernelWhenItsCtasFillOnePerSm) {
