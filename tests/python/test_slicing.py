@@ -90,5 +90,5 @@ def test_slice_on_the_gpu_matches_the_cpu_and_multiplies():
     assert sub_gpu.device.type == "cuda"
     assert torch.equal(sub_gpu.packed.cpu(), sub_cpu.packed) and torch.equal(sub_gpu.packed_scales.cpu(), sub_cpu.packed_scales)
     x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
-    torch.testing.assert_close(lutmm.matmul(x, sub_gpu).float(), lutmm.reference_matmul(x.cpu().float(), sub_cpu),
-                               rtol=2e-2, atol=2e-2)
+    got, want = lutmm.matmul(x, sub_gpu).float().cpu(), lutmm.reference_matmul(x.cpu().float(), sub_cpu)
+    assert ((got - want).norm() / want.norm()).item() < 1e-2  # bf16 output rounding (values ~20: steps of 0.125)
