@@ -190,9 +190,19 @@ NB_MODULE(_ext, m) {
   }); });
   m.def("gpu_decode_attention", [](int dtype, std::vector<int64_t> dims, std::vector<int64_t> strides,
                                    std::vector<uintptr_t> ptrs, float scale, uintptr_t workspace, size_t workspace_bytes,
-                                   uintptr_t stream, int kernel) { return guarded([&] {
-    gpu::decode_attention(attention_of(dtype, dims, strides, ptrs, scale), P<void>(workspace), workspace_bytes,
-                          P<void>(stream), gpu::AttnKernel(kernel));
+                                   uintptr_t stream, int kernel, std::vector<uintptr_t> fused,
+                                   std::vector<int64_t> fused_strides) { return guarded([&] {
+    DecodeAttentionProblem p = attention_of(dtype, dims, strides, ptrs, scale);
+    // The fused step: fused = {k_new, v_new, cos, sin, write_pos}, fused_strides = {q_b, new_b, cos/sin_b}.
+    if (!fused.empty() || !fused_strides.empty()) {
+      if (fused.size() != 5 || fused_strides.size() != 3)
+        throw Error("decode_attention: the fused step takes 5 pointers and 3 strides");
+      p.k_new = P<const void>(fused[0]); p.v_new = P<const void>(fused[1]);
+      p.cos = P<const void>(fused[2]); p.sin = P<const void>(fused[3]);
+      p.write_pos = P<const int64_t>(fused[4]);
+      p.q_stride_b = fused_strides[0]; p.new_stride_b = fused_strides[1]; p.cs_stride_b = fused_strides[2];
+    }
+    gpu::decode_attention(p, P<void>(workspace), workspace_bytes, P<void>(stream), gpu::AttnKernel(kernel));
   }); });
   m.def("gpu_available", [] { return guarded([] { return gpu::available(); }); });
   m.def("build_info", [] { return guarded([] { return std::string(gpu::build_info()); }); });

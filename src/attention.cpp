@@ -42,6 +42,19 @@ void validate_decode_attention(const DecodeAttentionProblem& p) {
                                                        " is shorter than S x D = " + std::to_string(p.S * p.D));
   require(p.mask_stride_b >= 0, "mask_stride_b must be >= 0");
   require(std::isfinite(p.scale), "scale must be finite");
+  require(p.q_stride_b == 0 || (p.q_stride_b >= p.Hkv * p.G * p.D && p.q_stride_b % 8 == 0),
+          "q_stride_b " + std::to_string(p.q_stride_b) + " must be 0 or a multiple of 8 elements >= Hkv x G x D");
+  const int fused = int(p.k_new != nullptr) + int(p.v_new != nullptr) + int(p.cos != nullptr) +
+                    int(p.sin != nullptr) + int(p.write_pos != nullptr);
+  require(fused == 0 || fused == 5, "k_new, v_new, cos, sin and write_pos must be given all together or not at all");
+  if (fused) {
+    require(aligned(p.k_new, 16) && aligned(p.v_new, 16) && aligned(p.cos, 16) && aligned(p.sin, 16) &&
+                aligned(p.write_pos, 8),
+            "k_new, v_new, cos and sin must be 16-byte aligned, write_pos 8-byte aligned");
+    require(p.new_stride_b >= 0 && p.new_stride_b % 8 == 0 && p.cs_stride_b >= 0 && p.cs_stride_b % 8 == 0,
+            "new_stride_b and cs_stride_b must be non-negative multiples of 8 elements");
+    require(p.B == 1 || p.new_stride_b >= p.Hkv * p.D, "new_stride_b is shorter than Hkv x D");
+  }
 }
 
 AttnSplit attention_split(int64_t B, int64_t Hkv, int64_t S, int64_t sms) {

@@ -23,7 +23,8 @@ struct DecodeAttentionProblem {
   int64_t G = 0;              // query heads per KV head, 1..8
   int64_t S = 0;              // key positions (>= 1)
   int64_t D = 0;              // head dimension: 64 or 128
-  const void* q = nullptr;    // [B, Hkv, G, D], contiguous, 16-byte aligned
+  const void* q = nullptr;    // [B, Hkv, G, D]: rows contiguous, sequence b at q + b * q_stride_b; 16-byte aligned
+  int64_t q_stride_b = 0;     // elements; 0: Hkv * G * D (q contiguous)
   // k[b, h, s, d] at k + b * k_stride_b + h * k_stride_h + s * D + d (elements): each position's D
   // values contiguous, positions D apart (a KV cache [B, Hkv, S_max, D] with S <= S_max); 16-byte
   // aligned, strides multiples of 8 elements (every row 16-byte aligned). Same for v.
@@ -35,6 +36,19 @@ struct DecodeAttentionProblem {
   int64_t mask_stride_b = 0;  // 0: one row for every sequence
   float scale = 0.f;          // scores are scale * (q . k)
   void* out = nullptr;        // [B, Hkv, G, D], contiguous
+
+  // Optional, the decode step's own token folded in (lutmm.attention's fused path; all set or none):
+  // the rotary embedding (transformers' rotate_half convention: dim d pairs with d + D/2) is applied to
+  // q and to the new key k_new in fp32 with one rounding, and the rotated k_new and v_new are written
+  // into k / v (the KV cache, written through these pointers) at position *write_pos before any
+  // position is read; outside [0, S) nothing is written. cos / sin: [B or 1, D] of dtype.
+  const void* k_new = nullptr;   // [B, Hkv, D]: sequence b, head h at k_new + b * new_stride_b + h * D
+  const void* v_new = nullptr;   // the same layout
+  int64_t new_stride_b = 0;      // elements, a multiple of 8
+  const void* cos = nullptr;
+  const void* sin = nullptr;
+  int64_t cs_stride_b = 0;       // elements, a multiple of 8; 0: one row for every sequence
+  const int64_t* write_pos = nullptr;  // device memory, read by the kernel
 };
 
 // Throws lutmm::Error naming the problem (sizes, dtype, pointers, strides, alignment: q, k, v and

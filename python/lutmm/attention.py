@@ -113,7 +113,106 @@ def _(q, k, v, mask, scale, variant=0):
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
     ws = torch.empty(_workspace_bytes(b, hkv, g, s_len, d, dev), dtype=torch.uint8, device=q.device)
     _core.gpu_decode_attention(code, dims, strides, ptrs, float(scale), ws.data_ptr(), ws.numel(),
-                               torch.cuda.current_stream(q.device).cuda_stream, int(variant))
+                               torch.cuda.current_stream(q.device).cuda_stream, int(variant), [], [])
+    return out
+
+
+@torch.library.custom_op("lutmm::gqa_decode_step", mutates_args=("k_cache", "v_cache"))
+def gqa_decode_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, write_pos: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+                    heads: int) -> torch.Tensor:
+    """A Llama attention layer's decode step after its fused q/k/v projection, as one kernel on CUDA: the
+    rotary embedding of q and of the new key, the KV-cache write of the new key and value, and attention.
+    qkv [B, (heads + 2 Hkv) D] (query heads, then keys, then values: FusedQKVLlamaAttention's qkv_proj
+    output), cos / sin [B or 1, D] (the new position's rotary, transformers' rotate_half convention),
+    k_cache / v_cache [B, Hkv, S, D] (written in place at write_pos, an int64 tensor of one element; a
+    position outside [0, S) writes nothing), mask None or bool [B or 1, S]. Returns [B, Hkv, G, D]
+    (query head h * G + j), softmax(scale q k^T) v as gqa_decode_attention."""
+    raise NotImplementedError("lutmm::gqa_decode_step: no implementation for this device")
+
+
+@gqa_decode_step.register_fake
+def _(qkv, cos, sin, k_cache, v_cache, write_pos, mask, scale, heads):
+    b, hkv, _, d = k_cache.shape
+    return qkv.new_empty(b, hkv, heads // hkv, d)
+
+
+def _split_step(qkv, cos, sin, k_cache, v_cache, write_pos, heads):
+    """Checks the decode-step arguments; returns the q, k, v views [B, H, D] and cos / sin as [B or 1, D]."""
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"gqa_decode_step: k_cache / v_cache must be [B, Hkv, S, D] of one shape, got "
+                         f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)}")
+    b, hkv, _, d = k_cache.shape
+    if heads % hkv:
+        raise ValueError(f"gqa_decode_step: {heads} query heads are not a multiple of {hkv} KV heads")
+    if qkv.dim() != 2 or qkv.shape != (b, (heads + 2 * hkv) * d):
+        raise ValueError(f"gqa_decode_step: qkv must be [B, (heads + 2 Hkv) D] = [{b}, {(heads + 2 * hkv) * d}], "
+                         f"got {tuple(qkv.shape)}")
+    cos, sin = cos.reshape(-1, d), sin.reshape(-1, d)
+    if cos.shape != sin.shape or cos.shape[0] not in (1, b):
+        raise ValueError(f"gqa_decode_step: cos / sin must be [B or 1, D], got {tuple(cos.shape)} / {tuple(sin.shape)}")
+    if len({qkv.dtype, cos.dtype, sin.dtype, k_cache.dtype, v_cache.dtype}) != 1:
+        raise ValueError("gqa_decode_step: qkv, cos, sin and the caches must have one dtype")
+    if write_pos.numel() != 1 or write_pos.dtype != torch.int64:
+        raise ValueError(f"gqa_decode_step: write_pos must be one int64, got {write_pos.dtype} {tuple(write_pos.shape)}")
+    q = qkv[:, :heads * d].view(b, heads, d)
+    k = qkv[:, heads * d:(heads + hkv) * d].view(b, hkv, d)
+    v = qkv[:, (heads + hkv) * d:].view(b, hkv, d)
+    return q, k, v, cos, sin
+
+
+@gqa_decode_step.register_kernel("cpu")
+def _(qkv, cos, sin, k_cache, v_cache, write_pos, mask, scale, heads):
+    q, k, v, cos, sin = _split_step(qkv, cos, sin, k_cache, v_cache, write_pos, heads)
+    b, hkv, s_len, d = k_cache.shape
+
+    def rope(x):  # fp32, one rounding
+        x = x.float()
+        rot = torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1)
+        return (x * cos[:, None].float() + rot * sin[:, None].float()).to(qkv.dtype)
+
+    pos = int(write_pos.reshape(()))
+    if 0 <= pos < s_len:
+        k_cache[:, :, pos] = rope(k)
+        v_cache[:, :, pos] = v
+    return gqa_decode_attention(rope(q).view(b, hkv, heads // hkv, d), k_cache, v_cache, mask, scale)
+
+
+@gqa_decode_step.register_kernel("cuda")
+def _(qkv, cos, sin, k_cache, v_cache, write_pos, mask, scale, heads):
+    from . import _core
+    from ._api import _DTYPE_CODE
+    q, k, v, cos, sin = _split_step(qkv, cos, sin, k_cache, v_cache, write_pos, heads)
+    b, hkv, s_len, d = k_cache.shape
+    _check_attention_args(q.view(b, hkv, heads // hkv, d), k_cache, v_cache, mask)
+    if qkv.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"gqa_decode_step: dtype {qkv.dtype}, expected float16 or bfloat16 on CUDA")
+    if any(t.device != qkv.device for t in (cos, sin, k_cache, v_cache, write_pos)) or (
+            mask is not None and mask.device != qkv.device):
+        raise ValueError("gqa_decode_step: all tensors must be on one device")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if _rows_contiguous(t) is not t:  # written in place: a copy would lose the write
+            raise ValueError(f"gqa_decode_step: {name} rows must be contiguous and 16-byte aligned")
+    if qkv.stride(1) != 1 or qkv.stride(0) % 8 or qkv.data_ptr() % 16:
+        qkv = qkv.contiguous().clone() if qkv.data_ptr() % 16 else qkv.contiguous()
+        q, k, v, _, _ = _split_step(qkv, cos, sin, k_cache, v_cache, write_pos, heads)
+    cos = cos if cos.is_contiguous() and cos.data_ptr() % 16 == 0 else cos.clone(memory_format=torch.contiguous_format)
+    sin = sin if sin.is_contiguous() and sin.data_ptr() % 16 == 0 else sin.clone(memory_format=torch.contiguous_format)
+    if mask is not None and mask.stride(-1) != 1:
+        mask = mask.contiguous()
+    out = q.new_empty(b, hkv, heads // hkv, d)
+    dims = [b, hkv, heads // hkv, s_len, d]
+    strides = [k_cache.stride(0) if b > 1 else 0, k_cache.stride(1) if hkv > 1 else 0,
+               v_cache.stride(0) if b > 1 else 0, v_cache.stride(1) if hkv > 1 else 0,
+               mask.stride(0) if mask is not None and mask.shape[0] > 1 else 0]
+    ptrs = [q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), 0 if mask is None else mask.data_ptr(),
+            out.data_ptr()]
+    dev = qkv.device.index if qkv.device.index is not None else torch.cuda.current_device()
+    ws = torch.empty(_workspace_bytes(b, hkv, heads // hkv, s_len, d, dev), dtype=torch.uint8, device=qkv.device)
+    _core.gpu_decode_attention(_DTYPE_CODE[qkv.dtype], dims, strides, ptrs, float(scale), ws.data_ptr(), ws.numel(),
+                               torch.cuda.current_stream(qkv.device).cuda_stream, 0,
+                               [k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), write_pos.data_ptr()],
+                               [qkv.stride(0), qkv.stride(0), cos.stride(0) if cos.shape[0] > 1 else 0])
     return out
 
 

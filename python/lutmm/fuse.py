@@ -31,13 +31,17 @@ import torch
 from torch import nn
 from transformers.models.llama import modeling_llama as _llama
 
+from transformers.cache_utils import StaticLayer
+
 from ._api import concat_rows
+from .attention import NAME_KERNEL, gqa_decode_step
 from .nn import LUTLinear
 
 QKV = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
 # LlamaAttention.forward's parameters in the transformers versions whose forward FusedQKVLlamaAttention mirrors.
 _ATTENTION_PARAMS = ["self", "hidden_states", "position_embeddings", "attention_mask", "past_key_values", "kwargs"]
+_STOCK_ROTARY = _llama.apply_rotary_pos_emb  # the fused decode step implements this one (rotate_half)
 
 
 # ---- one linear from several ---------------------------------------------------------------------------
@@ -95,6 +99,16 @@ class FusedQKVLlamaAttention(_llama.LlamaAttention):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                 **kwargs):
+        step = _fused_step_inputs(self, hidden_states, attention_mask, past_key_values, kwargs)
+        if step is not None:  # a decode step through lutmm's kernel: rotary, cache write, attention in one
+            layer, mask = step
+            b = hidden_states.shape[0]
+            cos, sin = position_embeddings
+            out = gqa_decode_step(self.qkv_proj(hidden_states).view(b, -1), cos, sin, layer.keys, layer.values,
+                                  layer.cumulative_length, mask, float(self.scaling),
+                                  self.config.num_attention_heads)
+            layer.cumulative_length.add_(1)  # as StaticLayer.update
+            return self.o_proj(out.view(b, 1, -1)), None
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
 
@@ -118,6 +132,32 @@ class FusedQKVLlamaAttention(_llama.LlamaAttention):
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         attn_output = self.o_proj(attn_output)
         return attn_output, attn_weights
+
+
+def _fused_step_inputs(attn, hidden_states, attention_mask, past_key_values, kwargs):
+    """(cache layer, mask [B or 1, S] or None) when this call can run as lutmm::gqa_decode_step: one new token
+    per sequence, inference, lutmm's decode-attention kernel selected (use_gqa_attention), a transformers
+    static cache layer already holding its tensors, fp16 / bf16 on CUDA, head dim 64 or 128, at most 8 query
+    heads per KV head, a boolean decode mask; else None (the line-by-line forward below)."""
+    if (hidden_states.dim() != 3 or hidden_states.shape[1] != 1 or attn.training or not hidden_states.is_cuda
+            or hidden_states.dtype not in (torch.float16, torch.bfloat16) or past_key_values is None
+            or attn.config._attn_implementation != NAME_KERNEL or kwargs.get("output_attentions", False)
+            or attn.head_dim not in (64, 128) or attn.num_key_value_groups > 8
+            or _llama.apply_rotary_pos_emb is not _STOCK_ROTARY):
+        return None
+    layers = getattr(past_key_values, "layers", None)
+    if layers is None or attn.layer_idx >= len(layers):
+        return None
+    layer = layers[attn.layer_idx]
+    if (type(layer) is not StaticLayer or not layer.is_initialized or layer.keys.dtype != hidden_states.dtype
+            or layer.keys.shape[1] * attn.num_key_value_groups != attn.config.num_attention_heads):
+        return None
+    mask = attention_mask
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+            return None
+        mask = mask[:, 0, 0, :layer.keys.shape[2]]
+    return layer, mask
 
 
 class FusedGateUpLlamaMLP(_llama.LlamaMLP):

@@ -62,6 +62,15 @@ struct AttnParams {
   int64_t k_sb, k_sh, v_sb, v_sh, mask_sb;
   int S, G, Hkv, splits, chunks_per_split;  // splits == 1: the split kernel writes `out` itself
   float scale;
+  int64_t q_sb;  // elements between sequences of q
+  // The fused step (DecodeAttentionProblem::k_new ..., all set or none): rotary on q and k_new, and
+  // the rotated k_new and v_new written into the cache at *write_pos by the CTA whose positions hold it.
+  const void* k_new;
+  const void* v_new;
+  const void* cos;
+  const void* sin;
+  const int64_t* write_pos;
+  int64_t new_sb, cs_sb;
 };
 
 __device__ __forceinline__ float fast_exp2(float x) {  // 2^x; -inf gives +0
@@ -72,6 +81,29 @@ __device__ __forceinline__ float fast_exp2(float x) {  // 2^x; -inf gives +0
 __device__ __forceinline__ uint4 ld16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// Elements 2i and 2i + 1 of a 16-byte piece of T.
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t w) {
+  const T* e = reinterpret_cast<const T*>(&w);
+  return make_float2(Elem<T>::to_float(e[0]), Elem<T>::to_float(e[1]));
+}
+
+// The rotary embedding of 8 dims (transformers' rotate_half: dims d < D/2 become x cos - x' sin, the
+// others x cos + x' sin, x' the value D/2 away), fp32 math and one rounding, as the compiled model does.
+template <typename T>
+__device__ __forceinline__ uint4 rope8(const uint4& x, const uint4& partner, const uint4& c, const uint4& s,
+                                       bool first_half) {
+  const float sign = first_half ? -1.f : 1.f;
+  uint32_t out[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 xv = unpack2<T>(word(x, i)), pv = unpack2<T>(word(partner, i));
+    const float2 cv = unpack2<T>(word(c, i)), sv = unpack2<T>(word(s, i));
+    out[i] = Elem<T>::pack2(xv.x * cv.x + sign * (pv.x * sv.x), xv.y * cv.y + sign * (pv.y * sv.y));
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
 }
 
 // The transpose of an 8x8 matrix of 16-bit elements held as one mma fragment register per lane
@@ -106,9 +138,42 @@ __global__ void __launch_bounds__(32 * kWarps) attn_mma_kernel(AttnParams p) {
 
   uint4 qf[kK32];  // B operand Q^T: query head r's dims c * 32 + quad * 8 .. + 7 (zero beyond G)
   {
-    const T* q_row = static_cast<const T*>(p.q) + ((int64_t(b) * p.Hkv + h) * G + r) * D + quad * 8;
+    const T* q_row = static_cast<const T*>(p.q) + b * p.q_sb + (int64_t(h) * G + r) * D + quad * 8;
 #pragma unroll
     for (int c = 0; c < kK32; ++c) qf[c] = r < G ? ld16(q_row + c * 32) : make_uint4(0, 0, 0, 0);
+  }
+  const int first = split * p.chunks_per_split * kChunk;
+  const int last = min(p.S, first + p.chunks_per_split * kChunk);
+  if (p.k_new != nullptr) {  // the fused step
+    // Pieces c and c + kK32 / 2 of a lane hold dims d and d + D/2: the rotation pairs stay in the lane.
+    const T* cs = static_cast<const T*>(p.cos) + b * p.cs_sb + quad * 8;
+    const T* sn = static_cast<const T*>(p.sin) + b * p.cs_sb + quad * 8;
+    uint4 rq[kK32];
+#pragma unroll
+    for (int c = 0; c < kK32; ++c)
+      rq[c] = rope8<T>(qf[c], qf[(c + kK32 / 2) % kK32], ld16(cs + c * 32), ld16(sn + c * 32), c < kK32 / 2);
+#pragma unroll
+    for (int c = 0; c < kK32; ++c) qf[c] = r < G ? rq[c] : make_uint4(0, 0, 0, 0);
+    // The new position's K and V rows, written by the CTA whose positions hold it (no other CTA reads
+    // that position), before any of its warps loads a K / V row: 16 threads for D = 128, 8 dims each.
+    const int64_t pos = *p.write_pos;
+    if (pos >= first && pos < last) {  // uniform over the CTA
+      constexpr int kPieces = D / 8;
+      if (tid < 2 * kPieces) {
+        const bool is_k = tid < kPieces;
+        const int d = 8 * (is_k ? tid : tid - kPieces);
+        const T* src = static_cast<const T*>(is_k ? p.k_new : p.v_new) + b * p.new_sb + int64_t(h) * D;
+        uint4 val = ld16(src + d);
+        if (is_k) {
+          const T* cb = static_cast<const T*>(p.cos) + b * p.cs_sb + d;
+          const T* sb = static_cast<const T*>(p.sin) + b * p.cs_sb + d;
+          val = rope8<T>(val, ld16(src + (d + D / 2) % D), ld16(cb), ld16(sb), d < D / 2);
+        }
+        T* dst = const_cast<T*>(is_k ? k_bh : v_bh) + pos * D + d;
+        *reinterpret_cast<uint4*>(dst) = val;
+      }
+      __syncthreads();  // the row is visible to the CTA's loads below
+    }
   }
   const float sl2 = p.scale * kLog2e;
   float m[2] = {-INFINITY, -INFINITY};  // running max of query heads 2 quad + e (log2 domain)
@@ -117,8 +182,6 @@ __global__ void __launch_bounds__(32 * kWarps) attn_mma_kernel(AttnParams p) {
 #pragma unroll
   for (int t = 0; t < kV64 * 4; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
 
-  const int first = split * p.chunks_per_split * kChunk;
-  const int last = min(p.S, first + p.chunks_per_split * kChunk);
   auto mask_byte = [&](int pos) -> uint32_t {  // nonzero: position pos attends
     return pos < last ? (mask_b ? uint32_t(mask_b[pos]) : 1u) : 0u;
   };
@@ -373,6 +436,14 @@ void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t w
   ap.splits = int(sp.splits);
   ap.chunks_per_split = int(sp.chunks_per_split);
   ap.scale = p.scale;
+  ap.q_sb = p.q_stride_b ? p.q_stride_b : p.Hkv * p.G * p.D;
+  ap.k_new = p.k_new;
+  ap.v_new = p.v_new;
+  ap.cos = p.cos;
+  ap.sin = p.sin;
+  ap.write_pos = p.write_pos;
+  ap.new_sb = p.new_stride_b;
+  ap.cs_sb = p.cs_stride_b;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const bool bf = p.dtype == DType::BF16;
   if (p.D == 128) {

@@ -134,4 +134,18 @@ TEST(Attention, RejectsBadArguments) {
   bad([](DecodeAttentionProblem& p) { p.k_stride_h = 12; }, "multiples of 8");
   bad([](DecodeAttentionProblem& p) { p.v_stride_h = 8 * 128; }, "head stride");
   bad([](DecodeAttentionProblem& p) { p.scale = NAN; }, "scale");
+  bad([](DecodeAttentionProblem& p) { p.q_stride_b = 4 * 128 + 4; }, "q_stride_b");
+  bad([](DecodeAttentionProblem& p) { p.q_stride_b = 128; }, "q_stride_b");  // shorter than Hkv x G x D
+  // The fused step: all five of k_new, v_new, cos, sin, write_pos, aligned, or none.
+  static const int64_t pos = 3;
+  auto fused = [&](DecodeAttentionProblem& p) {
+    p.k_new = p.k; p.v_new = p.v; p.cos = p.k; p.sin = p.v; p.write_pos = &pos;
+  };
+  DecodeAttentionProblem ok = h.p;
+  fused(ok);
+  EXPECT_NO_THROW(validate_decode_attention(ok));
+  bad([&](DecodeAttentionProblem& p) { fused(p); p.sin = nullptr; }, "all together");
+  bad([&](DecodeAttentionProblem& p) { p.write_pos = &pos; }, "all together");
+  bad([&](DecodeAttentionProblem& p) { fused(p); p.cos = static_cast<const char*>(p.k) + 8; }, "16-byte aligned");
+  bad([&](DecodeAttentionProblem& p) { fused(p); p.cs_stride_b = 4; }, "multiples of 8");
 }
