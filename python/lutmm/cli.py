@@ -207,18 +207,25 @@ def cmd_generate(args) -> int:
         raise ValueError("--compile needs --static (it compiles the static decode step)")
     model = _load(args.dir, dev, _DTYPES[args.dtype])
     graph = args.static and dev.type == "cuda"  # greedy_static captures the step on CUDA only
+    fused = 0
     if graph:  # K/V read once per KV head, decode steps through lutmm's kernel
         from .attention import use_gqa_attention
+        from .fuse import fuse_projections
         try:
             use_gqa_attention(model)
         except (RuntimeError, ValueError) as e:  # a model without transformers' AttentionInterface
             print(f"lutmm: keeping the model's own attention ({e})", file=sys.stderr)
+        # q/k/v and gate/up as one linear each (exact), and with lutmm's attention each decode step's
+        # rotary + KV-cache write inside the attention kernel (lutmm.attention.gqa_decode_step)
+        report = fuse_projections(model, warn=False)
+        fused = report.attention + report.mlp
     t0 = time.perf_counter()
     text = generate(model, args.tokenizer or args.dir, args.prompt, args.max_new_tokens, static=args.static,
                     compile=args.compile)
     print(args.prompt + text)
     print(f"(generated in {time.perf_counter() - t0:.2f} s with prefill"
           f"{', graph capture' if graph else ''}"
+          f"{f', {fused} modules fused' if fused else ''}"
           f"{', compilation' if args.compile else ''})", file=sys.stderr)
     return 0
 

@@ -99,7 +99,7 @@ class FusedQKVLlamaAttention(_llama.LlamaAttention):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                 **kwargs):
-        step = _fused_step_inputs(self, hidden_states, attention_mask, past_key_values, kwargs)
+        step = _fused_step_inputs(self, hidden_states, position_embeddings, attention_mask, past_key_values, kwargs)
         if step is not None:  # a decode step through lutmm's kernel: rotary, cache write, attention in one
             layer, mask = step
             b = hidden_states.shape[0]
@@ -134,11 +134,12 @@ class FusedQKVLlamaAttention(_llama.LlamaAttention):
         return attn_output, attn_weights
 
 
-def _fused_step_inputs(attn, hidden_states, attention_mask, past_key_values, kwargs):
+def _fused_step_inputs(attn, hidden_states, position_embeddings, attention_mask, past_key_values, kwargs):
     """(cache layer, mask [B or 1, S] or None) when this call can run as lutmm::gqa_decode_step: one new token
     per sequence, inference, lutmm's decode-attention kernel selected (use_gqa_attention), a transformers
     static cache layer already holding its tensors, fp16 / bf16 on CUDA, head dim 64 or 128, at most 8 query
-    heads per KV head, a boolean decode mask; else None (the line-by-line forward below)."""
+    heads per KV head, a boolean decode mask, cos / sin of the activations' dtype with one row per sequence
+    or one for all; else None (the line-by-line forward below)."""
     if (hidden_states.dim() != 3 or hidden_states.shape[1] != 1 or attn.training or not hidden_states.is_cuda
             or hidden_states.dtype not in (torch.float16, torch.bfloat16) or past_key_values is None
             or attn.config._attn_implementation != NAME_KERNEL or kwargs.get("output_attentions", False)
@@ -151,6 +152,10 @@ def _fused_step_inputs(attn, hidden_states, attention_mask, past_key_values, kwa
     layer = layers[attn.layer_idx]
     if (type(layer) is not StaticLayer or not layer.is_initialized or layer.keys.dtype != hidden_states.dtype
             or layer.keys.shape[1] * attn.num_key_value_groups != attn.config.num_attention_heads):
+        return None
+    cos = position_embeddings[0] if position_embeddings is not None else None
+    if (cos is None or cos.dtype != hidden_states.dtype or cos.shape[-1] != attn.head_dim
+            or cos.numel() not in (attn.head_dim, hidden_states.shape[0] * attn.head_dim)):
         return None
     mask = attention_mask
     if mask is not None:

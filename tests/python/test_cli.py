@@ -146,7 +146,7 @@ def test_generate_on_cuda_defaults_to_the_graph_path(mini_ckpt, capsys):
     args = ["generate", str(out), "--prompt", "The river", "--max-new-tokens", "12", "--device", "cuda"]
     assert cli.main(args) == 0
     fast = capsys.readouterr()
-    assert "graph capture" in fast.err
+    assert "graph capture" in fast.err and "modules fused" in fast.err
     assert cli.main(args + ["--no-static"]) == 0
     plain = capsys.readouterr()
     assert "graph capture" not in plain.err

@@ -120,6 +120,16 @@ def test_fused_decode_step_gives_the_tokens_of_the_line_by_line_forward(monkeypa
     monkeypatch.setattr(fuse, "_fused_step_inputs", lambda *a: None)  # transformers' rotary / update / attention
     plain = greedy_static(model, ids, 12, graph=False)
     assert torch.equal(fused, plain)
+    from transformers import StaticCache
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)  # the cache layers hold their tensors now
+    attn, h = model.model.layers[0].self_attn, torch.zeros(3, 1, 256, device="cuda", dtype=torch.bfloat16)
+    cos = torch.zeros(1, 1, 64, device="cuda", dtype=torch.bfloat16)
+    assert real(attn, h, (cos, cos), None, cache, {}) is not None
+    assert real(attn, h, (cos.float(), cos.float()), None, cache, {}) is None  # cos / sin of another dtype
+    assert real(attn, h, (cos[..., :32], cos[..., :32]), None, cache, {}) is None
+    assert real(attn, torch.zeros(3, 2, 256, device="cuda", dtype=torch.bfloat16), (cos, cos), None, cache, {}) is None
     monkeypatch.setattr(fuse, "_fused_step_inputs", real)
     torch._dynamo.reset()
     assert torch.equal(greedy_static(model, ids, 12, compile=True), plain)  # compiled + CUDA graph: in place
