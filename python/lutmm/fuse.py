@@ -29,9 +29,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn
-from transformers.models.llama import modeling_llama as _llama
-
 from transformers.cache_utils import StaticLayer
+from transformers.models.llama import modeling_llama as _llama
 
 from ._api import concat_rows
 from .attention import NAME_KERNEL, gqa_decode_step
@@ -92,7 +91,9 @@ def concat_linears(mods: Sequence[nn.Module]) -> nn.Module:
 class FusedQKVLlamaAttention(_llama.LlamaAttention):
     """LlamaAttention whose q/k/v come from one linear `qkv_proj` (out_features Nq + Nk + Nv), split after.
     After the projections, forward is transformers' LlamaAttention.forward line for line (rotary, cache
-    update, attention interface), so everything but the number of matmuls is unchanged."""
+    update, attention interface), so everything but the number of matmuls is unchanged; except that a
+    decode step with lutmm's attention kernel on a static cache (_fused_step_inputs) runs the rotary, the
+    cache update and attention as one kernel (lutmm.attention.gqa_decode_step)."""
 
     lutmm_fused = True
     qkv_sizes: Tuple[int, int, int]
