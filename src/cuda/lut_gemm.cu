@@ -62,6 +62,9 @@
 //      tiles apply (item 42)
 //  26  src/plan.cpp: row tiles only where they fill 80% of the slots, not 70% (item 43)
 //  (27, 28: measured and adopted as lut_tiles8_tma3, src/plan.cpp, item 46; the numbers are free)
+//  30  (session 15, branch exp/l2-prefetch only: TMA weight copies without the evict-first hint)
+//  31  4 bits: the 32 KB table (128-byte entries) at every MT and the TMA kernel's row tiles sized for
+//      three CTAs per SM, as at 3 bits (docs/performance.md next step 00; prepared, not yet measured)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38)
@@ -345,7 +348,8 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
     RowTiles t{kWarps, 0};
     if (!auto_split || g.mt != 1 || (tma && LUTMM_EXPERIMENT == 22)) return t;
     const int ctas = tma ? stream_workers_per_sm(s.bits, true) : rows_ctas_per_sm(s.bits, dt, device);
-    if (tma && s.bits == 3 && ctas == 3) t = lut_tile_rows_tma3(M, s.row_blocks(), s.col_blocks(), sm_count(device));
+    if (tma && (s.bits == 3 || (s.bits == 4 && LUTMM_EXPERIMENT == 31)) && ctas == 3)
+      t = lut_tile_rows_tma3(M, s.row_blocks(), s.col_blocks(), sm_count(device));
     else t = {lut_tile_rows(M, s.row_blocks(), s.col_blocks(), int64_t(sm_count(device)) * ctas), ctas};
     if (tma && !lut_tma_rows_ok(t.rows, group_log2(s.group_size), s.K)) t.rows = kWarps;
     return t;

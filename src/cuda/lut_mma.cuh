@@ -41,7 +41,8 @@ struct Layout {
   // 64 KB table would leave one CTA per SM: 128 B (32 KB, shift-and addressing; the lookups are
   // amortised over 4 MMAs there). H200, 2026-11-26: 8192x8192 M = 64 took 91.4 us with 64 KB, 71.6 us
   // with the earlier 32 KB table.
-  static constexpr int kEntryBytes = BITS == 4 && MT == 4 ? 128 : 256;
+  // LUTMM_EXPERIMENT 31: the 32 KB table at every 4-bit MT, for 4-bit row tiles sized for three CTAs per SM.
+  static constexpr int kEntryBytes = BITS == 4 && (MT == 4 || LUTMM_EXPERIMENT == 31) ? 128 : 256;
   // No shared table where the lookups read registers (lut_regtable.cuh).
   static constexpr int kLutBytes = kLutSource<BITS> == LutSource::kShared ? kLutEntries * kEntryBytes : 0;
   static constexpr int kStageW = kWarps * kBlockBytes;

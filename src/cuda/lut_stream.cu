@@ -54,9 +54,14 @@ namespace {
 // when three fit); 6144x4096: 384 tiles sized for three 7.4 us, Stream-K 9.8 (with only the size for
 // two, 384 tiles are too many). LUTMM_EXPERIMENT 24 sizes every 3-bit row tile for two (item 42).
 constexpr int kGroups = LUTMM_EXPERIMENT == 9 ? 2 : 1;
+// LUTMM_EXPERIMENT 31 (next step 00, prepared): 4-bit row tiles sized for three CTAs per SM too, with the
+// 32 KB table (lut_mma.cuh's Layout), as at 3 bits (lut_tile_rows_tma3).
+template <int BITS>
+constexpr bool kThreeCtaRows = BITS == 3 || (BITS == 4 && LUTMM_EXPERIMENT == 31);
 template <int BITS, bool ROWS = false>
 constexpr int kCtasPerSm = LUTMM_EXPERIMENT == 9                                               ? 1
                            : BITS == 3 && LUTMM_EXPERIMENT != 11 && (!ROWS || LUTMM_EXPERIMENT != 24) ? 3
+                           : BITS == 4 && ROWS && LUTMM_EXPERIMENT == 31                          ? 3
                                                                                                   : 2;
 constexpr int kComputeThreads = kGroups * kThreads;
 constexpr int kCtaThreads = kComputeThreads + kGroups * 32;  // + one producer warp per group
@@ -337,9 +342,9 @@ template <int BITS, int MT, typename T>
 void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
   if constexpr (MT == 1 && kGroups == 1) {
     if (geo.rpt < kWarps) {
-      if (geo.ctas != kCtasPerSm<BITS, true> && !(BITS == 3 && geo.ctas == 2))
+      if (geo.ctas != kCtasPerSm<BITS, true> && !(kThreeCtaRows<BITS> && geo.ctas == 2))
         throw Error("internal: row tiles sized for " + std::to_string(geo.ctas) + " CTAs per SM");
-      if constexpr (BITS == 3 && kCtasPerSm<BITS, true> != 2)
+      if constexpr (kThreeCtaRows<BITS> && kCtasPerSm<BITS, true> != 2)
         if (geo.ctas == 2) return launch_kernel<BITS, MT, T, true, 2>(prob, geo, ws, stream);
       return launch_kernel<BITS, MT, T, true>(prob, geo, ws, stream);
     }
