@@ -23,6 +23,10 @@
 //   normalized output, or the partial output (fp32, not normalized) and (max, sum) per query head to
 //   the workspace. Scores are kept in the log2 domain (scale * log2(e) folded in), so every
 //   exponential is one ex2.
+// The fused decode step (DecodeAttentionProblem::k_new ..., lutmm::gqa_decode_step): q is rotated in
+//   registers after its load (rope8: pieces c and c + D/64 of a lane hold dims d and d + D/2), and the CTA
+//   whose positions hold *write_pos rotates the new key, writes it and the new value into the cache, and
+//   syncs before its warps load any K / V row; no other CTA reads that position (session 15, item 55).
 // attn_combine_kernel: one CTA per (KV head, sequence): per query head the splits' maxima and sums
 //   are reduced by one warp, weights w_i = 2^(m_i - M) go to shared memory, then each thread sums 4
 //   output columns over the splits in order (deterministic).
