@@ -133,3 +133,11 @@ def test_fused_decode_step_gives_the_tokens_of_the_line_by_line_forward(monkeypa
     monkeypatch.setattr(fuse, "_fused_step_inputs", real)
     torch._dynamo.reset()
     assert torch.equal(greedy_static(model, ids, 12, compile=True), plain)  # compiled + CUDA graph: in place
+
+
+def test_opcheck_cpu():
+    """The op's schema (the caches declared mutated), fake implementation and autograd registration agree
+    with what the CPU kernel does."""
+    qkv, cos, sin, kc, vc, pos, mask = _inputs(b=1, s=20, pos=5)
+    torch.library.opcheck(torch.ops.lutmm.gqa_decode_step.default, (qkv, cos, sin, kc, vc, pos, mask, 0.125, 8))
+    torch.library.opcheck(torch.ops.lutmm.gqa_decode_step.default, (qkv, cos, sin, kc, vc, pos, None, 0.125, 8))
