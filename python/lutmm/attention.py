@@ -88,33 +88,44 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
-@gqa_decode_attention.register_kernel("cuda")
-def _(q, k, v, mask, scale, variant=0):
+def _aligned16(t: torch.Tensor) -> torch.Tensor:
+    """t itself when contiguous and 16-byte aligned (the kernel's 16-byte loads), else a contiguous copy."""
+    return t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
+def _launch(q, k, v, mask, scale, variant=0, fused=(), fused_strides=()) -> torch.Tensor:
+    """Runs the CUDA decode-attention kernel on checked arguments and returns out [B, Hkv, G, D]: q
+    [B, Hkv, G, D] (rows contiguous; its batch stride is fused_strides[0] in the fused step, else q is
+    contiguous), k / v [B, Hkv, S, D] as _rows_contiguous leaves them, mask None or bool [B or 1, S].
+    fused / fused_strides: the fused step's pointers and strides (gpu_decode_attention's binding)."""
     from . import _core
     from ._api import _DTYPE_CODE
-    _check_attention_args(q, k, v, mask)
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"gqa_decode_attention: dtype {q.dtype}, expected float16 or bfloat16 on CUDA")
-    if k.device != q.device or v.device != q.device or (mask is not None and mask.device != q.device):
-        raise ValueError("gqa_decode_attention: q, k, v and mask must be on one device")
     b, hkv, g, d = q.shape
     s_len = k.shape[2]
-    q = q if q.is_contiguous() and q.data_ptr() % 16 == 0 else q.clone(memory_format=torch.contiguous_format)
-    k, v = _rows_contiguous(k), _rows_contiguous(v)
     if mask is not None and mask.stride(-1) != 1:
         mask = mask.contiguous()
-    out = torch.empty_like(q)
+    out = q.new_empty(b, hkv, g, d)
     dims = [b, hkv, g, s_len, d]
     strides = [k.stride(0) if b > 1 else 0, k.stride(1) if hkv > 1 else 0,
                v.stride(0) if b > 1 else 0, v.stride(1) if hkv > 1 else 0,
                mask.stride(0) if mask is not None and mask.shape[0] > 1 else 0]
     ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), 0 if mask is None else mask.data_ptr(), out.data_ptr()]
-    code = _DTYPE_CODE[q.dtype]
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
     ws = torch.empty(_workspace_bytes(b, hkv, g, s_len, d, dev), dtype=torch.uint8, device=q.device)
-    _core.gpu_decode_attention(code, dims, strides, ptrs, float(scale), ws.data_ptr(), ws.numel(),
-                               torch.cuda.current_stream(q.device).cuda_stream, int(variant), [], [])
+    _core.gpu_decode_attention(_DTYPE_CODE[q.dtype], dims, strides, ptrs, float(scale), ws.data_ptr(), ws.numel(),
+                               torch.cuda.current_stream(q.device).cuda_stream, int(variant), list(fused),
+                               list(fused_strides))
     return out
+
+
+@gqa_decode_attention.register_kernel("cuda")
+def _(q, k, v, mask, scale, variant=0):
+    _check_attention_args(q, k, v, mask)
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"gqa_decode_attention: dtype {q.dtype}, expected float16 or bfloat16 on CUDA")
+    if k.device != q.device or v.device != q.device or (mask is not None and mask.device != q.device):
+        raise ValueError("gqa_decode_attention: q, k, v and mask must be on one device")
+    return _launch(_aligned16(q), _rows_contiguous(k), _rows_contiguous(v), mask, scale, variant)
 
 
 @torch.library.custom_op("lutmm::gqa_decode_step", mutates_args=("k_cache", "v_cache"))
@@ -180,8 +191,6 @@ def _(qkv, cos, sin, k_cache, v_cache, write_pos, mask, scale, heads):
 
 @gqa_decode_step.register_kernel("cuda")
 def _(qkv, cos, sin, k_cache, v_cache, write_pos, mask, scale, heads):
-    from . import _core
-    from ._api import _DTYPE_CODE
     q, k, v, cos, sin = _split_step(qkv, cos, sin, k_cache, v_cache, write_pos, heads)
     b, hkv, s_len, d = k_cache.shape
     _check_attention_args(q.view(b, hkv, heads // hkv, d), k_cache, v_cache, mask)
@@ -196,24 +205,10 @@ def _(qkv, cos, sin, k_cache, v_cache, write_pos, mask, scale, heads):
     if qkv.stride(1) != 1 or qkv.stride(0) % 8 or qkv.data_ptr() % 16:
         qkv = qkv.contiguous().clone() if qkv.data_ptr() % 16 else qkv.contiguous()
         q, k, v, _, _ = _split_step(qkv, cos, sin, k_cache, v_cache, write_pos, heads)
-    cos = cos if cos.is_contiguous() and cos.data_ptr() % 16 == 0 else cos.clone(memory_format=torch.contiguous_format)
-    sin = sin if sin.is_contiguous() and sin.data_ptr() % 16 == 0 else sin.clone(memory_format=torch.contiguous_format)
-    if mask is not None and mask.stride(-1) != 1:
-        mask = mask.contiguous()
-    out = q.new_empty(b, hkv, heads // hkv, d)
-    dims = [b, hkv, heads // hkv, s_len, d]
-    strides = [k_cache.stride(0) if b > 1 else 0, k_cache.stride(1) if hkv > 1 else 0,
-               v_cache.stride(0) if b > 1 else 0, v_cache.stride(1) if hkv > 1 else 0,
-               mask.stride(0) if mask is not None and mask.shape[0] > 1 else 0]
-    ptrs = [q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), 0 if mask is None else mask.data_ptr(),
-            out.data_ptr()]
-    dev = qkv.device.index if qkv.device.index is not None else torch.cuda.current_device()
-    ws = torch.empty(_workspace_bytes(b, hkv, heads // hkv, s_len, d, dev), dtype=torch.uint8, device=qkv.device)
-    _core.gpu_decode_attention(_DTYPE_CODE[qkv.dtype], dims, strides, ptrs, float(scale), ws.data_ptr(), ws.numel(),
-                               torch.cuda.current_stream(qkv.device).cuda_stream, 0,
-                               [k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), write_pos.data_ptr()],
-                               [qkv.stride(0), qkv.stride(0), cos.stride(0) if cos.shape[0] > 1 else 0])
-    return out
+    cos, sin = _aligned16(cos), _aligned16(sin)
+    return _launch(q.view(b, hkv, heads // hkv, d), k_cache, v_cache, mask, scale, 0,
+                   [k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), write_pos.data_ptr()],
+                   [qkv.stride(0), qkv.stride(0), cos.stride(0) if cos.shape[0] > 1 else 0])
 
 
 def _kernel_serves(query, key, mask, q_len, g, training) -> bool:
