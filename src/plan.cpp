@@ -68,24 +68,25 @@ LutSplit lut_split(int64_t tiles, int64_t col_blocks, int64_t slots, const int (
   return sp;
 }
 
-int lut_tile_rows(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t slots) {
+int lut_tile_rows(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t slots, int fill_pct) {
   if (M < 1 || row_blocks < 1 || col_blocks < 1 || slots < 1)
     throw Error("lut_tile_rows: M, row blocks, k-blocks and slots must be positive");
+  if (fill_pct < 1 || fill_pct > 100) throw Error("lut_tile_rows: fill_pct must be in [1, 100]");
   if (LUTMM_EXPERIMENT == 19) return 8;  // A/B: no row tiles (docs/performance.md item 39)
   // Tiles must fill 70% of the slots (H100, 2026-11-26, lutmm_bench A/B in one call, 6144x4096: 192
   // tiles of two on 264 slots (73%) against Stream-K in clusters, M = 1 4-bit 9.6 -> 9.4 us, 2-bit 9.1
   // -> 7.9; M = 2 9.5 -> 9.1, 9.2 -> 7.8; item 43). LUTMM_EXPERIMENT 26: the earlier 80%.
-  constexpr int64_t kFillPct = LUTMM_EXPERIMENT == 26 ? 80 : 70;
+  const int64_t pct = LUTMM_EXPERIMENT == 26 && fill_pct == 70 ? 80 : fill_pct;
   for (int64_t r : {1, 2, 4}) {
     const int64_t tiles = (row_blocks + r - 1) / r;
-    if (M <= r && 8 / r <= col_blocks && tiles <= slots && tiles * 100 >= slots * kFillPct) return int(r);
+    if (M <= r && 8 / r <= col_blocks && tiles <= slots && tiles * 100 >= slots * pct) return int(r);
   }
   return 8;
 }
 
-RowTiles lut_tile_rows_tma3(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t sms) {
+RowTiles lut_tile_rows_tma3(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t sms, int fill3_pct) {
   if (sms < 1) throw Error("lut_tile_rows_tma3: the SM count must be positive");
-  const int r = lut_tile_rows(M, row_blocks, col_blocks, 3 * sms);
+  const int r = lut_tile_rows(M, row_blocks, col_blocks, 3 * sms, fill3_pct);
   if (r < 8) return {r, 3};
   const int r2 = lut_tile_rows(M, row_blocks, col_blocks, 2 * sms);
   const int64_t iters = (col_blocks + 8 / r2 - 1) / (8 / r2);

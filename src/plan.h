@@ -70,18 +70,26 @@ LutSplit lut_split(int64_t tiles, int64_t col_blocks, int64_t slots, const int (
 // and add their partial sums in shared memory; no Stream-K partials in global memory. Tiles of R
 // row blocks read 8 / R k-blocks of activations per stage (one token row each: hence M <= R), and
 // 8 / R must not exceed the k-blocks.
-int lut_tile_rows(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t slots);
-// The TMA decode kernel at 3 bits runs three CTAs per SM (`sms` SMs). Its row tiles: where they fill
-// 70-100% of those slots, sized for three CTAs per SM (6144x4096: 384 tiles of one on 396); else where
+// fill_pct: the share of the slots the tiles must fill (default 70; kRowTileFill4 for 4-bit tiles sized
+// for three CTAs per SM).
+int lut_tile_rows(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t slots, int fill_pct = 70);
+// The TMA decode kernel's row tiles at 3 and 4 bits (`sms` SMs): where they fill fill3_pct-100% of
+// three CTAs per SM, sized for three (6144x4096: 384 tiles of one on 396); else where
 // they fill two per SM and a tile streams at most kRowTileMaxIters3 stages, sized for two CTAs per SM
 // (4096x14336: 256 tiles of one, 14 stages; 8192x8192: 256 of two, 16). Longer tiles keep Stream-K
 // over three CTAs per SM (8192x28672: 56 stages of tiles of two, 46.6 us against 43.6). rows = 8: none.
 constexpr int64_t kRowTileMaxIters3 = 32;
+// At 4 bits tiles sized for three CTAs per SM must fill 90% of those slots, not 70%: they read the 32
+// KB table (a 128-byte entry stride, lut_mma.cuh's Layout), which pays only where they fill the SMs.
+// H200, 2026-11-27, lutmm_bench A/B in one call, M = 1: 6144x4096, 384 tiles of one on 396 slots (97%),
+// 8.9 -> 7.2 us against 192 tiles of two sized for two; 10240x8192, 320 tiles of two (81%), 18.7 -> 20.1
+// against Stream-K (M = 2: 19.2 -> 20.0). docs/performance.md item 56.
+constexpr int kRowTileFill4 = 90;
 struct RowTiles {
   int rows;         // row blocks per tile (lut_tile_rows), 8 for none
   int ctas_per_sm;  // CTAs per SM the row-tile kernel is sized for
 };
-RowTiles lut_tile_rows_tma3(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t sms);
+RowTiles lut_tile_rows_tma3(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t sms, int fill3_pct = 70);
 // The same kernel's 3-bit tiles of 8 row blocks (where no row tiles apply): sized for two CTAs per SM
 // instead of its default three, (a) as one whole tile per CTA where `tiles` fill 80-100% of the 2 x
 // `sms` slots (28672x4096: 224 tiles; on 396 slots Stream-K cut them into pieces), or (b) as Stream-K

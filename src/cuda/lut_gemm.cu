@@ -63,8 +63,8 @@
 //  26  src/plan.cpp: row tiles only where they fill 80% of the slots, not 70% (item 43)
 //  (27, 28: measured and adopted as lut_tiles8_tma3, src/plan.cpp, item 46; the numbers are free)
 //  30  (session 15, branch exp/l2-prefetch only: TMA weight copies without the evict-first hint)
-//  31  4 bits: the 32 KB table (128-byte entries) at every MT and the TMA kernel's row tiles sized for
-//      three CTAs per SM, as at 3 bits (docs/performance.md next step 00; prepared, not yet measured)
+//  31  4 bits: the TMA kernel's row tiles sized for two CTAs per SM only, with the 64 KB table, as
+//      before item 56 (measured first as the reverse: the 32 KB table everywhere and the tiles for three)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38)
@@ -343,13 +343,13 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   };
   // Row blocks per tile (lut_tile_rows, src/plan.cpp) for either kernel: 8 where row tiles do not apply
   // (on the TMA kernel also where its boxes cannot bring them: lut_tma_rows_ok).
-  // At 3 bits the TMA kernel's row tiles come sized for three or two CTAs per SM (lut_tile_rows_tma3).
+  // At 3 and 4 bits the TMA kernel's row tiles come sized for three or two CTAs per SM (lut_tile_rows_tma3).
   auto rows_for = [&](bool tma) {
     RowTiles t{kWarps, 0};
     if (!auto_split || g.mt != 1 || (tma && LUTMM_EXPERIMENT == 22)) return t;
     const int ctas = tma ? stream_workers_per_sm(s.bits, true) : rows_ctas_per_sm(s.bits, dt, device);
-    if (tma && (s.bits == 3 || (s.bits == 4 && LUTMM_EXPERIMENT == 31)) && ctas == 3)
-      t = lut_tile_rows_tma3(M, s.row_blocks(), s.col_blocks(), sm_count(device));
+    if (tma && ctas == 3)
+      t = lut_tile_rows_tma3(M, s.row_blocks(), s.col_blocks(), sm_count(device), s.bits == 4 ? kRowTileFill4 : 70);
     else t = {lut_tile_rows(M, s.row_blocks(), s.col_blocks(), int64_t(sm_count(device)) * ctas), ctas};
     if (tma && !lut_tma_rows_ok(t.rows, group_log2(s.group_size), s.K)) t.rows = kWarps;
     return t;

@@ -33,7 +33,8 @@ struct Params : GemmParams<T> {
 // A compute thread's index inside its group of kWarps warps (lut_stream.cu runs two groups per CTA).
 __device__ __forceinline__ int group_tid() { return threadIdx.x % kThreads; }
 
-template <int BITS, int MT>
+// SMALL_TABLE: the 128-byte entries at 4 bits whatever MT (lut_stream.cu's row tiles sized for three CTAs per SM).
+template <int BITS, int MT, bool SMALL_TABLE = false>
 struct Layout {
   static constexpr int kBlockBytes = 256 * BITS;
   static constexpr int kLutEntries = lut_entries<BITS>();      // pairs (3, 4 bits) or quads (2 bits)
@@ -41,8 +42,11 @@ struct Layout {
   // 64 KB table would leave one CTA per SM: 128 B (32 KB, shift-and addressing; the lookups are
   // amortised over 4 MMAs there). H200, 2026-11-26: 8192x8192 M = 64 took 91.4 us with 64 KB, 71.6 us
   // with the earlier 32 KB table.
-  // LUTMM_EXPERIMENT 31: the 32 KB table at every 4-bit MT, for 4-bit row tiles sized for three CTAs per SM.
-  static constexpr int kEntryBytes = BITS == 4 && (MT == 4 || LUTMM_EXPERIMENT == 31) ? 128 : 256;
+  // Also 128 B for 4-bit row tiles sized for three CTAs per SM (SMALL_TABLE): 64 KB would leave two. H100,
+  // 2026-11-27, lutmm_bench M = 1 in one call (LUTMM_EXPERIMENT 31 then put 128 B everywhere): 6144x4096 on
+  // 384 tiles of one row block sized for three 9.4 -> 7.6 us, but 4096x4096 (tiles sized for two) 6.0 ->
+  // 6.5, 4096x14336 13.6 -> 13.8 and M = 4 6144x4096 9.1 -> 10.1: so only there.
+  static constexpr int kEntryBytes = BITS == 4 && (MT == 4 || SMALL_TABLE) ? 128 : 256;
   // No shared table where the lookups read registers (lut_regtable.cuh).
   static constexpr int kLutBytes = kLutSource<BITS> == LutSource::kShared ? kLutEntries * kEntryBytes : 0;
   static constexpr int kStageW = kWarps * kBlockBytes;
@@ -92,11 +96,11 @@ struct LaneOffsets {
 // FULL: the caller guarantees 4 whole chunks and groups >= 128 columns (one scale flush, at the end),
 // so every per-chunk test folds away; the arithmetic, and so the result, is bitwise the same.
 // off: LaneOffsets::make<BITS, MT>(scale bytes per row block in a stage, table address).
-template <int BITS, int MT, typename T, bool FULL = false>
+// ENTRY: the table's entry stride in bytes (Layout::kEntryBytes of the caller's table).
+template <int BITS, int MT, typename T, bool FULL = false, int ENTRY = Layout<BITS, MT>::kEntryBytes>
 __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t* stage, const LaneOffsets& off,
                                               int kb, float (&acc)[MT][4]) {
   if constexpr (LUTMM_EXPERIMENT >= 40 && ((LUTMM_EXPERIMENT - 40) & 2)) return;  // ablation (lut_gemm.cu's list)
-  using L = Layout<BITS, MT>;
   uint32_t wd[8] = {}, hi[2] = {};
   load_code_words<BITS>(stage + off.codes, stage + off.hi, wd, hi);
   const uint8_t* ss = stage + off.scales;
@@ -125,7 +129,7 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
         const int ks = 2 * j + h;
         uint32_t a[4];
         if constexpr (kLutSource<BITS> == LutSource::kShared)
-          lookup_a<BITS, L::kEntryBytes>(wd, hi, ks, lane_byte, a);
+          lookup_a<BITS, ENTRY>(wd, hi, ks, lane_byte, a);
         else
           lookup_a_reg<BITS, T>(wd, hi, ks, rt, a);
 #pragma unroll

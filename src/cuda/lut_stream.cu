@@ -54,15 +54,21 @@ namespace {
 // when three fit); 6144x4096: 384 tiles sized for three 7.4 us, Stream-K 9.8 (with only the size for
 // two, 384 tiles are too many). LUTMM_EXPERIMENT 24 sizes every 3-bit row tile for two (item 42).
 constexpr int kGroups = LUTMM_EXPERIMENT == 9 ? 2 : 1;
-// LUTMM_EXPERIMENT 31 (next step 00, prepared): 4-bit row tiles sized for three CTAs per SM too, with the
-// 32 KB table (lut_mma.cuh's Layout), as at 3 bits (lut_tile_rows_tma3).
+// At 4 bits the row tiles come in the same two sizes, those for three CTAs per SM with the 32 KB table
+// (KLayout): H100, 2026-11-27, M = 1, 6144x4096 on 384 tiles of one row block 9.4 -> 7.6 us back to
+// back, 10.0 -> 9.3 after a PDL kernel (tiles sized for two, 192 of two, before). LUTMM_EXPERIMENT 31
+// sizes every 4-bit row tile for two again.
 template <int BITS>
-constexpr bool kThreeCtaRows = BITS == 3 || (BITS == 4 && LUTMM_EXPERIMENT == 31);
+constexpr bool kThreeCtaRows = BITS == 3 || (BITS == 4 && LUTMM_EXPERIMENT != 31);
 template <int BITS, bool ROWS = false>
 constexpr int kCtasPerSm = LUTMM_EXPERIMENT == 9                                               ? 1
                            : BITS == 3 && LUTMM_EXPERIMENT != 11 && (!ROWS || LUTMM_EXPERIMENT != 24) ? 3
-                           : BITS == 4 && ROWS && LUTMM_EXPERIMENT == 31                          ? 3
+                           : BITS == 4 && ROWS && LUTMM_EXPERIMENT != 31                          ? 3
                                                                                                   : 2;
+// The kernel's table and stage layout: 128-byte table entries (32 KB) where 4-bit row tiles are sized
+// for three CTAs per SM (64 KB would leave room for two).
+template <int BITS, int MT, bool ROWS, int CTAS>
+using KLayout = Layout<BITS, MT, BITS == 4 && ROWS && CTAS == 3>;
 constexpr int kComputeThreads = kGroups * kThreads;
 constexpr int kCtaThreads = kComputeThreads + kGroups * 32;  // + one producer warp per group
 constexpr int kMaxStages = 32;
@@ -72,9 +78,10 @@ constexpr int kMaxStages = 32;
 template <bool ROWS>
 constexpr int kRedBytes = ROWS ? kWarps * 4 * 32 * 4 : 0;
 // Shared memory: table | stages[kGroups][S] | mbarriers full[S], empty[S] per group | flag per group | red.
-template <int BITS, int MT, bool ROWS = false>
+template <int BITS, int MT, bool ROWS, int CTAS>
 constexpr int smem_bytes(int stages) {
-  return Layout<BITS, MT>::kLutBytes + kGroups * stages * (Layout<BITS, MT>::kStageBytes + 16) + 16 + kRedBytes<ROWS>;
+  using L = KLayout<BITS, MT, ROWS, CTAS>;
+  return L::kLutBytes + kGroups * stages * (L::kStageBytes + 16) + 16 + kRedBytes<ROWS>;
 }
 
 #if LUTMM_SM90A
@@ -169,7 +176,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
                   const __grid_constant__ CUtensorMap tm_x) {
   static_assert(!ROWS || (MT == 1 && kGroups == 1), "row tiles: one token row per k-block, one worker per CTA");
 #if LUTMM_SM90A
-  using L = Layout<BITS, MT>;
+  using L = KLayout<BITS, MT, ROWS, CTAS>;
   extern __shared__ __align__(16) uint8_t smem[];
   check_table_addr(smem);  // the table first, at shared address kTableAddr: lookups add no base
   // The table's shared address: kTableAddr, plus the CTA's rank << 24 in a cluster launch (H100: an
@@ -259,8 +266,8 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
       const uint8_t* stage = smem + stage_off;
       const int wkb = ROWS ? kb * kpt + w_ksub : kb;  // this warp's k-block
       if (warp_live && (!ROWS || wkb < p.col_blocks)) {
-        if (wkb < full_kbs) compute_block<BITS, MT, T, true>(p, stage, off, wkb, acc);
-        else compute_block<BITS, MT, T, false>(p, stage, off, wkb, acc);
+        if (wkb < full_kbs) compute_block<BITS, MT, T, true, L::kEntryBytes>(p, stage, off, wkb, acc);
+        else compute_block<BITS, MT, T, false, L::kEntryBytes>(p, stage, off, wkb, acc);
       }
       __syncwarp();
       if (lane == 0) wg::mbar_arrive(full + empty_off);  // this warp is done with the stage
@@ -295,10 +302,10 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
 }
 
 // Stages per group that fit beside the table.
-template <int BITS, int MT, bool ROWS = false>
+template <int BITS, int MT, bool ROWS, int CTAS>
 int stages_for(int budget_bytes) {
-  const int s = (budget_bytes - Layout<BITS, MT>::kLutBytes - 16 - kRedBytes<ROWS>) /
-                (kGroups * (Layout<BITS, MT>::kStageBytes + 16));
+  using L = KLayout<BITS, MT, ROWS, CTAS>;
+  const int s = (budget_bytes - L::kLutBytes - 16 - kRedBytes<ROWS>) / (kGroups * (L::kStageBytes + 16));
   return std::max(2, std::min(kMaxStages, s));
 }
 
@@ -335,7 +342,7 @@ void launch_kernel(const GemmProblem& prob, const Geometry& geo, void* ws, cudaS
   if (geo.cluster > 1 && cluster_xbuf_bytes(geo.cluster, MT) > geo.stages * Layout<BITS, MT>::kStageBytes)
     throw Error("internal: the cluster exchange buffer does not fit the pipeline stages");
   launch_pdl(kernel, dim3((geo.grid_x + kGroups - 1) / kGroups, geo.grid_y), kCtaThreads,
-             smem_bytes<BITS, MT, ROWS>(geo.stages), stream, dev, geo.cluster, make_params<T>(prob, geo, ws), tm_w, tm_s,
+             smem_bytes<BITS, MT, ROWS, CTAS>(geo.stages), stream, dev, geo.cluster, make_params<T>(prob, geo, ws), tm_w, tm_s,
              tm_x);
 }
 template <int BITS, int MT, typename T>
@@ -392,7 +399,8 @@ int stream_stages(int bits, int mt, int device, int ctas, bool rows) {
   return with_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;
     const int budget = smem_budget(device, ctas ? ctas : kCtasPerSm<B>);
-    return mt == 1 ? (rows ? stages_for<B, 1, true>(budget) : stages_for<B, 1>(budget)) : stages_for<B, 2>(budget);
+    if (mt == 1 && rows) return ctas == 3 ? stages_for<B, 1, true, 3>(budget) : stages_for<B, 1, true, 2>(budget);
+    return mt == 1 ? stages_for<B, 1, false, 2>(budget) : stages_for<B, 2, false, 2>(budget);  // CTAS: no effect
   });
 }
 

@@ -428,13 +428,14 @@ TEST(Gpu, DecodeClustersAgainstStreamKAndReference) {
 // k-blocks and adding their sums in shared memory; lut_tile_rows; both decode kernels, dispatched or
 // forced) against the CPU reference and the same call on tiles of 8 row blocks with Stream-K: every
 // bits, rows past N, a partial last k-block, k-blocks that leave some warps without one in the last
-// iteration, g = 32 and g = K (no row tiles on the TMA kernel: its scale box needs g <= 128), bias, fp16.
+// iteration, g = 32 and g = K (no row tiles on the TMA kernel: its scale box needs g <= 128), bias, fp16;
+// at 3 and 4 bits the TMA kernel's tiles sized for three CTAs per SM and for two.
 TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
   REQUIRE_GPU();
   std::mt19937 rng(96);
   Workspace ws;
   struct Case { Shape s; int64_t M; DType dt; bool bias; };
-  // Plans on an H100 (two CTAs per SM: 264 slots; the TMA kernel's Stream-K at 3 bits: 396), printed below.
+  // Plans on an H100 (two CTAs per SM: 264 slots; three: 396), printed below.
   const Case cases[] = {{Shape{4096, 4096, 4, 128}, 1, DType::BF16, false},  // 256 tiles of 1 row block, 4 iterations
                         {Shape{8192, 8192, 3, 64}, 2, DType::F16, true},     // 256 tiles of 2, 16 iterations
                         {Shape{4000, 992, 4, 0}, 1, DType::F16, true},       // 250 tiles of 1, g = K, a partial k-block
@@ -444,8 +445,11 @@ TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
                         {Shape{8192, 8192, 4, 128}, 1, DType::BF16, true},   // TMA kernel, 256 tiles of 2
                         {Shape{4096, 2048, 4, 64}, 1, DType::F16, true},     // fp16 on the TMA kernel's tiles of 1
                         {Shape{4096, 14336, 3, 128}, 1, DType::BF16, false},  // 3 bits, TMA: 256 tiles sized for 2 per SM
-                        {Shape{6144, 4096, 3, 128}, 1, DType::F16, true}};     // 3 bits, TMA: 384 tiles sized for 3
-  int tiled = 0, tiled_tma = 0, tma3_sized[4] = {};
+                        {Shape{6144, 4096, 3, 128}, 1, DType::F16, true},      // 3 bits, TMA: 384 tiles sized for 3
+                        {Shape{6144, 4096, 4, 128}, 1, DType::BF16, false},    // 4 bits, TMA: 384 tiles sized for 3
+                        {Shape{12288, 2048, 4, 128}, 2, DType::F16, true},     // 384 tiles of 2 sized for 3
+                        {Shape{6000, 1664, 4, 64}, 1, DType::F16, true}};      // 375 of 1 for 3, 13 k-blocks
+  int tiled = 0, tiled_tma = 0, tma3_sized[4] = {}, tma4_sized[4] = {};
   for (const Case& c0 : cases) {
     const DecodeCase dc = make_decode_case(c0.s, c0.M, c0.dt, c0.bias, rng);
     const Shape& s = dc.L.s;
@@ -464,6 +468,7 @@ TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
         tiled_tma += pa.tma;
         ASSERT_TRUE(pa.ctas_per_sm == 2 || pa.ctas_per_sm == 3) << pa.ctas_per_sm;
         if (pa.tma && s.bits == 3) ++tma3_sized[pa.ctas_per_sm];
+        if (pa.tma && s.bits == 4) ++tma4_sized[pa.ctas_per_sm];
         EXPECT_LE(c0.M, pa.rows_per_tile);
         EXPECT_EQ(pa.workers, int((s.row_blocks() + pa.rows_per_tile - 1) / pa.rows_per_tile));  // one tile each
       }
@@ -479,6 +484,8 @@ TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
     EXPECT_GE(tiled_tma, 1);  // (several on the TMA kernel)
     EXPECT_GE(tma3_sized[2], 1);  // 3 bits: both sizes of the TMA kernel's row tiles ran (H100: 132 SMs)
     EXPECT_GE(tma3_sized[3], 1);
+    EXPECT_GE(tma4_sized[2], 1);  // 4 bits likewise (sized for three: the 32 KB table)
+    EXPECT_GE(tma4_sized[3], 1);
   }
 }
 

@@ -290,6 +290,21 @@ TEST(Plan, DecodeRowTiles) {
   EXPECT_EQ(tma3(1, 256, 256), P(1, 2));  // 32 stages
   EXPECT_EQ(tma3(5, 256, 32).first, 8);   // M > 4
   EXPECT_THROW(lut_tile_rows_tma3(1, 256, 32, 0), Error);
+  // 4 bits: tiles sized for three CTAs per SM only where they fill 90% of the slots (kRowTileFill4).
+  auto tma4 = [](int64_t M, int64_t rb, int64_t cb) {
+    const RowTiles t = lut_tile_rows_tma3(M, rb, cb, 132, kRowTileFill4);
+    return std::pair<int, int>{t.rows, t.ctas_per_sm};
+  };
+  EXPECT_EQ(tma4(1, 384, 32), P(1, 3));     // 6144x4096: 97%
+  EXPECT_EQ(tma4(1, 357, 32), P(1, 3));     // 90.2%
+  EXPECT_EQ(tma4(1, 356, 32).first, 8);     // 89.9%; 178 tiles of two fill 67% of two per SM: Stream-K
+  EXPECT_EQ(tma4(1, 640, 64).first, 8);     // 10240x8192: 320 tiles of two (81%), Stream-K
+  EXPECT_EQ(tma3(1, 640, 64), P(2, 3));     // (3 bits: 70% suffices)
+  EXPECT_EQ(tma4(2, 768, 16), P(2, 3));     // 12288x2048, M = 2: 384 tiles of two
+  EXPECT_EQ(tma4(1, 256, 112), P(1, 2));    // 4096x14336 as at 3 bits
+  EXPECT_EQ(tma4(1, 512, 64), P(2, 2));     // 8192x8192
+  EXPECT_THROW(lut_tile_rows(1, 256, 32, 264, 0), Error);
+  EXPECT_THROW(lut_tile_rows(1, 256, 32, 264, 101), Error);
   // Its tiles of 8 (lut_tiles8_tma3, 132 SMs): whole tiles sized for two CTAs per SM where they fill
   // 212-264 slots, else Stream-K over two per SM at M = 5-16 for 32M-200M weights, else three per SM.
   auto t8 = [](int64_t M, int64_t tiles, int64_t weights) {
