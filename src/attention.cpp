@@ -84,12 +84,7 @@ bool attention_wide(int64_t B, int64_t Hkv, int64_t S, int64_t sms) {
 size_t attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D, int64_t sms) {
   validate_sizes(B, Hkv, G, S, D);
   const int64_t splits = attention_split(B, Hkv, S, sms).splits;
-  return attention_counter_bytes(B, Hkv) + size_t(B * Hkv * splits * G) * size_t(D + 2) * sizeof(float);
-}
-
-size_t attention_counter_bytes(int64_t B, int64_t Hkv) {
-  if (B < 1 || Hkv < 1) throw Error("attention_counter_bytes: B and Hkv must be positive");
-  return (size_t(B * Hkv) * sizeof(int) + 255) / 256 * 256;
+  return size_t(B * Hkv * splits * G) * size_t(D + 2) * sizeof(float);
 }
 
 void reference_decode_attention(const DecodeAttentionProblem& p) {

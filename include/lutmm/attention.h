@@ -79,21 +79,16 @@ AttnSplit attention_split(int64_t B, int64_t Hkv, int64_t S, int64_t sms);
 // (8 CTAs) loses: 1 x 256 6.1 -> 6.3, 1 x 768 8.0 -> 12.0.
 bool attention_wide(int64_t B, int64_t Hkv, int64_t S, int64_t sms);
 // Bytes of the GPU kernel's scratch on `sms` SMs, for every variant (kMma's split; kWide needs none):
-// attention_counter_bytes(B, Hkv) of counters, then every split's partial output (G x D fp32) and
-// (max, sum) per query head. Throws lutmm::Error for sizes decode_attention rejects.
+// every split's partial output (G x D fp32) and (max, sum) per query head. Throws lutmm::Error for
+// sizes decode_attention rejects.
 size_t attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D, int64_t sms);
-// The workspace's first bytes: one 32-bit counter per (sequence, KV head), rounded up to 256 bytes.
-// They must be zero before kMmaFold's first call; every call leaves them zero (the last CTA of a
-// (sequence, KV head) resets its counter), so a workspace zero-filled once serves every later call.
-size_t attention_counter_bytes(int64_t B, int64_t Hkv);
 
 // CPU reference on host pointers (fp64 sums, one rounding to the dtype at the end).
 void reference_decode_attention(const DecodeAttentionProblem& p);
 
 namespace gpu {
 // Bytes of scratch decode_attention needs on `device` (attention_workspace_bytes with its SM count);
-// its first attention_counter_bytes must be zero for kMmaFold (calls leave them zero); the rest need
-// no initialization.
+// contents need no initialization.
 size_t decode_attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D, int device);
 // The kernel (src/cuda/decode_attention.cu), tensor cores (mma.m16n8k16) for both products with K and
 // V loaded straight into fragments. kMma: CTAs of 4 warps on attention_split's split, then a combine
@@ -101,10 +96,7 @@ size_t decode_attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64
 // head) over all positions, writing the output itself. kAuto: kWide where attention_wide says so, else
 // kMma. (CUDA-core variants were measured 2.7-3.4x slower on the H100 and removed; kMmaFine, kMma on a
 // split for 8 CTAs per SM, lost to the wave-aware split everywhere: H100, 2026-11-27.)
-// kMmaFold: kMma's split without the combine kernel: the last CTA of each (sequence, KV head) to finish
-// (a counter in the workspace) combines the splits itself, in the same order and arithmetic, so its
-// output is bitwise kMma's.
-enum class AttnKernel : int { kAuto = 0, kMma = 1, kWide = 2, kMmaFold = 3 };
+enum class AttnKernel : int { kAuto = 0, kMma = 1, kWide = 2 };
 // Runs the problem on the current device and the caller's stream (one or two kernels, programmatic
 // dependent launch where supported); never synchronizes, allocates nothing: safe in CUDA graph capture.
 void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t workspace_bytes, void* stream,

@@ -38,8 +38,7 @@ def gqa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     """One decode step of grouped-query attention. q [B, Hkv, G, D] (query head h * G + j), k / v
     [B, Hkv, S, D], mask None or bool [B or 1, S] (True attends). Returns [B, Hkv, G, D] in q's dtype:
     softmax(scale * q k^T, masked) v, fp32 inside; a row with nothing to attend gives NaN.
-    variant (CUDA): 0 auto, 1 kMma (split + combine), 2 kWide (a CTA per KV head), 3 kMmaFold (kMma's split, the
-    last CTA of each KV head combining; bitwise kMma's output), include/lutmm/attention.h's AttnKernel.
+    variant (CUDA): 0 auto, 1 kMma (split + combine), 2 kWide (a CTA per KV head), include/lutmm/attention.h's AttnKernel.
     (Not named `kernel`: inductor's fallback lowering passes an argument of that name.)"""
     raise NotImplementedError("lutmm::gqa_decode_attention: no implementation for this device")
 
@@ -81,25 +80,6 @@ def _workspace_bytes(b: int, hkv: int, g: int, s: int, d: int, device: int) -> i
     return _core.gpu_decode_attention_workspace_bytes(b, hkv, g, s, d, device)
 
 
-# Per-device workspace of the decode-attention kernel: zero-filled once, since kMmaFold's counters (its
-# first bytes) must start at zero; every call leaves them zero and the partials after them are scratch.
-# Sized generously on first use so that CUDA graph capture never needs to grow it. Calls on one device
-# must not overlap in time (one stream at a time), as with lutmm.ops' GEMM workspace.
-_MIN_WORKSPACE_BYTES = 4 << 20
-_workspaces: dict = {}
-
-
-def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
-    ws = _workspaces.get(device.index)
-    if ws is None or ws.numel() < nbytes:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"lutmm: the attention workspace must grow to {nbytes} bytes during CUDA graph "
-                               "capture; run the model once before capturing")
-        ws = torch.zeros(max(nbytes, _MIN_WORKSPACE_BYTES), dtype=torch.uint8, device=device)
-        _workspaces[device.index] = ws
-    return ws
-
-
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     """t itself when the kernel can read it in place (rows contiguous and 16-byte aligned: strides of
     the two leading dimensions multiples of 8 elements), else a contiguous copy."""
@@ -131,7 +111,7 @@ def _launch(q, k, v, mask, scale, variant=0, fused=(), fused_strides=()) -> torc
                mask.stride(0) if mask is not None and mask.shape[0] > 1 else 0]
     ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), 0 if mask is None else mask.data_ptr(), out.data_ptr()]
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    ws = _workspace(torch.device("cuda", dev), _workspace_bytes(b, hkv, g, s_len, d, dev))
+    ws = torch.empty(_workspace_bytes(b, hkv, g, s_len, d, dev), dtype=torch.uint8, device=q.device)
     _core.gpu_decode_attention(_DTYPE_CODE[q.dtype], dims, strides, ptrs, float(scale), ws.data_ptr(), ws.numel(),
                                torch.cuda.current_stream(q.device).cuda_stream, int(variant), list(fused),
                                list(fused_strides))

@@ -61,7 +61,6 @@ struct AttnParams {
   const void* v;
   const uint8_t* mask;
   void* out;
-  int* counters;   // [B, Hkv]: kMmaFold's finished splits (zero between calls)
   float* part_o;   // [B, Hkv, splits, G, D]
   float* part_ml;  // [B, Hkv, splits, G, 2]: running max (log2-domain scores), sum of 2^(score - max)
   int64_t k_sb, k_sh, v_sb, v_sh, mask_sb;
@@ -119,13 +118,8 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t a) {
   return d;
 }
 
-template <typename T, int D>
-__device__ __noinline__ void combine_head(const AttnParams& p, int b, int h, int nthreads, float* s_w);
-
-// kWarps: 4 (kMma, one chunk per round) or 16 (kWide, four chunks per round). FOLD (kMmaFold, splits >
-// 1): the CTA that finishes its (sequence, KV head) last combines the splits (combine_head); dynamic
-// shared memory (splits + 1) x G floats.
-template <typename T, int D, int kWarps, bool FOLD = false>
+// kWarps: 4 (kMma, one chunk per round) or 16 (kWide, four chunks per round).
+template <typename T, int D, int kWarps>
 __global__ void __launch_bounds__(32 * kWarps) attn_mma_kernel(AttnParams p) {
   constexpr int kRound = 16 * kWarps;  // positions the CTA covers per round
   constexpr int kK32 = D / 32;         // 16-byte pieces of a K (Q) row per lane: two k-steps each
@@ -307,14 +301,14 @@ __global__ void __launch_bounds__(32 * kWarps) attn_mma_kernel(AttnParams p) {
       for (int t = 0; t < kOut; ++t) o[t / 4][t % 4] += s_red[warp][t][lane];
     __syncthreads();
   }
-  if (!FOLD && warp != 0) return;
+  if (warp != 0) return;
   // Warp 0 holds the CTA's output: lane (r, quad), head 2 quad + e, dims c * 64 + 8 r + 2 ip and + 1.
   const bool direct = p.splits == 1;  // the whole row of positions: normalize and write `out`
   const int64_t part = (int64_t(b) * p.Hkv + h) * p.splits + split;
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     const int j = 2 * quad + e;
-    if (warp != 0 || j >= G) continue;
+    if (j >= G) continue;
     if (direct) {
       const float inv = L[e] > 0.f ? 1.f / L[e] : NAN;  // nothing attended: NaN, as torch's softmax
       T* out = static_cast<T*>(p.out) + ((int64_t(b) * p.Hkv + h) * G + j) * D;
@@ -337,50 +331,29 @@ __global__ void __launch_bounds__(32 * kWarps) attn_mma_kernel(AttnParams p) {
       }
     }
   }
-  if constexpr (FOLD) {
-    // The last of the (sequence, KV head)'s splits to get here combines them (the threadFenceReduction
-    // pattern, as the LUT kernels' Stream-K fixup): warp 0's partial stores, a fence, one atomic on the
-    // counter; the last CTA fences again, reads every split's partial from L2 and resets the counter.
-    __shared__ int s_last;
-    if (direct) return;
-    if (warp == 0) {
-      __threadfence();
-      __syncwarp();
-      if (lane == 0) {
-        const int done = atomicAdd(p.counters + (int64_t(b) * p.Hkv + h), 1);
-        s_last = done == p.splits - 1;
-      }
-    }
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
-    extern __shared__ float s_dyn[];
-    combine_head<T, D>(p, b, h, 32 * kWarps, s_dyn);
-    if (tid == 0) p.counters[int64_t(b) * p.Hkv + h] = 0;  // every split has counted: none reads it again
-  }
 }
 
-// One (sequence, KV head)'s output from its splits' partials: per query head the splits' maxima and
-// sums are reduced by one warp, weights w_i = 2^(m_i - M) go to shared memory s_w ([splits][G], then
-// the inverse sums [G]), then each thread sums 4 output columns over the splits in order
-// (deterministic). Partials are read through L2 (ld.global.cg): in kMmaFold other CTAs wrote them
-// during this kernel. nthreads: the CTA's threads (a multiple of 32).
+// Dynamic shared memory: s_w [splits][G] weights, then s_inv [G].
 template <typename T, int D>
-__device__ __noinline__ void combine_head(const AttnParams& p, int b, int h, int nthreads, float* s_w) {
+__global__ void __launch_bounds__(kCombineThreads) attn_combine_kernel(AttnParams p) {
+  extern __shared__ float s_w[];
+  const int h = blockIdx.x, b = blockIdx.y;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int G = p.G, splits = p.splits;
   float* s_inv = s_w + splits * G;
+  grid_dependency_wait();
+  grid_dependents_launch();
   const int64_t part0 = (int64_t(b) * p.Hkv + h) * splits;
   const float* ml = p.part_ml + part0 * G * 2;
-  for (int j = warp; j < G; j += nthreads / 32) {  // warp j: query head j's weights
+  for (int j = warp; j < G; j += kCombineThreads / 32) {  // warp j: query head j's weights
     float M = -INFINITY;
-    for (int i = lane; i < splits; i += 32) M = fmaxf(M, __ldcg(ml + (i * G + j) * 2));
+    for (int i = lane; i < splits; i += 32) M = fmaxf(M, ml[(i * G + j) * 2]);
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
     float L = 0.f;
     for (int i = lane; i < splits; i += 32) {
-      const float li = __ldcg(ml + (i * G + j) * 2 + 1);
-      const float w = li > 0.f ? fast_exp2(__ldcg(ml + (i * G + j) * 2) - M) : 0.f;  // empty split: nothing
+      const float li = ml[(i * G + j) * 2 + 1];
+      const float w = li > 0.f ? fast_exp2(ml[(i * G + j) * 2] - M) : 0.f;  // empty split: nothing
       s_w[i * G + j] = w;
       L += li * w;
     }
@@ -391,13 +364,13 @@ __device__ __noinline__ void combine_head(const AttnParams& p, int b, int h, int
   __syncthreads();
   T* out = static_cast<T*>(p.out) + (int64_t(b) * p.Hkv + h) * G * D;
   const float4* po = reinterpret_cast<const float4*>(p.part_o + part0 * G * D);
-  for (int idx = tid; idx < G * D / 4; idx += nthreads) {  // 4 columns of head j
+  for (int idx = tid; idx < G * D / 4; idx += kCombineThreads) {  // 4 columns of head j
     const int j = idx / (D / 4);
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 4
     for (int i = 0; i < splits; ++i) {  // in order: deterministic
       const float w = s_w[i * G + j];
-      const float4 v = __ldcg(po + int64_t(i) * G * D / 4 + idx);
+      const float4 v = po[int64_t(i) * G * D / 4 + idx];
       acc.x += w * v.x;
       acc.y += w * v.y;
       acc.z += w * v.z;
@@ -411,26 +384,15 @@ __device__ __noinline__ void combine_head(const AttnParams& p, int b, int h, int
   }
 }
 
-// kMma's combine kernel: one CTA per (KV head, sequence). Dynamic shared memory: combine_head's s_w.
 template <typename T, int D>
-__global__ void __launch_bounds__(kCombineThreads) attn_combine_kernel(AttnParams p) {
-  extern __shared__ float s_w[];
-  grid_dependency_wait();
-  grid_dependents_launch();
-  combine_head<T, D>(p, blockIdx.y, blockIdx.x, kCombineThreads, s_w);
-}
-
-template <typename T, int D>
-void launch(const AttnParams& ap, int64_t B, int64_t Hkv, AttnKernel kernel, cudaStream_t stream, int device) {
+void launch(const AttnParams& ap, int64_t B, int64_t Hkv, bool wide, cudaStream_t stream, int device) {
   const dim3 grid(unsigned(ap.splits), unsigned(Hkv), unsigned(B));
-  const size_t smem = size_t(ap.splits + 1) * size_t(ap.G) * sizeof(float);  // combine_head's weights
-  if (kernel == AttnKernel::kWide)
-    return launch_pdl(&attn_mma_kernel<T, D, kWideWarps>, grid, dim3(32 * kWideWarps), 0, stream, device, 1, ap);
-  if (kernel == AttnKernel::kMmaFold && ap.splits > 1)
-    return launch_pdl(&attn_mma_kernel<T, D, kSplitWarps, true>, grid, dim3(32 * kSplitWarps), smem, stream, device,
-                      1, ap);
-  launch_pdl(&attn_mma_kernel<T, D, kSplitWarps>, grid, dim3(32 * kSplitWarps), 0, stream, device, 1, ap);
+  if (wide)
+    launch_pdl(&attn_mma_kernel<T, D, kWideWarps>, grid, dim3(32 * kWideWarps), 0, stream, device, 1, ap);
+  else
+    launch_pdl(&attn_mma_kernel<T, D, kSplitWarps>, grid, dim3(32 * kSplitWarps), 0, stream, device, 1, ap);
   if (ap.splits == 1) return;  // the split kernel wrote `out`
+  const size_t smem = size_t(ap.splits + 1) * size_t(ap.G) * sizeof(float);
   launch_pdl(&attn_combine_kernel<T, D>, dim3(unsigned(Hkv), unsigned(B)), dim3(kCombineThreads), smem, stream,
              device, 1, ap);
 }
@@ -444,9 +406,8 @@ size_t decode_attention_workspace_bytes(int64_t B, int64_t Hkv, int64_t G, int64
 void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t workspace_bytes, void* stream,
                       AttnKernel kernel) {
   validate_decode_attention(p);
-  if (kernel != AttnKernel::kAuto && kernel != AttnKernel::kMma && kernel != AttnKernel::kWide &&
-      kernel != AttnKernel::kMmaFold)
-    throw Error("decode_attention: kernel must be kAuto, kMma, kWide or kMmaFold");
+  if (kernel != AttnKernel::kAuto && kernel != AttnKernel::kMma && kernel != AttnKernel::kWide)
+    throw Error("decode_attention: kernel must be kAuto, kMma or kWide");
   if (p.B > 65535 || p.Hkv > 65535) throw Error("decode_attention: B and Hkv must be <= 65535");
   if (p.S > (int64_t(1) << 30)) throw Error("decode_attention: S must be < 2^30");
   int device = 0;
@@ -466,8 +427,7 @@ void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t w
   ap.v = p.v;
   ap.mask = p.mask;
   ap.out = p.out;
-  ap.counters = static_cast<int*>(workspace);
-  ap.part_o = reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + attention_counter_bytes(p.B, p.Hkv));
+  ap.part_o = static_cast<float*>(workspace);
   ap.part_ml = ap.part_o + p.B * p.Hkv * sp.splits * p.G * p.D;
   ap.k_sb = p.k_stride_b;
   ap.k_sh = p.k_stride_h;
@@ -491,11 +451,11 @@ void decode_attention(const DecodeAttentionProblem& p, void* workspace, size_t w
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const bool bf = p.dtype == DType::BF16;
   if (p.D == 128) {
-    if (bf) launch<__nv_bfloat16, 128>(ap, p.B, p.Hkv, kernel, st, device);
-    else launch<__half, 128>(ap, p.B, p.Hkv, kernel, st, device);
+    if (bf) launch<__nv_bfloat16, 128>(ap, p.B, p.Hkv, wide, st, device);
+    else launch<__half, 128>(ap, p.B, p.Hkv, wide, st, device);
   } else {
-    if (bf) launch<__nv_bfloat16, 64>(ap, p.B, p.Hkv, kernel, st, device);
-    else launch<__half, 64>(ap, p.B, p.Hkv, kernel, st, device);
+    if (bf) launch<__nv_bfloat16, 64>(ap, p.B, p.Hkv, wide, st, device);
+    else launch<__half, 64>(ap, p.B, p.Hkv, wide, st, device);
   }
 }
 

@@ -40,13 +40,8 @@ TEST(Attention, SplitCoversEveryChunkOnce) {
           ASSERT_LE(sp.splits, kAttnMaxSplits);
           ASSERT_LE(size_t(B * Hkv * sp.splits * 8 * (128 + 2) * 4), attention_workspace_bytes(B, Hkv, 8, S, 128, sms));
         }
-  // Scratch: a counter per (sequence, KV head) (256-byte rounded), then every split's G x D partial
-  // output and (max, sum) per query head, in fp32.
-  EXPECT_EQ(attention_workspace_bytes(16, 8, 4, 392, 128, 132), 512 + size_t(16 * 8 * 4 * 4 * (128 + 2) * 4));
-  EXPECT_EQ(attention_counter_bytes(16, 8), 512u);  // 128 counters of 4 bytes
-  EXPECT_EQ(attention_counter_bytes(1, 1), 256u);
-  EXPECT_EQ(attention_counter_bytes(1, 65), 512u);
-  EXPECT_THROW(attention_counter_bytes(0, 8), Error);
+  // Scratch: every split's G x D partial output and (max, sum) per query head, in fp32.
+  EXPECT_EQ(attention_workspace_bytes(16, 8, 4, 392, 128, 132), size_t(16 * 8 * 4 * 4 * (128 + 2) * 4));
   EXPECT_THROW(attention_workspace_bytes(16, 8, 9, 392, 128, 132), Error);  // G > 8
   EXPECT_THROW(attention_workspace_bytes(16, 8, 4, 392, 96, 132), Error);   // D
   EXPECT_THROW(attention_split(0, 8, 392, 132), Error);

@@ -180,7 +180,7 @@ def _gpu():
         pytest.skip("no CUDA device: GPU test skipped")
 
 
-@pytest.mark.parametrize("variant", [0, 1, 2, 3])  # auto, mma (split + combine), wide (a CTA per KV head), mma fold
+@pytest.mark.parametrize("variant", [0, 1, 2])  # auto, mma (split + combine), wide (a CTA per KV head)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,mask_kind", [((1, 8, 4, 392, 128), "one"), ((16, 8, 4, 392, 128), "rows"),
                                              ((2, 8, 8, 3000, 128), "rows"), ((3, 4, 1, 65, 64), None),
@@ -193,10 +193,6 @@ def test_gpu_decode_kernel_matches_cpu(shape, mask_kind, dtype, variant):
     got = gqa_decode_attention(q, k, v, mask, d ** -0.5, variant)
     again = gqa_decode_attention(q, k, v, mask, d ** -0.5, variant)
     assert torch.equal(got, again)  # deterministic
-    if variant == 3:  # the last CTA's combine: bitwise the combine kernel's, and its counters back at zero
-        assert torch.equal(got, gqa_decode_attention(q, k, v, mask, d ** -0.5, 1))
-        import lutmm.attention as la
-        assert not la._workspaces[torch.cuda.current_device()][:4 * b * hkv].any()
     ref = gqa_decode_attention(q.cpu(), k.cpu(), v.cpu(), None if mask is None else mask.cpu(), d ** -0.5)
     tol = 0.02 if dtype == torch.bfloat16 else 3e-3
     torch.testing.assert_close(got.cpu().float(), ref.float(), rtol=0, atol=tol * ref.float().abs().max().item())
