@@ -65,6 +65,10 @@
 //  30  (session 15, branch exp/l2-prefetch only: TMA weight copies without the evict-first hint)
 //  31  4 bits: the TMA kernel's row tiles sized for two CTAs per SM only, with the 64 KB table, as
 //      before item 56 (measured first as the reverse: the 32 KB table everywhere and the tiles for three)
+//  32  4 bits: the 32 KB table (128-byte entries) on the TMA kernel's tiles of 8 row blocks too, at two
+//      CTAs per SM: more pipeline stages (prepared in session 16, not yet measured; next step 02)
+//  33  4 bits: the TMA kernel's tiles of 8 row blocks on three CTAs per SM with the 32 KB table
+//      (prepared in session 16, not yet measured; next step 02)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38)

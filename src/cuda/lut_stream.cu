@@ -60,15 +60,20 @@ constexpr int kGroups = LUTMM_EXPERIMENT == 9 ? 2 : 1;
 // sizes every 4-bit row tile for two again.
 template <int BITS>
 constexpr bool kThreeCtaRows = BITS == 3 || (BITS == 4 && LUTMM_EXPERIMENT != 31);
+// LUTMM_EXPERIMENT 33 (prepared, session 16): 4-bit tiles of 8 row blocks (Stream-K, whole tiles) on three
+// CTAs per SM too, with the 32 KB table.
 template <int BITS, bool ROWS = false>
 constexpr int kCtasPerSm = LUTMM_EXPERIMENT == 9                                               ? 1
                            : BITS == 3 && LUTMM_EXPERIMENT != 11 && (!ROWS || LUTMM_EXPERIMENT != 24) ? 3
                            : BITS == 4 && ROWS && LUTMM_EXPERIMENT != 31                          ? 3
+                           : BITS == 4 && !ROWS && LUTMM_EXPERIMENT == 33                         ? 3
                                                                                                   : 2;
-// The kernel's table and stage layout: 128-byte table entries (32 KB) where 4-bit row tiles are sized
-// for three CTAs per SM (64 KB would leave room for two).
+// The kernel's table and stage layout: 128-byte table entries (32 KB) where 4-bit CTAs are sized for
+// three per SM (64 KB would leave room for two). LUTMM_EXPERIMENT 32 (prepared, session 16): the 32 KB
+// table also on 4-bit tiles of 8 row blocks at two CTAs per SM, for the stages it frees (9 instead of 5
+// per CTA: is 28672x4096's whole-tile split, 224 CTAs, short of bytes in flight?).
 template <int BITS, int MT, bool ROWS, int CTAS>
-using KLayout = Layout<BITS, MT, BITS == 4 && ROWS && CTAS == 3>;
+using KLayout = Layout<BITS, MT, BITS == 4 && (CTAS == 3 || (!ROWS && LUTMM_EXPERIMENT == 32))>;
 constexpr int kComputeThreads = kGroups * kThreads;
 constexpr int kCtaThreads = kComputeThreads + kGroups * 32;  // + one producer warp per group
 constexpr int kMaxStages = 32;
@@ -398,9 +403,11 @@ std::array<int, 9> stream_max_clusters(int bits, int device) {
 int stream_stages(int bits, int mt, int device, int ctas, bool rows) {
   return with_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;
-    const int budget = smem_budget(device, ctas ? ctas : kCtasPerSm<B>);
-    if (mt == 1 && rows) return ctas == 3 ? stages_for<B, 1, true, 3>(budget) : stages_for<B, 1, true, 2>(budget);
-    return mt == 1 ? stages_for<B, 1, false, 2>(budget) : stages_for<B, 2, false, 2>(budget);  // CTAS: no effect
+    const int c = ctas ? ctas : rows ? kCtasPerSm<B, true> : kCtasPerSm<B>;
+    const int budget = smem_budget(device, c);
+    if (mt == 1 && rows) return c == 3 ? stages_for<B, 1, true, 3>(budget) : stages_for<B, 1, true, 2>(budget);
+    if (mt == 1) return c == 3 ? stages_for<B, 1, false, 3>(budget) : stages_for<B, 1, false, 2>(budget);
+    return c == 3 ? stages_for<B, 2, false, 3>(budget) : stages_for<B, 2, false, 2>(budget);
   });
 }
 
