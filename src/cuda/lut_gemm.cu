@@ -66,7 +66,7 @@
 //  31  4 bits: the TMA kernel's row tiles sized for two CTAs per SM only, with the 64 KB table, as
 //      before item 56 (measured first as the reverse: the 32 KB table everywhere and the tiles for three)
 //  32  4 bits: the 32 KB table (128-byte entries) on the TMA kernel's tiles of 8 row blocks too, at two
-//      CTAs per SM: more pipeline stages (prepared in session 16, not yet measured; next step 02)
+//      CTAs per SM: more pipeline stages (H100: 1-3% slower, item 58)
 //  33  4 bits: the TMA kernel's tiles of 8 row blocks on three CTAs per SM with the 32 KB table
 //      (prepared in session 16, not yet measured; next step 02)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on

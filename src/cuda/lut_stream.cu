@@ -69,9 +69,9 @@ constexpr int kCtasPerSm = LUTMM_EXPERIMENT == 9                                
                            : BITS == 4 && !ROWS && LUTMM_EXPERIMENT == 33                         ? 3
                                                                                                   : 2;
 // The kernel's table and stage layout: 128-byte table entries (32 KB) where 4-bit CTAs are sized for
-// three per SM (64 KB would leave room for two). LUTMM_EXPERIMENT 32 (prepared, session 16): the 32 KB
-// table also on 4-bit tiles of 8 row blocks at two CTAs per SM, for the stages it frees (9 instead of 5
-// per CTA: is 28672x4096's whole-tile split, 224 CTAs, short of bytes in flight?).
+// three per SM (64 KB would leave room for two). LUTMM_EXPERIMENT 32: the 32 KB table also on 4-bit
+// tiles of 8 row blocks at two CTAs per SM, for the stages it frees (9 instead of 5 per CTA). H100,
+// 2026-11-27: 28672x4096 M = 1 29.9 -> 30.8 us, 57344x8192 97.8 -> 100.6: not short of bytes in flight.
 template <int BITS, int MT, bool ROWS, int CTAS>
 using KLayout = Layout<BITS, MT, BITS == 4 && (CTAS == 3 || (!ROWS && LUTMM_EXPERIMENT == 32))>;
 constexpr int kComputeThreads = kGroups * kThreads;
