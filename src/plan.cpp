@@ -73,10 +73,10 @@ int lut_tile_rows(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t slo
     throw Error("lut_tile_rows: M, row blocks, k-blocks and slots must be positive");
   if (fill_pct < 1 || fill_pct > 100) throw Error("lut_tile_rows: fill_pct must be in [1, 100]");
   if (LUTMM_EXPERIMENT == 19) return 8;  // A/B: no row tiles (docs/performance.md item 39)
-  // Tiles must fill 70% of the slots (H100, 2026-11-26, lutmm_bench A/B in one call, 6144x4096: 192
+  // Tiles must fill kRowTileFill = 70% of the slots (H100, 2026-11-26, lutmm_bench A/B in one call, 6144x4096: 192
   // tiles of two on 264 slots (73%) against Stream-K in clusters, M = 1 4-bit 9.6 -> 9.4 us, 2-bit 9.1
   // -> 7.9; M = 2 9.5 -> 9.1, 9.2 -> 7.8; item 43). LUTMM_EXPERIMENT 26: the earlier 80%.
-  const int64_t pct = LUTMM_EXPERIMENT == 26 && fill_pct == 70 ? 80 : fill_pct;
+  const int64_t pct = LUTMM_EXPERIMENT == 26 && fill_pct == kRowTileFill ? 80 : fill_pct;
   for (int64_t r : {1, 2, 4}) {
     const int64_t tiles = (row_blocks + r - 1) / r;
     if (M <= r && 8 / r <= col_blocks && tiles <= slots && tiles * 100 >= slots * pct) return int(r);

@@ -70,9 +70,10 @@ LutSplit lut_split(int64_t tiles, int64_t col_blocks, int64_t slots, const int (
 // and add their partial sums in shared memory; no Stream-K partials in global memory. Tiles of R
 // row blocks read 8 / R k-blocks of activations per stage (one token row each: hence M <= R), and
 // 8 / R must not exceed the k-blocks.
-// fill_pct: the share of the slots the tiles must fill (default 70; kRowTileFill4 for 4-bit tiles sized
+// fill_pct: the share of the slots the tiles must fill (kRowTileFill; kRowTileFill4 for 4-bit tiles sized
 // for three CTAs per SM).
-int lut_tile_rows(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t slots, int fill_pct = 70);
+constexpr int kRowTileFill = 70;
+int lut_tile_rows(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t slots, int fill_pct = kRowTileFill);
 // The TMA decode kernel's row tiles at 3 and 4 bits (`sms` SMs): where they fill fill3_pct-100% of
 // three CTAs per SM, sized for three (6144x4096: 384 tiles of one on 396); else where
 // they fill two per SM and a tile streams at most kRowTileMaxIters3 stages, sized for two CTAs per SM
@@ -89,7 +90,8 @@ struct RowTiles {
   int rows;         // row blocks per tile (lut_tile_rows), 8 for none
   int ctas_per_sm;  // CTAs per SM the row-tile kernel is sized for
 };
-RowTiles lut_tile_rows_tma3(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t sms, int fill3_pct = 70);
+RowTiles lut_tile_rows_tma3(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t sms,
+                            int fill3_pct = kRowTileFill);
 // The same kernel's 3-bit tiles of 8 row blocks (where no row tiles apply): sized for two CTAs per SM
 // instead of its default three, (a) as one whole tile per CTA where `tiles` fill 80-100% of the 2 x
 // `sms` slots (28672x4096: 224 tiles; on 396 slots Stream-K cut them into pieces), or (b) as Stream-K

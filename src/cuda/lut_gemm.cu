@@ -353,7 +353,8 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
     if (!auto_split || g.mt != 1 || (tma && LUTMM_EXPERIMENT == 22)) return t;
     const int ctas = tma ? stream_workers_per_sm(s.bits, true) : rows_ctas_per_sm(s.bits, dt, device);
     if (tma && ctas == 3)
-      t = lut_tile_rows_tma3(M, s.row_blocks(), s.col_blocks(), sm_count(device), s.bits == 4 ? kRowTileFill4 : 70);
+      t = lut_tile_rows_tma3(M, s.row_blocks(), s.col_blocks(), sm_count(device),
+                             s.bits == 4 ? kRowTileFill4 : kRowTileFill);
     else t = {lut_tile_rows(M, s.row_blocks(), s.col_blocks(), int64_t(sm_count(device)) * ctas), ctas};
     if (tma && !lut_tma_rows_ok(t.rows, group_log2(s.group_size), s.K)) t.rows = kWarps;
     return t;
