@@ -81,11 +81,12 @@ def swap_to_lutmm(model, bits: int, g: int, lm_head: bool = False) -> int:
     return len(names)
 
 
-def fuse(model) -> int:
-    """Fuses q/k/v and gate/up of every decoder layer (LUTLinear or nn.Linear alike); returns the number of
-    linear calls saved per forward. Raises RuntimeError if a layer could not be fused (the numbers would
-    silently mix fused and unfused layers)."""
-    report = fuse_projections(model, warn=False)
+def fuse(model, gated: bool = True) -> int:
+    """Fuses q/k/v and gate/up of every decoder layer (LUTLinear or nn.Linear alike; with `gated`, LUT MLPs
+    write silu(gate) * up from the gate/up kernel); returns the number of linear calls saved per forward.
+    Raises RuntimeError if a layer could not be fused (the numbers would silently mix fused and unfused
+    layers)."""
+    report = fuse_projections(model, warn=False, gated=gated)
     if report.skipped:
         raise RuntimeError(f"bench_e2e: could not fuse {report.skipped}")
     return report.linear_calls_saved
@@ -212,7 +213,9 @@ def main():
     ap.add_argument("--model", choices=sorted(SHAPES), default="8b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--configs", default="4:128,4:64,3:128,3:64,2:128,2:64", help="bits:group,...")
+    ap.add_argument("--configs", default="4:128,4:64,3:128,3:64,2:128,2:64",
+                    help="bits:group[:plain],... (plain: gate/up fused without the silu(gate) * up epilogue, "
+                         "inductor's SiLU kernel after it: an A/B in one process)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=256)
     ap.add_argument("--no-graph", action="store_true")
@@ -252,7 +255,12 @@ def main():
             ap.error(f"--inductor-pdl: torch {torch.__version__} has no torch._inductor.config.triton.enable_pdl")
         inductor_config.triton.enable_pdl = True
     cuda = args.device.startswith("cuda")
-    configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
+    configs = []
+    for c in args.configs.split(","):
+        parts = c.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "plain"):
+            ap.error(f"--configs: bits:group[:plain], got {c!r}")
+        configs.append((int(parts[0]), int(parts[1]), len(parts) == 3))
     fuse_bf16 = args.fuse and not args.unfused_bf16
     projections = {(True, True): "fused q/k/v + gate/up (lutmm and bf16)",
                    (True, False): "fused q/k/v + gate/up for lutmm; bf16 baseline unfused (stock HF)",
@@ -265,8 +273,10 @@ def main():
     def measure(label, model):
         for attn in attns:
             set_attention(model, attn)
-            if len(attns) > 1:
-                torch._dynamo.reset()  # the attention function is traced into the compiled step
+            # A fresh dynamo per model and attention (the attention function is traced into the compiled
+            # step): each batch size compiles the step anew, and after 8 compilations dynamo stops
+            # compiling and runs eagerly (the fifth model of a run measured 1.65x instead of ~2.4x).
+            torch._dynamo.reset()
             measure_attn(label + (f" [{attn}]" if len(attns) > 1 else ""), model)
 
     def measure_attn(label, model):
@@ -293,17 +303,17 @@ def main():
     if fuse_bf16:
         fuse(model)
     measure("bf16", model)
-    for bits, g in configs:
+    for bits, g, plain in configs:
         del model
         if cuda:
             torch.cuda.empty_cache()
         model = build(args.model, args.device, attns[0])
         swap_to_lutmm(model, bits, g, lm_head=args.lm_head)
         if args.fuse:
-            fuse(model)
+            fuse(model, gated=not plain)
         if cuda:
             torch.cuda.empty_cache()
-        measure(f"lutmm {bits}b g{g}" + ("+head" if args.lm_head else ""), model)
+        measure(f"lutmm {bits}b g{g}" + ("+head" if args.lm_head else "") + (" plain" if plain else ""), model)
     def attn_of(label):  # "" for a single attention
         return label[label.index("["):] if "[" in label else ""
 

@@ -1,5 +1,6 @@
 #include "lutmm/reference.h"
 
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -90,6 +91,16 @@ void reference_matmul(const void* X, DType x_dtype, int64_t M, const uint8_t* co
     for (int64_t k = 0; k < s.K; ++k) acc += xr[k] * double(wr[k]);
     Y[m * s.N + n] = float(acc);
   });
+}
+
+void reference_silu_mul(const float* Z, int64_t M, int64_t N, float* Y) {
+  if (M < 1 || N < 16 || N % 16 != 0) throw Error("reference_silu_mul: expected M >= 1 and N a multiple of 16");
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < N / 16; ++j)
+      for (int r = 0; r < 8; ++r) {
+        const double g = Z[m * N + 16 * j + r], u = Z[m * N + 16 * j + 8 + r];
+        Y[m * (N / 2) + 8 * j + r] = float(g / (1.0 + std::exp(-g)) * u);
+      }
 }
 
 }  // namespace lutmm

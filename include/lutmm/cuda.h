@@ -21,6 +21,14 @@ const char* build_info();
 //   kWgmma    fused prefill kernel (lut_wgmma.cu): pair-table lookups -> Hopper wgmma; sm_90 only
 enum class Path : int { kAuto = 0, kLut = 1, kDequant = 2, kWgmma = 3 };
 
+// What the fused kernels write. kNone: Y = X W_hat^T (+ bias), M x N. kSiluMul (a gated MLP's gate and
+// up projections in one call): W's rows come in pairs of 8, gate rows 8j .. 8j + 7 as rows 16j .. 16j + 7
+// and up rows 8j .. 8j + 7 as rows 16j + 8 .. 16j + 15 (lutmm.interleave_gate_up; in a 16-row block a
+// lane's accumulators hold rows r and r + 8, so the two halves meet in one thread), and with Z = X W_hat^T
+// in fp32, Y (M x N/2) is Y[m][8j + r] = silu(Z[m][16j + r]) * Z[m][16j + 8 + r], rounded once.
+// N must be a multiple of 16; no bias. The kLut and kWgmma paths (lut_gemm, wgmma_gemm) take it.
+enum class Epilogue : int { kNone = 0, kSiluMul = 1 };
+
 struct GemmProblem {
   // Activations X: M x K, row-major, fp16 or bf16, 16-byte aligned. Y: M x N, same dtype.
   const void* x = nullptr;
@@ -31,7 +39,8 @@ struct GemmProblem {
   const uint16_t* packed_scales = nullptr;  // shape.packed_scale_count() fp16 values, 16-byte aligned
   float table[16] = {};                   // T, 2^bits entries (host values, passed by value)
   const void* bias = nullptr;             // N values of dtype, or nullptr
-  void* y = nullptr;                      // output, M x N
+  void* y = nullptr;                      // output, M x N (M x N/2 with Epilogue::kSiluMul)
+  Epilogue epilogue = Epilogue::kNone;
 };
 
 // Which path dispatch picks for this problem on `device` (readable rule, see gemm.cu).

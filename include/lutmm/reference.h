@@ -19,4 +19,8 @@ void dequantize_packed(const uint8_t* packed, const uint16_t* packed_scales, con
 void reference_matmul(const void* X, DType x_dtype, int64_t M, const uint8_t* codes, const uint16_t* scales_f16,
                       const float* table, const Shape& shape, const float* bias, float* Y);
 
+// The gated-MLP epilogue (gpu::Epilogue::kSiluMul) on a reference product Z (M x N, N a multiple of 16,
+// gate and up rows interleaved by 8): Y[m][8j + r] = silu(Z[m][16j + r]) * Z[m][16j + 8 + r], Y M x N/2.
+void reference_silu_mul(const float* Z, int64_t M, int64_t N, float* Y);
+
 }  // namespace lutmm

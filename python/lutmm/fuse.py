@@ -7,7 +7,10 @@ At decode the per-call fixed cost of the small k/v projections dominates; one [N
 [2*I, K] matmul replace five calls and give the kernel bigger shapes. The fused weight of LUTLinear layers is
 `lutmm.concat_rows` of theirs (a byte concatenation of the packed layout: exact, same codes, scales and
 table), so the fused model computes the same products; nn.Linear layers (a bf16 baseline) are fused by
-concatenating their weights.
+concatenating their weights. In a SiLU MLP of LUTLinear layers (without bias), gate and up are instead interleaved by
+8 rows (`lutmm.gated.interleave_gate_up`: whole pair codes moved, exact) into a `LUTGatedLinear`, whose
+kernel writes silu(gate) * up from its fp32 sums: no separate SiLU-and-product kernel, half the output
+(`gated=False` keeps the concatenation).
 
 What gets fused: every transformers `LlamaAttention` / `LlamaMLP` (exactly those classes) whose projections
 are all LUTLinear with the same bits, group size and value table (NF / int tables always match; per-layer
@@ -34,6 +37,7 @@ from transformers.models.llama import modeling_llama as _llama
 
 from ._api import concat_rows
 from .attention import NAME_KERNEL, gqa_decode_step
+from .gated import gated_matmul, interleave_gate_up
 from .nn import LUTLinear
 
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -168,14 +172,64 @@ def _fused_step_inputs(attn, hidden_states, position_embeddings, attention_mask,
 
 class FusedGateUpLlamaMLP(_llama.LlamaMLP):
     """LlamaMLP whose gate and up projections are one linear `gate_up_proj` (out_features 2 * intermediate):
-    down(act(gate) * up) as in LlamaMLP.forward."""
+    down(act(gate) * up) as in LlamaMLP.forward. With LUT weights and SiLU, `gate_up_proj` is a
+    LUTGatedLinear (gate and up rows interleaved by 8, lutmm.gated) that returns silu(gate) * up itself."""
 
     lutmm_fused = True
     gate_up_sizes: Tuple[int, int]
 
     def forward(self, x):
+        if isinstance(self.gate_up_proj, LUTGatedLinear):
+            return self.down_proj(self.gate_up_proj(x))
         gate, up = self.gate_up_proj(x).split(self.gate_up_sizes, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
+
+
+class LUTGatedLinear(LUTLinear):
+    """silu(x gate^T) * (x up^T) with gate and up as one LUT weight interleaved by 8 (lutmm.gated): out_features
+    is 2 I (the weight's rows), the output has I columns. One kernel writes the product (Epilogue::kSiluMul)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gated_matmul(x, self.quantized_weight())
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", silu(gate) * up (rows interleaved by 8)"
+
+
+def _gated_lut(mlp: nn.Module) -> LUTGatedLinear:
+    """gate_proj and up_proj of a SiLU MLP as one LUTGatedLinear; ValueError where that can't be done exactly
+    (not LUT, a bias, an activation other than SiLU, mismatched formats or tables, I not a multiple of 8)."""
+    gate, up = mlp.gate_proj, mlp.up_proj
+    if type(gate) is not LUTLinear or type(up) is not LUTLinear:
+        raise ValueError("not LUTLinear")
+    if gate.bias is not None or up.bias is not None:
+        raise ValueError("a bias")
+    if getattr(mlp.config, "hidden_act", None) not in ("silu", "swish"):
+        raise ValueError(f"activation {getattr(mlp.config, 'hidden_act', None)!r}, not SiLU")
+    for m in (gate, up):
+        if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):
+            raise ValueError("a projection has forward hooks (e.g. accelerate offload), which fusion would drop")
+    qw = interleave_gate_up(gate.quantized_weight(), up.quantized_weight())
+    fused = LUTGatedLinear.from_quantized(qw)
+    return fused
+
+
+def _fuse_mlp(mlp: nn.Module, gated: bool) -> None:
+    """gate/up of `mlp` as one LUTGatedLinear where possible (and `gated`), else as one concatenated linear
+    (_fuse_into)."""
+    try:
+        if not gated:
+            raise ValueError("gated=False")
+        fused = _gated_lut(mlp)
+    except ValueError:
+        _fuse_into(mlp, GATE_UP, FusedGateUpLlamaMLP, "gate_up_proj", "gate_up_sizes")
+        return
+    sizes = (int(mlp.gate_proj.out_features), int(mlp.up_proj.out_features))
+    for n in GATE_UP:
+        delattr(mlp, n)
+    mlp.__class__ = FusedGateUpLlamaMLP
+    mlp.gate_up_proj = fused
+    mlp.gate_up_sizes = sizes
 
 
 def _fuse_into(module: nn.Module, names: Sequence[str], fused_cls, fused_name: str, sizes_name: str) -> None:
@@ -201,6 +255,7 @@ class FusionReport:
     """What fuse_projections did: counts of fused modules, and (qualified name, reason) of those left alone."""
     attention: int = 0
     mlp: int = 0
+    gated: int = 0  # fused MLPs whose gate_up_proj is a LUTGatedLinear (silu(gate) * up in the kernel)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -209,9 +264,10 @@ class FusionReport:
         return 2 * self.attention + self.mlp
 
 
-def fuse_projections(model: nn.Module, warn: bool = True) -> FusionReport:
+def fuse_projections(model: nn.Module, warn: bool = True, gated: bool = True) -> FusionReport:
     """Fuses q/k/v into `self_attn.qkv_proj` and gate/up into `mlp.gate_up_proj` in every LlamaAttention /
-    LlamaMLP of `model`, in place, where the projections can be fused exactly (see the module docstring).
+    LlamaMLP of `model`, in place, where the projections can be fused exactly (see the module docstring;
+    gated: SiLU MLPs of LUT weights get the gated epilogue, report.gated counts them).
     Returns a FusionReport; modules left unfused are listed there with the reason, and warned about."""
     report = FusionReport()
     attention_ok = _attention_forward_matches()
@@ -228,8 +284,9 @@ def fuse_projections(model: nn.Module, warn: bool = True) -> FusionReport:
                 report.skipped.append((name, str(e)))
         elif type(module) is _llama.LlamaMLP:
             try:
-                _fuse_into(module, GATE_UP, FusedGateUpLlamaMLP, "gate_up_proj", "gate_up_sizes")
+                _fuse_mlp(module, gated)
                 report.mlp += 1
+                report.gated += isinstance(module.gate_up_proj, LUTGatedLinear)
             except ValueError as e:
                 report.skipped.append((name, str(e)))
     if warn and report.skipped:

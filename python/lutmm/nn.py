@@ -257,9 +257,10 @@ def replace_with_empty_lut_linear(model: nn.Module, names: Sequence[str], bits: 
         _set_submodule(model, name, new)
 
 
-def fuse_projections(model: nn.Module, warn: bool = True):
+def fuse_projections(model: nn.Module, warn: bool = True, gated: bool = True):
     """Fuses q/k/v and gate/up of the Llama attention / MLP modules of `model` into one linear each, in place
-    (7 linear calls per decoder layer -> 4). Returns a `lutmm.fuse.FusionReport` (counts, and what was left
-    unfused and why). Apply after loading; see lutmm.fuse for the rules."""
+    (7 linear calls per decoder layer -> 4; with `gated`, a SiLU MLP's gate/up kernel also writes
+    silu(gate) * up). Returns a `lutmm.fuse.FusionReport` (counts, and what was left unfused and why).
+    Apply after loading; see lutmm.fuse for the rules."""
     from .fuse import fuse_projections as _fuse
-    return _fuse(model, warn=warn)
+    return _fuse(model, warn=warn, gated=gated)

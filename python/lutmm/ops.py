@@ -1,4 +1,4 @@
-"""The torch op `lutmm::lut_matmul` (CPU + CUDA + fake implementations).
+"""The torch ops `lutmm::lut_matmul` and `lutmm::lut_matmul_silu_mul` (CPU + CUDA + fake implementations).
 
 Works with torch.compile(fullgraph=True) and CUDA graph capture: the CUDA path allocates only
 through torch's caching allocator, launches on the current stream and never synchronizes.
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from . import _core
 from ._api import _DTYPE_CODE, _ptr
+from .gated import silu_mul_interleaved
 
 # Path selection for tests and benchmarks: None = dispatch rule; "lut", "wgmma" (Hopper only) or
 # "dequant" forces a path.
@@ -112,20 +113,22 @@ def _(x, packed, packed_scales, table, N, K, bits, group_size, bias=None):
     return y.to(x.dtype)
 
 
-def cuda_lut_matmul(x, packed, packed_scales, table, N, K, bits, group_size, bias=None):
-    """The CUDA implementation of lutmm::lut_matmul. lutmm.matmul and LUTLinear call it directly in eager
-    mode without autograd: the custom-op dispatcher costs ~10-20 us per call (bench/bench_overhead.py)."""
+def _cuda_gemm(x, packed, packed_scales, table, N, K, bits, group_size, bias, silu_mul: bool):
+    """Y (..., N) = X W_hat^T (+ bias), or with silu_mul (an interleave_gate_up weight) silu(gate) * up
+    (..., N / 2), on X's CUDA device; the fused kernels write the product in their epilogue, the dequant
+    path computes it after cuBLAS."""
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x: dtype {x.dtype}, expected float16 or bfloat16 on CUDA")
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
+    n_out = N // 2 if silu_mul else N
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = x2.contiguous().clone() if x2.data_ptr() % 16 else x2.contiguous()
     M = x2.shape[0]
     if M == 0:
-        return x.new_empty(*lead, N)
+        return x.new_empty(*lead, n_out)
     dev = x.device
     stream = torch.cuda.current_stream(dev).cuda_stream
     path, ws_bytes = _plan(M, N, K, bits, group_size, dev.index or 0, FORCE_PATH)
@@ -137,17 +140,51 @@ def cuda_lut_matmul(x, packed, packed_scales, table, N, K, bits, group_size, bia
         if bias is not None:
             bias = bias.contiguous()
             bp = _ptr(bias, "bias", x.dtype, N, "cuda")
-        y = torch.empty(M, N, dtype=x.dtype, device=dev)
+        y = torch.empty(M, n_out, dtype=x.dtype, device=dev)
         ws = _workspace(dev, ws_bytes)
         _core.gpu_lut_gemm(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, pp, ps, list(table), N, K, bits, group_size, bp,
-                           y.data_ptr(), ws.data_ptr(), ws.numel(), stream, _PATH_CODES[path])
+                           y.data_ptr(), ws.data_ptr(), ws.numel(), stream, _PATH_CODES[path], int(silu_mul))
     else:
         w = gpu_dequantize(packed, packed_scales, table, N, K, bits, group_size, x.dtype)
         y = F.linear(x2, w, bias)
-    return y.reshape(*lead, N)
+        if silu_mul:  # after cuBLAS, from its rounded product
+            y = silu_mul_interleaved(y)
+    return y.reshape(*lead, n_out)
+
+
+def cuda_lut_matmul(x, packed, packed_scales, table, N, K, bits, group_size, bias=None):
+    """The CUDA implementation of lutmm::lut_matmul. lutmm.matmul and LUTLinear call it directly in eager
+    mode without autograd: the custom-op dispatcher costs ~10-20 us per call (bench/bench_overhead.py)."""
+    return _cuda_gemm(x, packed, packed_scales, table, N, K, bits, group_size, bias, False)
 
 
 lut_matmul.register_kernel("cuda")(cuda_lut_matmul)
+
+
+@torch.library.custom_op("lutmm::lut_matmul_silu_mul", mutates_args=())
+def lut_matmul_silu_mul(x: torch.Tensor, packed: torch.Tensor, packed_scales: torch.Tensor, table: List[float], N: int,
+                        K: int, bits: int, group_size: int) -> torch.Tensor:
+    """Y[..., N/2] = silu(gate) * up of X[..., K] W_hat^T, W an interleave_gate_up weight (lutmm.gated)."""
+    raise NotImplementedError("lutmm::lut_matmul_silu_mul: no implementation for this device")
+
+
+@lut_matmul_silu_mul.register_fake
+def _(x, packed, packed_scales, table, N, K, bits, group_size):
+    return x.new_empty(*x.shape[:-1], N // 2)
+
+
+@lut_matmul_silu_mul.register_kernel("cpu")
+def _(x, packed, packed_scales, table, N, K, bits, group_size):
+    w = cpu_dequantize(packed.contiguous(), packed_scales.contiguous(), table, N, K, bits, group_size)
+    return silu_mul_interleaved(F.linear(x.float(), w)).to(x.dtype)
+
+
+def cuda_lut_matmul_silu_mul(x, packed, packed_scales, table, N, K, bits, group_size):
+    """The CUDA implementation of lutmm::lut_matmul_silu_mul (called directly in eager mode, as cuda_lut_matmul)."""
+    return _cuda_gemm(x, packed, packed_scales, table, N, K, bits, group_size, None, True)
+
+
+lut_matmul_silu_mul.register_kernel("cuda")(cuda_lut_matmul_silu_mul)
 
 
 def eager_fast_path(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:

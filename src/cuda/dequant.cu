@@ -47,6 +47,14 @@ void validate_problem(const GemmProblem& prob) {
   check_aligned(prob.packed, "packed codes");
   check_aligned(prob.packed_scales, "packed scales");
   if (!prob.y) throw Error("y: null output pointer");
+  if (prob.epilogue == Epilogue::kSiluMul) {
+    if (prob.shape.N % 16 != 0)
+      throw Error("epilogue silu_mul: N = " + std::to_string(prob.shape.N) +
+                  ", expected a multiple of 16 (gate and up rows interleaved by 8)");
+    if (prob.bias) throw Error("epilogue silu_mul: a bias is not supported");
+  } else if (prob.epilogue != Epilogue::kNone) {
+    throw Error("epilogue: unknown value " + std::to_string(int(prob.epilogue)));
+  }
 }
 
 bool pdl_supported(int device) {

@@ -157,7 +157,7 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
 __host__ __device__ inline constexpr int cluster_rows_per_rank(int c) { return (kWarps + c - 1) / c; }
 inline constexpr int cluster_xbuf_bytes(int c, int mt) { return c * cluster_rows_per_rank(c) * 4 * mt * 32 * 4; }
 
-// Writes acc (+ bias) of this warp's 16 rows x 8*MT tokens to Y; rpt: row blocks per tile (p.rpt, passed
+// Writes acc (+ bias) of this warp's 16 rows x 8*MT tokens to Y (p.silu_mul: silu(gate) * up, 8 columns); rpt: row blocks per tile (p.rpt, passed
 // as the constant 8 by the kernels without row tiles: a runtime value there cost the 3-bit cp.async
 // kernel 19 registers).
 template <int MT, typename T>
@@ -165,6 +165,17 @@ __device__ __forceinline__ void store_tile(const Params<T>& p, int tile, int m0,
                                            int rpt = kWarps) {
   const int warp = group_tid() / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int rb = tile * rpt + warp;
+  if (p.silu_mul) {  // rows g (gate) and g + 8 (up) of the block meet here: acc[mt][e] and acc[mt][2 + e]
+    if (rb * 16 >= p.N) return;  // N is a multiple of 16 (validate_problem)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int m = m0 + mt * 8 + 2 * t + e;
+        if (m < p.M) store_silu_mul(p, m, rb * 16 + g, acc[mt][e], acc[mt][2 + e]);
+      }
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int n = rb * 16 + g + 8 * i;

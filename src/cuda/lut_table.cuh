@@ -22,13 +22,14 @@ struct GemmParams {
   const uint8_t* w;         // packed codes
   const uint16_t* s;        // packed fp16 scales [row_blocks][G][8][2]
   const T* bias;            // N or nullptr
-  T* y;                     // M x N
+  T* y;                     // M x N (M x N/2 with silu_mul)
   float* partials;          // Stream-K partial tiles (layout: each kernel's)
   int* counters;            // per-tile arrival counters, zero between calls
   float table[16];          // T
   int M, N, K, G;
   int gl;                   // log2(group_size / 32); 30 when group_size = K is not a power of two
   int row_blocks, col_blocks;
+  int silu_mul;             // Epilogue::kSiluMul (see store_value)
 };
 
 // Fills the GemmParams part of a kernel's parameters; the workspace holds `counters_bytes` of
@@ -46,6 +47,16 @@ void fill_gemm_params(GemmParams<T>& p, const GemmProblem& prob, void* ws, size_
   p.M = int(prob.M); p.N = int(s.N); p.K = int(s.K); p.G = int(s.groups());
   p.gl = group_log2(s.group_size);
   p.row_blocks = int(s.row_blocks()); p.col_blocks = int(s.col_blocks());
+  p.silu_mul = prob.epilogue == Epilogue::kSiluMul;
+}
+
+// Epilogue::kSiluMul's output for token m of one lane's accumulator pair: rows n (gate, n % 16 < 8) and
+// n + 8 (up) of a 16-row block hold z0 and z1; silu(z0) * z1 goes to Y[m][n / 16 * 8 + n % 8] of the
+// M x N/2 output, computed in fp32 and rounded once.
+template <typename T>
+__device__ __forceinline__ void store_silu_mul(const GemmParams<T>& p, int64_t m, int n, float z0, float z1) {
+  const float silu = z0 / (1.f + __expf(-z0));  // z0 -> -inf: z0 / inf = -0
+  p.y[m * (p.N / 2) + (n >> 4) * 8 + (n & 7)] = Elem<T>::from_float(silu * z1);
 }
 
 // A workspace starts with a fixed region of Stream-K tile counters (int32), which every call leaves

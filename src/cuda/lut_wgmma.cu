@@ -113,9 +113,9 @@ struct WgLayout {
   static constexpr int kBarOffset = kLutBytes + kStages * kStageBytes;  // full[kStages], empty[kStages]
   static constexpr int kSmemBytes = kBarOffset + 2 * 8 * kStages + 16;  // table, stages, mbarriers, flag
   static_assert(kSmemBytes * kCtas <= 227 * 1024 && kStages >= 3, "shared memory");
-  // The split-K exchange (split_k_store) reuses the stages: C x ceil(TOK / 2 / C) floats per consumer
-  // thread, C <= 4.
-  static_assert(kStages * kStageBytes >= kThreads * 4 * (TOK / 2 + 3), "split-K exchange buffer");
+  // The split-K exchange (split_k_store) reuses the stages: C x 2 ceil(TOK / 4 / C) floats per consumer
+  // thread (xslot), C <= 4.
+  static_assert(kStages * kStageBytes >= kThreads * 4 * (TOK / 2 + 6), "split-K exchange buffer");
 };
 
 #if LUTMM_SM90A  // device code below exists for sm_90a only
@@ -277,13 +277,35 @@ __device__ __forceinline__ void compute_half(const uint8_t* stage, uint32_t stag
   }
 }
 
-// Writes acc (+ bias) of this warp's 16 rows x TOK tokens of tile (nt, mt) to Y. acc[4 j + 2 i + e]
-// is row g + 8 i, token 8 j + 2 t + e (the wgmma accumulator layout). C > 1: only the accumulators
-// a with a % C == rank (this CTA's share of a split-K tile).
+// Split-K clusters of C CTAs (split_k_store): accumulator a of a thread is summed and stored by rank
+// xowner(a), in slot xslot(a) of the exchange buffer. a and a + 2 (a % 4 < 2: rows g and g + 8 of one
+// token, Epilogue::kSiluMul's gate and up) share a rank, so the rank storing one holds both.
+__host__ __device__ constexpr int xpair(int a) { return a / 4 * 2 + a % 2; }
+template <int C>
+__host__ __device__ constexpr int xowner(int a) { return xpair(a) % C; }
+template <int C>
+__host__ __device__ constexpr int xslot(int a) { return xpair(a) / C * 2 + a / 2 % 2; }
+
+// Writes acc (+ bias) of this warp's 16 rows x TOK tokens of tile (nt, mt) to Y (p.silu_mul: silu(gate) *
+// up, 8 columns). acc[4 j + 2 i + e] is row g + 8 i, token 8 j + 2 t + e (the wgmma accumulator layout).
+// C > 1: only the accumulators a with xowner(a) == rank (this CTA's share of a split-K tile).
 template <int TOK, typename T, int C = 1>
 __device__ __forceinline__ void store_tile(const WgParams<T>& p, int nt, int mt, const float (&acc)[TOK / 2],
                                            int rank = 0) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  if (p.silu_mul) {  // rows g (gate) and g + 8 (up): acc[4 j + e] and acc[4 j + 2 + e]
+    const int n = nt * kTileRows + warp * 16 + g;
+    if (n >= p.N) return;  // N is a multiple of 16 (validate_problem)
+#pragma unroll
+    for (int j = 0; j < TOK / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int m = mt * TOK + 8 * j + 2 * t + e;
+        if (C > 1 && xowner<C>(4 * j + e) != rank) continue;  // the rank of both (xowner)
+        if (m < p.M) store_silu_mul(p, m, n, acc[4 * j + e], acc[4 * j + 2 + e]);
+      }
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int n = nt * kTileRows + warp * 16 + g + 8 * i;
@@ -294,7 +316,7 @@ __device__ __forceinline__ void store_tile(const WgParams<T>& p, int nt, int mt,
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int m = mt * TOK + 8 * j + 2 * t + e;
-        if (C > 1 && (4 * j + 2 * i + e) % C != rank) continue;
+        if (C > 1 && xowner<C>(4 * j + 2 * i + e) != rank) continue;
         if (m < p.M) p.y[int64_t(m) * p.N + n] = Elem<T>::from_float(acc[4 * j + 2 * i + e] + b);
       }
   }
@@ -302,17 +324,17 @@ __device__ __forceinline__ void store_tile(const WgParams<T>& p, int nt, int mt,
 
 // Split-K over a cluster of C CTAs (all on one GPC, started together): the CTA of rank r holds in
 // acc the sum over its k-blocks of the tile (nt, mt); the tile is the sum over the C ranks. Accumulator
-// a belongs to rank a % C: every CTA sends the others their accumulators through distributed shared
+// a belongs to rank xowner(a): every CTA sends the others their accumulators through distributed shared
 // memory (into the stages, which the cluster is done with), then each rank adds its share's C
 // partials in rank order and stores them. The whole cluster reduces at once, no global memory, no
 // counters, and the sum is bitwise reproducible. The producer warpgroup takes part in both cluster
 // barriers (after produce(), in the kernel).
 // xbuf / xbuf_addr: the exchange buffer (generic pointer / shared::cta address), rank-major:
-// [source rank][a / C][thread].
+// [source rank][xslot(a)][thread].
 template <int TOK, typename T, int C>
 __device__ __forceinline__ void split_k_store(const WgParams<T>& p, int nt, int mt, float (&acc)[TOK / 2],
                                               const float* xbuf, uint32_t xbuf_addr) {
-  constexpr int kAcc = TOK / 2, kPer = (kAcc + C - 1) / C;  // accumulators per rank
+  constexpr int kAcc = TOK / 2, kPer = 2 * ((kAcc / 2 + C - 1) / C);  // slots per rank (xslot)
   const int rank = blockIdx.x % C;  // = %cluster_ctarank (1-D grid, cluster dims (C, 1, 1))
   uint32_t base[C];  // this thread's first slot in each rank's buffer, written by this rank
 #pragma unroll
@@ -320,14 +342,14 @@ __device__ __forceinline__ void split_k_store(const WgParams<T>& p, int nt, int 
     base[r] = wg::map_to_rank(xbuf_addr + uint32_t(rank * kPer * kThreads + threadIdx.x) * 4u, uint32_t(r));
   wg::cluster_sync();  // every CTA's wgmmas have drained and its stages are consumed
 #pragma unroll
-  for (int a = 0; a < kAcc; ++a) wg::st_cluster(base[a % C] + uint32_t((a / C) * kThreads) * 4u, acc[a]);
+  for (int a = 0; a < kAcc; ++a) wg::st_cluster(base[xowner<C>(a)] + uint32_t(xslot<C>(a) * kThreads) * 4u, acc[a]);
   wg::cluster_sync();  // the partials have landed
 #pragma unroll
   for (int a = 0; a < kAcc; ++a)
-    if (a % C == rank) {
+    if (xowner<C>(a) == rank) {
       float v = 0.f;
 #pragma unroll
-      for (int r = 0; r < C; ++r) v += xbuf[(r * kPer + a / C) * kThreads + threadIdx.x];
+      for (int r = 0; r < C; ++r) v += xbuf[(r * kPer + xslot<C>(a)) * kThreads + threadIdx.x];
       acc[a] = v;
     }
   store_tile<TOK, T, C>(p, nt, mt, acc, rank);

@@ -28,7 +28,7 @@ def test_tiny_model_swaps_every_decoder_linear_and_decodes():
 
 
 def test_fused_tiny_models_decode_like_unfused():
-    """bench_e2e fuses by default: lutmm and bf16 models drop to 4 linear calls per layer and decode the same."""
+    """bench_e2e fuses by default: lutmm and bf16 models drop to 4 linear calls per layer and decode alike."""
     e2e = _load()
     from lutmm.nn import LUTLinear
     for quantize in (False, True):
@@ -44,7 +44,9 @@ def test_fused_tiny_models_decode_like_unfused():
         kind = LUTLinear if quantize else torch.nn.Linear
         linears = [n for n, m in model.named_modules() if isinstance(m, kind) and "lm_head" not in n]
         assert len(linears) == 2 * 4 and any(n.endswith("qkv_proj") for n in linears)
-        torch.testing.assert_close(fused, ref, rtol=0, atol=0 if quantize else 2e-2)
+        # bf16: concatenated weights, cuBLAS sums alike up to rounding; lutmm: the gated MLP rounds
+        # silu(gate) * up once from fp32 (lutmm.gated), where the unfused MLP rounds gate, up, SiLU and product
+        torch.testing.assert_close(fused, ref, rtol=0, atol=2e-2 * ref.abs().max().item() if quantize else 2e-2)
         assert e2e.decode_tokens_per_s(model, batch=2, prompt=8, gen=3, graph=False)[0] > 0
 
 

@@ -1,4 +1,5 @@
 """Fused projections (issue 7): lutmm.concat_rows and lutmm.nn.fuse_projections (CPU; GPU test skips)."""
+import copy
 import os
 import warnings
 
@@ -9,7 +10,7 @@ import lutmm
 from conftest import gpu
 
 transformers = pytest.importorskip("transformers")
-from lutmm.fuse import FusedGateUpLlamaMLP, FusedQKVLlamaAttention, is_fused  # noqa: E402
+from lutmm.fuse import FusedGateUpLlamaMLP, FusedQKVLlamaAttention, LUTGatedLinear, is_fused  # noqa: E402
 from lutmm.nn import LUTLinear, fuse_projections, quantize_model  # noqa: E402
 
 
@@ -109,8 +110,8 @@ def test_fused_quantized_llama_is_bitwise_equal(bits, g, table, bias):
     ref, ref_tokens = _logits(model, ids), _greedy(model, ids)
     attn_before = model.model.layers[0].self_attn.q_proj.quantized_weight()
 
-    report = fuse_projections(model)
-    assert (report.attention, report.mlp, report.skipped, report.linear_calls_saved) == (2, 2, [], 6)
+    report = fuse_projections(model, gated=False)  # concatenation only: exact (the gated epilogue: below)
+    assert (report.attention, report.mlp, report.gated, report.skipped, report.linear_calls_saved) == (2, 2, 0, [], 6)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert isinstance(attn, FusedQKVLlamaAttention) and isinstance(mlp, FusedGateUpLlamaMLP) and is_fused(model)
     assert not any(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj"))
@@ -131,8 +132,47 @@ def test_fused_decode_with_static_cache_matches_unfused():
     model = quantize_model(tiny_llama(), bits=4, group_size=64, progress=False)
     ids = torch.randint(0, 256, (1, 5))
     ref = _greedy(model, ids, 8, cache_implementation="static")
-    fuse_projections(model)
+    fuse_projections(model, gated=False)
     assert torch.equal(_greedy(model, ids, 8, cache_implementation="static"), ref)
+
+
+@pytest.mark.parametrize("bits,g,table", [(4, 64, "nf"), (3, 32, "int"), (2, 128, "nf")])
+def test_gated_mlp_matches_unfused(bits, g, table):
+    """SiLU MLPs of LUT weights get a LUTGatedLinear (gate and up interleaved by 8, silu(gate) * up from the
+    matmul's fp32 result, rounded once): the logits agree with the unfused model's up to that rounding."""
+    model = quantize_model(tiny_llama(), bits=bits, group_size=g, table=table, progress=False)
+    mlp0 = model.model.layers[0].mlp
+    gate_w, up_w = mlp0.gate_proj.dequantize(), mlp0.up_proj.dequantize()
+    ids = torch.randint(0, 256, (2, 9))
+    ref = _logits(model, ids).float()
+    report = fuse_projections(model)
+    assert (report.attention, report.mlp, report.gated, report.skipped) == (2, 2, 2, [])
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp, FusedGateUpLlamaMLP) and type(mlp.gate_up_proj) is LUTGatedLinear
+    assert mlp.gate_up_proj.out_features == 512 and mlp.gate_up_sizes == (256, 256)
+    w = mlp.gate_up_proj.dequantize()  # rows 16j .. 16j + 7: gate 8j .., rows 16j + 8 ..: up 8j ..
+    assert torch.equal(w.view(32, 2, 8, 128)[:, 0].reshape(256, 128), gate_w)
+    assert torch.equal(w.view(32, 2, 8, 128)[:, 1].reshape(256, 128), up_w)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    want = (torch.nn.functional.silu(x.float() @ gate_w.T) * (x.float() @ up_w.T)).bfloat16()
+    assert torch.equal(mlp.gate_up_proj(x), want)  # the CPU kernel: fp32 product, one rounding
+    got = _logits(model, ids).float()
+    assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_gated_false_and_non_silu_mlps_keep_the_concatenation():
+    model = quantize_model(tiny_llama(), bits=4, group_size=64, progress=False)
+    assert fuse_projections(model, gated=False).gated == 0
+    assert type(model.model.layers[0].mlp.gate_up_proj) is LUTLinear
+    model = tiny_llama()
+    model.config.hidden_act = "gelu"  # the MLPs' act_fn is already built: only the rule is checked
+    for layer in model.model.layers:
+        layer.mlp.config = model.config
+    quantize_model(model, bits=4, group_size=64, progress=False)
+    report = fuse_projections(model)
+    assert (report.mlp, report.gated) == (2, 0)
+    assert type(model.model.layers[1].mlp.gate_up_proj) is LUTLinear
 
 
 def test_dense_bf16_llama_fuses_into_nn_linear():
@@ -211,7 +251,7 @@ def test_checkpoint_then_fuse_after_loading(tmp_path):
     ids = torch.randint(0, 256, (1, 6))
     ref = _logits(model, ids)
     for loaded in (load_quantized(tmp_path / "ckpt"), AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")):
-        assert fuse_projections(loaded).attention == 2
+        assert fuse_projections(loaded, gated=False).attention == 2
         assert torch.equal(_logits(loaded, ids), ref)
 
 
@@ -223,11 +263,16 @@ def test_mini_llama_quantized_fused_equals_unfused(shared_dir):
     quantize_model(model, bits=4, group_size=64, progress=False)
     ids = AutoTokenizer.from_pretrained(path)("Once upon a time, there was a little", return_tensors="pt").input_ids
     ref, ref_tokens = _logits(model, ids), _greedy(model, ids, 8)
-    report = fuse_projections(model)
+    gated = copy.deepcopy(model)
+    report = fuse_projections(model, gated=False)
     n_layers = model.config.num_hidden_layers
     assert (report.attention, report.mlp, report.skipped) == (n_layers, n_layers, [])
     assert torch.equal(_logits(model, ids), ref)
     assert torch.equal(_greedy(model, ids, 8), ref_tokens)
+    assert fuse_projections(gated).gated == n_layers  # silu(gate) * up rounded once: close, same tokens
+    got = _logits(gated, ids).float()
+    assert (got - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
+    assert torch.equal(_greedy(gated, ids, 8), ref_tokens)
 
 
 @gpu

@@ -1,0 +1,112 @@
+// Helpers for the GEMM GPU tests (test_gpu.cpp, test_gpu_epilogue.cpp): a random packed layer, one
+// fused-kernel call on it (output poisoned first), the relative error, a growing workspace.
+#pragma once
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "lutmm/cuda.h"
+#include "lutmm/pack.h"
+#include "lutmm/tables.h"
+#include "gpu_test_util.h"
+#include "test_util.h"
+
+namespace lutmm_test {
+using namespace lutmm;
+
+struct Layer {
+  Shape s;
+  std::vector<float> table, table_rounded;  // table as given / as the kernel sees it (rounded to dtype)
+  std::vector<uint8_t> codes, packed;
+  std::vector<uint16_t> scales, packed_scales;
+};
+
+inline Layer make_layer(const Shape& s, DType dt, std::mt19937& rng, int table_kind) {
+  Layer L;
+  L.s = s;
+  const int T = s.table_size();
+  if (table_kind == 0) L.table = nf_table(s.bits);
+  else if (table_kind == 1) L.table = int_table(s.bits);
+  else {  // random, non-monotone, negative and large values
+    std::uniform_real_distribution<float> d(-40.f, 25.f);
+    for (int i = 0; i < T; ++i) L.table.push_back(d(rng));
+  }
+  for (float v : L.table) L.table_rounded.push_back(from_dtype(to_dtype(v, dt), dt));
+  L.codes = random_codes(size_t(s.N * s.K), s.bits, rng());
+  L.scales = random_scales(size_t(s.N * s.groups()), rng(), 0.002f, 0.05f);
+  L.packed.resize(size_t(s.packed_bytes()));
+  L.packed_scales.resize(size_t(s.packed_scale_count()));
+  pack_codes(L.codes.data(), s, L.packed.data());
+  pack_scales(L.scales.data(), s, L.packed_scales.data());
+  return L;
+}
+
+// Workspace bytes the fused path `path` needs.
+inline size_t ws_need(gpu::Path path, int64_t M, const Shape& s) {
+  return path == gpu::Path::kWgmma ? gpu::wgmma_workspace_bytes(M, s, 0) : gpu::workspace_bytes(M, s, 0);
+}
+
+// Runs a fused kernel (kLut, with `kernel` choosing the decode kernel, or kWgmma); returns Y as
+// floats (M x N, or M x N/2 with Epilogue::kSiluMul). Y is poisoned with NaN first.
+inline std::vector<float> run_gpu(const Layer& L, const std::vector<uint16_t>& x, int64_t M, DType dt,
+                                  const std::vector<uint16_t>* bias, void* ws, size_t ws_bytes,
+                                  gpu::Path path = gpu::Path::kLut, gpu::LutKernel kernel = gpu::LutKernel::kAuto,
+                                  gpu::WgSplit split = gpu::WgSplit::kAuto,
+                                  gpu::DecodeSplit dsplit = gpu::DecodeSplit::kAuto,
+                                  gpu::Epilogue epilogue = gpu::Epilogue::kNone) {
+  const Shape& s = L.s;
+  const size_t y_elems = size_t(M * (epilogue == gpu::Epilogue::kSiluMul ? s.N / 2 : s.N));
+  DevBuf<uint8_t> dx(x.size() * 2), dw(L.packed.size()), ds(L.packed_scales.size() * 2), dy(y_elems * 2),
+      db(size_t(s.N) * 2);
+  cudaMemcpy(dx.p, x.data(), x.size() * 2, cudaMemcpyHostToDevice);
+  cudaMemcpy(dw.p, L.packed.data(), L.packed.size(), cudaMemcpyHostToDevice);
+  cudaMemcpy(ds.p, L.packed_scales.data(), L.packed_scales.size() * 2, cudaMemcpyHostToDevice);
+  cudaMemset(dy.p, 0xff, y_elems * 2);  // NaN in fp16 and bf16
+  if (bias) cudaMemcpy(db.p, bias->data(), size_t(s.N) * 2, cudaMemcpyHostToDevice);
+  gpu::GemmProblem p;
+  p.x = dx.p; p.dtype = dt; p.M = M; p.shape = s; p.packed = dw.p;
+  p.packed_scales = reinterpret_cast<const uint16_t*>(ds.p);
+  for (int i = 0; i < s.table_size(); ++i) p.table[i] = L.table[size_t(i)];
+  p.bias = bias ? db.p : nullptr;
+  p.y = dy.p;
+  p.epilogue = epilogue;
+  if (path == gpu::Path::kWgmma) gpu::wgmma_gemm(p, ws, ws_bytes, nullptr, split);
+  else gpu::lut_gemm(p, ws, ws_bytes, nullptr, kernel, dsplit);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<uint16_t> yh(y_elems);
+  cudaMemcpy(yh.data(), dy.p, yh.size() * 2, cudaMemcpyDeviceToHost);
+  std::vector<float> y(yh.size());
+  for (size_t i = 0; i < y.size(); ++i) y[i] = from_dtype(yh[i], dt);
+  return y;
+}
+
+// Relative Frobenius error; NaN anywhere (an unwritten output) returns +inf.
+inline double rel_err(const std::vector<float>& y, const std::vector<float>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < y.size(); ++i) {
+    if (!std::isfinite(y[i])) return INFINITY;
+    num += (double(y[i]) - ref[i]) * (double(y[i]) - ref[i]);
+    den += double(ref[i]) * ref[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+struct Workspace {
+  void* p = nullptr;
+  size_t bytes = 0;
+  void ensure(size_t b) {
+    if (b <= bytes) return;
+    cudaFree(p);
+    cudaMalloc(&p, b);
+    cudaMemset(p, 0, b);
+    bytes = b;
+  }
+  ~Workspace() { cudaFree(p); }
+};
+
+
+}  // namespace lutmm_test
