@@ -22,7 +22,7 @@ __all__ = ["QuantizedWeight", "quantize", "dequantize", "matmul", "reference_mat
 
 def __getattr__(name):  # lazy submodules that import torch-heavy code only when used
     if name in ("nn", "ops", "checkpoint", "cli", "evaluate", "hf", "quality", "gptq", "quantize_torch", "fuse",
-                "refit", "calib_text"):
+                "refit", "calib_text", "gated"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(name)

@@ -52,6 +52,10 @@ def test_gated_matmul_cpu_is_silu_gate_times_up(bits):
     assert yb.dtype == torch.bfloat16 and torch.equal(yb, silu_mul_interleaved(z).bfloat16())
 
 
+def test_lazy_submodule():
+    assert lutmm.gated.interleave_gate_up is interleave_gate_up
+
+
 def test_silu_mul_interleaved_pairs_rows_by_eight():
     z = torch.arange(32.0).view(1, 32)
     out = silu_mul_interleaved(z)
