@@ -3,7 +3,7 @@
 # Usage (device tool, repo root): bash scripts/gpu.sh [quick|standard|full|tests|bench|profile|sanitize|ab|kab|cxx|e2e|attn]
 # Logs go to $OUT. ab: everything, then kernel A/B builds (EXPERIMENTS="2"); kab: C++ build, GPU tests
 # and the A/B only; cxx: C++ build, GPU tests and the C++ kernel benchmark (lutmm_bench) only;
-# e2e: build, then bench/bench_e2e.py $E2E_ARGS only; attn: build, the decode-attention GPU tests and
+# e2e: build, then bench/bench_e2e.py $E2E_ARGS only (bench: GATED_ARGS runs bench/bench_gated.py too); attn: build, the decode-attention GPU tests and
 # bench/bench_attention.py. BENCH_ARGS replaces --quick for quick/bench.
 # ab/kab take AB_CASES / AB_B_PATHS (see bench_cases below). profile: Nsight Compute on PROFILE_CASES
 # ("N K M BITS [PATH];...", lutmm_bench) and PROFILE_TORCH ("M N K;...", cuBLAS bf16 through torch.mm).
@@ -141,6 +141,8 @@ if [[ $MODE == cxx ]]; then
 fi
 if [[ $MODE == quick || $MODE == bench ]]; then
   python3 bench/bench_kernel.py ${BENCH_ARGS:---quick} --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt"
+  # The gated MLP's gate/up call: plain, plain + SiLU kernel, gated (GATED_ARGS set, even empty: run it)
+  [[ -n ${GATED_ARGS+x} ]] && python3 bench/bench_gated.py $GATED_ARGS 2>"$OUT/gated.err" | tee "$OUT/gated.txt"
 elif [[ $MODE == standard ]]; then
   python3 bench/bench_kernel.py --standard --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt"
 elif [[ $MODE == full ]]; then
