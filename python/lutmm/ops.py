@@ -233,3 +233,31 @@ def _backward(ctx, gy):
 
 
 lut_matmul.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Autograd of lut_matmul_silu_mul (gradients to x; the weight is frozen): with Z = X W_hat^T recomputed in
+# the backward (gate columns G, up columns U, interleaved by 8), Y = silu(G) * U gives
+# dG = dY * U * silu'(G), dU = dY * silu(G), and dX = dZ W_hat with dZ interleaved back like Z.
+def _setup_context_silu_mul(ctx, inputs, output):
+    x, packed, packed_scales, table, N, K, bits, group_size = inputs
+    ctx.save_for_backward(x, packed, packed_scales)
+    ctx.args = (table, N, K, bits, group_size)
+
+
+def _backward_silu_mul(ctx, gy):
+    x, packed, packed_scales = ctx.saved_tensors
+    table, N, K, bits, group_size = ctx.args
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None, None, None, None
+    wdt = gy.dtype if (gy.is_cuda and gy.dtype in (torch.float16, torch.bfloat16)) else torch.float32
+    w = torch.ops.lutmm.dequantize(packed, packed_scales, table, N, K, bits, group_size, wdt)
+    z = torch.matmul(x.to(wdt), w.t()).float().reshape(*x.shape[:-1], N // 16, 2, 8)
+    g, u = z[..., 0, :], z[..., 1, :]
+    sg = torch.sigmoid(g)
+    dy = gy.float().reshape(*gy.shape[:-1], N // 16, 8)
+    dz = torch.stack([dy * u * sg * (1 + g * (1 - sg)), dy * g * sg], dim=-2).reshape(*x.shape[:-1], N)
+    gx = torch.matmul(dz.to(wdt), w).to(x.dtype)
+    return gx, None, None, None, None, None, None, None
+
+
+lut_matmul_silu_mul.register_autograd(_backward_silu_mul, setup_context=_setup_context_silu_mul)
