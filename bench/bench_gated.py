@@ -9,40 +9,16 @@ Each timed unit is one CUDA-graph replay of `--calls` calls cycling over enough 
 L2; medians of `--reps` replays, per call. Usage: python3 bench/bench_gated.py [--shapes 28672x4096 ...]
 """
 import argparse
-import statistics
+import os
+import sys
 
 import torch
 
-import lutmm
-from lutmm.gated import gated_matmul, silu_mul_interleaved
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernel import L2_BYTES, random_qweight, time_graph  # noqa: E402
+from lutmm.gated import gated_matmul, silu_mul_interleaved  # noqa: E402
 
-
-def random_weight(n: int, k: int, bits: int, g: int, dev) -> lutmm.QuantizedWeight:
-    """Random codes and scales in the packed layout (throughput does not depend on the values)."""
-    nbytes, nscales = lutmm._core.packed_bytes(n, k, bits, g), lutmm._core.packed_scale_count(n, k, bits, g)
-    packed = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=dev)
-    scales = (torch.rand(nscales, device=dev) * 0.02 + 0.001).half()
-    return lutmm.QuantizedWeight(packed, scales, lutmm.make_table("nf", bits), bits, g, (n, k), "nf")
-
-
-def time_graph(fn, calls: int, reps: int) -> float:
-    """Median us per call of `calls` calls of fn(i) captured in one CUDA graph."""
-    for i in range(calls):  # warm up (workspace, plans) outside capture
-        fn(i)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fn(i)
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / calls)
-    return statistics.median(times)
+import lutmm  # noqa: E402
 
 
 def main():
@@ -62,13 +38,14 @@ def main():
         for cfg in args.configs:
             bits, g = (int(v) for v in cfg.split(":"))
             per_weight = n * k * bits / 8
-            ws = [random_weight(n, k, bits, g, dev) for _ in range(max(2, int(200e6 // per_weight) + 1))]
+            ws = [random_qweight(n, k, bits, g, dev) for _ in range(max(2, int(4 * L2_BYTES // per_weight) + 1))]
             for m in args.ms:
                 x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
                 nw = len(ws)
-                plain = time_graph(lambda i: lutmm.matmul(x, ws[i % nw]), args.calls, args.reps)
-                act = time_graph(lambda i: act_fn(lutmm.matmul(x, ws[i % nw])), args.calls, args.reps)
-                gated = time_graph(lambda i: gated_matmul(x, ws[i % nw]), args.calls, args.reps)
+                calls = range(args.calls)
+                plain = time_graph([lambda i=i: lutmm.matmul(x, ws[i % nw]) for i in calls], args.reps)
+                act = time_graph([lambda i=i: act_fn(lutmm.matmul(x, ws[i % nw])) for i in calls], args.reps)
+                gated = time_graph([lambda i=i: gated_matmul(x, ws[i % nw]) for i in calls], args.reps)
                 print(f"{shape:>12} {m:>3} {bits:>2} {plain:8.1f} {act:10.1f} {gated:8.1f} {act - gated:7.1f}",
                       flush=True)
             del ws
