@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import _core
 from ._api import QuantizedWeight, _check_x
 
 # A unit is the pair (row g, row g + 8) of fields of F bits; a 64-bit word holds whole units. LO selects
@@ -99,11 +100,19 @@ def interleave_gate_up(gate: QuantizedWeight, up: QuantizedWeight) -> QuantizedW
     inter, K = gate.shape
     if inter % 8:
         raise ValueError(f"gate and up: {inter} rows, expected a multiple of 8")
+    nbytes = _core.packed_bytes(inter, K, gate.bits, gate.group_size)
+    nscales = _core.packed_scale_count(inter, K, gate.bits, gate.group_size)
+    for name, w in (("gate", gate), ("up", up)):
+        if (w.packed.dtype != torch.uint8 or w.packed.numel() != nbytes or w.packed_scales.dtype != torch.float16
+                or w.packed_scales.numel() != nscales):
+            raise ValueError(f"{name}: packed {w.packed.dtype} x {w.packed.numel()}, packed_scales "
+                             f"{w.packed_scales.dtype} x {w.packed_scales.numel()}; expected uint8 x {nbytes} and "
+                             f"float16 x {nscales} for {inter} x {K} at {gate.bits} bits, g = {gate.group_size}")
     nb_out = inter // 8  # fused row blocks (2 I / 16)
     cb = (K + 127) // 128
     groups = K // gate.group_size
-    packed = _interleave_codes(gate.packed, up.packed, gate.bits, nb_out, cb)
-    scales = _interleave_scales(gate.packed_scales, up.packed_scales, nb_out, groups)
+    packed = _interleave_codes(gate.packed.contiguous(), up.packed.contiguous(), gate.bits, nb_out, cb)
+    scales = _interleave_scales(gate.packed_scales.contiguous(), up.packed_scales.contiguous(), nb_out, groups)
     return QuantizedWeight(packed, scales, gate.table, gate.bits, gate.group_size, (2 * inter, K), gate.table_kind)
 
 

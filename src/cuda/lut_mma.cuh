@@ -157,9 +157,9 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
 __host__ __device__ inline constexpr int cluster_rows_per_rank(int c) { return (kWarps + c - 1) / c; }
 inline constexpr int cluster_xbuf_bytes(int c, int mt) { return c * cluster_rows_per_rank(c) * 4 * mt * 32 * 4; }
 
-// Writes acc (+ bias) of this warp's 16 rows x 8*MT tokens to Y (p.silu_mul: silu(gate) * up, 8 columns); rpt: row blocks per tile (p.rpt, passed
-// as the constant 8 by the kernels without row tiles: a runtime value there cost the 3-bit cp.async
-// kernel 19 registers).
+// Writes acc (+ bias) of this warp's 16 rows x 8*MT tokens to Y (p.silu_mul: silu(gate) * up, 8 columns);
+// rpt: row blocks per tile (p.rpt, passed as the constant 8 by the kernels without row tiles: a runtime
+// value there cost the 3-bit cp.async kernel 19 registers).
 template <int MT, typename T>
 __device__ __forceinline__ void store_tile(const Params<T>& p, int tile, int m0, const float (&acc)[MT][4],
                                            int rpt = kWarps) {

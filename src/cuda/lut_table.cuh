@@ -29,7 +29,7 @@ struct GemmParams {
   int M, N, K, G;
   int gl;                   // log2(group_size / 32); 30 when group_size = K is not a power of two
   int row_blocks, col_blocks;
-  int silu_mul;             // Epilogue::kSiluMul (see store_value)
+  int silu_mul;             // Epilogue::kSiluMul (store_silu_mul)
 };
 
 // Fills the GemmParams part of a kernel's parameters; the workspace holds `counters_bytes` of

@@ -89,6 +89,10 @@ def test_gradient_to_x_matches_the_unfused_mlp():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+def _truncated(qw):  # a corrupt weight: one packed byte short
+    return lutmm.QuantizedWeight(qw.packed[:-1], qw.packed_scales, qw.table, qw.bits, qw.group_size, qw.shape)
+
+
 @pytest.mark.parametrize("make,match", [
     (lambda: (_pair(32, 128, 4, 64)[2], _pair(16, 128, 4, 64)[3]), "shapes"),
     (lambda: (_pair(32, 128, 4, 64)[2], _pair(32, 128, 3, 64)[3]), "bits / group size"),
@@ -97,6 +101,7 @@ def test_gradient_to_x_matches_the_unfused_mlp():
     (lambda: (_pair(36, 128, 4, 32)[2], _pair(36, 128, 4, 32)[3]), "multiple of 8"),
     (lambda: (_pair(32, 128, 4, 64)[2], _pair(32, 128, 4, 64)[3].to("meta")), "on cpu and meta"),
     (lambda: (_pair(32, 128, 4, 64)[2], "up"), "up: expected a QuantizedWeight"),
+    (lambda: (_pair(32, 128, 4, 64)[2], _truncated(_pair(32, 128, 4, 64)[3])), "up: packed torch.uint8 x 2047"),
 ])
 def test_interleave_refuses_mismatched_weights(make, match):
     gate, up = make()
