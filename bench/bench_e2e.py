@@ -18,6 +18,7 @@ baseline; --no-fuse leaves every model unfused.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
@@ -144,9 +145,10 @@ def profile_replays(run, replays: int = 4) -> dict:
 
 @torch.no_grad()
 def decode_tokens_per_s(model, batch: int, prompt: int, gen: int, graph: bool, compile_step: bool = False,
-                        profile_step: bool = False):
-    """Decode tokens/s; with profile_step (graph mode on CUDA), also the captured step's breakdown
-    (profile_replays), else None."""
+                        profile_step: bool = False, repeats: int = 1, samples: list = None):
+    """Decode tokens/s, the median of `repeats` timed runs of `gen` steps (the cache rewound to the prompt
+    between them; one compilation and capture); each run's tokens/s is appended to `samples` when given.
+    With profile_step (graph mode on CUDA), also the captured step's breakdown (profile_replays), else None."""
     dev = next(model.parameters()).device
     cache = StaticCache(config=model.config, max_cache_len=prompt + gen + 8)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=dev)
@@ -171,19 +173,29 @@ def decode_tokens_per_s(model, batch: int, prompt: int, gen: int, graph: bool, c
             for _ in range(2):
                 step()
             rewind_static_cache(cache, prompt)
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(gen):
-        if run is not None:
-            run()
-            static_ids.copy_(static_out)
-        else:
-            static_ids.copy_(step())
-        static_pos.add_(1)
-    if cuda:
-        torch.cuda.synchronize()
-    tps = batch * gen / (time.perf_counter() - t0)
+    first_ids = static_ids.clone()
+    runs = []
+    for r in range(max(1, repeats)):
+        if r:  # back to the state after the prompt: the same positions, the same first token
+            rewind_static_cache(cache, prompt)
+            static_pos.fill_(prompt)
+            static_ids.copy_(first_ids)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(gen):
+            if run is not None:
+                run()
+                static_ids.copy_(static_out)
+            else:
+                static_ids.copy_(step())
+            static_pos.add_(1)
+        if cuda:
+            torch.cuda.synchronize()
+        runs.append(batch * gen / (time.perf_counter() - t0))
+    if samples is not None:
+        samples.extend(runs)
+    tps = statistics.median(runs)
     prof = None
     if profile_step and run is not None:
         try:
@@ -219,6 +231,9 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=256)
     ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="timed runs of --gen steps per model and batch (one compile and capture); the median is "
+                         "reported, with the range (run-to-run spread at batch 1 on the H100: ~2%%)")
     ap.add_argument("--attn", default="gqa-kernel",
                     help="attention for bf16 and lutmm alike, or a comma list (each measured on the same models, "
                          "an A/B in one run): gqa = lutmm.attention (K/V read once per KV head), "
@@ -284,14 +299,18 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         for b in args.batches:
             t0 = time.perf_counter()
+            runs = []
             tps, prof = decode_tokens_per_s(model, b, args.prompt, args.gen, graph=not args.no_graph,
-                                            compile_step=args.compile, profile_step=args.profile)
+                                            compile_step=args.compile, profile_step=args.profile,
+                                            repeats=args.repeats, samples=runs)
             if args.compile:
                 print(f"{'':>14} (compile + measure: {time.perf_counter() - t0:.0f} s)", flush=True)
             eager, _ = decode_tokens_per_s(model, b, args.prompt, min(args.gen, 32), graph=False)
             mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
             rows.append((label, b, tps, eager, mem))
             mode = ("compiled " if args.compile else "") + ("eager" if args.no_graph or not cuda else "graph")
+            if len(runs) > 1:
+                mode += f", median of {len(runs)}: {min(runs):.1f} .. {max(runs):.1f}"
             print(f"{label:>14} batch {b:>3}: {tps:9.1f} tok/s ({mode})  {eager:9.1f} tok/s (eager)  "
                   f"peak {mem:6.2f} GiB", flush=True)
             if prof is not None:

@@ -25,6 +25,9 @@ def test_tiny_model_swaps_every_decoder_linear_and_decodes():
     tps, prof = e2e.decode_tokens_per_s(model, batch=2, prompt=8, gen=3, graph=False, profile_step=True)
     assert tps > 0
     assert prof is None  # the step profile needs a captured CUDA graph
+    runs = []  # --repeats: timed runs from the same state (cache rewound), their median reported
+    tps, _ = e2e.decode_tokens_per_s(model, batch=2, prompt=8, gen=3, graph=False, repeats=3, samples=runs)
+    assert len(runs) == 3 and all(r > 0 for r in runs) and tps == sorted(runs)[1]
 
 
 def test_fused_tiny_models_decode_like_unfused():
