@@ -52,6 +52,18 @@ def test_gated_matmul_cpu_is_silu_gate_times_up(bits):
     assert yb.dtype == torch.bfloat16 and torch.equal(yb, silu_mul_interleaved(z).bfloat16())
 
 
+def test_row_shards_of_an_interleaved_weight_are_gated_shards():
+    """Tensor parallelism: rank r of lutmm.shard(w, dim=0) holds gate and up rows [r I/n, (r+1) I/n), so its
+    gated output is that slice of the full one (column-parallel gate/up, then a row-parallel down)."""
+    _, _, gq, uq, _ = _pair(64, 256, 4, 64, seed=9)
+    w = interleave_gate_up(gq, uq)
+    x = torch.randn(3, 256)
+    full = gated_matmul(x, w)
+    for r in range(4):
+        part = gated_matmul(x, lutmm.shard(w, dim=0, rank=r, world_size=4))
+        torch.testing.assert_close(part, full[:, 16 * r:16 * (r + 1)], rtol=1e-6, atol=1e-6)
+
+
 def test_lazy_submodule():
     assert lutmm.gated.interleave_gate_up is interleave_gate_up
 
