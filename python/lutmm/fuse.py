@@ -76,13 +76,17 @@ def _concat_dense(mods: Sequence[nn.Linear]) -> nn.Linear:
     return fused
 
 
+def _check_no_hooks(mods: Sequence[nn.Module]) -> None:
+    for m in mods:
+        if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):
+            raise ValueError("a projection has forward hooks (e.g. accelerate offload), which fusion would drop")
+
+
 def concat_linears(mods: Sequence[nn.Module]) -> nn.Module:
     """One linear whose output is the concatenation of the outputs of `mods` (all LUTLinear, or all nn.Linear).
     Raises ValueError saying why they can't be fused (mixed types, formats or tables, hooks attached)."""
     kinds = {type(m) for m in mods}
-    for m in mods:
-        if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):
-            raise ValueError("a projection has forward hooks (e.g. accelerate offload), which fusion would drop")
+    _check_no_hooks(mods)
     if kinds == {LUTLinear}:
         return _concat_lut(mods)
     if kinds == {nn.Linear}:
@@ -196,47 +200,41 @@ class LUTGatedLinear(LUTLinear):
         return super().extra_repr() + ", silu(gate) * up (rows interleaved by 8)"
 
 
-def _gated_lut(mlp: nn.Module) -> LUTGatedLinear:
-    """gate_proj and up_proj of a SiLU MLP as one LUTGatedLinear; ValueError where that can't be done exactly
-    (not LUT, a bias, an activation other than SiLU, mismatched formats or tables, I not a multiple of 8)."""
-    gate, up = mlp.gate_proj, mlp.up_proj
+def _gated_lut(mlp: nn.Module, mods: Sequence[nn.Module]) -> LUTGatedLinear:
+    """gate_proj and up_proj (`mods`) of a SiLU MLP as one LUTGatedLinear; ValueError where that can't be
+    done exactly (not LUT, a bias, an activation other than SiLU, hooks, mismatched formats or tables, I not
+    a multiple of 8)."""
+    gate, up = mods
     if type(gate) is not LUTLinear or type(up) is not LUTLinear:
         raise ValueError("not LUTLinear")
     if gate.bias is not None or up.bias is not None:
         raise ValueError("a bias")
     if getattr(mlp.config, "hidden_act", None) not in ("silu", "swish"):
         raise ValueError(f"activation {getattr(mlp.config, 'hidden_act', None)!r}, not SiLU")
-    for m in (gate, up):
-        if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):
-            raise ValueError("a projection has forward hooks (e.g. accelerate offload), which fusion would drop")
-    qw = interleave_gate_up(gate.quantized_weight(), up.quantized_weight())
-    fused = LUTGatedLinear.from_quantized(qw)
-    return fused
+    _check_no_hooks(mods)
+    return LUTGatedLinear.from_quantized(interleave_gate_up(gate.quantized_weight(), up.quantized_weight()))
 
 
 def _fuse_mlp(mlp: nn.Module, gated: bool) -> None:
-    """gate/up of `mlp` as one LUTGatedLinear where possible (and `gated`), else as one concatenated linear
-    (_fuse_into)."""
-    try:
-        if not gated:
-            raise ValueError("gated=False")
-        fused = _gated_lut(mlp)
-    except ValueError:
-        _fuse_into(mlp, GATE_UP, FusedGateUpLlamaMLP, "gate_up_proj", "gate_up_sizes")
-        return
-    sizes = (int(mlp.gate_proj.out_features), int(mlp.up_proj.out_features))
-    for n in GATE_UP:
-        delattr(mlp, n)
-    mlp.__class__ = FusedGateUpLlamaMLP
-    mlp.gate_up_proj = fused
-    mlp.gate_up_sizes = sizes
+    """gate/up of `mlp` as one LUTGatedLinear where possible (and `gated`), else as one concatenated linear.
+    Raises ValueError (from the concatenation), leaving `mlp` unchanged."""
+    if gated:
+        try:
+            _fuse_into(mlp, GATE_UP, FusedGateUpLlamaMLP, "gate_up_proj", "gate_up_sizes",
+                       make=lambda mods: _gated_lut(mlp, mods))
+            return
+        except ValueError:
+            pass  # not gated-able: the plain concatenation below (or its reason)
+    _fuse_into(mlp, GATE_UP, FusedGateUpLlamaMLP, "gate_up_proj", "gate_up_sizes")
 
 
-def _fuse_into(module: nn.Module, names: Sequence[str], fused_cls, fused_name: str, sizes_name: str) -> None:
-    """Replaces the linears `names` of `module` by one linear `fused_name` and turns `module` into `fused_cls`
-    (a subclass of its class that only changes forward). Raises ValueError, leaving `module` unchanged."""
+def _fuse_into(module: nn.Module, names: Sequence[str], fused_cls, fused_name: str, sizes_name: str,
+               make=concat_linears) -> None:
+    """Replaces the linears `names` of `module` by one linear `fused_name` = make(those linears) and turns
+    `module` into `fused_cls` (a subclass of its class that only changes forward). Raises ValueError, leaving
+    `module` unchanged."""
     mods = [getattr(module, n) for n in names]
-    fused = concat_linears(mods)
+    fused = make(mods)
     sizes = tuple(int(m.out_features) for m in mods)
     for n in names:
         delattr(module, n)

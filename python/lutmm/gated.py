@@ -17,8 +17,6 @@ packed form of the interleaved weight (tested against quantizing it).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -137,7 +135,7 @@ def gated_matmul(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     return op(x, qw.packed, qw.packed_scales, qw._table_list, qw.N, qw.K, qw.bits, qw.group_size)
 
 
-def reference_gated_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def reference_gated_matmul(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     """The oracle: lutmm.reference_matmul (fp64 sums, CPU), then silu(gate) * up in float32."""
     from ._api import reference_matmul
-    return silu_mul_interleaved(reference_matmul(x, qw, bias))
+    return silu_mul_interleaved(reference_matmul(x, qw))

@@ -219,14 +219,19 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def _grad_weight(gy, packed, packed_scales, table, N, K, bits, group_size) -> torch.Tensor:
+    """W_hat for a backward: gy's dtype on CUDA (fp16 / bf16), else float32."""
+    wdt = gy.dtype if (gy.is_cuda and gy.dtype in (torch.float16, torch.bfloat16)) else torch.float32
+    return torch.ops.lutmm.dequantize(packed, packed_scales, table, N, K, bits, group_size, wdt)
+
+
 def _backward(ctx, gy):
     packed, packed_scales = ctx.saved_tensors
     table, N, K, bits, group_size = ctx.args
     gx = gb = None
     if ctx.needs_input_grad[0]:
-        wdt = gy.dtype if (gy.is_cuda and gy.dtype in (torch.float16, torch.bfloat16)) else torch.float32
-        w = torch.ops.lutmm.dequantize(packed, packed_scales, table, N, K, bits, group_size, wdt)
-        gx = torch.matmul(gy.to(wdt), w).to(ctx.x_dtype)
+        w = _grad_weight(gy, packed, packed_scales, table, N, K, bits, group_size)
+        gx = torch.matmul(gy.to(w.dtype), w).to(ctx.x_dtype)
     if ctx.has_bias and ctx.needs_input_grad[8]:
         gb = gy.reshape(-1, N).sum(0)
     return gx, None, None, None, None, None, None, None, gb
@@ -249,14 +254,13 @@ def _backward_silu_mul(ctx, gy):
     table, N, K, bits, group_size = ctx.args
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None, None, None, None
-    wdt = gy.dtype if (gy.is_cuda and gy.dtype in (torch.float16, torch.bfloat16)) else torch.float32
-    w = torch.ops.lutmm.dequantize(packed, packed_scales, table, N, K, bits, group_size, wdt)
-    z = torch.matmul(x.to(wdt), w.t()).float().reshape(*x.shape[:-1], N // 16, 2, 8)
+    w = _grad_weight(gy, packed, packed_scales, table, N, K, bits, group_size)
+    z = torch.matmul(x.to(w.dtype), w.t()).float().reshape(*x.shape[:-1], N // 16, 2, 8)
     g, u = z[..., 0, :], z[..., 1, :]
     sg = torch.sigmoid(g)
     dy = gy.float().reshape(*gy.shape[:-1], N // 16, 8)
     dz = torch.stack([dy * u * sg * (1 + g * (1 - sg)), dy * g * sg], dim=-2).reshape(*x.shape[:-1], N)
-    gx = torch.matmul(dz.to(wdt), w).to(x.dtype)
+    gx = torch.matmul(dz.to(w.dtype), w).to(x.dtype)
     return gx, None, None, None, None, None, None, None
 
 
