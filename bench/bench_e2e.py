@@ -226,8 +226,9 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--configs", default="4:128,4:64,3:128,3:64,2:128,2:64",
-                    help="bits:group[:plain],... (plain: gate/up fused without the silu(gate) * up epilogue, "
-                         "inductor's SiLU kernel after it: an A/B in one process)")
+                    help="bits:group[:plain|:fold],... (plain: gate/up fused without the silu(gate) * up epilogue, "
+                         "inductor's SiLU kernel after it; fold: lutmm.layerfold, the norms and residual adds "
+                         "inside the projections: A/Bs in one process)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=256)
     ap.add_argument("--no-graph", action="store_true")
@@ -273,9 +274,9 @@ def main():
     configs = []
     for c in args.configs.split(","):
         parts = c.split(":")
-        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "plain"):
-            ap.error(f"--configs: bits:group[:plain], got {c!r}")
-        configs.append((int(parts[0]), int(parts[1]), len(parts) == 3))
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("plain", "fold")):
+            ap.error(f"--configs: bits:group[:plain|:fold], got {c!r}")
+        configs.append((int(parts[0]), int(parts[1]), parts[2] if len(parts) == 3 else ""))
     fuse_bf16 = args.fuse and not args.unfused_bf16
     projections = {(True, True): "fused q/k/v + gate/up (lutmm and bf16)",
                    (True, False): "fused q/k/v + gate/up for lutmm; bf16 baseline unfused (stock HF)",
@@ -322,17 +323,24 @@ def main():
     if fuse_bf16:
         fuse(model)
     measure("bf16", model)
-    for bits, g, plain in configs:
+    for bits, g, variant in configs:
         del model
         if cuda:
             torch.cuda.empty_cache()
         model = build(args.model, args.device, attns[0])
+        if variant == "fold":  # norm weights into the projections (random weights: only the norms change)
+            from lutmm.layerfold import fold_layers, fold_norm_weights
+            fold_norm_weights(model)
         swap_to_lutmm(model, bits, g, lm_head=args.lm_head)
         if args.fuse:
-            fuse(model, gated=not plain)
+            fuse(model, gated=variant != "plain")
+        if variant == "fold":
+            if not args.fuse:
+                ap.error(":fold needs --fuse")
+            fold_layers(model)
         if cuda:
             torch.cuda.empty_cache()
-        measure(f"lutmm {bits}b g{g}" + ("+head" if args.lm_head else "") + (" plain" if plain else ""), model)
+        measure(f"lutmm {bits}b g{g}" + ("+head" if args.lm_head else "") + (f" {variant}" if variant else ""), model)
     def attn_of(label):  # "" for a single attention
         return label[label.index("["):] if "[" in label else ""
 

@@ -220,7 +220,7 @@ NB_MODULE(_ext, m) {
   m.def("gpu_lut_gemm", [](uintptr_t x, int dtype, int64_t M, uintptr_t packed, uintptr_t packed_scales,
                            std::vector<float> table, int64_t N, int64_t K, int bits, int64_t g, uintptr_t bias,
                            uintptr_t y, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream, int path,
-                           int epilogue) { return guarded([&] {
+                           int epilogue, uintptr_t residual, bool rms_norm, float rms_eps) { return guarded([&] {
     gpu::GemmProblem p;
     p.shape = shape_of(N, K, bits, g);
     const float* t = table_of(table, bits);
@@ -229,6 +229,7 @@ NB_MODULE(_ext, m) {
     for (size_t i = 0; i < table.size(); ++i) p.table[i] = t[i];
     p.bias = P<const void>(bias); p.y = P<void>(y);
     p.epilogue = gpu::Epilogue(epilogue);  // 0: Y = X W^T (+ bias); 1: silu(gate) * up (see gpu::Epilogue)
+    p.residual = P<const void>(residual); p.rms_norm = rms_norm; p.rms_eps = rms_eps;  // a folded layer
     if (path == int(gpu::Path::kWgmma)) gpu::wgmma_gemm(p, P<void>(workspace), workspace_bytes, P<void>(stream));
     else gpu::lut_gemm(p, P<void>(workspace), workspace_bytes, P<void>(stream));
   }); });

@@ -41,6 +41,13 @@ struct GemmProblem {
   const void* bias = nullptr;             // N values of dtype, or nullptr
   void* y = nullptr;                      // output, M x N (M x N/2 with Epilogue::kSiluMul)
   Epilogue epilogue = Epilogue::kNone;
+  // A decoder layer's RMSNorm and residual add, folded into the projections (the kLut path only):
+  // rms_norm: Y = r_m (X W_hat^T)[m] with r_m = rsqrt(mean_k X[m][k]^2 + rms_eps), X the raw residual
+  // stream (the norm's weight folded into W's columns offline), before the epilogue; residual: M x N of
+  // dtype added to Y (not with kSiluMul).
+  bool rms_norm = false;
+  float rms_eps = 0.f;
+  const void* residual = nullptr;
 };
 
 // Which path dispatch picks for this problem on `device` (readable rule, see gemm.cu).

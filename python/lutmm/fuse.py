@@ -107,21 +107,30 @@ class FusedQKVLlamaAttention(_llama.LlamaAttention):
     qkv_sizes: Tuple[int, int, int]
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                **kwargs):
+                lutmm_fold=None, **kwargs):
+        # lutmm_fold = (eps, residual): a FoldedLlamaDecoderLayer's call (lutmm.layerfold): hidden_states is
+        # the raw residual stream, q/k/v apply the RMSNorm themselves and o adds the residual
+        if lutmm_fold is None:
+            qkv_proj, o_proj = self.qkv_proj, self.o_proj
+        else:
+            from .layerfold import layer_matmul
+            eps, residual = lutmm_fold
+            qkv_proj = lambda t: layer_matmul(self.qkv_proj, t, rms_eps=eps)  # noqa: E731
+            o_proj = lambda t: layer_matmul(self.o_proj, t, residual=residual)  # noqa: E731
         step = _fused_step_inputs(self, hidden_states, position_embeddings, attention_mask, past_key_values, kwargs)
         if step is not None:  # a decode step through lutmm's kernel: rotary, cache write, attention in one
             layer, mask = step
             b = hidden_states.shape[0]
             cos, sin = position_embeddings
-            out = gqa_decode_step(self.qkv_proj(hidden_states).view(b, -1), cos, sin, layer.keys, layer.values,
+            out = gqa_decode_step(qkv_proj(hidden_states).view(b, -1), cos, sin, layer.keys, layer.values,
                                   layer.cumulative_length, mask, float(self.scaling),
                                   self.config.num_attention_heads)
             layer.cumulative_length.add_(1)  # as StaticLayer.update
-            return self.o_proj(out.view(b, 1, -1)), None
+            return o_proj(out.view(b, 1, -1)), None
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
 
-        q, k, v = self.qkv_proj(hidden_states).split(self.qkv_sizes, dim=-1)
+        q, k, v = qkv_proj(hidden_states).split(self.qkv_sizes, dim=-1)
         query_states = q.view(hidden_shape).transpose(1, 2)
         key_states = k.view(hidden_shape).transpose(1, 2)
         value_states = v.view(hidden_shape).transpose(1, 2)
@@ -139,7 +148,7 @@ class FusedQKVLlamaAttention(_llama.LlamaAttention):
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs)
 
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        attn_output = self.o_proj(attn_output)
+        attn_output = o_proj(attn_output)
         return attn_output, attn_weights
 
 

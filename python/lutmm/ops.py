@@ -113,10 +113,13 @@ def _(x, packed, packed_scales, table, N, K, bits, group_size, bias=None):
     return y.to(x.dtype)
 
 
-def _cuda_gemm(x, packed, packed_scales, table, N, K, bits, group_size, bias, silu_mul: bool):
+def _cuda_gemm(x, packed, packed_scales, table, N, K, bits, group_size, bias, silu_mul: bool, residual=None,
+               rms_eps: Optional[float] = None):
     """Y (..., N) = X W_hat^T (+ bias), or with silu_mul (an interleave_gate_up weight) silu(gate) * up
     (..., N / 2), on X's CUDA device; the fused kernels write the product in their epilogue, the dequant
-    path computes it after cuBLAS."""
+    path computes it after cuBLAS. A folded decoder layer (lutmm.layerfold): with rms_eps, each token's
+    sums are scaled by rsqrt(mean(x^2) + rms_eps) first; residual (..., N) is added last. The LUT path
+    does both in the kernel, the others after the matmul."""
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x: dtype {x.dtype}, expected float16 or bfloat16 on CUDA")
     if bias is not None and bias.dtype != x.dtype:
@@ -134,6 +137,20 @@ def _cuda_gemm(x, packed, packed_scales, table, N, K, bits, group_size, bias, si
     path, ws_bytes = _plan(M, N, K, bits, group_size, dev.index or 0, FORCE_PATH)
     if packed.device != dev or packed_scales.device != dev:
         raise ValueError(f"packed weight on {packed.device}, expected {dev} (the device of x)")
+    if residual is not None:
+        residual = residual.reshape(M, n_out)
+        if residual.dtype != x.dtype or residual.device != dev:
+            raise ValueError(f"residual: {residual.dtype} on {residual.device}, expected {x.dtype} on {dev}")
+        residual = residual.contiguous()
+    if (residual is not None or rms_eps is not None) and path != "lut":  # the kernels that take them: LUT only
+        y = _cuda_gemm(x2, packed, packed_scales, table, N, K, bits, group_size, bias, False).float()
+        if rms_eps is not None:
+            y = y * torch.rsqrt(x2.float().pow(2).mean(-1, keepdim=True) + rms_eps)
+        if silu_mul:
+            y = silu_mul_interleaved(y)
+        if residual is not None:
+            y = y + residual.float()
+        return y.to(x.dtype).reshape(*lead, n_out)
     if path != "dequant":
         pp, ps = _check_packed(packed, packed_scales, N, K, bits, group_size, "cuda")
         bp = 0
@@ -143,7 +160,9 @@ def _cuda_gemm(x, packed, packed_scales, table, N, K, bits, group_size, bias, si
         y = torch.empty(M, n_out, dtype=x.dtype, device=dev)
         ws = _workspace(dev, ws_bytes)
         _core.gpu_lut_gemm(x2.data_ptr(), _DTYPE_CODE[x.dtype], M, pp, ps, list(table), N, K, bits, group_size, bp,
-                           y.data_ptr(), ws.data_ptr(), ws.numel(), stream, _PATH_CODES[path], int(silu_mul))
+                           y.data_ptr(), ws.data_ptr(), ws.numel(), stream, _PATH_CODES[path], int(silu_mul),
+                           0 if residual is None else residual.data_ptr(), rms_eps is not None,
+                           0.0 if rms_eps is None else float(rms_eps))
     else:
         w = gpu_dequantize(packed, packed_scales, table, N, K, bits, group_size, x.dtype)
         y = F.linear(x2, w, bias)
@@ -265,3 +284,40 @@ def _backward_silu_mul(ctx, gy):
 
 
 lut_matmul_silu_mul.register_autograd(_backward_silu_mul, setup_context=_setup_context_silu_mul)
+
+
+# ---- a folded decoder layer (lutmm.layerfold) -------------------------------------------------------------
+@torch.library.custom_op("lutmm::lut_matmul_layer", mutates_args=())
+def lut_matmul_layer(x: torch.Tensor, packed: torch.Tensor, packed_scales: torch.Tensor, table: List[float], N: int,
+                     K: int, bits: int, group_size: int, residual: Optional[torch.Tensor], rms_eps: float,
+                     silu_mul: bool) -> torch.Tensor:
+    """Z = X W_hat^T; with rms_eps >= 0 each token's row of Z times rsqrt(mean(x^2) + rms_eps) (an RMSNorm
+    whose weight is folded into W); with silu_mul silu(gate) * up (lutmm.gated); plus residual if given."""
+    raise NotImplementedError("lutmm::lut_matmul_layer: no implementation for this device")
+
+
+@lut_matmul_layer.register_fake
+def _(x, packed, packed_scales, table, N, K, bits, group_size, residual, rms_eps, silu_mul):
+    return x.new_empty(*x.shape[:-1], N // 2 if silu_mul else N)
+
+
+@lut_matmul_layer.register_kernel("cpu")
+def _(x, packed, packed_scales, table, N, K, bits, group_size, residual, rms_eps, silu_mul):
+    w = cpu_dequantize(packed.contiguous(), packed_scales.contiguous(), table, N, K, bits, group_size)
+    xf = x.float()
+    y = F.linear(xf, w)
+    if rms_eps >= 0:
+        y = y * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_eps)
+    if silu_mul:
+        y = silu_mul_interleaved(y)
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype)
+
+
+def cuda_lut_matmul_layer(x, packed, packed_scales, table, N, K, bits, group_size, residual, rms_eps, silu_mul):
+    return _cuda_gemm(x, packed, packed_scales, table, N, K, bits, group_size, None, silu_mul, residual,
+                      rms_eps if rms_eps >= 0 else None)
+
+
+lut_matmul_layer.register_kernel("cuda")(cuda_lut_matmul_layer)

@@ -55,6 +55,11 @@ void validate_problem(const GemmProblem& prob) {
   } else if (prob.epilogue != Epilogue::kNone) {
     throw Error("epilogue: unknown value " + std::to_string(int(prob.epilogue)));
   }
+  if (prob.residual && prob.epilogue != Epilogue::kNone) throw Error("residual: not with the silu_mul epilogue");
+  if (prob.residual && prob.bias) throw Error("residual: not with a bias (add it to the residual)");
+  if (prob.residual) check_aligned(prob.residual, "residual");
+  if (prob.rms_norm && !(prob.rms_eps >= 0.f && prob.rms_eps < 1.f))
+    throw Error("rms_eps: expected 0 <= eps < 1, got " + std::to_string(prob.rms_eps));
 }
 
 bool pdl_supported(int device) {

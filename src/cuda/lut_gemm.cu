@@ -88,7 +88,8 @@ constexpr int kStages = LUTMM_EXPERIMENT == 2 ? 4 : 3;  // cp.async pipeline dep
 template <bool ROWS>
 constexpr int kRedBytes = ROWS ? kWarps * 4 * 32 * 4 : 0;
 template <int BITS, int MT, bool ROWS = false>
-constexpr int kSmemBytes = Layout<BITS, MT>::kLutBytes + kStages * Layout<BITS, MT>::kStageBytes + 16 + kRedBytes<ROWS>;  // + flag
+constexpr int kSmemBytes = Layout<BITS, MT>::kLutBytes + kStages * Layout<BITS, MT>::kStageBytes + 16 + kRedBytes<ROWS> +
+                           32 * 4;  // + flag, red, rms_norm factors of up to 32 tokens
 
 // Copies one iteration's weights, scales (WeightLoader, lut_table.cuh) and activations into a
 // pipeline stage. Activation rows at or beyond M are never loaded: zero_rows() clears them once in
@@ -163,6 +164,7 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
   uint8_t* stages = smem + L::kLutBytes;
   int* flag = reinterpret_cast<int*>(stages + kStages * L::kStageBytes);
   float* red = reinterpret_cast<float*>(stages + kStages * L::kStageBytes + 16);  // kRedBytes<ROWS>
+  float* rs = red + kRedBytes<ROWS> / 4;  // rms_norm factors, 8 * MT tokens
 
   // Iterations: (tile, i) pairs, i innermost; iteration i of a tile covers k-blocks [i kpt, (i + 1) kpt).
   const int rpt = StageLoader<BITS, MT, T, ROWS>::rpt(p);
@@ -208,6 +210,10 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
     }
     cp_async_commit();
   }
+  if (p.rms_norm) {  // each token's factor, read while the first activations are in flight
+    row_rms_factors(p, p.x, m0, 8 * MT, rs, int(threadIdx.x / 32), kWarps);
+    __syncthreads();
+  }
 
   float acc[MT][4];
 #pragma unroll
@@ -246,6 +252,7 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
     st_cmp = st_cmp == st_last ? stages : st_cmp + L::kStageBytes;
 
     if (kb == p.k_iters - 1 || it == it_end - 1) {  // end of this CTA's segment of `tile`
+      if (p.rms_norm) scale_by_rows<MT>(acc, rs);
       if constexpr (ROWS) {
         if (kpt > 1) {  // tiles of rpt < 8 row blocks: warp w_row (w_ksub = 0) adds the others' sums in order
 #pragma unroll

@@ -186,9 +186,27 @@ __device__ __forceinline__ void store_tile(const Params<T>& p, int tile, int m0,
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int m = m0 + mt * 8 + 2 * t + e;
-        if (m < p.M) p.y[int64_t(m) * p.N + n] = Elem<T>::from_float(acc[mt][2 * i + e] + b);
+        if (m >= p.M) continue;
+        const int64_t at = int64_t(m) * p.N + n;
+        const float r = p.residual ? Elem<T>::to_float(p.residual[at]) : 0.f;
+        p.y[at] = Elem<T>::from_float(acc[mt][2 * i + e] + b + r);
       }
   }
+}
+
+// GemmProblem::rms_norm: multiplies this thread's sums by their tokens' factors (row_rms_factors' rs,
+// indexed from the CTA's first token): acc[mt][2 i + e] is token 8 mt + 2 t + e.
+template <int MT>
+__device__ __forceinline__ void scale_by_rows(float (&acc)[MT][4], const float* rs) {
+  const int t = threadIdx.x % 4;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float r = rs[mt * 8 + 2 * t + e];
+      acc[mt][e] *= r;
+      acc[mt][2 + e] *= r;
+    }
 }
 
 // Split-K over a cluster of C = p.cluster CTAs (sm_90a; lut_split, src/plan.cpp): the CTA of rank r

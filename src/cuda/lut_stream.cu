@@ -82,11 +82,13 @@ constexpr int kMaxStages = 32;
 // in shared memory, [warp][4][32 lanes] floats after the flags.
 template <bool ROWS>
 constexpr int kRedBytes = ROWS ? kWarps * 4 * 32 * 4 : 0;
-// Shared memory: table | stages[kGroups][S] | mbarriers full[S], empty[S] per group | flag per group | red.
+// GemmProblem::rms_norm's per-token factors, 16 floats per group (row_rms_factors).
+constexpr int kNormBytes = kGroups * 16 * 4;
+// Shared memory: table | stages[kGroups][S] | mbarriers full[S], empty[S] per group | flag per group | red | rs.
 template <int BITS, int MT, bool ROWS, int CTAS>
 constexpr int smem_bytes(int stages) {
   using L = KLayout<BITS, MT, ROWS, CTAS>;
-  return L::kLutBytes + kGroups * stages * (L::kStageBytes + 16) + 16 + kRedBytes<ROWS>;
+  return L::kLutBytes + kGroups * stages * (L::kStageBytes + 16) + 16 + kRedBytes<ROWS> + kNormBytes;
 }
 
 #if LUTMM_SM90A
@@ -197,6 +199,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const uint32_t bars = smem_base + L::kLutBytes + uint32_t(kGroups * S) * L::kStageBytes + 16 * S * group;  // full[S], empty[S]
   int* flag = reinterpret_cast<int*>(smem + L::kLutBytes + kGroups * S * (L::kStageBytes + 16)) + group;
   float* red = reinterpret_cast<float*>(smem + L::kLutBytes + kGroups * S * (L::kStageBytes + 16) + 16);  // ROWS
+  float* rs = red + kRedBytes<ROWS> / 4 + 16 * group;  // rms_norm factors of this group's tokens
 
   const int worker = blockIdx.x * kGroups + group;
   const int64_t total = int64_t(p.tiles) * p.k_iters;  // < 2^31 (checked on the host)
@@ -235,6 +238,10 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   grid_dependents_launch();  // the next kernel may start its prologue as our CTAs finish
 
   const int gwarp = warp % kWarps;  // block of a stage: row block of the tile (row tiles: see warp_row)
+  if (p.rms_norm) {  // each token's factor, read while the producer's first stages are in flight
+    row_rms_factors(p, p.x, m0, 8 * MT, rs, gwarp, kWarps);
+    wg::named_sync(2 + group, kThreads);
+  }
   const int rpt = ROWS ? p.rpt : kWarps, kpt = kWarps / rpt;  // row blocks per tile, k-blocks per iteration
   const int w_row = ROWS ? gwarp / kpt : gwarp, w_ksub = ROWS ? gwarp % kpt : 0;
   const int s_stride = 32 * groups_per_kblock(p.gl);  // scale bytes per block in a stage (the TMA box row)
@@ -281,6 +288,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
       if (full == ring_end) { full = ring_bars; stage_off = ring_base; phase ^= 1; }
     }
     const int bar = 2 + group;
+    if (p.rms_norm) scale_by_rows<MT>(acc, rs);
     bool store_live = warp_live;
     if constexpr (ROWS) {  // warp r < rpt adds the sums of row block r's kpt warps, in k order
       const float* mine = &acc[0][0];
@@ -310,7 +318,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
 template <int BITS, int MT, bool ROWS, int CTAS>
 int stages_for(int budget_bytes) {
   using L = KLayout<BITS, MT, ROWS, CTAS>;
-  const int s = (budget_bytes - L::kLutBytes - 16 - kRedBytes<ROWS>) / (kGroups * (L::kStageBytes + 16));
+  const int s = (budget_bytes - L::kLutBytes - 16 - kRedBytes<ROWS> - kNormBytes) / (kGroups * (L::kStageBytes + 16));
   return std::max(2, std::min(kMaxStages, s));
 }
 

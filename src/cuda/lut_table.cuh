@@ -30,6 +30,9 @@ struct GemmParams {
   int gl;                   // log2(group_size / 32); 30 when group_size = K is not a power of two
   int row_blocks, col_blocks;
   int silu_mul;             // Epilogue::kSiluMul (store_silu_mul)
+  const T* residual;        // M x N added to Y, or nullptr (GemmProblem::residual)
+  int rms_norm;             // scale each token's sums by rsqrt(mean(x^2) + rms_eps) (row_rms_factors)
+  float rms_eps;
 };
 
 // Fills the GemmParams part of a kernel's parameters; the workspace holds `counters_bytes` of
@@ -48,6 +51,37 @@ void fill_gemm_params(GemmParams<T>& p, const GemmProblem& prob, void* ws, size_
   p.gl = group_log2(s.group_size);
   p.row_blocks = int(s.row_blocks()); p.col_blocks = int(s.col_blocks());
   p.silu_mul = prob.epilogue == Epilogue::kSiluMul;
+  p.residual = static_cast<const T*>(prob.residual);
+  p.rms_norm = prob.rms_norm;
+  p.rms_eps = prob.rms_eps;
+}
+
+// GemmProblem::rms_norm: r[j] = rsqrt(mean_k x[m0 + j][k]^2 + eps) for the n_tok tokens from m0 (0 past
+// M), written to shared `rs` by `warps` warps (warp w: tokens w, w + warps, ...); the caller syncs before
+// reading. Each lane reads 16-byte vectors of the row (K is a multiple of 32, x 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void row_rms_factors(const GemmParams<T>& p, const T* x, int m0, int n_tok, float* rs,
+                                                int warp, int warps) {
+  const int lane = threadIdx.x % 32;
+  for (int j = warp; j < n_tok; j += warps) {
+    const int m = m0 + j;
+    float ss = 0.f;
+    if (m < p.M) {
+      const T* row = x + int64_t(m) * p.K;
+      for (int k = lane * 8; k < p.K; k += 256) {
+        const uint4 v = *reinterpret_cast<const uint4*>(row + k);
+        const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          const float f = Elem<T>::to_float(e[q]);
+          ss = fmaf(f, f, ss);
+        }
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) rs[j] = m < p.M ? rsqrtf(ss / float(p.K) + p.rms_eps) : 0.f;
+  }
 }
 
 // Epilogue::kSiluMul's output for token m of one lane's accumulator pair: rows n (gate, n % 16 < 8) and

@@ -742,6 +742,8 @@ int wgmma_cluster_size(int64_t M, const Shape& shape, int device) {
 
 void wgmma_gemm(const GemmProblem& prob, void* ws, size_t ws_bytes, void* stream, WgSplit split) {
   validate_problem(prob);
+  if (prob.rms_norm || prob.residual)
+    throw Error("rms_norm / residual: the wgmma path does not take them (the kLut path does)");
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   if (!wgmma_supported(dev))

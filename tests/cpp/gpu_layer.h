@@ -57,7 +57,8 @@ inline std::vector<float> run_gpu(const Layer& L, const std::vector<uint16_t>& x
                                   gpu::Path path = gpu::Path::kLut, gpu::LutKernel kernel = gpu::LutKernel::kAuto,
                                   gpu::WgSplit split = gpu::WgSplit::kAuto,
                                   gpu::DecodeSplit dsplit = gpu::DecodeSplit::kAuto,
-                                  gpu::Epilogue epilogue = gpu::Epilogue::kNone) {
+                                  gpu::Epilogue epilogue = gpu::Epilogue::kNone, bool rms_norm = false,
+                                  float rms_eps = 0.f, const std::vector<uint16_t>* residual = nullptr) {
   const Shape& s = L.s;
   const size_t y_elems = size_t(M * (epilogue == gpu::Epilogue::kSiluMul ? s.N / 2 : s.N));
   DevBuf<uint8_t> dx(x.size() * 2), dw(L.packed.size()), ds(L.packed_scales.size() * 2), dy(y_elems * 2),
@@ -67,6 +68,8 @@ inline std::vector<float> run_gpu(const Layer& L, const std::vector<uint16_t>& x
   cudaMemcpy(ds.p, L.packed_scales.data(), L.packed_scales.size() * 2, cudaMemcpyHostToDevice);
   cudaMemset(dy.p, 0xff, y_elems * 2);  // NaN in fp16 and bf16
   if (bias) cudaMemcpy(db.p, bias->data(), size_t(s.N) * 2, cudaMemcpyHostToDevice);
+  DevBuf<uint8_t> dr(residual ? residual->size() * 2 : 16);
+  if (residual) cudaMemcpy(dr.p, residual->data(), residual->size() * 2, cudaMemcpyHostToDevice);
   gpu::GemmProblem p;
   p.x = dx.p; p.dtype = dt; p.M = M; p.shape = s; p.packed = dw.p;
   p.packed_scales = reinterpret_cast<const uint16_t*>(ds.p);
@@ -74,6 +77,9 @@ inline std::vector<float> run_gpu(const Layer& L, const std::vector<uint16_t>& x
   p.bias = bias ? db.p : nullptr;
   p.y = dy.p;
   p.epilogue = epilogue;
+  p.rms_norm = rms_norm;
+  p.rms_eps = rms_eps;
+  p.residual = residual ? dr.p : nullptr;
   if (path == gpu::Path::kWgmma) gpu::wgmma_gemm(p, ws, ws_bytes, nullptr, split);
   else gpu::lut_gemm(p, ws, ws_bytes, nullptr, kernel, dsplit);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);

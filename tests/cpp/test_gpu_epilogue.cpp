@@ -123,9 +123,87 @@ TEST(GpuEpilogue, RejectsBadArguments) {
   b = p;
   b.epilogue = gpu::Epilogue(7);
   EXPECT_NE(message([&] { gpu::lut_gemm(b, ws.p, ws.bytes, nullptr); }).find("epilogue"), std::string::npos);
+  b = p;  // a folded layer's inputs (GemmProblem::rms_norm, ::residual)
+  b.shape.N = 64;
+  b.residual = db.p;
+  EXPECT_NE(message([&] { gpu::lut_gemm(b, ws.p, ws.bytes, nullptr); }).find("residual: not with the silu_mul"),
+            std::string::npos);
+  b.epilogue = gpu::Epilogue::kNone;
+  b.bias = db.p;
+  EXPECT_NE(message([&] { gpu::lut_gemm(b, ws.p, ws.bytes, nullptr); }).find("residual: not with a bias"),
+            std::string::npos);
+  b = p;
+  b.shape.N = 64;
+  b.rms_norm = true;
+  b.rms_eps = -1.f;
+  EXPECT_NE(message([&] { gpu::lut_gemm(b, ws.p, ws.bytes, nullptr); }).find("rms_eps"), std::string::npos);
   if (gpu::wgmma_supported(0)) {
     ws.ensure(gpu::wgmma_workspace_bytes(2, s, 0));
     EXPECT_NE(message([&] { gpu::wgmma_gemm(p, ws.p, ws.bytes, nullptr); }).find("multiple of 16"), std::string::npos);
   }
   CK(cudaDeviceSynchronize());
+}
+
+// A folded decoder layer's projections (GemmProblem::rms_norm and ::residual; lutmm.layerfold): each
+// token's sums times rsqrt(mean(x^2) + eps), then silu(gate) * up or + residual, on both decode kernels
+// (dispatched split and Stream-K; row tiles, clusters, 8-, 16- and 32-token tiles) against the CPU
+// reference; the wgmma kernel refuses them.
+TEST(GpuEpilogue, RmsNormAndResidualOnDecodeKernels) {
+  REQUIRE_GPU();
+  const bool hopper = gpu::wgmma_supported(0);
+  std::mt19937 rng(2027);
+  Workspace ws;
+  struct Case { Shape s; int64_t M; DType dt; };
+  const Case cases[] = {{Shape{6144, 4096, 4, 128}, 1, DType::BF16},   // row tiles
+                        {Shape{4096, 4096, 3, 64}, 3, DType::F16},     // row tiles of 2 / clusters
+                        {Shape{2736, 1024, 4, 128}, 16, DType::BF16},  // Stream-K, 16 tokens
+                        {Shape{1024, 4096, 2, 32}, 9, DType::BF16},
+                        {Shape{304, 2048, 4, 128}, 27, DType::F16}};   // 32-token tiles (cp.async)
+  const float eps = 1e-5f;
+  int runs = 0;
+  for (const Case& c : cases) {
+    const Shape& s = c.s;
+    const Layer L = make_layer(s, c.dt, rng, 2);
+    std::vector<uint16_t> x(size_t(c.M * s.K)), res(size_t(c.M * s.N));
+    std::vector<float> xf(x.size()), rf(res.size());
+    std::normal_distribution<float> nd(0.f, 1.f);
+    for (size_t i = 0; i < x.size(); ++i) { x[i] = to_dtype(3.f * nd(rng), c.dt); xf[i] = from_dtype(x[i], c.dt); }
+    for (size_t i = 0; i < res.size(); ++i) { res[i] = to_dtype(nd(rng), c.dt); rf[i] = from_dtype(res[i], c.dt); }
+    std::vector<float> z(size_t(c.M * s.N));
+    reference_matmul(xf.data(), DType::F32, c.M, L.codes.data(), L.scales.data(), L.table_rounded.data(), s, nullptr,
+                     z.data());
+    for (int64_t m = 0; m < c.M; ++m) {  // z <- r_m z
+      double ss = 0;
+      for (int64_t k = 0; k < s.K; ++k) ss += double(xf[size_t(m * s.K + k)]) * xf[size_t(m * s.K + k)];
+      const double r = 1.0 / std::sqrt(ss / double(s.K) + eps);
+      for (int64_t n = 0; n < s.N; ++n) z[size_t(m * s.N + n)] = float(z[size_t(m * s.N + n)] * r);
+    }
+    std::vector<float> want_res(z.size());
+    for (size_t i = 0; i < z.size(); ++i) want_res[i] = z[i] + rf[i];
+    const std::vector<float> want_gated = silu_mul_of(z, c.M, s.N);
+    const double tol = c.dt == DType::BF16 ? 8e-3 : 2e-3;
+    ws.ensure(gpu::workspace_bytes(c.M, s, 0));
+    for (gpu::LutKernel k : {gpu::LutKernel::kCpAsync, gpu::LutKernel::kTma}) {
+      if (k == gpu::LutKernel::kTma && (!hopper || c.M > 16)) continue;
+      for (gpu::DecodeSplit d : {gpu::DecodeSplit::kAuto, gpu::DecodeSplit::kStreamK}) {
+        const std::string what = "N=" + std::to_string(s.N) + " M=" + std::to_string(c.M) + " bits=" +
+                                 std::to_string(s.bits) + " kernel " + std::to_string(int(k)) + " split " +
+                                 std::to_string(int(d));
+        const auto yr = run_gpu(L, x, c.M, c.dt, nullptr, ws.p, ws.bytes, gpu::Path::kLut, k, gpu::WgSplit::kAuto, d,
+                                gpu::Epilogue::kNone, true, eps, &res);
+        EXPECT_LT(rel_err(yr, want_res), tol) << what << " (rms_norm + residual)";
+        const auto yg = run_gpu(L, x, c.M, c.dt, nullptr, ws.p, ws.bytes, gpu::Path::kLut, k, gpu::WgSplit::kAuto, d,
+                                gpu::Epilogue::kSiluMul, true, eps);
+        EXPECT_LT(rel_err(yg, want_gated), tol) << what << " (rms_norm + silu_mul)";
+        ++runs;
+      }
+    }
+    if (hopper) {
+      ws.ensure(gpu::wgmma_workspace_bytes(c.M, s, 0));
+      EXPECT_THROW(run_gpu(L, x, c.M, c.dt, nullptr, ws.p, ws.bytes, gpu::Path::kWgmma, gpu::LutKernel::kAuto,
+                           gpu::WgSplit::kAuto, gpu::DecodeSplit::kAuto, gpu::Epilogue::kNone, true, eps),
+                   Error);
+    }
+  }
+  EXPECT_GE(runs, hopper ? 18 : 10);
 }

@@ -144,3 +144,22 @@ def test_attention_list_measures_each_on_the_same_models(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         e2e.main()
     assert "--attn: a comma list of gqa, gqa-kernel, sdpa" in capsys.readouterr().err
+
+
+def test_folded_tiny_model_decodes():
+    """--configs bits:group:fold (lutmm.layerfold): norms and residual adds inside the projections."""
+    e2e = _load()
+    from lutmm.layerfold import FoldedLlamaDecoderLayer, fold_layers, fold_norm_weights
+    torch.manual_seed(0)
+    model = e2e.build("tiny", "cpu").float()
+    fold_norm_weights(model)
+    e2e.swap_to_lutmm(model, 4, 64)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    e2e.fuse(model)
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert fold_layers(model) == 2
+        got = model(ids).logits
+    assert all(type(m) is FoldedLlamaDecoderLayer for m in model.model.layers)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert e2e.decode_tokens_per_s(model, batch=2, prompt=8, gen=3, graph=False)[0] > 0

@@ -1,0 +1,156 @@
+"""Folded decoder layers (lutmm.layerfold): RMSNorm weights in the projections, the norm and the residual add
+inside the matmul calls (CPU; the GPU tests skip without a device and say so)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lutmm
+from conftest import gpu
+from lutmm import ops
+
+transformers = pytest.importorskip("transformers")
+from lutmm.layerfold import FoldedLlamaDecoderLayer, fold_layers, fold_norm_weights  # noqa: E402
+from lutmm.nn import fuse_projections, quantize_model  # noqa: E402
+from test_fuse import tiny_llama  # noqa: E402
+
+
+def _with_norm_weights(model):
+    """HF initialises RMSNorm weights to 1: make them matter."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("layernorm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def test_fold_norm_weights_keeps_the_model():
+    model = _with_norm_weights(tiny_llama(dtype=torch.float32))
+    ids = torch.randint(0, 256, (2, 7))
+    ref = _logits(model, ids)
+    assert fold_norm_weights(model) == 2
+    assert torch.all(model.model.layers[0].input_layernorm.weight == 1)
+    torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-4, atol=1e-4)
+    quantize_model(model, bits=4, group_size=64, progress=False)
+    with pytest.raises(ValueError, match="fold before quantizing"):
+        fold_norm_weights(model)
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_folded_layers_match_the_fused_model(bits):
+    model = _with_norm_weights(tiny_llama(dtype=torch.float32))
+    fold_norm_weights(model)
+    quantize_model(model, bits=bits, group_size=64, progress=False)
+    fuse_projections(model)
+    ids = torch.randint(0, 256, (2, 9))
+    ref = _logits(model, ids)
+    assert fold_layers(model) == 2
+    assert all(type(layer) is FoldedLlamaDecoderLayer for layer in model.model.layers)
+    got = _logits(model, ids)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    with torch.no_grad():  # greedy decoding with a static cache, token for token
+        a = model.generate(ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
+    for layer in model.model.layers:
+        layer.__class__ = transformers.models.llama.modeling_llama.LlamaDecoderLayer
+    with torch.no_grad():
+        b = model.generate(ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
+    assert torch.equal(a, b)
+
+
+def test_fold_layers_refuses_what_it_cannot_fold():
+    model = quantize_model(_with_norm_weights(tiny_llama()), bits=4, group_size=64, progress=False)
+    with pytest.raises(ValueError, match="not fused"):
+        fold_layers(model)
+    fuse_projections(model)
+    with pytest.raises(ValueError, match="norm weights are not folded"):
+        fold_layers(model)
+    model = tiny_llama()
+    fold_norm_weights(model)
+    quantize_model(model, bits=4, group_size=64, progress=False)
+    fuse_projections(model, gated=False)
+    with pytest.raises(ValueError, match="not gated"):
+        fold_layers(model)
+    assert not any(type(m) is FoldedLlamaDecoderLayer for m in model.modules())  # all or nothing
+
+
+def test_layer_op_cpu_and_registration():
+    torch.manual_seed(0)
+    qw = lutmm.quantize(torch.randn(64, 128), bits=4, group_size=64)
+    x, res = torch.randn(3, 128), torch.randn(3, 64)
+    args = (x, qw.packed, qw.packed_scales, qw._table_list, 64, 128, 4, 64)
+    z = F.linear(x, lutmm.dequantize(qw))
+    r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(torch.ops.lutmm.lut_matmul_layer(*args, res, 1e-5, False), z * r + res)
+    torch.testing.assert_close(torch.ops.lutmm.lut_matmul_layer(*args, None, -1.0, False), z)
+    from lutmm.gated import silu_mul_interleaved
+    torch.testing.assert_close(torch.ops.lutmm.lut_matmul_layer(*args, None, 1e-5, True), silu_mul_interleaved(z * r))
+    torch.library.opcheck(torch.ops.lutmm.lut_matmul_layer.default, (*args, res, 1e-5, False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_folded_model_compiles_fullgraph():
+    model = tiny_llama(dtype=torch.float32)
+    fold_norm_weights(model)
+    quantize_model(model, bits=4, group_size=64, progress=False)
+    fuse_projections(model)
+    fold_layers(model)
+    ids = torch.randint(0, 256, (2, 6))
+    ref = _logits(model, ids)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: model(t).logits, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(ids).float(), ref)
+
+
+# ---- on the GPU ---------------------------------------------------------------------------------------------
+@gpu
+@pytest.mark.parametrize("path", [None, "wgmma", "dequant"])
+def test_gpu_layer_op_matches_cpu(path, monkeypatch):
+    if path == "wgmma" and not lutmm._core.gpu_wgmma_supported(0):
+        pytest.skip("wgmma needs an sm_90 GPU and a build with sm_90a code")
+    monkeypatch.setattr(ops, "FORCE_PATH", path)
+    torch.manual_seed(1)
+    for bits in (2, 3, 4):
+        qw = lutmm.quantize(torch.randn(2048, 1024), bits=bits, group_size=128)
+        qc = qw.to("cuda")
+        for M in (1, 4, 9, 16, 40):
+            x = torch.randn(M, 1024, dtype=torch.bfloat16) * 3
+            res = torch.randn(M, 2048, dtype=torch.bfloat16)
+            for residual, eps, silu in ((res, 1e-5, False), (None, 1e-6, True), (res, -1.0, False), (None, 1e-5, False)):
+                a = (x, qw.packed, qw.packed_scales, qw._table_list, 2048, 1024, bits, 128, residual, eps, silu)
+                want = torch.ops.lutmm.lut_matmul_layer(*a).float()
+                ac = (x.cuda(), qc.packed, qc.packed_scales, qc._table_list, 2048, 1024, bits, 128,
+                      None if residual is None else residual.cuda(), eps, silu)
+                got = torch.ops.lutmm.lut_matmul_layer(*ac).float().cpu()
+                err = (got - want).norm() / want.norm()
+                assert err < 1e-2, (path, bits, M, residual is not None, eps, silu, float(err))
+
+
+@gpu
+def test_gpu_folded_decode_step_matches_unfolded():
+    from transformers import StaticCache
+    from lutmm.attention import use_gqa_attention
+
+    model = _with_norm_weights(tiny_llama())
+    fold_norm_weights(model)
+    quantize_model(model, bits=4, group_size=64, progress=False)
+    model = model.cuda()
+    fuse_projections(model)
+    use_gqa_attention(model)
+    ids = torch.randint(0, 256, (2, 8), device="cuda")
+
+    def decode_logits():
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        with torch.no_grad():
+            model(ids, past_key_values=cache, cache_position=torch.arange(8, device="cuda"), use_cache=True)
+            token, pos = ids[:, -1:].clone(), torch.tensor([8], device="cuda")
+            return model(token, past_key_values=cache, cache_position=pos, use_cache=True).logits.float()
+
+    ref = decode_logits()
+    fold_layers(model)
+    got = decode_logits()
+    assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
