@@ -42,6 +42,9 @@ cudaError_t bench_launch_filler(void* x, int64_t n, cudaStream_t stream, bool pd
 //                                          after its loads, as inductor's kernels do with enable_pdl
 //                                          (bench/bench_filler.cu).
 //        LUTMM_BENCH_L2_HOT=1 lutmm_bench ...  one weight copy, read from L2 after the first call.
+//        LUTMM_BENCH_FOLD=rms|res lutmm_bench ...  the decode kernels with GemmProblem::rms_norm (each token's
+//                                          factor computed in the kernel) or ::residual (an M x N addend):
+//                                          lutmm.layerfold's calls, for their cost against plain calls.
 int main(int argc, char** argv) {
   if (!gpu::available()) {
     std::printf("no CUDA device: kernel benchmark skipped\n");
@@ -80,6 +83,8 @@ int main(int argc, char** argv) {
     cases = {{std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3]), std::atoi(argv[4]), kind}};
   }
   const bool gap = argc >= 7 && std::string(argv[6]) == "gap";
+  const std::string fold = std::getenv("LUTMM_BENCH_FOLD") ? std::getenv("LUTMM_BENCH_FOLD") : "";
+  if (!fold.empty() && fold != "rms" && fold != "res") { std::printf("LUTMM_BENCH_FOLD: rms or res\n"); return 1; }
   std::mt19937 rng(1);
   cudaStream_t st;
   CK(cudaStreamCreate(&st));
@@ -102,7 +107,11 @@ int main(int argc, char** argv) {
       CK(cudaMemcpy(w[i], hw.data(), wbytes, cudaMemcpyHostToDevice));
       CK(cudaMemcpy(sc[i], hs.data(), sbytes, cudaMemcpyHostToDevice));
     }
-    void *x, *y, *ws;
+    void *x, *y, *ws, *res = nullptr;
+    if (fold == "res") {
+      CK(cudaMalloc(&res, size_t(c.M * c.N) * 2));
+      CK(cudaMemset(res, 0x3c, size_t(c.M * c.N) * 2));
+    }
     CK(cudaMalloc(&x, size_t(c.M * c.K) * 2));
     CK(cudaMemset(x, 0x3c, size_t(c.M * c.K) * 2));  // bf16 ~0.01: finite, non-zero
     CK(cudaMalloc(&y, size_t(c.M * c.N) * 2));
@@ -116,6 +125,11 @@ int main(int argc, char** argv) {
       p.x = x; p.dtype = DType::BF16; p.M = c.M; p.shape = s; p.packed = w[i];
       p.packed_scales = static_cast<const uint16_t*>(sc[i]); p.y = y;
       for (size_t j = 0; j < t.size(); ++j) p.table[j] = t[j];
+      if (!wg) {
+        p.rms_norm = fold == "rms";
+        p.rms_eps = 1e-5f;
+        p.residual = res;
+      }
       if (wg) gpu::wgmma_gemm(p, ws, wsb, st, c.kind == kWgmmaSk ? gpu::WgSplit::kStreamK : gpu::WgSplit::kAuto);
       else gpu::lut_gemm(p, ws, wsb, st,
                          c.kind == kLut80 || c.kind == kLut80Sk ? gpu::LutKernel::kCpAsync
@@ -164,6 +178,7 @@ int main(int argc, char** argv) {
     std::printf("%6lldx%-6lld %5lld %2d %4d %6s %9.1f %7.2f %8.1f", (long long)c.N, (long long)c.K, (long long)c.M,
                 c.bits, 128, kind_name[c.kind], med, double(wbytes + sbytes) / med / 1e6,
                 2.0 * double(c.M) * double(c.N) * double(c.K) / med / 1e6);
+    if (!fold.empty() && !wg) std::printf("   +%s", fold.c_str());
     if (gap)
       std::printf("   gap us %6.1f (memset alone %4.1f)  pdl gap us %6.1f (filler alone %4.1f)",
                   with_memsets - memsets_only, memsets_only, with_fillers - fillers_only, fillers_only);
@@ -171,7 +186,7 @@ int main(int argc, char** argv) {
     cudaEventDestroy(a);
     cudaEventDestroy(b);
     for (int i = 0; i < copies; ++i) { cudaFree(w[i]); cudaFree(sc[i]); }
-    cudaFree(x); cudaFree(y); cudaFree(ws);
+    cudaFree(x); cudaFree(y); cudaFree(ws); cudaFree(res);
   }
   return 0;
 }
