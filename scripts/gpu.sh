@@ -4,7 +4,8 @@
 # Logs go to $OUT. ab: everything, then kernel A/B builds (EXPERIMENTS="2"); kab: C++ build, GPU tests
 # and the A/B only; cxx: C++ build, GPU tests and the C++ kernel benchmark (lutmm_bench) only;
 # e2e: build, then bench/bench_e2e.py $E2E_ARGS only (bench: GATED_ARGS runs bench/bench_gated.py too); attn: build, the decode-attention GPU tests and
-# bench/bench_attention.py. BENCH_ARGS replaces --quick for quick/bench.
+# bench/bench_attention.py. BENCH_ARGS replaces --quick for quick/bench. tests: PYTEST_FILES (a glob) limits
+# the Python test files; E2E_ARGS set also runs bench_e2e afterwards; NO_DEMO=1 skips the demo.
 # ab/kab take AB_CASES / AB_B_PATHS (see bench_cases below). profile: Nsight Compute on PROFILE_CASES
 # ("N K M BITS [PATH];...", lutmm_bench) and PROFILE_TORCH ("M N K;...", cuBLAS bf16 through torch.mm).
 set -uo pipefail
@@ -23,9 +24,16 @@ fi
 [[ -d .carry/shared ]] && export LUTMM_SHARED=$PWD/.carry/shared
 t0=$(date +%s)
 cmake -S . -B build/gpu -G Ninja -DLUTMM_BUILD_TESTS=ON > "$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
+# The Python extension (its own build dir, build/py-*) builds beside the C++ targets: on 16 cores the two
+# cold builds took 394 s one after the other (session 18), each mostly single-file nvcc runs.
+if [[ $CXX_ONLY == 0 ]]; then
+  ( python3 -m pip install -q --no-build-isolation --no-index . > "$OUT/pip.log" 2>&1; echo $? > "$OUT/pip.rc" ) &
+  pip_pid=$!
+fi
 ninja -C build/gpu > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 if [[ $CXX_ONLY == 0 ]]; then
-  python3 -m pip install -q --no-build-isolation --no-index . > "$OUT/pip.log" 2>&1 || { tail -40 "$OUT/pip.log"; exit 1; }
+  wait $pip_pid
+  [[ $(cat "$OUT/pip.rc") == 0 ]] || { tail -40 "$OUT/pip.log"; exit 1; }
 fi
 echo "build: $(( $(date +%s) - t0 )) s"
 status=0
@@ -52,9 +60,9 @@ if [[ $MODE != bench && $MODE != profile ]]; then
     # files took ~7 minutes on the H100 machine (their torch.compile runs are CPU-bound), which with a
     # cold build did not fit one 10-minute call (session 15).
     rm -rf /tmp/pt && mkdir -p /tmp/pt
-    ls tests/python/test_*.py | xargs -P "${PYTEST_JOBS:-4}" -I{} bash -c \
+    ls ${PYTEST_FILES:-tests/python/test_*.py} | xargs -P "${PYTEST_JOBS:-4}" -I{} bash -c \
       'n=$(basename {} .py); python3 -X faulthandler -m pytest -q -rs {} > /tmp/pt/$n.log 2>&1; echo $? > /tmp/pt/$n.rc'
-    for f in tests/python/test_*.py; do
+    for f in $(ls ${PYTEST_FILES:-tests/python/test_*.py}); do
       n=$(basename "$f" .py); rc=$(cat "/tmp/pt/$n.rc" 2>/dev/null || echo "?")
       cat "/tmp/pt/$n.log" >> "$OUT/pytest.log"
       echo "$f: rc=$rc $(tail -1 "/tmp/pt/$n.log")"
@@ -62,7 +70,11 @@ if [[ $MODE != bench && $MODE != profile ]]; then
     done
   fi
 fi
-if [[ $MODE != bench && $CXX_ONLY == 0 && -n ${LUTMM_SHARED:-} ]]; then
+# tests: E2E_ARGS set runs bench/bench_e2e.py after the tests (one call for a change's tests and its measurement)
+if [[ $MODE == tests && -n ${E2E_ARGS:-} ]]; then
+  python3 bench/bench_e2e.py $E2E_ARGS 2>"$OUT/e2e.err" | tee "$OUT/e2e.txt"
+fi
+if [[ $MODE != bench && $CXX_ONLY == 0 && -n ${LUTMM_SHARED:-} && -z ${NO_DEMO:-} ]]; then
   python3 -m lutmm demo --max-tokens 8192 2>&1 | tee "$OUT/demo.txt" | tail -14
 fi
 if [[ $MODE == sanitize ]]; then
