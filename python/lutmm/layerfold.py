@@ -52,10 +52,27 @@ def _norm_is_folded(norm: nn.Module) -> bool:
     return isinstance(norm, _llama.LlamaRMSNorm) and bool(torch.all(norm.weight == 1))
 
 
+# Up to this many tokens per call the projection computes each token's RMSNorm factor itself (every CTA of the
+# call reads all of its tokens' rows: 8 KB each at hidden size 4096); above it the norm runs first as torch
+# ops (one inductor kernel when compiled, as in the unfolded layer) and the kernel gets normalized rows.
+# H100, 2026-11-27, lutmm_bench, 4-bit 6144x4096: plain 7.8 us at M = 1 and 10.6 at M = 16; with the factor
+# in the kernel 8.6 and 18.2 (its first version: one warp per token). docs/performance.md item 61.
+RMS_IN_KERNEL_MAX_TOKENS = 4
+
+
+def rms_norm_rows(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without a weight (folded into the next projection), rounded once to x's dtype as transformers'
+    LlamaRMSNorm does."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def layer_matmul(mod: LUTLinear, x: torch.Tensor, rms_eps: Optional[float] = None,
                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """mod(RMSNorm(x)) (+ residual) with the norm's weight folded into mod's weight; a LUTGatedLinear gives
-    silu(gate) * up. One lutmm::lut_matmul_layer call."""
+    silu(gate) * up. One lutmm::lut_matmul_layer call (after rms_norm_rows above RMS_IN_KERNEL_MAX_TOKENS)."""
+    if rms_eps is not None and x.numel() // x.shape[-1] > RMS_IN_KERNEL_MAX_TOKENS:
+        x, rms_eps = rms_norm_rows(x, rms_eps), None
     qw = mod.quantized_weight()
     return torch.ops.lutmm.lut_matmul_layer(x, qw.packed, qw.packed_scales, qw._table_list, qw.N, qw.K, qw.bits,
                                             qw.group_size, residual, -1.0 if rms_eps is None else float(rms_eps),

@@ -87,9 +87,10 @@ constexpr int kStages = LUTMM_EXPERIMENT == 2 ? 4 : 3;  // cp.async pipeline dep
 // 4096x4096 M = 4, 7.7 -> 8.1 us).
 template <bool ROWS>
 constexpr int kRedBytes = ROWS ? kWarps * 4 * 32 * 4 : 0;
+static_assert(kWarps <= kNormSlots, "row_rms_factors: one partial slot per warp");
 template <int BITS, int MT, bool ROWS = false>
 constexpr int kSmemBytes = Layout<BITS, MT>::kLutBytes + kStages * Layout<BITS, MT>::kStageBytes + 16 + kRedBytes<ROWS> +
-                           32 * 4;  // + flag, red, rms_norm factors of up to 32 tokens
+                           32 * kNormSlots * 4;  // + flag, red, rms_norm factors of up to 32 tokens
 
 // Copies one iteration's weights, scales (WeightLoader, lut_table.cuh) and activations into a
 // pipeline stage. Activation rows at or beyond M are never loaded: zero_rows() clears them once in
@@ -164,7 +165,7 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
   uint8_t* stages = smem + L::kLutBytes;
   int* flag = reinterpret_cast<int*>(stages + kStages * L::kStageBytes);
   float* red = reinterpret_cast<float*>(stages + kStages * L::kStageBytes + 16);  // kRedBytes<ROWS>
-  float* rs = red + kRedBytes<ROWS> / 4;  // rms_norm factors, 8 * MT tokens
+  float* rs = red + kRedBytes<ROWS> / 4;  // rms_norm factors, 8 * MT tokens x kNormSlots
 
   // Iterations: (tile, i) pairs, i innermost; iteration i of a tile covers k-blocks [i kpt, (i + 1) kpt).
   const int rpt = StageLoader<BITS, MT, T, ROWS>::rpt(p);
@@ -211,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
     cp_async_commit();
   }
   if (p.rms_norm) {  // each token's factor, read while the first activations are in flight
-    row_rms_factors(p, p.x, m0, 8 * MT, rs, int(threadIdx.x / 32), kWarps);
+    row_rms_factors(p, p.x, m0, 8 * MT, rs, int(threadIdx.x), kThreads, [] { __syncthreads(); });
     __syncthreads();
   }
 

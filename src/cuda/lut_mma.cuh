@@ -195,7 +195,7 @@ __device__ __forceinline__ void store_tile(const Params<T>& p, int tile, int m0,
 }
 
 // GemmProblem::rms_norm: multiplies this thread's sums by their tokens' factors (row_rms_factors' rs,
-// indexed from the CTA's first token): acc[mt][2 i + e] is token 8 mt + 2 t + e.
+// kNormSlots floats per token from the CTA's first token): acc[mt][2 i + e] is token 8 mt + 2 t + e.
 template <int MT>
 __device__ __forceinline__ void scale_by_rows(float (&acc)[MT][4], const float* rs) {
   const int t = threadIdx.x % 4;
@@ -203,7 +203,7 @@ __device__ __forceinline__ void scale_by_rows(float (&acc)[MT][4], const float* 
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const float r = rs[mt * 8 + 2 * t + e];
+      const float r = rs[kNormSlots * (mt * 8 + 2 * t + e)];
       acc[mt][e] *= r;
       acc[mt][2 + e] *= r;
     }

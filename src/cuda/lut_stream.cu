@@ -82,8 +82,9 @@ constexpr int kMaxStages = 32;
 // in shared memory, [warp][4][32 lanes] floats after the flags.
 template <bool ROWS>
 constexpr int kRedBytes = ROWS ? kWarps * 4 * 32 * 4 : 0;
-// GemmProblem::rms_norm's per-token factors, 16 floats per group (row_rms_factors).
-constexpr int kNormBytes = kGroups * 16 * 4;
+// GemmProblem::rms_norm's per-token factors, 16 tokens x kNormSlots floats per group (row_rms_factors).
+constexpr int kNormBytes = kGroups * 16 * kNormSlots * 4;
+static_assert(kWarps <= kNormSlots, "row_rms_factors: one partial slot per warp of a worker");
 // Shared memory: table | stages[kGroups][S] | mbarriers full[S], empty[S] per group | flag per group | red | rs.
 template <int BITS, int MT, bool ROWS, int CTAS>
 constexpr int smem_bytes(int stages) {
@@ -199,7 +200,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const uint32_t bars = smem_base + L::kLutBytes + uint32_t(kGroups * S) * L::kStageBytes + 16 * S * group;  // full[S], empty[S]
   int* flag = reinterpret_cast<int*>(smem + L::kLutBytes + kGroups * S * (L::kStageBytes + 16)) + group;
   float* red = reinterpret_cast<float*>(smem + L::kLutBytes + kGroups * S * (L::kStageBytes + 16) + 16);  // ROWS
-  float* rs = red + kRedBytes<ROWS> / 4 + 16 * group;  // rms_norm factors of this group's tokens
+  float* rs = red + kRedBytes<ROWS> / 4 + 16 * kNormSlots * group;  // rms_norm factors of this group's tokens
 
   const int worker = blockIdx.x * kGroups + group;
   const int64_t total = int64_t(p.tiles) * p.k_iters;  // < 2^31 (checked on the host)
@@ -239,7 +240,8 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
 
   const int gwarp = warp % kWarps;  // block of a stage: row block of the tile (row tiles: see warp_row)
   if (p.rms_norm) {  // each token's factor, read while the producer's first stages are in flight
-    row_rms_factors(p, p.x, m0, 8 * MT, rs, gwarp, kWarps);
+    row_rms_factors(p, p.x, m0, 8 * MT, rs, int(threadIdx.x % kThreads), kThreads,
+                    [group] { wg::named_sync(2 + group, kThreads); });
     wg::named_sync(2 + group, kThreads);
   }
   const int rpt = ROWS ? p.rpt : kWarps, kpt = kWarps / rpt;  // row blocks per tile, k-blocks per iteration

@@ -158,7 +158,8 @@ TEST(GpuEpilogue, RmsNormAndResidualOnDecodeKernels) {
                         {Shape{4096, 4096, 3, 64}, 3, DType::F16},     // row tiles of 2 / clusters
                         {Shape{2736, 1024, 4, 128}, 16, DType::BF16},  // Stream-K, 16 tokens
                         {Shape{1024, 4096, 2, 32}, 9, DType::BF16},
-                        {Shape{304, 2048, 4, 128}, 27, DType::F16}};   // 32-token tiles (cp.async)
+                        {Shape{304, 2048, 4, 128}, 27, DType::F16},    // 32-token tiles (cp.async)
+                        {Shape{256, 10240, 4, 128}, 2, DType::BF16}};  // rows of > 4 vectors per thread
   const float eps = 1e-5f;
   int runs = 0;
   for (const Case& c : cases) {

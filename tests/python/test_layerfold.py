@@ -92,6 +92,33 @@ def test_layer_op_cpu_and_registration():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_layer_matmul_normalizes_before_the_call_above_the_token_limit(monkeypatch):
+    from lutmm import layerfold
+    torch.manual_seed(2)
+    model = tiny_llama(dtype=torch.float32)
+    fold_norm_weights(model)
+    quantize_model(model, bits=4, group_size=64, progress=False)
+    fuse_projections(model)
+    mod = model.model.layers[0].self_attn.qkv_proj
+    calls, orig = [], layerfold.rms_norm_rows
+
+    def spy(x, eps):
+        calls.append(tuple(x.shape))
+        return orig(x, eps)
+
+    monkeypatch.setattr(layerfold, "rms_norm_rows", spy)
+    limit = layerfold.RMS_IN_KERNEL_MAX_TOKENS
+    for tokens in (1, limit, limit + 1, 3 * limit):
+        x = torch.randn(1, tokens, model.config.hidden_size)
+        want = mod(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+        got = layerfold.layer_matmul(mod, x, rms_eps=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert calls == [(1, limit + 1, model.config.hidden_size), (1, 3 * limit, model.config.hidden_size)]
+    x = torch.randn(5, 64, dtype=torch.bfloat16)  # rounded once, as LlamaRMSNorm with weight 1
+    norm = transformers.models.llama.modeling_llama.LlamaRMSNorm(64, eps=1e-5)
+    assert torch.equal(orig(x, 1e-5), norm(x))
+
+
 def test_folded_model_compiles_fullgraph():
     model = tiny_llama(dtype=torch.float32)
     fold_norm_weights(model)
