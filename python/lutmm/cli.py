@@ -160,6 +160,12 @@ def cmd_quantize(args) -> int:
         raise ValueError(f"--damp: got {args.damp} for --method {method}; expected a positive number and a gptq method")
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=_DTYPES[args.dtype])
+    folded = 0
+    if args.fold_norms:  # the norms' weights into q/k/v and gate/up before quantizing (lutmm.layerfold)
+        from .layerfold import fold_norm_weights
+        folded = fold_norm_weights(model)
+        if folded == 0:
+            raise ValueError("--fold-norms: the model has no Llama decoder layers (transformers' LlamaDecoderLayer)")
     stats = {}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     quantize_model_calibrated(model, args.tokenizer or args.model_dir, bits=args.bits,
@@ -179,6 +185,8 @@ def cmd_quantize(args) -> int:
     ratio = stats["bytes_before"] / max(stats["bytes_after"], 1)
     print(f"quantized weights: {_mb(stats['bytes_before'])} ({args.dtype}) -> {_mb(stats['bytes_after'])} (lutmm), "
           f"{ratio:.2f}x smaller")
+    if folded:
+        print(f"RMSNorm weights folded into the projections of {folded} layers (generate runs them folded)")
     print(f"wrote {out} (model.safetensors {_mb(file_bytes)}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -207,7 +215,7 @@ def cmd_generate(args) -> int:
         raise ValueError("--compile needs --static (it compiles the static decode step)")
     model = _load(args.dir, dev, _DTYPES[args.dtype])
     graph = args.static and dev.type == "cuda"  # greedy_static captures the step on CUDA only
-    fused = 0
+    fused = folded = 0
     if graph:  # K/V read once per KV head, decode steps through lutmm's kernel
         from .attention import use_gqa_attention
         from .fuse import fuse_projections
@@ -219,6 +227,12 @@ def cmd_generate(args) -> int:
         # rotary + KV-cache write inside the attention kernel (lutmm.attention.gqa_decode_step)
         report = fuse_projections(model, warn=False)
         fused = report.attention + report.mlp
+        # a checkpoint from `quantize --fold-norms`: each layer's norms and residual adds inside its projections
+        from .layerfold import fold_layers
+        try:
+            folded = fold_layers(model)
+        except ValueError:  # norms not folded, MLP not gated LUT, ...: the layers stay as they are
+            folded = 0
     t0 = time.perf_counter()
     text = generate(model, args.tokenizer or args.dir, args.prompt, args.max_new_tokens, static=args.static,
                     compile=args.compile)
@@ -226,6 +240,7 @@ def cmd_generate(args) -> int:
     print(f"(generated in {time.perf_counter() - t0:.2f} s with prefill"
           f"{', graph capture' if graph else ''}"
           f"{f', {fused} modules fused' if fused else ''}"
+          f"{f', {folded} layers folded' if folded else ''}"
           f"{', compilation' if args.compile else ''})", file=sys.stderr)
     return 0
 
@@ -424,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="module name substrings to leave unquantized (default: lm_head)")
     sp.add_argument("--absmax", action="store_true", help="absmax scales instead of the per-group scale search (rtn)")
     sp.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16", help="dtype to load the model in")
+    sp.add_argument("--fold-norms", action="store_true",
+                    help="Llama: fold the RMSNorm weights into q/k/v and gate/up before quantizing (the same model; "
+                         "on CUDA, generate then runs each layer as 4 lutmm calls + attention, lutmm.layerfold)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sp = add("eval", "perplexity of a model (HF directory or lutmm checkpoint) on a text file", cmd_eval)

@@ -72,6 +72,43 @@ def test_quantize_tiny_model(tmp_path, capsys):
     assert (out / "model.safetensors").is_file()
 
 
+def test_quantize_fold_norms(tmp_path, capsys):
+    """--fold-norms: the norms' weights move into q/k/v and gate/up before quantizing; the checkpoint's norms
+    are 1 and it computes the source model up to quantization error, as the unfolded checkpoint does."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = tiny_llama(tie=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("layernorm.weight"):
+                p.uniform_(0.5, 1.5)
+    src = tmp_path / "src"
+    model.save_pretrained(str(src))
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    errs = {}
+    for fold in (False, True):
+        out = tmp_path / f"q{int(fold)}"
+        assert cli.main(["quantize", str(src), str(out), "--bits", "4", "--group-size", "32", "--table", "nf",
+                         "--quiet"] + (["--fold-norms"] if fold else [])) == 0
+        text = capsys.readouterr().out
+        assert ("folded into the projections of 2 layers" in text) == fold
+        norms = {k: v for k, v in load_file(str(out / "model.safetensors")).items() if k.endswith("layernorm.weight")}
+        assert len(norms) == 4 and all(bool(torch.all(v == 1)) == fold for v in norms.values())
+        with torch.no_grad():
+            got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)(ids).logits.float()
+        errs[fold] = float((got - ref).norm() / ref.norm())
+    assert errs[False] < 0.3 and errs[True] < 1.25 * errs[False], errs  # random tiny model: ~0.17 both
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=256)).save_pretrained(str(tmp_path / "g"))
+    assert cli.main(["quantize", str(tmp_path / "g"), str(tmp_path / "gq"), "--table", "nf", "--quiet",
+                     "--fold-norms"]) == 2
+    assert "--fold-norms: the model has no Llama decoder layers" in capsys.readouterr().err
+
+
 def test_eval_reports_errors_without_traceback(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
         "quant_method": "lutmm", "bits": 5, "group_size": 64, "format_version": 1}}))
@@ -151,6 +188,24 @@ def test_generate_on_cuda_defaults_to_the_graph_path(mini_ckpt, capsys):
     plain = capsys.readouterr()
     assert "graph capture" not in plain.err
     assert fast.out == plain.out and len(fast.out) > len("The river") + 8
+
+
+def test_generate_on_cuda_runs_a_folded_checkpoint_folded(mini_ckpt, tmp_path, capsys):
+    """A `quantize --fold-norms` checkpoint decodes with its layers folded (lutmm.layerfold) on the graph path,
+    giving the text Hugging Face generate gives for it."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: GPU test skipped")
+    _, src, _ = mini_ckpt
+    out = tmp_path / "mini-q4-fold"
+    assert cli.main(["quantize", src, str(out), "--bits", "4", "--group-size", "64", "--table", "nf", "--quiet",
+                     "--fold-norms"]) == 0
+    capsys.readouterr()
+    args = ["generate", str(out), "--prompt", "The river", "--max-new-tokens", "12", "--device", "cuda"]
+    assert cli.main(args) == 0
+    fast = capsys.readouterr()
+    assert "layers folded" in fast.err
+    assert cli.main(args + ["--no-static"]) == 0
+    assert fast.out == capsys.readouterr().out
 
 
 def test_generate_on_cuda_keeps_a_models_own_attention_when_it_cannot_switch(mini_ckpt, capsys, monkeypatch):
