@@ -220,15 +220,22 @@ def breakdown(model, batch: int, steps: int = 4) -> dict:
     return by_class(prof.key_averages(), steps)
 
 
+def default_configs(fuse: bool) -> str:
+    """--configs' default: every width and group, folded (lutmm.layerfold, the fastest decode) where the
+    projections are fused, which folding needs."""
+    return ",".join(f"{b}:{g}" + (":fold" if fuse else "") for b in (4, 3, 2) for g in (128, 64))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=sorted(SHAPES), default="8b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--configs", default="4:128,4:64,3:128,3:64,2:128,2:64",
+    ap.add_argument("--configs", default=None,
                     help="bits:group[:plain|:fold],... (plain: gate/up fused without the silu(gate) * up epilogue, "
                          "inductor's SiLU kernel after it; fold: lutmm.layerfold, the norms and residual adds "
-                         "inside the projections: A/Bs in one process)")
+                         "inside the projections: A/Bs in one process; default: 4, 3, 2 bits x g128, g64, each "
+                         ":fold, without :fold under --no-fuse)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=256)
     ap.add_argument("--no-graph", action="store_true")
@@ -271,6 +278,8 @@ def main():
             ap.error(f"--inductor-pdl: torch {torch.__version__} has no torch._inductor.config.triton.enable_pdl")
         inductor_config.triton.enable_pdl = True
     cuda = args.device.startswith("cuda")
+    if args.configs is None:
+        args.configs = default_configs(args.fuse)
     configs = []
     for c in args.configs.split(","):
         parts = c.split(":")

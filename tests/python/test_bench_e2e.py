@@ -163,3 +163,10 @@ def test_folded_tiny_model_decodes():
     assert all(type(m) is FoldedLlamaDecoderLayer for m in model.model.layers)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     assert e2e.decode_tokens_per_s(model, batch=2, prompt=8, gen=3, graph=False)[0] > 0
+
+
+def test_default_configs_are_folded_when_fused():
+    e2e = _load()
+    assert e2e.default_configs(True).split(",") == ["4:128:fold", "4:64:fold", "3:128:fold", "3:64:fold",
+                                                    "2:128:fold", "2:64:fold"]
+    assert e2e.default_configs(False) == "4:128,4:64,3:128,3:64,2:128,2:64"  # --no-fuse: fold needs fusion
