@@ -78,12 +78,10 @@ def test_quantize_fold_norms(tmp_path, capsys):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from test_layerfold import _with_norm_weights
+
     torch.manual_seed(0)
-    model = tiny_llama(tie=False)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("layernorm.weight"):
-                p.uniform_(0.5, 1.5)
+    model = _with_norm_weights(tiny_llama(tie=False))
     src = tmp_path / "src"
     model.save_pretrained(str(src))
     ids = torch.randint(0, 256, (1, 12))

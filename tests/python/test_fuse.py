@@ -85,10 +85,17 @@ def tiny_llama(bias=False, seed=0, dtype=torch.bfloat16):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     if bias:  # HF initialises biases to zero: make them matter
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n.endswith(".bias"):
-                    p.normal_(0, 0.5)
+        randomize_params(model, ".bias", lambda p: p.normal_(0, 0.5))
+    return model
+
+
+def randomize_params(model, suffix, init):
+    """init(p) in place for every parameter whose name ends with suffix (HF initialises biases to zero and
+    norm weights to one: make them matter)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(suffix):
+                init(p)
     return model
 
 

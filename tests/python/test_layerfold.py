@@ -11,16 +11,12 @@ from lutmm import ops
 transformers = pytest.importorskip("transformers")
 from lutmm.layerfold import FoldedLlamaDecoderLayer, fold_layers, fold_norm_weights  # noqa: E402
 from lutmm.nn import fuse_projections, quantize_model  # noqa: E402
-from test_fuse import tiny_llama  # noqa: E402
+from test_fuse import randomize_params, tiny_llama  # noqa: E402
 
 
 def _with_norm_weights(model):
     """HF initialises RMSNorm weights to 1: make them matter."""
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("layernorm.weight"):
-                p.uniform_(0.5, 1.5)
-    return model
+    return randomize_params(model, "layernorm.weight", lambda p: p.uniform_(0.5, 1.5))
 
 
 def _logits(model, ids):
