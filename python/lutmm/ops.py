@@ -137,11 +137,8 @@ def _cuda_gemm(x, packed, packed_scales, table, N, K, bits, group_size, bias, si
     path, ws_bytes = _plan(M, N, K, bits, group_size, dev.index or 0, FORCE_PATH)
     if packed.device != dev or packed_scales.device != dev:
         raise ValueError(f"packed weight on {packed.device}, expected {dev} (the device of x)")
-    if residual is not None:
-        residual = residual.reshape(M, n_out)
-        if residual.dtype != x.dtype or residual.device != dev:
-            raise ValueError(f"residual: {residual.dtype} on {residual.device}, expected {x.dtype} on {dev}")
-        residual = residual.contiguous()
+    if residual is not None:  # (..., n_out) of x's dtype and device (_check_layer_args)
+        residual = residual.reshape(M, n_out).contiguous()
     if (residual is not None or rms_eps is not None) and path != "lut":  # the kernels that take them: LUT only
         y = _cuda_gemm(x2, packed, packed_scales, table, N, K, bits, group_size, bias, False).float()
         if rms_eps is not None:
@@ -301,8 +298,24 @@ def _(x, packed, packed_scales, table, N, K, bits, group_size, residual, rms_eps
     return x.new_empty(*x.shape[:-1], N // 2 if silu_mul else N)
 
 
+def _check_layer_args(x, residual, rms_eps: float, N: int, silu_mul: bool) -> None:
+    """lut_matmul_layer's own arguments, the same on every device (the kernels check the rest)."""
+    if not (rms_eps < 0 or 0 <= rms_eps < 1):  # NaN fails both
+        raise ValueError(f"rms_eps: expected 0 <= eps < 1, or negative for no norm; got {rms_eps}")
+    if residual is None:
+        return
+    if silu_mul:
+        raise ValueError("residual: not with silu_mul (a gated MLP's gate/up call does not add the residual)")
+    want = (*x.shape[:-1], N)
+    if tuple(residual.shape) != want:
+        raise ValueError(f"residual: shape {tuple(residual.shape)}, expected {want} (the output's)")
+    if residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(f"residual: {residual.dtype} on {residual.device}, expected {x.dtype} on {x.device} (x's)")
+
+
 @lut_matmul_layer.register_kernel("cpu")
 def _(x, packed, packed_scales, table, N, K, bits, group_size, residual, rms_eps, silu_mul):
+    _check_layer_args(x, residual, rms_eps, N, silu_mul)
     w = cpu_dequantize(packed.contiguous(), packed_scales.contiguous(), table, N, K, bits, group_size)
     xf = x.float()
     y = F.linear(xf, w)
@@ -316,6 +329,7 @@ def _(x, packed, packed_scales, table, N, K, bits, group_size, residual, rms_eps
 
 
 def cuda_lut_matmul_layer(x, packed, packed_scales, table, N, K, bits, group_size, residual, rms_eps, silu_mul):
+    _check_layer_args(x, residual, rms_eps, N, silu_mul)
     return _cuda_gemm(x, packed, packed_scales, table, N, K, bits, group_size, None, silu_mul, residual,
                       rms_eps if rms_eps >= 0 else None)
 

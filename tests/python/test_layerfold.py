@@ -115,6 +115,21 @@ def test_layer_matmul_normalizes_before_the_call_above_the_token_limit(monkeypat
     assert torch.equal(orig(x, 1e-5), norm(x))
 
 
+def test_layer_op_rejects_bad_arguments():
+    qw = lutmm.quantize(torch.randn(64, 128), bits=4, group_size=64)
+    x = torch.randn(3, 128)
+    args = (x, qw.packed, qw.packed_scales, qw._table_list, 64, 128, 4, 64)
+    op = torch.ops.lutmm.lut_matmul_layer
+    for res, eps, silu, msg in ((torch.randn(64), -1.0, False, r"residual: shape \(64,\), expected \(3, 64\)"),
+                                (torch.randn(64, 3), -1.0, False, "residual: shape"),
+                                (torch.randn(3, 64, dtype=torch.float64), -1.0, False, "residual: torch.float64"),
+                                (torch.randn(3, 32), -1.0, True, "residual: not with silu_mul"),
+                                (None, 1.5, False, "rms_eps: expected 0 <= eps < 1"),
+                                (None, float("nan"), False, "rms_eps")):
+        with pytest.raises(ValueError, match=msg):
+            op(*args, res, eps, silu)
+
+
 def test_folded_model_compiles_fullgraph():
     model = tiny_llama(dtype=torch.float32)
     fold_norm_weights(model)
