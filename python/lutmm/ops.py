@@ -265,17 +265,23 @@ def _setup_context_silu_mul(ctx, inputs, output):
     ctx.args = (table, N, K, bits, group_size)
 
 
+def _silu_mul_grad(z: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    """dZ (float32, ..., N) of Y = silu_mul_interleaved(Z) given dY (..., N / 2)."""
+    N = z.shape[-1]
+    z = z.float().reshape(*z.shape[:-1], N // 16, 2, 8)
+    g, u = z[..., 0, :], z[..., 1, :]
+    sg = torch.sigmoid(g)
+    dy = gy.float().reshape(*gy.shape[:-1], N // 16, 8)
+    return torch.stack([dy * u * sg * (1 + g * (1 - sg)), dy * g * sg], dim=-2).reshape(*gy.shape[:-1], N)
+
+
 def _backward_silu_mul(ctx, gy):
     x, packed, packed_scales = ctx.saved_tensors
     table, N, K, bits, group_size = ctx.args
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None, None, None, None
     w = _grad_weight(gy, packed, packed_scales, table, N, K, bits, group_size)
-    z = torch.matmul(x.to(w.dtype), w.t()).float().reshape(*x.shape[:-1], N // 16, 2, 8)
-    g, u = z[..., 0, :], z[..., 1, :]
-    sg = torch.sigmoid(g)
-    dy = gy.float().reshape(*gy.shape[:-1], N // 16, 8)
-    dz = torch.stack([dy * u * sg * (1 + g * (1 - sg)), dy * g * sg], dim=-2).reshape(*x.shape[:-1], N)
+    dz = _silu_mul_grad(torch.matmul(x.to(w.dtype), w.t()), gy)
     gx = torch.matmul(dz.to(w.dtype), w).to(x.dtype)
     return gx, None, None, None, None, None, None, None
 
@@ -335,3 +341,36 @@ def cuda_lut_matmul_layer(x, packed, packed_scales, table, N, K, bits, group_siz
 
 
 lut_matmul_layer.register_kernel("cuda")(cuda_lut_matmul_layer)
+
+
+# Autograd of lut_matmul_layer (gradients to x and the residual; the weight is frozen). With Z = X W_hat^T
+# (recomputed), r = rsqrt(mean(x^2) + eps) per token and Y0 = r Z (Y0 = Z without the norm): dY0 from dY
+# (through silu_mul when gated), then dX = r dY0 W_hat - (r^3 / K) <dY0, Z> x; the residual's gradient is dY.
+def _setup_context_layer(ctx, inputs, output):
+    x, packed, packed_scales, table, N, K, bits, group_size, residual, rms_eps, silu_mul = inputs
+    ctx.save_for_backward(x, packed, packed_scales)
+    ctx.args = (table, N, K, bits, group_size, rms_eps, silu_mul)
+    ctx.res_dtype = None if residual is None else residual.dtype
+
+
+def _backward_layer(ctx, gy):
+    x, packed, packed_scales = ctx.saved_tensors
+    table, N, K, bits, group_size, rms_eps, silu_mul = ctx.args
+    gx = gres = None
+    if ctx.needs_input_grad[0]:
+        w = _grad_weight(gy, packed, packed_scales, table, N, K, bits, group_size)
+        z = torch.matmul(x.to(w.dtype), w.t()).float()
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_eps) if rms_eps >= 0 else None
+        dy0 = _silu_mul_grad(z if r is None else z * r, gy) if silu_mul else gy.float()
+        if r is None:
+            gx = torch.matmul(dy0.to(w.dtype), w).to(x.dtype)
+        else:
+            gx = (r * torch.matmul(dy0.to(w.dtype), w).float()
+                  - (r ** 3 / K) * (dy0 * z).sum(-1, keepdim=True) * xf).to(x.dtype)
+    if ctx.res_dtype is not None and ctx.needs_input_grad[8]:
+        gres = gy.to(ctx.res_dtype)
+    return gx, None, None, None, None, None, None, None, gres, None, None
+
+
+lut_matmul_layer.register_autograd(_backward_layer, setup_context=_setup_context_layer)

@@ -86,6 +86,9 @@ def test_layer_op_cpu_and_registration():
     torch.testing.assert_close(torch.ops.lutmm.lut_matmul_layer(*args, None, 1e-5, True), silu_mul_interleaved(z * r))
     torch.library.opcheck(torch.ops.lutmm.lut_matmul_layer.default, (*args, res, 1e-5, False),
                           test_utils=("test_schema", "test_faketensor"))
+    xg = x.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.lutmm.lut_matmul_layer.default, (xg, *args[1:], res, 1e-5, False),
+                          test_utils=("test_autograd_registration",))
 
 
 def test_layer_matmul_normalizes_before_the_call_above_the_token_limit(monkeypatch):
@@ -113,6 +116,37 @@ def test_layer_matmul_normalizes_before_the_call_above_the_token_limit(monkeypat
     x = torch.randn(5, 64, dtype=torch.bfloat16)  # rounded once, as LlamaRMSNorm with weight 1
     norm = transformers.models.llama.modeling_llama.LlamaRMSNorm(64, eps=1e-5)
     assert torch.equal(orig(x, 1e-5), norm(x))
+
+
+@pytest.mark.parametrize("eps,silu,with_res", [(1e-5, False, True), (1e-5, True, False), (-1.0, False, True),
+                                              (-1.0, True, False)])
+def test_layer_op_gradients_match_autograd_of_the_reference(eps, silu, with_res):
+    torch.manual_seed(3)
+    qw = lutmm.quantize(torch.randn(64, 128), bits=4, group_size=64)
+    w = lutmm.dequantize(qw).double()
+    x = torch.randn(2, 3, 128, dtype=torch.float64) * 2
+    n_out = 32 if silu else 64
+    res = torch.randn(2, 3, n_out, dtype=torch.float64) if with_res else None
+    gy = torch.randn(2, 3, n_out, dtype=torch.float64)
+    from lutmm.gated import silu_mul_interleaved
+
+    def reference(x, res):
+        y = x @ w.t()
+        if eps >= 0:
+            y = y * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        if silu:
+            y = silu_mul_interleaved(y)
+        return y if res is None else y + res
+
+    xa, ra = x.clone().requires_grad_(), None if res is None else res.clone().requires_grad_()
+    reference(xa, ra).backward(gy)
+    xb, rb = x.clone().requires_grad_(), None if res is None else res.clone().requires_grad_()
+    y = torch.ops.lutmm.lut_matmul_layer(xb, qw.packed, qw.packed_scales, qw._table_list, 64, 128, 4, 64, rb, eps,
+                                         silu)
+    y.backward(gy)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-4)  # float32 inside the backward
+    if res is not None:
+        torch.testing.assert_close(rb.grad, ra.grad)
 
 
 def test_layer_op_rejects_bad_arguments():
