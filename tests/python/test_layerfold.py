@@ -226,3 +226,24 @@ def test_gpu_folded_decode_step_matches_unfolded():
     fold_layers(model)
     got = decode_logits()
     assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+@gpu
+def test_gpu_layer_op_gradient_matches_cpu():
+    torch.manual_seed(4)
+    qw = lutmm.quantize(torch.randn(256, 512), bits=4, group_size=128)
+    qc = qw.to("cuda")
+    x = torch.randn(3, 512)
+    res = torch.randn(3, 256)
+    gy = torch.randn(3, 256)
+    grads = []
+    for q, dev in ((qw, "cpu"), (qc, "cuda")):
+        xd = x.to(dev, torch.bfloat16 if dev == "cuda" else torch.float32).requires_grad_()
+        rd = res.to(dev, xd.dtype).requires_grad_()
+        y = torch.ops.lutmm.lut_matmul_layer(xd, q.packed, q.packed_scales, q._table_list, 256, 512, 4, 128, rd, 1e-5,
+                                             False)
+        y.backward(gy.to(dev, xd.dtype))
+        grads.append((xd.grad.float().cpu(), rd.grad.float().cpu()))
+    (gx_cpu, gr_cpu), (gx_gpu, gr_gpu) = grads
+    assert (gx_gpu - gx_cpu).norm() / gx_cpu.norm() < 2e-2
+    torch.testing.assert_close(gr_gpu, gr_cpu, rtol=1e-2, atol=1e-2)
