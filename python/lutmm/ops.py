@@ -1,4 +1,5 @@
-"""The torch ops `lutmm::lut_matmul` and `lutmm::lut_matmul_silu_mul` (CPU + CUDA + fake implementations).
+"""The torch ops `lutmm::lut_matmul`, `lutmm::lut_matmul_silu_mul` and `lutmm::lut_matmul_layer` (CPU + CUDA +
+fake implementations).
 
 Works with torch.compile(fullgraph=True) and CUDA graph capture: the CUDA path allocates only
 through torch's caching allocator, launches on the current stream and never synchronizes.
@@ -113,6 +114,18 @@ def _(x, packed, packed_scales, table, N, K, bits, group_size, bias=None):
     return y.to(x.dtype)
 
 
+def _after_product(z: torch.Tensor, x: torch.Tensor, rms_eps: Optional[float], silu_mul: bool,
+                   residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """What the fused kernels do after the product, on a float32 Z = X W_hat^T (the CPU kernels and the CUDA
+    paths without them): the RMSNorm factor rsqrt(mean(x^2) + rms_eps) per token, silu(gate) * up, the
+    residual. Float32 out."""
+    if rms_eps is not None:
+        z = z * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + rms_eps)
+    if silu_mul:
+        z = silu_mul_interleaved(z)
+    return z if residual is None else z + residual.float()
+
+
 def _cuda_gemm(x, packed, packed_scales, table, N, K, bits, group_size, bias, silu_mul: bool, residual=None,
                rms_eps: Optional[float] = None):
     """Y (..., N) = X W_hat^T (+ bias), or with silu_mul (an interleave_gate_up weight) silu(gate) * up
@@ -140,14 +153,8 @@ def _cuda_gemm(x, packed, packed_scales, table, N, K, bits, group_size, bias, si
     if residual is not None:  # (..., n_out) of x's dtype and device (_check_layer_args)
         residual = residual.reshape(M, n_out).contiguous()
     if (residual is not None or rms_eps is not None) and path != "lut":  # the kernels that take them: LUT only
-        y = _cuda_gemm(x2, packed, packed_scales, table, N, K, bits, group_size, bias, False).float()
-        if rms_eps is not None:
-            y = y * torch.rsqrt(x2.float().pow(2).mean(-1, keepdim=True) + rms_eps)
-        if silu_mul:
-            y = silu_mul_interleaved(y)
-        if residual is not None:
-            y = y + residual.float()
-        return y.to(x.dtype).reshape(*lead, n_out)
+        z = _cuda_gemm(x2, packed, packed_scales, table, N, K, bits, group_size, bias, False).float()
+        return _after_product(z, x2, rms_eps, silu_mul, residual).to(x.dtype).reshape(*lead, n_out)
     if path != "dequant":
         pp, ps = _check_packed(packed, packed_scales, N, K, bits, group_size, "cuda")
         bp = 0
@@ -192,7 +199,7 @@ def _(x, packed, packed_scales, table, N, K, bits, group_size):
 @lut_matmul_silu_mul.register_kernel("cpu")
 def _(x, packed, packed_scales, table, N, K, bits, group_size):
     w = cpu_dequantize(packed.contiguous(), packed_scales.contiguous(), table, N, K, bits, group_size)
-    return silu_mul_interleaved(F.linear(x.float(), w)).to(x.dtype)
+    return _after_product(F.linear(x.float(), w), x, None, True, None).to(x.dtype)
 
 
 def cuda_lut_matmul_silu_mul(x, packed, packed_scales, table, N, K, bits, group_size):
@@ -275,14 +282,27 @@ def _silu_mul_grad(z: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
     return torch.stack([dy * u * sg * (1 + g * (1 - sg)), dy * g * sg], dim=-2).reshape(*gy.shape[:-1], N)
 
 
+def _grad_x(x, gy, packed, packed_scales, table, N, K, bits, group_size, rms_eps: Optional[float],
+            silu_mul: bool) -> torch.Tensor:
+    """dX of Y = _after_product(X W_hat^T, X, rms_eps, silu_mul, ...) given dY. With Z = X W_hat^T
+    (recomputed) and r = rsqrt(mean(x^2) + eps) per token, Y0 = r Z (Z without the norm): dY0 from dY
+    (through silu_mul when gated), then dX = r dY0 W_hat - (r^3 / K) <dY0, Z> x."""
+    w = _grad_weight(gy, packed, packed_scales, table, N, K, bits, group_size)
+    z = torch.matmul(x.to(w.dtype), w.t()).float()
+    r = None if rms_eps is None else torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + rms_eps)
+    dy0 = _silu_mul_grad(z if r is None else z * r, gy) if silu_mul else gy.float()
+    if r is None:
+        return torch.matmul(dy0.to(w.dtype), w).to(x.dtype)
+    return (r * torch.matmul(dy0.to(w.dtype), w).float()
+            - (r ** 3 / K) * (dy0 * z).sum(-1, keepdim=True) * x.float()).to(x.dtype)
+
+
 def _backward_silu_mul(ctx, gy):
     x, packed, packed_scales = ctx.saved_tensors
     table, N, K, bits, group_size = ctx.args
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None, None, None, None
-    w = _grad_weight(gy, packed, packed_scales, table, N, K, bits, group_size)
-    dz = _silu_mul_grad(torch.matmul(x.to(w.dtype), w.t()), gy)
-    gx = torch.matmul(dz.to(w.dtype), w).to(x.dtype)
+    gx = _grad_x(x, gy, packed, packed_scales, table, N, K, bits, group_size, None, True)
     return gx, None, None, None, None, None, None, None
 
 
@@ -323,15 +343,8 @@ def _check_layer_args(x, residual, rms_eps: float, N: int, silu_mul: bool) -> No
 def _(x, packed, packed_scales, table, N, K, bits, group_size, residual, rms_eps, silu_mul):
     _check_layer_args(x, residual, rms_eps, N, silu_mul)
     w = cpu_dequantize(packed.contiguous(), packed_scales.contiguous(), table, N, K, bits, group_size)
-    xf = x.float()
-    y = F.linear(xf, w)
-    if rms_eps >= 0:
-        y = y * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_eps)
-    if silu_mul:
-        y = silu_mul_interleaved(y)
-    if residual is not None:
-        y = y + residual.float()
-    return y.to(x.dtype)
+    return _after_product(F.linear(x.float(), w), x, rms_eps if rms_eps >= 0 else None, silu_mul,
+                          residual).to(x.dtype)
 
 
 def cuda_lut_matmul_layer(x, packed, packed_scales, table, N, K, bits, group_size, residual, rms_eps, silu_mul):
@@ -343,9 +356,8 @@ def cuda_lut_matmul_layer(x, packed, packed_scales, table, N, K, bits, group_siz
 lut_matmul_layer.register_kernel("cuda")(cuda_lut_matmul_layer)
 
 
-# Autograd of lut_matmul_layer (gradients to x and the residual; the weight is frozen). With Z = X W_hat^T
-# (recomputed), r = rsqrt(mean(x^2) + eps) per token and Y0 = r Z (Y0 = Z without the norm): dY0 from dY
-# (through silu_mul when gated), then dX = r dY0 W_hat - (r^3 / K) <dY0, Z> x; the residual's gradient is dY.
+# Autograd of lut_matmul_layer (gradients to x and the residual; the weight is frozen): dX as _grad_x says,
+# the residual's gradient is dY.
 def _setup_context_layer(ctx, inputs, output):
     x, packed, packed_scales, table, N, K, bits, group_size, residual, rms_eps, silu_mul = inputs
     ctx.save_for_backward(x, packed, packed_scales)
@@ -358,16 +370,8 @@ def _backward_layer(ctx, gy):
     table, N, K, bits, group_size, rms_eps, silu_mul = ctx.args
     gx = gres = None
     if ctx.needs_input_grad[0]:
-        w = _grad_weight(gy, packed, packed_scales, table, N, K, bits, group_size)
-        z = torch.matmul(x.to(w.dtype), w.t()).float()
-        xf = x.float()
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_eps) if rms_eps >= 0 else None
-        dy0 = _silu_mul_grad(z if r is None else z * r, gy) if silu_mul else gy.float()
-        if r is None:
-            gx = torch.matmul(dy0.to(w.dtype), w).to(x.dtype)
-        else:
-            gx = (r * torch.matmul(dy0.to(w.dtype), w).float()
-                  - (r ** 3 / K) * (dy0 * z).sum(-1, keepdim=True) * xf).to(x.dtype)
+        gx = _grad_x(x, gy, packed, packed_scales, table, N, K, bits, group_size, rms_eps if rms_eps >= 0 else None,
+                     silu_mul)
     if ctx.res_dtype is not None and ctx.needs_input_grad[8]:
         gres = gy.to(ctx.res_dtype)
     return gx, None, None, None, None, None, None, None, gres, None, None

@@ -222,15 +222,19 @@ def test_projections_with_hooks_are_left_alone():
     assert "hooks" in dict(report.skipped)["model.layers.0.self_attn"]
 
 
-def test_fused_model_compiles_fullgraph():
-    model = quantize_model(tiny_llama(), bits=4, group_size=64, progress=False)
-    fuse_projections(model)
-    ids = torch.randint(0, 256, (2, 6))
+def assert_compiles_fullgraph(model, ids):
+    """torch.compile(fullgraph=True) traces the model's forward and gives its eager logits bitwise."""
     ref = _logits(model, ids)
     torch._dynamo.reset()
     compiled = torch.compile(lambda x: model(x).logits, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         assert torch.equal(compiled(ids), ref)
+
+
+def test_fused_model_compiles_fullgraph():
+    model = quantize_model(tiny_llama(), bits=4, group_size=64, progress=False)
+    fuse_projections(model)
+    assert_compiles_fullgraph(model, torch.randint(0, 256, (2, 6)))
 
 
 def test_fused_state_dict_round_trip_and_checkpoint_refusal(tmp_path):
@@ -282,19 +286,26 @@ def test_mini_llama_quantized_fused_equals_unfused(shared_dir):
     assert torch.equal(_greedy(gated, ids, 8), ref_tokens)
 
 
+def prefilled(model, ids, max_len=32):
+    """A static cache holding the prefill of ids (batch x n), and the next step's inputs: the last token again,
+    at position n. Call under no_grad."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    n = ids.shape[1]
+    model(ids, past_key_values=cache, cache_position=torch.arange(n, device=ids.device), use_cache=True)
+    return cache, ids[:, -1:].clone(), torch.tensor([n], device=ids.device)
+
+
 @gpu
 def test_fused_decode_step_cuda_graph_matches_unfused():
     """One decode step (static cache) captured in a CUDA graph: fused logits match the unfused model's."""
-    from transformers import StaticCache
-
     model = quantize_model(tiny_llama(), bits=4, group_size=64, progress=False).cuda()
     ids = torch.randint(0, 256, (2, 8), device="cuda")
 
     def decode_logits():
-        cache = StaticCache(config=model.config, max_cache_len=32)
         with torch.no_grad():
-            model(ids, past_key_values=cache, cache_position=torch.arange(8, device="cuda"), use_cache=True)
-            token, pos = ids[:, -1:].clone(), torch.tensor([8], device="cuda")
+            cache, token, pos = prefilled(model, ids)
 
             def step():
                 return model(token, past_key_values=cache, cache_position=pos, use_cache=True).logits

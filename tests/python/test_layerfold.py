@@ -11,7 +11,7 @@ from lutmm import ops
 transformers = pytest.importorskip("transformers")
 from lutmm.layerfold import FoldedLlamaDecoderLayer, fold_layers, fold_norm_weights  # noqa: E402
 from lutmm.nn import fuse_projections, quantize_model  # noqa: E402
-from test_fuse import randomize_params, tiny_llama  # noqa: E402
+from test_fuse import assert_compiles_fullgraph, randomize_params, tiny_llama  # noqa: E402
 
 
 def _with_norm_weights(model):
@@ -170,12 +170,7 @@ def test_folded_model_compiles_fullgraph():
     quantize_model(model, bits=4, group_size=64, progress=False)
     fuse_projections(model)
     fold_layers(model)
-    ids = torch.randint(0, 256, (2, 6))
-    ref = _logits(model, ids)
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda t: model(t).logits, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        assert torch.equal(compiled(ids).float(), ref)
+    assert_compiles_fullgraph(model, torch.randint(0, 256, (2, 6)))
 
 
 # ---- on the GPU ---------------------------------------------------------------------------------------------
@@ -204,8 +199,8 @@ def test_gpu_layer_op_matches_cpu(path, monkeypatch):
 
 @gpu
 def test_gpu_folded_decode_step_matches_unfolded():
-    from transformers import StaticCache
     from lutmm.attention import use_gqa_attention
+    from test_fuse import prefilled
 
     model = _with_norm_weights(tiny_llama())
     fold_norm_weights(model)
@@ -216,10 +211,8 @@ def test_gpu_folded_decode_step_matches_unfolded():
     ids = torch.randint(0, 256, (2, 8), device="cuda")
 
     def decode_logits():
-        cache = StaticCache(config=model.config, max_cache_len=32)
         with torch.no_grad():
-            model(ids, past_key_values=cache, cache_position=torch.arange(8, device="cuda"), use_cache=True)
-            token, pos = ids[:, -1:].clone(), torch.tensor([8], device="cuda")
+            cache, token, pos = prefilled(model, ids)
             return model(token, past_key_values=cache, cache_position=pos, use_cache=True).logits.float()
 
     ref = decode_logits()
