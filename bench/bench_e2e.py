@@ -285,6 +285,8 @@ def main():
         parts = c.split(":")
         if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("plain", "fold")):
             ap.error(f"--configs: bits:group[:plain|:fold], got {c!r}")
+        if parts[2:] == ["fold"] and not args.fuse:
+            ap.error(f"--configs {c}: :fold needs --fuse")
         configs.append((int(parts[0]), int(parts[1]), parts[2] if len(parts) == 3 else ""))
     fuse_bf16 = args.fuse and not args.unfused_bf16
     projections = {(True, True): "fused q/k/v + gate/up (lutmm and bf16)",
@@ -344,8 +346,6 @@ def main():
         if args.fuse:
             fuse(model, gated=variant != "plain")
         if variant == "fold":
-            if not args.fuse:
-                ap.error(":fold needs --fuse")
             fold_layers(model)
         if cuda:
             torch.cuda.empty_cache()

@@ -170,3 +170,12 @@ def test_default_configs_are_folded_when_fused():
     assert e2e.default_configs(True).split(",") == ["4:128:fold", "4:64:fold", "3:128:fold", "3:64:fold",
                                                     "2:128:fold", "2:64:fold"]
     assert e2e.default_configs(False) == "4:128,4:64,3:128,3:64,2:128,2:64"  # --no-fuse: fold needs fusion
+
+
+def test_fold_without_fusion_is_refused_before_any_model_is_built(monkeypatch, capsys):
+    e2e = _load()
+    monkeypatch.setattr(e2e, "build", lambda *a, **k: pytest.fail("built a model before checking --configs"))
+    monkeypatch.setattr("sys.argv", ["bench_e2e.py", "--device", "cpu", "--no-fuse", "--configs", "4:64:fold"])
+    with pytest.raises(SystemExit):
+        e2e.main()
+    assert "--configs 4:64:fold: :fold needs --fuse" in capsys.readouterr().err
