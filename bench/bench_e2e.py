@@ -21,6 +21,7 @@ import argparse
 import statistics
 import sys
 import time
+from typing import List, NamedTuple, Optional
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
@@ -143,12 +144,19 @@ def profile_replays(run, replays: int = 4) -> dict:
     return by_class(prof.key_averages(), replays, top=10)
 
 
+class Decode(NamedTuple):
+    """decode_tokens_per_s's result."""
+    tokens_per_s: float         # the median of the timed runs
+    samples: List[float]        # each timed run's tokens/s, in order
+    profile: Optional[dict]     # the captured step's breakdown (profile_replays), or None
+
+
 @torch.no_grad()
 def decode_tokens_per_s(model, batch: int, prompt: int, gen: int, graph: bool, compile_step: bool = False,
-                        profile_step: bool = False, repeats: int = 1, samples: list = None):
+                        profile_step: bool = False, repeats: int = 1) -> Decode:
     """Decode tokens/s, the median of `repeats` timed runs of `gen` steps (the cache rewound to the prompt
-    between them; one compilation and capture); each run's tokens/s is appended to `samples` when given.
-    With profile_step (graph mode on CUDA), also the captured step's breakdown (profile_replays), else None."""
+    between them; one compilation and capture), with each run's tokens/s and, with profile_step (graph mode
+    on CUDA), the captured step's breakdown (profile_replays), else None: a Decode."""
     dev = next(model.parameters()).device
     cache = StaticCache(config=model.config, max_cache_len=prompt + gen + 8)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=dev)
@@ -193,8 +201,6 @@ def decode_tokens_per_s(model, batch: int, prompt: int, gen: int, graph: bool, c
         if cuda:
             torch.cuda.synchronize()
         runs.append(batch * gen / (time.perf_counter() - t0))
-    if samples is not None:
-        samples.extend(runs)
     tps = statistics.median(runs)
     prof = None
     if profile_step and run is not None:
@@ -202,7 +208,7 @@ def decode_tokens_per_s(model, batch: int, prompt: int, gen: int, graph: bool, c
             prof = profile_replays(run)
         except Exception as e:  # the profiler is a diagnostic: never lose the measurement to it
             prof = {"error": repr(e)}
-    return tps, prof
+    return Decode(tps, runs, prof)
 
 
 @torch.no_grad()
@@ -311,13 +317,12 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         for b in args.batches:
             t0 = time.perf_counter()
-            runs = []
-            tps, prof = decode_tokens_per_s(model, b, args.prompt, args.gen, graph=not args.no_graph,
-                                            compile_step=args.compile, profile_step=args.profile,
-                                            repeats=args.repeats, samples=runs)
+            tps, runs, prof = decode_tokens_per_s(model, b, args.prompt, args.gen, graph=not args.no_graph,
+                                                  compile_step=args.compile, profile_step=args.profile,
+                                                  repeats=args.repeats)
             if args.compile:
                 print(f"{'':>14} (compile + measure: {time.perf_counter() - t0:.0f} s)", flush=True)
-            eager, _ = decode_tokens_per_s(model, b, args.prompt, min(args.gen, 32), graph=False)
+            eager = decode_tokens_per_s(model, b, args.prompt, min(args.gen, 32), graph=False).tokens_per_s
             mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
             rows.append((label, b, tps, eager, mem))
             mode = ("compiled " if args.compile else "") + ("eager" if args.no_graph or not cuda else "graph")

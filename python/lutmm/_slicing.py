@@ -44,15 +44,20 @@ def _range(sl, n: int, what: str, unit: int) -> tuple[int, int]:
 def slice_weight(qw: QuantizedWeight, rows=None, cols=None) -> QuantizedWeight:
     """The QuantizedWeight of W[rows, cols] (rows = out_features N, cols = in_features K), on qw's device,
     without unpacking. rows: a slice (or (start, stop)) starting at a multiple of 16; cols: starting at a
-    multiple of 128 and of the group size; each ends at such a multiple or at the edge. Raises ValueError
-    naming the bound otherwise."""
+    multiple of 128 and of the group size; each ends at such a multiple or at the edge (so a weight with one
+    scale group per row, group_size = K, is only sliced along N). Raises ValueError naming the bound
+    otherwise.
+
+    Each condition is checked once: the bounds by _range, the weight's own shape (and so, with those
+    bounds, the sub-weight's) by _core.packed_bytes. (The C++ slice_packed checks the same conditions for
+    its host pointers; this function runs on any device and does not call it.)"""
     if not isinstance(qw, QuantizedWeight):
         raise ValueError(f"qw: expected a QuantizedWeight, got {type(qw).__name__}")
     N, K, bits, g = qw.N, qw.K, qw.bits, qw.group_size
     n0, n1 = _range(rows, N, "rows", ROW_BLOCK)
+    # unit max(128, g): whole column blocks and scale groups; with g = K it admits only [0, K), i.e. a
+    # weight with one scale group per row can't be cut along K
     k0, k1 = _range(cols, K, "cols", max(COL_BLOCK, g))
-    if (k0, k1) != (0, K) and g == K:
-        raise ValueError(f"cols: a weight with one scale group per row (group_size = K = {K}) can't be cut along K")
     nb, kb, groups = -(-N // ROW_BLOCK), -(-K // COL_BLOCK), K // g
     block_bytes = qw.packed.numel() // (nb * kb)
     if qw.packed.numel() != _core.packed_bytes(N, K, bits, g) or qw.packed_scales.numel() != nb * groups * ROW_BLOCK:
@@ -61,9 +66,8 @@ def slice_weight(qw: QuantizedWeight, rows=None, cols=None) -> QuantizedWeight:
     rb = slice(n0 // ROW_BLOCK, -(-n1 // ROW_BLOCK))
     packed = qw.packed.reshape(nb, kb, block_bytes)[rb, k0 // COL_BLOCK:-(-k1 // COL_BLOCK)].reshape(-1)
     scales = qw.packed_scales.reshape(nb, groups, ROW_BLOCK)[rb, k0 // g:k1 // g].reshape(-1)
-    sub_g = k1 - k0 if g == K else g
-    _core.validate_shape(n1 - n0, k1 - k0, bits, sub_g)
-    return QuantizedWeight(packed.clone(), scales.clone(), qw.table, bits, sub_g, (n1 - n0, k1 - k0), qw.table_kind)
+    # a valid shape (packed_bytes above) cut at such bounds is a valid shape: no second validate_shape
+    return QuantizedWeight(packed.clone(), scales.clone(), qw.table, bits, g, (n1 - n0, k1 - k0), qw.table_kind)
 
 
 def shard(qw: QuantizedWeight, dim: int, rank: int, world_size: int) -> QuantizedWeight:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ from transformers.models.llama import modeling_llama as _llama
 
 from ._api import concat_rows
 from .attention import NAME_KERNEL, gqa_decode_step
-from .gated import gated_matmul, interleave_gate_up
+from .gated import _interleave_problem, gated_matmul, interleave_gate_up
 from .nn import LUTLinear
 
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -76,10 +76,18 @@ def _concat_dense(mods: Sequence[nn.Linear]) -> nn.Linear:
     return fused
 
 
-def _check_no_hooks(mods: Sequence[nn.Module]) -> None:
+def _hooks_problem(mods: Sequence[nn.Module]) -> Optional[str]:
+    """Why `mods` can't be fused because of hooks (the reason), or None."""
     for m in mods:
         if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):
-            raise ValueError("a projection has forward hooks (e.g. accelerate offload), which fusion would drop")
+            return "a projection has forward hooks (e.g. accelerate offload), which fusion would drop"
+    return None
+
+
+def _check_no_hooks(mods: Sequence[nn.Module]) -> None:
+    problem = _hooks_problem(mods)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def concat_linears(mods: Sequence[nn.Module]) -> nn.Module:
@@ -209,32 +217,39 @@ class LUTGatedLinear(LUTLinear):
         return super().extra_repr() + ", silu(gate) * up (rows interleaved by 8)"
 
 
-def _gated_lut(mlp: nn.Module, mods: Sequence[nn.Module]) -> LUTGatedLinear:
-    """gate_proj and up_proj (`mods`) of a SiLU MLP as one LUTGatedLinear; ValueError where that can't be
-    done exactly (not LUT, a bias, an activation other than SiLU, hooks, mismatched formats or tables, I not
-    a multiple of 8)."""
+def _why_not_gated(mlp: nn.Module, mods: Sequence[nn.Module]) -> Optional[str]:
+    """Why gate_proj and up_proj (`mods`) of `mlp` can't be one LUTGatedLinear exactly (the reason), or None
+    when they can: not LUT, a bias, an activation other than SiLU, hooks, mismatched formats or tables, I
+    not a multiple of 8 (the last three: lutmm.gated's interleave check)."""
     gate, up = mods
     if type(gate) is not LUTLinear or type(up) is not LUTLinear:
-        raise ValueError("not LUTLinear")
+        return "not LUTLinear"
     if gate.bias is not None or up.bias is not None:
-        raise ValueError("a bias")
-    if getattr(mlp.config, "hidden_act", None) not in ("silu", "swish"):
-        raise ValueError(f"activation {getattr(mlp.config, 'hidden_act', None)!r}, not SiLU")
-    _check_no_hooks(mods)
+        return "a bias"
+    act = getattr(mlp.config, "hidden_act", None)
+    if act not in ("silu", "swish"):
+        return f"activation {act!r}, not SiLU"
+    return _hooks_problem(mods) or _interleave_problem(gate.quantized_weight(), up.quantized_weight())
+
+
+def _gated_lut(mlp: nn.Module, mods: Sequence[nn.Module]) -> LUTGatedLinear:
+    """gate_proj and up_proj (`mods`) of a SiLU MLP as one LUTGatedLinear; ValueError with _why_not_gated's
+    reason where that can't be done exactly."""
+    problem = _why_not_gated(mlp, mods)
+    if problem is not None:
+        raise ValueError(problem)
+    gate, up = mods
     return LUTGatedLinear.from_quantized(interleave_gate_up(gate.quantized_weight(), up.quantized_weight()))
 
 
 def _fuse_mlp(mlp: nn.Module, gated: bool) -> None:
-    """gate/up of `mlp` as one LUTGatedLinear where possible (and `gated`), else as one concatenated linear.
-    Raises ValueError (from the concatenation), leaving `mlp` unchanged."""
-    if gated:
-        try:
-            _fuse_into(mlp, GATE_UP, FusedGateUpLlamaMLP, "gate_up_proj", "gate_up_sizes",
-                       make=lambda mods: _gated_lut(mlp, mods))
-            return
-        except ValueError:
-            pass  # not gated-able: the plain concatenation below (or its reason)
-    _fuse_into(mlp, GATE_UP, FusedGateUpLlamaMLP, "gate_up_proj", "gate_up_sizes")
+    """gate/up of `mlp` as one LUTGatedLinear where possible (and `gated`: _why_not_gated finds no reason),
+    else as one concatenated linear. Raises ValueError (from the concatenation), leaving `mlp` unchanged."""
+    if gated and _why_not_gated(mlp, [getattr(mlp, n) for n in GATE_UP]) is None:
+        _fuse_into(mlp, GATE_UP, FusedGateUpLlamaMLP, "gate_up_proj", "gate_up_sizes",
+                   make=lambda mods: _gated_lut(mlp, mods))
+    else:
+        _fuse_into(mlp, GATE_UP, FusedGateUpLlamaMLP, "gate_up_proj", "gate_up_sizes")
 
 
 def _fuse_into(module: nn.Module, names: Sequence[str], fused_cls, fused_name: str, sizes_name: str,

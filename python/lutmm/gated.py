@@ -17,6 +17,8 @@ packed form of the interleaved weight (tested against quantizing it).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -79,33 +81,47 @@ def _interleave_scales(gs: torch.Tensor, us: torch.Tensor, nb_out: int, groups: 
     return _merge(g, u, h, 16).view(torch.float16).reshape(-1)
 
 
-def interleave_gate_up(gate: QuantizedWeight, up: QuantizedWeight) -> QuantizedWeight:
-    """The [2 I, K] weight whose row block j holds gate rows 8j .. 8j + 7, then up rows 8j .. 8j + 7, for
-    gated_matmul. gate and up: I x K with the same K, bits, group size and table, on one device, I a
-    multiple of 8. Raises ValueError naming the mismatch."""
+def _interleave_problem(gate: QuantizedWeight, up: QuantizedWeight) -> Optional[str]:
+    """Why interleave_gate_up(gate, up) refuses these weights (the message of its ValueError), or None when
+    they can be interleaved: the same shape, K, bits, group size, table and device, I a multiple of 8, and
+    packed tensors of the sizes that shape implies."""
     for name, w in (("gate", gate), ("up", up)):
         if not isinstance(w, QuantizedWeight):
-            raise ValueError(f"{name}: expected a QuantizedWeight, got {type(w).__name__}")
+            return f"{name}: expected a QuantizedWeight, got {type(w).__name__}"
     if gate.shape != up.shape:
-        raise ValueError(f"gate and up: shapes {gate.shape} and {up.shape} differ")
+        return f"gate and up: shapes {gate.shape} and {up.shape} differ"
     if gate.bits != up.bits or gate.group_size != up.group_size:
-        raise ValueError(f"gate and up: bits / group size ({gate.bits}, {gate.group_size}) and "
-                         f"({up.bits}, {up.group_size}) differ")
+        return (f"gate and up: bits / group size ({gate.bits}, {gate.group_size}) and "
+                f"({up.bits}, {up.group_size}) differ")
     if not torch.equal(gate.table, up.table):
-        raise ValueError("gate and up: the value tables differ (one table per fused weight)")
+        return "gate and up: the value tables differ (one table per fused weight)"
     if gate.device != up.device:
-        raise ValueError(f"gate and up: on {gate.device} and {up.device}")
+        return f"gate and up: on {gate.device} and {up.device}"
     inter, K = gate.shape
     if inter % 8:
-        raise ValueError(f"gate and up: {inter} rows, expected a multiple of 8")
-    nbytes = _core.packed_bytes(inter, K, gate.bits, gate.group_size)
-    nscales = _core.packed_scale_count(inter, K, gate.bits, gate.group_size)
+        return f"gate and up: {inter} rows, expected a multiple of 8"
+    try:
+        nbytes = _core.packed_bytes(inter, K, gate.bits, gate.group_size)
+        nscales = _core.packed_scale_count(inter, K, gate.bits, gate.group_size)
+    except ValueError as e:  # an invalid shape, bits or group size: the message names it
+        return str(e)
     for name, w in (("gate", gate), ("up", up)):
         if (w.packed.dtype != torch.uint8 or w.packed.numel() != nbytes or w.packed_scales.dtype != torch.float16
                 or w.packed_scales.numel() != nscales):
-            raise ValueError(f"{name}: packed {w.packed.dtype} x {w.packed.numel()}, packed_scales "
-                             f"{w.packed_scales.dtype} x {w.packed_scales.numel()}; expected uint8 x {nbytes} and "
-                             f"float16 x {nscales} for {inter} x {K} at {gate.bits} bits, g = {gate.group_size}")
+            return (f"{name}: packed {w.packed.dtype} x {w.packed.numel()}, packed_scales "
+                    f"{w.packed_scales.dtype} x {w.packed_scales.numel()}; expected uint8 x {nbytes} and "
+                    f"float16 x {nscales} for {inter} x {K} at {gate.bits} bits, g = {gate.group_size}")
+    return None
+
+
+def interleave_gate_up(gate: QuantizedWeight, up: QuantizedWeight) -> QuantizedWeight:
+    """The [2 I, K] weight whose row block j holds gate rows 8j .. 8j + 7, then up rows 8j .. 8j + 7, for
+    gated_matmul. gate and up: I x K with the same K, bits, group size and table, on one device, I a
+    multiple of 8. Raises ValueError naming the mismatch (_interleave_problem's message)."""
+    problem = _interleave_problem(gate, up)
+    if problem is not None:
+        raise ValueError(problem)
+    inter, K = gate.shape
     nb_out = inter // 8  # fused row blocks (2 I / 16)
     cb = (K + 127) // 128
     groups = K // gate.group_size

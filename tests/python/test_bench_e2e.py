@@ -22,12 +22,14 @@ def test_tiny_model_swaps_every_decoder_linear_and_decodes():
     from lutmm.nn import LUTLinear
     assert sum(isinstance(m, LUTLinear) for m in model.modules()) == 14
     assert isinstance(model.lm_head, torch.nn.Linear)
-    tps, prof = e2e.decode_tokens_per_s(model, batch=2, prompt=8, gen=3, graph=False, profile_step=True)
-    assert tps > 0
+    tps, runs, prof = e2e.decode_tokens_per_s(model, batch=2, prompt=8, gen=3, graph=False, profile_step=True)
+    assert tps > 0 and runs == [tps]  # one timed run by default
     assert prof is None  # the step profile needs a captured CUDA graph
-    runs = []  # --repeats: timed runs from the same state (cache rewound), their median reported
-    tps, _ = e2e.decode_tokens_per_s(model, batch=2, prompt=8, gen=3, graph=False, repeats=3, samples=runs)
-    assert len(runs) == 3 and all(r > 0 for r in runs) and tps == sorted(runs)[1]
+    # --repeats: timed runs from the same state (cache rewound), their median reported
+    res = e2e.decode_tokens_per_s(model, batch=2, prompt=8, gen=3, graph=False, repeats=3)
+    assert isinstance(res, e2e.Decode) and res.profile is None
+    runs = res.samples
+    assert len(runs) == 3 and all(r > 0 for r in runs) and res.tokens_per_s == sorted(runs)[1]
 
 
 def test_fused_tiny_models_decode_like_unfused():
@@ -50,7 +52,7 @@ def test_fused_tiny_models_decode_like_unfused():
         # bf16: concatenated weights, cuBLAS sums alike up to rounding; lutmm: the gated MLP rounds
         # silu(gate) * up once from fp32 (lutmm.gated), where the unfused MLP rounds gate, up, SiLU and product
         torch.testing.assert_close(fused, ref, rtol=0, atol=2e-2 * ref.abs().max().item() if quantize else 2e-2)
-        assert e2e.decode_tokens_per_s(model, batch=2, prompt=8, gen=3, graph=False)[0] > 0
+        assert e2e.decode_tokens_per_s(model, batch=2, prompt=8, gen=3, graph=False).tokens_per_s > 0
 
 
 def test_gqa_attention_decodes_like_transformers_sdpa():
@@ -84,7 +86,7 @@ def test_lm_head_option_quantizes_the_head_too():
     model = e2e.build("tiny", "cpu")
     assert e2e.swap_to_lutmm(model, 4, 64, lm_head=True) == 2 * 7 + 1
     assert isinstance(model.lm_head, LUTLinear)
-    assert e2e.decode_tokens_per_s(model, batch=1, prompt=8, gen=2, graph=False)[0] > 0
+    assert e2e.decode_tokens_per_s(model, batch=1, prompt=8, gen=2, graph=False).tokens_per_s > 0
 
 
 def test_breakdown_classes_kernels_by_name():
@@ -162,7 +164,7 @@ def test_folded_tiny_model_decodes():
         got = model(ids).logits
     assert all(type(m) is FoldedLlamaDecoderLayer for m in model.model.layers)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
-    assert e2e.decode_tokens_per_s(model, batch=2, prompt=8, gen=3, graph=False)[0] > 0
+    assert e2e.decode_tokens_per_s(model, batch=2, prompt=8, gen=3, graph=False).tokens_per_s > 0
 
 
 def test_default_configs_are_folded_when_fused():

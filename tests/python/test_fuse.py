@@ -182,6 +182,52 @@ def test_gated_false_and_non_silu_mlps_keep_the_concatenation():
     assert type(model.model.layers[1].mlp.gate_up_proj) is LUTLinear
 
 
+def test_why_not_gated_names_the_reason_and_fuse_follows_it():
+    """_why_not_gated: None where gate/up can be one LUTGatedLinear, else the reason _gated_lut raises;
+    fuse_projections picks the gated or the concatenated fusion by it, without trying one first."""
+    from lutmm.fuse import GATE_UP, _gated_lut, _why_not_gated
+
+    def mods(model, layer=0):
+        return [getattr(model.model.layers[layer].mlp, n) for n in GATE_UP]
+
+    model = quantize_model(tiny_llama(), bits=4, group_size=64, progress=False)
+    mlp = model.model.layers[0].mlp
+    assert _why_not_gated(mlp, mods(model)) is None
+    assert type(_gated_lut(mlp, mods(model))) is LUTGatedLinear
+
+    dense = tiny_llama()
+    biased = quantize_model(tiny_llama(bias=True), bits=4, group_size=64, progress=False)
+    gate, up = mods(model)
+    odd = [LUTLinear.from_quantized(lutmm.quantize(torch.randn(36, 128), bits=4, group_size=64))
+           for _ in range(2)]  # I = 36: not a multiple of 8
+    other_table = LUTLinear.from_quantized(lutmm.quantize(up.dequantize(), bits=4, group_size=64, table="int"))
+    hooked = quantize_model(tiny_llama(), bits=4, group_size=64, progress=False)
+    mods(hooked)[1].register_forward_pre_hook(lambda *a: None)
+    cases = [
+        (dense.model.layers[0].mlp, mods(dense), "not LUTLinear"),
+        (biased.model.layers[0].mlp, mods(biased), "a bias"),
+        (hooked.model.layers[0].mlp, mods(hooked), "forward hooks"),
+        (mlp, [gate, other_table], "the value tables differ"),
+        (mlp, odd, "36 rows, expected a multiple of 8"),
+    ]
+    for m, pair, reason in cases:
+        why = _why_not_gated(m, pair)
+        assert why is not None and reason in why, (reason, why)
+        with pytest.raises(ValueError) as e:
+            _gated_lut(m, pair)
+        assert str(e.value) == why  # _gated_lut raises exactly that reason
+
+    gelu = copy.copy(mlp)  # the same projections under a GELU config (act_fn is already built: only the rule)
+    gelu.config = copy.copy(mlp.config)
+    gelu.config.hidden_act = "gelu"
+    assert _why_not_gated(gelu, mods(model)) == "activation 'gelu', not SiLU"
+
+    report = fuse_projections(hooked, warn=False)  # layer 0: no gated path, and the concatenation refuses hooks
+    hook_reason = _why_not_gated(hooked.model.layers[0].mlp, mods(hooked))
+    assert (report.mlp, report.gated, report.skipped) == (1, 1, [("model.layers.0.mlp", hook_reason)])
+    assert type(hooked.model.layers[1].mlp.gate_up_proj) is LUTGatedLinear
+
+
 def test_dense_bf16_llama_fuses_into_nn_linear():
     model = tiny_llama()
     ids = torch.randint(0, 256, (2, 7))

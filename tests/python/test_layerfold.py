@@ -231,8 +231,9 @@ def test_gpu_layer_op_gradient_matches_cpu():
     gy = torch.randn(3, 256)
     grads = []
     for q, dev in ((qw, "cpu"), (qc, "cuda")):
-        xd = x.to(dev, torch.bfloat16 if dev == "cuda" else torch.float32).requires_grad_()
-        rd = res.to(dev, xd.dtype).requires_grad_()
+        # detach(): on the CPU .to() returns x itself, which must not stay a leaf that the CUDA copy derives from
+        xd = x.to(dev, torch.bfloat16 if dev == "cuda" else torch.float32).detach().requires_grad_()
+        rd = res.to(dev, xd.dtype).detach().requires_grad_()
         y = torch.ops.lutmm.lut_matmul_layer(xd, q.packed, q.packed_scales, q._table_list, 256, 512, 4, 128, rd, 1e-5,
                                              False)
         y.backward(gy.to(dev, xd.dtype))
