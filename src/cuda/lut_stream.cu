@@ -239,7 +239,11 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   grid_dependents_launch();  // the next kernel may start its prologue as our CTAs finish
 
   const int gwarp = warp % kWarps;  // block of a stage: row block of the tile (row tiles: see warp_row)
-  if (p.rms_norm) {  // each token's factor, read while the producer's first stages are in flight
+  // A single token's norm factor is deferred past the first segment (rms_defer_issue, item 62); otherwise
+  // each token's factor is read here, while the producer's first stages are in flight.
+  constexpr int kDeferVecs = CTAS <= 2 && MT == 1 ? 2 : 0;
+  RmsDeferred<kDeferVecs> rdef = rms_defer_issue<kDeferVecs>(p, p.x, m0, int(threadIdx.x % kThreads), kThreads);
+  if (p.rms_norm && !rdef.on) {
     row_rms_factors(p, p.x, m0, 8 * MT, rs, int(threadIdx.x % kThreads), kThreads,
                     [group] { wg::named_sync(2 + group, kThreads); });
     wg::named_sync(2 + group, kThreads);
@@ -290,6 +294,11 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
       if (full == ring_end) { full = ring_bars; stage_off = ring_base; phase ^= 1; }
     }
     const int bar = 2 + group;
+    if (rdef.on) {  // the first segment end: the deferred factor (uniform over the group)
+      rms_defer_finish(p, rdef, rs, 8 * MT, int(threadIdx.x % kThreads), kThreads, [bar] { wg::named_sync(bar, kThreads); });
+      wg::named_sync(bar, kThreads);
+      rdef.on = false;
+    }
     if (p.rms_norm) scale_by_rows<MT>(acc, rs);
     bool store_live = warp_live;
     if constexpr (ROWS) {  // warp r < rpt adds the sums of row block r's kpt warps, in k order

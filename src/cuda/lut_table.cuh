@@ -109,6 +109,63 @@ __device__ __forceinline__ void row_rms_factors(const GemmParams<T>& p, const T*
   }
 }
 
+// The deferred norm factor (TMA kernel; docs/performance.md item 62): the factor of a single token whose
+// row is at most V 16-byte vectors per thread (M = 1, K <= 4096 with 256 compute threads) is read before
+// the main loop (rms_defer_issue) and reduced after the first segment (rms_defer_finish), so the L2 round
+// trip and row_rms_factors' two barriers leave the path to the first MMA. It costs 4 V registers live
+// across the main loop, so only kernels sized for at most two CTAs per SM take it (V > 0): in those sized
+// for three (72 registers) ptxas spilled 4-44 bytes and plain calls lost 0.2-0.3 us (H100, 2026-11-27:
+// 6144x4096 4-bit M = 1 7.9 -> 8.2 us plain, 9.3 -> 9.0 with the norm; 28672x4096, two CTAs per SM:
+// 30.7 -> 29.6 with the norm, plain unchanged). V = 0: never on, no registers.
+template <int V>
+struct RmsDeferred {
+  uint4 q[V > 0 ? V : 1];
+  bool on;  // loads issued, factor not yet reduced
+};
+template <int V, typename T>
+__device__ __forceinline__ RmsDeferred<V> rms_defer_issue(const GemmParams<T>& p, const T* x, int m0, int tid,
+                                                         int threads) {
+  RmsDeferred<V> d;
+  const int vecs = p.K / 8;
+  d.on = V > 0 && p.rms_norm && p.M - m0 == 1 && vecs <= V * threads;
+  if constexpr (V > 0) {
+    const uint4* row = reinterpret_cast<const uint4*>(x + int64_t(m0) * p.K);
+#pragma unroll
+    for (int u = 0; u < V; ++u)
+      d.q[u] = d.on && tid + u * threads < vecs ? row[tid + u * threads] : make_uint4(0, 0, 0, 0);
+  }
+  return d;
+}
+// Reduces rms_defer_issue's loads into rs as row_rms_factors does (token 0's factor, 0 for the other n_tok - 1
+// tokens); `sync` as there. The caller syncs before reading rs.
+template <int V, typename T, typename Sync>
+__device__ __forceinline__ void rms_defer_finish(const GemmParams<T>& p, const RmsDeferred<V>& d, float* rs, int n_tok,
+                                                 int tid, int threads, Sync sync) {
+  if constexpr (V > 0) {
+    float ss = 0.f;
+#pragma unroll
+    for (int u = 0; u < V; ++u) {
+      const T* e = reinterpret_cast<const T*>(&d.q[u]);
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        const float f = Elem<T>::to_float(e[c]);
+        ss = fmaf(f, f, ss);
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (tid % 32 == 0) rs[tid / 32] = ss;  // partials in slots 0 .. warps - 1 of token 0
+    sync();
+    if (tid == 0) {
+      float t = 0.f;
+      for (int w = 0; w < threads / 32; ++w) t += rs[w];
+      rs[0] = rsqrtf(t / float(p.K) + p.rms_eps);
+    } else if (tid < n_tok) {
+      rs[kNormSlots * tid] = 0.f;
+    }
+  }
+}
+
 // Epilogue::kSiluMul's output for token m of one lane's accumulator pair: rows n (gate, n % 16 < 8) and
 // n + 8 (up) of a 16-row block hold z0 and z1; silu(z0) * z1 goes to Y[m][n / 16 * 8 + n % 8] of the
 // M x N/2 output, computed in fp32 and rounded once.
