@@ -68,6 +68,17 @@ void fill_gemm_params(GemmParams<T>& p, const GemmProblem& prob, void* ws, size_
 // all of its tokens' rows (8 KB each at K = 4096), so the op keeps this for few tokens (lutmm.layerfold).
 // K is a multiple of 32 and x 16-byte aligned, so rows are whole vectors.
 constexpr int kNormSlots = 8;
+// ss plus the squares of the 8 elements of a 16-byte vector q of a row (fp32, in element order).
+template <typename T>
+__device__ __forceinline__ float add_squares(const uint4& q, float ss) {
+  const T* e = reinterpret_cast<const T*>(&q);
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    const float f = Elem<T>::to_float(e[c]);
+    ss = fmaf(f, f, ss);
+  }
+  return ss;
+}
 template <typename T, typename Sync>
 __device__ __forceinline__ void row_rms_factors(const GemmParams<T>& p, const T* x, int m0, int n_tok, float* rs,
                                                 int tid, int threads, Sync sync) {
@@ -87,14 +98,7 @@ __device__ __forceinline__ void row_rms_factors(const GemmParams<T>& p, const T*
       for (int u = 0; u < kInFlight; ++u)
         q[u] = v + u * team_threads < vecs ? row[v + u * team_threads] : make_uint4(0, 0, 0, 0);
 #pragma unroll
-      for (int u = 0; u < kInFlight; ++u) {
-        const T* e = reinterpret_cast<const T*>(&q[u]);
-#pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          const float f = Elem<T>::to_float(e[c]);
-          ss = fmaf(f, f, ss);
-        }
-      }
+      for (int u = 0; u < kInFlight; ++u) ss = add_squares<T>(q[u], ss);
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
@@ -144,14 +148,7 @@ __device__ __forceinline__ void rms_defer_finish(const GemmParams<T>& p, const R
   if constexpr (V > 0) {
     float ss = 0.f;
 #pragma unroll
-    for (int u = 0; u < V; ++u) {
-      const T* e = reinterpret_cast<const T*>(&d.q[u]);
-#pragma unroll
-      for (int c = 0; c < 8; ++c) {
-        const float f = Elem<T>::to_float(e[c]);
-        ss = fmaf(f, f, ss);
-      }
-    }
+    for (int u = 0; u < V; ++u) ss = add_squares<T>(d.q[u], ss);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     if (tid % 32 == 0) rs[tid / 32] = ss;  // partials in slots 0 .. warps - 1 of token 0
