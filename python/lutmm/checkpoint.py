@@ -6,8 +6,8 @@
                               NAME.packed uint8, NAME.packed_scales float16, NAME.table float32 [, NAME.bias]
     out/tokenizer.json ...  copied from the source model when given
 
-`load_quantized` validates everything (config fields, every tensor's presence, dtype and shape, finite tables)
-and raises ValueError naming what is wrong; only safetensors are read, nothing is unpickled.
+`load_quantized` validates everything (config fields, every tensor's presence, dtype and shape, finite tables
+and scales) and raises ValueError naming what is wrong; only safetensors are read, nothing is unpickled.
 After `import lutmm`, `transformers.AutoModelForCausalLM.from_pretrained(out)` loads it too (see lutmm.hf).
 """
 from __future__ import annotations
@@ -178,6 +178,15 @@ def check_table(key: str, table: torch.Tensor, source: str) -> None:
                          f"expected {table.numel()} finite float32 values")
 
 
+def check_scales(key: str, scales: torch.Tensor, source: str) -> None:
+    """A corrupt scale (NaN/Inf) would turn its group's outputs into NaN/Inf on every call: refused here."""
+    bad = ~torch.isfinite(scales.reshape(-1))
+    if bad.any():
+        first = int(bad.nonzero()[0])
+        raise ValueError(f"{source}: tensor {key!r} (the per-group scales) has {int(bad.sum())} non-finite entries "
+                         f"(NaN/Inf; the first at flat index {first}), expected finite float16 scales")
+
+
 # ---- files ------------------------------------------------------------------------------------------------
 def weight_files(path: Path) -> list:
     """The safetensors files of a checkpoint directory (single file or sharded with an index)."""
@@ -312,6 +321,7 @@ def load_quantized(path, device="cpu", dtype: torch.dtype = torch.bfloat16) -> n
     for name, _ in lut_modules(model):
         key = f"{name}.table"
         check_table(key, sd[key], source)
+        check_scales(f"{name}.packed_scales", sd[f"{name}.packed_scales"], source)
     result = model.load_state_dict(sd, strict=False)
     leftover = set(result.missing_keys) - tied_keys(model)
     if leftover or result.unexpected_keys:  # check_tensors makes this unreachable; kept as a guard

@@ -29,8 +29,8 @@ def _build_classes():
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
     from ._api import FORMAT_VERSION
-    from .checkpoint import check_tensors, check_table, quantized_module_names, read_header, upgrade_packed, \
-        validate_quantization_config
+    from .checkpoint import check_scales, check_tensors, check_table, quantized_module_names, read_header, \
+        upgrade_packed, validate_quantization_config
     from .nn import lut_modules, quantize_model, replace_with_empty_lut_linear
 
     class LutmmConfig(QuantizationConfigMixin):
@@ -105,6 +105,7 @@ def _build_classes():
                     m.packed_scales = m.packed_scales.to(torch.float16)  # exact: the checkpoint holds fp16
                 m.table = m.table.to("cpu", torch.float32)
                 check_table(f"{name}.table", m.table, "checkpoint")
+                check_scales(f"{name}.packed_scales", m.packed_scales, "checkpoint")
                 m._qw = None
             qc = upgrade_packed(model, self.quantization_config.to_dict())  # format version 1: repacked
             self.quantization_config.format_version = qc["format_version"]

@@ -242,6 +242,17 @@ def test_non_finite_table(tiny_ckpt, tmp_path):
     _raises(d, f"'{KEY}.table'", "non-finite")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_scales(tiny_ckpt, tmp_path, bad):
+    d = _copy(tiny_ckpt[1], tmp_path)
+
+    def poison(t):
+        t[f"{KEY}.packed_scales"][5] = bad
+
+    _edit_tensors(d, poison)
+    _raises(d, f"'{KEY}.packed_scales'", "1 non-finite entries", "flat index 5")
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("bits", 5, "quantization_config.bits: got 5, expected 2, 3 or 4"),
     ("format_version", 99, "quantization_config.format_version: got 99"),
