@@ -9,6 +9,7 @@ See docs/format.md for the format and the packed layout.
 from ._api import (QuantizedWeight, quantize, dequantize, matmul, reference_matmul, make_table, gpu_available,
                    build_info, concat_rows, FORMAT_VERSION)
 from ._slicing import slice_weight, shard
+from . import ops  # noqa: F401,E402 (registers the torch.ops.lutmm.* ops: `import lutmm` is enough to call them)
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,7 @@
 """Core Python API: quantize / dequantize / matmul on torch tensors, over the C++ core."""
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple, Union
 
@@ -55,12 +56,16 @@ def make_table(table: TableSpec, bits: int) -> torch.Tensor:
             return torch.tensor(_core.nf_table(bits), dtype=torch.float32)
         if table == "int":
             return torch.tensor(_core.int_table(bits), dtype=torch.float32)
-        raise ValueError(f"table: got {table!r}, expected 'nf', 'int', 'kmeans' or 2^bits values")
+        raise ValueError(f"table: got {table!r}, expected 'nf', 'int' or 2^bits values"
+                         + (" ('kmeans' is learned from a weight: lutmm.quantize(w, table='kmeans'))"
+                            if table == "kmeans" else ""))
     t = torch.as_tensor(table, dtype=torch.float32).detach().cpu().reshape(-1).contiguous()
     if t.numel() != 1 << bits:
         raise ValueError(f"table: got {t.numel()} entries, expected 2^bits = {1 << bits} for bits = {bits}")
     if not torch.isfinite(t).all():
         raise ValueError("table: expected finite values (no NaN/Inf)")
+    if (t == t[0]).all():  # every code would dequantize to one value per group (all zeros: no scale fits)
+        raise ValueError(f"table: all {t.numel()} entries equal {float(t[0])}, expected at least two distinct values")
     return t
 
 
@@ -81,7 +86,22 @@ class QuantizedWeight:
     table_kind: str = "custom"
     _table_list: list = field(default=None, repr=False, compare=False)
 
-    def __post_init__(self):
+    def __post_init__(self):  # types and values only: nothing here reads device memory
+        for name in ("packed", "packed_scales", "table"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise ValueError(f"QuantizedWeight.{name}: expected a torch.Tensor, got "
+                                 f"{type(getattr(self, name)).__name__}")
+        self.bits = _check_bits(self.bits)
+        try:
+            self.group_size = operator.index(self.group_size)
+            shape = tuple(operator.index(d) for d in self.shape)
+        except TypeError:
+            raise ValueError(f"QuantizedWeight: group_size {self.group_size!r} and shape {self.shape!r} must be "
+                             "integers") from None
+        if len(shape) != 2 or min(shape) < 0 or self.group_size < 1:
+            raise ValueError(f"QuantizedWeight: shape {self.shape!r} must be (N, K) >= 0 and group_size "
+                             f"{self.group_size!r} >= 1")
+        self.shape = shape
         self.table = self.table.detach().to("cpu", torch.float32).contiguous()
         self._table_list = [float(v) for v in self.table.tolist()]
 
@@ -246,6 +266,9 @@ def concat_rows(parts: Sequence[QuantizedWeight]) -> QuantizedWeight:
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """W_hat = T[Q] * S as an N x K tensor on qw's device. On the GPU (fp16/bf16) the table is rounded to
     dtype first, exactly as the kernels see it."""
+    _check_qw(qw)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype: got {dtype}, expected a floating-point torch.dtype")
     N, K = qw.shape
     if qw.packed.is_cuda and dtype in (torch.float16, torch.bfloat16):
         from . import ops
@@ -253,6 +276,11 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
     from . import ops
     return ops.cpu_dequantize(qw.packed.cpu(), qw.packed_scales.cpu(), qw._table_list, N, K, qw.bits,
                               qw.group_size).to(device=qw.device, dtype=dtype)
+
+
+def _check_qw(qw, name: str = "qw") -> None:
+    if not isinstance(qw, QuantizedWeight):
+        raise ValueError(f"{name}: expected a lutmm.QuantizedWeight (from lutmm.quantize), got {type(qw).__name__}")
 
 
 def _check_x(x: torch.Tensor, qw: QuantizedWeight):
@@ -271,7 +299,10 @@ def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = 
 
     On CUDA (fp16/bf16) this is the lutmm kernel (torch op `lutmm::lut_matmul`); on the CPU, a float32
     torch matmul on the dequantized weight."""
+    _check_qw(qw)
     _check_x(x, qw)
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise ValueError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
     if bias is not None and (bias.shape != (qw.N,) or bias.device != x.device):
         raise ValueError(f"bias: expected shape ({qw.N},) on {x.device}, got {tuple(bias.shape)} on {bias.device}")
     from . import ops
@@ -281,6 +312,7 @@ def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = 
 
 def reference_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The oracle: fp64 accumulation on the CPU, float32 result of shape (M, N) for x of shape (M, K)."""
+    _check_qw(qw)
     _check_x(x.cpu(), qw.to("cpu"))
     codes, scales = _unpack(qw)
     x2 = x.detach().cpu().reshape(-1, qw.K).contiguous()

@@ -58,6 +58,8 @@ def _check_attention_args(q, k, v, mask):
                          f"{tuple(q.shape)} ([B, Hkv, S, D])")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"gqa_decode_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"gqa_decode_attention: dtype {q.dtype}, expected float16, bfloat16 or float32")
     if mask is not None and (mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[0] not in (1, b)
                              or mask.shape[1] != k.shape[2]):
         raise ValueError(f"gqa_decode_attention: mask must be bool [1 or {b}, {k.shape[2]}], got "
@@ -154,11 +156,17 @@ def _split_step(qkv, cos, sin, k_cache, v_cache, write_pos, heads):
         raise ValueError(f"gqa_decode_step: k_cache / v_cache must be [B, Hkv, S, D] of one shape, got "
                          f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)}")
     b, hkv, _, d = k_cache.shape
+    if min(b, hkv, d, heads) < 1:
+        raise ValueError(f"gqa_decode_step: batch, KV heads, head dim (caches {tuple(k_cache.shape)}) and query heads "
+                         f"({heads}) must be >= 1")
     if heads % hkv:
         raise ValueError(f"gqa_decode_step: {heads} query heads are not a multiple of {hkv} KV heads")
     if qkv.dim() != 2 or qkv.shape != (b, (heads + 2 * hkv) * d):
         raise ValueError(f"gqa_decode_step: qkv must be [B, (heads + 2 Hkv) D] = [{b}, {(heads + 2 * hkv) * d}], "
                          f"got {tuple(qkv.shape)}")
+    if cos.dim() < 1 or sin.dim() < 1 or cos.shape[-1] != d or sin.shape[-1] != d:
+        raise ValueError(f"gqa_decode_step: cos / sin must be [B or 1, D = {d}], got {tuple(cos.shape)} / "
+                         f"{tuple(sin.shape)}")
     cos, sin = cos.reshape(-1, d), sin.reshape(-1, d)
     if cos.shape != sin.shape or cos.shape[0] not in (1, b):
         raise ValueError(f"gqa_decode_step: cos / sin must be [B or 1, D], got {tuple(cos.shape)} / {tuple(sin.shape)}")

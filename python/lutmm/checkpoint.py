@@ -65,10 +65,11 @@ def validate_quantization_config(qc) -> dict:
     if not isinstance(table, str):
         raise ValueError(f"quantization_config.table: got {table!r}, expected a string such as 'nf'")
     skip = qc.get("skip") or []
-    if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
+    if not isinstance(skip, (list, tuple)) or not all(isinstance(s, str) for s in skip):
         raise ValueError(f"quantization_config.skip: got {skip!r}, expected a list of strings")
     modules = qc.get("modules")
-    if modules is not None and (isinstance(modules, str) or not all(isinstance(s, str) for s in modules)):
+    if modules is not None and (not isinstance(modules, (list, tuple))
+                                or not all(isinstance(s, str) for s in modules)):
         raise ValueError(f"quantization_config.modules: got {modules!r}, expected a list of module names")
     out = {"quant_method": "lutmm", "bits": int(bits), "group_size": int(g), "table": table,
            "format_version": int(version), "skip": list(skip)}
@@ -198,6 +199,9 @@ def weight_files(path: Path) -> list:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index}: not a valid safetensors index (weight_map: expected an object of tensor "
+                             f"name -> file name, got {type(weight_map).__name__})")
         return [path / f for f in sorted(set(weight_map.values()))]
     raise ValueError(f"{path}: no {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) found")
 
@@ -240,18 +244,22 @@ def read_config(path: Path) -> dict:
     if not cfg.is_file():
         raise ValueError(f"{path}: no config.json (expected a model directory)")
     try:
-        return json.loads(cfg.read_text())
+        cfg_dict = json.loads(cfg.read_text())
     except ValueError as e:
         raise ValueError(f"{cfg}: not valid JSON ({e})") from None
+    if not isinstance(cfg_dict, dict):
+        raise ValueError(f"{cfg}: expected a JSON object, got {type(cfg_dict).__name__}")
+    return cfg_dict
 
 
 def is_lutmm_checkpoint(path) -> bool:
-    """True when the directory's config.json has quantization_config.quant_method == "lutmm"."""
+    """True when the directory's config.json has quantization_config.quant_method == "lutmm" (or a
+    quantization_config that is just the string "lutmm", so that loading names what is wrong with it)."""
     try:
         qc = read_config(Path(path)).get("quantization_config") or {}
     except ValueError:
         return False
-    return isinstance(qc, dict) and qc.get("quant_method") == "lutmm"
+    return qc == "lutmm" or (isinstance(qc, dict) and qc.get("quant_method") == "lutmm")
 
 
 # ---- save / load ------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def _build_classes():
                      format_version: int = FORMAT_VERSION, skip=("lm_head",), modules=None,
                      quant_method: str = "lutmm", **kwargs):
             d = validate_quantization_config(dict(quant_method=quant_method, bits=bits, group_size=group_size,
-                                                  table=table, format_version=format_version, skip=list(skip or []),
+                                                  table=table, format_version=format_version, skip=skip,
                                                   modules=modules))
             self.quant_method = d["quant_method"]
             self.bits, self.group_size, self.table = d["bits"], d["group_size"], d["table"]

@@ -11,6 +11,7 @@ A LUTLinear keeps the packed weight as buffers, so `state_dict()` / `load_state_
 """
 from __future__ import annotations
 
+import operator
 import warnings
 from typing import Iterable, Optional, Sequence
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from . import _core
-from ._api import FORMAT_VERSION, QuantizedWeight, dequantize, matmul, quantize
+from ._api import FORMAT_VERSION, QuantizedWeight, _check_qw, dequantize, matmul, quantize
 
 _LUT_BUFFERS = ("packed", "packed_scales", "table")
 
@@ -69,6 +70,7 @@ class LUTLinear(nn.Module):
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> "LUTLinear":
         """Wraps a QuantizedWeight (its tensors are used as they are, on their device)."""
+        _check_qw(qw)
         N, K = qw.shape
         if bias is not None and tuple(bias.shape) != (N,):
             raise ValueError(f"bias: expected shape ({N},), got {tuple(bias.shape)}")
@@ -157,10 +159,31 @@ def _tied_weight_ids(model: nn.Module) -> set:
     return tied
 
 
+MODEL_GROUP_SIZES = (32, 64, 128, 256)  # and None / -1: one group per row (g = K of each layer)
+
+
+def check_model_group_size(group_size) -> None:
+    """A whole model's group size: one of MODEL_GROUP_SIZES, or None / -1 (one group per row). Raises ValueError
+    otherwise (a value no layer could take would leave the model unquantized with only warnings)."""
+    try:
+        g = None if group_size is None or isinstance(group_size, bool) else operator.index(group_size)
+    except TypeError:
+        g = None
+    if group_size is None or g == -1:
+        return
+    if g not in MODEL_GROUP_SIZES:
+        raise ValueError(f"group_size: got {group_size!r}, expected 32, 64, 128, 256, or None / -1 for one group "
+                         "per row")
+
+
 def quantizable_linears(model: nn.Module, group_size: Optional[int] = 64, skip: Sequence[str] = ("lm_head",),
                         warn: bool = True):
     """(name, module) of the nn.Linear layers quantize_model converts: not matching `skip` (substring of
-    the qualified name), in_features divisible by 32 and by the group size, weight not tied to another."""
+    the qualified name), in_features divisible by 32 and by the group size, weight not tied to another.
+    (A checkpoint's group size may also be K itself: quantize_model checks its argument with
+    check_model_group_size.)"""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     tied = _tied_weight_ids(model)
     out = []
     for name, mod in model.named_modules():
@@ -205,6 +228,7 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: Optional[int] = 
 
     if bits not in (2, 3, 4):
         raise ValueError(f"bits: got {bits!r}, expected 2, 3 or 4")
+    check_model_group_size(group_size)
     skip = [skip] if isinstance(skip, str) else list(skip or [])
     targets = quantizable_linears(model, group_size, skip)
     all_linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]

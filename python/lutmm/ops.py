@@ -107,8 +107,20 @@ def gpu_dequantize(packed, packed_scales, table, N, K, bits, group_size, dtype) 
     return w
 
 
+def _check_cpu_x(x, K: int, N: int, bias=None) -> None:
+    """The CPU kernels' x (and bias): what the CUDA path's checks refuse there is refused here too, instead of
+    a torch shape error or a silently truncated integer result."""
+    if not x.is_floating_point():  # float64 is taken (the tests' gradient checks), in float32
+        raise ValueError(f"x: dtype {x.dtype}, expected a floating-point dtype (float16 / bfloat16 / float32)")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x: shape {tuple(x.shape)}, expected (..., K = {K})")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias: shape {tuple(bias.shape)}, expected ({N},)")
+
+
 @lut_matmul.register_kernel("cpu")
 def _(x, packed, packed_scales, table, N, K, bits, group_size, bias=None):
+    _check_cpu_x(x, K, N, bias)
     w = cpu_dequantize(packed.contiguous(), packed_scales.contiguous(), table, N, K, bits, group_size)
     y = F.linear(x.float(), w, None if bias is None else bias.float())
     return y.to(x.dtype)
@@ -198,6 +210,7 @@ def _(x, packed, packed_scales, table, N, K, bits, group_size):
 
 @lut_matmul_silu_mul.register_kernel("cpu")
 def _(x, packed, packed_scales, table, N, K, bits, group_size):
+    _check_cpu_x(x, K, N)
     w = cpu_dequantize(packed.contiguous(), packed_scales.contiguous(), table, N, K, bits, group_size)
     return _after_product(F.linear(x.float(), w), x, None, True, None).to(x.dtype)
 
@@ -341,6 +354,7 @@ def _check_layer_args(x, residual, rms_eps: float, N: int, silu_mul: bool) -> No
 
 @lut_matmul_layer.register_kernel("cpu")
 def _(x, packed, packed_scales, table, N, K, bits, group_size, residual, rms_eps, silu_mul):
+    _check_cpu_x(x, K, N)
     _check_layer_args(x, residual, rms_eps, N, silu_mul)
     w = cpu_dequantize(packed.contiguous(), packed_scales.contiguous(), table, N, K, bits, group_size)
     return _after_product(F.linear(x.float(), w), x, rms_eps if rms_eps >= 0 else None, silu_mul,

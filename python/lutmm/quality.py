@@ -32,7 +32,8 @@ from torch import nn
 
 from . import gptq as G
 from ._api import FORMAT_VERSION, make_table, pack, quantize
-from .nn import LUTLinear, _set_submodule, lut_modules, quantizable_linears, quantize_model
+from .nn import LUTLinear, _set_submodule, check_model_group_size, lut_modules, quantizable_linears, \
+    quantize_model
 from .refit import damped, gptq_refit
 
 METHODS = ("rtn", "kmeans", "learned", "gptq", "gptq+kmeans", "learned+kmeans", "gptq+learned",
@@ -252,6 +253,7 @@ def quantize_model_calibrated(model: nn.Module, tokenizer, bits: int = 4, group_
                               progress=progress, stats=stats)
     if calib is None:
         raise ValueError("calib: a calibration text file is needed for method " + repr(method))
+    check_model_group_size(group_size)
     torch.manual_seed(seed)
     skip = [skip] if isinstance(skip, str) else list(skip or [])
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()

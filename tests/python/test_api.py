@@ -66,6 +66,8 @@ def test_group_size_k_and_importance():
     (dict(bits=4, group_size=32, table=[0.0, 1.0]), "table: got 2 entries, expected 2\\^bits = 16"),
     (dict(bits=2, group_size=32, table=[0.0, float("nan"), 1.0, 2.0]), "finite"),
     (dict(bits=4, group_size=32, importance=torch.ones(3)), "importance: got 3 values"),
+    (dict(bits=2, group_size=32, table=[0.0] * 4), "table: all 4 entries equal 0.0"),
+    (dict(bits=2, group_size=32, table=[1.0] * 4), "table: all 4 entries equal 1.0"),
 ])
 def test_quantize_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -97,6 +99,35 @@ def test_matmul_bad_input():
         lutmm.matmul(torch.randn(2, 64), qw, torch.randn(15))
 
 
+def test_not_a_quantized_weight_or_bad_fields():
+    qw = lutmm.quantize(torch.randn(16, 64), bits=4, group_size=32)
+    x = torch.randn(2, 64)
+    for call in (lambda: lutmm.matmul(x, torch.randn(16, 64)), lambda: lutmm.dequantize(torch.randn(3, 3)),
+                 lambda: lutmm.reference_matmul(x, torch.randn(16, 64)),
+                 lambda: lutmm.nn.LUTLinear.from_quantized(torch.randn(16, 64))):
+        with pytest.raises(ValueError, match="expected a lutmm.QuantizedWeight"):
+            call()
+    with pytest.raises(ValueError, match="bias: expected a torch.Tensor or None, got list"):
+        lutmm.matmul(x, qw, [0.0] * 16)
+    with pytest.raises(ValueError, match="dtype: got torch.int8, expected a floating-point"):
+        lutmm.dequantize(qw, torch.int8)
+    fields = (qw.packed, qw.packed_scales, qw.table, 4, 32, (16, 64))
+    for i, bad, match in ((3, "4", "bits"), (4, 0, "group_size 0 >= 1"), (4, 32.5, "must be integers"),
+                          (5, (16, 64, 1), r"shape \(16, 64, 1\) must be \(N, K\)"),
+                          (0, [0] * 8, "QuantizedWeight.packed: expected a torch.Tensor, got list")):
+        args = list(fields)
+        args[i] = bad
+        with pytest.raises(ValueError, match=match):
+            lutmm.QuantizedWeight(*args)
+    same = lutmm.QuantizedWeight(*fields[:5], torch.Size([16, 64]))  # any pair of integers is a shape
+    assert same.shape == (16, 64) and torch.equal(lutmm.dequantize(same), lutmm.dequantize(qw))
+
+
+def test_make_table_kmeans_names_where_it_comes_from():
+    with pytest.raises(ValueError, match="expected 'nf', 'int' or 2\\^bits values \\('kmeans' is learned"):
+        lutmm.make_table("kmeans", 4)
+
+
 def test_op_is_registered_and_fake_works():
     qw = lutmm.quantize(torch.randn(32, 64), bits=4, group_size=32)
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -108,6 +139,22 @@ def test_op_is_registered_and_fake_works():
         assert y.shape == (5, 32)
     torch.library.opcheck(torch.ops.lutmm.lut_matmul.default,
                           (torch.randn(3, 64), qw.packed, qw.packed_scales, qw._table_list, 32, 64, 4, 32, None))
+
+
+def test_raw_cpu_ops_check_x_and_bias():
+    qw = lutmm.quantize(torch.randn(32, 64), bits=4, group_size=32)
+    args = (qw.packed, qw.packed_scales, qw._table_list, 32, 64, 4, 32)
+    ops = torch.ops.lutmm
+    for x, bias, match in ((torch.randn(3, 64).int(), None, "x: dtype torch.int32"),
+                           (torch.randn(3, 64) > 0, None, "x: dtype torch.bool"),
+                           (torch.randn(3, 48), None, r"x: shape \(3, 48\), expected \(..., K = 64\)"),
+                           (torch.randn(3, 64), torch.randn(31), r"bias: shape \(31,\), expected \(32,\)")):
+        with pytest.raises(ValueError, match=match):
+            ops.lut_matmul(x, *args, bias)
+    with pytest.raises(ValueError, match="x: dtype torch.int32"):
+        ops.lut_matmul_silu_mul(torch.randn(3, 64).int(), *args)
+    with pytest.raises(ValueError, match="x: dtype torch.int32"):
+        ops.lut_matmul_layer(torch.randn(3, 64).int(), *args, None, 1e-5, False)
 
 
 def test_build_info_and_gpu_flag():

@@ -175,6 +175,25 @@ def test_decode_op_rejects_bad_arguments():
         gqa_decode_attention(q, k.half(), v, mask, 1.0)
 
 
+def test_decode_step_and_op_reject_bad_arguments_by_name():
+    from lutmm.attention import gqa_decode_attention, gqa_decode_step
+    b, hkv, heads, s_len, d = 2, 2, 4, 10, 64
+    qkv = torch.randn(b, (heads + 2 * hkv) * d)
+    cos, sin = torch.randn(1, d), torch.randn(1, d)
+    kc, vc = torch.zeros(b, hkv, s_len, d), torch.zeros(b, hkv, s_len, d)
+    pos = torch.tensor([3])
+    out = gqa_decode_step(qkv, cos, sin, kc, vc, pos, None, 0.125, heads)  # valid: runs, writes position 3
+    assert out.shape == (b, hkv, heads // hkv, d) and kc[:, :, 3].abs().sum() > 0 and kc[:, :, 4].abs().sum() == 0
+    with pytest.raises(ValueError, match=r"cos / sin must be \[B or 1, D = 64\], got \(1, 32\)"):
+        gqa_decode_step(qkv, cos[:, :32], sin[:, :32], kc, vc, pos, None, 0.125, heads)
+    empty = torch.zeros(b, 0, s_len, d)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        gqa_decode_step(qkv, cos, sin, empty, empty, pos, None, 0.125, heads)
+    q, k, v, mask = _decode_inputs(2, 2, 4, 10, 64, torch.float32)
+    with pytest.raises(ValueError, match="dtype torch.int32, expected float16, bfloat16 or float32"):
+        gqa_decode_attention(q.int(), k.int(), v.int(), mask, 1.0)
+
+
 def _gpu():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: GPU test skipped")

@@ -260,11 +260,26 @@ def test_non_finite_scales(tiny_ckpt, tmp_path, bad):
     ("quant_method", "gptq", "quantization_config.quant_method: got 'gptq', expected 'lutmm'"),
     ("modules", ["model.layers.0.self_attn.nope"], "'model.layers.0.self_attn.nope' is not a module"),
     ("modules", ["model.norm"], "'model.norm' is a LlamaRMSNorm, expected an nn.Linear"),
+    ("modules", 5, "quantization_config.modules: got 5, expected a list of module names"),
+    ("skip", 5, "quantization_config.skip: got 5, expected a list of strings"),
 ])
 def test_bad_quantization_config(tiny_ckpt, tmp_path, field, value, message):
     d = _copy(tiny_ckpt[1], tmp_path)
     _edit_config(d, **{field: value})
     _raises(d, message, hf=field not in ("quant_method",))  # transformers dispatches other methods elsewhere
+
+
+def test_config_that_is_not_a_json_object(tiny_ckpt, tmp_path):
+    d = _copy(tiny_ckpt[1], tmp_path)
+    (d / "config.json").write_text("[1, 2, 3]")
+    _raises(d, "config.json: expected a JSON object, got list", hf=False)  # transformers reads it first there
+
+
+def test_index_whose_weight_map_is_not_an_object(tiny_ckpt, tmp_path):
+    d = _copy(tiny_ckpt[1], tmp_path)
+    (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model-00001-of-00001.safetensors"]}))
+    _raises(d, "model.safetensors.index.json: not a valid safetensors index (weight_map", hf=False)
 
 
 def test_group_size_mismatch_between_config_and_file(tiny_ckpt, tmp_path):

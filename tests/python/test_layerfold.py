@@ -241,3 +241,17 @@ def test_gpu_layer_op_gradient_matches_cpu():
     (gx_cpu, gr_cpu), (gx_gpu, gr_gpu) = grads
     assert (gx_gpu - gx_cpu).norm() / gx_cpu.norm() < 2e-2
     torch.testing.assert_close(gr_gpu, gr_cpu, rtol=1e-2, atol=1e-2)
+
+
+def test_layer_matmul_works_without_importing_lutmm_ops():
+    # A fresh process that never imports lutmm.ops itself nor calls lutmm.matmul (which imported it lazily
+    # before `import lutmm` registered the ops).
+    import subprocess
+    import sys
+    code = ("import torch, lutmm.nn, lutmm.layerfold as F\n"
+            "m = lutmm.nn.LUTLinear.from_linear(torch.nn.Linear(128, 64), 4, 64)\n"
+            "y = F.layer_matmul(m, torch.randn(2, 128), 1e-5)\n"
+            "print(tuple(y.shape))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "(2, 64)" in r.stdout, r.stderr[-2000:]
+

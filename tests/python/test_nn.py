@@ -177,3 +177,14 @@ def test_lut_linear_cuda_graph():
     g.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y, y0)
+
+
+@pytest.mark.parametrize("g", [48, 0, -2, 512, 64.5, "64", True])
+def test_quantize_model_rejects_a_group_size_no_layer_can_take(g):
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64))
+    with pytest.raises(ValueError, match="group_size: got .*expected 32, 64, 128, 256, or None / -1"):
+        quantize_model(model, group_size=g, progress=False)
+    assert isinstance(model[0], torch.nn.Linear)  # untouched
+    with pytest.raises(ValueError, match="model: expected a torch.nn.Module, got Tensor"):
+        quantize_model(torch.randn(3), progress=False)
+
