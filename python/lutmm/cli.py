@@ -86,19 +86,160 @@ def tiny_random_llama(seed: int = 0):
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
 
 
+def _load_failed(arg: str, path, e: Exception) -> ValueError:
+    """The one-line error for a model directory that Hugging Face could not load: the argument, the directory
+    and, for a corrupt or truncated safetensors file (whose own message names no file), that file."""
+    from safetensors import SafetensorError
+
+    if isinstance(e, SafetensorError):
+        from .checkpoint import read_header, weight_files
+        try:
+            read_header(weight_files(Path(path)))  # raises ValueError naming the first bad file
+        except ValueError as bad:
+            return ValueError(f"{arg}: cannot load the model in {path}: {bad}")
+    return ValueError(f"{arg}: cannot load the model in {path} ({type(e).__name__}: {e})")
+
+
 def _load(path: str, device, dtype):
+    from safetensors import SafetensorError
+
     from .checkpoint import load_model
 
-    return load_model(path, device=device, dtype=dtype)
+    try:
+        return load_model(path, device=device, dtype=dtype)
+    except (SafetensorError, OSError) as e:  # a plain HF directory through from_pretrained (lutmm ones: ValueError)
+        raise _load_failed("DIR", path, e) from None
+
+
+def _from_pretrained(arg: str, path, dtype):
+    """A plain Hugging Face causal LM directory (MODEL_DIR of quantize, --model of demo), checked first."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except (SafetensorError, OSError) as e:
+        raise _load_failed(arg, path, e) from None
+
+
+def _check_model_dir(arg: str, path) -> Path:
+    """A Hugging Face model directory to quantize: exists, has a config.json and is not a lutmm checkpoint
+    (quantizing one finds no linear layers left and writes a meaningless copy)."""
+    from .checkpoint import is_lutmm_checkpoint
+
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{arg}: {path} does not exist")
+    if not p.is_dir():
+        raise ValueError(f"{arg}: {path} is not a directory (expected a Hugging Face model directory)")
+    if not (p / "config.json").is_file():
+        raise ValueError(f"{arg}: {path} has no config.json (expected a Hugging Face model directory)")
+    if is_lutmm_checkpoint(p):
+        raise ValueError(f"{arg}: {path} is already a lutmm checkpoint (quantization_config.quant_method "
+                         "\"lutmm\"); quantize the original Hugging Face model (lutmm upgrade rewrites a checkpoint)")
+    return p
+
+
+def _check_out_dir(out, src) -> None:
+    """OUT_DIR of quantize: not the source model directory (any spelling: compared resolved and by samefile),
+    no file in it that is a source file (a link), not an existing file. An existing directory is written into."""
+    from .checkpoint import TOKENIZER_FILES, WEIGHTS_NAME
+
+    given, out, src = out, Path(out), Path(src)
+    if out.resolve() == src.resolve() or (out.exists() and os.path.samefile(out, src)):
+        raise ValueError(f"OUT_DIR: {given} is the source model directory itself ({src.resolve()}); write the "
+                         "checkpoint elsewhere")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT_DIR: {given} exists and is not a directory")
+    for name in (WEIGHTS_NAME, "config.json", *TOKENIZER_FILES):
+        o, s = out / name, src / name
+        if o.exists() and s.exists() and os.path.samefile(o, s):
+            raise ValueError(f"OUT_DIR: {o} is the source model's {name} (a link to it); writing it would "
+                             "overwrite the source model")
+    for parent in out.parents:  # the nearest existing ancestor must be a directory
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"OUT_DIR: {given} cannot be created, {parent} is not a directory")
+            break
+
+
+def _check_file(arg: str, path) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{arg}: {path} does not exist")
+    if not p.is_file():
+        raise ValueError(f"{arg}: {path} is not a file")
+
+
+def _tokenizer(arg: Optional[str], default_dir):
+    """The tokenizer of --tokenizer (else of the model directory), loaded once before any work uses it; a file
+    `tokenizers` cannot parse (its bare Exception names no file) is a one-line error naming the file."""
+    from .evaluate import load_tokenizer
+
+    path = arg or default_dir
+    try:
+        return load_tokenizer(str(path))
+    except ValueError:  # no tokenizer.json: load_tokenizer's own one-line error
+        raise
+    except Exception as e:
+        p = Path(path)
+        f = p / "tokenizer.json" if p.is_dir() else p
+        raise ValueError(f"{'--tokenizer' if arg else 'tokenizer'}: {f} is not a valid tokenizer JSON file "
+                         f"({type(e).__name__}: {e})") from None
 
 
 def _ahead_arg(s: str):
     if s == "auto":
         return s
     try:
-        return int(s)
+        v = int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 1, 2 or auto, got {s!r}") from None
+        v = None
+    if v not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected 1, 2 or auto, got {s!r}")
+    return v
+
+
+def _int_at_least(lo: int):
+    """An argparse type: an integer >= lo (counts: tokens, windows)."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            v = None
+        if v is None or v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}")
+        return v
+    parse.__name__ = f"integer >= {lo}"  # argparse names the type in its own messages
+    return parse
+
+
+_positive_int = _int_at_least(1)
+
+
+def _group_size_arg(s: str) -> int:
+    """--group-size: a positive integer or -1 (one group per row); other sizes are checked by the quantizer."""
+    try:
+        v = int(s)
+    except ValueError:
+        v = None
+    if v is None or (v < 1 and v != -1):
+        raise argparse.ArgumentTypeError(f"expected a positive group size (32, 64, 128, 256) or -1, got {s!r}")
+    return v
+
+
+def _device_arg(s: str) -> str:
+    """--device: a torch device string that exists here (cuda only with a CUDA device)."""
+    try:
+        d = torch.device(s)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {s!r} (expected cpu, cuda or cuda:N)") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{s!r}: no CUDA device available")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{s!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return s
 
 
 # ---- subcommands -----------------------------------------------------------------------------------------
@@ -139,8 +280,6 @@ def _quantize_method(args) -> str:
 
 
 def cmd_quantize(args) -> int:
-    from transformers import AutoModelForCausalLM
-
     from .checkpoint import save_quantized
     from .quality import DEFAULT_DAMP, quantize_model_calibrated
 
@@ -158,8 +297,11 @@ def cmd_quantize(args) -> int:
             damp = FALLBACK_DAMP if fallback else DEFAULT_DAMP
     if args.damp is not None and (not args.damp > 0 or "gptq" not in method):
         raise ValueError(f"--damp: got {args.damp} for --method {method}; expected a positive number and a gptq method")
+    _check_model_dir("MODEL_DIR", args.model_dir)  # after the option checks, before loading or writing anything
+    _check_out_dir(args.out_dir, args.model_dir)
+    tokenizer = None if method == "rtn" else _tokenizer(args.tokenizer, args.model_dir)  # calibration text's
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=_DTYPES[args.dtype])
+    model = _from_pretrained("MODEL_DIR", args.model_dir, _DTYPES[args.dtype])
     folded = 0
     if args.fold_norms:  # the norms' weights into q/k/v and gate/up before quantizing (lutmm.layerfold)
         from .layerfold import fold_norm_weights
@@ -168,7 +310,7 @@ def cmd_quantize(args) -> int:
             raise ValueError("--fold-norms: the model has no Llama decoder layers (transformers' LlamaDecoderLayer)")
     stats = {}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    quantize_model_calibrated(model, args.tokenizer or args.model_dir, bits=args.bits,
+    quantize_model_calibrated(model, tokenizer, bits=args.bits,
                               group_size=None if args.group_size == -1 else args.group_size, method=method,
                               table=table, calib=calib, calib_tokens=args.calib_tokens, seed=args.seed,
                               device=device, skip=args.skip, search_scale=not args.absmax,
@@ -194,10 +336,12 @@ def cmd_quantize(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import perplexity
 
+    _check_file("--text", args.text)
     dev = _device(args.device)
     model = _load(args.dir, dev, _DTYPES[args.dtype])
+    tok = _tokenizer(args.tokenizer, args.dir)
     t0 = time.perf_counter()
-    ppl = perplexity(model, args.tokenizer or args.dir, args.text, window=args.window, max_tokens=args.max_tokens,
+    ppl = perplexity(model, tok, args.text, window=args.window, max_tokens=args.max_tokens,
                      device=dev, progress=not args.quiet, ahead=args.ahead)
     print(f"perplexity: {ppl:.4f}")
     print(f"({args.window}-token windows, {'first ' + str(args.max_tokens) + ' tokens of ' if args.max_tokens else ''}"
@@ -214,6 +358,7 @@ def cmd_generate(args) -> int:
     if args.compile and not args.static:
         raise ValueError("--compile needs --static (it compiles the static decode step)")
     model = _load(args.dir, dev, _DTYPES[args.dtype])
+    tok = _tokenizer(args.tokenizer, args.dir)
     graph = args.static and dev.type == "cuda"  # greedy_static captures the step on CUDA only
     fused = folded = 0
     if graph:  # K/V read once per KV head, decode steps through lutmm's kernel
@@ -234,7 +379,7 @@ def cmd_generate(args) -> int:
         except ValueError:  # norms not folded, MLP not gated LUT, ...: the layers stay as they are
             folded = 0
     t0 = time.perf_counter()
-    text = generate(model, args.tokenizer or args.dir, args.prompt, args.max_new_tokens, static=args.static,
+    text = generate(model, tok, args.prompt, args.max_new_tokens, static=args.static,
                     compile=args.compile)
     print(args.prompt + text)
     print(f"(generated in {time.perf_counter() - t0:.2f} s with prefill"
@@ -328,13 +473,15 @@ def cmd_demo(args) -> int:
     t_start = time.perf_counter()
     dev = _device(args.device)
     model_dir, shared, desc = _resolve_demo_model(args.model)
+    if args.model:
+        _check_model_dir("--model", model_dir)
+    if args.text is not None:
+        _check_file("--text", args.text)
     print(f"== lutmm demo: {desc}")
     print(f"   device: {dev}{'' if dev.type == 'cuda' else ' (' + CPU_FALLBACK + ')'}")
     if model_dir is not None:
-        from transformers import AutoModelForCausalLM
-
-        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).eval()
-        tok = str(model_dir)
+        base = _from_pretrained("--model" if args.model else "shared model", model_dir, torch.bfloat16).eval()
+        tok = _tokenizer(None, model_dir)  # before quantizing: a bad tokenizer fails at once
     else:
         base, tok = tiny_random_llama(), ByteTokenizer()
     text = args.text
@@ -409,7 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     def model_opts(sp):
-        sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when lutmm kernels are available)")
+        sp.add_argument("--device", type=_device_arg, default=None,
+                        help="cpu or cuda (default: cuda when lutmm kernels are available)")
         sp.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16",
                         help="dtype of activations and non-quantized weights (default bfloat16)")
         sp.add_argument("--tokenizer", default=None, help="tokenizer dir or tokenizer.json (default: DIR)")
@@ -418,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model_dir", metavar="MODEL_DIR", help="HF model directory (config.json + safetensors)")
     sp.add_argument("out_dir", metavar="OUT_DIR", help="output directory")
     sp.add_argument("--bits", type=int, choices=(2, 3, 4), default=4)
-    sp.add_argument("--group-size", type=int, default=64, help="32, 64, 128, 256 or -1 (one group per row)")
+    sp.add_argument("--group-size", type=_group_size_arg, default=64,
+                    help="32, 64, 128, 256 or -1 (one group per row)")
     sp.add_argument("--method", choices=QUANT_METHODS, default=None,
                     help="quantization algorithm, see docs/quality.md (default: gptq+kmeans; rtn when only "
                          "--table / --absmax are given)")
@@ -431,9 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--damp", type=float, default=None,
                     help="GPTQ damping, a fraction of mean(diag H) (default 0.01; 1.0 with the WikiText-2 fallback, "
                          "which is out of mini-llama's domain)")
-    sp.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens (default 32768)")
+    sp.add_argument("--calib-tokens", type=_positive_int, default=32768, help="calibration tokens (default 32768)")
     sp.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default 0)")
-    sp.add_argument("--device", default=None, help="where calibration runs (default: cuda when present, else cpu)")
+    sp.add_argument("--device", type=_device_arg, default=None,
+                    help="where calibration runs (default: cuda when present, else cpu)")
     sp.add_argument("--tokenizer", default=None, help="tokenizer dir or tokenizer.json (default: MODEL_DIR)")
     sp.add_argument("--skip", nargs="*", default=["lm_head"],
                     help="module name substrings to leave unquantized (default: lm_head)")
@@ -447,8 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("eval", "perplexity of a model (HF directory or lutmm checkpoint) on a text file", cmd_eval)
     sp.add_argument("dir", metavar="DIR")
     sp.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file")
-    sp.add_argument("--max-tokens", type=int, default=None, help="only the first N tokens of the text")
-    sp.add_argument("--window", type=int, default=512, help="tokens per independently scored window (512)")
+    sp.add_argument("--max-tokens", type=_positive_int, default=None, help="only the first N tokens of the text")
+    sp.add_argument("--window", type=_int_at_least(2), default=512,
+                    help="tokens per independently scored window (512)")
     sp.add_argument("--ahead", type=_ahead_arg, default="auto",
                     help="tokens ahead each position predicts: 1, 2 or auto (default; see lutmm.evaluate)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -457,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("generate", "greedy text generation", cmd_generate)
     sp.add_argument("dir", metavar="DIR")
     sp.add_argument("--prompt", required=True)
-    sp.add_argument("--max-new-tokens", type=int, default=32)
+    sp.add_argument("--max-new-tokens", type=_positive_int, default=32)
     sp.add_argument("--static", action=argparse.BooleanOptionalAction, default=None,
                     help="decode through a static KV cache with the step replayed as one CUDA graph on CUDA and "
                          "lutmm's grouped-query attention (lutmm.generation.greedy_static, lutmm.attention; the "
@@ -481,16 +632,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", default=None,
                     help="HF model directory (default: shared/models/mini-llama, else a built-in random Llama)")
     sp.add_argument("--bits", type=int, choices=(2, 3, 4), default=4)
-    sp.add_argument("--group-size", type=int, default=64)
+    sp.add_argument("--group-size", type=_group_size_arg, default=64,
+                    help="32, 64, 128, 256 or -1 (one group per row)")
     sp.add_argument("--table", choices=("nf", "int", "kmeans"), default="nf")
     sp.add_argument("--prompt", default=DEFAULT_PROMPT)
-    sp.add_argument("--new-tokens", type=int, default=32, help="tokens to generate for the text sample")
+    sp.add_argument("--new-tokens", type=_positive_int, default=32, help="tokens to generate for the text sample")
     sp.add_argument("--text", default=None, help="text for perplexity (default: shared/data/heldout.txt)")
-    sp.add_argument("--max-tokens", type=int, default=8192, help="perplexity on the first N tokens (8192)")
-    sp.add_argument("--window", type=int, default=512)
+    sp.add_argument("--max-tokens", type=_positive_int, default=8192, help="perplexity on the first N tokens (8192)")
+    sp.add_argument("--window", type=_int_at_least(2), default=512)
     sp.add_argument("--ahead", type=_ahead_arg, default="auto", help="1, 2 or auto (see lutmm.evaluate)")
-    sp.add_argument("--speed-tokens", type=int, default=64, help="tokens to decode for the speed test")
-    sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    sp.add_argument("--speed-tokens", type=_positive_int, default=64, help="tokens to decode for the speed test")
+    sp.add_argument("--device", type=_device_arg, default=None, help="cpu or cuda (default: cuda when available)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

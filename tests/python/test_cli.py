@@ -117,6 +117,165 @@ def test_eval_reports_errors_without_traceback(tmp_path, capsys):
     assert "lutmm eval: error:" in err and "quantization_config.bits: got 5" in err
 
 
+def _tiny_src(tmp_path, name="src", **save):
+    src = tmp_path / name
+    tiny_llama(tie=False).save_pretrained(str(src), **save)
+    return src
+
+
+RTN = ["--table", "int", "--absmax", "--quiet"]
+
+
+def _one_line(err: str) -> bool:
+    """stderr holds one error line (progress bars of loading aside) and no traceback."""
+    return "Traceback" not in err and len([ln for ln in err.splitlines() if "error:" in ln]) == 1
+
+
+def test_quantize_refuses_the_source_directory_as_out_dir(tmp_path, capsys, monkeypatch):
+    """OUT_DIR = MODEL_DIR in any spelling (the same path, a trailing slash, relative, a symlink) is refused
+    before anything is written, leaving the source model as it was; so is OUT_DIR an existing file. An existing
+    directory elsewhere is still written into, its other files kept."""
+    src = _tiny_src(tmp_path)
+    before = {f.name: f.read_bytes() for f in src.iterdir()}
+    (tmp_path / "link").symlink_to(src, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    for out in (str(src), str(src) + "/", "src", "./src/", str(tmp_path / "link"), "link"):
+        assert cli.main(["quantize", str(src), out] + RTN) == 2, out
+        err = capsys.readouterr().err
+        assert f"lutmm quantize: error: OUT_DIR: {out} is the source model directory itself" in err, err
+        assert _one_line(err), err
+    assert cli.main(["quantize", "link", str(src)] + RTN) == 2
+    assert "is the source model directory itself" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in src.iterdir()} == before
+    (tmp_path / "file").write_text("not a directory")
+    assert cli.main(["quantize", str(src), str(tmp_path / "file")] + RTN) == 2
+    assert f"OUT_DIR: {tmp_path / 'file'} exists and is not a directory" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "not a directory"
+    linked = tmp_path / "linked"  # a different directory whose model.safetensors is the source's
+    linked.mkdir()
+    (linked / "model.safetensors").symlink_to(src / "model.safetensors")
+    assert cli.main(["quantize", str(src), str(linked)] + RTN) == 2
+    assert "is the source model's model.safetensors (a link to it)" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in src.iterdir()} == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    assert cli.main(["quantize", str(src), str(other)] + RTN) == 0
+    assert (other / "notes.txt").read_text() == "keep" and (other / "model.safetensors").is_file()
+
+
+def test_quantize_refuses_a_lutmm_checkpoint(tmp_path, capsys):
+    """A lutmm checkpoint as MODEL_DIR (or demo --model) has no linear layers left to quantize: refused, nothing
+    written (it used to report 0 layers quantized, exit 0 and write a copy)."""
+    src = _tiny_src(tmp_path)
+    assert cli.main(["quantize", str(src), str(tmp_path / "q")] + RTN) == 0
+    capsys.readouterr()
+    assert cli.main(["quantize", str(tmp_path / "q"), str(tmp_path / "q2")] + RTN) == 2
+    assert f"MODEL_DIR: {tmp_path / 'q'} is already a lutmm checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "q2").exists()
+    assert cli.main(["demo", "--model", str(tmp_path / "q"), "--quiet"]) == 2
+    assert "--model: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["quantize", "M", "O", "--calib-tokens", "0"],
+    ["quantize", "M", "O", "--calib-tokens", "-5"],
+    ["quantize", "M", "O", "--group-size", "0"],
+    ["eval", "D", "--text", "T", "--max-tokens", "-3"],
+    ["eval", "D", "--text", "T", "--max-tokens", "0"],
+    ["eval", "D", "--text", "T", "--window", "1"],
+    ["eval", "D", "--text", "T", "--ahead", "3"],
+    ["generate", "D", "--prompt", "x", "--max-new-tokens", "0"],
+    ["generate", "D", "--prompt", "x", "--max-new-tokens", "-1"],
+    ["demo", "--new-tokens", "0"],
+    ["demo", "--max-tokens", "-1"],
+    ["demo", "--window", "0"],
+    ["demo", "--speed-tokens", "0"],
+    ["demo", "--group-size", "0"],
+])
+def test_count_options_reject_values_that_mean_nothing(argv, capsys):
+    """Counts <= 0 (a window < 2, an ahead other than 1/2) are refused by the parser, naming the option, instead
+    of running on them (eval --max-tokens -3 scored ids[:-3], --calib-tokens 0 calibrated on 0 tokens)."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"lutmm {argv[0]}: error: argument {argv[-2]}: expected" in err and repr(argv[-1]) in err, err
+
+
+def test_count_options_keep_their_documented_values():
+    args = cli.build_parser().parse_args(["quantize", "M", "O", "--group-size", "-1", "--calib-tokens", "1",
+                                          "--seed", "0"])
+    assert args.group_size == -1 and args.calib_tokens == 1 and args.seed == 0
+    args = cli.build_parser().parse_args(["eval", "D", "--text", "T", "--window", "2", "--ahead", "2"])
+    assert args.window == 2 and args.ahead == 2 and args.max_tokens is None
+    assert cli.build_parser().parse_args(["demo", "--group-size", "-1"]).group_size == -1
+
+
+@pytest.mark.parametrize("argv", [["quantize", "M", "O"], ["eval", "D", "--text", "T"],
+                                  ["generate", "D", "--prompt", "x"], ["demo"]])
+def test_bad_device_is_a_one_line_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv + ["--device", "bogus"])
+    assert e.value.code == 2
+    assert "argument --device: not a torch device: 'bogus'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            cli.main(argv + ["--device", "cuda"])
+        assert "argument --device: 'cuda': no CUDA device available" in capsys.readouterr().err
+
+
+def test_missing_paths_are_one_line_errors(tmp_path, capsys):
+    """A missing --text, MODEL_DIR or demo --model: one line naming the argument and the path (they were
+    FileNotFoundError / transformers OSError tracebacks)."""
+    src = _tiny_src(tmp_path)
+    missing = str(tmp_path / "nonexistent")
+    cases = [(["eval", str(src), "--text", missing], f"lutmm eval: error: --text: {missing} does not exist"),
+             (["eval", str(src), "--text", str(tmp_path)], f"--text: {tmp_path} is not a file"),
+             (["quantize", missing, str(tmp_path / "o")] + RTN, f"MODEL_DIR: {missing} does not exist"),
+             (["quantize", str(src / "config.json"), str(tmp_path / "o")] + RTN, "MODEL_DIR: "),
+             (["quantize", str(tmp_path), str(tmp_path / "o")] + RTN, f"MODEL_DIR: {tmp_path} has no config.json"),
+             (["demo", "--model", missing, "--quiet"], f"lutmm demo: error: --model: {missing} does not exist"),
+             (["demo", "--text", missing, "--quiet"], f"lutmm demo: error: --text: {missing} does not exist")]
+    for argv, msg in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert msg in err and _one_line(err), (argv, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_file_that_is_not_a_tokenizer_is_named(tmp_path, capsys):
+    src = _tiny_src(tmp_path)
+    bad = tmp_path / "t.txt"
+    bad.write_text("hello world " * 20)
+    for argv in (["generate", str(src), "--prompt", "hi", "--max-new-tokens", "2"],
+                 ["eval", str(src), "--text", str(bad), "--quiet"]):
+        assert cli.main(argv + ["--device", "cpu", "--tokenizer", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: --tokenizer: {bad} is not a valid tokenizer JSON file" in err, err
+        assert _one_line(err), err
+
+
+def test_a_truncated_safetensors_shard_is_named(tmp_path, capsys):
+    """A plain HF directory with a truncated shard: eval / generate / quantize / demo name the directory and
+    the shard (safetensors' own error names neither)."""
+    src = _tiny_src(tmp_path, max_shard_size="300KB")
+    shards = sorted(src.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[:len(data) // 2])
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 20)
+    for argv, arg in ((["eval", str(src), "--text", str(text), "--device", "cpu"], "DIR"),
+                      (["generate", str(src), "--prompt", "hi", "--device", "cpu"], "DIR"),
+                      (["quantize", str(src), str(tmp_path / "q")] + RTN, "MODEL_DIR"),
+                      (["demo", "--model", str(src), "--quiet"], "--model")):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"error: {arg}: cannot load the model in {src}: {shards[1]}: not a valid safetensors file" in err, err
+        assert _one_line(err), err
+
+
 # ---- with mini-llama ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mini_ckpt(tmp_path_factory):
