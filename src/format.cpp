@@ -27,6 +27,10 @@ void validate_shape(const Shape& s) {
     msg << "K (in_features): got " << s.K << ", expected a positive multiple of " << kKMultiple;
     throw Error(msg.str());
   }
+  if (s.N > kMaxDim || s.K > kMaxDim || s.N > kMaxWeights / s.K) {
+    msg << "shape: N x K = " << s.N << " x " << s.K << " is beyond the format's limits (N, K < 2^31, N x K <= 2^48)";
+    throw Error(msg.str());
+  }
   const int64_t g = s.group_size;
   const bool standard = g == 32 || g == 64 || g == 128 || g == 256;
   if (!standard && g != s.K) {

@@ -51,6 +51,10 @@ constexpr int kBlockRows = 16;
 constexpr int kBlockCols = 128;
 // K must be a multiple of this (and of the group size).
 constexpr int kKMultiple = 32;
+// Largest N and K (int32 dimensions, as the kernels index them) and largest N x K (2^48 weights: every byte
+// count of the format then fits int64 with room to spare).
+constexpr int64_t kMaxDim = (int64_t{1} << 31) - 1;
+constexpr int64_t kMaxWeights = int64_t{1} << 48;
 
 struct Shape {
   int64_t N = 0;         // out_features (rows of W)

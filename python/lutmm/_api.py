@@ -76,6 +76,9 @@ class QuantizedWeight:
     packed:        uint8 [packed_bytes]          codes, see docs/format.md
     packed_scales: float16 [packed_scale_count]  per-group scales, packed per 16-row block
     table:         float32 [2^bits]              value table T (always on the CPU)
+
+    Construction checks the fields' types and the shape's integers, never the values in device memory: a
+    NaN/Inf scale gives NaN/Inf in its group's outputs (lutmm checkpoints are checked when loaded).
     """
     packed: torch.Tensor
     packed_scales: torch.Tensor

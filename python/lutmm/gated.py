@@ -142,7 +142,9 @@ def silu_mul_interleaved(z: torch.Tensor) -> torch.Tensor:
 
 def gated_matmul(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     """silu(X gate^T) * (X up^T) for X (..., K) and qw = interleave_gate_up(gate, up): shape (..., N / 2),
-    X's dtype. On CUDA one fused kernel (torch op `lutmm::lut_matmul_silu_mul`); on the CPU, float32."""
+    X's dtype. On CUDA one fused kernel (torch op `lutmm::lut_matmul_silu_mul`); on the CPU, float32.
+    The packed form does not record the interleaving: any weight of 16k rows is taken as one (rows 16j ..
+    16j + 7 gates, 16j + 8 .. 16j + 15 ups), so pass only interleave_gate_up's output (LUTGatedLinear keeps it)."""
     _check_x(x, qw)
     if qw.N % 16:
         raise ValueError(f"qw: {qw.N} rows, expected a multiple of 16 (an interleave_gate_up weight)")

@@ -26,6 +26,11 @@ TEST(Format, RejectsBadShapesWithNamedArgument) {
   EXPECT_NE(msg(Shape{16, 100, 4, 100}).find("K (in_features): got 100"), std::string::npos);
   EXPECT_NE(msg(Shape{16, 512, 4, 48}).find("group_size: got 48"), std::string::npos);
   EXPECT_NE(msg(Shape{16, 96, 4, 64}).find("multiple of group_size 64"), std::string::npos);
+  // Sizes whose byte counts would overflow (2^40 x 2^40 made packed_bytes wrap to 0 and pass)
+  EXPECT_NE(msg(Shape{int64_t{1} << 40, int64_t{1} << 40, 4, 32}).find("beyond the format's limits"), std::string::npos);
+  EXPECT_NE(msg(Shape{1 << 20, int64_t{1} << 31, 4, 32}).find("beyond the format's limits"), std::string::npos);
+  EXPECT_NE(msg(Shape{int64_t{1} << 24, int64_t{1} << 25, 4, 32}).find("beyond the format's limits"), std::string::npos);
+  EXPECT_NO_THROW(validate_shape(Shape{int64_t{1} << 23, int64_t{1} << 25, 4, 32}));  // 2^48 weights: the limit
 }
 
 TEST(Format, PackedSizes) {

@@ -123,6 +123,16 @@ def test_not_a_quantized_weight_or_bad_fields():
     assert same.shape == (16, 64) and torch.equal(lutmm.dequantize(same), lutmm.dequantize(qw))
 
 
+def test_shapes_beyond_the_format_limits_are_refused():
+    # 2^40 x 2^40 made the packed byte count wrap to 0, which an empty tensor then matched
+    empty_b, empty_s = torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.float16)
+    qw = lutmm.QuantizedWeight(empty_b, empty_s, lutmm.make_table("nf", 4), 4, 32, (2 ** 40, 2 ** 40))
+    with pytest.raises(ValueError, match="beyond the format's limits"):
+        lutmm.matmul(torch.zeros(1, 1).expand(1, 2 ** 40), qw)  # a view: nothing allocated
+    with pytest.raises(ValueError, match="beyond the format's limits"):
+        lutmm.concat_rows([qw, qw])
+
+
 def test_make_table_kmeans_names_where_it_comes_from():
     with pytest.raises(ValueError, match="expected 'nf', 'int' or 2\\^bits values \\('kmeans' is learned"):
         lutmm.make_table("kmeans", 4)
