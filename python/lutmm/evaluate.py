@@ -92,6 +92,18 @@ def load_tokenizer(tokenizer_or_dir):
                      f"got {type(tokenizer_or_dir).__name__}")
 
 
+def read_text_file(path, what: str = "text") -> str:
+    """A UTF-8 text file's contents; ValueError naming `what` and the file when it is missing, not a file or
+    not UTF-8 (the decoder's own message names neither)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what}: {path} {'is not a file' if p.exists() else 'does not exist'}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what}: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def encode_text(tokenizer, text: str, max_tokens: Optional[int] = None) -> torch.Tensor:
     """Token ids (int64 1-D) of `text`, tokenized in CHUNK_CHARS-character chunks (stops early at max_tokens)."""
     tok = load_tokenizer(tokenizer)
@@ -144,7 +156,7 @@ def perplexity(model, tokenizer_or_dir, text_path, window: int = 512, max_tokens
 
     if window < 2:
         raise ValueError(f"window: got {window}, expected >= 2")
-    text = Path(text_path).read_text(encoding="utf-8")
+    text = read_text_file(text_path, "text_path")
     ids = encode_text(tokenizer_or_dir, text, max_tokens)
     if ids.numel() < 3:
         raise ValueError(f"text_path: {text_path} has {ids.numel()} tokens, expected at least 3")

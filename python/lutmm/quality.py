@@ -23,7 +23,6 @@ gate/up, then down), each on inputs that went through the already quantized line
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -52,10 +51,12 @@ def calibration_ids(tokenizer, text_path, n_tokens: int = DEFAULT_CALIB_TOKENS, 
                     seed: int = 0) -> torch.Tensor:
     """ceil(n_tokens / seqlen) windows of `seqlen` tokens at random (seeded) offsets of the text: int64
     [n, seqlen]. Use text that does not overlap the evaluation text (e.g. WikiText-2 valid)."""
-    from .evaluate import encode_text
+    from .evaluate import encode_text, read_text_file
 
-    ids = encode_text(tokenizer, Path(text_path).read_text(encoding="utf-8"))
-    n = max(1, -(-int(n_tokens) // seqlen))
+    if int(n_tokens) < 1:
+        raise ValueError(f"n_tokens: got {n_tokens}, expected >= 1 calibration tokens")
+    ids = encode_text(tokenizer, read_text_file(text_path, "calib"))
+    n = -(-int(n_tokens) // seqlen)
     if ids.numel() < seqlen + 1:
         raise ValueError(f"calib: {text_path} has {ids.numel()} tokens, expected more than {seqlen}")
     rng = random.Random(seed)

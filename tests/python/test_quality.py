@@ -212,6 +212,21 @@ def test_calibration_is_seeded(calib_text):
     assert not torch.equal(a, quality.calibration_ids(ByteTokenizer(), calib_text, 1000, 100, seed=6))
 
 
+def test_calibration_and_perplexity_name_bad_text_files(calib_text, tmp_path):
+    from lutmm.evaluate import ByteTokenizer, perplexity
+
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait ".encode("latin-1") * 200)
+    with pytest.raises(ValueError, match=r"calib: .*latin1.txt is not UTF-8 text \(invalid continuation byte"):
+        quality.calibration_ids(ByteTokenizer(), bad, 1000, 100)
+    with pytest.raises(ValueError, match=r"calib: .*nope.txt does not exist"):
+        quality.calibration_ids(ByteTokenizer(), tmp_path / "nope.txt", 1000, 100)
+    with pytest.raises(ValueError, match="n_tokens: got 0, expected >= 1"):
+        quality.calibration_ids(ByteTokenizer(), calib_text, 0, 100)
+    with pytest.raises(ValueError, match=r"text_path: .*latin1.txt is not UTF-8 text"):
+        perplexity(torch.nn.Identity(), ByteTokenizer(), bad)
+
+
 def test_cli_quantize_method_errors(tmp_path, capsys):
     for extra in (["--method", "gptq+kmeans", "--table", "int"], ["--method", "gptq+select", "--table", "int"],
                   ["--method", "gptq", "--absmax"],
