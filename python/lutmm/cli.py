@@ -163,14 +163,6 @@ def _check_out_dir(out, src) -> None:
             break
 
 
-def _check_file(arg: str, path) -> None:
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"{arg}: {path} does not exist")
-    if not p.is_file():
-        raise ValueError(f"{arg}: {path} is not a file")
-
-
 def _tokenizer(arg: Optional[str], default_dir):
     """The tokenizer of --tokenizer (else of the model directory), loaded once before any work uses it; a file
     `tokenizers` cannot parse (its bare Exception names no file) is a one-line error naming the file."""
@@ -188,13 +180,17 @@ def _tokenizer(arg: Optional[str], default_dir):
                          f"({type(e).__name__}: {e})") from None
 
 
+def _int_or_none(s: str):
+    try:
+        return int(s)
+    except ValueError:
+        return None
+
+
 def _ahead_arg(s: str):
     if s == "auto":
         return s
-    try:
-        v = int(s)
-    except ValueError:
-        v = None
+    v = _int_or_none(s)
     if v not in (1, 2):
         raise argparse.ArgumentTypeError(f"expected 1, 2 or auto, got {s!r}")
     return v
@@ -203,10 +199,7 @@ def _ahead_arg(s: str):
 def _int_at_least(lo: int):
     """An argparse type: an integer >= lo (counts: tokens, windows)."""
     def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            v = None
+        v = _int_or_none(s)
         if v is None or v < lo:
             raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}")
         return v
@@ -218,13 +211,15 @@ _positive_int = _int_at_least(1)
 
 
 def _group_size_arg(s: str) -> int:
-    """--group-size: a positive integer or -1 (one group per row); other sizes are checked by the quantizer."""
+    """--group-size: what lutmm.nn.check_model_group_size takes (32, 64, 128, 256 or -1), refused at parse time."""
+    from .nn import check_model_group_size
+
+    v = _int_or_none(s)
     try:
-        v = int(s)
+        check_model_group_size(v if v is not None else s)
     except ValueError:
-        v = None
-    if v is None or (v < 1 and v != -1):
-        raise argparse.ArgumentTypeError(f"expected a positive group size (32, 64, 128, 256) or -1, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected a group size of 32, 64, 128, 256 or -1 (one group per row), "
+                                         f"got {s!r}") from None
     return v
 
 
@@ -334,9 +329,9 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import perplexity
+    from .evaluate import check_file, perplexity
 
-    _check_file("--text", args.text)
+    check_file(args.text, "--text")
     dev = _device(args.device)
     model = _load(args.dir, dev, _DTYPES[args.dtype])
     tok = _tokenizer(args.tokenizer, args.dir)
@@ -467,7 +462,7 @@ def _resolve_demo_model(arg: Optional[str]):
 
 
 def cmd_demo(args) -> int:
-    from .evaluate import ByteTokenizer, decode_speed, encode_text, generate, perplexity
+    from .evaluate import ByteTokenizer, check_file, decode_speed, encode_text, generate, perplexity
     from .nn import quantize_model
 
     t_start = time.perf_counter()
@@ -476,7 +471,7 @@ def cmd_demo(args) -> int:
     if args.model:
         _check_model_dir("--model", model_dir)
     if args.text is not None:
-        _check_file("--text", args.text)
+        check_file(args.text, "--text")
     print(f"== lutmm demo: {desc}")
     print(f"   device: {dev}{'' if dev.type == 'cuda' else ' (' + CPU_FALLBACK + ')'}")
     if model_dir is not None:

@@ -92,12 +92,18 @@ def load_tokenizer(tokenizer_or_dir):
                      f"got {type(tokenizer_or_dir).__name__}")
 
 
-def read_text_file(path, what: str = "text") -> str:
-    """A UTF-8 text file's contents; ValueError naming `what` and the file when it is missing, not a file or
-    not UTF-8 (the decoder's own message names neither)."""
+def check_file(path, what: str) -> Path:
+    """`path` as a Path; ValueError naming `what` and the path when it does not exist or is not a file."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{what}: {path} {'is not a file' if p.exists() else 'does not exist'}")
+    return p
+
+
+def read_text_file(path, what: str = "text") -> str:
+    """A UTF-8 text file's contents; ValueError naming `what` and the file when it is missing, not a file or
+    not UTF-8 (the decoder's own message names neither)."""
+    p = check_file(path, what)
     try:
         return p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -118,12 +118,21 @@ def _check_cpu_x(x, K: int, N: int, bias=None) -> None:
         raise ValueError(f"bias: shape {tuple(bias.shape)}, expected ({N},)")
 
 
-@lut_matmul.register_kernel("cpu")
-def _(x, packed, packed_scales, table, N, K, bits, group_size, bias=None):
+def _cpu_product(x, packed, packed_scales, table, N, K, bits, group_size, bias=None) -> torch.Tensor:
+    """The CPU kernels' float32 Z = X W_hat^T (+ bias), x checked (_check_cpu_x)."""
     _check_cpu_x(x, K, N, bias)
     w = cpu_dequantize(packed.contiguous(), packed_scales.contiguous(), table, N, K, bits, group_size)
-    y = F.linear(x.float(), w, None if bias is None else bias.float())
-    return y.to(x.dtype)
+    return F.linear(x.float(), w, None if bias is None else bias.float())
+
+
+def _eps_or_none(rms_eps: float) -> Optional[float]:
+    """lut_matmul_layer's rms_eps (negative: no norm) as the optional eps of _after_product / _cuda_gemm."""
+    return rms_eps if rms_eps >= 0 else None
+
+
+@lut_matmul.register_kernel("cpu")
+def _(x, packed, packed_scales, table, N, K, bits, group_size, bias=None):
+    return _cpu_product(x, packed, packed_scales, table, N, K, bits, group_size, bias).to(x.dtype)
 
 
 def _after_product(z: torch.Tensor, x: torch.Tensor, rms_eps: Optional[float], silu_mul: bool,
@@ -210,9 +219,8 @@ def _(x, packed, packed_scales, table, N, K, bits, group_size):
 
 @lut_matmul_silu_mul.register_kernel("cpu")
 def _(x, packed, packed_scales, table, N, K, bits, group_size):
-    _check_cpu_x(x, K, N)
-    w = cpu_dequantize(packed.contiguous(), packed_scales.contiguous(), table, N, K, bits, group_size)
-    return _after_product(F.linear(x.float(), w), x, None, True, None).to(x.dtype)
+    z = _cpu_product(x, packed, packed_scales, table, N, K, bits, group_size)
+    return _after_product(z, x, None, True, None).to(x.dtype)
 
 
 def cuda_lut_matmul_silu_mul(x, packed, packed_scales, table, N, K, bits, group_size):
@@ -354,17 +362,15 @@ def _check_layer_args(x, residual, rms_eps: float, N: int, silu_mul: bool) -> No
 
 @lut_matmul_layer.register_kernel("cpu")
 def _(x, packed, packed_scales, table, N, K, bits, group_size, residual, rms_eps, silu_mul):
-    _check_cpu_x(x, K, N)
     _check_layer_args(x, residual, rms_eps, N, silu_mul)
-    w = cpu_dequantize(packed.contiguous(), packed_scales.contiguous(), table, N, K, bits, group_size)
-    return _after_product(F.linear(x.float(), w), x, rms_eps if rms_eps >= 0 else None, silu_mul,
-                          residual).to(x.dtype)
+    z = _cpu_product(x, packed, packed_scales, table, N, K, bits, group_size)
+    return _after_product(z, x, _eps_or_none(rms_eps), silu_mul, residual).to(x.dtype)
 
 
 def cuda_lut_matmul_layer(x, packed, packed_scales, table, N, K, bits, group_size, residual, rms_eps, silu_mul):
     _check_layer_args(x, residual, rms_eps, N, silu_mul)
     return _cuda_gemm(x, packed, packed_scales, table, N, K, bits, group_size, None, silu_mul, residual,
-                      rms_eps if rms_eps >= 0 else None)
+                      _eps_or_none(rms_eps))
 
 
 lut_matmul_layer.register_kernel("cuda")(cuda_lut_matmul_layer)
@@ -384,8 +390,7 @@ def _backward_layer(ctx, gy):
     table, N, K, bits, group_size, rms_eps, silu_mul = ctx.args
     gx = gres = None
     if ctx.needs_input_grad[0]:
-        gx = _grad_x(x, gy, packed, packed_scales, table, N, K, bits, group_size, rms_eps if rms_eps >= 0 else None,
-                     silu_mul)
+        gx = _grad_x(x, gy, packed, packed_scales, table, N, K, bits, group_size, _eps_or_none(rms_eps), silu_mul)
     if ctx.res_dtype is not None and ctx.needs_input_grad[8]:
         gres = gy.to(ctx.res_dtype)
     return gx, None, None, None, None, None, None, None, gres, None, None
