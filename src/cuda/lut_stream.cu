@@ -148,15 +148,17 @@ __device__ __forceinline__ void issue_stage(const Params<T>& p, const Maps& maps
 
 // The producer (one thread): iteration q of the CTA's range goes to stage q % S, after the compute
 // warps have released that stage's previous use.
+// part 0: the prologue; part 1: the rest (the producer warp's norm factor, kProducerNorm, runs between
+// them); part 2: both.
 template <int BITS, int MT, typename T, bool ROWS>
 __device__ __forceinline__ void produce(const Params<T>& p, const Maps& maps, int it_begin, int it_end, int m0,
-                                        uint32_t stage0, uint32_t bars) {
+                                        uint32_t stage0, uint32_t bars, int part = 2) {
   using L = Layout<BITS, MT>;
   const int S = p.stages, n = it_end - it_begin, n0 = min(S, n);
   const int tile0 = it_begin / p.k_iters, kb0 = it_begin % p.k_iters;
   // Prologue: codes and scales of the first n0 iterations (constant for the kernel's life, so they
   // may be read before the previous kernel ends), then, after griddepcontrol.wait, their activations.
-  for (int pass = 0; pass < 2; ++pass) {
+  for (int pass = 0; pass < 2 && part != 1; ++pass) {
     if (pass == 1) grid_dependency_wait();
     int tile = tile0, kb = kb0;
     for (int q = 0; q < n0; ++q) {
@@ -165,6 +167,7 @@ __device__ __forceinline__ void produce(const Params<T>& p, const Maps& maps, in
       if (++kb == p.k_iters) { kb = 0; ++tile; }
     }
   }
+  if (part == 0) return;
   int tile = tile0 + (kb0 + n0) / p.k_iters, kb = (kb0 + n0) % p.k_iters;
   int st = 0, use = 1;  // stage of iteration q and how often it was filled before
   for (int q = n0; q < n; ++q) {
@@ -221,8 +224,27 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
     wg::mbar_init_fence();
   }
   __syncthreads();
+  // A single token's norm factor, in kernels sized for three CTAs per SM: from the producer warp
+  // (warp_rms_factor, item 63), between its prologue and its loop. The compute warps wait for it at their
+  // first segment end (no registers: item 62's deferral spilled there). Kernels sized for one or two CTAs
+  // take item 62's deferral instead: the producer's reduction delays its first refill, which cost them
+  // more than it saved (H100, 2026-11-27, same call, M = 1 with the norm: 28672x4096 4-bit 29.4 -> 30.2
+  // us, 4096x4096 6.6 -> 7.2, 8192x8192 18.0 -> 19.3; three CTAs per SM: 6144x4096 4-bit 9.3 -> 8.5,
+  // 3-bit 9.1 -> 7.8).
+  constexpr bool kProducerNorm = CTAS >= 3 && MT == 1;
+  const bool norm_by_producer = kProducerNorm && p.rms_norm && p.M - m0 == 1;
+  const int norm_bar = 4 + group, norm_threads = kThreads + 32;  // the group's compute warps + its producer
   if (producer) {
-    if (lane == 0 && active) produce<BITS, MT, T, ROWS>(p, Maps{&tm_w, &tm_s, &tm_x}, it_begin, it_end, m0, stage0, bars);
+    if (norm_by_producer && active) {  // the prologue, the factor (all 32 lanes), then the loop
+      if (lane == 0) produce<BITS, MT, T, ROWS>(p, Maps{&tm_w, &tm_s, &tm_x}, it_begin, it_end, m0, stage0, bars, 0);
+      __syncwarp();
+      warp_rms_factor(p, p.x, m0, 8 * MT, rs, lane);
+      __syncwarp();
+      wg::named_arrive(norm_bar, norm_threads);
+      if (lane == 0) produce<BITS, MT, T, ROWS>(p, Maps{&tm_w, &tm_s, &tm_x}, it_begin, it_end, m0, stage0, bars, 1);
+    } else if (lane == 0 && active) {
+      produce<BITS, MT, T, ROWS>(p, Maps{&tm_w, &tm_s, &tm_x}, it_begin, it_end, m0, stage0, bars);
+    }
     if (p.cluster > 1) {  // the two cluster barriers of cluster_finish
       wg::cluster_sync();
       wg::cluster_sync();
@@ -239,11 +261,13 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   grid_dependents_launch();  // the next kernel may start its prologue as our CTAs finish
 
   const int gwarp = warp % kWarps;  // block of a stage: row block of the tile (row tiles: see warp_row)
-  // A single token's norm factor is deferred past the first segment (rms_defer_issue, item 62); otherwise
-  // each token's factor is read here, while the producer's first stages are in flight.
+  // A single token's norm factor is deferred past the first segment (rms_defer_issue, item 62) or comes
+  // from the producer warp (kProducerNorm); otherwise each token's factor is read here, while the
+  // producer's first stages are in flight.
   constexpr int kDeferVecs = CTAS <= 2 && MT == 1 ? 2 : 0;
   RmsDeferred<kDeferVecs> rdef = rms_defer_issue<kDeferVecs>(p, p.x, m0, int(threadIdx.x % kThreads), kThreads);
-  if (p.rms_norm && !rdef.on) {
+  bool norm_pending = norm_by_producer;  // the producer warp's factor, not yet waited for
+  if (p.rms_norm && !rdef.on && !norm_by_producer) {
     row_rms_factors(p, p.x, m0, 8 * MT, rs, int(threadIdx.x % kThreads), kThreads,
                     [group] { wg::named_sync(2 + group, kThreads); });
     wg::named_sync(2 + group, kThreads);
@@ -298,6 +322,10 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
       rms_defer_finish(p, rdef, rs, 8 * MT, int(threadIdx.x % kThreads), kThreads, [bar] { wg::named_sync(bar, kThreads); });
       wg::named_sync(bar, kThreads);
       rdef.on = false;
+    }
+    if (norm_pending) {  // the first segment end: the producer warp's factor (warp_rms_factor)
+      wg::named_sync(norm_bar, norm_threads);
+      norm_pending = false;
     }
     if (p.rms_norm) scale_by_rows<MT>(acc, rs);
     bool store_live = warp_live;

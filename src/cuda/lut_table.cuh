@@ -163,6 +163,35 @@ __device__ __forceinline__ void rms_defer_finish(const GemmParams<T>& p, const R
   }
 }
 
+// A single token's norm factor from the producer warp (its 32 lanes, between the prologue's copies and
+// the producer loop; lut_stream_kernel's kProducerNorm, item 63), handed to the compute warps through a
+// named barrier they wait on at their first segment end: no registers in the compute warps, which never
+// wait for the row. Writes rs as row_rms_factors does (token 0's factor, 0 for tokens 1 .. n_tok - 1).
+// Each lane waits for the previous grid itself (griddepcontrol.wait is per thread).
+template <typename T>
+__device__ __forceinline__ void warp_rms_factor(const GemmParams<T>& p, const T* x, int m0, int n_tok, float* rs,
+                                                int lane) {
+  constexpr int kInFlight = 8;
+  grid_dependency_wait();
+  const uint4* row = reinterpret_cast<const uint4*>(x + int64_t(m0) * p.K);
+  const int vecs = p.K / 8;
+  float ss = 0.f;
+  for (int v0 = 0; v0 < vecs; v0 += kInFlight * 32) {  // the same trip count in every lane
+    uint4 q[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const int v = v0 + u * 32 + lane;
+      q[u] = v < vecs ? row[v] : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) ss = add_squares<T>(q[u], ss);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if (lane == 0) rs[0] = rsqrtf(ss / float(p.K) + p.rms_eps);
+  for (int j = 1 + lane; j < n_tok; j += 32) rs[kNormSlots * j] = 0.f;
+}
+
 // Epilogue::kSiluMul's output for token m of one lane's accumulator pair: rows n (gate, n % 16 < 8) and
 // n + 8 (up) of a 16-row block hold z0 and z1; silu(z0) * z1 goes to Y[m][n / 16 * 8 + n % 8] of the
 // M x N/2 output, computed in fp32 and rounded once.

@@ -127,6 +127,13 @@ __device__ __forceinline__ void named_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Arrival at named barrier `id` without waiting (its `threads` count as in named_sync): the producer side
+// of a producer / consumer hand-off, whose consumers wait with named_sync(id, threads); the shared-memory
+// writes before the arrival are visible to them after it.
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // ---- thread-block clusters (the split-K reduction of lut_wgmma.cu) -----------------------------
 // Barrier over every thread of every CTA of the cluster; orders each thread's earlier shared-memory
 // writes (local or to another CTA's shared memory) before every thread's later reads. Every thread
