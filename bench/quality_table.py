@@ -158,7 +158,8 @@ def markdown(rows, ref_ppl, args) -> str:
     of every cell and method that has rows for more than one of them."""
     seed0 = args.seeds[0]
     sel = [r for r in rows if r["method"] != "bf16" and r["max_tokens"] == args.max_tokens
-           and (calib_of(r) is None or calib_of(r)[:2] == (args.calib, args.damp))]
+           and (calib_of(r) is None or (calib_of(r)[:2] == (args.calib, args.damp)
+                                        and r["calib_tokens"] == args.calib_tokens))]
     methods = [m for m in METHODS if any(r["method"] == m for r in sel)]
     rel = lambda p: 100 * (p / ref_ppl - 1)  # noqa: E731
 
