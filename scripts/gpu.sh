@@ -93,13 +93,16 @@ bench_cases() {  # $1: build dir, $2: 1 for a B build
 }
 if [[ $MODE == ab || $MODE == kab ]]; then  # kernel A/B: default build vs -DLUTMM_EXPERIMENT=N for N in $EXPERIMENTS
   : > "$OUT/ab.txt"
-  # Against another commit too, when its tree is carried as .carry/base
-  # (git archive --prefix=.carry/base/ COMMIT | tar x; echo COMMIT > .carry/base/.commit).
-  if [[ -d .carry/base ]]; then
-    cmake -S .carry/base -B build/gpu-base -G Ninja -DLUTMM_BUILD_TESTS=ON > /dev/null && \
-      ninja -C build/gpu-base lutmm_bench > "$OUT/build-base.log" 2>&1 && \
-      { echo "== base: $(cat .carry/base/.commit 2>/dev/null)"; bench_cases build/gpu-base 0; } | tee -a "$OUT/ab.txt"
-  fi
+  # Against other commits too, when their trees are carried as .carry/base, .carry/base-NAME, ...
+  # (git archive --prefix=.carry/base/ COMMIT | tar x; echo COMMIT > .carry/base/.commit): each builds
+  # its lutmm_bench in build/gpu-base[-NAME] and runs the cases (several bases: a bisection in one call).
+  for b in .carry/base .carry/base-*; do
+    [[ -d $b ]] || continue
+    d=build/gpu-${b#.carry/}
+    cmake -S "$b" -B "$d" -G Ninja -DLUTMM_BUILD_TESTS=ON > /dev/null && \
+      ninja -C "$d" lutmm_bench > "$OUT/build-${b#.carry/}.log" 2>&1 && \
+      { echo "== ${b#.carry/}: $(cat "$b/.commit" 2>/dev/null)"; bench_cases "$d" 0; } | tee -a "$OUT/ab.txt"
+  done
   { echo "== A: default"; bench_cases build/gpu 0; } | tee -a "$OUT/ab.txt"
   for e in ${EXPERIMENTS:-2}; do
     cmake -S . -B build/gpu-x$e -G Ninja -DLUTMM_BUILD_TESTS=ON -DLUTMM_EXPERIMENT=$e > /dev/null && \
