@@ -206,26 +206,9 @@ def weight_files(path: Path) -> list:
     raise ValueError(f"{path}: no {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) found")
 
 
-def read_header(files) -> Dict[str, tuple]:
-    """{key: (dtype name, shape)} over safetensors files, without reading the data. Corrupt/truncated files
-    raise ValueError naming the file."""
-    from safetensors import safe_open
-
-    header = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for k in st.keys():
-                    sl = st.get_slice(k)
-                    header[k] = (sl.get_dtype(), tuple(sl.get_shape()))
-        except FileNotFoundError:
-            raise ValueError(f"{f}: file not found") from None
-        except Exception as e:  # SafetensorError, OSError, ...: corrupt or truncated file
-            raise ValueError(f"{f}: not a valid safetensors file ({type(e).__name__}: {e})") from None
-    return header
-
-
-def _read_tensors(files) -> Dict[str, torch.Tensor]:
+def _each_file(files, read):
+    """{key: read(st, key)} over safetensors files (st: the open file). A missing, corrupt or truncated file
+    raises ValueError naming the file."""
     from safetensors import safe_open
 
     out = {}
@@ -233,10 +216,24 @@ def _read_tensors(files) -> Dict[str, torch.Tensor]:
         try:
             with safe_open(str(f), framework="pt") as st:
                 for k in st.keys():
-                    out[k] = st.get_tensor(k)
-        except Exception as e:
+                    out[k] = read(st, k)
+        except FileNotFoundError:
+            raise ValueError(f"{f}: file not found") from None
+        except Exception as e:  # SafetensorError, OSError, ...: corrupt or truncated file
             raise ValueError(f"{f}: not a valid safetensors file ({type(e).__name__}: {e})") from None
     return out
+
+
+def read_header(files) -> Dict[str, tuple]:
+    """{key: (dtype name, shape)} over safetensors files, without reading the data."""
+    def dtype_shape(st, k):
+        sl = st.get_slice(k)
+        return sl.get_dtype(), tuple(sl.get_shape())
+    return _each_file(files, dtype_shape)
+
+
+def _read_tensors(files) -> Dict[str, torch.Tensor]:
+    return _each_file(files, lambda st, k: st.get_tensor(k))
 
 
 def read_config(path: Path) -> dict:
