@@ -78,8 +78,10 @@ if [[ $MODE != bench && $CXX_ONLY == 0 && -n ${LUTMM_SHARED:-} && -z ${NO_DEMO:-
   python3 -m lutmm demo --max-tokens 8192 2>&1 | tee "$OUT/demo.txt" | tail -14
 fi
 if [[ $MODE == sanitize ]]; then
-  compute-sanitizer --tool memcheck ./build/gpu/lutmm_gpu_tests --gtest_filter='Gpu.Identity*:Gpu.DecodeKernels*:Gpu.StreamK*:Gpu.WgmmaWorkSplits*:Gpu.DecodeRowTiles*:Gpu.DecodeClusters*:GpuAttention.*' 2>&1 | tail -5
+  compute-sanitizer --tool memcheck ./build/gpu/lutmm_gpu_tests --gtest_filter='Gpu.Identity*:Gpu.DecodeKernels*:Gpu.StreamK*:Gpu.WgmmaWorkSplits*:Gpu.DecodeRowTiles*:Gpu.DecodeClusters*:GpuAttention.*:GpuEpilogue.*' 2>&1 | tail -5
   compute-sanitizer --tool racecheck ./build/gpu/lutmm_gpu_tests --gtest_filter='Gpu.Identity*:Gpu.DecodeKernels*:Gpu.DecodeRowTiles*:GpuAttention.*' 2>&1 | tail -5
+  # The fused epilogues (norm factors handed between warps through shared memory and named barriers: items 61-63)
+  compute-sanitizer --tool racecheck ./build/gpu/lutmm_gpu_tests --gtest_filter='GpuEpilogue.*' 2>&1 | tail -5
 fi
 # lutmm_bench over the default table, or over AB_CASES="N K M BITS PATH;..." (one line each; cases whose
 # PATH is in AB_B_PATHS, default all, also run in the B builds).
