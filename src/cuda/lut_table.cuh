@@ -79,10 +79,28 @@ __device__ __forceinline__ float add_squares(const uint4& q, float ss) {
   }
   return ss;
 }
+// The sum of squares of one row of `vecs` 16-byte vectors, read by a team of `team_threads` threads (whole
+// warps; this thread is tt in [0, team_threads)), 8 loads in flight each; reduced over this thread's warp
+// (every lane gets the warp's partial). Thread tt adds vectors tt, tt + team_threads, ... in order.
+template <typename T>
+__device__ __forceinline__ float row_sum_squares(const uint4* row, int vecs, int tt, int team_threads) {
+  constexpr int kInFlight = 8;
+  float ss = 0.f;
+  for (int v = tt; v < vecs; v += kInFlight * team_threads) {
+    uint4 q[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u)
+      q[u] = v + u * team_threads < vecs ? row[v + u * team_threads] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) ss = add_squares<T>(q[u], ss);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  return ss;
+}
 template <typename T, typename Sync>
 __device__ __forceinline__ void row_rms_factors(const GemmParams<T>& p, const T* x, int m0, int n_tok, float* rs,
                                                 int tid, int threads, Sync sync) {
-  constexpr int kInFlight = 8;
   const int lane = tid % 32, warp = tid / 32, warps = threads / 32;
   const int live = max(0, min(n_tok, p.M - m0));
   const int wpt = max(1, warps / max(live, 1));  // warps per token
@@ -90,18 +108,8 @@ __device__ __forceinline__ void row_rms_factors(const GemmParams<T>& p, const T*
   const int tt = rank * 32 + lane, team_threads = wpt * 32;
   const int vecs = p.K / 8;  // 16-byte vectors per row
   for (int j = team; j < live && team < teams; j += teams) {
-    const uint4* row = reinterpret_cast<const uint4*>(x + int64_t(m0 + j) * p.K);
-    float ss = 0.f;
-    for (int v = tt; v < vecs; v += kInFlight * team_threads) {
-      uint4 q[kInFlight];
-#pragma unroll
-      for (int u = 0; u < kInFlight; ++u)
-        q[u] = v + u * team_threads < vecs ? row[v + u * team_threads] : make_uint4(0, 0, 0, 0);
-#pragma unroll
-      for (int u = 0; u < kInFlight; ++u) ss = add_squares<T>(q[u], ss);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    const float ss = row_sum_squares<T>(reinterpret_cast<const uint4*>(x + int64_t(m0 + j) * p.K), vecs, tt,
+                                        team_threads);
     if (lane == 0) rs[kNormSlots * j + rank] = ss;
   }
   sync();
@@ -171,23 +179,8 @@ __device__ __forceinline__ void rms_defer_finish(const GemmParams<T>& p, const R
 template <typename T>
 __device__ __forceinline__ void warp_rms_factor(const GemmParams<T>& p, const T* x, int m0, int n_tok, float* rs,
                                                 int lane) {
-  constexpr int kInFlight = 8;
   grid_dependency_wait();
-  const uint4* row = reinterpret_cast<const uint4*>(x + int64_t(m0) * p.K);
-  const int vecs = p.K / 8;
-  float ss = 0.f;
-  for (int v0 = 0; v0 < vecs; v0 += kInFlight * 32) {  // the same trip count in every lane
-    uint4 q[kInFlight];
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u) {
-      const int v = v0 + u * 32 + lane;
-      q[u] = v < vecs ? row[v] : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u) ss = add_squares<T>(q[u], ss);
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  const float ss = row_sum_squares<T>(reinterpret_cast<const uint4*>(x + int64_t(m0) * p.K), p.K / 8, lane, 32);
   if (lane == 0) rs[0] = rsqrtf(ss / float(p.K) + p.rms_eps);
   for (int j = 1 + lane; j < n_tok; j += 32) rs[kNormSlots * j] = 0.f;
 }
