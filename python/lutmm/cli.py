@@ -20,6 +20,7 @@ from typing import List, Optional
 
 import torch
 
+from .nn import MODEL_GROUP_SIZES
 from .quality import METHODS as QUANT_METHODS  # `lutmm quantize --method` choices (one list, in quality.py)
 
 NO_GPU_BENCH = "no CUDA device: kernel benchmark needs a GPU"
@@ -208,18 +209,18 @@ def _int_at_least(lo: int):
 
 
 _positive_int = _int_at_least(1)
+_GROUP_SIZES_HELP = ", ".join(map(str, MODEL_GROUP_SIZES)) + " or -1 (one group per row)"  # --group-size
 
 
 def _group_size_arg(s: str) -> int:
-    """--group-size: what lutmm.nn.check_model_group_size takes (32, 64, 128, 256 or -1), refused at parse time."""
+    """--group-size: what lutmm.nn.check_model_group_size takes (MODEL_GROUP_SIZES or -1), refused at parse time."""
     from .nn import check_model_group_size
 
     v = _int_or_none(s)
     try:
         check_model_group_size(v if v is not None else s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a group size of 32, 64, 128, 256 or -1 (one group per row), "
-                                         f"got {s!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a group size of {_GROUP_SIZES_HELP}, got {s!r}") from None
     return v
 
 
@@ -562,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("out_dir", metavar="OUT_DIR", help="output directory")
     sp.add_argument("--bits", type=int, choices=(2, 3, 4), default=4)
     sp.add_argument("--group-size", type=_group_size_arg, default=64,
-                    help="32, 64, 128, 256 or -1 (one group per row)")
+                    help=_GROUP_SIZES_HELP)
     sp.add_argument("--method", choices=QUANT_METHODS, default=None,
                     help="quantization algorithm, see docs/quality.md (default: gptq+kmeans; rtn when only "
                          "--table / --absmax are given)")
@@ -628,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="HF model directory (default: shared/models/mini-llama, else a built-in random Llama)")
     sp.add_argument("--bits", type=int, choices=(2, 3, 4), default=4)
     sp.add_argument("--group-size", type=_group_size_arg, default=64,
-                    help="32, 64, 128, 256 or -1 (one group per row)")
+                    help=_GROUP_SIZES_HELP)
     sp.add_argument("--table", choices=("nf", "int", "kmeans"), default="nf")
     sp.add_argument("--prompt", default=DEFAULT_PROMPT)
     sp.add_argument("--new-tokens", type=_positive_int, default=32, help="tokens to generate for the text sample")

@@ -172,8 +172,8 @@ def check_model_group_size(group_size) -> None:
     if group_size is None or g == -1:
         return
     if g not in MODEL_GROUP_SIZES:
-        raise ValueError(f"group_size: got {group_size!r}, expected 32, 64, 128, 256, or None / -1 for one group "
-                         "per row")
+        raise ValueError(f"group_size: got {group_size!r}, expected {', '.join(map(str, MODEL_GROUP_SIZES))}, or "
+                         "None / -1 for one group per row")
 
 
 def quantizable_linears(model: nn.Module, group_size: Optional[int] = 64, skip: Sequence[str] = ("lm_head",),
