@@ -6,13 +6,17 @@ embeddings kept), bits x group size x method, perplexity on held-out text relati
     python3 bench/quality_table.py --calib wikitext --damp 1.0      # the WikiText-2-calibrated table
     python3 bench/quality_table.py --bits 3 --groups 32 --methods gptq-int gptq+select --seeds 0 1 2
                                                                     # several calibration seeds: mean and range
+    python3 bench/quality_table.py --report --bits 3 --groups 32 --methods gptq-int gptq+kmeans+refit \
+        --seeds $(seq 0 19)                                         # tables of the rows already there (no runs)
 
 Calibration (--calib): "gcide" = build/calib/gcide-train.txt (scripts/get_calib.sh), "wikitext" = WikiText-2
 valid, or a file; the default is gcide when it is there, else wikitext.
 
 Rows are appended to --json as they finish and rows already there are skipped, so an interrupted run resumes;
 calibrated rows record their --seeds seed (rows without one are seed 0). The first table printed is the first
-seed's; with several seeds a second one gives each cell's mean and range over them.
+seed's; with several seeds a second one gives each cell's mean and range over them, and a third each LUT
+method against the best int method paired by seed (same calibration windows): int - LUT, its standard error
+and on how many seeds the LUT row is lower.
 Scoring: 512-token windows, ahead=2 (mini-llama predicts token t+2, see lutmm.evaluate). Quantized models
 are scored through a dense fp32 copy of each dequantized weight (lutmm.quality.densify), which computes what
 the CPU LUTLinear path computes (fp32 matmul on the dequantized weight) without re-dequantizing every call.
@@ -82,7 +86,11 @@ def main():
     ap.add_argument("--damp", type=float, default=0.01, help="GPTQ damping x mean diag H (default 0.01)")
     ap.add_argument("--json", default=str(REPO / "bench" / "quality_table.json"))
     ap.add_argument("--markdown", default=None, help="also write the markdown table here")
+    ap.add_argument("--report", action="store_true",
+                    help="only print the tables from the rows already in --json (no model, no quantization)")
     args = ap.parse_args()
+    if args.report:
+        return report(args)
 
     from transformers import AutoModelForCausalLM
 
@@ -150,31 +158,70 @@ def main():
         Path(args.markdown).write_text(md)
 
 
+def report(args) -> int:
+    """--report: the tables of the rows in --json for the given cells, methods and seeds; nothing is run."""
+    rows = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else []
+    text = args.text or str(Path(args.shared) / "data" / "heldout.txt")
+    ref = [r for r in rows if r["method"] == "bf16" and r["max_tokens"] == args.max_tokens
+           and Path(r["text"]).name == Path(text).name]
+    if not ref:
+        sys.exit(f"--report: no bf16 row for {Path(text).name} (max_tokens {args.max_tokens}) in {args.json}")
+    if args.calib is None:
+        args.calib = "gcide" if (REPO / "build" / "calib" / "gcide-train.txt").is_file() else "wikitext"
+    sel = [r for r in rows if r["method"] == "bf16" or (r["bits"] in args.bits and r["group_size"] in args.groups
+                                                         and r["method"] in args.methods)]
+    md = markdown(sel, ref[0]["ppl"], args)
+    print(md)
+    if args.markdown:
+        Path(args.markdown).write_text(md)
+    return 0
+
+
 INT_METHODS = ("int-absmax", "int", "gptq-int")  # uniform-grid baselines; every other column is a LUT method
+
+
+def paired(int_ppl: dict, lut_ppl: dict, ref_ppl: float):
+    """int - LUT over the seeds both have ({seed: perplexity} each), in points of the bf16 perplexity:
+    (mean, standard error of the mean, seeds where the LUT row is lower, n); None below two common seeds."""
+    seeds = sorted(set(int_ppl) & set(lut_ppl))
+    if len(seeds) < 2:
+        return None
+    d = [100 * (int_ppl[s] - lut_ppl[s]) / ref_ppl for s in seeds]
+    n = len(d)
+    mean = sum(d) / n
+    sd = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5
+    return mean, sd / n ** 0.5, sum(x > 0 for x in d), n
 
 
 def markdown(rows, ref_ppl, args) -> str:
     """The table of the first --seeds seed, then (when several seeds are given) the mean and range over them
     of every cell and method that has rows for more than one of them."""
     seed0 = args.seeds[0]
+    text_name = Path(args.text or "heldout.txt").name  # one evaluation text per table
     sel = [r for r in rows if r["method"] != "bf16" and r["max_tokens"] == args.max_tokens
+           and Path(r["text"]).name == text_name
            and (calib_of(r) is None or (calib_of(r)[:2] == (args.calib, args.damp)
                                         and r["calib_tokens"] == args.calib_tokens))]
     methods = [m for m in METHODS if any(r["method"] == m for r in sel)]
     rel = lambda p: 100 * (p / ref_ppl - 1)  # noqa: E731
 
-    def cell_ppl(bits, g, seeds):
-        """method -> [ppl of each seed in `seeds` present] (the last row of each), uncalibrated rows once."""
+    def cell_seed_ppl(bits, g, seeds):
+        """method -> {seed: ppl} for the seeds in `seeds` present (the last row of each); uncalibrated rows once,
+        under the first seed."""
         out = {}
         for m in methods:
             for sd in seeds:
                 r = [x for x in sel if (x["bits"], x["group_size"], x["method"]) == (bits, g, m)
                      and (calib_of(x) is None or calib_of(x)[2] == sd)]
                 if r:
-                    out.setdefault(m, []).append(r[-1]["ppl"])
+                    out.setdefault(m, {})[sd] = r[-1]["ppl"]
                 if r and calib_of(r[-1]) is None:
                     break
         return out
+
+    def cell_ppl(bits, g, seeds):
+        """method -> [ppl of each seed in `seeds` present]."""
+        return {m: list(p.values()) for m, p in cell_seed_ppl(bits, g, seeds).items()}
 
     def verdict(ppl):
         lut = {m: p for m, p in ppl.items() if m not in INT_METHODS}
@@ -211,6 +258,24 @@ def markdown(rows, ref_ppl, args) -> str:
                    if m in ps else "" for m in ms]
             out.append(f"| {bits} | {g} | " + " | ".join(f"**{t}**" if m == best_lut else t
                                                           for m, t in zip(ms, txt)) + f" | {v} |")
+        # Paired by seed (the same calibration windows): each LUT method against the best int method by mean.
+        pair_rows = []
+        for bits, g, ps in multi:
+            sp = cell_seed_ppl(bits, g, args.seeds)
+            ints = [m for m in ps if m in INT_METHODS]
+            if not ints:
+                continue
+            best_int = min(ints, key=lambda m: sum(ps[m]) / len(ps[m]))
+            for m in ps:
+                st = None if m in INT_METHODS else paired(sp[best_int], sp[m], ref_ppl)
+                if st:
+                    pair_rows.append(f"| {bits} | {g} | {m} | {best_int} | {st[0]:+.2f} +- {st[1]:.2f} | "
+                                     f"{st[2]} of {st[3]} |")
+        if pair_rows:
+            out += ["", "Paired by seed: int - LUT in points of the bf16 perplexity (mean +- standard error; "
+                    "> 0: the LUT method is lower):", "",
+                    "| bits | group | LUT method | int method | int - LUT | LUT lower |", "|---|---|---|---|---|---|"]
+            out += pair_rows
     return "\n".join(out) + "\n"
 
 if __name__ == "__main__":
