@@ -1,6 +1,8 @@
 #include "lutmm/format.h"
 
+#include <algorithm>
 #include <cmath>
+#include <iterator>
 
 namespace lutmm {
 
@@ -32,9 +34,10 @@ void validate_shape(const Shape& s) {
     throw Error(msg.str());
   }
   const int64_t g = s.group_size;
-  const bool standard = g == 32 || g == 64 || g == 128 || g == 256;
-  if (!standard && g != s.K) {
-    msg << "group_size: got " << g << ", expected 32, 64, 128, 256 or K (= " << s.K << ")";
+  if (std::find(std::begin(kGroupSizes), std::end(kGroupSizes), g) == std::end(kGroupSizes) && g != s.K) {
+    msg << "group_size: got " << g << ", expected ";
+    for (int64_t v : kGroupSizes) msg << v << ", ";
+    msg << "or K (= " << s.K << ")";
     throw Error(msg.str());
   }
   if (s.K % g != 0) {

@@ -51,6 +51,8 @@ constexpr int kBlockRows = 16;
 constexpr int kBlockCols = 128;
 // K must be a multiple of this (and of the group size).
 constexpr int kKMultiple = 32;
+// The group sizes of the format besides K itself (one group per row); Python's lutmm.nn.MODEL_GROUP_SIZES.
+constexpr int64_t kGroupSizes[] = {32, 64, 128, 256};
 // Largest N and K (int32 dimensions, as the kernels index them) and largest N x K (2^48 weights: every byte
 // count of the format then fits int64 with room to spare).
 constexpr int64_t kMaxDim = (int64_t{1} << 31) - 1;
@@ -60,7 +62,7 @@ struct Shape {
   int64_t N = 0;         // out_features (rows of W)
   int64_t K = 0;         // in_features (columns of W)
   int bits = 4;          // 2, 3 or 4
-  int64_t group_size = 128;  // 32, 64, 128, 256, or K (one group per row)
+  int64_t group_size = 128;  // one of kGroupSizes, or K (one group per row)
 
   int64_t groups() const { return K / group_size; }                  // G
   int table_size() const { return 1 << bits; }                       // 2^bits

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ._api import FORMAT_VERSION
-from .nn import lut_modules, quantizable_linears, replace_with_empty_lut_linear
+from .nn import MODEL_GROUP_SIZES, lut_modules, quantizable_linears, replace_with_empty_lut_linear
 
 SUPPORTED_FORMAT_VERSIONS = (1, 2)  # 1: repacked to the current layout on load (upgrade_packed)
 WEIGHTS_NAME = "model.safetensors"
@@ -59,7 +59,7 @@ def validate_quantization_config(qc) -> dict:
         raise ValueError(f"quantization_config.bits: got {bits!r}, expected 2, 3 or 4")
     g = qc.get("group_size")
     if isinstance(g, bool) or not isinstance(g, int) or not (g == -1 or (g > 0 and g % 32 == 0)):
-        raise ValueError(f"quantization_config.group_size: got {g!r}, expected 32, 64, 128, 256, "
+        raise ValueError(f"quantization_config.group_size: got {g!r}, expected {', '.join(map(str, MODEL_GROUP_SIZES))}, "
                          "another positive multiple of 32 equal to in_features, or -1 (one group per row)")
     table = qc.get("table", "custom")
     if not isinstance(table, str):

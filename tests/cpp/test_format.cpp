@@ -24,7 +24,10 @@ TEST(Format, RejectsBadShapesWithNamedArgument) {
   EXPECT_NE(msg(Shape{16, 512, 1, 128}).find("bits"), std::string::npos);
   EXPECT_NE(msg(Shape{0, 512, 4, 128}).find("N (out_features): got 0"), std::string::npos);
   EXPECT_NE(msg(Shape{16, 100, 4, 100}).find("K (in_features): got 100"), std::string::npos);
-  EXPECT_NE(msg(Shape{16, 512, 4, 48}).find("group_size: got 48"), std::string::npos);
+  EXPECT_NE(msg(Shape{16, 512, 4, 48}).find("group_size: got 48, expected 32, 64, 128, 256, or K (= 512)"),
+            std::string::npos);
+  for (int64_t g : kGroupSizes) EXPECT_EQ(msg(Shape{16, 512, 4, g}), "no error") << g;
+  EXPECT_EQ(msg(Shape{16, 96, 4, 96}), "no error");  // g = K: one group per row
   EXPECT_NE(msg(Shape{16, 96, 4, 64}).find("multiple of group_size 64"), std::string::npos);
   // Sizes whose byte counts would overflow (2^40 x 2^40 made packed_bytes wrap to 0 and pass)
   EXPECT_NE(msg(Shape{int64_t{1} << 40, int64_t{1} << 40, 4, 32}).find("beyond the format's limits"), std::string::npos);
