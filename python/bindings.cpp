@@ -6,6 +6,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <iterator>
 #include <type_traits>
 
 #include "lutmm/attention.h"
@@ -78,6 +79,9 @@ DecodeAttentionProblem attention_of(int dtype, const std::vector<int64_t>& dims,
 NB_MODULE(_ext, m) {
   m.doc() = "lutmm C++ core: LUT-quantized weights, packing, CPU reference and CUDA kernels";
 
+  m.def("group_sizes", [] {  // the format's group sizes besides K (lutmm::kGroupSizes)
+    return guarded([] { return std::vector<int64_t>(std::begin(kGroupSizes), std::end(kGroupSizes)); });
+  });
   m.def("int_table", [](int bits) { return guarded([&] { return int_table(bits); }); });
   m.def("nf_table", [](int bits) { return guarded([&] { return nf_table(bits); }); });
   m.def("packed_bytes", [](int64_t N, int64_t K, int bits, int64_t g) { return guarded([&] { return shape_of(N, K, bits, g).packed_bytes(); }); });

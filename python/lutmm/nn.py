@@ -159,7 +159,7 @@ def _tied_weight_ids(model: nn.Module) -> set:
     return tied
 
 
-MODEL_GROUP_SIZES = (32, 64, 128, 256)  # and None / -1: one group per row (g = K of each layer)
+MODEL_GROUP_SIZES = tuple(_core.group_sizes())  # the format's (C++ lutmm::kGroupSizes); and None / -1: g = K
 
 
 def check_model_group_size(group_size) -> None:

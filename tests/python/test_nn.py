@@ -179,6 +179,18 @@ def test_lut_linear_cuda_graph():
     torch.testing.assert_close(y, y0)
 
 
+def test_model_group_sizes_are_the_formats():
+    """lutmm.nn.MODEL_GROUP_SIZES comes from the C++ format (kGroupSizes): each one is a valid group size of a
+    weight whose K it divides, and the C++ shape check names exactly these when it refuses one."""
+    from lutmm import _core
+    from lutmm.nn import MODEL_GROUP_SIZES
+    assert MODEL_GROUP_SIZES == tuple(_core.group_sizes()) and len(MODEL_GROUP_SIZES) >= 4
+    for g in MODEL_GROUP_SIZES:
+        _core.validate_shape(16, 1024, 4, g)
+    with pytest.raises(ValueError, match="expected " + ", ".join(map(str, MODEL_GROUP_SIZES)) + r", or K \(= 1024\)"):
+        _core.validate_shape(16, 1024, 4, 48)
+
+
 @pytest.mark.parametrize("g", [48, 0, -2, 512, 64.5, "64", True])
 def test_quantize_model_rejects_a_group_size_no_layer_can_take(g):
     model = torch.nn.Sequential(torch.nn.Linear(128, 64))
