@@ -8,7 +8,8 @@
 # bench/bench_attention.py. BENCH_ARGS replaces --quick for quick/bench. tests: PYTEST_FILES (a glob) limits
 # the Python test files; E2E_ARGS set also runs bench_e2e afterwards; NO_DEMO=1 skips the demo.
 # ab/kab take AB_CASES / AB_B_PATHS (see bench_cases below). profile: Nsight Compute on PROFILE_CASES
-# ("N K M BITS [PATH];...", lutmm_bench) and PROFILE_TORCH ("M N K;...", cuBLAS bf16 through torch.mm).
+# ("N K M BITS [PATH];...", lutmm_bench; with every carried .carry/base* tree's build too) and PROFILE_TORCH
+# ("M N K;...", cuBLAS bf16 through torch.mm).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-quick}
@@ -81,12 +82,20 @@ fi
 if [[ $MODE == sanitize ]]; then  # each tool run at most SANITIZE_TIMEOUT seconds (default 240)
   st=${SANITIZE_TIMEOUT:-240}
   n=0
-  san() {  # $1: tool, $2: gtest filter; log in $OUT/san-N-TOOL.log
-    n=$((n + 1)); local log="$OUT/san-$n-$1.log" t=$(date +%s)
-    timeout $st compute-sanitizer --tool $1 ./build/gpu/lutmm_gpu_tests --gtest_filter="$2" > "$log" 2>&1
-    echo "== $1 rc=$? $(( $(date +%s) - t )) s ($2): $(grep -E '^========= (ERROR SUMMARY|RACECHECK SUMMARY)' "$log" | tail -1)"
+  san() {  # $1: tool, $2: gtest filter, then extra compute-sanitizer flags; log in $OUT/san-N-TOOL.log
+    local tool=$1 filter=$2; shift 2
+    n=$((n + 1)); local log="$OUT/san-$n-$tool.log" t=$(date +%s)
+    timeout $st compute-sanitizer --tool $tool "$@" ./build/gpu/lutmm_gpu_tests --gtest_filter="$filter" > "$log" 2>&1
+    echo "== $tool $* rc=$? $(( $(date +%s) - t )) s ($filter): $(grep -E '^========= (ERROR SUMMARY|RACECHECK SUMMARY)' "$log" | tail -1)"
     grep -E "^\[  (PASSED|FAILED) " "$log" | tail -2
   }
+  # SANITIZE_RUN="TOOL FILTER [FLAGS...]": only that run, e.g. the cluster-exchange report of item 64 in full:
+  # SANITIZE_RUN="racecheck Gpu.DecodeClusters* --print-limit 1000" (compute-sanitizer --help lists the flags)
+  if [[ -n ${SANITIZE_RUN:-} ]]; then
+    read -ra sr <<< "$SANITIZE_RUN"
+    san "${sr[@]}"
+    exit $status
+  fi
   # The fused epilogues first (norm factors handed between warps through shared memory and named
   # barriers, items 61-63): racecheck and synccheck (barrier misuse). Known (docs/performance.md item 64,
   # open): racecheck reports the cp.async kernel's cluster exchange (cluster_finish) in the epilogue test's
@@ -106,18 +115,27 @@ bench_cases() {  # $1: build dir, $2: 1 for a B build
     "$1/lutmm_bench" $c | tail -1
   done
 }
-if [[ $MODE == ab || $MODE == kab ]]; then  # kernel A/B: default build vs -DLUTMM_EXPERIMENT=N for N in $EXPERIMENTS
-  echo "== kab $(date +%T)" >> "$OUT/ab.txt"  # appended: several runs in one call keep every round
-  # Against other commits too, when their trees are carried as .carry/base, .carry/base-NAME, ...
-  # (git archive --prefix=.carry/base/ COMMIT | tar x; echo COMMIT > .carry/base/.commit): each builds
-  # its lutmm_bench in build/gpu-base[-NAME] and runs the cases (several bases: a bisection in one call).
+# Other commits' trees, carried as .carry/base, .carry/base-NAME, ... (git archive --prefix=.carry/base/
+# COMMIT | tar x; echo COMMIT > .carry/base/.commit): builds each one's lutmm_bench in build/gpu-base[-NAME]
+# (all at once) and prints "NAME build-dir" for each that built (kab times the cases with each: a bisection
+# in one call; profile runs Nsight Compute on each).
+build_bases() {
+  local b
   for b in .carry/base .carry/base-*; do
     [[ -d $b ]] || continue
-    d=build/gpu-${b#.carry/}
-    cmake -S "$b" -B "$d" -G Ninja -DLUTMM_BUILD_TESTS=ON > /dev/null && \
-      ninja -C "$d" lutmm_bench > "$OUT/build-${b#.carry/}.log" 2>&1 && \
-      { echo "== ${b#.carry/}: $(cat "$b/.commit" 2>/dev/null)"; bench_cases "$d" 0; } | tee -a "$OUT/ab.txt"
+    ( cmake -S "$b" -B "build/gpu-${b#.carry/}" -G Ninja -DLUTMM_BUILD_TESTS=ON > /dev/null && \
+        ninja -C "build/gpu-${b#.carry/}" lutmm_bench > "$OUT/build-${b#.carry/}.log" 2>&1 ) &
   done
+  wait
+  for b in .carry/base .carry/base-*; do
+    [[ -x build/gpu-${b#.carry/}/lutmm_bench ]] && echo "${b#.carry/} build/gpu-${b#.carry/}"
+  done
+}
+if [[ $MODE == ab || $MODE == kab ]]; then  # kernel A/B: default build vs -DLUTMM_EXPERIMENT=N for N in $EXPERIMENTS
+  echo "== kab $(date +%T)" >> "$OUT/ab.txt"  # appended: several runs in one call keep every round
+  while read -r name d; do
+    { echo "== $name: $(cat ".carry/$name/.commit" 2>/dev/null)"; bench_cases "$d" 0; } | tee -a "$OUT/ab.txt"
+  done < <(build_bases)
   { echo "== A: default"; bench_cases build/gpu 0; } | tee -a "$OUT/ab.txt"
   for e in ${EXPERIMENTS:-2}; do
     cmake -S . -B build/gpu-x$e -G Ninja -DLUTMM_BUILD_TESTS=ON -DLUTMM_EXPERIMENT=$e > /dev/null && \
@@ -133,19 +151,24 @@ fi
 if [[ $MODE == profile ]]; then  # Nsight Compute on single cases of the C++ benchmark
   RAW_METRICS="pipe_tensor.*(pct|per_cycle)|lts__t_(bytes|sectors)\.sum\.per_second|lts__throughput\.avg\.pct|launch__cluster"
   IFS=';' read -ra cases <<< "${PROFILE_CASES:-8192 8192 1 4;57344 8192 1 4;8192 8192 1 2}"  # ';'-separated
+  # The default build, then every carried base tree (build_bases): the same cases, reports tagged by build.
+  mapfile -t builds < <(echo "default build/gpu"; build_bases)
+  for bd in "${builds[@]}"; do
+  read -r tag d <<< "$bd"
   for cfg in "${cases[@]}"; do
-    rep="$OUT/ncu_${cfg// /_}"
-    ncu --set full --import-source yes -k regex:lut_ -s 2 -c 1 -f -o "$rep" ./build/gpu/lutmm_bench $cfg > /dev/null 2>&1
+    rep="$OUT/ncu_${tag}_${cfg// /_}"
+    ncu --set full --import-source yes -k regex:lut_ -s 2 -c 1 -f -o "$rep" "./$d/lutmm_bench" $cfg > /dev/null 2>&1
     ncu -i "$rep.ncu-rep" --print-details all > "$rep.txt" 2>&1
     ncu -i "$rep.ncu-rep" --page raw > "$rep.raw.txt" 2>&1
     # Per-SASS-instruction samples (stall reasons) for reading offline: PROFILE_SOURCE=1
     [[ -n ${PROFILE_SOURCE:-} ]] && ncu -i "$rep.ncu-rep" --page source --csv --print-source sass 2>&1 | gzip > "$rep.sass.csv.gz"
     rm -f "$rep.ncu-rep"
-    echo "== ncu $cfg"
-    grep -E "^    (Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Issue Slots Busy|Issued Ipc Active|No Eligible|L2 Cache Throughput|L1/TEX Cache Throughput|Cluster Size|Grid Size|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|L2 Hit Rate|Mem Busy|Max Bandwidth|Shared Memory Configuration Size|Block Limit)" "$rep.txt" | head -30
+    echo "== ncu [$tag] $cfg: $(grep -m1 -oE 'lut_(stream|gemm)_kernel<[^>]*>' "$rep.txt")"
+    grep -E "^    (Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Issue Slots Busy|Issued Ipc Active|No Eligible|L2 Cache Throughput|L1/TEX Cache Throughput|Cluster Size|Grid Size|Block Size|Dynamic Shared Memory Per Block|Waves Per SM|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|L2 Hit Rate|Mem Busy|Max Bandwidth|Shared Memory Configuration Size|Block Limit)" "$rep.txt" | head -34
     grep -E "^    Stall|stall|cycles being stalled" "$rep.txt" | head -12
     grep -E "$RAW_METRICS" "$rep.raw.txt" | head -12
     gzip -f "$rep.raw.txt"
+  done
   done
   # cuBLAS bf16 (torch.mm) on the same shapes, for comparison: PROFILE_TORCH="M N K;..."
   IFS=';' read -ra tcases <<< "${PROFILE_TORCH:-}"
