@@ -252,7 +252,7 @@ def main():
                     help="attention for bf16 and lutmm alike, or a comma list (each measured on the same models, "
                          "an A/B in one run): gqa = lutmm.attention (K/V read once per KV head), "
                          "gqa-kernel (default) = the same with decode steps through lutmm's CUDA decode-attention "
-                         "kernel (H100, 8B, over gqa: 3-bit +6-7%%, bf16 -3%% to +5%% over two runs; docs/performance.md item 49), "
+                         "kernel (H100, 8B, over gqa: 3-bit +6-7%%, bf16 -3%% to +5%% over two runs; docs/performance-log.md item 49), "
                          "sdpa = transformers' own (repeats K/V for every query head under a mask)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile replays of the captured decode step: CUDA time by kernel class")
@@ -263,7 +263,7 @@ def main():
                          "programmatic dependent launch (torch._inductor.config.triton.enable_pdl, env "
                          "TORCHINDUCTOR_ENABLE_PDL=1): they signal the next kernel early, so lutmm's kernels build "
                          "their table and start their weight loads while the norm / SiLU kernel before them finishes "
-                         "(H100, 3-bit batch 1: +6-11%%, bf16 +4%%: docs/performance.md)")
+                         "(H100, 3-bit batch 1: +6-11%%, bf16 +4%%: docs/performance-log.md item 47)")
     ap.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                     help="fuse q/k/v and gate/up into one linear each (default; --no-fuse: HF's 7 linears per layer)")
     ap.add_argument("--unfused-bf16", action="store_true",

@@ -1,4 +1,4 @@
-"""The gated MLP's gate/up call three ways, on the GPU (lutmm.gated; docs/performance.md item 60):
+"""The gated MLP's gate/up call three ways, on the GPU (lutmm.gated; docs/performance-log.md item 60):
 
   plain      lutmm.matmul on the interleaved [2 I, K] weight (what the epilogue replaces)
   plain+act  the same, then silu(gate) * up as a separate kernel (torch.compile'd: one Triton kernel, as

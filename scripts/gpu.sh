@@ -97,7 +97,7 @@ if [[ $MODE == sanitize ]]; then  # each tool run at most SANITIZE_TIMEOUT secon
     exit $status
   fi
   # The fused epilogues first (norm factors handed between warps through shared memory and named
-  # barriers, items 61-63): racecheck and synccheck (barrier misuse). Known (docs/performance.md item 64,
+  # barriers, items 61-63): racecheck and synccheck (barrier misuse). Known (docs/performance-log.md item 64,
   # open): racecheck reports the cp.async kernel's cluster exchange (cluster_finish) in the epilogue test's
   # cluster cases and in Gpu.DecodeClusters*, which is why the last filter leaves those out.
   san racecheck 'GpuEpilogue.*'

@@ -72,7 +72,7 @@ int lut_tile_rows(int64_t M, int64_t row_blocks, int64_t col_blocks, int64_t slo
   if (M < 1 || row_blocks < 1 || col_blocks < 1 || slots < 1)
     throw Error("lut_tile_rows: M, row blocks, k-blocks and slots must be positive");
   if (fill_pct < 1 || fill_pct > 100) throw Error("lut_tile_rows: fill_pct must be in [1, 100]");
-  if (LUTMM_EXPERIMENT == 19) return 8;  // A/B: no row tiles (docs/performance.md item 39)
+  if (LUTMM_EXPERIMENT == 19) return 8;  // A/B: no row tiles (docs/performance-log.md item 39)
   // Tiles must fill kRowTileFill = 70% of the slots (H100, 2026-11-26, lutmm_bench A/B in one call, 6144x4096: 192
   // tiles of two on 264 slots (73%) against Stream-K in clusters, M = 1 4-bit 9.6 -> 9.4 us, 2-bit 9.1
   // -> 7.9; M = 2 9.5 -> 9.1, 9.2 -> 7.8; item 43). LUTMM_EXPERIMENT 26: the earlier 80%.

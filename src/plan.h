@@ -84,7 +84,7 @@ constexpr int64_t kRowTileMaxIters3 = 32;
 // KB table (a 128-byte entry stride, lut_mma.cuh's Layout), which pays only where they fill the SMs.
 // H200, 2026-11-27, lutmm_bench A/B in one call, M = 1: 6144x4096, 384 tiles of one on 396 slots (97%),
 // 8.9 -> 7.2 us against 192 tiles of two sized for two; 10240x8192, 320 tiles of two (81%), 18.7 -> 20.1
-// against Stream-K (M = 2: 19.2 -> 20.0). docs/performance.md item 56.
+// against Stream-K (M = 2: 19.2 -> 20.0). docs/performance-log.md item 56.
 constexpr int kRowTileFill4 = 90;
 struct RowTiles {
   int rows;         // row blocks per tile (lut_tile_rows), 8 for none
@@ -96,7 +96,7 @@ RowTiles lut_tile_rows_tma3(int64_t M, int64_t row_blocks, int64_t col_blocks, i
 // instead of its default three, (a) as one whole tile per CTA where `tiles` fill 80-100% of the 2 x
 // `sms` slots (28672x4096: 224 tiles; on 396 slots Stream-K cut them into pieces), or (b) as Stream-K
 // over those 264 slots at M = 5-16 for weights of kTwoCta3MinWeights to kTwoCta3MaxWeights (4096x14336,
-// 8192x8192, 28672x4096). H100, 2026-11-26, lutmm_bench A/B in one call (docs/performance.md item 46),
+// 8192x8192, 28672x4096). H100, 2026-11-26, lutmm_bench A/B in one call (docs/performance-log.md item 46),
 // three CTAs -> (a): 28672x4096 M = 1 29.1 -> 27.1 us, M = 4 27.3 -> 25.1, M = 8 25.0 -> 23.8, M = 16
 // 28.3 -> 27.4; (b): 4096x14336 M = 16 20.2 -> 18.4, M = 8 17.0 -> 16.4, 8192x8192 M = 16 19.0 -> 18.8,
 // but 6144x4096 M = 16 11.1 -> 12.3 and 57344x8192 M = 16 90.8 -> 93.0 (item 44): hence the bounds.
@@ -133,7 +133,7 @@ struct WgPlan {
   bool aligned = false; // Stream-K with grid / tiles CTAs on every tile (ranges on tile boundaries)
   // The kernel variant that scales each k-block's partial sum after its MMAs instead of the looked-up
   // values before them: where a k-block holds one scale group (g >= 128, or g = K) and the
-  // accumulators have registers to spare (one CTA per SM, TOK <= 128). (docs/performance.md item 30)
+  // accumulators have registers to spare (one CTA per SM, TOK <= 128). (docs/performance-log.md item 30)
   bool scales_after = false;
   int sk_tiles() const { return tiles - dp_tiles; }
 };

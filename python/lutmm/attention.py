@@ -17,7 +17,7 @@ On CUDA, decode steps run through lutmm's own kernel (`torch.ops.lutmm.gqa_decod
 src/cuda/decode_attention.cu: flash-decoding on the tensor cores, one pass over K and V, masked
 positions not loaded); elsewhere (CPU, float masks, head dimensions other than 64 and 128, more than 8
 query heads per KV head), or with `use_gqa_attention(model, decode_kernel=False)`, the plain ops below
-serve. H100, 2026-11-27 (docs/performance.md items 49-51): one 8B layer at batch 16 11.2 us against the
+serve. H100, 2026-11-27 (docs/performance-log.md items 49-51): one 8B layer at batch 16 11.2 us against the
 compiled plain ops' 19.3; the 8B-shaped model's compiled decode step +6-7% at 3 bits over the plain ops.
 """
 from __future__ import annotations

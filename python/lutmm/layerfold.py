@@ -9,7 +9,7 @@
 A decoder layer computes h1 = h + o(attn(q/k/v(RMSNorm(h)))), h2 = h1 + down(silu(gate) * up(RMSNorm(h1))).
 Between lutmm's kernels the compiled model runs two inductor kernels per layer (residual add + RMSNorm); a
 kernel boundary in front of a lutmm kernel that does not trigger it early costs it its overlapped prologue
-(docs/performance.md item 60). Here the norm's weight g lives in the next projection's columns (exact in
+(docs/performance-log.md item 60). Here the norm's weight g lives in the next projection's columns (exact in
 real arithmetic: RMSNorm(h) W^T = r (h diag(g)) W^T = r h (W diag(g))^T with r = rsqrt(mean(h^2) + eps)), the
 projection computes r per token itself and scales its sums (GemmProblem::rms_norm), and o / down add the
 residual stream in their epilogue (GemmProblem::residual): `lutmm::lut_matmul_layer`.
@@ -56,7 +56,7 @@ def _norm_is_folded(norm: nn.Module) -> bool:
 # call reads all of its tokens' rows: 8 KB each at hidden size 4096); above it the norm runs first as torch
 # ops (one inductor kernel when compiled, as in the unfolded layer) and the kernel gets normalized rows.
 # H100, 2026-11-27, lutmm_bench, 4-bit 6144x4096: plain 7.8 us at M = 1 and 10.6 at M = 16; with the factor
-# in the kernel 8.6 and 18.2 (its first version: one warp per token). docs/performance.md item 61.
+# in the kernel 8.6 and 18.2 (its first version: one warp per token). docs/performance-log.md item 61.
 RMS_IN_KERNEL_MAX_TOKENS = 4
 
 

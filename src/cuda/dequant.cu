@@ -109,7 +109,7 @@ const char* build_info() {
 }
 
 // Dispatch rule (H100, 2026-11-26, bench/bench_kernel.py --paths and lutmm_bench, 4-bit g128;
-// docs/performance.md): the fused LUT kernels are memory-bound and win while the weight stream
+// docs/performance-log.md, items 24-25): the fused LUT kernels are memory-bound and win while the weight stream
 // dominates (M <= 32, one pass of their 32-token tiles). Past it the lookups are paid per token tile
 // and the tensor cores set the pace. On Hopper the fused wgmma kernel serves 32 < M <= 4096: at
 // M = 33-64 its 64-token tiles beat the LUT kernel's two passes (M = 48: 8192x8192 37.3 vs 57.4 us,

@@ -15,7 +15,7 @@
 //   or 2-bit lookup is 2 instructions (prmt, lds). 3-bit codes are split over two fields and take
 //   shifts and masks. Cost: 64 KB (4 and 2 bits), 16 KB (3 bits) of shared memory per CTA.
 //   (H200, 2026-11-26: the earlier 128-byte stride with shift/and/add addressing ran 8192x8192 M=1
-//   in 30.5 us; see docs/performance.md for this layout's number.)
+//   in 30.5 us; see docs/performance-log.md for this layout's number.)
 // * Scales after the MMA. The table values are looked up unscaled; each 32-column chunk's product
 //   is accumulated in fp32 `part` and multiplied by the row's group scale when the group ends
 //   (acc += part * s). This removes the per-weight multiply and keeps the scale in fp32.
@@ -51,7 +51,7 @@
 //  11  lut_stream.cu: two CTAs per SM at 3 bits instead of three
 //  20  2 and 3 bits: the table in registers, looked up with byte permutes (lut_regtable.cuh), no shared table
 //  21  2 and 3 bits: the pair table spread over the lanes, looked up with warp shuffles, no shared table
-//  (20, 21: docs/performance.md item 36; the shared tables were kept. 23, a 2-bit pair table, was
+//  (20, 21: docs/performance-log.md item 36; the shared tables were kept. 23, a 2-bit pair table, was
 //   measured at commit a4a87fb and removed)
 //  18  src/plan.cpp: decode clusters of any size 2-8, each tile's k-blocks in near-equal ranges
 //      (cluster_start), where 2, 4, 8 do not fit or divide them: slower (item 38)
@@ -378,7 +378,7 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
     // Smaller weights take the TMA kernel too where its row tiles apply. (H100, 2026-11-26,
     // lutmm_bench, M = 1: 4096x4096 TMA kernel on 256 tiles of one row block 6.0 us, the cp.async
     // kernel's 6.6; 2 bits 6.0-6.1 vs 6.7, 3 bits (tiles sized for two CTAs per SM) 6.0 vs 6.6:
-    // docs/performance.md items 40, 42; LUTMM_EXPERIMENT 25 keeps 2 and 3 bits on the cp.async kernel.)
+    // docs/performance-log.md items 40, 42; LUTMM_EXPERIMENT 25 keeps 2 and 3 bits on the cp.async kernel.)
     if (!g.tma && (s.bits == 4 || LUTMM_EXPERIMENT != 25)) {
       tma_rows = rows_for(true);
       g.tma = tma_rows->rows < kWarps;

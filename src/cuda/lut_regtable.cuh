@@ -1,7 +1,7 @@
 // Table lookups without the shared-memory table, for the 2- and 3-bit decode kernels: the values live
 // in registers and a byte permute (prmt) picks them, or each lane holds entries of the pair table and
 // a warp shuffle fetches them. Issue 3 asks for this comparison against the shared-memory pair table
-// (lut_table.cuh); docs/performance.md (item 36) records the measurement. 4 bits keeps the shared
+// (lut_table.cuh); docs/performance-log.md (item 36) records the measurement. 4 bits keeps the shared
 // table: 16 values are 32 bytes, more than one prmt (8 bytes) can choose from.
 //
 // prmt: prmt(a, b, s) builds a word from 4 of the 8 bytes of (a, b), nibble i of s choosing byte i.
@@ -31,7 +31,7 @@ namespace lutmm {
 namespace gpu {
 
 // Where the decode kernels' lookups find the table. Default: shared memory (see item 36 of
-// docs/performance.md); LUTMM_EXPERIMENT 20 / 21 select prmt / shuffles for 2 and 3 bits, with no
+// docs/performance-log.md); LUTMM_EXPERIMENT 20 / 21 select prmt / shuffles for 2 and 3 bits, with no
 // shared table (its bytes go to pipeline stages).
 enum class LutSource { kShared, kPrmt, kShfl };
 template <int BITS>

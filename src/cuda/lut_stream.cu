@@ -25,7 +25,7 @@
 //   per CTA where such tiles fill the GPU. A stage is then one 3-D box of codes (R row blocks x 8 / R
 //   k-blocks, landing row-major: warp w computes row block w / (8 / R) at k-block w % (8 / R)), one
 //   box of scales, and the activations (see issue_stage); the warps add their sums in shared memory.
-// * The remaining cost (docs/performance.md, items 16-20): ~5.8 us fixed per call on 8192x8192
+// * The remaining cost (docs/performance-log.md, items 16-20): ~5.8 us fixed per call on 8192x8192
 //   (launch, table build, first loads, Stream-K fixups) and a 2.75 TB/s marginal rate set by the
 //   compute warps (~190 instructions per warp and 4-bit block, ~90 of them lookups and MMAs).
 #include <algorithm>
@@ -191,7 +191,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   extern __shared__ __align__(16) uint8_t smem[];
   check_table_addr(smem);  // the table first, at shared address kTableAddr: lookups add no base
   // The table's shared address: kTableAddr, plus the CTA's rank << 24 in a cluster launch (H100: an
-  // address without it reaches rank 0's memory or faults; docs/performance.md item 31).
+  // address without it reaches rank 0's memory or faults; docs/performance-log.md item 31).
   const uint32_t smem_base = smem_addr(smem);
   const int S = p.stages;  // per group
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

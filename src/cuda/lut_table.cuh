@@ -125,7 +125,7 @@ __device__ __forceinline__ void row_rms_factors(const GemmParams<T>& p, const T*
   }
 }
 
-// The deferred norm factor (TMA kernel; docs/performance.md item 62): the factor of a single token whose
+// The deferred norm factor (TMA kernel; docs/performance-log.md item 62): the factor of a single token whose
 // row is at most V 16-byte vectors per thread (M = 1, K <= 4096 with 256 compute threads) is read before
 // the main loop (rms_defer_issue) and reduced after the first segment (rms_defer_finish), so the L2 round
 // trip and row_rms_factors' two barriers leave the path to the first MMA. It costs 4 V registers live

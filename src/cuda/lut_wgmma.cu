@@ -508,7 +508,7 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
 
   while (wc.pos < wc.n_iters) {
     // One segment: k-blocks seg_kb0..kb of `tile` (a whole tile, or a Stream-K piece of one).
-    // (Earlier, while the producer could not keep up (item 21 of docs/performance.md), H100
+    // (Earlier, while the producer could not keep up (item 21 of docs/performance-log.md), H100
     // 2026-11-26: committing and waiting per half-block was 5% slower at 8192x8192 M = 4096; a
     // half-block's group left running across the next half's lookups made ptxas serialize the wgmmas
     // (C7513) in that code; a whole k-block's group left running (wait_group 1, stages released one

@@ -1,6 +1,6 @@
 // The kernels' work-split rules (src/plan.cpp) on the CPU, with the H100's limits: 132 SMs,
 // 30 clusters of 4, 39 of 3 and 66 of 2 at a time (cudaOccupancyMaxActiveClusters on the H100 of
-// 2026-11-26). The expected plans are the ones the GPU runs measured (docs/performance.md, items 31-35).
+// 2026-11-26). The expected plans are the ones the GPU runs measured (docs/performance-log.md, items 31-35).
 #include <gtest/gtest.h>
 
 #include <algorithm>
