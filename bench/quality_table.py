@@ -12,7 +12,8 @@ embeddings kept), bits x group size x method, perplexity on held-out text relati
 Calibration (--calib): "gcide" = build/calib/gcide-train.txt (scripts/get_calib.sh), "wikitext" = WikiText-2
 valid, or a file; the default is gcide when it is there, else wikitext.
 
-Rows are appended to --json as they finish and rows already there are skipped, so an interrupted run resumes;
+Rows are appended to --json as they finish and rows already there are skipped, so an interrupted run resumes
+and several runs may share one json (each row is added under a file lock, the json's name + .lock);
 calibrated rows record their --seeds seed (rows without one are seed 0). The first table printed is the first
 seed's; with several seeds a second one gives each cell's mean and range over them, and a third each LUT
 method against the best int method paired by seed (same calibration windows): int - LUT, its standard error
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import fcntl
 import itertools
 import json
 import os
@@ -71,6 +73,31 @@ def calib_of(r):
     return r.get("calib", OLD_ROWS_CALIB[0]), r.get("damp", OLD_ROWS_CALIB[1]), r.get("seed", 0)
 
 
+def row_key(r):
+    """What makes two rows the same measurement (a run skips rows whose key is in the json)."""
+    return (r["bits"], r["group_size"], r["method"], r["max_tokens"], r["calib_tokens"], r["text"], calib_of(r))
+
+
+def add_rows(path, new_rows) -> list:
+    """Adds new_rows to the json list at `path` (those whose row_key is already there are dropped) and returns
+    the file's rows. Under an exclusive lock (`path`.lock) the file is read again first and replaced
+    atomically, so runs sharing one json (two jobs at a time on 2 cores) keep each other's rows."""
+    path = Path(path)
+    with open(str(path) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(path.read_text()) if path.is_file() else []
+        have, n = {row_key(r) for r in rows}, len(rows)
+        for r in new_rows:
+            if row_key(r) not in have:
+                rows.append(r)
+                have.add(row_key(r))
+        if len(rows) > n:
+            tmp = Path(f"{path}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(rows, indent=1))
+            os.replace(tmp, path)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shared", default=os.environ.get("LUTMM_SHARED", str(REPO.parent / "shared")))
@@ -108,10 +135,7 @@ def main():
     if not Path(calib).is_file():
         sys.exit(f"--calib: {calib} is not a file (gcide: run scripts/get_calib.sh)")
     print(f"calibration: {calib}, damping {args.damp:g}", flush=True)
-    rows = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else []
-    key = lambda r: (r["bits"], r["group_size"], r["method"], r["max_tokens"], r["calib_tokens"], r["text"],  # noqa
-                     calib_of(r))
-    have = {key(r) for r in rows}
+    rows = add_rows(args.json, [])
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).eval()
     ref = [r for r in rows if r["method"] == "bf16" and r["max_tokens"] == args.max_tokens and r["text"] == text]
     if not ref:
@@ -119,7 +143,7 @@ def main():
         ppl = perplexity(base, str(model_dir), text, max_tokens=args.max_tokens, ahead=2, progress=False)
         ref = [{"bits": 16, "group_size": 0, "method": "bf16", "max_tokens": args.max_tokens, "calib_tokens": 0,
                 "text": text, "ppl": ppl, "quant_s": 0.0, "eval_s": time.perf_counter() - t0}]
-        rows += ref
+        rows = add_rows(args.json, ref)
     ref_ppl = ref[0]["ppl"]
     print(f"bf16: {ref_ppl:.3f}", flush=True)
     for bits, g, name in itertools.product(args.bits, args.groups, args.methods):
@@ -129,7 +153,7 @@ def main():
                    "calib_tokens": args.calib_tokens if method != "rtn" else 0, "text": text}
             if method != "rtn":
                 row.update(calib=args.calib, damp=args.damp, seed=seed)
-            if key(row) in have:
+            if row_key(row) in {row_key(r) for r in add_rows(args.json, [])}:  # done, also by another run
                 continue
             m = copy.deepcopy(base)
             t0 = time.perf_counter()
@@ -145,13 +169,12 @@ def main():
             row["ppl"] = perplexity(m, str(model_dir), text, max_tokens=args.max_tokens, ahead=2, progress=False)
             row["eval_s"] = time.perf_counter() - t0
             row["command"] = command(name, bits, g, args, seed)
-            rows.append(row)
-            Path(args.json).write_text(json.dumps(rows, indent=1))
+            rows = add_rows(args.json, [row])
             print(f"{bits}-bit g{g:<4} {name:<17} seed {seed} ppl {row['ppl']:8.3f} "
                   f"{100 * (row['ppl'] / ref_ppl - 1):+7.2f}%  quantize {row['quant_s']:5.1f} s "
                   f"{row.get('tables', '')}", flush=True)
             del m
-    Path(args.json).write_text(json.dumps(rows, indent=1))
+    rows = add_rows(args.json, [])
     md = markdown(rows, ref_ppl, args)
     print(md)
     if args.markdown:

@@ -62,3 +62,28 @@ def test_markdown_without_int_rows_has_no_paired_table():
     rows = [_row("gptq+kmeans", 0, 40.2), _row("gptq+kmeans", 1, 40.4)]
     md = qt.markdown(rows, 40.0, _args([0, 1]))
     assert "Paired by seed" not in md and "n=2" in md
+
+
+def _add_many(path, first, count):
+    qt = _load()
+    for s in range(first, first + count):
+        qt.add_rows(path, [_row("gptq-int", s, 40.0 + s / 100)])
+
+
+def test_add_rows_from_two_processes_keeps_every_row(tmp_path):
+    """Two runs sharing one json (as two quantization jobs on 2 cores do) lose none of each other's rows, and a
+    row already there (same key) is not added twice."""
+    import multiprocessing as mp
+    qt = _load()
+    path = tmp_path / "rows.json"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_add_many, args=(str(path), first, 40)) for first in (0, 1000)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    rows = qt.add_rows(path, [_row("gptq-int", 5, 99.0)])  # seed 5's key is there: dropped
+    seeds = sorted(r["seed"] for r in rows)
+    assert seeds == list(range(40)) + list(range(1000, 1040))
+    assert [r["ppl"] for r in rows if r["seed"] == 5] == [40.05]
