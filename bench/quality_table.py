@@ -175,10 +175,16 @@ def main():
                   f"{row.get('tables', '')}", flush=True)
             del m
     rows = add_rows(args.json, [])
-    md = markdown(rows, ref_ppl, args)
+    md = markdown(selected(rows, args), ref_ppl, args)
     print(md)
     if args.markdown:
         Path(args.markdown).write_text(md)
+
+
+def selected(rows, args) -> list:
+    """The rows of the cells and methods asked for (--bits, --groups, --methods), and the bf16 rows."""
+    return [r for r in rows if r["method"] == "bf16" or (r["bits"] in args.bits and r["group_size"] in args.groups
+                                                         and r["method"] in args.methods)]
 
 
 def report(args) -> int:
@@ -191,9 +197,7 @@ def report(args) -> int:
         sys.exit(f"--report: no bf16 row for {Path(text).name} (max_tokens {args.max_tokens}) in {args.json}")
     if args.calib is None:
         args.calib = "gcide" if (REPO / "build" / "calib" / "gcide-train.txt").is_file() else "wikitext"
-    sel = [r for r in rows if r["method"] == "bf16" or (r["bits"] in args.bits and r["group_size"] in args.groups
-                                                         and r["method"] in args.methods)]
-    md = markdown(sel, ref[0]["ppl"], args)
+    md = markdown(selected(rows, args), ref[0]["ppl"], args)
     print(md)
     if args.markdown:
         Path(args.markdown).write_text(md)

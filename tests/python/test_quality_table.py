@@ -87,3 +87,13 @@ def test_add_rows_from_two_processes_keeps_every_row(tmp_path):
     seeds = sorted(r["seed"] for r in rows)
     assert seeds == list(range(40)) + list(range(1000, 1040))
     assert [r["ppl"] for r in rows if r["seed"] == 5] == [40.05]
+
+
+def test_tables_keep_to_the_cells_and_methods_asked_for():
+    qt = _load()
+    rows = [_row("gptq-int", 0, 40.4), _row("gptq+kmeans", 0, 40.2), dict(_row("gptq-int", 0, 41.0), bits=4),
+            {"bits": 16, "group_size": 0, "method": "bf16", "max_tokens": None, "calib_tokens": 0,
+             "text": "/x/heldout.txt", "ppl": 40.0}]
+    args = argparse.Namespace(bits=[3], groups=[32], methods=["gptq-int"])
+    sel = qt.selected(rows, args)
+    assert [(r["bits"], r["method"]) for r in sel] == [(3, "gptq-int"), (16, "bf16")]
