@@ -69,8 +69,8 @@
 //      CTAs per SM: more pipeline stages (H100: 1-3% slower, item 58)
 //  33  4 bits: the TMA kernel's tiles of 8 row blocks on three CTAs per SM with the 32 KB table
 //      (prepared in session 16, not yet measured; next step 02)
-//  36  the decode kernels without their epilogue options' code (lut_table.cuh kEpilogues; fused calls
-//      compute wrong results: AB_SKIP_TESTS): what the fused epilogues cost plain calls
+//  (36, the decode kernels without their epilogue options' code, was measured at commit 9f31708 and
+//   removed: 0-0.3 us on plain calls, item 64)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38)
@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
     }
     cp_async_commit();
   }
-  if (kEpilogues && p.rms_norm) {  // each token's factor, read while the first activations are in flight
+  if (p.rms_norm) {  // each token's factor, read while the first activations are in flight
     row_rms_factors(p, p.x, m0, 8 * MT, rs, int(threadIdx.x), kThreads, [] { __syncthreads(); });
     __syncthreads();
   }
@@ -255,7 +255,7 @@ __global__ void __launch_bounds__(kThreads, 2) lut_gemm_kernel(const Params<T> p
     st_cmp = st_cmp == st_last ? stages : st_cmp + L::kStageBytes;
 
     if (kb == p.k_iters - 1 || it == it_end - 1) {  // end of this CTA's segment of `tile`
-      if (kEpilogues && p.rms_norm) scale_by_rows<MT>(acc, rs);
+      if (p.rms_norm) scale_by_rows<MT>(acc, rs);
       if constexpr (ROWS) {
         if (kpt > 1) {  // tiles of rpt < 8 row blocks: warp w_row (w_ksub = 0) adds the others' sums in order
 #pragma unroll

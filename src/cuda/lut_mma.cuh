@@ -165,7 +165,7 @@ __device__ __forceinline__ void store_tile(const Params<T>& p, int tile, int m0,
                                            int rpt = kWarps) {
   const int warp = group_tid() / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int rb = tile * rpt + warp;
-  if (kEpilogues && p.silu_mul) {  // rows g (gate) and g + 8 (up) of the block meet here: acc[mt][e] and acc[mt][2 + e]
+  if (p.silu_mul) {  // rows g (gate) and g + 8 (up) of the block meet here: acc[mt][e] and acc[mt][2 + e]
     if (rb * 16 >= p.N) return;  // N is a multiple of 16 (validate_problem)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -188,7 +188,7 @@ __device__ __forceinline__ void store_tile(const Params<T>& p, int tile, int m0,
         const int m = m0 + mt * 8 + 2 * t + e;
         if (m >= p.M) continue;
         const int64_t at = int64_t(m) * p.N + n;
-        const float r = kEpilogues && p.residual ? Elem<T>::to_float(p.residual[at]) : 0.f;
+        const float r = p.residual ? Elem<T>::to_float(p.residual[at]) : 0.f;
         p.y[at] = Elem<T>::from_float(acc[mt][2 * i + e] + b + r);
       }
   }

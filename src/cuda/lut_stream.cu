@@ -232,7 +232,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   // us, 4096x4096 6.6 -> 7.2, 8192x8192 18.0 -> 19.3; three CTAs per SM: 6144x4096 4-bit 9.3 -> 8.5,
   // 3-bit 9.1 -> 7.8).
   constexpr bool kProducerNorm = CTAS >= 3 && MT == 1;
-  const bool norm_by_producer = kProducerNorm && kEpilogues && p.rms_norm && p.M - m0 == 1;
+  const bool norm_by_producer = kProducerNorm && p.rms_norm && p.M - m0 == 1;
   const int norm_bar = 4 + group, norm_threads = kThreads + 32;  // the group's compute warps + its producer
   if (producer) {
     if (norm_by_producer && active) {  // the prologue, the factor (all 32 lanes), then the loop
@@ -267,7 +267,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   constexpr int kDeferVecs = CTAS <= 2 && MT == 1 ? 2 : 0;
   RmsDeferred<kDeferVecs> rdef = rms_defer_issue<kDeferVecs>(p, p.x, m0, int(threadIdx.x % kThreads), kThreads);
   bool norm_pending = norm_by_producer;  // the producer warp's factor, not yet waited for
-  if (kEpilogues && p.rms_norm && !rdef.on && !norm_by_producer) {
+  if (p.rms_norm && !rdef.on && !norm_by_producer) {
     row_rms_factors(p, p.x, m0, 8 * MT, rs, int(threadIdx.x % kThreads), kThreads,
                     [group] { wg::named_sync(2 + group, kThreads); });
     wg::named_sync(2 + group, kThreads);
@@ -327,7 +327,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
       wg::named_sync(norm_bar, norm_threads);
       norm_pending = false;
     }
-    if (kEpilogues && p.rms_norm) scale_by_rows<MT>(acc, rs);
+    if (p.rms_norm) scale_by_rows<MT>(acc, rs);
     bool store_live = warp_live;
     if constexpr (ROWS) {  // warp r < rpt adds the sums of row block r's kpt warps, in k order
       const float* mine = &acc[0][0];

@@ -15,10 +15,6 @@
 namespace lutmm {
 namespace gpu {
 
-// LUTMM_EXPERIMENT 36: the decode kernels built without their epilogue options (silu_mul, residual,
-// rms_norm read as off): what the fused epilogues' code costs plain calls (wrong results for fused calls).
-constexpr bool kEpilogues = LUTMM_EXPERIMENT != 36;
-
 // Kernel parameters every fused kernel takes (the decode kernels' Params and the prefill kernel's
 // WgParams extend it): the weight, the output, the Stream-K workspace and the problem's sizes.
 template <typename T>
@@ -143,7 +139,7 @@ __device__ __forceinline__ RmsDeferred<V> rms_defer_issue(const GemmParams<T>& p
                                                          int threads) {
   RmsDeferred<V> d;
   const int vecs = p.K / 8;
-  d.on = V > 0 && kEpilogues && p.rms_norm && p.M - m0 == 1 && vecs <= V * threads;
+  d.on = V > 0 && p.rms_norm && p.M - m0 == 1 && vecs <= V * threads;
   if constexpr (V > 0) {
     const uint4* row = reinterpret_cast<const uint4*>(x + int64_t(m0) * p.K);
 #pragma unroll
