@@ -31,6 +31,7 @@ import fcntl
 import itertools
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,7 @@ METHODS = {
 }
 DEFAULT_METHODS = ["int", "nf", "kmeans", "gptq-int", "gptq", "gptq+kmeans", "gptq+kmeans+refit", "gptq+select"]
 OLD_ROWS_CALIB = ("wikitext", 1.0)  # rows written before --calib / --damp existed
+GCIDE = REPO / "build" / "calib" / "gcide-train.txt"  # scripts/get_calib.sh
 
 
 def command(name, bits, g, args, seed=0) -> str:
@@ -116,6 +118,9 @@ def main():
     ap.add_argument("--report", action="store_true",
                     help="only print the tables from the rows already in --json (no model, no quantization)")
     args = ap.parse_args()
+    args.text = args.text or str(Path(args.shared) / "data" / "heldout.txt")
+    if args.calib is None:
+        args.calib = "gcide" if GCIDE.is_file() else "wikitext"
     if args.report:
         return report(args)
 
@@ -126,11 +131,8 @@ def main():
     from lutmm.quality import densify, quantize_model_calibrated
 
     model_dir = Path(args.shared) / "models" / "mini-llama"
-    text = args.text or str(Path(args.shared) / "data" / "heldout.txt")
-    gcide = REPO / "build" / "calib" / "gcide-train.txt"
-    if args.calib is None:
-        args.calib = "gcide" if gcide.is_file() else "wikitext"
-    calib = {"gcide": str(gcide), "wikitext": str(Path(args.shared) / "data" / "wikitext-2" / "valid.txt")}.get(
+    text = args.text
+    calib = {"gcide": str(GCIDE), "wikitext": str(Path(args.shared) / "data" / "wikitext-2" / "valid.txt")}.get(
         args.calib, args.calib)
     if not Path(calib).is_file():
         sys.exit(f"--calib: {calib} is not a file (gcide: run scripts/get_calib.sh)")
@@ -174,11 +176,7 @@ def main():
                   f"{100 * (row['ppl'] / ref_ppl - 1):+7.2f}%  quantize {row['quant_s']:5.1f} s "
                   f"{row.get('tables', '')}", flush=True)
             del m
-    rows = add_rows(args.json, [])
-    md = markdown(selected(rows, args), ref_ppl, args)
-    print(md)
-    if args.markdown:
-        Path(args.markdown).write_text(md)
+    print_tables(add_rows(args.json, []), ref_ppl, args)
 
 
 def selected(rows, args) -> list:
@@ -188,20 +186,24 @@ def selected(rows, args) -> list:
 
 
 def report(args) -> int:
-    """--report: the tables of the rows in --json for the given cells, methods and seeds; nothing is run."""
+    """--report: the tables of the rows in --json for the given cells, methods and seeds; nothing is run. The
+    bf16 row is matched by the text's file name (rows record absolute paths, which differ between machines)."""
     rows = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else []
-    text = args.text or str(Path(args.shared) / "data" / "heldout.txt")
+    name = Path(args.text).name
     ref = [r for r in rows if r["method"] == "bf16" and r["max_tokens"] == args.max_tokens
-           and Path(r["text"]).name == Path(text).name]
+           and Path(r["text"]).name == name]
     if not ref:
-        sys.exit(f"--report: no bf16 row for {Path(text).name} (max_tokens {args.max_tokens}) in {args.json}")
-    if args.calib is None:
-        args.calib = "gcide" if (REPO / "build" / "calib" / "gcide-train.txt").is_file() else "wikitext"
-    md = markdown(selected(rows, args), ref[0]["ppl"], args)
+        sys.exit(f"--report: no bf16 row for {name} (max_tokens {args.max_tokens}) in {args.json}")
+    print_tables(rows, ref[0]["ppl"], args)
+    return 0
+
+
+def print_tables(rows, ref_ppl, args) -> None:
+    """Prints the tables of the selected rows (and writes them to --markdown)."""
+    md = markdown(selected(rows, args), ref_ppl, args)
     print(md)
     if args.markdown:
         Path(args.markdown).write_text(md)
-    return 0
 
 
 INT_METHODS = ("int-absmax", "int", "gptq-int")  # uniform-grid baselines; every other column is a LUT method
@@ -214,10 +216,7 @@ def paired(int_ppl: dict, lut_ppl: dict, ref_ppl: float):
     if len(seeds) < 2:
         return None
     d = [100 * (int_ppl[s] - lut_ppl[s]) / ref_ppl for s in seeds]
-    n = len(d)
-    mean = sum(d) / n
-    sd = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5
-    return mean, sd / n ** 0.5, sum(x > 0 for x in d), n
+    return statistics.mean(d), statistics.stdev(d) / len(d) ** 0.5, sum(x > 0 for x in d), len(d)
 
 
 def markdown(rows, ref_ppl, args) -> str:
