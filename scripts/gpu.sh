@@ -82,15 +82,26 @@ fi
 if [[ $MODE == sanitize ]]; then  # each tool run at most SANITIZE_TIMEOUT seconds (default 240)
   st=${SANITIZE_TIMEOUT:-240}
   n=0
+  # SANITIZE_EXPERIMENT=N: the tools run the tests of a -DLUTMM_EXPERIMENT=N build instead (e.g. 7, no
+  # programmatic dependent launch: whether item 64's racecheck report needs overlapping launches).
+  san_bin=./build/gpu/lutmm_gpu_tests
+  if [[ -n ${SANITIZE_EXPERIMENT:-} ]]; then
+    e=$SANITIZE_EXPERIMENT
+    cmake -S . -B build/gpu-x$e -G Ninja -DLUTMM_BUILD_TESTS=ON -DLUTMM_EXPERIMENT=$e > /dev/null && \
+      ninja -C build/gpu-x$e lutmm_gpu_tests > "$OUT/build-x$e.log" 2>&1 || { tail -20 "$OUT/build-x$e.log"; exit 1; }
+    san_bin=./build/gpu-x$e/lutmm_gpu_tests
+    echo "== sanitizers on LUTMM_EXPERIMENT=$e"
+  fi
   san() {  # $1: tool, $2: gtest filter, then extra compute-sanitizer flags; log in $OUT/san-N-TOOL.log
     local tool=$1 filter=$2; shift 2
     n=$((n + 1)); local log="$OUT/san-$n-$tool.log" t=$(date +%s)
-    timeout $st compute-sanitizer --tool $tool "$@" ./build/gpu/lutmm_gpu_tests --gtest_filter="$filter" > "$log" 2>&1
+    timeout $st compute-sanitizer --tool $tool "$@" $san_bin --gtest_filter="$filter" > "$log" 2>&1
     echo "== $tool $* rc=$? $(( $(date +%s) - t )) s ($filter): $(grep -E '^========= (ERROR SUMMARY|RACECHECK SUMMARY)' "$log" | tail -1)"
     grep -E "^\[  (PASSED|FAILED) " "$log" | tail -2
   }
   # SANITIZE_RUN="TOOL FILTER [FLAGS...]": only that run, e.g. the cluster-exchange report of item 64 in full:
-  # SANITIZE_RUN="racecheck Gpu.DecodeClusters* --print-limit 1000" (compute-sanitizer --help lists the flags)
+  # SANITIZE_RUN="racecheck Gpu.DecodeClusters* --racecheck-report all --print-limit 100" (compute-sanitizer
+  # --help lists the flags)
   if [[ -n ${SANITIZE_RUN:-} ]]; then
     read -ra sr <<< "$SANITIZE_RUN"
     san "${sr[@]}"
@@ -98,8 +109,10 @@ if [[ $MODE == sanitize ]]; then  # each tool run at most SANITIZE_TIMEOUT secon
   fi
   # The fused epilogues first (norm factors handed between warps through shared memory and named
   # barriers, items 61-63): racecheck and synccheck (barrier misuse). Known (docs/performance-log.md item 64,
-  # open): racecheck reports the cp.async kernel's cluster exchange (cluster_finish) in the epilogue test's
-  # cluster cases and in Gpu.DecodeClusters*, which is why the last filter leaves those out.
+  # open): racecheck reports "Potential WAW hazard (invalid memcpy_async synchronization)" on the cp.async
+  # kernel's cluster exchange (a prologue zero-fill copy against another rank's st.shared::cluster) in the
+  # epilogue test's cluster cases and in Gpu.DecodeClusters*, in 6 of 8 runs whatever the report mode;
+  # hence the last filter leaves those out.
   san racecheck 'GpuEpilogue.*'
   san synccheck 'GpuEpilogue.*'
   san memcheck 'Gpu.Identity*:Gpu.DecodeKernels*:Gpu.StreamK*:Gpu.WgmmaWorkSplits*:Gpu.DecodeRowTiles*:Gpu.DecodeClusters*:GpuAttention.*:GpuEpilogue.*'
@@ -118,12 +131,14 @@ bench_cases() {  # $1: build dir, $2: 1 for a B build
 # Other commits' trees, carried as .carry/base, .carry/base-NAME, ... (git archive --prefix=.carry/base/
 # COMMIT | tar x; echo COMMIT > .carry/base/.commit): builds each one's lutmm_bench in build/gpu-base[-NAME]
 # (all at once) and prints "NAME build-dir" for each that built (kab times the cases with each: a bisection
-# in one call; profile runs Nsight Compute on each).
+# in one call; profile runs Nsight Compute on each). A tree's .cmake_args (one line, e.g.
+# -DLUTMM_EXPERIMENT=7) configures its build: an old commit's experiment beside the default build's.
 build_bases() {
   local b
   for b in .carry/base .carry/base-*; do
     [[ -d $b ]] || continue
-    ( cmake -S "$b" -B "build/gpu-${b#.carry/}" -G Ninja -DLUTMM_BUILD_TESTS=ON > /dev/null && \
+    ( cmake -S "$b" -B "build/gpu-${b#.carry/}" -G Ninja -DLUTMM_BUILD_TESTS=ON $(cat "$b/.cmake_args" 2>/dev/null) \
+        > /dev/null && \
         ninja -C "build/gpu-${b#.carry/}" lutmm_bench > "$OUT/build-${b#.carry/}.log" 2>&1 ) &
   done
   wait
@@ -134,7 +149,8 @@ build_bases() {
 if [[ $MODE == ab || $MODE == kab ]]; then  # kernel A/B: default build vs -DLUTMM_EXPERIMENT=N for N in $EXPERIMENTS
   echo "== kab $(date +%T)" >> "$OUT/ab.txt"  # appended: several runs in one call keep every round
   while read -r name d; do
-    { echo "== $name: $(cat ".carry/$name/.commit" 2>/dev/null)"; bench_cases "$d" 0; } | tee -a "$OUT/ab.txt"
+    { echo "== $name: $(cat ".carry/$name/.commit" 2>/dev/null) $(cat ".carry/$name/.cmake_args" 2>/dev/null)"
+      bench_cases "$d" 0; } | tee -a "$OUT/ab.txt"
   done < <(build_bases)
   { echo "== A: default"; bench_cases build/gpu 0; } | tee -a "$OUT/ab.txt"
   for e in ${EXPERIMENTS:-2}; do

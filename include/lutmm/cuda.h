@@ -63,7 +63,7 @@ size_t workspace_bytes(int64_t M, const Shape& shape, int device);
 size_t dequant_scratch_bytes(const Shape& shape);
 
 // The two decode kernels of the LUT path. kAuto: the TMA kernel (lut_stream.cu: bulk tensor copies,
-// a producer warp, mbarrier pipeline; sm_90 only, M <= 16) where it is measured faster (M <= 16
+// a producer warp, mbarrier pipeline; sm_90 only, M <= 32) where it is measured faster (M <= 32
 // and N x K >= 32M, 24M at 3 bits, or 4 bits on row tiles, on Hopper), else the cp.async kernel (lut_gemm.cu; any GPU, any M). Forcing one is
 // for tests and A/B timing; forcing kTma where it cannot run throws.
 enum class LutKernel : int { kAuto = 0, kCpAsync = 1, kTma = 2 };
@@ -92,6 +92,8 @@ struct DecodePlan {
 };
 DecodePlan decode_plan(int64_t M, const Shape& shape, DType dtype, int device, LutKernel kernel = LutKernel::kAuto,
                        DecodeSplit split = DecodeSplit::kAuto);
+// The largest M the TMA decode kernel (LutKernel::kTma) serves on `device`; 0 where it cannot run.
+int tma_decode_max_m(int device);
 
 // True when the wgmma prefill kernel can run on `device`: an sm_90 GPU and a build with sm_90a code.
 bool wgmma_supported(int device);

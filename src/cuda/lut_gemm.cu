@@ -71,6 +71,7 @@
 //      (prepared in session 16, not yet measured; next step 02)
 //  (36, the decode kernels without their epilogue options' code, was measured at commit 9f31708 and
 //   removed: 0-0.3 us on plain calls, item 64)
+//  37  the TMA kernel up to M = 16 only, M = 17-32 on the cp.async kernel (kTmaMaxM, lut_mma.cuh; item 65)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38)
@@ -319,7 +320,7 @@ Fit fit_any(int bits, int mt, DType dt, int dev) {
                  : mt == 2 ? fit_bits<__nv_bfloat16, 2>(bits, dev) : fit_bits<__nv_bfloat16, 4>(bits, dev);
 }
 
-// Weights of at least this many elements take the TMA kernel at M <= 16 on Hopper. H100, 2026-11-26,
+// Weights of at least this many elements take the TMA kernel at M <= kTmaMaxM on Hopper. H100, 2026-11-26,
 // 4-bit g128, TMA vs cp.async kernel (same run): M = 1: 4096x4096 9.5 vs 8.3 us, 6144x4096 11.3 vs
 // 10.4, 4096x14336 17.5 vs 17.6, 8192x8192 18.7 vs 19.2, 28672x4096 30.5 vs 31.1, 57344x8192 95.6 vs
 // 106.7; M = 16: 4096x4096 10.0 vs 9.5, 8192x8192 20.0 vs 21.7, 28672x4096 31.2 vs 35.1, 57344x8192
@@ -337,9 +338,10 @@ constexpr int64_t kTmaMinWeights = int64_t(32) << 20, kTmaMinWeights3 = int64_t(
 Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel kernel, bool auto_split = true) {
   Geometry g;
   g.mt = mt_for(M);
-  const bool tma_ok = g.mt <= 2 && stream_supported(device);
+  const bool tma_ok = M <= kTmaMaxM && stream_supported(device);
   if (kernel == LutKernel::kTma && !tma_ok)
-    throw Error("lut kernel: the TMA decode kernel needs an sm_90 GPU, a build with sm_90a code and M <= 16");
+    throw Error("lut kernel: the TMA decode kernel needs an sm_90 GPU, a build with sm_90a code and M <= " +
+                std::to_string(kTmaMaxM));
   g.rpt = kWarps;
   g.ctas = 0;
   g.tiles = int((s.row_blocks() + kWarps - 1) / kWarps);
@@ -414,8 +416,10 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   }
   // 3-bit tiles of 8 row blocks on the TMA kernel sized for two CTAs per SM instead of three, whole
   // or Stream-K (lut_tiles8_tma3, src/plan.cpp, with its measurements; no clusters).
-  if (g.tma && s.bits == 3 && auto_split && g.rpt == kWarps && g.grid_y == 1) {
-    const Tiles3 t3 = lut_tiles8_tma3(M, g.tiles, s.N * s.K, sm_count(device));
+  // 32-token tiles (MT = 4) at 3 bits always so: three CTAs per SM leave 72 registers a thread.
+  if (g.tma && s.bits == 3 && (auto_split || g.mt == 4) && g.rpt == kWarps && g.grid_y == 1) {
+    Tiles3 t3 = auto_split ? lut_tiles8_tma3(M, g.tiles, s.N * s.K, sm_count(device)) : Tiles3{2, false};
+    if (g.mt == 4) t3.ctas_per_sm = 2;
     if (t3.ctas_per_sm == 2) {
       const int no_clusters[9] = {};
       g.grid_x = t3.whole ? g.tiles : int(lut_split(g.tiles, g.col_blocks, 2 * sm_count(device), no_clusters).workers);
@@ -464,13 +468,15 @@ size_t workspace_bytes(int64_t M, const Shape& shape, int device) {
   validate_shape(shape);
   // Enough for either kernel and dtype (fp16 and bf16 have the same resources; take the larger).
   size_t need = 0;
-  const bool tma = M <= 16 && stream_supported(device);
+  const bool tma = M <= kTmaMaxM && stream_supported(device);
   for (DType dt : {DType::BF16, DType::F16}) {
     need = std::max(need, need_bytes(geometry(M, shape, dt, device, LutKernel::kCpAsync, false)));
     if (tma) need = std::max(need, need_bytes(geometry(M, shape, dt, device, LutKernel::kTma, false)));
   }
   return need;
 }
+
+int tma_decode_max_m(int device) { return stream_supported(device) ? kTmaMaxM : 0; }
 
 DecodePlan decode_plan(int64_t M, const Shape& shape, DType dtype, int device, LutKernel kernel, DecodeSplit split) {
   validate_shape(shape);

@@ -335,6 +335,15 @@ Params<T> make_params(const GemmProblem& prob, const Geometry& geo, void* ws) {
   return p;
 }
 
+// The TMA decode kernel's largest M: 32, with 32-token tiles (MT = 4) for M = 17-32, two CTAs per SM at
+// every bit width (3 bits: three would leave 72 registers a thread) and the 32 KB table at 4 bits (Layout).
+// H100, 2026-11-27, lutmm_bench A/B in one call, two rounds, M = 32, cp.async kernel -> TMA kernel:
+// 8192x8192 4-bit 29.0 -> 24.2 us (M = 17 28.6 -> 24.5), 3-bit 29.2 -> 23.5-24.6, 2-bit 27.1 -> 21.9;
+// 28672x4096 48.4 -> 38.5 (3-bit 49.4 -> 37.3); 4096x14336 27.4 -> 23.5; 6144x4096 16.1 -> 13.8;
+// 57344x8192 161 -> 126 (3-bit 166 -> 124); M = 16 unchanged (docs/performance-log.md item 65).
+// LUTMM_EXPERIMENT 37: up to 16 only, as before.
+constexpr int kTmaMaxM = LUTMM_EXPERIMENT == 37 ? 16 : 32;
+
 // lut_stream.cu: whether its kernel runs on `device` (sm_90 and a build with sm_90a code), its
 // Stream-K workers (warp groups) per SM, clusters and pipeline stages per worker for (bits, mt), and the launch.
 bool stream_supported(int device);

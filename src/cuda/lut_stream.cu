@@ -1,4 +1,4 @@
-// The decode kernel on Hopper (sm_90a), M <= 16 on large weights (dispatch: lut_gemm.cu, kTmaMinWeights):
+// The decode kernel on Hopper (sm_90a), M <= 32 on large weights (dispatch: lut_gemm.cu, kTmaMinWeights):
 // the math of lut_gemm.cu (lut_mma.cuh: pair-table
 // lookups -> mma.sync with the weights as the 16-row A operand, scales after the MMA, Stream-K with a
 // deterministic fixup), fed by a deeper, cheaper pipeline.
@@ -82,14 +82,18 @@ constexpr int kMaxStages = 32;
 // in shared memory, [warp][4][32 lanes] floats after the flags.
 template <bool ROWS>
 constexpr int kRedBytes = ROWS ? kWarps * 4 * 32 * 4 : 0;
-// GemmProblem::rms_norm's per-token factors, 16 tokens x kNormSlots floats per group (row_rms_factors).
-constexpr int kNormBytes = kGroups * 16 * kNormSlots * 4;
+// GemmProblem::rms_norm's per-token factors, 16 tokens (32 with MT = 4) x kNormSlots floats per group
+// (row_rms_factors).
+template <int MT>
+constexpr int kNormTokens = MT == 4 ? 32 : 16;
+template <int MT>
+constexpr int kNormBytes = kGroups * kNormTokens<MT> * kNormSlots * 4;
 static_assert(kWarps <= kNormSlots, "row_rms_factors: one partial slot per warp of a worker");
 // Shared memory: table | stages[kGroups][S] | mbarriers full[S], empty[S] per group | flag per group | red | rs.
 template <int BITS, int MT, bool ROWS, int CTAS>
 constexpr int smem_bytes(int stages) {
   using L = KLayout<BITS, MT, ROWS, CTAS>;
-  return L::kLutBytes + kGroups * stages * (L::kStageBytes + 16) + 16 + kRedBytes<ROWS> + kNormBytes;
+  return L::kLutBytes + kGroups * stages * (L::kStageBytes + 16) + 16 + kRedBytes<ROWS> + kNormBytes<MT>;
 }
 
 #if LUTMM_SM90A
@@ -203,7 +207,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const uint32_t bars = smem_base + L::kLutBytes + uint32_t(kGroups * S) * L::kStageBytes + 16 * S * group;  // full[S], empty[S]
   int* flag = reinterpret_cast<int*>(smem + L::kLutBytes + kGroups * S * (L::kStageBytes + 16)) + group;
   float* red = reinterpret_cast<float*>(smem + L::kLutBytes + kGroups * S * (L::kStageBytes + 16) + 16);  // ROWS
-  float* rs = red + kRedBytes<ROWS> / 4 + 16 * kNormSlots * group;  // rms_norm factors of this group's tokens
+  float* rs = red + kRedBytes<ROWS> / 4 + kNormTokens<MT> * kNormSlots * group;  // rms_norm factors of this group's tokens
 
   const int worker = blockIdx.x * kGroups + group;
   const int64_t total = int64_t(p.tiles) * p.k_iters;  // < 2^31 (checked on the host)
@@ -357,7 +361,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
 template <int BITS, int MT, bool ROWS, int CTAS>
 int stages_for(int budget_bytes) {
   using L = KLayout<BITS, MT, ROWS, CTAS>;
-  const int s = (budget_bytes - L::kLutBytes - 16 - kRedBytes<ROWS> - kNormBytes) / (kGroups * (L::kStageBytes + 16));
+  const int s = (budget_bytes - L::kLutBytes - 16 - kRedBytes<ROWS> - kNormBytes<MT>) / (kGroups * (L::kStageBytes + 16));
   return std::max(2, std::min(kMaxStages, s));
 }
 
@@ -409,11 +413,16 @@ void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t
     }
   }
   if (geo.rpt != kWarps) throw Error("internal: row tiles need M <= 8 and one warp group per CTA");
-  if constexpr (BITS == 3 && kCtasPerSm<BITS> != 2)  // sized for two (lut_tiles8_tma3)
-    if (geo.ctas == 2) return launch_kernel<BITS, MT, T, false, 2>(prob, geo, ws, stream);
-  if (geo.ctas != 0 && geo.ctas != kCtasPerSm<BITS>)
-    throw Error("internal: tiles of 8 row blocks sized for " + std::to_string(geo.ctas) + " CTAs per SM");
-  launch_kernel<BITS, MT, T, false>(prob, geo, ws, stream);
+  if constexpr (BITS == 3 && MT == 4) {  // 32-token tiles: only sized for two (geometry)
+    if (geo.ctas != 2) throw Error("internal: 3-bit 32-token tiles are sized for two CTAs per SM");
+    launch_kernel<BITS, MT, T, false, 2>(prob, geo, ws, stream);
+  } else {
+    if constexpr (BITS == 3 && kCtasPerSm<BITS> != 2)  // sized for two (lut_tiles8_tma3)
+      if (geo.ctas == 2) return launch_kernel<BITS, MT, T, false, 2>(prob, geo, ws, stream);
+    if (geo.ctas != 0 && geo.ctas != kCtasPerSm<BITS>)
+      throw Error("internal: tiles of 8 row blocks sized for " + std::to_string(geo.ctas) + " CTAs per SM");
+    launch_kernel<BITS, MT, T, false>(prob, geo, ws, stream);
+  }
 }
 
 template <typename T, int MT>
@@ -454,15 +463,18 @@ int stream_stages(int bits, int mt, int device, int ctas, bool rows) {
     const int budget = smem_budget(device, c);
     if (mt == 1 && rows) return c == 3 ? stages_for<B, 1, true, 3>(budget) : stages_for<B, 1, true, 2>(budget);
     if (mt == 1) return c == 3 ? stages_for<B, 1, false, 3>(budget) : stages_for<B, 1, false, 2>(budget);
-    return c == 3 ? stages_for<B, 2, false, 3>(budget) : stages_for<B, 2, false, 2>(budget);
+    if (mt == 2) return c == 3 ? stages_for<B, 2, false, 3>(budget) : stages_for<B, 2, false, 2>(budget);
+    return c == 3 ? stages_for<B, 4, false, 3>(budget) : stages_for<B, 4, false, 2>(budget);
   });
 }
 
 void stream_launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
-  if (geo.mt > 2) throw Error("internal: the TMA decode kernel serves M <= 16");
+  if (8 * geo.mt > kTmaMaxM) throw Error("internal: the TMA decode kernel serves M <= " + std::to_string(kTmaMaxM));
   const bool f16 = prob.dtype == DType::F16;
   if (geo.mt == 1) f16 ? launch_bits<__half, 1>(prob, geo, ws, stream) : launch_bits<__nv_bfloat16, 1>(prob, geo, ws, stream);
-  else f16 ? launch_bits<__half, 2>(prob, geo, ws, stream) : launch_bits<__nv_bfloat16, 2>(prob, geo, ws, stream);
+  else if (geo.mt == 2) f16 ? launch_bits<__half, 2>(prob, geo, ws, stream) : launch_bits<__nv_bfloat16, 2>(prob, geo, ws, stream);
+  else if constexpr (kTmaMaxM >= 32)
+    f16 ? launch_bits<__half, 4>(prob, geo, ws, stream) : launch_bits<__nv_bfloat16, 4>(prob, geo, ws, stream);
 }
 
 }  // namespace lut

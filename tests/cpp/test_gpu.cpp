@@ -33,7 +33,7 @@ void randomized_against_reference(gpu::Path path, int cases, uint32_t seed,
     int64_t g = gs[rng() % 5];
     int64_t M;
     const int r = int(rng() % 10);
-    if (kernel == gpu::LutKernel::kTma) M = 1 + int64_t(rng() % 16);
+    if (kernel == gpu::LutKernel::kTma) M = 1 + int64_t(rng() % gpu::tma_decode_max_m(0));
     else if (path == gpu::Path::kWgmma) M = r < 2 ? 1 + int64_t(rng() % 64) : r < 9 ? 65 + int64_t(rng() % 300) : 1 + int64_t(rng() % 1100);
     else if (r < 6) M = 1 + int64_t(rng() % 17);
     else if (r < 9) M = 1 + int64_t(rng() % 80);
@@ -92,8 +92,8 @@ TEST(Gpu, CpAsyncDecodeKernelRandomizedAgainstReference) {
 }
 
 // Both decode kernels, token slices of an identity: X = rows k0..k0+M-1 of I gives the dequantized
-// weight's columns exactly (one product per output, whatever the Stream-K split). M = 5 and 16 (the
-// TMA kernel's two token tilings, rows >= M zeroed), N = 77 (a partial tile), K = 352 (a partial last
+// weight's columns exactly (one product per output, whatever the Stream-K split). M = 5, 16 and 32 (the
+// decode kernels' token tilings of 8, 16 and 32, rows >= M zeroed), N = 77 (a partial tile), K = 352 (a partial last
 // k-block).
 TEST(Gpu, DecodeKernelsGiveDequantizedColumnsExactly) {
   REQUIRE_GPU();
@@ -105,7 +105,7 @@ TEST(Gpu, DecodeKernelsGiveDequantizedColumnsExactly) {
       Layer L = make_layer(s, dt, rng, 2);
       std::vector<float> w(size_t(s.N * s.K));
       dequantize(L.codes.data(), L.scales.data(), L.table_rounded.data(), s, w.data());
-      for (int64_t M : {5, 16})
+      for (int64_t M : {5, 16, 32})
         for (gpu::LutKernel kernel : {gpu::LutKernel::kCpAsync, gpu::LutKernel::kTma}) {
           if (kernel == gpu::LutKernel::kTma && !gpu::wgmma_supported(0)) continue;
           ws.ensure(gpu::workspace_bytes(M, s, 0));
@@ -197,7 +197,7 @@ TEST(Gpu, StreamKIsDeterministic) {
   std::mt19937 rng(99);
   Workspace ws;
   for (auto shp : {Shape{256, 8192, 4, 128}, Shape{4096, 4096, 3, 64}, Shape{1000, 2048, 2, 32}}) {
-    for (int64_t M : {1, 16, 40}) {
+    for (int64_t M : {1, 16, 24, 40}) {
       Layer L = make_layer(shp, DType::BF16, rng, 0);
       std::vector<uint16_t> x(size_t(M * shp.K));
       std::normal_distribution<float> nd(0.f, 1.f);
@@ -211,7 +211,7 @@ TEST(Gpu, StreamKIsDeterministic) {
       // Each decode kernel forced: deterministic too, and equal to the dispatched one up to rounding
       // (a different Stream-K split sums in another order).
       for (gpu::LutKernel kernel : {gpu::LutKernel::kCpAsync, gpu::LutKernel::kTma}) {
-        if (kernel == gpu::LutKernel::kTma && (M > 16 || !gpu::wgmma_supported(0))) continue;
+        if (kernel == gpu::LutKernel::kTma && M > gpu::tma_decode_max_m(0)) continue;
         auto yk = run_gpu(L, x, M, DType::BF16, nullptr, ws.p, ws.bytes, gpu::Path::kLut, kernel);
         auto yk2 = run_gpu(L, x, M, DType::BF16, nullptr, ws.p, ws.bytes, gpu::Path::kLut, kernel);
         ASSERT_EQ(std::memcmp(yk.data(), yk2.data(), yk.size() * 4), 0) << "kernel " << int(kernel) << " N=" << shp.N;
@@ -306,7 +306,7 @@ TEST(Gpu, DecodeClustersAgainstStreamKAndReference) {
                         {Shape{1024, 4096, 2, 64}, 3, DType::F16, false},    // 8 tiles: 8 instead of 32 pieces
                         {Shape{6144, 4096, 3, 32}, 1, DType::BF16, true},    // 48 tiles: 4 instead of Stream-K
                         {Shape{777, 992, 4, 0}, 9, DType::F16, true},        // rows past N, g = K, partial k-block
-                        {Shape{300, 2048, 4, 128}, 27, DType::BF16, false},  // 32-token tiles, 128-byte entries (cp.async)
+                        {Shape{300, 2048, 4, 128}, 27, DType::BF16, false},  // 32-token tiles, 128-byte entries
                         {Shape{4096, 14336, 2, 128}, 5, DType::BF16, false}};
   int clustered = 0, same_split = 0;
   for (const Case& c0 : cases) {
@@ -314,7 +314,7 @@ TEST(Gpu, DecodeClustersAgainstStreamKAndReference) {
     const Shape& s = dc.L.s;
     ws.ensure(gpu::workspace_bytes(c0.M, s, 0));
     for (gpu::LutKernel kernel : {gpu::LutKernel::kCpAsync, gpu::LutKernel::kTma}) {
-      if (kernel == gpu::LutKernel::kTma && c0.M > 16) continue;
+      if (kernel == gpu::LutKernel::kTma && c0.M > gpu::tma_decode_max_m(0)) continue;
       const gpu::DecodePlan pc = gpu::decode_plan(c0.M, s, c0.dt, 0, kernel);
       const gpu::DecodePlan ps = gpu::decode_plan(c0.M, s, c0.dt, 0, kernel, gpu::DecodeSplit::kStreamK);
       std::printf("N=%lld K=%lld M=%lld bits=%d kernel %d: %d workers in clusters of %d (Stream-K: %d workers)\n",
@@ -591,7 +591,9 @@ TEST(Gpu, RejectsBadArguments) {
   EXPECT_THROW(gpu::lut_gemm(bad, ws.p, ws.bytes, nullptr), Error);
   bad = p; bad.shape.bits = 5;
   EXPECT_THROW(gpu::lut_gemm(bad, ws.p, ws.bytes, nullptr), Error);
-  bad = p; bad.M = 17;  // the TMA decode kernel serves M <= 16 (and only sm_90)
+  // The TMA decode kernel serves M <= 32 (and only sm_90, where tma_decode_max_m is 0 otherwise).
+  EXPECT_EQ(gpu::tma_decode_max_m(0), gpu::wgmma_supported(0) ? 32 : 0);
+  bad = p; bad.M = 33;
   EXPECT_THROW(gpu::lut_gemm(bad, ws.p, ws.bytes, nullptr, gpu::LutKernel::kTma), Error);
   if (gpu::wgmma_supported(0)) {
     ws.ensure(gpu::wgmma_workspace_bytes(2, s, 0));
