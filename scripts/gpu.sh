@@ -111,7 +111,7 @@ if [[ $MODE == sanitize ]]; then  # each tool run at most SANITIZE_TIMEOUT secon
   # barriers, items 61-63): racecheck and synccheck (barrier misuse). Known (docs/performance-log.md item 64,
   # open): racecheck reports "Potential WAW hazard (invalid memcpy_async synchronization)" on the cp.async
   # kernel's cluster exchange (a prologue zero-fill copy against another rank's st.shared::cluster) in the
-  # epilogue test's cluster cases and in Gpu.DecodeClusters*, in 6 of 8 runs whatever the report mode;
+  # epilogue test's cluster cases and in Gpu.DecodeClusters*, in 6 of 9 runs whatever the report mode;
   # hence the last filter leaves those out.
   san racecheck 'GpuEpilogue.*'
   san synccheck 'GpuEpilogue.*'
