@@ -79,6 +79,13 @@ fi
 if [[ $MODE != bench && $CXX_ONLY == 0 && -n ${LUTMM_SHARED:-} && -z ${NO_DEMO:-} ]]; then
   python3 -m lutmm demo --max-tokens 8192 2>&1 | tee "$OUT/demo.txt" | tail -14
 fi
+# The targets $2... of a -DLUTMM_EXPERIMENT=$1 build in build/gpu-x$1 (kab's B builds, SANITIZE_EXPERIMENT);
+# on failure the log's tail and status 1.
+build_experiment() {
+  local e=$1; shift
+  cmake -S . -B build/gpu-x$e -G Ninja -DLUTMM_BUILD_TESTS=ON -DLUTMM_EXPERIMENT=$e > /dev/null && \
+    ninja -C build/gpu-x$e "$@" > "$OUT/build-x$e.log" 2>&1 || { tail -20 "$OUT/build-x$e.log"; return 1; }
+}
 if [[ $MODE == sanitize ]]; then  # each tool run at most SANITIZE_TIMEOUT seconds (default 240)
   st=${SANITIZE_TIMEOUT:-240}
   n=0
@@ -87,8 +94,7 @@ if [[ $MODE == sanitize ]]; then  # each tool run at most SANITIZE_TIMEOUT secon
   san_bin=./build/gpu/lutmm_gpu_tests
   if [[ -n ${SANITIZE_EXPERIMENT:-} ]]; then
     e=$SANITIZE_EXPERIMENT
-    cmake -S . -B build/gpu-x$e -G Ninja -DLUTMM_BUILD_TESTS=ON -DLUTMM_EXPERIMENT=$e > /dev/null && \
-      ninja -C build/gpu-x$e lutmm_gpu_tests > "$OUT/build-x$e.log" 2>&1 || { tail -20 "$OUT/build-x$e.log"; exit 1; }
+    build_experiment "$e" lutmm_gpu_tests || exit 1
     san_bin=./build/gpu-x$e/lutmm_gpu_tests
     echo "== sanitizers on LUTMM_EXPERIMENT=$e"
   fi
@@ -154,9 +160,7 @@ if [[ $MODE == ab || $MODE == kab ]]; then  # kernel A/B: default build vs -DLUT
   done < <(build_bases)
   { echo "== A: default"; bench_cases build/gpu 0; } | tee -a "$OUT/ab.txt"
   for e in ${EXPERIMENTS:-2}; do
-    cmake -S . -B build/gpu-x$e -G Ninja -DLUTMM_BUILD_TESTS=ON -DLUTMM_EXPERIMENT=$e > /dev/null && \
-      ninja -C build/gpu-x$e lutmm_bench $([[ " ${AB_SKIP_TESTS:-} " == *" $e "* ]] || echo lutmm_gpu_tests) \
-        > "$OUT/build-x$e.log" 2>&1 || { tail -20 "$OUT/build-x$e.log"; continue; }
+    build_experiment "$e" lutmm_bench $([[ " ${AB_SKIP_TESTS:-} " == *" $e "* ]] || echo lutmm_gpu_tests) || continue
     # AB_SKIP_TESTS: experiments that compute wrong results on purpose (ablations timing a part's cost).
     if [[ " ${AB_SKIP_TESTS:-} " == *" $e "* ]]; then t="skipped (AB_SKIP_TESTS)"
     else t=$(./build/gpu-x$e/lutmm_gpu_tests --gtest_brief=1 2>&1 | tail -1); fi
