@@ -333,12 +333,15 @@ Fit fit_any(int bits, int mt, DType dt, int dev) {
 // 8.6 vs 7.3 (tiles of one row block), M = 4 8.5 vs 8.2, M = 16 9.3 vs 9.3.
 constexpr int64_t kTmaMinWeights = int64_t(32) << 20, kTmaMinWeights3 = int64_t(24) << 20;
 
+// Whether the TMA kernel can serve M tokens on `device` (sm_90 with sm_90a code, M <= kTmaMaxM).
+bool tma_serves(int64_t M, int device) { return M <= kTmaMaxM && stream_supported(device); }
+
 // The kernel for a call (see LutKernel) and its launch geometry; auto_split = false (DecodeSplit::
 // kStreamK): tiles of 8 row blocks and Stream-K only (the workspace bound: no plan needs more).
 Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel kernel, bool auto_split = true) {
   Geometry g;
   g.mt = mt_for(M);
-  const bool tma_ok = M <= kTmaMaxM && stream_supported(device);
+  const bool tma_ok = tma_serves(M, device);
   if (kernel == LutKernel::kTma && !tma_ok)
     throw Error("lut kernel: the TMA decode kernel needs an sm_90 GPU, a build with sm_90a code and M <= " +
                 std::to_string(kTmaMaxM));
@@ -468,7 +471,7 @@ size_t workspace_bytes(int64_t M, const Shape& shape, int device) {
   validate_shape(shape);
   // Enough for either kernel and dtype (fp16 and bf16 have the same resources; take the larger).
   size_t need = 0;
-  const bool tma = M <= kTmaMaxM && stream_supported(device);
+  const bool tma = tma_serves(M, device);
   for (DType dt : {DType::BF16, DType::F16}) {
     need = std::max(need, need_bytes(geometry(M, shape, dt, device, LutKernel::kCpAsync, false)));
     if (tma) need = std::max(need, need_bytes(geometry(M, shape, dt, device, LutKernel::kTma, false)));
