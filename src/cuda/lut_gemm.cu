@@ -73,6 +73,7 @@
 //   removed: 0-0.3 us on plain calls, item 64)
 //  37  the TMA kernel up to M = 16 only, M = 17-32 on the cp.async kernel (kTmaMaxM, lut_mma.cuh; item 65)
 //  38  M = 17-32: weights below the TMA thresholds on the cp.async kernel, as at M <= 16 (item 66)
+//  39  3-bit 32-token tiles on the TMA kernel without clusters (Stream-K only; item 67)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38)
@@ -386,8 +387,10 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
     sp = split(true, slots);
     g.tma = s.N * s.K >= (s.bits == 3 ? kTmaMinWeights3 : kTmaMinWeights) || (sp.cluster > 1 && sp.workers * 10 >= slots * 7);
     // 32-token tiles take the TMA kernel on smaller weights too: at 4 and 2 bits on all of them, at
-    // 3 bits from 32 tiles or 16M weights. The 3-bit 32-token tiles run two CTAs per SM without
-    // clusters (below), which on fewer tiles with short K lose to the cp.async kernel's split.
+    // 3 bits from 32 tiles or 16M weights. Measured while the 3-bit 32-token tiles ran without
+    // clusters (below), which on fewer tiles with short K lost to the cp.async kernel's split; with
+    // clusters (item 67) they win there too (1024x4096 6.9 vs 8.0 us): the 3-bit rule is to go, once
+    // that dispatch has run on a GPU (docs/performance.md, next step 9).
     // (H100, 2026-11-27, lutmm_bench, forced paths in one call, TMA vs cp.async kernel, M = 32, us:
     // 4-bit 4096x4096 12.8 vs 12.8, 3072x4096 10.6 vs 11.0, 2048x4096 9.2 vs 10.2, 2048x2048 7.3 vs
     // 7.5, 1024x4096 7.0 vs 8.0, 1024x2048 5.8 vs 6.2; 2-bit 4096x4096 11.0 vs 12.6, 2048x4096 9.1 vs
@@ -435,14 +438,20 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   }
   // 3-bit tiles of 8 row blocks on the TMA kernel sized for two CTAs per SM instead of three, whole
   // or Stream-K (lut_tiles8_tma3, src/plan.cpp, with its measurements; no clusters).
-  // 32-token tiles (MT = 4) at 3 bits always so: three CTAs per SM leave 72 registers a thread.
+  // 32-token tiles (MT = 4) at 3 bits always so: three CTAs per SM leave 72 registers a thread. Those
+  // split as the others, clusters included (item 67; LUTMM_EXPERIMENT 39: Stream-K only, as before).
   if (g.tma && s.bits == 3 && (auto_split || g.mt == 4) && g.rpt == kWarps && g.grid_y == 1) {
     Tiles3 t3 = auto_split ? lut_tiles8_tma3(M, g.tiles, s.N * s.K, sm_count(device)) : Tiles3{2, false};
     if (g.mt == 4) t3.ctas_per_sm = 2;
     if (t3.ctas_per_sm == 2) {
-      const int no_clusters[9] = {};
-      g.grid_x = t3.whole ? g.tiles : int(lut_split(g.tiles, g.col_blocks, 2 * sm_count(device), no_clusters).workers);
-      g.cluster = 1;
+      int clusters[9] = {};
+      if (g.mt == 4 && auto_split && LUTMM_EXPERIMENT != 39) {
+        const std::array<int, 9> c = stream_max_clusters3_mt4(device);
+        std::copy(c.begin(), c.end(), clusters);
+      }
+      const LutSplit sp3 = lut_split(g.tiles, g.col_blocks, 2 * sm_count(device), clusters);
+      g.grid_x = t3.whole ? g.tiles : int(sp3.workers);
+      g.cluster = t3.whole ? 1 : sp3.cluster;
       g.ctas = 2;
       g.stages = stream_stages(s.bits, g.mt, device, 2);
     }

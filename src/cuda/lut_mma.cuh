@@ -352,6 +352,8 @@ int stream_workers_per_sm(int bits, bool rows = false);
 int stream_stages(int bits, int mt, int device, int ctas = 0, bool rows = false);
 // Clusters of 2..8 CTAs of the TMA kernel that fit `device` at once (lut_split, src/plan.cpp).
 std::array<int, 9> stream_max_clusters(int bits, int device);
+// The same for the 3-bit 32-token tiles (sized for two CTAs per SM).
+std::array<int, 9> stream_max_clusters3_mt4(int device);
 void stream_launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream);
 
 }  // namespace lut

@@ -456,6 +456,17 @@ std::array<int, 9> stream_max_clusters(int bits, int device) {
   });
 }
 
+std::array<int, 9> stream_max_clusters3_mt4(int device) {
+  if (kGroups != 1) return {};
+  static PerDevice<std::array<int, 9>> cache;
+  return cache.get(device, [&] {
+    const int smem = smem_budget(device, 2);
+    auto* k = &lut_stream_kernel<3, 4, __nv_bfloat16, false, 2>;  // fp16: the same resources
+    allow_dynamic_smem(reinterpret_cast<const void*>(k), smem, device);
+    return max_clusters(k, kCtaThreads, smem, device);
+  });
+}
+
 int stream_stages(int bits, int mt, int device, int ctas, bool rows) {
   return with_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;

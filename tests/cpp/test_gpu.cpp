@@ -321,6 +321,7 @@ TEST(Gpu, DecodeClustersAgainstStreamKAndReference) {
                         {Shape{6144, 4096, 3, 32}, 1, DType::BF16, true},    // 48 tiles: 4 instead of Stream-K
                         {Shape{777, 992, 4, 0}, 9, DType::F16, true},        // rows past N, g = K, partial k-block
                         {Shape{300, 2048, 4, 128}, 27, DType::BF16, false},  // 32-token tiles, 128-byte entries
+                        {Shape{1024, 4096, 3, 128}, 27, DType::BF16, false}, // 3-bit 32-token tiles (two CTAs per SM), 8 per tile
                         {Shape{4096, 14336, 2, 128}, 5, DType::BF16, false}};
   int clustered = 0, same_split = 0;
   for (const Case& c0 : cases) {
@@ -335,6 +336,8 @@ TEST(Gpu, DecodeClustersAgainstStreamKAndReference) {
                   (long long)s.N, (long long)s.K, (long long)c0.M, s.bits, int(kernel), pc.workers, pc.cluster, ps.workers);
       ASSERT_EQ(ps.cluster, 1);
       clustered += pc.cluster > 1;
+      // The 3-bit 32-token tiles of the TMA kernel split in clusters too (item 67).
+      if (kernel == gpu::LutKernel::kTma && s.bits == 3 && c0.M > 16) EXPECT_GT(pc.cluster, 1) << "3-bit, M = " << c0.M;
       const std::string what = "N=" + std::to_string(s.N) + " K=" + std::to_string(s.K) + " M=" +
                                std::to_string(c0.M) + " kernel " + std::to_string(int(kernel));
       const SplitRuns r = run_split_and_stream_k(dc, c0.M, c0.dt, c0.bias, ws, kernel, what);
@@ -345,7 +348,7 @@ TEST(Gpu, DecodeClustersAgainstStreamKAndReference) {
       }
     }
   }
-  EXPECT_GE(clustered, 5);   // an H100 plans them for 1024x4096, 6144x4096, 777x992, 300x2048
+  EXPECT_GE(clustered, 6);   // an H100 plans them for 1024x4096, 777x992, 300x2048 (both kernels; 2026-11-27)
   EXPECT_GE(same_split, 2);  // 777x992: 8 one-block pieces per tile either way
 }
 
