@@ -430,6 +430,20 @@ void launch_bits(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStr
   with_bits(prob.shape.bits, [&](auto b) { launch<decltype(b)::value, MT, T>(prob, geo, ws, st); });
 }
 
+// Clusters of 2..8 CTAs of the tiles-of-8 kernel <B, MT, CTAS> that fit `device` at once, cached per
+// instantiation and device (fp16 has the same resources as bf16: threads, shared memory budget).
+template <int B, int MT, int CTAS>
+std::array<int, 9> clusters_that_fit(int device) {
+  if (kGroups != 1) return {};  // experiment 9: a CTA is two workers
+  static PerDevice<std::array<int, 9>> cache;
+  return cache.get(device, [&] {
+    const int smem = smem_budget(device, CTAS);
+    auto* k = &lut_stream_kernel<B, MT, __nv_bfloat16, false, CTAS>;
+    allow_dynamic_smem(reinterpret_cast<const void*>(k), smem, device);
+    return max_clusters(k, kCtaThreads, smem, device);
+  });
+}
+
 }  // namespace
 
 bool stream_supported(int device) { return wgmma_supported(device); }  // same requirement: sm_90 + sm_90a code
@@ -442,30 +456,14 @@ int stream_workers_per_sm(int bits, bool rows) {
 }
 
 std::array<int, 9> stream_max_clusters(int bits, int device) {
-  if (kGroups != 1) return {};  // experiment 9: a CTA is two workers
+  // MT = 2 has the same resources as MT = 1 (the 32-token 3-bit tiles have their own, below)
   return with_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;
-    static PerDevice<std::array<int, 9>> cache;  // per bits (this lambda's instantiation)
-    return cache.get(device, [&] {
-      const int smem = smem_budget(device, kCtasPerSm<B>);
-      // fp16 and MT = 2 have the same resources (threads, the same shared memory budget)
-      auto* k1 = &lut_stream_kernel<B, 1, __nv_bfloat16, false>;
-      allow_dynamic_smem(reinterpret_cast<const void*>(k1), smem, device);
-      return max_clusters(k1, kCtaThreads, smem, device);
-    });
+    return clusters_that_fit<B, 1, kCtasPerSm<B>>(device);
   });
 }
 
-std::array<int, 9> stream_max_clusters3_mt4(int device) {
-  if (kGroups != 1) return {};
-  static PerDevice<std::array<int, 9>> cache;
-  return cache.get(device, [&] {
-    const int smem = smem_budget(device, 2);
-    auto* k = &lut_stream_kernel<3, 4, __nv_bfloat16, false, 2>;  // fp16: the same resources
-    allow_dynamic_smem(reinterpret_cast<const void*>(k), smem, device);
-    return max_clusters(k, kCtaThreads, smem, device);
-  });
-}
+std::array<int, 9> stream_max_clusters3_mt4(int device) { return clusters_that_fit<3, 4, 2>(device); }
 
 int stream_stages(int bits, int mt, int device, int ctas, bool rows) {
   return with_bits(bits, [&](auto b) {
