@@ -179,6 +179,7 @@ int main(int argc, char** argv) {
                 c.bits, 128, kind_name[c.kind], med, double(wbytes + sbytes) / med / 1e6,
                 2.0 * double(c.M) * double(c.N) * double(c.K) / med / 1e6);
     if (!fold.empty() && !wg) std::printf("   +%s", fold.c_str());
+    if (c.kind == kWgmma) std::printf("   cluster %d", gpu::wgmma_cluster_size(c.M, s, 0));
     if (gap)
       std::printf("   gap us %6.1f (memset alone %4.1f)  pdl gap us %6.1f (filler alone %4.1f)",
                   with_memsets - memsets_only, memsets_only, with_fillers - fillers_only, fillers_only);

@@ -71,6 +71,8 @@
 //      (prepared in session 16, not yet measured; next step 02)
 //  (36, the decode kernels without their epilogue options' code, was measured at commit 9f31708 and
 //   removed: 0-0.3 us on plain calls, item 64)
+//  35  M = 17-32: 3-bit weights of < 32 tiles and < 16M weights on the cp.async kernel (item 66's
+//      rule, dropped in item 68)
 //  37  the TMA kernel up to M = 16 only, M = 17-32 on the cp.async kernel (kTmaMaxM, lut_mma.cuh; item 65)
 //  38  M = 17-32: weights below the TMA thresholds on the cp.async kernel, as at M <= 16 (item 66)
 //  39  3-bit 32-token tiles on the TMA kernel without clusters (Stream-K only; item 67)
@@ -334,11 +336,6 @@ Fit fit_any(int bits, int mt, DType dt, int dev) {
 // (clusters of 4), M = 4 10.9 vs 12.3, M = 16 12.1 vs 13.4; 5120x4096 M = 1 9.5 vs 9.4; 4096x4096 M = 1
 // 8.6 vs 7.3 (tiles of one row block), M = 4 8.5 vs 8.2, M = 16 9.3 vs 9.3.
 constexpr int64_t kTmaMinWeights = int64_t(32) << 20, kTmaMinWeights3 = int64_t(24) << 20;
-// At M = 17-32 (32-token tiles) every weight at 2 and 4 bits; at 3 bits from this many tiles of 8 row
-// blocks or weights (measurements in geometry(), item 66).
-constexpr int kTmaMinTiles3Mt4 = 32;
-constexpr int64_t kTmaMinWeights3Mt4 = int64_t(16) << 20;
-
 // Whether the TMA kernel can serve M tokens on `device` (sm_90 with sm_90a code, M <= kTmaMaxM).
 bool tma_serves(int64_t M, int device) { return M <= kTmaMaxM && stream_supported(device); }
 
@@ -386,18 +383,15 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   if (kernel == LutKernel::kAuto && tma_ok) {
     sp = split(true, slots);
     g.tma = s.N * s.K >= (s.bits == 3 ? kTmaMinWeights3 : kTmaMinWeights) || (sp.cluster > 1 && sp.workers * 10 >= slots * 7);
-    // 32-token tiles take the TMA kernel on smaller weights too: at 4 and 2 bits on all of them, at
-    // 3 bits from 32 tiles or 16M weights. Measured while the 3-bit 32-token tiles ran without
-    // clusters (below), which on fewer tiles with short K lost to the cp.async kernel's split; with
-    // clusters (item 67) they win there too (1024x4096 6.9 vs 8.0 us): the 3-bit rule is to go, once
-    // that dispatch has run on a GPU (docs/performance.md, next step 9).
-    // (H100, 2026-11-27, lutmm_bench, forced paths in one call, TMA vs cp.async kernel, M = 32, us:
-    // 4-bit 4096x4096 12.8 vs 12.8, 3072x4096 10.6 vs 11.0, 2048x4096 9.2 vs 10.2, 2048x2048 7.3 vs
-    // 7.5, 1024x4096 7.0 vs 8.0, 1024x2048 5.8 vs 6.2; 2-bit 4096x4096 11.0 vs 12.6, 2048x4096 9.1 vs
-    // 10.2; 3-bit 4096x4096 12.0 vs 12.8, 2048x8192 14.2 vs 15.8, 4096x2048 9.5 vs 10.4, but 3072x4096
-    // 13.4 vs 11.0, 2048x4096 11.5 vs 10.3, 2048x2048 10.0 vs 7.5, 1024x4096 13.0 vs 8.1; item 66.)
+    // 32-token tiles (M = 17-32) take the TMA kernel on every weight. (H100, 2026-11-27, lutmm_bench,
+    // forced paths in one call, TMA vs cp.async kernel, M = 32, us: 4-bit 4096x4096 12.8 vs 12.8,
+    // 3072x4096 10.6 vs 11.0, 2048x4096 9.2 vs 10.2, 2048x2048 7.3 vs 7.5, 1024x4096 7.0 vs 8.0,
+    // 1024x2048 5.8 vs 6.2; 2-bit 4096x4096 11.0 vs 12.6, 2048x4096 9.1 vs 10.2; item 66. 3-bit, once
+    // its 32-token tiles ran in clusters (item 67): 1024x4096 6.9 vs 8.0, 2048x4096 9.2 vs 10.4,
+    // 3072x4096 10.2 vs 11.0, 2048x2048 7.2 vs 7.5.) LUTMM_EXPERIMENT 38 keeps the weight thresholds
+    // alone (before item 66); 35 keeps item 66's 3-bit rule (from 32 tiles or 16M weights; item 68).
     if (g.mt == 4 && LUTMM_EXPERIMENT != 38 &&
-        (s.bits != 3 || g.tiles >= kTmaMinTiles3Mt4 || s.N * s.K >= kTmaMinWeights3Mt4))
+        (LUTMM_EXPERIMENT != 35 || s.bits != 3 || g.tiles >= 32 || s.N * s.K >= (int64_t(16) << 20)))
       g.tma = true;
     // Smaller weights take the TMA kernel too where its row tiles apply. (H100, 2026-11-26,
     // lutmm_bench, M = 1: 4096x4096 TMA kernel on 256 tiles of one row block 6.0 us, the cp.async

@@ -147,17 +147,15 @@ TEST(Gpu, DispatchBoundaries) {
     EXPECT_EQ(gpu::choose_path(2048, s3, DType::BF16, 0), mid);
     EXPECT_EQ(gpu::choose_path(2049, s3, DType::BF16, 0), gpu::Path::kDequant);
   }
-  // Which decode kernel (item 66): on sm_90 the TMA kernel takes large weights at M <= 16; at M =
-  // 17-32 (32-token tiles) every weight at 2 and 4 bits, and at 3 bits those of >= 32 tiles or 16M
-  // weights. Small weights at M = 9-16 stay on the cp.async kernel.
+  // Which decode kernel (items 66, 68): on sm_90 the TMA kernel takes large weights at M <= 16 and
+  // every weight at M = 17-32 (32-token tiles). Small weights at M = 9-16 stay on the cp.async kernel.
   const bool tma = gpu::tma_decode_max_m(0) > 0;
   for (int bits : {2, 3, 4}) {
     const Shape tiny{1024, 4096, bits, 128}, mid4k{4096, 4096, bits, 128}, wide{2048, 8192, bits, 128};
     for (const Shape& s : {tiny, mid4k, wide}) {
       const std::string what = "N=" + std::to_string(s.N) + " K=" + std::to_string(s.K) + " bits=" + std::to_string(bits);
       EXPECT_FALSE(gpu::decode_plan(16, s, DType::BF16, 0).tma) << what;
-      const bool want = tma && (bits != 3 || s.N != tiny.N);  // 3 bits: 4096x4096 and 2048x8192 have 16M weights
-      for (int64_t M : {17, 24, 32}) EXPECT_EQ(gpu::decode_plan(M, s, DType::F16, 0).tma, want) << what << " M=" << M;
+      for (int64_t M : {17, 24, 32}) EXPECT_EQ(gpu::decode_plan(M, s, DType::F16, 0).tma, tma) << what << " M=" << M;
     }
     EXPECT_EQ(gpu::decode_plan(16, Shape{8192, 8192, bits, 128}, DType::BF16, 0).tma, tma) << "8192x8192 bits=" << bits;
   }
