@@ -89,6 +89,7 @@ struct DecodePlan {
   int rows_per_tile;
   bool tma;
   int ctas_per_sm;  // row tiles, 3-bit tiles of 8 on the TMA kernel sized for two; 0: the kernel's default
+                    // for the tile (3 bits: three CTAs per SM, two for 32-token tiles)
 };
 DecodePlan decode_plan(int64_t M, const Shape& shape, DType dtype, int device, LutKernel kernel = LutKernel::kAuto,
                        DecodeSplit split = DecodeSplit::kAuto);

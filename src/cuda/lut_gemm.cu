@@ -356,8 +356,11 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   g.grid_y = int((M + 8 * g.mt - 1) / (8 * g.mt));
   g.device = device;
   auto split = [&](bool tma, int64_t& slots) {  // src/plan.cpp
-    const Fit f = tma ? Fit{stream_workers_per_sm(s.bits), stream_max_clusters(s.bits, device)}
-                      : fit_any(s.bits, g.mt, dt, device);
+    Fit f = tma ? Fit{stream_workers_per_sm(s.bits, g.mt), stream_max_clusters(s.bits, g.mt, device)}
+                : fit_any(s.bits, g.mt, dt, device);
+    // The 3-bit 32-token tiles (two CTAs per SM) split in clusters too (item 67; LUTMM_EXPERIMENT 39:
+    // Stream-K only, as before).
+    if (tma && LUTMM_EXPERIMENT == 39 && s.bits == 3 && g.mt == 4) f.clusters = {};
     int clusters[9] = {};  // one token slice (grid_y = 1) only: the capacity counts one slice's clusters
     if (auto_split && g.grid_y == 1) std::copy(f.clusters.begin(), f.clusters.end(), clusters);
     slots = int64_t(sm_count(device)) * f.ctas_per_sm;
@@ -369,7 +372,7 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   auto rows_for = [&](bool tma) {
     RowTiles t{kWarps, 0};
     if (!auto_split || g.mt != 1 || (tma && LUTMM_EXPERIMENT == 22)) return t;
-    const int ctas = tma ? stream_workers_per_sm(s.bits, true) : rows_ctas_per_sm(s.bits, dt, device);
+    const int ctas = tma ? stream_workers_per_sm(s.bits, 1, true) : rows_ctas_per_sm(s.bits, dt, device);
     if (tma && ctas == 3)
       t = lut_tile_rows_tma3(M, s.row_blocks(), s.col_blocks(), sm_count(device),
                              s.bits == 4 ? kRowTileFill4 : kRowTileFill);
@@ -431,21 +434,15 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
     }
   }
   // 3-bit tiles of 8 row blocks on the TMA kernel sized for two CTAs per SM instead of three, whole
-  // or Stream-K (lut_tiles8_tma3, src/plan.cpp, with its measurements; no clusters).
-  // 32-token tiles (MT = 4) at 3 bits always so: three CTAs per SM leave 72 registers a thread. Those
-  // split as the others, clusters included (item 67; LUTMM_EXPERIMENT 39: Stream-K only, as before).
-  if (g.tma && s.bits == 3 && (auto_split || g.mt == 4) && g.rpt == kWarps && g.grid_y == 1) {
-    Tiles3 t3 = auto_split ? lut_tiles8_tma3(M, g.tiles, s.N * s.K, sm_count(device)) : Tiles3{2, false};
-    if (g.mt == 4) t3.ctas_per_sm = 2;
+  // or Stream-K (lut_tiles8_tma3, src/plan.cpp, with its measurements; no clusters). (The 32-token
+  // tiles, mt = 4, are only sized for two: their default, stream_workers_per_sm.)
+  if (g.tma && s.bits == 3 && auto_split && g.mt < 4 && g.rpt == kWarps && g.grid_y == 1) {
+    const Tiles3 t3 = lut_tiles8_tma3(M, g.tiles, s.N * s.K, sm_count(device));
     if (t3.ctas_per_sm == 2) {
-      int clusters[9] = {};
-      if (g.mt == 4 && auto_split && LUTMM_EXPERIMENT != 39) {
-        const std::array<int, 9> c = stream_max_clusters3_mt4(device);
-        std::copy(c.begin(), c.end(), clusters);
-      }
-      const LutSplit sp3 = lut_split(g.tiles, g.col_blocks, 2 * sm_count(device), clusters);
+      const int no_clusters[9] = {};
+      const LutSplit sp3 = lut_split(g.tiles, g.col_blocks, 2 * sm_count(device), no_clusters);
       g.grid_x = t3.whole ? g.tiles : int(sp3.workers);
-      g.cluster = t3.whole ? 1 : sp3.cluster;
+      g.cluster = 1;
       g.ctas = 2;
       g.stages = stream_stages(s.bits, g.mt, device, 2);
     }

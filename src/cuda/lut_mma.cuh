@@ -307,7 +307,8 @@ struct Geometry {
   int tiles;       // tiles of rpt row blocks
   int rpt;         // 16-row blocks per tile (lut_tile_rows; 8 but in the cp.async kernel)
   int ctas;        // CTAs per SM the kernel is sized for, for row tiles (rpt < 8; lut_tile_rows_tma3) and
-                   // 3-bit tiles of 8 on the TMA kernel (lut_tiles8_tma3); 0: the TMA kernel's default (kCtasPerSm)
+                   // 3-bit tiles of 8 on the TMA kernel (lut_tiles8_tma3); 0: the TMA kernel's default for
+                   // (bits, mt) (stream_workers_per_sm: the 3-bit 32-token tiles are sized for two)
   int col_blocks;  // 128-column k-blocks
   int k_iters;     // iterations per tile: col_blocks / (8 / rpt), rounded up
   int stages;      // pipeline stages (tma)
@@ -347,13 +348,13 @@ constexpr int kTmaMaxM = LUTMM_EXPERIMENT == 37 ? 16 : 32;
 // lut_stream.cu: whether its kernel runs on `device` (sm_90 and a build with sm_90a code), its
 // Stream-K workers (warp groups) per SM, clusters and pipeline stages per worker for (bits, mt), and the launch.
 bool stream_supported(int device);
-int stream_workers_per_sm(int bits, bool rows = false);
+// Its default size per (bits, mt): three CTAs per SM at 3 bits, but two for the 32-token tiles (mt = 4).
+int stream_workers_per_sm(int bits, int mt, bool rows = false);
 // ctas: CTAs per SM the kernel is sized for (Geometry::ctas; 0: its default); rows: tiles of rpt < 8 row blocks.
 int stream_stages(int bits, int mt, int device, int ctas = 0, bool rows = false);
-// Clusters of 2..8 CTAs of the TMA kernel that fit `device` at once (lut_split, src/plan.cpp).
-std::array<int, 9> stream_max_clusters(int bits, int device);
-// The same for the 3-bit 32-token tiles (sized for two CTAs per SM).
-std::array<int, 9> stream_max_clusters3_mt4(int device);
+// Clusters of 2..8 CTAs of the TMA kernel for (bits, mt), default size, that fit `device` at once
+// (lut_split, src/plan.cpp).
+std::array<int, 9> stream_max_clusters(int bits, int mt, int device);
 void stream_launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream);
 
 }  // namespace lut

@@ -68,6 +68,16 @@ constexpr int kCtasPerSm = LUTMM_EXPERIMENT == 9                                
                            : BITS == 4 && ROWS && LUTMM_EXPERIMENT != 31                          ? 3
                            : BITS == 4 && !ROWS && LUTMM_EXPERIMENT == 33                         ? 3
                                                                                                   : 2;
+// CTAs per SM of the kernel for tiles of 8 row blocks of 8 * MT tokens: kCtasPerSm, but two for the
+// 3-bit 32-token tiles (three per SM would leave 72 registers a thread; item 65).
+template <int BITS, int MT>
+constexpr int kCtasPerSmMt = BITS == 3 && MT == 4 ? 2 : kCtasPerSm<BITS>;
+int ctas_per_sm_mt(int bits, int mt) {
+  return with_bits(bits, [&](auto b) {
+    constexpr int B = decltype(b)::value;
+    return mt == 4 ? kCtasPerSmMt<B, 4> : kCtasPerSm<B>;
+  });
+}
 // The kernel's table and stage layout: 128-byte table entries (32 KB) where 4-bit CTAs are sized for
 // three per SM (64 KB would leave room for two). LUTMM_EXPERIMENT 32: the 32 KB table also on 4-bit
 // tiles of 8 row blocks at two CTAs per SM, for the stages it frees (9 instead of 5 per CTA). H100,
@@ -413,9 +423,10 @@ void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t
     }
   }
   if (geo.rpt != kWarps) throw Error("internal: row tiles need M <= 8 and one warp group per CTA");
-  if constexpr (BITS == 3 && MT == 4) {  // 32-token tiles: only sized for two (geometry)
-    if (geo.ctas != 2) throw Error("internal: 3-bit 32-token tiles are sized for two CTAs per SM");
-    launch_kernel<BITS, MT, T, false, 2>(prob, geo, ws, stream);
+  if constexpr (kCtasPerSmMt<BITS, MT> != kCtasPerSm<BITS>) {  // 3-bit 32-token tiles: only sized for two
+    if (geo.ctas != 0 && geo.ctas != kCtasPerSmMt<BITS, MT>)
+      throw Error("internal: 3-bit 32-token tiles are sized for two CTAs per SM");
+    launch_kernel<BITS, MT, T, false, kCtasPerSmMt<BITS, MT>>(prob, geo, ws, stream);
   } else {
     if constexpr (BITS == 3 && kCtasPerSm<BITS> != 2)  // sized for two (lut_tiles8_tma3)
       if (geo.ctas == 2) return launch_kernel<BITS, MT, T, false, 2>(prob, geo, ws, stream);
@@ -448,27 +459,25 @@ std::array<int, 9> clusters_that_fit(int device) {
 
 bool stream_supported(int device) { return wgmma_supported(device); }  // same requirement: sm_90 + sm_90a code
 
-int stream_workers_per_sm(int bits, bool rows) {
-  return with_bits(bits, [&](auto b) {
-    constexpr int B = decltype(b)::value;
-    return kGroups * (rows ? kCtasPerSm<B, true> : kCtasPerSm<B>);
-  });
+int stream_workers_per_sm(int bits, int mt, bool rows) {
+  return kGroups * (rows ? with_bits(bits, [](auto b) { return kCtasPerSm<decltype(b)::value, true>; })
+                         : ctas_per_sm_mt(bits, mt));
 }
 
-std::array<int, 9> stream_max_clusters(int bits, int device) {
-  // MT = 2 has the same resources as MT = 1 (the 32-token 3-bit tiles have their own, below)
+std::array<int, 9> stream_max_clusters(int bits, int mt, int device) {
+  // MT = 2 has the same resources as MT = 1, and so does MT = 4 but at 3 bits (two CTAs per SM)
   return with_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;
+    if constexpr (kCtasPerSmMt<B, 4> != kCtasPerSm<B>)
+      if (mt == 4) return clusters_that_fit<B, 4, kCtasPerSmMt<B, 4>>(device);
     return clusters_that_fit<B, 1, kCtasPerSm<B>>(device);
   });
 }
 
-std::array<int, 9> stream_max_clusters3_mt4(int device) { return clusters_that_fit<3, 4, 2>(device); }
-
 int stream_stages(int bits, int mt, int device, int ctas, bool rows) {
   return with_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;
-    const int c = ctas ? ctas : rows ? kCtasPerSm<B, true> : kCtasPerSm<B>;
+    const int c = ctas ? ctas : rows ? kCtasPerSm<B, true> : ctas_per_sm_mt(B, mt);
     const int budget = smem_budget(device, c);
     if (mt == 1 && rows) return c == 3 ? stages_for<B, 1, true, 3>(budget) : stages_for<B, 1, true, 2>(budget);
     if (mt == 1) return c == 3 ? stages_for<B, 1, false, 3>(budget) : stages_for<B, 1, false, 2>(budget);
