@@ -61,6 +61,8 @@
 // Kernel experiments for A/B builds (cmake -DLUTMM_EXPERIMENT=N, `EXPERIMENTS=N bash scripts/gpu.sh kab`):
 //   6  never halve the tile's tokens to reach split-K clusters (src/plan.cpp)
 //   14 no tile-aligned Stream-K (src/plan.cpp)
+//   12 scales after the MMA (AFTER): each k-block's first wgmma overwrites the partial sum (scale-d =
+//      0) instead of zeroing it after the k-block (prepared in session 24, not yet measured)
 //   5  tiles in plain token-tile-fastest order (no grouping; H100 2026-11-26: 5% slower at
 //      8192x8192 M = 4096, equal elsewhere)
 //   (retired, H100 2026-11-26, lutmm_bench A/B: TOK = 128 at M = 256 when TOK = 256 leaves most SMs without a tile:
@@ -273,7 +275,10 @@ __device__ __forceinline__ void compute_half(const uint8_t* stage, uint32_t stag
       r[3] = sc.apply(r[3], 1);
     }
     wg::fence();
-    wg::Mma<TOK, T>::run(acc, r, desc0 + uint64_t(((s % 4) * 32) >> 4));
+    // Experiment 12 (AFTER): the k-block's first wgmma overwrites the partial sum (scale-d = 0)
+    // instead of the kernel zeroing it after each k-block (TOK / 2 moves per thread and k-block).
+    constexpr bool kOverwrite = LUTMM_EXPERIMENT == 12 && AFTER;
+    wg::Mma<TOK, T>::run(acc, r, desc0 + uint64_t(((s % 4) * 32) >> 4), kOverwrite && s == 0 ? 0 : 1);
   }
 }
 
@@ -559,7 +564,7 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
 #pragma unroll
           for (int e = 0; e < kAcc; ++e) {
             acc[e] = fmaf(dst[e], (e / 2) % 2 ? s2.y : s2.x, acc[e]);  // acc[4 j + 2 i + e']: row g + 8 i
-            dst[e] = 0.f;
+            if (LUTMM_EXPERIMENT != 12) dst[e] = 0.f;  // 12: the next k-block's first wgmma overwrites it
           }
         }
         release(st0);

@@ -166,7 +166,8 @@ template <int N> __device__ __forceinline__ void fence_operands(float (&d)[N]) {
 }
 
 // D (64 x N fp32, this thread's N / 2 values) += A (64 x 16, 4 registers per thread, the
-// mma.m16n8k16 A fragment of the warp's 16 rows) * B (16 x N from shared memory, `desc`). The asm
+// mma.m16n8k16 A fragment of the warp's 16 rows) * B (16 x N from shared memory, `desc`); with
+// scale_d = 0, D = A * B (D's old values are not read). The asm
 // operand lists cannot come from a loop: LUTMM_ACC8(i) names accumulators d[i .. i + 7].
 #define LUTMM_ACC8(i)                                                                                    \
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), \
@@ -174,7 +175,7 @@ template <int N> __device__ __forceinline__ void fence_operands(float (&d)[N]) {
 #define LUTMM_ACC64(i) \
   LUTMM_ACC8(i), LUTMM_ACC8(i + 8), LUTMM_ACC8(i + 16), LUTMM_ACC8(i + 24), LUTMM_ACC8(i + 32), LUTMM_ACC8(i + 40), \
       LUTMM_ACC8(i + 48), LUTMM_ACC8(i + 56)
-#define LUTMM_WGMMA_A_DESC "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
+#define LUTMM_WGMMA_A_DESC "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d)
 
 #define LUTMM_WGMMA_M64N64K16_RS(TY)                                              \
   asm volatile(                                                                   \
@@ -222,7 +223,8 @@ template <int N, typename T> struct Mma;
 #endif
 #define LUTMM_WGMMA_MMA(N, T, TY)                                                                    \
   template <> struct Mma<N, T> {                                                                    \
-    static __device__ __forceinline__ void run(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc) { \
+    static __device__ __forceinline__ void run(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc,   \
+                                               int scale_d = 1) {                                           \
       LUTMM_WGMMA_BODY(N, TY)                                                                       \
     }                                                                                               \
   };
