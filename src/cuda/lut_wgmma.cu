@@ -63,6 +63,8 @@
 //   14 no tile-aligned Stream-K (src/plan.cpp)
 //   12 scales after the MMA (AFTER): each k-block's first wgmma overwrites the partial sum (scale-d =
 //      0) instead of zeroing it after the k-block (prepared in session 24, not yet measured)
+//   13 12, and one wgmma fence per half-block instead of one per wgmma, in every variant (prepared
+//      in session 24, not yet measured)
 //   5  tiles in plain token-tile-fastest order (no grouping; H100 2026-11-26: 5% slower at
 //      8192x8192 M = 4096, equal elsewhere)
 //   (retired, H100 2026-11-26, lutmm_bench A/B: TOK = 128 at M = 256 when TOK = 256 leaves most SMs without a tile:
@@ -250,6 +252,12 @@ __device__ __forceinline__ void compute_half(const uint8_t* stage, uint32_t stag
   // the lookups' prmt carries along: the table stays the loads' immediate offset.
   const uint32_t lane_byte = uint32_t(lane) * (BITS == 2 ? 8u : 4u) | (stage_addr & 0xff000000u);
   const uint64_t desc0 = wg::desc_sw128(stage_addr);  // + (byte offset >> 4) for each k-step
+  // Experiments 12, 13 (AFTER): the k-block's first wgmma overwrites the partial sum (scale-d = 0)
+  // instead of the kernel zeroing it after each k-block (TOK / 2 moves per thread and k-block).
+  // Experiment 13: also one wgmma fence per half-block (after all its A registers are written)
+  // instead of one per wgmma.
+  constexpr bool kOverwrite = (LUTMM_EXPERIMENT == 12 || LUTMM_EXPERIMENT == 13) && AFTER;
+  constexpr bool kOneFence = LUTMM_EXPERIMENT == 13;
   qc.load(stage + L::kStageX + warp * L::kRbCodeBytes);
   // All 16 table loads of the half first, then scaling and wgmmas: one load latency per half.
   // (H100, 2026-11-26, lutmm_bench A/B against a lookup right before each k-step's wgmma: M = 128
@@ -274,11 +282,16 @@ __device__ __forceinline__ void compute_half(const uint8_t* stage, uint32_t stag
       r[2] = sc.apply(r[2], 0);
       r[3] = sc.apply(r[3], 1);
     }
+    if (!kOneFence) {
+      wg::fence();
+      wg::Mma<TOK, T>::run(acc, r, desc0 + uint64_t(((s % 4) * 32) >> 4), kOverwrite && s == 0 ? 0 : 1);
+    }
+  }
+  if (kOneFence) {  // every A register of the half is written: one fence, then the four wgmmas
     wg::fence();
-    // Experiment 12 (AFTER): the k-block's first wgmma overwrites the partial sum (scale-d = 0)
-    // instead of the kernel zeroing it after each k-block (TOK / 2 moves per thread and k-block).
-    constexpr bool kOverwrite = LUTMM_EXPERIMENT == 12 && AFTER;
-    wg::Mma<TOK, T>::run(acc, r, desc0 + uint64_t(((s % 4) * 32) >> 4), kOverwrite && s == 0 ? 0 : 1);
+#pragma unroll
+    for (int s = 4 * H; s < 4 * H + 4; ++s)
+      wg::Mma<TOK, T>::run(acc, a[s % 4], desc0 + uint64_t(((s % 4) * 32) >> 4), kOverwrite && s == 0 ? 0 : 1);
   }
 }
 
@@ -564,7 +577,7 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
 #pragma unroll
           for (int e = 0; e < kAcc; ++e) {
             acc[e] = fmaf(dst[e], (e / 2) % 2 ? s2.y : s2.x, acc[e]);  // acc[4 j + 2 i + e']: row g + 8 i
-            if (LUTMM_EXPERIMENT != 12) dst[e] = 0.f;  // 12: the next k-block's first wgmma overwrites it
+            if (LUTMM_EXPERIMENT != 12 && LUTMM_EXPERIMENT != 13) dst[e] = 0.f;  // else the next first wgmma overwrites it
           }
         }
         release(st0);
