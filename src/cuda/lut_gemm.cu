@@ -434,14 +434,13 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
     }
   }
   // 3-bit tiles of 8 row blocks on the TMA kernel sized for two CTAs per SM instead of three, whole
-  // or Stream-K (lut_tiles8_tma3, src/plan.cpp, with its measurements; no clusters). (The 32-token
-  // tiles, mt = 4, are only sized for two: their default, stream_workers_per_sm.)
+  // or Stream-K (lut_tiles8_tma3, src/plan.cpp, with its measurements; no clusters): lut_split over
+  // the two-per-SM slots gives both (its whole-tile rule is lut_tiles8_tma3's; test_plan.cpp checks).
+  // (The 32-token tiles, mt = 4, are only sized for two: their default, stream_workers_per_sm.)
   if (g.tma && s.bits == 3 && auto_split && g.mt < 4 && g.rpt == kWarps && g.grid_y == 1) {
-    const Tiles3 t3 = lut_tiles8_tma3(M, g.tiles, s.N * s.K, sm_count(device));
-    if (t3.ctas_per_sm == 2) {
+    if (lut_tiles8_tma3(M, g.tiles, s.N * s.K, sm_count(device)).ctas_per_sm == 2) {
       const int no_clusters[9] = {};
-      const LutSplit sp3 = lut_split(g.tiles, g.col_blocks, 2 * sm_count(device), no_clusters);
-      g.grid_x = t3.whole ? g.tiles : int(sp3.workers);
+      g.grid_x = int(lut_split(g.tiles, g.col_blocks, 2 * sm_count(device), no_clusters).workers);
       g.cluster = 1;
       g.ctas = 2;
       g.stages = stream_stages(s.bits, g.mt, device, 2);

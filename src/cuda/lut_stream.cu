@@ -1,5 +1,5 @@
-// The decode kernel on Hopper (sm_90a): M <= 16 on large weights, M = 17-32 on most (dispatch:
-// lut_gemm.cu, kTmaMinWeights*); the math of lut_gemm.cu (lut_mma.cuh: pair-table
+// The decode kernel on Hopper (sm_90a): M <= 16 on large weights, M = 17-32 on every weight
+// (dispatch: lut_gemm.cu, kTmaMinWeights*); the math of lut_gemm.cu (lut_mma.cuh: pair-table
 // lookups -> mma.sync with the weights as the 16-row A operand, scales after the MMA, Stream-K with a
 // deterministic fixup), fed by a deeper, cheaper pipeline.
 //

@@ -328,6 +328,23 @@ TEST(Plan, DecodeRowTiles) {
   EXPECT_EQ(t8(16, 8, kTwoCta3MaxWeights - 1), W(2, false));
   EXPECT_EQ(t8(16, 8, kTwoCta3MaxWeights), W(3, false));
   EXPECT_EQ(t8(17, 64, 8192LL * 8192), W(3, false));    // the TMA kernel serves M <= 16
+  // geometry() takes the two-per-SM grid from lut_split over 2 x SMs slots: whole tiles exactly where
+  // lut_tiles8_tma3 says so, and fewer workers than tiles x k-blocks otherwise.
+  const int no_clusters[9] = {};
+  int whole = 0;
+  for (int64_t tiles = 1; tiles <= 600; ++tiles)
+    for (int64_t cb : {8, 32, 64, 112}) {
+      const Tiles3 t = lut_tiles8_tma3(8, tiles, tiles * 128 * cb * 128, 132);
+      const LutSplit sp = lut_split(tiles, cb, 264, no_clusters);
+      EXPECT_EQ(sp.cluster, 1) << tiles;
+      if (t.whole) {
+        ++whole;
+        EXPECT_EQ(sp.workers, tiles) << "tiles " << tiles << " k-blocks " << cb;
+      } else {
+        EXPECT_TRUE(sp.workers != tiles || tiles > 264) << "tiles " << tiles << " k-blocks " << cb;
+      }
+    }
+  EXPECT_EQ(whole, 53 * 4);  // 212-264 tiles
   EXPECT_THROW(lut_tiles8_tma3(1, 224, 1, 0), Error);
   EXPECT_THROW(lut_tiles8_tma3(0, 224, 1, 132), Error);
   EXPECT_THROW(lut_tile_rows(0, 256, 32, 264), Error);
