@@ -252,12 +252,12 @@ __device__ __forceinline__ void compute_half(const uint8_t* stage, uint32_t stag
   // the lookups' prmt carries along: the table stays the loads' immediate offset.
   const uint32_t lane_byte = uint32_t(lane) * (BITS == 2 ? 8u : 4u) | (stage_addr & 0xff000000u);
   const uint64_t desc0 = wg::desc_sw128(stage_addr);  // + (byte offset >> 4) for each k-step
-  // Experiments 12, 13 (AFTER): the k-block's first wgmma overwrites the partial sum (scale-d = 0)
-  // instead of the kernel zeroing it after each k-block (TOK / 2 moves per thread and k-block).
-  // Experiment 13: also one wgmma fence per half-block (after all its A registers are written)
-  // instead of one per wgmma.
-  constexpr bool kOverwrite = (LUTMM_EXPERIMENT == 12 || LUTMM_EXPERIMENT == 13) && AFTER;
-  constexpr bool kOneFence = LUTMM_EXPERIMENT == 13;
+  // AFTER: the k-block's first wgmma overwrites the partial sum (scale-d = 0) instead of the kernel
+  // zeroing it after each k-block (TOK / 2 moves per thread and k-block; sm_90a 4-bit TOK = 64: 273 ->
+  // 241 instructions per k-block). (H100, 2026-11-27, lutmm_bench A/B, item 72: 8192x8192 M = 64
+  // 30.7 -> 30.1 us, M = 128 38.7 -> 37.3, 28672x4096 M = 128 70.6 -> 68.0; predicted 27-29 at M = 64.
+  // One wgmma fence per half-block on top of it (8 -> 2 per k-block) gained nothing: 30.3, 38.2, 68.1.)
+  constexpr bool kOverwrite = AFTER;
   qc.load(stage + L::kStageX + warp * L::kRbCodeBytes);
   // All 16 table loads of the half first, then scaling and wgmmas: one load latency per half.
   // (H100, 2026-11-26, lutmm_bench A/B against a lookup right before each k-step's wgmma: M = 128
@@ -282,16 +282,8 @@ __device__ __forceinline__ void compute_half(const uint8_t* stage, uint32_t stag
       r[2] = sc.apply(r[2], 0);
       r[3] = sc.apply(r[3], 1);
     }
-    if (!kOneFence) {
-      wg::fence();
-      wg::Mma<TOK, T>::run(acc, r, desc0 + uint64_t(((s % 4) * 32) >> 4), kOverwrite && s == 0 ? 0 : 1);
-    }
-  }
-  if (kOneFence) {  // every A register of the half is written: one fence, then the four wgmmas
     wg::fence();
-#pragma unroll
-    for (int s = 4 * H; s < 4 * H + 4; ++s)
-      wg::Mma<TOK, T>::run(acc, a[s % 4], desc0 + uint64_t(((s % 4) * 32) >> 4), kOverwrite && s == 0 ? 0 : 1);
+    wg::Mma<TOK, T>::run(acc, r, desc0 + uint64_t(((s % 4) * 32) >> 4), kOverwrite && s == 0 ? 0 : 1);
   }
 }
 
@@ -516,8 +508,8 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
   uint32_t a0[4][4], a1_[4][4];  // A registers of the two halves (kHalfDrain: half 1 reuses a0)
   uint32_t(&a1)[4][4] = kHalfDrain ? a0 : a1_;
   PairScaler<T> sc;
-  // AFTER (g >= 128, one CTA per SM, TOK <= 128): wgmmas add a k-block's unscaled products into
-  // tmp; after the k-block's drain acc += s_row * tmp (one group per k-block).
+  // AFTER (g >= 128, one CTA per SM, TOK <= 128): wgmmas sum a k-block's unscaled products in
+  // tmp (its first overwrites); after the k-block's drain acc += s_row * tmp (one group per k-block).
   static_assert(!AFTER || (CTAS == 1 && TOK <= 128), "scales after the MMA: one CTA per SM, TOK <= 128");
   float tmp[kAcc];  // unused (and dropped by the compiler) unless AFTER
 #pragma unroll
@@ -576,8 +568,8 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
               stages + st0 * L::kStageBytes + L::kStageX + L::kStageW + warp * 32 + g * 4));
 #pragma unroll
           for (int e = 0; e < kAcc; ++e) {
-            acc[e] = fmaf(dst[e], (e / 2) % 2 ? s2.y : s2.x, acc[e]);  // acc[4 j + 2 i + e']: row g + 8 i
-            if (LUTMM_EXPERIMENT != 12 && LUTMM_EXPERIMENT != 13) dst[e] = 0.f;  // else the next first wgmma overwrites it
+            acc[e] = fmaf(dst[e], (e / 2) % 2 ? s2.y : s2.x, acc[e]);  // acc[4 j + 2 i + e']: row g + 8 i;
+            // dst needs no zeroing: the next k-block's first wgmma overwrites it (compute_half)
           }
         }
         release(st0);
