@@ -61,7 +61,8 @@
 //  25  2- and 3-bit weights below the TMA threshold keep the cp.async kernel where the TMA kernel's row
 //      tiles apply (item 42)
 //  26  src/plan.cpp: row tiles only where they fill 80% of the slots, not 70% (item 43)
-//  (27, 28: measured and adopted as lut_tiles8_tma3, src/plan.cpp, item 46; the numbers are free)
+//  (27, 28: measured and adopted as lut_tiles8_tma3, src/plan.cpp, item 46; the numbers now name
+//   lut_wgmma.cu ablations, as do 16, 17)
 //  30  (session 15, branch exp/l2-prefetch only: TMA weight copies without the evict-first hint)
 //  31  4 bits: the TMA kernel's row tiles sized for two CTAs per SM only, with the 64 KB table, as
 //      before item 56 (measured first as the reverse: the 32 KB table everywhere and the tiles for three)

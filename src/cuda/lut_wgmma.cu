@@ -61,10 +61,10 @@
 // Kernel experiments for A/B builds (cmake -DLUTMM_EXPERIMENT=N, `EXPERIMENTS=N bash scripts/gpu.sh kab`):
 //   6  never halve the tile's tokens to reach split-K clusters (src/plan.cpp)
 //   14 no tile-aligned Stream-K (src/plan.cpp)
-//   12 scales after the MMA (AFTER): each k-block's first wgmma overwrites the partial sum (scale-d =
-//      0) instead of zeroing it after the k-block (prepared in session 24, not yet measured)
-//   13 12, and one wgmma fence per half-block instead of one per wgmma, in every variant (prepared
-//      in session 24, not yet measured)
+//   Ablations (wrong results, AB_SKIP_TESTS; docs/performance-log.md item 73), each removing one part
+//   of the k-block's work to time it: 16 no table loads (4 bits: a lookup returns its address), 17 no
+//   MMAs (the A registers feed one add), 27 no activation loads, 28 no code or scale loads
+//   (12, 13, 15: measured and adopted or refuted, items 72-73; the numbers are free)
 //   5  tiles in plain token-tile-fastest order (no grouping; H100 2026-11-26: 5% slower at
 //      8192x8192 M = 4096, equal elsewhere)
 //   (retired, H100 2026-11-26, lutmm_bench A/B: TOK = 128 at M = 256 when TOK = 256 leaves most SMs without a tile:
@@ -114,6 +114,9 @@ struct WgLayout {
   static_assert(kStageBytes % 1024 == 0 && kLutBytes % 1024 == 0, "swizzle atoms must stay 1024-byte aligned");
   static constexpr int kStages = kCtas == 2 ? std::min(8, (113 * 1024 - kLutBytes - 128) / kStageBytes)
                                 : TOK == 256 ? 4 : TOK == 128 ? 6 : 8;  // as many as fit beside the table
+  // (TOK = 64 with 12 stages (4 bits; 3 bits 14), 48 KB of codes in flight per SM instead of 32: H100,
+  // 2026-11-27, item 73: 8192x8192 M = 64 30.0 -> 30.1 us, 3-bit 31.4 -> 32.1, 57344x8192 156.9 ->
+  // 156.8; the loads' latency does not bind at M = 64.)
   static constexpr int kBarOffset = kLutBytes + kStages * kStageBytes;  // full[kStages], empty[kStages]
   static constexpr int kSmemBytes = kBarOffset + 2 * 8 * kStages + 16;  // table, stages, mbarriers, flag
   static_assert(kSmemBytes * kCtas <= 227 * 1024 && kStages >= 3, "shared memory");
@@ -178,8 +181,13 @@ struct QuadCodes {
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
         const uint32_t src = hsel ? word(w[2 * v + q], w0 + 1) : word(w[2 * v + q], w0);
+#if LUTMM_EXPERIMENT == 16  // ablation (wrong results): the table loads' cost; a lookup returns its address
+        a[2 * q] = __byte_perm(src, lane_byte, sel0);
+        a[2 * q + 1] = __byte_perm(src, lane_byte, sel1);
+#else
         a[2 * q] = lut_load32(__byte_perm(src, lane_byte, sel0));
         a[2 * q + 1] = lut_load32(__byte_perm(src, lane_byte, sel1));
+#endif
       }
     } else if (BITS == 2) {  // byte t of word j is the quad (rows g, g + 8)
 #pragma unroll
@@ -282,8 +290,12 @@ __device__ __forceinline__ void compute_half(const uint8_t* stage, uint32_t stag
       r[2] = sc.apply(r[2], 0);
       r[3] = sc.apply(r[3], 1);
     }
+#if LUTMM_EXPERIMENT == 17  // ablation (wrong results): the MMAs' cost; the A registers feed one add instead
+    acc[s % (TOK / 2)] += __uint_as_float((r[0] ^ r[1] ^ r[2] ^ r[3]) & 0x3fffffffu);
+#else
     wg::fence();
     wg::Mma<TOK, T>::run(acc, r, desc0 + uint64_t(((s % 4) * 32) >> 4), kOverwrite && s == 0 ? 0 : 1);
+#endif
   }
 }
 
@@ -424,7 +436,9 @@ __device__ __forceinline__ void produce(const WgParams<T>& p, const WgMaps& maps
   using L = WgLayout<BITS, TOK, CTAS>;
   constexpr int S = L::kStages;
   const int gpk = groups_per_kblock(p.gl);  // scale groups per k-block (the scale box width)
-  const uint32_t stage_bytes = L::kStageX + L::kStageW + kWarps * 32 * gpk;
+  // Ablations (wrong results): experiment 27 loads no activations, 28 no codes and scales.
+  constexpr bool kLoadX = LUTMM_EXPERIMENT != 27, kLoadW = LUTMM_EXPERIMENT != 28;
+  const uint32_t stage_bytes = (kLoadX ? L::kStageX : 0) + (kLoadW ? L::kStageW + kWarps * 32 * gpk : 0);
   WorkCursor wc(p);
   int q = 0;
   for (; wc.pos < wc.n_iters; wc.next()) {
@@ -436,10 +450,12 @@ __device__ __forceinline__ void produce(const WgParams<T>& p, const WgMaps& maps
       if (use > 0) wg::mbar_wait(empty, (use - 1) & 1);
       wg::mbar_arrive_expect_tx(full, stage_bytes);
       const uint32_t stage = smem_base + L::kLutBytes + st * L::kStageBytes;
-      wg::tma_load_2d(stage, maps.x, wc.kb * kBlockCols + 64 * h, mt * TOK, full);
-      wg::tma_load_2d(stage + L::kStageX, maps.w,
-                      (wc.kb * L::kBlockBytes + (BITS == 4 ? h * L::kRbCodeBytes : 0)) / 4, nt * kWarps, full);
-      wg::tma_load_2d(stage + L::kStageX + L::kStageW, maps.s, ((wc.kb * 4) >> p.gl) * 16, nt * kWarps, full);
+      if (kLoadX) wg::tma_load_2d(stage, maps.x, wc.kb * kBlockCols + 64 * h, mt * TOK, full);
+      if (kLoadW) {
+        wg::tma_load_2d(stage + L::kStageX, maps.w,
+                        (wc.kb * L::kBlockBytes + (BITS == 4 ? h * L::kRbCodeBytes : 0)) / 4, nt * kWarps, full);
+        wg::tma_load_2d(stage + L::kStageX + L::kStageW, maps.s, ((wc.kb * 4) >> p.gl) * 16, nt * kWarps, full);
+      }
     }
   }
 }
