@@ -26,7 +26,7 @@ def _ptr(t: torch.Tensor, name: str, dtype=None, numel=None, device_type=None) -
         raise ValueError(f"{name}: dtype {t.dtype}, expected {dtype}")
     if numel is not None and t.numel() != numel:
         raise ValueError(f"{name}: got {t.numel()} elements, expected {numel}")
-    if device_type is not None and t.device.type != device_type:
+    if device_type is not None and not (t.is_cuda if device_type == "cuda" else t.device.type == device_type):
         raise ValueError(f"{name}: on {t.device}, expected a {device_type} tensor")
     if not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor")

@@ -102,6 +102,7 @@ def _launch(q, k, v, mask, scale, variant=0, fused=(), fused_strides=()) -> torc
     fused / fused_strides: the fused step's pointers and strides (gpu_decode_attention's binding)."""
     from . import _core
     from ._api import _DTYPE_CODE
+    from .ops import current_stream_handle
     b, hkv, g, d = q.shape
     s_len = k.shape[2]
     if mask is not None and mask.stride(-1) != 1:
@@ -115,7 +116,7 @@ def _launch(q, k, v, mask, scale, variant=0, fused=(), fused_strides=()) -> torc
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
     ws = torch.empty(_workspace_bytes(b, hkv, g, s_len, d, dev), dtype=torch.uint8, device=q.device)
     _core.gpu_decode_attention(_DTYPE_CODE[q.dtype], dims, strides, ptrs, float(scale), ws.data_ptr(), ws.numel(),
-                               torch.cuda.current_stream(q.device).cuda_stream, int(variant), list(fused),
+                               current_stream_handle(dev), int(variant), list(fused),
                                list(fused_strides))
     return out
 

@@ -186,3 +186,26 @@ def test_eager_fast_path_matches_the_op():
     with pytest.raises(ValueError, match="dtype"):
         ops.cuda_lut_matmul(x.float(), qw.packed, qw.packed_scales, qw._table_list, qw.N, qw.K, qw.bits,
                             qw.group_size)
+    # The packed weight on another device than x: named, not launched on a host pointer.
+    with pytest.raises(ValueError, match="the device of x"):
+        ops.cuda_lut_matmul(x, qw.packed.cpu(), qw.packed_scales, qw._table_list, qw.N, qw.K, qw.bits,
+                            qw.group_size)
+
+
+def test_calls_run_on_the_current_stream():
+    # The CUDA path launches on the caller's current stream (read as a raw handle): on a side stream
+    # whose input is written just before, the result must be that input's product, and the side
+    # stream's work must be what the default stream waits for.
+    torch.manual_seed(1)
+    qw = lutmm.quantize(torch.randn(4096, 4096) * 0.02, bits=4, group_size=128).to("cuda")
+    x = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
+    ref = lutmm.matmul(x, qw)
+    side = torch.cuda.Stream()
+    assert ops.current_stream_handle(0) == torch.cuda.current_stream().cuda_stream
+    with torch.cuda.stream(side):
+        assert ops.current_stream_handle(torch.cuda.current_device()) == side.cuda_stream
+        torch.cuda._sleep(20_000_000)  # ~10 ms of work queued ahead on the side stream
+        xs = x * 1.0  # written on the side stream, after the sleep
+        ys = lutmm.matmul(xs, qw)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(ys, ref)
