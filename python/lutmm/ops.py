@@ -181,7 +181,8 @@ def _cuda_gemm(x, packed, packed_scales, table, N, K, bits, group_size, bias, si
     stream = current_stream_handle(dev_index)
     path, ws_bytes = _plan(M, N, K, bits, group_size, dev_index, FORCE_PATH)
     if packed.get_device() != dev_index or packed_scales.get_device() != dev_index:
-        raise ValueError(f"packed weight on {packed.device}, expected {x.device} (the device of x)")
+        name, t = ("packed", packed) if packed.get_device() != dev_index else ("packed_scales", packed_scales)
+        raise ValueError(f"{name}: on {t.device}, expected {x.device} (the device of x)")
     dev = x.device
     if residual is not None:  # (..., n_out) of x's dtype and device (_check_layer_args)
         residual = residual.reshape(M, n_out).contiguous()

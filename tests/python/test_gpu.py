@@ -187,8 +187,11 @@ def test_eager_fast_path_matches_the_op():
         ops.cuda_lut_matmul(x.float(), qw.packed, qw.packed_scales, qw._table_list, qw.N, qw.K, qw.bits,
                             qw.group_size)
     # The packed weight on another device than x: named, not launched on a host pointer.
-    with pytest.raises(ValueError, match="the device of x"):
+    with pytest.raises(ValueError, match="packed: on cpu, expected cuda:0 .the device of x"):
         ops.cuda_lut_matmul(x, qw.packed.cpu(), qw.packed_scales, qw._table_list, qw.N, qw.K, qw.bits,
+                            qw.group_size)
+    with pytest.raises(ValueError, match="packed_scales: on cpu"):
+        ops.cuda_lut_matmul(x, qw.packed, qw.packed_scales.cpu(), qw._table_list, qw.N, qw.K, qw.bits,
                             qw.group_size)
 
 
