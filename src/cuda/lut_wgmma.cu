@@ -59,6 +59,8 @@
 #include "../plan.h"
 
 // Kernel experiments for A/B builds (cmake -DLUTMM_EXPERIMENT=N, `EXPERIMENTS=N bash scripts/gpu.sh kab`):
+//   1  a smaller store loop (store_tile: a walked pointer, one compare per element, a select on the
+//      rank in clusters of 2; prepared in session 25, not yet measured: performance.md next step 5)
 //   6  never halve the tile's tokens to reach split-K clusters (src/plan.cpp)
 //   14 no tile-aligned Stream-K (src/plan.cpp)
 //   Ablations (wrong results, AB_SKIP_TESTS; docs/performance-log.md item 73), each removing one part
@@ -328,6 +330,37 @@ __device__ __forceinline__ void store_tile(const WgParams<T>& p, int nt, int mt,
       }
     return;
   }
+#if LUTMM_EXPERIMENT == 1
+  // Experiment 1: a smaller epilogue. The stores run once per tile, as cold code (H100, 8192x8192
+  // M = 64, item 73's stall samples: this loop's ~600 SASS instructions held ~17% of the consumer
+  // warps' samples, 3/4 of them instruction-fetch stalls). One pointer per row walks the tile's
+  // tokens (no 64-bit multiply per element), one compare per element against the tokens left, and in
+  // clusters of 2 (rank r owns the accumulators with e = r, xowner) one select instead of a branch.
+  const int64_t N = p.N;
+  const int m0 = mt * TOK + 2 * t, rem = p.M - m0;  // token m0 + 8 j + e exists iff 8 j + e < rem
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int n = nt * kTileRows + warp * 16 + g + 8 * i;
+    if (n >= p.N) continue;
+    const float b = p.bias ? Elem<T>::to_float(p.bias[n]) : 0.f;
+    T* q = p.y + int64_t(m0) * N + n;  // Y[m0][n]
+    if constexpr (C == 2) {
+      static_assert(xowner<2>(0) == 0 && xowner<2>(1) == 1 && xowner<2>(5) == 1, "xowner<2>(4 j + 2 i + e) = e");
+      q += rank * N;
+#pragma unroll
+      for (int j = 0; j < TOK / 8; ++j, q += 8 * N)
+        if (8 * j + rank < rem) q[0] = Elem<T>::from_float((rank ? acc[4 * j + 2 * i + 1] : acc[4 * j + 2 * i]) + b);
+    } else {
+#pragma unroll
+      for (int j = 0; j < TOK / 8; ++j, q += 8 * N)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          if (C > 1 && xowner<C>(4 * j + 2 * i + e) != rank) continue;
+          if (8 * j + e < rem) q[e * N] = Elem<T>::from_float(acc[4 * j + 2 * i + e] + b);
+        }
+    }
+  }
+#else
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int n = nt * kTileRows + warp * 16 + g + 8 * i;
@@ -342,6 +375,7 @@ __device__ __forceinline__ void store_tile(const WgParams<T>& p, int nt, int mt,
         if (m < p.M) p.y[int64_t(m) * p.N + n] = Elem<T>::from_float(acc[4 * j + 2 * i + e] + b);
       }
   }
+#endif
 }
 
 // Split-K over a cluster of C CTAs (all on one GPC, started together): the CTA of rank r holds in
