@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, GPU tests (C++ and Python), then the kernel benchmark.
-# Usage (device tool, repo root): bash scripts/gpu.sh [quick|standard|full|tests|bench|profile|sanitize|ab|kab|cxx|e2e|attn]
+# Usage (device tool, repo root): bash scripts/gpu.sh [quick|standard|full|tests|bench|profile|sanitize|ab|kab|cxx|e2e|attn|py]
 # Logs go to $OUT. ab: everything, then kernel A/B builds (EXPERIMENTS="2"); kab: C++ build, GPU tests
 # and the A/B only; cxx: C++ build, GPU tests and the C++ kernel benchmark (lutmm_bench) only;
 # sanitize: C++ build, GPU tests, then racecheck / synccheck / memcheck on subsets;
@@ -9,7 +9,8 @@
 # the Python test files; E2E_ARGS set also runs bench_e2e afterwards; NO_DEMO=1 skips the demo.
 # ab/kab take AB_CASES / AB_B_PATHS (see bench_cases below). profile: Nsight Compute on PROFILE_CASES
 # ("N K M BITS [PATH];...", lutmm_bench; with every carried .carry/base* tree's build too) and PROFILE_TORCH
-# ("M N K;...", cuBLAS bf16 through torch.mm).
+# ("M N K;...", cuBLAS bf16 through torch.mm). py: the Python extension only (no C++ build or tests),
+# then PY_CMD (default: the eager-overhead benchmark with its per-step table), e.g. for Python-only changes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-quick}
@@ -25,6 +26,12 @@ fi
 # Shared assets (mini-llama, held-out text) travel as the ignored folder .carry/shared when carried.
 [[ -d .carry/shared ]] && export LUTMM_SHARED=$PWD/.carry/shared
 t0=$(date +%s)
+if [[ $MODE == py ]]; then  # Python only: ~2-3 minutes cold, seconds on a warm machine
+  python3 -m pip install -q --no-build-isolation --no-index . > "$OUT/pip.log" 2>&1 || { tail -40 "$OUT/pip.log"; exit 1; }
+  echo "build: $(( $(date +%s) - t0 )) s"
+  eval "${PY_CMD:-python3 bench/bench_overhead.py --parts}"
+  exit $?
+fi
 cmake -S . -B build/gpu -G Ninja -DLUTMM_BUILD_TESTS=ON > "$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
 # The Python extension (its own build dir, build/py-*) builds beside the C++ targets: on 16 cores the two
 # cold builds took 394 s one after the other (session 18), each mostly single-file nvcc runs.
