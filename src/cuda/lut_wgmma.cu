@@ -267,7 +267,6 @@ __device__ __forceinline__ void compute_half(const uint8_t* stage, uint32_t stag
   // 241 instructions per k-block). (H100, 2026-11-27, lutmm_bench A/B, item 72: 8192x8192 M = 64
   // 30.7 -> 30.1 us, M = 128 38.7 -> 37.3, 28672x4096 M = 128 70.6 -> 68.0; predicted 27-29 at M = 64.
   // One wgmma fence per half-block on top of it (8 -> 2 per k-block) gained nothing: 30.3, 38.2, 68.1.)
-  constexpr bool kOverwrite = AFTER;
   qc.load(stage + L::kStageX + warp * L::kRbCodeBytes);
   // All 16 table loads of the half first, then scaling and wgmmas: one load latency per half.
   // (H100, 2026-11-26, lutmm_bench A/B against a lookup right before each k-step's wgmma: M = 128
@@ -296,7 +295,7 @@ __device__ __forceinline__ void compute_half(const uint8_t* stage, uint32_t stag
     acc[s % (TOK / 2)] += __uint_as_float((r[0] ^ r[1] ^ r[2] ^ r[3]) & 0x3fffffffu);
 #else
     wg::fence();
-    wg::Mma<TOK, T>::run(acc, r, desc0 + uint64_t(((s % 4) * 32) >> 4), kOverwrite && s == 0 ? 0 : 1);
+    wg::Mma<TOK, T>::run(acc, r, desc0 + uint64_t(((s % 4) * 32) >> 4), AFTER && s == 0 ? 0 : 1);
 #endif
   }
 }
