@@ -7,7 +7,7 @@
 # e2e: build, then bench/bench_e2e.py $E2E_ARGS only (bench: GATED_ARGS runs bench/bench_gated.py too); attn: build, the decode-attention GPU tests and
 # bench/bench_attention.py. BENCH_ARGS replaces --quick for quick/bench. tests: PYTEST_FILES (a glob) limits
 # the Python test files; E2E_ARGS set also runs bench_e2e afterwards; NO_DEMO=1 skips the demo.
-# ab/kab take AB_CASES / AB_B_PATHS (see bench_cases below). profile: Nsight Compute on PROFILE_CASES
+# ab/kab take AB_CASES / AB_B_PATHS (see bench_cases below) and AB_ROUNDS (A and B timed in turn N times). profile: Nsight Compute on PROFILE_CASES
 # ("N K M BITS [PATH];...", lutmm_bench; with every carried .carry/base* tree's build too) and PROFILE_TORCH
 # ("M N K;...", cuBLAS bf16 through torch.mm). py: the Python extension only (no C++ build or tests),
 # then PY_CMD (default: the eager-overhead benchmark with its per-step table), e.g. for Python-only changes.
@@ -31,6 +31,21 @@ if [[ $MODE == py ]]; then  # Python only: ~2-3 minutes cold, seconds on a warm 
   echo "build: $(( $(date +%s) - t0 )) s"
   eval "${PY_CMD:-python3 bench/bench_overhead.py --parts}"
   exit $?
+fi
+# The targets $2... of a -DLUTMM_EXPERIMENT=$1 build in build/gpu-x$1 (kab's B builds, SANITIZE_EXPERIMENT);
+# on failure the log's tail and status 1.
+build_experiment() {
+  local e=$1; shift
+  cmake -S . -B build/gpu-x$e -G Ninja -DLUTMM_BUILD_TESTS=ON -DLUTMM_EXPERIMENT=$e > /dev/null && \
+    ninja -C build/gpu-x$e "$@" > "$OUT/build-x$e.log" 2>&1 || { tail -20 "$OUT/build-x$e.log"; return 1; }
+}
+# kab: the B builds (lutmm_bench, plus lutmm_gpu_tests unless AB_SKIP_TESTS names it) start now, beside
+# the default build: one after another, two B builds made a kab call ~9.5 minutes (session 25).
+if [[ $MODE == ab || $MODE == kab ]]; then
+  for e in ${EXPERIMENTS:-2}; do
+    ( build_experiment "$e" lutmm_bench $([[ " ${AB_SKIP_TESTS:-} " == *" $e "* ]] || echo lutmm_gpu_tests)
+      echo $? > "$OUT/build-x$e.rc" ) &
+  done
 fi
 cmake -S . -B build/gpu -G Ninja -DLUTMM_BUILD_TESTS=ON > "$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
 # The Python extension (its own build dir, build/py-*) builds beside the C++ targets: on 16 cores the two
@@ -86,13 +101,6 @@ fi
 if [[ $MODE != bench && $CXX_ONLY == 0 && -n ${LUTMM_SHARED:-} && -z ${NO_DEMO:-} ]]; then
   python3 -m lutmm demo --max-tokens 8192 2>&1 | tee "$OUT/demo.txt" | tail -14
 fi
-# The targets $2... of a -DLUTMM_EXPERIMENT=$1 build in build/gpu-x$1 (kab's B builds, SANITIZE_EXPERIMENT);
-# on failure the log's tail and status 1.
-build_experiment() {
-  local e=$1; shift
-  cmake -S . -B build/gpu-x$e -G Ninja -DLUTMM_BUILD_TESTS=ON -DLUTMM_EXPERIMENT=$e > /dev/null && \
-    ninja -C build/gpu-x$e "$@" > "$OUT/build-x$e.log" 2>&1 || { tail -20 "$OUT/build-x$e.log"; return 1; }
-}
 if [[ $MODE == sanitize ]]; then  # each tool run at most SANITIZE_TIMEOUT seconds (default 240)
   st=${SANITIZE_TIMEOUT:-240}
   n=0
@@ -180,14 +188,23 @@ if [[ $MODE == ab || $MODE == kab ]]; then  # kernel A/B: default build vs -DLUT
     { echo "== $name: $(cat ".carry/$name/.commit" 2>/dev/null) $(cat ".carry/$name/.cmake_args" 2>/dev/null)"
       bench_cases "$d" 0; } | tee -a "$OUT/ab.txt"
   done < <(build_bases)
-  { echo "== A: default"; bench_cases build/gpu 0; } | tee -a "$OUT/ab.txt"
+  wait  # the B builds started before the default one
+  declare -A tested=()
+  # AB_ROUNDS (default 1): A and every B timed in turn, that many times (drift between rounds shows).
+  for r in $(seq "${AB_ROUNDS:-1}"); do
+  { echo "== A: default (round $r)"; bench_cases build/gpu 0; } | tee -a "$OUT/ab.txt"
   for e in ${EXPERIMENTS:-2}; do
-    build_experiment "$e" lutmm_bench $([[ " ${AB_SKIP_TESTS:-} " == *" $e "* ]] || echo lutmm_gpu_tests) || continue
+    if [[ $(cat "$OUT/build-x$e.rc" 2>/dev/null) != 0 ]]; then
+      [[ $r == 1 ]] && { echo "== B: LUTMM_EXPERIMENT=$e did not build"; tail -20 "$OUT/build-x$e.log"; }
+      continue
+    fi
     # AB_SKIP_TESTS: experiments that compute wrong results on purpose (ablations timing a part's cost).
     if [[ " ${AB_SKIP_TESTS:-} " == *" $e "* ]]; then t="skipped (AB_SKIP_TESTS)"
-    else t=$(./build/gpu-x$e/lutmm_gpu_tests --gtest_brief=1 2>&1 | tail -1); fi
-    echo "== B: LUTMM_EXPERIMENT=$e  (tests: $t)" | tee -a "$OUT/ab.txt"
+    elif [[ -z ${tested[$e]:-} ]]; then t=$(./build/gpu-x$e/lutmm_gpu_tests --gtest_brief=1 2>&1 | tail -1); tested[$e]=$t
+    else t="${tested[$e]}"; fi
+    echo "== B: LUTMM_EXPERIMENT=$e  (round $r, tests: $t)" | tee -a "$OUT/ab.txt"
     bench_cases build/gpu-x$e 1 | tee -a "$OUT/ab.txt"
+  done
   done
 fi
 if [[ $MODE == profile ]]; then  # Nsight Compute on single cases of the C++ benchmark

@@ -59,14 +59,12 @@
 #include "../plan.h"
 
 // Kernel experiments for A/B builds (cmake -DLUTMM_EXPERIMENT=N, `EXPERIMENTS=N bash scripts/gpu.sh kab`):
-//   1  a smaller store loop (store_tile: a walked pointer, one compare per element, a select on the
-//      rank in clusters of 2; prepared in session 25, not yet measured: performance.md next step 5)
 //   6  never halve the tile's tokens to reach split-K clusters (src/plan.cpp)
 //   14 no tile-aligned Stream-K (src/plan.cpp)
 //   Ablations (wrong results, AB_SKIP_TESTS; docs/performance-log.md item 73), each removing one part
 //   of the k-block's work to time it: 16 no table loads (4 bits: a lookup returns its address), 17 no
 //   MMAs (the A registers feed one add), 27 no activation loads, 28 no code or scale loads
-//   (12, 13, 15, 29: measured and adopted or refuted, items 72-74; the numbers are free)
+//   (1, 12, 13, 15, 29: measured and adopted or refuted, items 72-75; the numbers are free)
 //   5  tiles in plain token-tile-fastest order (no grouping; H100 2026-11-26: 5% slower at
 //      8192x8192 M = 4096, equal elsewhere)
 //   (retired, H100 2026-11-26, lutmm_bench A/B: TOK = 128 at M = 256 when TOK = 256 leaves most SMs without a tile:
@@ -329,12 +327,14 @@ __device__ __forceinline__ void store_tile(const WgParams<T>& p, int nt, int mt,
       }
     return;
   }
-#if LUTMM_EXPERIMENT == 1
-  // Experiment 1: a smaller epilogue. The stores run once per tile, as cold code (H100, 8192x8192
-  // M = 64, item 73's stall samples: this loop's ~600 SASS instructions held ~17% of the consumer
-  // warps' samples, 3/4 of them instruction-fetch stalls). One pointer per row walks the tile's
-  // tokens (no 64-bit multiply per element), one compare per element against the tokens left, and in
-  // clusters of 2 (rank r owns the accumulators with e = r, xowner) one select instead of a branch.
+  // The stores run once per tile, as cold code, so their length costs instruction fetches (H100,
+  // 8192x8192 M = 64, item 73's stall samples: a ~600-SASS-instruction loop held ~17% of the
+  // consumer warps' samples, 3/4 of them instruction-fetch stalls). So: one pointer per row walks
+  // the tile's tokens (no 64-bit multiply per element), one compare per element against the tokens
+  // left, and in clusters of 2 (rank r owns the accumulators with e = r, xowner) one select instead
+  // of a branch. Item 75 (H100, 2026-11-28, lutmm_bench, two rounds): SASS of the 4-bit TOK = 64
+  // kernel 9200 -> 7976 instructions; 8192x8192 M = 64 30.1 -> 29.8 us, M = 256 57.4 -> 52.0,
+  // 4096x4096 M = 64 13.5 -> 12.9.
   const int64_t N = p.N;
   const int m0 = mt * TOK + 2 * t, rem = p.M - m0;  // token m0 + 8 j + e exists iff 8 j + e < rem
 #pragma unroll
@@ -359,22 +359,6 @@ __device__ __forceinline__ void store_tile(const WgParams<T>& p, int nt, int mt,
         }
     }
   }
-#else
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int n = nt * kTileRows + warp * 16 + g + 8 * i;
-    if (n >= p.N) continue;
-    const float b = p.bias ? Elem<T>::to_float(p.bias[n]) : 0.f;
-#pragma unroll
-    for (int j = 0; j < TOK / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int m = mt * TOK + 8 * j + 2 * t + e;
-        if (C > 1 && xowner<C>(4 * j + 2 * i + e) != rank) continue;
-        if (m < p.M) p.y[int64_t(m) * p.N + n] = Elem<T>::from_float(acc[4 * j + 2 * i + e] + b);
-      }
-  }
-#endif
 }
 
 // Split-K over a cluster of C CTAs (all on one GPC, started together): the CTA of rank r holds in
