@@ -85,6 +85,7 @@ struct WgParams : GemmParams<T> {  // partials [grid][2][TOK / 2][kThreads], cou
   int m_tiles, n_tiles; // token tiles, weight tiles (tile_coords() maps a tile index to both)
   int tiles, dp_tiles;  // tiles [0, dp_tiles) are data-parallel, [dp_tiles, tiles) Stream-K
   int split;            // > 1: clusters of `split` CTAs each take one tile, split along K (split_k_store)
+  bool y_vec;           // y is 16-byte aligned and N % 8 == 0: 8 outputs of a token in one 16-byte store
 };
 
 // TMA descriptors of the operands (encoded per call by wg_launch()).
@@ -112,13 +113,17 @@ struct WgLayout {
   static constexpr int kStageS = kWarps * kScaleBytesPerRb;
   static constexpr int kStageBytes = kStageX + kStageW + kStageS;
   static_assert(kStageBytes % 1024 == 0 && kLutBytes % 1024 == 0, "swizzle atoms must stay 1024-byte aligned");
-  static constexpr int kStages = kCtas == 2 ? std::min(8, (113 * 1024 - kLutBytes - 128) / kStageBytes)
+  // The epilogue's staging buffers (store_tile, TOK >= 128): two 512-byte buffers per consumer warp.
+  static constexpr int kEpiBytes = TOK >= 128 ? kWarps * 1024 : 0;
+  static constexpr int kStages = kCtas == 2 ? std::min(8, (113 * 1024 - kLutBytes - (kEpiBytes ? kEpiBytes + 256 : 128)) / kStageBytes)
                                 : TOK == 256 ? 4 : TOK == 128 ? 6 : 8;  // as many as fit beside the table
   // (TOK = 64 with 12 stages (4 bits; 3 bits 14), 48 KB of codes in flight per SM instead of 32: H100,
   // 2026-11-27, item 73: 8192x8192 M = 64 30.0 -> 30.1 us, 3-bit 31.4 -> 32.1, 57344x8192 156.9 ->
   // 156.8; the loads' latency does not bind at M = 64.)
   static constexpr int kBarOffset = kLutBytes + kStages * kStageBytes;  // full[kStages], empty[kStages]
-  static constexpr int kSmemBytes = kBarOffset + 2 * 8 * kStages + 16;  // table, stages, mbarriers, flag
+  static constexpr int kEpiOffset = (kBarOffset + 2 * 8 * kStages + 16 + 127) / 128 * 128;
+  static constexpr int kSmemBytes =  // table, stages, mbarriers, flag, epilogue
+      kEpiBytes ? kEpiOffset + kEpiBytes : kBarOffset + 2 * 8 * kStages + 16;
   static_assert(kSmemBytes * kCtas <= 227 * 1024 && kStages >= 3, "shared memory");
   // The split-K exchange (split_k_store) reuses the stages: C x 2 ceil(TOK / 4 / C) floats per consumer
   // thread (xslot), C <= 4.
@@ -310,9 +315,10 @@ __host__ __device__ constexpr int xslot(int a) { return xpair(a) / C * 2 + a / 2
 // Writes acc (+ bias) of this warp's 16 rows x TOK tokens of tile (nt, mt) to Y (p.silu_mul: silu(gate) *
 // up, 8 columns). acc[4 j + 2 i + e] is row g + 8 i, token 8 j + 2 t + e (the wgmma accumulator layout).
 // C > 1: only the accumulators a with xowner(a) == rank (this CTA's share of a split-K tile).
+// epi: the shared::cta address of the CTA's epilogue buffers (WgLayout::kEpiOffset; TOK >= 128).
 template <int TOK, typename T, int C = 1>
 __device__ __forceinline__ void store_tile(const WgParams<T>& p, int nt, int mt, const float (&acc)[TOK / 2],
-                                           int rank = 0) {
+                                           uint32_t epi, int rank = 0) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   if (p.silu_mul) {  // rows g (gate) and g + 8 (up): acc[4 j + e] and acc[4 j + 2 + e]
     const int n = nt * kTileRows + warp * 16 + g;
@@ -335,28 +341,89 @@ __device__ __forceinline__ void store_tile(const WgParams<T>& p, int nt, int mt,
   // of a branch. Item 75 (H100, 2026-11-28, lutmm_bench, two rounds): SASS of the 4-bit TOK = 64
   // kernel 9200 -> 7976 instructions; 8192x8192 M = 64 30.1 -> 29.8 us, M = 256 57.4 -> 52.0,
   // 4096x4096 M = 64 13.5 -> 12.9.
-  const int64_t N = p.N;
-  const int m0 = mt * TOK + 2 * t, rem = p.M - m0;  // token m0 + 8 j + e exists iff 8 j + e < rem
+  // TOK >= 128: the tile goes out through shared memory, 16 tokens at a time, in 16-byte stores of
+  // 8 consecutive outputs of one token (full 32-byte sectors: a warp's 16 rows of a token are 32
+  // contiguous bytes of Y), instead of 2-byte stores of which a warp's 32 cover 4 half sectors.
+  // stmatrix .trans writes the accumulator fragment (rows n = g + 8 i, tokens 2 t + e) transposed:
+  // buffer row tau (a token) holds 16 outputs, halves i = 0, 1 swapped on rows with tau & 4 (the 8
+  // row addresses of one 8x8 matrix then cover all 32 banks once). Two buffers per warp alternate,
+  // so one __syncwarp per 16 tokens orders a buffer's reads before its next writes.
+  // Item 76 (H100, 2026-11-28, lutmm_bench, two rounds, us): M = 256 28672x4096 106.1 -> 98.5,
+  // 6144x4096 37.5 -> 36.0, 4096x4096 21.6 -> 20.9, 8192x8192 51.6 -> 50.4; M = 1024 4096x4096
+  // 49.9 -> 46.7, 8192x8192 178 -> 173; M = 4096 8192x8192 692-729 -> 675; M = 128 equal (36.3).
+  // At TOK = 64 it was 2% slower (8192x8192 M = 64 29.4 -> 29.9, 4096x14336 27.9 -> 28.4), so 64-token
+  // tiles keep the direct stores below.
+  if constexpr (TOK >= 128) {
+    const int n0 = nt * kTileRows + warp * 16;  // this warp's first row
+    if (n0 >= p.N) return;
+    const float b0 = p.bias && n0 + g < p.N ? Elem<T>::to_float(p.bias[n0 + g]) : 0.f;
+    const float b1 = p.bias && n0 + g + 8 < p.N ? Elem<T>::to_float(p.bias[n0 + g + 8]) : 0.f;
+    const uint32_t wbuf = epi + uint32_t(warp) * 1024u;
+    const int tau_w = lane % 8 + 8 * (lane / 16), i_w = (lane / 8) % 2;  // the row this lane addresses
+    const uint32_t w_off = uint32_t(tau_w * 32 + ((i_w ^ (tau_w >> 2)) & 1) * 16);
+    const int tau_r = lane / 2, i_r = lane % 2;                          // the 16 bytes this lane stores
+    const uint32_t r_off = uint32_t(tau_r * 32 + ((i_r ^ (tau_r >> 2)) & 1) * 16);
+    const int n = n0 + 8 * i_r;
+    const bool vec = p.y_vec && n + 8 <= p.N;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int n = nt * kTileRows + warp * 16 + g + 8 * i;
-    if (n >= p.N) continue;
-    const float b = p.bias ? Elem<T>::to_float(p.bias[n]) : 0.f;
-    T* q = p.y + int64_t(m0) * N + n;  // Y[m0][n]
-    if constexpr (C == 2) {
-      static_assert(xowner<2>(0) == 0 && xowner<2>(1) == 1 && xowner<2>(5) == 1, "xowner<2>(4 j + 2 i + e) = e");
-      q += rank * N;
+    for (int c = 0; c < TOK / 16; ++c) {
+      const uint32_t buf = wbuf + uint32_t(c % 2) * 512u;
+      // matrix k = 2 (j - 2 c) + i: accumulators 4 j + 2 i + {0, 1}
+      uint32_t r[4];
 #pragma unroll
-      for (int j = 0; j < TOK / 8; ++j, q += 8 * N)
-        if (8 * j + rank < rem) q[0] = Elem<T>::from_float((rank ? acc[4 * j + 2 * i + 1] : acc[4 * j + 2 * i]) + b);
-    } else {
-#pragma unroll
-      for (int j = 0; j < TOK / 8; ++j, q += 8 * N)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          if (C > 1 && xowner<C>(4 * j + 2 * i + e) != rank) continue;
-          if (8 * j + e < rem) q[e * N] = Elem<T>::from_float(acc[4 * j + 2 * i + e] + b);
+      for (int k = 0; k < 4; ++k) {
+        const int a = 4 * (2 * c + k / 2) + 2 * (k % 2);
+        const float b = k % 2 ? b1 : b0;
+        r[k] = Elem<T>::pack2(acc[a] + b, acc[a + 1] + b);
+      }
+      asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(buf + w_off),
+                   "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
+      __syncwarp();
+      const int m = mt * TOK + 16 * c + tau_r;
+      // token tau_r of the chunk is accumulator index 4 j + e with j = 2 c + tau_r / 8, e = tau_r % 2
+      const bool mine = C == 1 || xowner<C>(4 * (2 * c + tau_r / 8) + tau_r % 2) == rank;
+      if (mine && m < p.M && n < p.N) {
+        T* q = p.y + int64_t(m) * p.N + n;
+        if (vec) {
+          uint4 v;
+          asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                       : "r"(buf + r_off) : "memory");
+          *reinterpret_cast<uint4*>(q) = v;
+        } else {  // an unaligned y, N % 8 != 0 or the last rows: one output at a time
+#pragma unroll 1
+          for (int k = 0; k < 8 && n + k < p.N; ++k) {
+            unsigned short h;
+            asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(h) : "r"(buf + r_off + 2u * k) : "memory");
+            reinterpret_cast<unsigned short*>(q)[k] = h;
+          }
         }
+      }
+    }
+    __syncwarp();  // the next tile's first stmatrix waits for this tile's last reads
+  } else {
+    const int64_t N = p.N;
+    const int m0 = mt * TOK + 2 * t, rem = p.M - m0;  // token m0 + 8 j + e exists iff 8 j + e < rem
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int n = nt * kTileRows + warp * 16 + g + 8 * i;
+      if (n >= p.N) continue;
+      const float b = p.bias ? Elem<T>::to_float(p.bias[n]) : 0.f;
+      T* q = p.y + int64_t(m0) * N + n;  // Y[m0][n]
+      if constexpr (C == 2) {
+        static_assert(xowner<2>(0) == 0 && xowner<2>(1) == 1 && xowner<2>(5) == 1, "xowner<2>(4 j + 2 i + e) = e");
+        q += rank * N;
+#pragma unroll
+        for (int j = 0; j < TOK / 8; ++j, q += 8 * N)
+          if (8 * j + rank < rem) q[0] = Elem<T>::from_float((rank ? acc[4 * j + 2 * i + 1] : acc[4 * j + 2 * i]) + b);
+      } else {
+#pragma unroll
+        for (int j = 0; j < TOK / 8; ++j, q += 8 * N)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            if (C > 1 && xowner<C>(4 * j + 2 * i + e) != rank) continue;
+            if (8 * j + e < rem) q[e * N] = Elem<T>::from_float(acc[4 * j + 2 * i + e] + b);
+          }
+      }
     }
   }
 }
@@ -372,7 +439,7 @@ __device__ __forceinline__ void store_tile(const WgParams<T>& p, int nt, int mt,
 // [source rank][xslot(a)][thread].
 template <int TOK, typename T, int C>
 __device__ __forceinline__ void split_k_store(const WgParams<T>& p, int nt, int mt, float (&acc)[TOK / 2],
-                                              const float* xbuf, uint32_t xbuf_addr) {
+                                              const float* xbuf, uint32_t xbuf_addr, uint32_t epi) {
   constexpr int kAcc = TOK / 2, kPer = 2 * ((kAcc / 2 + C - 1) / C);  // slots per rank (xslot)
   const int rank = blockIdx.x % C;  // = %cluster_ctarank (1-D grid, cluster dims (C, 1, 1))
   uint32_t base[C];  // this thread's first slot in each rank's buffer, written by this rank
@@ -391,7 +458,7 @@ __device__ __forceinline__ void split_k_store(const WgParams<T>& p, int nt, int 
       for (int r = 0; r < C; ++r) v += xbuf[(r * kPer + xslot<C>(a)) * kThreads + threadIdx.x];
       acc[a] = v;
     }
-  store_tile<TOK, T, C>(p, nt, mt, acc, rank);
+  store_tile<TOK, T, C>(p, nt, mt, acc, epi, rank);
 }
 
 // This CTA's work: whole data-parallel tiles cta, cta + grid, ... below dp_tiles, then iterations [sk_begin, sk_end) of the
@@ -499,6 +566,7 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
   uint8_t* stages = smem + L::kLutBytes;
   const uint32_t bars = smem_base + L::kBarOffset;  // full[S], then empty[S]
   int* flag = reinterpret_cast<int*>(smem + L::kBarOffset + 16 * S);
+  const uint32_t epi = smem_base + L::kEpiOffset;  // store_tile's buffers (TOK >= 128)
   const int warp = threadIdx.x / 32;
 
   if (threadIdx.x == 0) {
@@ -623,11 +691,11 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
       if (CTAS == 1 && p.split > 1) {  // one segment per CTA: its k-blocks of the cluster's tile (never at CTAS = 2)
         const float* xbuf = reinterpret_cast<const float*>(stages);
         const uint32_t xaddr = smem_base + L::kLutBytes;
-        if (p.split == 2) split_k_store<TOK, T, 2>(p, nt, mt, acc, xbuf, xaddr);
-        else if (p.split == 3) split_k_store<TOK, T, 3>(p, nt, mt, acc, xbuf, xaddr);
-        else split_k_store<TOK, T, 4>(p, nt, mt, acc, xbuf, xaddr);
+        if (p.split == 2) split_k_store<TOK, T, 2>(p, nt, mt, acc, xbuf, xaddr, epi);
+        else if (p.split == 3) split_k_store<TOK, T, 3>(p, nt, mt, acc, xbuf, xaddr, epi);
+        else split_k_store<TOK, T, 4>(p, nt, mt, acc, xbuf, xaddr, epi);
       } else if (seg_kb0 == 0 && kb == CB - 1) {
-        store_tile<TOK>(p, nt, mt, acc);
+        store_tile<TOK>(p, nt, mt, acc, epi);
       } else {
         // Stream-K fixup (as lut_gemm.cu): publish this partial, the last contributor sums them all.
         const int sk_tile = tile - p.dp_tiles;
@@ -648,7 +716,7 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
 #pragma unroll
             for (int e = 0; e < kAcc; ++e) acc[e] += __ldcg(src + e * kThreads + threadIdx.x);
           }
-          store_tile<TOK>(p, nt, mt, acc);
+          store_tile<TOK>(p, nt, mt, acc, epi);
         }
       }
 #pragma unroll
@@ -730,6 +798,7 @@ void wg_launch(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStr
   fill_gemm_params(p, prob, ws, wg_counters_bytes(geo));
   const Shape& s = prob.shape;
   p.m_tiles = geo.m_tiles; p.n_tiles = geo.n_tiles; p.tiles = geo.tiles; p.dp_tiles = geo.dp_tiles; p.split = geo.split;
+  p.y_vec = reinterpret_cast<uintptr_t>(prob.y) % 16 == 0 && s.N % 8 == 0;
   const CUtensorMap tm_x = x_tensor_map(prob.x, prob.dtype, prob.M, s.K, TOK);
   const CUtensorMap tm_w = codes_tensor_map<BITS>(prob, kWarps, L::kRbCodeBytes / 4);  // a half-stage's codes
   const CUtensorMap tm_s = scales_tensor_map(prob, kWarps);

@@ -51,22 +51,28 @@ inline size_t ws_need(gpu::Path path, int64_t M, const Shape& s) {
 }
 
 // Runs a fused kernel (kLut, with `kernel` choosing the decode kernel, or kWgmma); returns Y as
-// floats (M x N, or M x N/2 with Epilogue::kSiluMul). Y is poisoned with NaN first.
+// floats (M x N, or M x N/2 with Epilogue::kSiluMul). Y is poisoned with NaN first, and so are
+// kGuardElems elements on each side of it, which must stay untouched (a failed expectation names
+// the first one written). y_offset_elems: Y starts that many 2-byte elements past a 256-byte-aligned
+// allocation's guard (odd: an unaligned Y).
+constexpr size_t kGuardElems = 64;
 inline std::vector<float> run_gpu(const Layer& L, const std::vector<uint16_t>& x, int64_t M, DType dt,
                                   const std::vector<uint16_t>* bias, void* ws, size_t ws_bytes,
                                   gpu::Path path = gpu::Path::kLut, gpu::LutKernel kernel = gpu::LutKernel::kAuto,
                                   gpu::WgSplit split = gpu::WgSplit::kAuto,
                                   gpu::DecodeSplit dsplit = gpu::DecodeSplit::kAuto,
                                   gpu::Epilogue epilogue = gpu::Epilogue::kNone, bool rms_norm = false,
-                                  float rms_eps = 0.f, const std::vector<uint16_t>* residual = nullptr) {
+                                  float rms_eps = 0.f, const std::vector<uint16_t>* residual = nullptr,
+                                  size_t y_offset_elems = 0) {
   const Shape& s = L.s;
   const size_t y_elems = size_t(M * (epilogue == gpu::Epilogue::kSiluMul ? s.N / 2 : s.N));
-  DevBuf<uint8_t> dx(x.size() * 2), dw(L.packed.size()), ds(L.packed_scales.size() * 2), dy(y_elems * 2),
+  const size_t y_begin = kGuardElems + y_offset_elems, y_alloc = y_begin + y_elems + kGuardElems;
+  DevBuf<uint8_t> dx(x.size() * 2), dw(L.packed.size()), ds(L.packed_scales.size() * 2), dy(y_alloc * 2),
       db(size_t(s.N) * 2);
   cudaMemcpy(dx.p, x.data(), x.size() * 2, cudaMemcpyHostToDevice);
   cudaMemcpy(dw.p, L.packed.data(), L.packed.size(), cudaMemcpyHostToDevice);
   cudaMemcpy(ds.p, L.packed_scales.data(), L.packed_scales.size() * 2, cudaMemcpyHostToDevice);
-  cudaMemset(dy.p, 0xff, y_elems * 2);  // NaN in fp16 and bf16
+  cudaMemset(dy.p, 0xff, y_alloc * 2);  // NaN in fp16 and bf16, guards included
   if (bias) cudaMemcpy(db.p, bias->data(), size_t(s.N) * 2, cudaMemcpyHostToDevice);
   DevBuf<uint8_t> dr(residual ? residual->size() * 2 : 16);
   if (residual) cudaMemcpy(dr.p, residual->data(), residual->size() * 2, cudaMemcpyHostToDevice);
@@ -75,7 +81,7 @@ inline std::vector<float> run_gpu(const Layer& L, const std::vector<uint16_t>& x
   p.packed_scales = reinterpret_cast<const uint16_t*>(ds.p);
   for (int i = 0; i < s.table_size(); ++i) p.table[i] = L.table[size_t(i)];
   p.bias = bias ? db.p : nullptr;
-  p.y = dy.p;
+  p.y = dy.p + y_begin * 2;
   p.epilogue = epilogue;
   p.rms_norm = rms_norm;
   p.rms_eps = rms_eps;
@@ -83,10 +89,16 @@ inline std::vector<float> run_gpu(const Layer& L, const std::vector<uint16_t>& x
   if (path == gpu::Path::kWgmma) gpu::wgmma_gemm(p, ws, ws_bytes, nullptr, split);
   else gpu::lut_gemm(p, ws, ws_bytes, nullptr, kernel, dsplit);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  std::vector<uint16_t> yh(y_elems);
-  cudaMemcpy(yh.data(), dy.p, yh.size() * 2, cudaMemcpyDeviceToHost);
-  std::vector<float> y(yh.size());
-  for (size_t i = 0; i < y.size(); ++i) y[i] = from_dtype(yh[i], dt);
+  std::vector<uint16_t> all(y_alloc);
+  cudaMemcpy(all.data(), dy.p, all.size() * 2, cudaMemcpyDeviceToHost);
+  for (size_t i = 0; i < y_alloc; ++i)
+    if ((i < y_begin || i >= y_begin + y_elems) && all[i] != 0xffff) {
+      ADD_FAILURE() << "output guard written: element " << (int64_t(i) - int64_t(y_begin)) << " of Y (M=" << M
+                    << " x " << y_elems / size_t(M) << ", Y offset " << y_offset_elems << " elements)";
+      break;
+    }
+  std::vector<float> y(y_elems);
+  for (size_t i = 0; i < y.size(); ++i) y[i] = from_dtype(all[y_begin + i], dt);
   return y;
 }
 

@@ -546,6 +546,41 @@ TEST(Gpu, WgmmaSplitKClusters) {
   if (sms == 132) EXPECT_GE(clustered, 5);
 }
 
+// Y at any 2-byte alignment, N a multiple of 8 or not: the same output bit for bit as a 16-byte-
+// aligned Y, and nothing written outside Y (run_gpu's guards). The wgmma kernel stores 8 outputs of a
+// token at once only where Y is 16-byte aligned and N % 8 == 0 (the others take its one-at-a-time
+// stores); the decode kernels store pairs. Split-K clusters (8192 rows at M = 64 and 256) store each
+// token from one rank.
+TEST(Gpu, OutputAtAnyAlignmentStaysInBounds) {
+  REQUIRE_GPU();
+  std::mt19937 rng(31);
+  Workspace ws;
+  struct Case { Shape s; int64_t M; };
+  const Case cases[] = {{Shape{77, 512, 4, 128}, 5},    {Shape{136, 512, 3, 64}, 70}, {Shape{200, 1024, 4, 128}, 256},
+                        {Shape{8192, 1024, 4, 128}, 64}, {Shape{8192, 1024, 2, 64}, 256}, {Shape{1000, 512, 4, 32}, 300}};
+  for (const Case& c : cases)
+    for (DType dt : {DType::BF16, DType::F16})
+      for (gpu::Path path : {gpu::Path::kLut, gpu::Path::kWgmma}) {
+        if (path == gpu::Path::kWgmma && !gpu::wgmma_supported(0)) continue;
+        Layer L = make_layer(c.s, dt, rng, 2);
+        std::vector<uint16_t> x(size_t(c.M * c.s.K)), bias(size_t(c.s.N));
+        std::normal_distribution<float> nd(0.f, 1.f);
+        for (auto& v : x) v = to_dtype(nd(rng), dt);
+        for (auto& v : bias) v = to_dtype(nd(rng), dt);
+        ws.ensure(ws_need(path, c.M, c.s));
+        const auto y0 = run_gpu(L, x, c.M, dt, &bias, ws.p, ws.bytes, path);
+        ASSERT_TRUE(std::all_of(y0.begin(), y0.end(), [](float v) { return std::isfinite(v); }))
+            << "outputs left unwritten: N=" << c.s.N << " M=" << c.M << " path " << int(path);
+        for (size_t off : {size_t(1), size_t(3), size_t(4), size_t(8)}) {
+          const auto y = run_gpu(L, x, c.M, dt, &bias, ws.p, ws.bytes, path, gpu::LutKernel::kAuto, gpu::WgSplit::kAuto,
+                                 gpu::DecodeSplit::kAuto, gpu::Epilogue::kNone, false, 0.f, nullptr, off);
+          EXPECT_EQ(std::memcmp(y.data(), y0.data(), y.size() * 4), 0)
+              << "Y offset " << off << " elements changed the output: N=" << c.s.N << " M=" << c.M << " path " << int(path)
+              << " dtype " << dtype_name(dt);
+        }
+      }
+}
+
 // One workspace serves calls of every shape and path in turn (as lutmm.matmul's per-device one
 // does): a call after others, whose Stream-K partials filled the workspace, gives bitwise the output
 // it gives on a fresh workspace. (With a counter region sized per call, a call with more counters
