@@ -121,7 +121,10 @@ int wg_tok_for(int64_t M) { return M <= 64 ? 64 : M <= 128 ? 128 : 256; }
 namespace {
 
 // The plan for tiles of `tok` tokens; force_ctas: CTAs per SM if not 0.
-WgPlan plan_tok(int64_t M, const Shape& s, const WgDeviceLimits& d, bool allow_split, int tok, int force_ctas = 0) {
+// c2_busy_pct: the share of the SMs that clusters of 2 must keep busy (the last resort of plan_split
+// lowers it).
+WgPlan plan_tok(int64_t M, const Shape& s, const WgDeviceLimits& d, bool allow_split, int tok, int force_ctas = 0,
+                int c2_busy_pct = 80) {
   WgPlan g;
   const int64_t n_tiles = (s.row_blocks() + kWgTileRowBlocks - 1) / kWgTileRowBlocks;
   g.tok = tok;
@@ -162,7 +165,8 @@ WgPlan plan_tok(int64_t M, const Shape& s, const WgDeviceLimits& d, bool allow_s
   if (allow_split && g.ctas == 1)
     for (int c = 4; c >= 2; --c) {
       const int64_t ctas = tiles * c;
-      if (ctas <= sms && ctas * 5 >= int64_t(sms) * 4 && g.col_blocks >= 4 * c && tiles <= d.max_clusters[c]) {
+      const int64_t busy_pct = c == 2 ? c2_busy_pct : 80;
+      if (ctas <= sms && ctas * 100 >= int64_t(sms) * busy_pct && g.col_blocks >= 4 * c && tiles <= d.max_clusters[c]) {
         g.split = c;
         g.dp_tiles = g.tiles;
         g.grid = int(ctas);
@@ -206,15 +210,24 @@ WgPlan plan_tok(int64_t M, const Shape& s, const WgDeviceLimits& d, bool allow_s
 // 64 fit as clusters of 2). (H100, 2026-11-26, lutmm_bench A/B, 4-bit g128: 4096x4096 M = 256
 // 31.5 -> 22.9 us, M = 200 32.3 -> 22.9, M = 128 20.6 -> 17.7, 3-bit M = 256 32.5 -> 25.7;
 // 4096x14336 M = 256 61.4 -> 61.7, long K: Stream-K's fixups weigh less there.)
+// Then, where neither applies and the tiles would go to plain Stream-K, clusters of 2 that keep
+// only 70-80% of the SMs busy: Stream-K over every SM is slower still. (H100, 2026-11-28, item 77,
+// lutmm_bench A/B, two rounds: 6144x4096 (48 tiles, 96 CTAs on 132 SMs) M = 256 35.6 -> 29.1 us,
+// M = 200 37.6 -> 29.3, M = 128 22.9 -> 20.9, 3-bit M = 256 35.5 -> 30.7, 2-bit 34.5 -> 28.8; but
+// clusters of 3 at 73% (32 tiles) lost to the half-width clusters and the tile-aligned plan they
+// would have replaced: 4096x4096 M = 256 20.9 -> 23.7, 4096x14336 M = 256 52.5 -> 58.1.)
 // Order: clusters at full width; tile-aligned Stream-K at full width where each CTA gets >= 16
-// k-blocks; clusters of half-width tiles; tile-aligned Stream-K with shorter ranges; Stream-K.
+// k-blocks; clusters of half-width tiles; tile-aligned Stream-K with shorter ranges; clusters of 2 at
+// 70% of the SMs; Stream-K.
 WgPlan plan_split(int64_t M, const Shape& s, const WgDeviceLimits& d, bool allow_split) {
   const int tok = wg_tok_for(M);
   const WgPlan g = plan_tok(M, s, d, allow_split, tok);
   if (!allow_split || g.split > 1 || tok == 64 || LUTMM_EXPERIMENT == 6) return g;
   if (g.aligned && g.col_blocks * g.tiles / g.grid >= 16) return g;
   const WgPlan h = plan_tok(M, s, d, true, tok / 2);
-  return h.split > 1 ? h : g;
+  if (h.split > 1 || g.aligned) return h.split > 1 ? h : g;
+  const WgPlan r = plan_tok(M, s, d, true, tok, 0, 70);
+  return r.split > 1 ? r : g;
 }
 
 }  // namespace
