@@ -192,19 +192,19 @@ if [[ $MODE == ab || $MODE == kab ]]; then  # kernel A/B: default build vs -DLUT
   declare -A tested=()
   # AB_ROUNDS (default 1): A and every B timed in turn, that many times (drift between rounds shows).
   for r in $(seq "${AB_ROUNDS:-1}"); do
-  { echo "== A: default (round $r)"; bench_cases build/gpu 0; } | tee -a "$OUT/ab.txt"
-  for e in ${EXPERIMENTS:-2}; do
-    if [[ $(cat "$OUT/build-x$e.rc" 2>/dev/null) != 0 ]]; then
-      [[ $r == 1 ]] && { echo "== B: LUTMM_EXPERIMENT=$e did not build"; tail -20 "$OUT/build-x$e.log"; }
-      continue
-    fi
-    # AB_SKIP_TESTS: experiments that compute wrong results on purpose (ablations timing a part's cost).
-    if [[ " ${AB_SKIP_TESTS:-} " == *" $e "* ]]; then t="skipped (AB_SKIP_TESTS)"
-    elif [[ -z ${tested[$e]:-} ]]; then t=$(./build/gpu-x$e/lutmm_gpu_tests --gtest_brief=1 2>&1 | tail -1); tested[$e]=$t
-    else t="${tested[$e]}"; fi
-    echo "== B: LUTMM_EXPERIMENT=$e  (round $r, tests: $t)" | tee -a "$OUT/ab.txt"
-    bench_cases build/gpu-x$e 1 | tee -a "$OUT/ab.txt"
-  done
+    { echo "== A: default (round $r)"; bench_cases build/gpu 0; } | tee -a "$OUT/ab.txt"
+    for e in ${EXPERIMENTS:-2}; do
+      if [[ $(cat "$OUT/build-x$e.rc" 2>/dev/null) != 0 ]]; then
+        [[ $r == 1 ]] && { echo "== B: LUTMM_EXPERIMENT=$e did not build"; tail -20 "$OUT/build-x$e.log"; }
+        continue
+      fi
+      # AB_SKIP_TESTS: experiments that compute wrong results on purpose (ablations timing a part's cost).
+      if [[ " ${AB_SKIP_TESTS:-} " == *" $e "* ]]; then t="skipped (AB_SKIP_TESTS)"
+      elif [[ -z ${tested[$e]:-} ]]; then t=$(./build/gpu-x$e/lutmm_gpu_tests --gtest_brief=1 2>&1 | tail -1); tested[$e]=$t
+      else t="${tested[$e]}"; fi
+      echo "== B: LUTMM_EXPERIMENT=$e  (round $r, tests: $t)" | tee -a "$OUT/ab.txt"
+      bench_cases build/gpu-x$e 1 | tee -a "$OUT/ab.txt"
+    done
   done
 fi
 if [[ $MODE == profile ]]; then  # Nsight Compute on single cases of the C++ benchmark

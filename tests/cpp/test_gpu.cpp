@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <random>
 
 #include "lutmm/cuda.h"
@@ -619,6 +620,72 @@ TEST(Gpu, SharedWorkspaceAcrossShapes) {
     EXPECT_EQ(std::memcmp(y.data(), y_fresh.data(), y.size() * 4), 0)
         << "shared workspace changed the output: N=" << c.s.N << " M=" << c.M << " path " << int(c.path);
   }
+}
+
+// Calls queued back to back on one stream, each one's Y the next one's X (N = K), ping-ponging two
+// buffers (so each call also overwrites the input of the call before it), one workspace for all:
+// bitwise the output of the same chain with a device synchronization after every call. Programmatic
+// dependent launch lets a kernel start before the previous one ends: this fails if a kernel reads
+// its activations, or writes Y or the workspace, before griddepcontrol.wait. Every path and split
+// that dispatch picks at M = 1, 16, 64 and 256 (three bit widths in turn), on the legacy default
+// stream and on a created stream.
+TEST(Gpu, ChainedCallsWithoutSyncMatchSynchronized) {
+  REQUIRE_GPU();
+  std::mt19937 rng(55);
+  const int64_t D = 2048;
+  std::vector<Layer> layers;
+  std::vector<std::unique_ptr<DevBuf<uint8_t>>> dev;  // packed codes and scales, per layer
+  for (int i = 0; i < 6; ++i) {
+    layers.push_back(make_layer(Shape{D, D, 4 - i % 3, 128}, DType::BF16, rng, 0));
+    const Layer& L = layers.back();
+    dev.push_back(std::make_unique<DevBuf<uint8_t>>(L.packed.size()));
+    CK(cudaMemcpy(dev.back()->p, L.packed.data(), L.packed.size(), cudaMemcpyHostToDevice));
+    dev.push_back(std::make_unique<DevBuf<uint8_t>>(L.packed_scales.size() * 2));
+    CK(cudaMemcpy(dev.back()->p, L.packed_scales.data(), L.packed_scales.size() * 2, cudaMemcpyHostToDevice));
+  }
+  cudaStream_t side = nullptr;
+  CK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+  for (int64_t M : {1, 16, 64, 256}) {
+    const gpu::Path path = M > 32 && gpu::wgmma_supported(0) ? gpu::Path::kWgmma : gpu::Path::kLut;
+    size_t need = 0;
+    for (const Layer& L : layers) need = std::max(need, ws_need(path, M, L.s));
+    Workspace ws;
+    ws.ensure(need);
+    std::vector<uint16_t> x0(size_t(M * D));
+    std::normal_distribution<float> nd(0.f, 1.f);
+    for (auto& v : x0) v = float_to_bf16(nd(rng));
+    DevBuf<uint8_t> a(x0.size() * 2), b(x0.size() * 2);
+    auto chain = [&](bool sync_each, cudaStream_t stream) {
+      EXPECT_EQ(cudaMemcpy(a.p, x0.data(), x0.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+      EXPECT_EQ(cudaMemset(b.p, 0xff, x0.size() * 2), cudaSuccess);
+      for (size_t i = 0; i < layers.size(); ++i) {
+        const Layer& L = layers[i];
+        gpu::GemmProblem p;
+        p.x = i % 2 ? b.p : a.p; p.y = i % 2 ? a.p : b.p;
+        p.dtype = DType::BF16; p.M = M; p.shape = L.s;
+        p.packed = dev[2 * i]->p; p.packed_scales = reinterpret_cast<const uint16_t*>(dev[2 * i + 1]->p);
+        for (int t = 0; t < L.s.table_size(); ++t) p.table[t] = L.table[size_t(t)];
+        if (path == gpu::Path::kWgmma) gpu::wgmma_gemm(p, ws.p, ws.bytes, stream);
+        else gpu::lut_gemm(p, ws.p, ws.bytes, stream);
+        if (sync_each) EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      }
+      EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      std::vector<uint16_t> y(x0.size());  // 6 layers: the last output is in a
+      EXPECT_EQ(cudaMemcpy(y.data(), a.p, y.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+      return y;
+    };
+    const auto ref = chain(true, nullptr);
+    size_t finite = 0;
+    for (uint16_t v : ref) finite += std::isfinite(bf16_to_float(v)) && bf16_to_float(v) != 0.f;
+    ASSERT_GT(finite, ref.size() * 9 / 10) << "M=" << M << ": the chain's output is not a real signal";
+    for (cudaStream_t st : {cudaStream_t(nullptr), side})
+      for (int rep = 0; rep < 3; ++rep) {
+        const auto y = chain(false, st);
+        EXPECT_EQ(std::memcmp(y.data(), ref.data(), y.size() * 2), 0)
+            << "M=" << M << " path " << int(path) << (st ? " side stream" : " default stream") << " run " << rep;
+      }
+  }
+  CK(cudaStreamDestroy(side));
 }
 
 TEST(Gpu, RejectsBadArguments) {
