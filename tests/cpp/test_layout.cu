@@ -5,11 +5,14 @@
 // packed bytes, exactly the pair of codes pack_codes put there (src/pack.cpp, docs/format.md).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
+#include <set>
 #include <random>
 #include <vector>
 
 #include "../../src/cuda/lut_regtable.cuh"
+#include "../../src/cuda/wgmma_epilogue.cuh"
 #include "lutmm/pack.h"
 
 using namespace lutmm;
@@ -113,5 +116,72 @@ TEST(Layout, WgmmaThreeBitWindows) {
             ASSERT_EQ(int((x >> 6) & 63u), b.pair(g + 8, col)) << "g " << g << " t " << t << " s " << s;
           }
       }
+  }
+}
+
+// The wgmma kernel's split-K clusters of C CTAs (wgmma_epilogue.cuh): accumulator a = 4 j + 2 i + e
+// of a thread (row g + 8 i, token 8 j + 2 t + e) is summed and stored by rank xowner(a), which sent
+// it into slot xslot(a) of that rank's exchange buffer. Every accumulator has one owner; one rank's
+// slots never collide and fit the buffer; both rows of a token (a, a + 2: the silu_mul pair, and
+// one stored token of store_tile's staging) share the owner; the ranks' shares differ by at most one
+// pair; clusters of 2 split by e (store_tile's select).
+template <int C>
+void check_split_k_ownership(int tok) {
+  using namespace lutmm::gpu::wgk;
+  const int acc = tok / 2, per = 2 * ((acc / 2 + C - 1) / C);
+  std::vector<std::set<int>> slots(C);
+  std::vector<int> owned(C, 0);
+  for (int a = 0; a < acc; ++a) {
+    const int r = xowner<C>(a);
+    ASSERT_TRUE(r >= 0 && r < C) << "C " << C << " a " << a;
+    const int sl = xslot<C>(a);
+    ASSERT_TRUE(sl >= 0 && sl < per) << "C " << C << " a " << a << " slot " << sl << " of " << per;
+    EXPECT_TRUE(slots[size_t(r)].insert(sl).second) << "C " << C << " a " << a << ": slot " << sl << " taken";
+    ++owned[size_t(r)];
+    const int j = a / 4, i = a / 2 % 2, e = a % 2;
+    EXPECT_EQ(r, xowner<C>(4 * j + 2 * (1 - i) + e)) << "C " << C << " a " << a << ": rows g and g + 8 of a token";
+    // store_tile's staging: token tau = 8 (j % 2) + 2 t + e of chunk c = j / 2 asks for its owner as
+    // xowner(4 (2 c + tau / 8) + tau % 2)
+    EXPECT_EQ(r, xowner<C>(4 * (2 * (j / 2) + j % 2) + e)) << "C " << C << " a " << a;
+    if (C == 2) EXPECT_EQ(r, e) << "a " << a;
+  }
+  const auto [lo, hi] = std::minmax_element(owned.begin(), owned.end());
+  EXPECT_LE(*hi - *lo, 2) << "C " << C << " TOK " << tok << ": uneven shares";
+}
+
+TEST(Layout, WgmmaSplitKOwnership) {
+  for (int tok : {64, 128, 256}) {
+    check_split_k_ownership<1>(tok);
+    check_split_k_ownership<2>(tok);
+    check_split_k_ownership<3>(tok);
+    check_split_k_ownership<4>(tok);
+  }
+}
+
+// store_tile's staging buffer (TOK >= 128): 16 tokens x 16 rows of 2-byte outputs per warp. Each
+// (token, half) has its own 16 bytes; the 8 rows stmatrix writes per 8x8 matrix (tokens 8 b .. 8 b + 7,
+// one half) fall in 8 distinct 16-byte bank groups of 128 bytes, and so do the 16-byte reads of a
+// quarter warp (lanes 8 q .. 8 q + 7: token lane / 2, half lane % 2): no bank conflicts either way.
+TEST(Layout, WgmmaEpilogueStagingIsConflictFree) {
+  using lutmm::gpu::wgk::epi_offset;
+  std::set<uint32_t> all;
+  for (int tau = 0; tau < 16; ++tau)
+    for (int i = 0; i < 2; ++i) {
+      const uint32_t o = epi_offset(tau, i);
+      EXPECT_EQ(o % 16, 0u);
+      EXPECT_LT(o, 512u);
+      EXPECT_TRUE(all.insert(o).second) << "token " << tau << " half " << i;
+      EXPECT_EQ(o / 32, uint32_t(tau)) << "row tau holds token tau";
+    }
+  for (int b = 0; b < 2; ++b)
+    for (int i = 0; i < 2; ++i) {
+      std::set<uint32_t> groups;
+      for (int r = 0; r < 8; ++r) groups.insert(epi_offset(8 * b + r, i) % 128 / 16);
+      EXPECT_EQ(groups.size(), 8u) << "stmatrix matrix rows " << 8 * b << ".." << 8 * b + 7 << " half " << i;
+    }
+  for (int q = 0; q < 4; ++q) {
+    std::set<uint32_t> groups;
+    for (int lane = 8 * q; lane < 8 * q + 8; ++lane) groups.insert(epi_offset(lane / 2, lane % 2) % 128 / 16);
+    EXPECT_EQ(groups.size(), 8u) << "quarter warp " << q;
   }
 }
