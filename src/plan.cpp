@@ -225,7 +225,8 @@ WgPlan plan_split(int64_t M, const Shape& s, const WgDeviceLimits& d, bool allow
   if (!allow_split || g.split > 1 || tok == 64 || LUTMM_EXPERIMENT == 6) return g;
   if (g.aligned && g.col_blocks * g.tiles / g.grid >= 16) return g;
   const WgPlan h = plan_tok(M, s, d, true, tok / 2);
-  if (h.split > 1 || g.aligned) return h.split > 1 ? h : g;
+  if (h.split > 1) return h;
+  if (g.aligned) return g;
   const WgPlan r = plan_tok(M, s, d, true, tok, 0, 70);
   return r.split > 1 ? r : g;
 }
