@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -42,6 +43,11 @@ cudaError_t bench_launch_filler(void* x, int64_t n, cudaStream_t stream, bool pd
 //                                          after its loads, as inductor's kernels do with enable_pdl
 //                                          (bench/bench_filler.cu).
 //        LUTMM_BENCH_L2_HOT=1 lutmm_bench ...  one weight copy, read from L2 after the first call.
+//        LUTMM_BENCH_CONST_X=1 lutmm_bench ...  X all 0.0115 (before session 26: the default) instead of
+//                                          random values in (-2, 2). At large M the data set the power
+//                                          draw and so the clock: H100, 2026-11-28, 8192x8192 M = 4096
+//                                          wgmma, constant X 674-729 us in lutmm_bench against 856 us
+//                                          with random X in bench_kernel.py.
 //        LUTMM_BENCH_FOLD=rms|res lutmm_bench ...  the decode kernels with GemmProblem::rms_norm (each token's
 //                                          factor computed in the kernel) or ::residual (an M x N addend):
 //                                          lutmm.layerfold's calls, for their cost against plain calls.
@@ -84,6 +90,7 @@ int main(int argc, char** argv) {
   }
   const bool gap = argc >= 7 && std::string(argv[6]) == "gap";
   const std::string fold = std::getenv("LUTMM_BENCH_FOLD") ? std::getenv("LUTMM_BENCH_FOLD") : "";
+  const bool const_x = std::getenv("LUTMM_BENCH_CONST_X") != nullptr;
   if (!fold.empty() && fold != "rms" && fold != "res") { std::printf("LUTMM_BENCH_FOLD: rms or res\n"); return 1; }
   std::mt19937 rng(1);
   cudaStream_t st;
@@ -113,7 +120,20 @@ int main(int argc, char** argv) {
       CK(cudaMemset(res, 0x3c, size_t(c.M * c.N) * 2));
     }
     CK(cudaMalloc(&x, size_t(c.M * c.K) * 2));
-    CK(cudaMemset(x, 0x3c, size_t(c.M * c.K) * 2));  // bf16 ~0.01: finite, non-zero
+    if (const_x) {
+      CK(cudaMemset(x, 0x3c, size_t(c.M * c.K) * 2));  // bf16 ~0.01: finite, non-zero
+    } else {  // random bf16 in (-2, 2): as bench_kernel.py's randn, the tensor cores' power draw is real
+      std::vector<uint16_t> hx(size_t(c.M * c.K));
+      uint32_t st32 = 0x9e3779b9u;
+      for (auto& v : hx) {
+        st32 ^= st32 << 13; st32 ^= st32 >> 17; st32 ^= st32 << 5;  // xorshift32
+        const float f = float(int32_t(st32)) * (2.f / 2147483648.f);
+        uint32_t u;
+        std::memcpy(&u, &f, 4);
+        v = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // to bf16, nearest even
+      }
+      CK(cudaMemcpy(x, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice));
+    }
     CK(cudaMalloc(&y, size_t(c.M * c.N) * 2));
     const bool wg = c.kind == kWgmma || c.kind == kWgmmaSk;
     const size_t wsb = wg ? gpu::wgmma_workspace_bytes(c.M, s, 0) : gpu::workspace_bytes(c.M, s, 0);
