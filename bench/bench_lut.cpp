@@ -44,10 +44,11 @@ cudaError_t bench_launch_filler(void* x, int64_t n, cudaStream_t stream, bool pd
 //                                          (bench/bench_filler.cu).
 //        LUTMM_BENCH_L2_HOT=1 lutmm_bench ...  one weight copy, read from L2 after the first call.
 //        LUTMM_BENCH_CONST_X=1 lutmm_bench ...  X all 0.0115 (before session 26: the default) instead of
-//                                          random values in (-2, 2). At large M the data set the power
-//                                          draw and so the clock: H100, 2026-11-28, 8192x8192 M = 4096
-//                                          wgmma, constant X 674-729 us in lutmm_bench against 856 us
-//                                          with random X in bench_kernel.py.
+//                                          random values in (-2, 2). At large M the data likely set
+//                                          the power draw and so the clock (H100, 2026-11-28,
+//                                          8192x8192 M = 4096 wgmma: constant X 674-729 us here against
+//                                          856 us with random X in bench_kernel.py; not yet checked by
+//                                          timing both here).
 //        LUTMM_BENCH_FOLD=rms|res lutmm_bench ...  the decode kernels with GemmProblem::rms_norm (each token's
 //                                          factor computed in the kernel) or ::residual (an M x N addend):
 //                                          lutmm.layerfold's calls, for their cost against plain calls.
