@@ -112,7 +112,7 @@ struct WgLayout {
   static_assert(kStageBytes % 1024 == 0 && kLutBytes % 1024 == 0, "swizzle atoms must stay 1024-byte aligned");
   // The epilogue's staging buffers (store_tile, TOK >= 128): two 512-byte buffers per consumer warp.
   static constexpr int kEpiBytes = TOK >= 128 ? kWarps * 1024 : 0;
-  static constexpr int kStages = kCtas == 2 ? std::min(8, (113 * 1024 - kLutBytes - (kEpiBytes ? kEpiBytes + 256 : 128)) / kStageBytes)
+  static constexpr int kStages = kCtas == 2 ? std::min(8, (113 * 1024 - kLutBytes - 128) / kStageBytes)
                                 : TOK == 256 ? 4 : TOK == 128 ? 6 : 8;  // as many as fit beside the table
   // (TOK = 64 with 12 stages (4 bits; 3 bits 14), 48 KB of codes in flight per SM instead of 32: H100,
   // 2026-11-27, item 73: 8192x8192 M = 64 30.0 -> 30.1 us, 3-bit 31.4 -> 32.1, 57344x8192 156.9 ->
