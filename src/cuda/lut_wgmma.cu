@@ -65,7 +65,6 @@
 
 // Kernel experiments for A/B builds (cmake -DLUTMM_EXPERIMENT=N, `EXPERIMENTS=N bash scripts/gpu.sh kab`):
 //   6  never halve the tile's tokens to reach split-K clusters (src/plan.cpp)
-//   8  programmatic dependent launch (kPdl; prepared in session 26, not yet measured)
 //   14 no tile-aligned Stream-K (src/plan.cpp)
 //   Ablations (wrong results, AB_SKIP_TESTS; docs/performance-log.md item 73), each removing one part
 //   of the k-block's work to time it: 16 no table loads (4 bits: a lookup returns its address), 17 no
@@ -75,6 +74,10 @@
 //      8192x8192 M = 4096, equal elsewhere)
 //   (retired, H100 2026-11-26, lutmm_bench A/B: TOK = 128 at M = 256 when TOK = 256 leaves most SMs without a tile:
 //   4096x4096 32.7 -> 29.0 us but 8192x8192 67.7 -> 71.6 and 4096x14336 62.6 -> 70.0, not kept)
+//   (retired, H100 2026-11-28, item 78: programmatic dependent launch, the producer loading the first
+//   stages' codes and scales and the consumers building the table before griddepcontrol.wait:
+//   M = 64 12.9 -> 13.6 us (4096x4096), 29.2 -> 30.1 (8192x8192); M = 256 50.7 -> 50.0 (8192x8192),
+//   29.2 -> 28.3 (6144x4096); M = 128 17.2 -> 17.7 (4096x4096); not kept)
 //   (and: 128-byte 4-bit table entries, prmt + shift, for a 5th stage with the no-drain loop: within
 //   1% of the 64 KB table except 4096x14336 M = 4096 +9%, not kept)
 
@@ -126,11 +129,6 @@ struct WgLayout {
   // thread (xslot), C <= 4.
   static_assert(kStages * kStageBytes >= kThreads * 4 * (TOK / 2 + 6), "split-K exchange buffer");
 };
-
-// Experiment 8: programmatic dependent launch (as the decode kernels, item 15): the CTA's set-up, its
-// table and its first stages' codes and scales overlap the previous kernel's end; the activations, the
-// workspace and Y are touched only after griddepcontrol.wait.
-constexpr bool kPdl = LUTMM_EXPERIMENT == 8;
 
 #if LUTMM_SM90A  // device code below exists for sm_90a only
 
@@ -310,41 +308,10 @@ __device__ __forceinline__ void produce(const WgParams<T>& p, const WgMaps& maps
   const uint32_t stage_bytes = (kLoadX ? L::kStageX : 0) + (kLoadW ? L::kStageW + kWarps * 32 * gpk : 0);
   WorkCursor wc(p);
   int q = 0;
-  if (kPdl) {
-    // The first S half-blocks' codes and scales (nothing an earlier kernel writes) while the previous
-    // kernel in the stream may still run; their activations once it has finished (and its writes
-    // are visible: griddepcontrol.wait); the loop below then skips those half-blocks.
-    for (int pass = 0; pass < 2; ++pass) {
-      if (pass == 1) {
-        grid_dependency_wait();
-        grid_dependents_launch();
-      }
-      WorkCursor c = wc;
-      for (int q0 = 0; c.pos < c.n_iters && q0 < S; c.next()) {
-        int nt, mt;
-        tile_coords(c.tile, p.m_tiles, p.n_tiles, nt, mt);
-        for (int h = 0; h < 2 && q0 < S; ++h, ++q0) {
-          const uint32_t full = smem_base + L::kBarOffset + 8 * q0;
-          const uint32_t stage = smem_base + L::kLutBytes + q0 * L::kStageBytes;
-          if (pass == 1) {
-            if (kLoadX) wg::tma_load_2d(stage, maps.x, c.kb * kBlockCols + 64 * h, mt * TOK, full);
-            continue;
-          }
-          wg::mbar_arrive_expect_tx(full, stage_bytes);
-          if (kLoadW) {
-            wg::tma_load_2d(stage + L::kStageX, maps.w,
-                            (c.kb * L::kBlockBytes + (BITS == 4 ? h * L::kRbCodeBytes : 0)) / 4, nt * kWarps, full);
-            wg::tma_load_2d(stage + L::kStageX + L::kStageW, maps.s, ((c.kb * 4) >> p.gl) * 16, nt * kWarps, full);
-          }
-        }
-      }
-    }
-  }
   for (; wc.pos < wc.n_iters; wc.next()) {
     int nt, mt;
     tile_coords(wc.tile, p.m_tiles, p.n_tiles, nt, mt);
     for (int h = 0; h < 2; ++h, ++q) {
-      if (kPdl && q < S) continue;  // issued above
       const int st = q % S, use = q / S;
       const uint32_t full = smem_base + L::kBarOffset + 8 * st, empty = full + 8 * S;
       if (use > 0) wg::mbar_wait(empty, (use - 1) & 1);
@@ -385,25 +352,15 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
   const uint32_t epi = smem_base + L::kEpiOffset;  // store_tile's buffers (TOK >= 128)
   const int warp = threadIdx.x / 32;
 
-  // kPdl: the producer thread sets up the barriers and starts loading at once; the consumers build the
-  // table meanwhile, then meet the producer warpgroup's arrival at named barrier 2 (the barriers'
-  // set-up and the whole table visible), then wait for the previous kernel.
-  if (threadIdx.x == (kPdl ? kThreads : 0)) {
+  if (threadIdx.x == 0) {
     for (int st = 0; st < S; ++st) {
       wg::mbar_init(bars + 8 * st, 1);            // the producer's arrive.expect_tx
       wg::mbar_init(bars + 8 * (S + st), kWarps);  // one arrival per consumer warp
     }
     wg::mbar_init_fence();
   }
-  if (kPdl) {
-    if (warp >= kWarps) {
-      __syncwarp();
-      wg::named_arrive(2, kCtaThreads);
-    }
-  } else {
-    if (warp < kWarps) build_table<BITS, 256, kThreads, T>(lut, p.table);
-    __syncthreads();
-  }
+  if (warp < kWarps) build_table<BITS, 256, kThreads, T>(lut, p.table);
+  __syncthreads();
   if (warp >= kWarps) {
     // Registers per thread after setmaxnreg (the CTA's pool: 168 (1 CTA) or 80 (2 CTAs) x 384
     // threads): producer 40 or 24, consumers 232 or 104.
@@ -416,12 +373,6 @@ lut_wgmma_kernel(const WgParams<T> p, const __grid_constant__ CUtensorMap tmap_x
     return;
   }
   wg::regs_inc<CTAS == 2 ? 104 : 232>();
-  if (kPdl) {
-    build_table<BITS, 256, kThreads, T>(lut, p.table);
-    wg::named_sync(2, kCtaThreads);
-    grid_dependency_wait();  // before the workspace or Y (each thread waits for itself)
-    grid_dependents_launch();
-  }
 
   QuadCodes<BITS> qc;
   float acc[kAcc];
@@ -634,11 +585,6 @@ void wg_launch(const GemmProblem& prob, const WgGeometry& geo, void* ws, cudaStr
   const CUtensorMap tm_x = x_tensor_map(prob.x, prob.dtype, prob.M, s.K, TOK);
   const CUtensorMap tm_w = codes_tensor_map<BITS>(prob, kWarps, L::kRbCodeBytes / 4);  // a half-stage's codes
   const CUtensorMap tm_s = scales_tensor_map(prob, kWarps);
-  if (kPdl) {
-    launch_pdl(kernel, dim3(unsigned(geo.grid)), dim3(kCtaThreads), size_t(L::kSmemBytes), stream, geo.device, geo.split,
-               p, tm_x, tm_w, tm_s);
-    return;
-  }
   cudaLaunchAttribute attr[1];
   const cudaLaunchConfig_t cfg = wg_config(geo.grid, L::kSmemBytes, stream, geo.split, attr);
   check_cuda(cudaLaunchKernelEx(&cfg, kernel, p, tm_x, tm_w, tm_s), "lut_wgmma_kernel launch");
