@@ -6,6 +6,12 @@
 Weights are random (speed does not depend on values) and rotated over enough copies to defeat the
 50 MB L2. Each timing is the median over replays of a CUDA graph of calls (launch gaps removed),
 divided by the calls per graph.
+
+lutmm (every timed path) and cuBLAS are timed interleaved: after ~0.25 s of their graphs replayed in
+turn, 20 rounds of one timed replay each. At large M both run power-bound (~700 W, 1.5 GHz instead of
+1.98), and the card's clock follows the last ~0.1-1 s of work: timed one after the other, the second
+inherits the first's heat (H100, 2026-11-28: 8192x8192 M = 4096 lutmm 747 us timed cool, 858 us right
+after cuBLAS; scripts/probe_sustained.py). torch int4 (far slower at M > 16) is timed on its own.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import json
 import math
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +67,49 @@ def time_graph(fn_list, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+class GraphTimer:
+    """A CUDA graph of zero-arg callables, captured once; once() replays it and returns us per call."""
+
+    def __init__(self, fn_list):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for f in fn_list:  # warm-up (also grows workspaces outside capture)
+                f()
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        self.calls = len(fn_list)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            for f in fn_list:
+                f()
+        self.graph.replay()
+        torch.cuda.synchronize()
+
+    def once(self) -> float:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        self.graph.replay()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) * 1000.0 / self.calls
+
+
+def time_interleaved(timers, reps: int = 20, settle_s: float = 0.25):
+    """Median us per call of each GraphTimer, replayed in turn (so all see the same clocks and power):
+    first for settle_s seconds untimed, then reps timed rounds."""
+    t_end = time.perf_counter() + settle_s
+    while time.perf_counter() < t_end:
+        for t in timers:
+            t.graph.replay()
+        torch.cuda.synchronize()
+    times = [[] for _ in timers]
+    for _ in range(reps):
+        for t, ts in zip(timers, times):
+            ts.append(t.once())
+    return [statistics.median(ts) for ts in times]
+
+
 def random_qweight(N, K, bits, g, dev):
     nbytes = _core.packed_bytes(N, K, bits, g)
     packed = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=dev)
@@ -67,25 +117,27 @@ def random_qweight(N, K, bits, g, dev):
     return lutmm.QuantizedWeight(packed, ps, lutmm.make_table("nf", bits), bits, g, (N, K), "nf")
 
 
-def bench_lutmm(M, N, K, bits, g, dev, path=None):
+def lutmm_copies(N, K, bits, g, dev):
+    """Random quantized weights, enough copies to span 3x the L2; and the bytes of one."""
     qw0 = random_qweight(N, K, bits, g, dev)
     wbytes = qw0.packed.numel() + 2 * qw0.packed_scales.numel()
-    copies = [qw0] + [random_qweight(N, K, bits, g, dev) for _ in range(n_copies(wbytes) - 1)]
-    x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+    return [qw0] + [random_qweight(N, K, bits, g, dev) for _ in range(n_copies(wbytes) - 1)], wbytes
+
+
+def lutmm_timer(x, copies, path=None):
+    """A GraphTimer of lutmm.matmul over the copies, on `path` (None: the dispatched one)."""
     old = ops.FORCE_PATH
     ops.FORCE_PATH = path
     try:
-        us = time_graph([lambda q=q: lutmm.matmul(x, q) for q in copies])
+        return GraphTimer([lambda q=q: lutmm.matmul(x, q) for q in copies])
     finally:
         ops.FORCE_PATH = old
-    return us, wbytes
 
 
-def bench_cublas(M, N, K, dev):
-    wbytes = N * K * 2
-    ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) for _ in range(n_copies(wbytes))]
-    x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-    return time_graph([lambda w=w: F.linear(x, w) for w in ws])
+def cublas_timer(x, N, K, dev):
+    """A GraphTimer of F.linear (cuBLAS bf16) over enough N x K weights to span 3x the L2."""
+    ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) for _ in range(n_copies(N * K * 2))]
+    return GraphTimer([lambda w=w: F.linear(x, w) for w in ws])
 
 
 def bench_int4(M, N, K, g, dev):
@@ -153,13 +205,18 @@ def main():
         for M in Ms:
             if args.quick and not args.ms and (N, K) in QUICK_DECODE_ONLY and M > 16:
                 continue
-            cub = bench_cublas(M, N, K, dev)
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            cub_timer = cublas_timer(x, N, K, dev)
             int4_by_g = {}
             for bits, g in configs:
                 if (bits, g) != (4, 128) and M > 16 and (args.quick or args.standard):
                     continue
                 path = ops.choose_path(M, N, K, bits, g)
-                us, wbytes = bench_lutmm(M, N, K, bits, g, dev)
+                copies, wbytes = lutmm_copies(N, K, bits, g, dev)
+                extra = forced_paths(M) if args.paths else []
+                timers = [lutmm_timer(x, copies), cub_timer] + [lutmm_timer(x, copies, p) for p in extra]
+                us, cub, *forced_us = time_interleaved(timers)
+                del timers, copies
                 floor_us = max(wbytes / PEAK_BYTES_S, 2.0 * M * N * K / PEAK_FLOPS) * 1e6
                 if bits == 4 and g not in int4_by_g:
                     int4_by_g[g] = bench_int4(M, N, K, g, dev)
@@ -167,13 +224,13 @@ def main():
                 row = dict(N=N, K=K, M=M, bits=bits, g=g, path=path, us=us, tbs=wbytes / us / 1e6,
                            pct_floor=100 * floor_us / us, cublas_us=cub, x_cublas=cub / us, int4_us=i4,
                            x_int4=i4 / us if i4 == i4 else float("nan"))
-                if args.paths:
-                    for p in forced_paths(M):
-                        row[f"{p}_us"] = bench_lutmm(M, N, K, bits, g, dev, path=p)[0]
+                for p, t in zip(extra, forced_us):
+                    row[f"{p}_us"] = t
                 rows.append(row)
                 print(f"{N:>6}x{K:<6} {M:>5} {bits:>2} {g:>4} {path:>7} {us:9.1f} {row['tbs']:6.2f} "
                       f"{row['pct_floor']:6.1f} {cub:9.1f} {row['x_cublas']:8.2f} {i4:8.1f} {row['x_int4']:7.2f}"
                       + "".join(f"  {p} {row[p + '_us']:.1f}" for p in forced_paths(M) if args.paths), flush=True)
+            del cub_timer
             torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
