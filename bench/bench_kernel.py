@@ -68,9 +68,12 @@ def time_graph(fn_list, reps: int = 20) -> float:
 
 
 class GraphTimer:
-    """A CUDA graph of zero-arg callables, captured once; once() replays it and returns us per call."""
+    """A CUDA graph of zero-arg callables, captured once; once() replays it and returns us per call.
+    It keeps the callables (and the tensors they hold: weights, activations) alive as long as the graph,
+    which reads their memory at every replay."""
 
     def __init__(self, fn_list):
+        self.fns = list(fn_list)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
