@@ -40,33 +40,6 @@ def n_copies(nbytes: int) -> int:
     return max(1, min(16, math.ceil(3 * L2_BYTES / max(nbytes, 1))))
 
 
-def time_graph(fn_list, reps: int = 20) -> float:
-    """Median microseconds per call of a list of zero-arg callables, replayed in one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fn_list:  # warm-up (also grows workspaces outside capture)
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fn_list:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000.0 / len(fn_list))
-    del g
-    return statistics.median(times)
-
-
 class GraphTimer:
     """A CUDA graph of zero-arg callables, captured once; once() replays it and returns us per call.
     It keeps the callables (and the tensors they hold: weights, activations) alive as long as the graph,
@@ -96,6 +69,12 @@ class GraphTimer:
         b.record()
         b.synchronize()
         return a.elapsed_time(b) * 1000.0 / self.calls
+
+
+def time_graph(fn_list, reps: int = 20) -> float:
+    """Median microseconds per call of a list of zero-arg callables, replayed in one CUDA graph."""
+    t = GraphTimer(fn_list)
+    return statistics.median(t.once() for _ in range(reps))
 
 
 def time_interleaved(timers, reps: int = 20, settle_s: float = 0.25):
