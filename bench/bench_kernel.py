@@ -7,11 +7,14 @@ Weights are random (speed does not depend on values) and rotated over enough cop
 50 MB L2. Each timing is the median over replays of a CUDA graph of calls (launch gaps removed),
 divided by the calls per graph.
 
-lutmm (every timed path) and cuBLAS are timed interleaved: after ~0.25 s of their graphs replayed in
-turn, 20 rounds of one timed replay each. At large M both run power-bound (~700 W, 1.5 GHz instead of
-1.98), and the card's clock follows the last ~0.1-1 s of work: timed one after the other, the second
-inherits the first's heat (H100, 2026-11-28: 8192x8192 M = 4096 lutmm 747 us timed cool, 858 us right
-after cuBLAS; scripts/probe_sustained.py). torch int4 (far slower at M > 16) is timed on its own.
+lutmm (every timed path) and cuBLAS are each timed in their own steady state: 0.5 s of replays of
+the graph alone, then 20 timed replays. At large M both run power-bound (~690 W, the clock 1.5 GHz
+instead of 1.98) and the clock follows the last ~0.1-1 s of work, so a short timing measures whatever
+ran before it (H100, 2026-11-28, scripts/probe_sustained.py: 8192x8192 M = 4096 lutmm 747 us timed
+cool, 858-863 us right after cuBLAS or sustained; 57344x8192 M = 1024 cuBLAS 1297 us cool, 1499-1521
+sustained). Timed in turn with each other, the cooler kernel lends the hotter one clock (cuBLAS at
+57344x8192 M = 1024: 1310-1395 us interleaved with lutmm). torch int4 (6-20x slower at M > 16) is
+timed without the settling.
 """
 from __future__ import annotations
 
@@ -77,19 +80,18 @@ def time_graph(fn_list, reps: int = 20) -> float:
     return statistics.median(t.once() for _ in range(reps))
 
 
-def time_interleaved(timers, reps: int = 20, settle_s: float = 0.25):
-    """Median us per call of each GraphTimer, replayed in turn (so all see the same clocks and power):
-    first for settle_s seconds untimed, then reps timed rounds."""
-    t_end = time.perf_counter() + settle_s
-    while time.perf_counter() < t_end:
-        for t in timers:
-            t.graph.replay()
-        torch.cuda.synchronize()
-    times = [[] for _ in timers]
-    for _ in range(reps):
-        for t, ts in zip(timers, times):
-            ts.append(t.once())
-    return [statistics.median(ts) for ts in times]
+def time_settled(timers, reps: int = 20, settle_s: float = 0.5):
+    """Median us per call of each GraphTimer in its own steady state: replayed alone for settle_s
+    seconds untimed, then reps timed replays."""
+    meds = []
+    for t in timers:
+        t_end = time.perf_counter() + settle_s
+        while time.perf_counter() < t_end:
+            for _ in range(8):
+                t.graph.replay()
+            torch.cuda.synchronize()
+        meds.append(statistics.median(t.once() for _ in range(reps)))
+    return meds
 
 
 def random_qweight(N, K, bits, g, dev):
@@ -197,7 +199,7 @@ def main():
                 copies, wbytes = lutmm_copies(N, K, bits, g, dev)
                 extra = forced_paths(M) if args.paths else []
                 timers = [lutmm_timer(x, copies), cub_timer] + [lutmm_timer(x, copies, p) for p in extra]
-                us, cub, *forced_us = time_interleaved(timers)
+                us, cub, *forced_us = time_settled(timers)
                 del timers, copies
                 floor_us = max(wbytes / PEAK_BYTES_S, 2.0 * M * N * K / PEAK_FLOPS) * 1e6
                 if bits == 4 and g not in int4_by_g:
