@@ -28,6 +28,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import _core
+from ._api import _DTYPE_CODE
+from .ops import current_stream_handle
+
 NAME = "lutmm_gqa"
 NAME_KERNEL = "lutmm_gqa_kernel"  # the same, decode steps through gqa_decode_attention's CUDA kernel
 
@@ -78,7 +82,6 @@ def _(q, k, v, mask, scale, variant=0):
 @functools.lru_cache(maxsize=1024)
 def _workspace_bytes(b: int, hkv: int, g: int, s: int, d: int, device: int) -> int:
     """The kernel's scratch bytes for these sizes on `device` (one crossing into C++ per shape)."""
-    from . import _core
     return _core.gpu_decode_attention_workspace_bytes(b, hkv, g, s, d, device)
 
 
@@ -100,9 +103,6 @@ def _launch(q, k, v, mask, scale, variant=0, fused=(), fused_strides=()) -> torc
     [B, Hkv, G, D] (rows contiguous; its batch stride is fused_strides[0] in the fused step, else q is
     contiguous), k / v [B, Hkv, S, D] as _rows_contiguous leaves them, mask None or bool [B or 1, S].
     fused / fused_strides: the fused step's pointers and strides (gpu_decode_attention's binding)."""
-    from . import _core
-    from ._api import _DTYPE_CODE
-    from .ops import current_stream_handle
     b, hkv, g, d = q.shape
     s_len = k.shape[2]
     if mask is not None and mask.stride(-1) != 1:
