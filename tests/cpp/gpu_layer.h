@@ -46,6 +46,17 @@ inline Layer make_layer(const Shape& s, DType dt, std::mt19937& rng, int table_k
 }
 
 // Workspace bytes the fused path `path` needs.
+// The GemmProblem of layer L (shape, table) for M rows of activations x of dtype dt, its packed codes
+// and scales at `packed` and `scales` on the device, and the output y (no bias, no epilogue).
+inline gpu::GemmProblem layer_problem(const Layer& L, DType dt, int64_t M, const void* x, const void* packed,
+                                      const void* scales, void* y) {
+  gpu::GemmProblem p;
+  p.x = x; p.dtype = dt; p.M = M; p.shape = L.s; p.packed = packed;
+  p.packed_scales = static_cast<const uint16_t*>(scales); p.y = y;
+  for (int i = 0; i < L.s.table_size(); ++i) p.table[i] = L.table[size_t(i)];
+  return p;
+}
+
 inline size_t ws_need(gpu::Path path, int64_t M, const Shape& s) {
   return path == gpu::Path::kWgmma ? gpu::wgmma_workspace_bytes(M, s, 0) : gpu::workspace_bytes(M, s, 0);
 }
@@ -76,12 +87,8 @@ inline std::vector<float> run_gpu(const Layer& L, const std::vector<uint16_t>& x
   if (bias) cudaMemcpy(db.p, bias->data(), size_t(s.N) * 2, cudaMemcpyHostToDevice);
   DevBuf<uint8_t> dr(residual ? residual->size() * 2 : 16);
   if (residual) cudaMemcpy(dr.p, residual->data(), residual->size() * 2, cudaMemcpyHostToDevice);
-  gpu::GemmProblem p;
-  p.x = dx.p; p.dtype = dt; p.M = M; p.shape = s; p.packed = dw.p;
-  p.packed_scales = reinterpret_cast<const uint16_t*>(ds.p);
-  for (int i = 0; i < s.table_size(); ++i) p.table[i] = L.table[size_t(i)];
+  gpu::GemmProblem p = layer_problem(L, dt, M, dx.p, dw.p, ds.p, dy.p + y_begin * 2);
   p.bias = bias ? db.p : nullptr;
-  p.y = dy.p + y_begin * 2;
   p.epilogue = epilogue;
   p.rms_norm = rms_norm;
   p.rms_eps = rms_eps;

@@ -660,11 +660,8 @@ TEST(Gpu, ChainedCallsWithoutSyncMatchSynchronized) {
       EXPECT_EQ(cudaMemset(b.p, 0xff, x0.size() * 2), cudaSuccess);
       for (size_t i = 0; i < layers.size(); ++i) {
         const Layer& L = layers[i];
-        gpu::GemmProblem p;
-        p.x = i % 2 ? b.p : a.p; p.y = i % 2 ? a.p : b.p;
-        p.dtype = DType::BF16; p.M = M; p.shape = L.s;
-        p.packed = dev[2 * i]->p; p.packed_scales = reinterpret_cast<const uint16_t*>(dev[2 * i + 1]->p);
-        for (int t = 0; t < L.s.table_size(); ++t) p.table[t] = L.table[size_t(t)];
+        const gpu::GemmProblem p = layer_problem(L, DType::BF16, M, i % 2 ? b.p : a.p, dev[2 * i]->p,
+                                                 dev[2 * i + 1]->p, i % 2 ? a.p : b.p);
         if (path == gpu::Path::kWgmma) gpu::wgmma_gemm(p, ws.p, ws.bytes, stream);
         else gpu::lut_gemm(p, ws.p, ws.bytes, stream);
         if (sync_each) EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -696,10 +693,7 @@ TEST(Gpu, RejectsBadArguments) {
   DevBuf<uint8_t> dx(size_t(2 * 256 * 2) + 16), dw(L.packed.size()), ds(L.packed_scales.size() * 2), dy(2 * 64 * 2);
   Workspace ws;
   ws.ensure(gpu::workspace_bytes(2, s, 0));
-  gpu::GemmProblem p;
-  p.x = dx.p; p.dtype = DType::F16; p.M = 2; p.shape = s; p.packed = dw.p;
-  p.packed_scales = reinterpret_cast<uint16_t*>(ds.p); p.y = dy.p;
-  for (int i = 0; i < 16; ++i) p.table[i] = L.table[size_t(i)];
+  const gpu::GemmProblem p = layer_problem(L, DType::F16, 2, dx.p, dw.p, ds.p, dy.p);
   EXPECT_NO_THROW(gpu::lut_gemm(p, ws.p, ws.bytes, nullptr));
   gpu::GemmProblem bad = p;
   bad.x = dx.p + 2;

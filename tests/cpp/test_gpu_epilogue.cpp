@@ -106,10 +106,7 @@ TEST(GpuEpilogue, RejectsBadArguments) {
       db(72 * 2);
   Workspace ws;
   ws.ensure(std::max(gpu::workspace_bytes(2, Shape{80, 256, 4, 128}, 0), gpu::workspace_bytes(2, s, 0)));
-  gpu::GemmProblem p;
-  p.x = dx.p; p.dtype = DType::BF16; p.M = 2; p.shape = s; p.packed = dw.p;
-  p.packed_scales = reinterpret_cast<uint16_t*>(ds.p); p.y = dy.p;
-  for (int i = 0; i < 16; ++i) p.table[i] = L.table[size_t(i)];
+  gpu::GemmProblem p = layer_problem(L, DType::BF16, 2, dx.p, dw.p, ds.p, dy.p);
   p.epilogue = gpu::Epilogue::kSiluMul;
   auto message = [](auto&& f) {
     try { f(); } catch (const Error& e) { return std::string(e.what()); }
