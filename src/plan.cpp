@@ -199,7 +199,11 @@ WgPlan plan_tok(int64_t M, const Shape& s, const WgDeviceLimits& d, bool allow_s
   const int tail = g.tiles % slots;
   const int64_t waves_up = (g.tiles + slots - 1) / slots;
   const bool dp_only = tail == 0 || tail * 10 >= slots * 9 || waves_up * slots * 10 <= int64_t(g.tiles) * 11;
-  g.dp_tiles = dp_only ? g.tiles : std::max(0, g.tiles / slots - 1) * slots;
+  // LUTMM_EXPERIMENT 10: every whole wave data-parallel, only the remainder on Stream-K (shares of
+  // remainder x col_blocks / slots k-blocks: 6144x4096 M = 1024, 192 tiles, 132 data-parallel and 60
+  // on Stream-K at 14.5 k-blocks per CTA, instead of all 192 at 46.5, every tile split mid-range).
+  const int sk_waves = LUTMM_EXPERIMENT == 10 ? 0 : 1;
+  g.dp_tiles = dp_only ? g.tiles : std::max(0, g.tiles / slots - sk_waves) * slots;
   const int64_t sk_iters = int64_t(g.sk_tiles()) * g.col_blocks;
   g.grid = g.dp_tiles > 0 ? std::min(slots, g.tiles) : int(std::min<int64_t>(slots, std::max<int64_t>(1, sk_iters)));
   return g;
