@@ -1,52 +1,52 @@
-"""One-off probe (session 27): are bench_kernel.py's large-M rows slower than lutmm_bench's because of
-the GPU's sustained power state? Times lutmm and cuBLAS in short (20 replays) and long (300 replays,
-median of the last 150) runs, in turn, while nvidia-smi samples clocks and power."""
-import os, statistics, subprocess, sys, time
+"""Probe (session 27, docs/performance-log.md item 79): how the card's power state moves large-M timings.
+
+    OUT=/tmp python3 scripts/probe_sustained.py     # on the GPU machine, from the repository root
+
+Times lutmm and cuBLAS bf16 on three prefill shapes in a short run (20 graph replays) and a long one
+(300 replays: medians of the first 50 and the last 150), lutmm then cuBLAS, twice, while nvidia-smi
+writes the SM clock, power and temperature every 100 ms to $OUT/smi.csv. On the H100 (2026-11-28) a
+short timing reflected the state the previous work left (8192x8192 M = 4096 lutmm 747 us cool, 858 us
+after cuBLAS); the long runs' last 150 replays give each kernel's own steady state, which
+bench_kernel.py now times (time_settled).
+"""
+import os
+import statistics
+import subprocess
+import sys
+import time
+
 import torch
-import torch.nn.functional as F
-sys.path.insert(0, "bench")
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 import bench_kernel as bk  # noqa: E402
-import lutmm  # noqa: E402
-
-OUT = os.environ.get("OUT", "/tmp")
-dev = torch.device("cuda")
-torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
-smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu",
-                        "--format=csv,noheader", "-lms", "100"], stdout=open(f"{OUT}/smi.csv", "w"))
-t00 = time.time()
 
 
-def graph_times(fns, reps):
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); g.replay(); b.record(); b.synchronize()
-        ts.append(a.elapsed_time(b) * 1000.0 / len(fns))
-    return ts
+def main():
+    out = os.environ.get("OUT", "/tmp")
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
+    with open(f"{out}/smi.csv", "w") as smi_log:
+        smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu",
+                                "--format=csv,noheader", "-lms", "100"], stdout=smi_log)
+        t0 = time.time()
+        try:
+            for (M, N, K) in [(4096, 8192, 8192), (1024, 57344, 8192), (1024, 8192, 8192)]:
+                x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+                copies, _ = bk.lutmm_copies(N, K, 4, 128, dev)
+                timers = {"lutmm": bk.lutmm_timer(x, copies), "cublas": bk.cublas_timer(x, N, K, dev)}
+                time.sleep(2)  # cool a little
+                for _ in range(2):
+                    for name, t in timers.items():
+                        short = [t.once() for _ in range(20)]
+                        long_run = [t.once() for _ in range(300)]
+                        print(f"{time.time() - t0:6.1f}s {N}x{K} M={M} {name:6s} short {statistics.median(short):8.1f}"
+                              f" long first50 {statistics.median(long_run[:50]):8.1f}"
+                              f" last150 {statistics.median(long_run[150:]):8.1f}", flush=True)
+                del timers, copies
+                torch.cuda.empty_cache()
+        finally:
+            smi.terminate()
 
 
-for (M, N, K) in [(4096, 8192, 8192), (1024, 57344, 8192), (1024, 8192, 8192)]:
-    qws = [bk.random_qweight(N, K, 4, 128, dev) for _ in range(bk.n_copies(N * K // 2))]
-    x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-    ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) for _ in range(bk.n_copies(N * K * 2))]
-    lut = [lambda q=q: lutmm.matmul(x, q) for q in qws]
-    cub = [lambda w=w: F.linear(x, w) for w in ws]
-    time.sleep(2)  # cool a little
-    for rnd in range(2):
-        for name, fns in (("lutmm", lut), ("cublas", cub)):
-            s = graph_times(fns, 20)
-            l = graph_times(fns, 300)
-            print(f"{time.time() - t00:6.1f}s {N}x{K} M={M} {name:6s} short {statistics.median(s):8.1f} "
-                  f"long first50 {statistics.median(l[:50]):8.1f} last150 {statistics.median(l[150:]):8.1f}", flush=True)
-    del qws, ws, lut, cub
-    torch.cuda.empty_cache()
-smi.terminate()
+if __name__ == "__main__":
+    main()
