@@ -2,10 +2,14 @@
 // builds of kernel experiments:
 //   build/gpu/lutmm_bench        and   build/gpu-ff/lutmm_bench   (cmake -DLUTMM_EXPERIMENT=N)
 // Random packed weights rotated over enough copies to span 150 MB (3x the H100 L2); each time is the
-// median of 20 replays of a CUDA graph of calls, divided by the calls in the graph.
+// median of 20 replays of a CUDA graph of calls, divided by the calls in the graph, after 0.5 s of
+// untimed replays of the same graph (as bench_kernel.py's time_settled: at large M the card runs
+// power-bound and a short timing measures the state the work before it left; performance-log.md
+// item 79).
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstdio>
 #include <cstring>
@@ -44,11 +48,10 @@ cudaError_t bench_launch_filler(void* x, int64_t n, cudaStream_t stream, bool pd
 //                                          (bench/bench_filler.cu).
 //        LUTMM_BENCH_L2_HOT=1 lutmm_bench ...  one weight copy, read from L2 after the first call.
 //        LUTMM_BENCH_CONST_X=1 lutmm_bench ...  X all 0.0115 (before session 26: the default) instead of
-//                                          random values in (-2, 2). At large M the data likely set
-//                                          the power draw and so the clock (H100, 2026-11-28,
-//                                          8192x8192 M = 4096 wgmma: constant X 674-729 us here against
-//                                          856 us with random X in bench_kernel.py; not yet checked by
-//                                          timing both here).
+//                                          random values in (-2, 2) (H100, 2026-11-28, 8192x8192
+//                                          M = 4096 wgmma: 720.8 us constant, 732.6 random).
+//        LUTMM_BENCH_SETTLE_MS=N lutmm_bench ...  N ms of untimed replays before each timing (default
+//                                          500; 0: none, as before session 27).
 //        LUTMM_BENCH_FOLD=rms|res lutmm_bench ...  the decode kernels with GemmProblem::rms_norm (each token's
 //                                          factor computed in the kernel) or ::residual (an M x N addend):
 //                                          lutmm.layerfold's calls, for their cost against plain calls.
@@ -92,6 +95,8 @@ int main(int argc, char** argv) {
   const bool gap = argc >= 7 && std::string(argv[6]) == "gap";
   const std::string fold = std::getenv("LUTMM_BENCH_FOLD") ? std::getenv("LUTMM_BENCH_FOLD") : "";
   const bool const_x = std::getenv("LUTMM_BENCH_CONST_X") != nullptr;
+  const char* settle_env = std::getenv("LUTMM_BENCH_SETTLE_MS");
+  const int settle_ms = settle_env ? std::atoi(settle_env) : 500;
   if (!fold.empty() && fold != "rms" && fold != "res") { std::printf("LUTMM_BENCH_FOLD: rms or res\n"); return 1; }
   std::mt19937 rng(1);
   cudaStream_t st;
@@ -175,6 +180,11 @@ int main(int argc, char** argv) {
       }
       CK(cudaStreamEndCapture(st, &graph));
       CK(cudaGraphInstantiate(&exec, graph, 0));
+      const auto settle_end = std::chrono::steady_clock::now() + std::chrono::milliseconds(settle_ms);
+      while (std::chrono::steady_clock::now() < settle_end) {
+        for (int r = 0; r < 8; ++r) CK(cudaGraphLaunch(exec, st));
+        CK(cudaStreamSynchronize(st));
+      }
       std::vector<float> us;
       for (int r = 0; r < 21; ++r) {
         CK(cudaEventRecord(a, st));
