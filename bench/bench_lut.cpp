@@ -12,13 +12,13 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstdio>
-#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "lutmm/cuda.h"
 #include "lutmm/tables.h"
+#include "../src/half.h"
 
 using namespace lutmm;
 
@@ -133,10 +133,7 @@ int main(int argc, char** argv) {
       uint32_t st32 = 0x9e3779b9u;
       for (auto& v : hx) {
         st32 ^= st32 << 13; st32 ^= st32 >> 17; st32 ^= st32 << 5;  // xorshift32
-        const float f = float(int32_t(st32)) * (2.f / 2147483648.f);
-        uint32_t u;
-        std::memcpy(&u, &f, 4);
-        v = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // to bf16, nearest even
+        v = float_to_bf16(float(int32_t(st32)) * (2.f / 2147483648.f));
       }
       CK(cudaMemcpy(x, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice));
     }
