@@ -656,8 +656,11 @@ TEST(Gpu, ChainedCallsWithoutSyncMatchSynchronized) {
     for (auto& v : x0) v = float_to_bf16(nd(rng));
     DevBuf<uint8_t> a(x0.size() * 2), b(x0.size() * 2);
     auto chain = [&](bool sync_each, cudaStream_t stream) {
-      EXPECT_EQ(cudaMemcpy(a.p, x0.data(), x0.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
-      EXPECT_EQ(cudaMemset(b.p, 0xff, x0.size() * 2), cudaSuccess);
+      // The inputs are set on the chain's own stream: a non-blocking stream does not wait for the
+      // legacy stream, so a cudaMemset there could still be poisoning b while the chain's first
+      // kernel writes it (seen once on the H100, session 28: M = 256, side stream, run 0).
+      EXPECT_EQ(cudaMemcpyAsync(a.p, x0.data(), x0.size() * 2, cudaMemcpyHostToDevice, stream), cudaSuccess);
+      EXPECT_EQ(cudaMemsetAsync(b.p, 0xff, x0.size() * 2, stream), cudaSuccess);
       for (size_t i = 0; i < layers.size(); ++i) {
         const Layer& L = layers[i];
         const gpu::GemmProblem p = layer_problem(L, DType::BF16, M, i % 2 ? b.p : a.p, dev[2 * i]->p,
