@@ -196,14 +196,25 @@ WgPlan plan_tok(int64_t M, const Shape& s, const WgDeviceLimits& d, bool allow_s
   // (H100, 2026-11-26: 4096x4096 M = 1024, 128 tiles, 90.8 -> 70.1 us; lutmm_bench A/B for the
   // many-waves rule: 4096x14336 M = 4096, 3.9 waves, 730.5 -> 662.2 us, 4096x4096 M = 4096 210.8 ->
   // 200.5 us, 28672x4096 M = 1024 358.6 -> 350.0 us, the rest within 0.5%.)
+  // But with one whole wave and a remainder (1-2 waves, where the rule above leaves nothing
+  // data-parallel), that wave runs data-parallel and only the remainder goes to Stream-K, if each
+  // CTA's share of it is >= kWgMinTailShare k-blocks (LUTMM_EXPERIMENT 10: never).
+  // (H100, 2026-11-28, item 80, lutmm_bench A/B, two rounds, 4-bit g128 unless noted, us, all on
+  // Stream-K -> one data-parallel wave + the rest (the remainder's k-blocks per CTA): 6144x4096
+  // M = 1024 99.8 -> 94.7 (14.5), 2-bit 95.7 -> 90.4, 4096x4096 M = 1536 100.2 -> 94.1 (14.5),
+  // 28672x4096 M = 256 115.5 -> 111.7 (22.3), 10240x8192 M = 512 152.5 -> 147.6 (13.6), 8192x8192
+  // M = 768 180.6 -> 171.0 (29.1), 4096x14336 M = 1536 316.7 -> 285.4 (50.9); but 6144x4096 M = 768
+  // 81.6 -> 83.2 (2.9). With two or more whole waves, putting only the remainder on Stream-K lost:
+  // 10240x8192 M = 1024 274.5 -> 281.2, 57344x8192 M = 256 375.7 -> 385.1, 6144x4096 M = 3072
+  // 251.6 -> 254.6.)
   const int tail = g.tiles % slots;
   const int64_t waves_up = (g.tiles + slots - 1) / slots;
   const bool dp_only = tail == 0 || tail * 10 >= slots * 9 || waves_up * slots * 10 <= int64_t(g.tiles) * 11;
-  // LUTMM_EXPERIMENT 10: every whole wave data-parallel, only the remainder on Stream-K (shares of
-  // remainder x col_blocks / slots k-blocks: 6144x4096 M = 1024, 192 tiles, 132 data-parallel and 60
-  // on Stream-K at 14.5 k-blocks per CTA, instead of all 192 at 46.5, every tile split mid-range).
-  const int sk_waves = LUTMM_EXPERIMENT == 10 ? 0 : 1;
-  g.dp_tiles = dp_only ? g.tiles : std::max(0, g.tiles / slots - sk_waves) * slots;
+  const int whole_waves = g.tiles / slots;
+  const bool wave_dp = LUTMM_EXPERIMENT != 10 && whole_waves == 1 &&
+                       int64_t(tail) * g.col_blocks >= int64_t(kWgMinTailShare) * slots;
+  const int sk_waves = wave_dp ? 0 : 1;
+  g.dp_tiles = dp_only ? g.tiles : std::max(0, whole_waves - sk_waves) * slots;
   const int64_t sk_iters = int64_t(g.sk_tiles()) * g.col_blocks;
   g.grid = g.dp_tiles > 0 ? std::min(slots, g.tiles) : int(std::min<int64_t>(slots, std::max<int64_t>(1, sk_iters)));
   return g;

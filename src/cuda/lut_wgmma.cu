@@ -65,8 +65,7 @@
 
 // Kernel experiments for A/B builds (cmake -DLUTMM_EXPERIMENT=N, `EXPERIMENTS=N bash scripts/gpu.sh kab`):
 //   6  never halve the tile's tokens to reach split-K clusters (src/plan.cpp)
-//   10 every whole wave data-parallel, only the remainder on Stream-K (src/plan.cpp; prepared in
-//      session 27 for 6144x4096 M = 1024, 0.83x cuBLAS, all 192 tiles on Stream-K by default)
+//   10 tiles for one to two waves all on Stream-K, as before item 80 (src/plan.cpp)
 //   14 no tile-aligned Stream-K (src/plan.cpp)
 //   Ablations (wrong results, AB_SKIP_TESTS; docs/performance-log.md item 73), each removing one part
 //   of the k-block's work to time it: 16 no table loads (4 bits: a lookup returns its address), 17 no

@@ -66,6 +66,32 @@ TEST(WgPlan, MeasuredShapes) {
   EXPECT_EQ(big.dp_tiles, big.tiles);
 }
 
+// Tiles for one to two waves (item 80): the first wave data-parallel when the remainder gives each CTA
+// >= kWgMinTailShare k-blocks on Stream-K, else all on Stream-K; where two whole waves cost at most 10%
+// more, both run data-parallel; with two or more whole waves the last one stays on Stream-K.
+TEST(WgPlan, OneWholeWaveRunsDataParallelWhenTheRemainderIsLongEnough) {
+  const int sms = h100().sms;
+  int wave_dp = 0;
+  for (int t = sms + 1; t < 2 * sms; ++t) {  // M = 256, K = 4096: t tiles of 32 k-blocks
+    const WgPlan p = wg_plan(256, Shape{int64_t(t) * 128, 4096, 4, 128}, h100(), true);
+    const int tail = t - sms;
+    const bool round_up = tail * 10 >= sms * 9 || 2 * sms * 10 <= t * 11;  // two waves cost <= 10% more
+    const int want = round_up ? t : tail * 32 >= kWgMinTailShare * sms ? sms : 0;
+    ASSERT_EQ(p.tiles, t);
+    EXPECT_EQ(p.split, 1) << "tiles " << t;
+    EXPECT_EQ(p.dp_tiles, want) << "tiles " << t;
+    EXPECT_EQ(p.grid, sms) << "tiles " << t;
+    wave_dp += want == sms;
+  }
+  EXPECT_GT(wave_dp, 50);
+  // The measured rows: 6144x4096 M = 1024 (192 tiles, 14.5 k-blocks per CTA) and M = 768 (144, 2.9);
+  // 57344x8192 M = 256 and 10240x8192 M = 1024 (448 and 320 tiles: the last whole wave on Stream-K).
+  EXPECT_EQ(wg_plan(1024, Shape{6144, 4096, 4, 128}, h100(), true).dp_tiles, 132);
+  EXPECT_EQ(wg_plan(768, Shape{6144, 4096, 4, 128}, h100(), true).dp_tiles, 0);
+  EXPECT_EQ(wg_plan(256, Shape{57344, 8192, 4, 128}, h100(), true).dp_tiles, 264);
+  EXPECT_EQ(wg_plan(1024, Shape{10240, 8192, 4, 128}, h100(), true).dp_tiles, 132);
+}
+
 // Invariants over a sweep, with and without clusters on the device: every plan covers its tiles
 // with at most one CTA per slot; clusters only where they fit and each CTA gets >= 4 k-blocks;
 // aligned plans put the same number of CTAs on every tile and a whole share of k-blocks on each;
