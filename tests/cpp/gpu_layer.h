@@ -78,15 +78,10 @@ inline std::vector<float> run_gpu(const Layer& L, const std::vector<uint16_t>& x
   const Shape& s = L.s;
   const size_t y_elems = size_t(M * (epilogue == gpu::Epilogue::kSiluMul ? s.N / 2 : s.N));
   const size_t y_begin = kGuardElems + y_offset_elems, y_alloc = y_begin + y_elems + kGuardElems;
-  DevBuf<uint8_t> dx(x.size() * 2), dw(L.packed.size()), ds(L.packed_scales.size() * 2), dy(y_alloc * 2),
-      db(size_t(s.N) * 2);
-  cudaMemcpy(dx.p, x.data(), x.size() * 2, cudaMemcpyHostToDevice);
-  cudaMemcpy(dw.p, L.packed.data(), L.packed.size(), cudaMemcpyHostToDevice);
-  cudaMemcpy(ds.p, L.packed_scales.data(), L.packed_scales.size() * 2, cudaMemcpyHostToDevice);
+  const std::vector<uint16_t> none;
+  DevBuf<uint8_t> dx(x), dw(L.packed), ds(L.packed_scales), dy(y_alloc * 2), db(bias ? *bias : none),
+      dr(residual ? *residual : none);
   cudaMemset(dy.p, 0xff, y_alloc * 2);  // NaN in fp16 and bf16, guards included
-  if (bias) cudaMemcpy(db.p, bias->data(), size_t(s.N) * 2, cudaMemcpyHostToDevice);
-  DevBuf<uint8_t> dr(residual ? residual->size() * 2 : 16);
-  if (residual) cudaMemcpy(dr.p, residual->data(), residual->size() * 2, cudaMemcpyHostToDevice);
   gpu::GemmProblem p = layer_problem(L, dt, M, dx.p, dw.p, ds.p, dy.p + y_begin * 2);
   p.bias = bias ? db.p : nullptr;
   p.epilogue = epilogue;

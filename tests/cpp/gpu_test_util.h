@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "../../src/half.h"
 #include "lutmm/cuda.h"
@@ -23,6 +24,15 @@ template <typename P> struct DevBuf {
   P* p = nullptr;
   size_t bytes = 0;
   explicit DevBuf(size_t b) : bytes(b) { if (cudaMalloc(&p, std::max<size_t>(b, 16)) != cudaSuccess) p = nullptr; }
+  // A copy of `host` on the device (a failed copy is a test failure and leaves p null).
+  template <typename V>
+  explicit DevBuf(const std::vector<V>& host) : DevBuf(host.size() * sizeof(V)) {
+    const cudaError_t e = p ? cudaMemcpy(p, host.data(), bytes, cudaMemcpyHostToDevice) : cudaErrorMemoryAllocation;
+    if (e == cudaSuccess) return;
+    ADD_FAILURE() << "DevBuf: copying " << bytes << " bytes to the device: " << cudaGetErrorString(e);
+    cudaFree(p);
+    p = nullptr;
+  }
   ~DevBuf() { cudaFree(p); }
   DevBuf(const DevBuf&) = delete;
   DevBuf& operator=(const DevBuf&) = delete;

@@ -65,11 +65,7 @@ double run_case(const Case& c, std::mt19937& rng, gpu::AttnKernel kernel) {
   h.q = q.data(); h.k = k.data(); h.v = v.data(); h.mask = mask.empty() ? nullptr : mask.data(); h.out = ref.data();
   reference_decode_attention(h);
 
-  DevBuf<void> dq(q.size() * 2), dk(k.size() * 2), dv(v.size() * 2), dm(mask.size() + 1), dout(q.size() * 2);
-  EXPECT_EQ(cudaMemcpy(dq.p, q.data(), q.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
-  EXPECT_EQ(cudaMemcpy(dk.p, k.data(), k.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
-  EXPECT_EQ(cudaMemcpy(dv.p, v.data(), v.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
-  if (!mask.empty()) EXPECT_EQ(cudaMemcpy(dm.p, mask.data(), mask.size(), cudaMemcpyHostToDevice), cudaSuccess);
+  DevBuf<void> dq(q), dk(k), dv(v), dm(mask), dout(q.size() * 2);
   p.q = dq.p; p.k = dk.p; p.v = dv.p; p.mask = mask.empty() ? nullptr : static_cast<uint8_t*>(dm.p); p.out = dout.p;
   const size_t ws_bytes = gpu::decode_attention_workspace_bytes(p.B, p.Hkv, p.G, p.S, p.D, 0);
   DevBuf<void> ws(ws_bytes);

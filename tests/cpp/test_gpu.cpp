@@ -194,9 +194,7 @@ TEST(Gpu, IdentityGivesDequantizedWeightsExactly) {
         EXPECT_LE(off_by_one, s.N * s.K / 50) << "bits " << bits;
       }
       // The dequant kernel gives the same values.
-      DevBuf<uint8_t> dw(L.packed.size()), ds(L.packed_scales.size() * 2), dout(size_t(s.N * s.K) * 2);
-      cudaMemcpy(dw.p, L.packed.data(), L.packed.size(), cudaMemcpyHostToDevice);
-      cudaMemcpy(ds.p, L.packed_scales.data(), L.packed_scales.size() * 2, cudaMemcpyHostToDevice);
+      DevBuf<uint8_t> dw(L.packed), ds(L.packed_scales), dout(size_t(s.N * s.K) * 2);
       gpu::dequantize(dw.p, reinterpret_cast<uint16_t*>(ds.p), L.table.data(), s, dt, dout.p, nullptr);
       CK(cudaDeviceSynchronize());
       std::vector<uint16_t> wd(size_t(s.N * s.K));
@@ -638,10 +636,9 @@ TEST(Gpu, ChainedCallsWithoutSyncMatchSynchronized) {
   for (int i = 0; i < 6; ++i) {
     layers.push_back(make_layer(Shape{D, D, 4 - i % 3, 128}, DType::BF16, rng, 0));
     const Layer& L = layers.back();
-    dev.push_back(std::make_unique<DevBuf<uint8_t>>(L.packed.size()));
-    CK(cudaMemcpy(dev.back()->p, L.packed.data(), L.packed.size(), cudaMemcpyHostToDevice));
-    dev.push_back(std::make_unique<DevBuf<uint8_t>>(L.packed_scales.size() * 2));
-    CK(cudaMemcpy(dev.back()->p, L.packed_scales.data(), L.packed_scales.size() * 2, cudaMemcpyHostToDevice));
+    dev.push_back(std::make_unique<DevBuf<uint8_t>>(L.packed));
+    dev.push_back(std::make_unique<DevBuf<uint8_t>>(L.packed_scales));
+    ASSERT_TRUE(dev[dev.size() - 2]->p && dev.back()->p);
   }
   cudaStream_t side = nullptr;
   CK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
