@@ -203,8 +203,10 @@ WgPlan plan_tok(int64_t M, const Shape& s, const WgDeviceLimits& d, bool allow_s
   // Stream-K -> one data-parallel wave + the rest (the remainder's k-blocks per CTA): 6144x4096
   // M = 1024 99.8 -> 94.7 (14.5), 2-bit 95.7 -> 90.4, 4096x4096 M = 1536 100.2 -> 94.1 (14.5),
   // 28672x4096 M = 256 115.5 -> 111.7 (22.3), 10240x8192 M = 512 152.5 -> 147.6 (13.6), 8192x8192
-  // M = 768 180.6 -> 171.0 (29.1), 4096x14336 M = 1536 316.7 -> 285.4 (50.9); but 6144x4096 M = 768
-  // 81.6 -> 83.2 (2.9). With two or more whole waves, putting only the remainder on Stream-K lost:
+  // M = 768 180.6 -> 171.0 (29.1), 4096x14336 M = 1536 316.7 -> 285.4 (50.9), 8192x28672 M = 768
+  // 742.3 -> 633.7, 8192x8192 M = 544 186.7 -> 168.9, 28672x4096 M = 96 (TOK = 128) 68.8 -> 65.9;
+  // 57344x8192 M = 64 (TOK = 64, two CTAs per SM) 176.9 -> 176.4; but 6144x4096 M = 768 81.6 -> 83.2
+  // (2.9). With two or more whole waves, putting only the remainder on Stream-K lost:
   // 10240x8192 M = 1024 274.5 -> 281.2, 57344x8192 M = 256 375.7 -> 385.1, 6144x4096 M = 3072
   // 251.6 -> 254.6.)
   const int tail = g.tiles % slots;
@@ -231,6 +233,11 @@ WgPlan plan_tok(int64_t M, const Shape& s, const WgDeviceLimits& d, bool allow_s
 // M = 200 37.6 -> 29.3, M = 128 22.9 -> 20.9, 3-bit M = 256 35.5 -> 30.7, 2-bit 34.5 -> 28.8; but
 // clusters of 3 at 73% (32 tiles) lost to the half-width clusters and the tile-aligned plan they
 // would have replaced: 4096x4096 M = 256 20.9 -> 23.7, 4096x14336 M = 256 52.5 -> 58.1.)
+// Not half-width tiles to make a data-parallel wave (item 80's rule) where full-width ones are fewer
+// than the SMs and run on plain Stream-K: slower (H100, 2026-11-28, lutmm_bench A/B, two rounds,
+// 10240x8192 M = 256 83.0 -> 93.3 us, M = 192 80.8 -> 88.8, 4096x14336 M = 768 164.9 -> 177.4,
+// 6144x4096 M = 768 79.5 -> 83.0; 6144x4096 M = 512 and 4096x4096 M = 768 equal): each tile's
+// lookups then feed half the MMA work.
 // Order: clusters at full width; tile-aligned Stream-K at full width where each CTA gets >= 16
 // k-blocks; clusters of half-width tiles; tile-aligned Stream-K with shorter ranges; clusters of 2 at
 // 70% of the SMs; Stream-K.
