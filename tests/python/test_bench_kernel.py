@@ -1,0 +1,66 @@
+"""bench/bench_kernel.py's timing rules on the CPU, with fake graphs (the real ones need CUDA):
+time_settled replays each graph alone for settle_s before timing it, times it `reps` times, and returns
+one median per graph in order; n_copies rotates enough weight copies to span 3x the L2."""
+import importlib.util
+import os
+
+import pytest
+
+from conftest import REPO
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_kernel", os.path.join(REPO, "bench", "bench_kernel.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _FakeGraph:
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+
+    def replay(self):
+        self.log.append(("replay", self.name))
+
+
+class _FakeTimer:
+    """GraphTimer's interface: graph.replay() untimed, once() -> us per call."""
+
+    def __init__(self, log, name, samples):
+        self.graph = _FakeGraph(log, name)
+        self.log, self.name, self.samples = log, name, list(samples)
+
+    def once(self):
+        self.log.append(("once", self.name))
+        return self.samples.pop(0)
+
+
+def test_time_settled_settles_each_graph_alone_then_takes_the_median(monkeypatch):
+    bk = _load()
+    monkeypatch.setattr(bk.torch.cuda, "synchronize", lambda *a, **k: None)
+    clock = [0.0]
+
+    def fake_clock():  # 1 ms per call: the settle loop ends after settle_s of replays
+        clock[0] += 1e-3
+        return clock[0]
+
+    monkeypatch.setattr(bk.time, "perf_counter", fake_clock)
+    log = []
+    a = _FakeTimer(log, "a", [5.0, 1.0, 3.0, 100.0, 2.0])
+    b = _FakeTimer(log, "b", [7.0, 9.0, 8.0, 6.0, 10.0])
+    meds = bk.time_settled([a, b], reps=5, settle_s=0.05)
+    assert meds == [3.0, 8.0]  # medians, in the timers' order
+    names = [n for _, n in log]
+    assert names == sorted(names)  # a entirely before b: no interleaving
+    for t in ("a", "b"):
+        events = [e for e, n in log if n == t]
+        first_timed = events.index("once")
+        assert first_timed >= 8 and set(events[:first_timed]) == {"replay"}  # settled before timing
+        assert events[first_timed:] == ["once"] * 5  # then exactly `reps` timed replays
+
+
+@pytest.mark.parametrize("nbytes,want", [(1, 16), (10 << 20, 15), (35 << 20, 5), (242 << 20, 1), (0, 16)])
+def test_n_copies_spans_three_l2s(nbytes, want):
+    bk = _load()
+    assert bk.n_copies(nbytes) == want
