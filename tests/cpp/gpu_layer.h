@@ -45,7 +45,6 @@ inline Layer make_layer(const Shape& s, DType dt, std::mt19937& rng, int table_k
   return L;
 }
 
-// Workspace bytes the fused path `path` needs.
 // The GemmProblem of layer L (shape, table) for M rows of activations x of dtype dt, its packed codes
 // and scales at `packed` and `scales` on the device, and the output y (no bias, no epilogue).
 inline gpu::GemmProblem layer_problem(const Layer& L, DType dt, int64_t M, const void* x, const void* packed,
@@ -57,6 +56,7 @@ inline gpu::GemmProblem layer_problem(const Layer& L, DType dt, int64_t M, const
   return p;
 }
 
+// Workspace bytes the fused path `path` needs.
 inline size_t ws_need(gpu::Path path, int64_t M, const Shape& s) {
   return path == gpu::Path::kWgmma ? gpu::wgmma_workspace_bytes(M, s, 0) : gpu::workspace_bytes(M, s, 0);
 }
