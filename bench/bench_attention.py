@@ -6,8 +6,9 @@ grouped-query heads, measured in the same run.
 
 One decode step of one layer: q [B, Hkv, G, D], a static KV cache [B, Hkv, S, D] of which the first
 `valid` positions attend (a bool mask, as transformers gives it). K and V are rotated over enough copies
-to defeat the 50 MB L2; each timing is the median over replays of a CUDA graph of calls. The floor is
-the attended K and V bytes / 3.0 TB/s (what a kernel that skips masked positions must read). The kernel
+to span 3x the card's L2; each timing is the median over replays of a CUDA graph of calls. The floor is
+the attended K and V bytes / the card's copy rate, measured at the start (bench_kernel.calibrate; 3.0 TB/s
+on the H100): what a kernel that skips masked positions must read. The kernel
 in its variants (include/lutmm/attention.h's AttnKernel: auto = kAuto, the default; mma = kMma, split +
 combine; wide = kWide, a CTA of 16 warps per KV head); TB/s and "x plain" are the default's.
 """
@@ -37,6 +38,7 @@ def main():
     args = ap.parse_args()
     dev = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | bf16 | one layer's decode attention")
+    print(_bk.calibrate(dev), flush=True)
     hdr = (f"{'model':>5} {'B':>3} {'S':>5} {'valid':>5} {'floor us':>8} {'plain us':>8} {'sdpa us':>8} "
            f"{'auto us':>8} {'mma us':>8} {'wide us':>8} {'TB/s':>5} {'x plain':>7} {'max |diff|':>10}")
     rows = []

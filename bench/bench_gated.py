@@ -5,7 +5,7 @@
              inductor makes of the unfused MLP's split, SiLU and product)
   gated      lutmm.gated.gated_matmul: the kernel writes silu(gate) * up, [M, I]
 
-Each timed unit is one CUDA-graph replay of `--calls` calls cycling over enough weights to defeat the 50 MB
+Each timed unit is one CUDA-graph replay of `--calls` calls cycling over enough weights to span 4x the card's
 L2; medians of `--reps` replays, per call. Usage: python3 bench/bench_gated.py [--shapes 28672x4096 ...]
 """
 import argparse
@@ -15,7 +15,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernel import L2_BYTES, random_qweight, time_graph  # noqa: E402
+import bench_kernel as bk  # noqa: E402
+from bench_kernel import random_qweight, time_graph  # noqa: E402
 from lutmm.gated import gated_matmul, silu_mul_interleaved  # noqa: E402
 
 import lutmm  # noqa: E402
@@ -30,6 +31,7 @@ def main():
     ap.add_argument("--reps", type=int, default=30)
     args = ap.parse_args()
     dev = torch.device("cuda")
+    bk.L2_BYTES = int(torch.cuda.get_device_properties(dev).L2_cache_size)
     act_fn = torch.compile(silu_mul_interleaved, dynamic=False)
     print(f"# {torch.cuda.get_device_name()} | bf16 activations | us per call, CUDA graph of {args.calls} calls")
     print(f"{'2I x K':>12} {'M':>3} {'b':>2} {'plain':>8} {'plain+act':>10} {'gated':>8} {'saved':>7}")
@@ -38,14 +40,14 @@ def main():
         for cfg in args.configs:
             bits, g = (int(v) for v in cfg.split(":"))
             per_weight = n * k * bits / 8
-            ws = [random_qweight(n, k, bits, g, dev) for _ in range(max(2, int(4 * L2_BYTES // per_weight) + 1))]
+            ws = [random_qweight(n, k, bits, g, dev) for _ in range(max(2, int(4 * bk.L2_BYTES // per_weight) + 1))]
             for m in args.ms:
                 x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
                 nw = len(ws)
                 calls = range(args.calls)
-                plain = time_graph([lambda i=i: lutmm.matmul(x, ws[i % nw]) for i in calls], args.reps)
-                act = time_graph([lambda i=i: act_fn(lutmm.matmul(x, ws[i % nw])) for i in calls], args.reps)
-                gated = time_graph([lambda i=i: gated_matmul(x, ws[i % nw]) for i in calls], args.reps)
+                plain = time_graph([lambda i=i, ws=ws: lutmm.matmul(x, ws[i % nw]) for i in calls], args.reps)
+                act = time_graph([lambda i=i, ws=ws: act_fn(lutmm.matmul(x, ws[i % nw])) for i in calls], args.reps)
+                gated = time_graph([lambda i=i, ws=ws: gated_matmul(x, ws[i % nw]) for i in calls], args.reps)
                 print(f"{shape:>12} {m:>3} {bits:>2} {plain:8.1f} {act:10.1f} {gated:8.1f} {act - gated:7.1f}",
                       flush=True)
             del ws

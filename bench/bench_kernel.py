@@ -3,8 +3,10 @@
     python3 bench/bench_kernel.py            # full table (issue 3/4 shapes, M, bits, g)
     python3 bench/bench_kernel.py --quick    # a subset for iteration
 
-Weights are random (speed does not depend on values) and rotated over enough copies to defeat the
-50 MB L2. Each timing is the median over replays of a CUDA graph of calls (launch gaps removed),
+Weights are random (speed does not depend on values) and rotated over enough copies to span 3x the
+card's L2. The floors come from the card itself, measured at the start of the run (`calibrate`): its
+device-to-device copy rate (bytes read + written) and its bf16 matrix rate on random data; the header
+prints both. On the H100 those were 3.0 TB/s and ~790 TFLOP/s, the issues' numbers. Each timing is the median over replays of a CUDA graph of calls (launch gaps removed),
 divided by the calls per graph.
 
 lutmm (every timed path) and cuBLAS are each timed in their own steady state: 0.5 s of replays of
@@ -34,8 +36,10 @@ from lutmm import _core, ops
 
 SHAPES_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 SHAPES_70B = [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]
-PEAK_BYTES_S = 3.0e12     # measured device-to-device copy on the H100 (read + write)
-PEAK_FLOPS = 790e12       # bf16 dense, measured
+# The card's ceilings. These defaults are the H100's (issues 3 and 4); calibrate() replaces them with the
+# running card's own: L2 size from its properties, the copy and matrix rates measured.
+PEAK_BYTES_S = 3.0e12     # device-to-device copy, bytes read + written per second
+PEAK_FLOPS = 790e12       # bf16 dense matrix product on random data
 L2_BYTES = 50 << 20
 
 
@@ -92,6 +96,29 @@ def time_settled(timers, reps: int = 20, settle_s: float = 0.5):
             torch.cuda.synchronize()
         meds.append(statistics.median(t.once() for _ in range(reps)))
     return meds
+
+
+def _copy_and_matmul_us(dev):
+    """Median us of a 1 GiB device-to-device copy and of an 8192^3 bf16 product (random data)."""
+    n = 1 << 30
+    src, dst = torch.empty(n, dtype=torch.uint8, device=dev), torch.empty(n, dtype=torch.uint8, device=dev)
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    return time_settled([GraphTimer([lambda: dst.copy_(src)]), GraphTimer([lambda: a @ b])], settle_s=0.3)
+
+
+def calibrate(dev) -> str:
+    """Set L2_BYTES, PEAK_BYTES_S and PEAK_FLOPS from the running card; return a header line. The copy
+    rate counts bytes read + written (2 GiB a copy); both are medians of graph replays in steady state."""
+    global L2_BYTES, PEAK_BYTES_S, PEAK_FLOPS
+    props = torch.cuda.get_device_properties(dev)
+    L2_BYTES = int(props.L2_cache_size)
+    copy_us, mm_us = _copy_and_matmul_us(dev)
+    torch.cuda.empty_cache()
+    PEAK_BYTES_S = 2 * (1 << 30) / (copy_us * 1e-6)
+    PEAK_FLOPS = 2 * 8192 ** 3 / (mm_us * 1e-6)
+    return (f"# card: {props.name}, {props.multi_processor_count} SMs, L2 {L2_BYTES / 2**20:.0f} MiB, "
+            f"copy {PEAK_BYTES_S / 1e12:.2f} TB/s, bf16 {PEAK_FLOPS / 1e12:.0f} TFLOP/s (floors use these)")
 
 
 def random_qweight(N, K, bits, g, dev):
@@ -183,6 +210,7 @@ def main():
         configs = [tuple(int(v) for v in c.split(":")) for c in args.configs]
     rows = []
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {lutmm.build_info()}")
+    print(calibrate(dev), flush=True)
     hdr = f"{'N x K':>13} {'M':>5} {'b':>2} {'g':>4} {'path':>7} {'lutmm us':>9} {'TB/s':>6} {'%floor':>6} " \
           f"{'cuBLAS us':>9} {'x cuBLAS':>8} {'int4 us':>8} {'x int4':>7}"
     for (N, K) in shapes:

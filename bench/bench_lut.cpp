@@ -1,8 +1,8 @@
 // Kernel-only timing of the fused kernels (lutmm::gpu::lut_gemm, wgmma_gemm; no Python), for A/B
 // builds of kernel experiments:
 //   build/gpu/lutmm_bench        and   build/gpu-ff/lutmm_bench   (cmake -DLUTMM_EXPERIMENT=N)
-// Random packed weights rotated over enough copies to span 150 MB (3x the H100 L2); each time is the
-// median of 20 replays of a CUDA graph of calls, divided by the calls in the graph, after 0.5 s of
+// Random packed weights rotated over enough copies to span 3x the card's L2 (150 MB on the H100); each
+// time is the median of 20 replays of a CUDA graph of calls, divided by the calls in the graph, after 0.5 s of
 // untimed replays of the same graph (as bench_kernel.py's time_settled: at large M the card runs
 // power-bound and a short timing measures the state the work before it left; performance-log.md
 // item 79).
@@ -62,7 +62,9 @@ int main(int argc, char** argv) {
   }
   cudaDeviceProp prop{};
   CK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("# %s, %d SMs\n%12s %5s %2s %4s %6s %9s %7s %8s\n", prop.name, prop.multiProcessorCount, "N x K", "M", "b",
+  const size_t rotate_bytes = 3 * size_t(prop.l2CacheSize);  // weights rotated past the L2
+  std::printf("# %s, %d SMs, L2 %d MiB\n%12s %5s %2s %4s %6s %9s %7s %8s\n", prop.name, prop.multiProcessorCount,
+              prop.l2CacheSize >> 20, "N x K", "M", "b",
               "g", "path", "us", "TB/s", "TFLOP/s");
   enum Kind { kLut, kLut80, kLutTma, kWgmma, kWgmmaSk, kLut80Sk, kLutTmaSk };
   const char* kind_name[] = {"lut", "lut80", "luttma", "wgmma", "wgmmask", "lut80sk", "luttmask"};
@@ -107,7 +109,7 @@ int main(int argc, char** argv) {
     // LUTMM_BENCH_L2_HOT=1: one copy, so every call after the first reads its weights from L2 (what an L2
     // prefetch issued during the kernels before a linear would give it); the graph still holds 16 calls.
     const bool hot = std::getenv("LUTMM_BENCH_L2_HOT") != nullptr;
-    const int copies = hot ? 1 : int(std::min<size_t>(16, std::max<size_t>(1, (150u << 20) / (wbytes + sbytes) + 1)));
+    const int copies = hot ? 1 : int(std::min<size_t>(16, std::max<size_t>(1, rotate_bytes / (wbytes + sbytes) + 1)));
     const int calls_per_graph = hot ? 16 : copies;
     std::vector<void*> w(copies), sc(copies);
     std::vector<uint8_t> hw(wbytes);

@@ -64,3 +64,23 @@ def test_time_settled_settles_each_graph_alone_then_takes_the_median(monkeypatch
 def test_n_copies_spans_three_l2s(nbytes, want):
     bk = _load()
     assert bk.n_copies(nbytes) == want
+
+
+def test_calibrate_takes_the_floors_and_the_l2_from_the_running_card(monkeypatch):
+    """On an H200 (60 MiB L2, ~4.3 TB/s copy) the H100's constants would overstate % of floor by ~1.4x
+    and rotate too few weight copies; calibrate() replaces all three with the card's own."""
+    bk = _load()
+
+    class Props:
+        name, multi_processor_count, L2_cache_size = "Fake H200", 132, 60 << 20
+
+    monkeypatch.setattr(bk.torch.cuda, "get_device_properties", lambda dev: Props())
+    monkeypatch.setattr(bk.torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(bk, "_copy_and_matmul_us", lambda dev: (500.0, 1400.0))
+    assert bk.n_copies(35 << 20) == 5  # H100 defaults: 150 MiB / 35 MiB
+    header = bk.calibrate("cuda")
+    assert bk.L2_BYTES == 60 << 20
+    assert bk.PEAK_BYTES_S == pytest.approx(2 * (1 << 30) / 500e-6)  # bytes read + written
+    assert bk.PEAK_FLOPS == pytest.approx(2 * 8192 ** 3 / 1400e-6)
+    assert bk.n_copies(35 << 20) == 6  # 180 MiB / 35 MiB
+    assert "Fake H200" in header and "L2 60 MiB" in header and "copy 4.29 TB/s" in header and "785 TFLOP/s" in header
