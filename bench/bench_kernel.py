@@ -99,12 +99,15 @@ def time_settled(timers, reps: int = 20, settle_s: float = 0.5):
 
 
 def _copy_and_matmul_us(dev):
-    """Median us of a 1 GiB device-to-device copy and of an 8192^3 bf16 product (random data)."""
-    n = 1 << 30
-    src, dst = torch.empty(n, dtype=torch.uint8, device=dev), torch.empty(n, dtype=torch.uint8, device=dev)
+    """Median us of a 1 GiB device-to-device copy by a kernel and of an 8192^3 bf16 product (random data).
+    The copy is an elementwise kernel (x * 1): a plain copy_ captured in a graph becomes a memcpy node on
+    the copy engines, which moved 2.70 TB/s on the H200 against 4.25 for the kernel (2026-11-28)."""
+    src = torch.randn(1 << 29, device=dev, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
     a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    return time_settled([GraphTimer([lambda: dst.copy_(src)]), GraphTimer([lambda: a @ b])], settle_s=0.3)
+    return time_settled([GraphTimer([lambda: torch.mul(src, 1.0, out=dst)]), GraphTimer([lambda: a @ b])],
+                        settle_s=0.3)
 
 
 def calibrate(dev) -> str:

@@ -111,18 +111,22 @@ const char* build_info() {
 // Dispatch rule (H100, 2026-11-26, bench/bench_kernel.py --paths and lutmm_bench, 4-bit g128;
 // docs/performance-log.md, items 24-25): the fused LUT kernels are memory-bound and win while the weight stream
 // dominates (M <= 32, one pass of their 32-token tiles). Past it the lookups are paid per token tile
-// and the tensor cores set the pace. On Hopper the fused wgmma kernel serves 32 < M <= 4096: at
+// and the tensor cores set the pace. On Hopper the fused wgmma kernel serves 32 < M <= 3584: at
 // M = 33-64 its 64-token tiles beat the LUT kernel's two passes (M = 48: 8192x8192 37.3 vs 57.4 us,
 // 57344x8192 207 vs 328 us) and at M = 32 the LUT kernel wins (29.7 vs 37.2 us); since its codes and
 // scales arrive as TMA boxes it beats dequantize + cuBLAS up to M = 2048 on every measured shape
-// (8192x8192 M = 1024: 197 vs 258 us) and is within 10% at M = 4096 (4096x14336: 801 vs 735 us);
-// at M = 8192 the dense copy's one extra pass is cheap next to the GEMM and dequantize + cuBLAS is
-// 3-18% faster (28672x4096: 2760 vs 3267 us). 3 bits (two code fields per lookup) hands over at
-// M = 2048: at M = 4096 dequantize + cuBLAS was 15% faster (8192x8192: 835 vs 957-967 us), at
-// M = 1024 the wgmma kernel (213-236 vs 262 us). Elsewhere (Ampere, or a build without sm_90a code)
-// the LUT kernels up to M = 64 and dequantize + cuBLAS above.
+// (8192x8192 M = 1024: 197 vs 258 us). Where the dense copy's one extra pass is cheap next to the GEMM,
+// dequantize + cuBLAS takes over. 4 bits: H200, 2026-11-28, steady-state timing (item 82), wgmma vs
+// dequantize + cuBLAS on the 8 LLaMA shapes: M = 2560 wgmma faster on 6, M = 3072 and 3584 within 2%
+// either way (a tie; the same kernel timed twice in one row moved up to 5%), M = 4096 dequantize +
+// cuBLAS faster on all 8 by 0.2-5.6% (8192x8192 836 vs 877 us), M = 8192 by 2-7%. Ties go to the
+// wgmma kernel, which needs no N x K scratch. 3 bits (two code fields per lookup) hands over at
+// M = 2048: H100, at M = 4096 dequantize + cuBLAS was 15% faster (8192x8192: 835 vs 957-967 us), at
+// M = 1024 the wgmma kernel (213-236 vs 262 us); H200 (item 82), M = 2048 the wgmma kernel on 6 of 8
+// shapes by 0.4-3%, at 4096 dequantize + cuBLAS on all 8 by 1-13%. Elsewhere (Ampere, or a build
+// without sm_90a code) the LUT kernels up to M = 64 and dequantize + cuBLAS above.
 constexpr int64_t kLutMaxM = 32, kLutMaxMNoWgmma = 64;
-constexpr int64_t wgmma_max_m(int bits) { return bits == 3 ? 2048 : 4096; }
+constexpr int64_t wgmma_max_m(int bits) { return bits == 3 ? 2048 : 3584; }
 Path choose_path(int64_t M, const Shape& shape, DType dtype, int device) {
   (void)dtype;
   if (M <= kLutMaxM) return Path::kLut;

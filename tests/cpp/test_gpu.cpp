@@ -142,8 +142,9 @@ TEST(Gpu, DispatchBoundaries) {
     EXPECT_EQ(gpu::choose_path(65, s, DType::BF16, 0), mid);
     EXPECT_EQ(gpu::choose_path(256, s, DType::BF16, 0), mid);
     EXPECT_EQ(gpu::choose_path(1024, s, DType::BF16, 0), mid);
-    EXPECT_EQ(gpu::choose_path(4096, s, DType::BF16, 0), mid);
-    EXPECT_EQ(gpu::choose_path(4097, s, DType::BF16, 0), gpu::Path::kDequant);
+    EXPECT_EQ(gpu::choose_path(3584, s, DType::BF16, 0), mid);
+    EXPECT_EQ(gpu::choose_path(3585, s, DType::BF16, 0), gpu::Path::kDequant);
+    EXPECT_EQ(gpu::choose_path(4096, s, DType::BF16, 0), gpu::Path::kDequant);
     const Shape s3{s.N, s.K, 3, 128};  // 3 bits hands over to dequantize + cuBLAS earlier
     EXPECT_EQ(gpu::choose_path(2048, s3, DType::BF16, 0), mid);
     EXPECT_EQ(gpu::choose_path(2049, s3, DType::BF16, 0), gpu::Path::kDequant);

@@ -60,8 +60,8 @@ def test_dispatch_boundaries_agree():
     assert ops.choose_path(33, N, K, 4, 128) == ("wgmma" if _wgmma_ok() else "lut")
     assert ops.choose_path(64, N, K, 4, 128) == ("wgmma" if _wgmma_ok() else "lut")
     assert ops.choose_path(65, N, K, 4, 128) == ("wgmma" if _wgmma_ok() else "dequant")
-    assert ops.choose_path(4096, N, K, 4, 128) == ("wgmma" if _wgmma_ok() else "dequant")
-    assert ops.choose_path(4097, N, K, 4, 128) == "dequant"
+    assert ops.choose_path(3584, N, K, 4, 128) == ("wgmma" if _wgmma_ok() else "dequant")
+    assert ops.choose_path(3585, N, K, 4, 128) == "dequant"
 
 
 def test_forced_path_is_checked(monkeypatch):
