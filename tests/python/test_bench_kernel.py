@@ -84,3 +84,60 @@ def test_calibrate_takes_the_floors_and_the_l2_from_the_running_card(monkeypatch
     assert bk.PEAK_FLOPS == pytest.approx(2 * 8192 ** 3 / 1400e-6)
     assert bk.n_copies(35 << 20) == 6  # 180 MiB / 35 MiB
     assert "Fake H200" in header and "L2 60 MiB" in header and "copy 4.29 TB/s" in header and "785 TFLOP/s" in header
+
+
+def test_graph_timer_warms_up_captures_once_and_reports_us_per_call(monkeypatch):
+    """GraphTimer runs each callable once outside capture (workspaces grow there), captures each once,
+    and once() turns one replay's event time (ms) into microseconds per captured call."""
+    bk = _load()
+    log = []
+
+    class FakeGraph:
+        def replay(self):
+            log.append("replay")
+
+    class Ctx:
+        def __init__(self, tag):
+            self.tag = tag
+
+        def __enter__(self):
+            log.append(f"enter {self.tag}")
+
+        def __exit__(self, *a):
+            log.append(f"exit {self.tag}")
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    class FakeEvent:
+        clock = [0.0]
+
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            FakeEvent.clock[0] += 6.0  # ms: 6 ms from one record to the next
+            self.t = FakeEvent.clock[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    cuda = bk.torch.cuda
+    monkeypatch.setattr(cuda, "Stream", FakeStream)
+    monkeypatch.setattr(cuda, "current_stream", lambda *a: FakeStream())
+    monkeypatch.setattr(cuda, "stream", lambda s: Ctx("stream"))
+    monkeypatch.setattr(cuda, "graph", lambda g: Ctx("capture"))
+    monkeypatch.setattr(cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(cuda, "Event", FakeEvent)
+    fns = [lambda i=i: log.append(f"f{i}") for i in range(3)]
+    t = bk.GraphTimer(fns)
+    assert log[:5] == ["enter stream", "f0", "f1", "f2", "exit stream"]  # warm-up, outside capture
+    assert log[5:10] == ["enter capture", "f0", "f1", "f2", "exit capture"]  # each captured once
+    assert log[10:] == ["replay"]  # one replay after capture, untimed
+    assert t.once() == pytest.approx(6.0 * 1000 / 3)  # 6 ms for 3 calls: 2000 us per call
+    assert t.fns == fns  # the callables (and their tensors) live as long as the graph
