@@ -6,8 +6,8 @@
 Weights are random (speed does not depend on values) and rotated over enough copies to span 3x the
 card's L2. The floors come from the card itself, measured at the start of the run (`calibrate`): its
 device-to-device copy rate (bytes read + written) and its bf16 matrix rate on random data; the header
-prints both. On the H100 those were 3.0 TB/s and ~790 TFLOP/s, the issues' numbers. Each timing is the median over replays of a CUDA graph of calls (launch gaps removed),
-divided by the calls per graph.
+prints both (the issues' 3.0 TB/s and ~790 TFLOP/s are the H100's). Each timing is the median over
+replays of a CUDA graph of calls (launch gaps removed), divided by the calls per graph.
 
 lutmm (every timed path) and cuBLAS are each timed in their own steady state: 0.5 s of replays of
 the graph alone, then 20 timed replays. At large M both run power-bound (~690 W, the clock 1.5 GHz

@@ -1,11 +1,11 @@
 // Kernel-only timing of the fused kernels (lutmm::gpu::lut_gemm, wgmma_gemm; no Python), for A/B
 // builds of kernel experiments:
 //   build/gpu/lutmm_bench        and   build/gpu-ff/lutmm_bench   (cmake -DLUTMM_EXPERIMENT=N)
-// Random packed weights rotated over enough copies to span 3x the card's L2 (150 MB on the H100); each
-// time is the median of 20 replays of a CUDA graph of calls, divided by the calls in the graph, after 0.5 s of
-// untimed replays of the same graph (as bench_kernel.py's time_settled: at large M the card runs
-// power-bound and a short timing measures the state the work before it left; performance-log.md
-// item 79).
+// Random packed weights rotated over enough copies to span 3x the card's L2 (150 MB on the H100);
+// each time is the median of 20 replays of a CUDA graph of calls, divided by the calls in the graph,
+// after 0.5 s of untimed replays of the same graph (as bench_kernel.py's time_settled: at large M the
+// card runs power-bound and a short timing measures the state the work before it left;
+// performance-log.md item 79).
 #include <cuda_runtime.h>
 
 #include <algorithm>

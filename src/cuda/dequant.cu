@@ -116,15 +116,16 @@ const char* build_info() {
 // 57344x8192 207 vs 328 us) and at M = 32 the LUT kernel wins (29.7 vs 37.2 us); since its codes and
 // scales arrive as TMA boxes it beats dequantize + cuBLAS up to M = 2048 on every measured shape
 // (8192x8192 M = 1024: 197 vs 258 us). Where the dense copy's one extra pass is cheap next to the GEMM,
-// dequantize + cuBLAS takes over. 4 bits: H200, 2026-11-28, steady-state timing (item 82), wgmma vs
-// dequantize + cuBLAS on the 8 LLaMA shapes: M = 2560 wgmma faster on 6, M = 3072 and 3584 within 2%
-// either way (a tie; the same kernel timed twice in one row moved up to 5%), M = 4096 dequantize +
-// cuBLAS faster on all 8 by 0.2-5.6% (8192x8192 836 vs 877 us), M = 8192 by 2-7%. Ties go to the
-// wgmma kernel, which needs no N x K scratch. 3 bits (two code fields per lookup) hands over at
-// M = 2048: H100, at M = 4096 dequantize + cuBLAS was 15% faster (8192x8192: 835 vs 957-967 us), at
-// M = 1024 the wgmma kernel (213-236 vs 262 us); H200 (item 82), M = 2048 the wgmma kernel on 6 of 8
-// shapes by 0.4-3%, at 4096 dequantize + cuBLAS on all 8 by 1-13%. Elsewhere (Ampere, or a build
-// without sm_90a code) the LUT kernels up to M = 64 and dequantize + cuBLAS above.
+// dequantize + cuBLAS takes over. 4 bits: H200, 2026-11-28, steady-state timing, both paths forced in
+// the same row (item 83), on the 8 LLaMA shapes: M = 2048 the wgmma kernel faster on 7 by 2-7%;
+// M = 2560-3584 mixed, within 8% either way (the same wgmma kernel timed twice in one row moved up
+// to 7%); M = 4096 dequantize + cuBLAS faster on all 8 by 0.2-5.6% (8192x8192 836 vs 877 us), also
+// against the wgmma timing taken first in the row; M = 8192 by 2-7%. Ties go to the wgmma kernel,
+// which needs no N x K scratch. 3 bits (two code fields per lookup) hands over at M = 2048: H100, at
+// M = 4096 dequantize + cuBLAS was 15% faster (8192x8192: 835 vs 957-967 us), at M = 1024 the wgmma
+// kernel (213-236 vs 262 us); H200 (item 83), M = 2048 the wgmma kernel on 6 of 8 shapes by 0.2-2.9%,
+// M = 4096 dequantize + cuBLAS on all 8 by 1-13%. Elsewhere (Ampere, or a build without sm_90a code)
+// the LUT kernels up to M = 64 and dequantize + cuBLAS above.
 constexpr int64_t kLutMaxM = 32, kLutMaxMNoWgmma = 64;
 constexpr int64_t wgmma_max_m(int bits) { return bits == 3 ? 2048 : 3584; }
 Path choose_path(int64_t M, const Shape& shape, DType dtype, int device) {
