@@ -77,6 +77,7 @@
 //  37  the TMA kernel up to M = 16 only, M = 17-32 on the cp.async kernel (kTmaMaxM, lut_mma.cuh; item 65)
 //  38  M = 17-32: weights below the TMA thresholds on the cp.async kernel, as at M <= 16 (item 66)
 //  39  3-bit 32-token tiles on the TMA kernel without clusters (Stream-K only; item 67)
+//  12  the TMA kernel from 16M weights at every bit width (kTmaMinWeights; item 84, prepared)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38)
@@ -336,7 +337,13 @@ Fit fit_any(int bits, int mt, DType dt, int dev) {
 // 2026-11-26, lutmm_bench, TMA vs cp.async kernel in one call: 6144x4096 (24M) M = 1 10.9 vs 12.2 us
 // (clusters of 4), M = 4 10.9 vs 12.3, M = 16 12.1 vs 13.4; 5120x4096 M = 1 9.5 vs 9.4; 4096x4096 M = 1
 // 8.6 vs 7.3 (tiles of one row block), M = 4 8.5 vs 8.2, M = 16 9.3 vs 9.3.
-constexpr int64_t kTmaMinWeights = int64_t(32) << 20, kTmaMinWeights3 = int64_t(24) << 20;
+// H200, 2026-11-28 (lutmm_bench, dispatched / cp.async forced / TMA forced, same call; log item 84): 2048x8192
+// (16M, the 70B model's fused k/v projection) M = 1 9.5 / 9.4 / 7.8 us at 4 bits, 9.8 / 9.8 / 8.0 at 3,
+// 9.5 / 9.5 / 7.8 at 2; M = 16 11.5 / 11.5 / 9.6 (4 bits), 11.5 / 11.5 / 9.4 (3); 4096x4096 M = 16
+// 9.4 / 9.4 / 9.1 and 9.2 / 9.2 / 8.9: below the thresholds the TMA kernel was never slower there.
+// LUTMM_EXPERIMENT 12 lowers both thresholds to 16M (next step: A/B on both cards, then adopt).
+constexpr int64_t kTmaMinWeights = int64_t(LUTMM_EXPERIMENT == 12 ? 16 : 32) << 20,
+                  kTmaMinWeights3 = int64_t(LUTMM_EXPERIMENT == 12 ? 16 : 24) << 20;
 // Whether the TMA kernel can serve M tokens on `device` (sm_90 with sm_90a code, M <= kTmaMaxM).
 bool tma_serves(int64_t M, int device) { return M <= kTmaMaxM && stream_supported(device); }
 
