@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, GPU tests (C++ and Python), then the kernel benchmark.
-# Usage (device tool, repo root): bash scripts/gpu.sh [quick|standard|full|tests|bench|profile|sanitize|ab|kab|cxx|e2e|attn|py]
+# Usage (device tool, repo root): bash scripts/gpu.sh [quick|standard|full|tests|bench|profile|sanitize|ab|kab|cxx|e2e|attn|py|decode]
 # Logs go to $OUT. ab: everything, then kernel A/B builds (EXPERIMENTS="2"); kab: C++ build, GPU tests
 # and the A/B only; cxx: C++ build, GPU tests and the C++ kernel benchmark (lutmm_bench) only;
 # sanitize: C++ build, GPU tests, then racecheck / synccheck / memcheck on subsets;
@@ -31,6 +31,26 @@ if [[ $MODE == py ]]; then  # Python only: ~2-3 minutes cold, seconds on a warm 
   echo "build: $(( $(date +%s) - t0 )) s"
   eval "${PY_CMD:-python3 bench/bench_overhead.py --parts}"
   exit $?
+fi
+# decode: which decode kernel the dispatch picks against each one forced (lutmm_bench: lut = dispatched,
+# lut80 = the cp.async kernel, luttma = the TMA kernel), us, over DECODE_SHAPES ("N K;..."), DECODE_MS and
+# DECODE_BITS; rows where the dispatched kernel is > 10% off the faster one are marked. C++ build of
+# lutmm_bench only (~110 s cold). First run as a one-off script in session 29 (log item 84).
+if [[ $MODE == decode ]]; then
+  cmake -S . -B build/gpu -G Ninja -DLUTMM_BUILD_TESTS=ON > "$OUT/cmake.log" 2>&1 && \
+    ninja -C build/gpu lutmm_bench > "$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }
+  echo "build: $(( $(date +%s) - t0 )) s"
+  export LUTMM_BENCH_SETTLE_MS=${LUTMM_BENCH_SETTLE_MS:-150}
+  IFS=';' read -ra dshapes <<< "${DECODE_SHAPES:-4096 4096;6144 4096;2048 8192;8192 8192;28672 4096}"
+  printf "%5s %2s %12s %10s %8s %8s\n" M b "N x K" dispatched lut80 luttma | tee "$OUT/decode.txt"
+  for m in ${DECODE_MS:-1 16}; do for b in ${DECODE_BITS:-4 3 2}; do for sh in "${dshapes[@]}"; do
+    read -r n k <<< "$sh"
+    us=()
+    for p in lut lut80 luttma; do us+=("$(./build/gpu/lutmm_bench "$n" "$k" "$m" "$b" "$p" | tail -1 | awk '{print $6}')"); done
+    flag=$(awk -v d="${us[0]}" -v a="${us[1]}" -v t="${us[2]}" 'BEGIN { b = a < t ? a : t; print (d > 1.1 * b) ? "  > 10% off" : "" }')
+    printf "%5s %2s %12s %10s %8s %8s%s\n" "$m" "$b" "${n}x${k}" "${us[@]}" "$flag" | tee -a "$OUT/decode.txt"
+  done; done; done
+  exit 0
 fi
 # The targets $2... of a -DLUTMM_EXPERIMENT=$1 build in build/gpu-x$1 (kab's B builds, SANITIZE_EXPERIMENT);
 # on failure the log's tail and status 1.
