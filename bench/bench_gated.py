@@ -31,7 +31,7 @@ def main():
     ap.add_argument("--reps", type=int, default=30)
     args = ap.parse_args()
     dev = torch.device("cuda")
-    bk.L2_BYTES = int(torch.cuda.get_device_properties(dev).L2_cache_size)
+    bk.use_card_l2(dev)
     act_fn = torch.compile(silu_mul_interleaved, dynamic=False)
     print(f"# {torch.cuda.get_device_name()} | bf16 activations | us per call, CUDA graph of {args.calls} calls")
     print(f"{'2I x K':>12} {'M':>3} {'b':>2} {'plain':>8} {'plain+act':>10} {'gated':>8} {'saved':>7}")

@@ -98,11 +98,14 @@ def time_settled(timers, reps: int = 20, settle_s: float = 0.5):
     return meds
 
 
+COPY_BYTES = 1 << 30  # calibrate()'s copy: this many bytes read and as many written
+
+
 def _copy_and_matmul_us(dev):
-    """Median us of a 1 GiB device-to-device copy by a kernel and of an 8192^3 bf16 product (random data).
-    The copy is an elementwise kernel (x * 1): a plain copy_ captured in a graph becomes a memcpy node on
-    the copy engines, which moved 2.70 TB/s on the H200 against 4.25 for the kernel (2026-11-28)."""
-    src = torch.randn(1 << 29, device=dev, dtype=torch.bfloat16)
+    """Median us of a COPY_BYTES device-to-device copy by a kernel and of an 8192^3 bf16 product (random
+    data). The copy is an elementwise kernel (x * 1): a plain copy_ captured in a graph becomes a memcpy node
+    on the copy engines, which moved 2.70 TB/s on the H200 against 4.25 for the kernel (2026-11-28)."""
+    src = torch.randn(COPY_BYTES // 2, device=dev, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
@@ -110,15 +113,22 @@ def _copy_and_matmul_us(dev):
                         settle_s=0.3)
 
 
-def calibrate(dev) -> str:
-    """Set L2_BYTES, PEAK_BYTES_S and PEAK_FLOPS from the running card; return a header line. The copy
-    rate counts bytes read + written (2 GiB a copy); both are medians of graph replays in steady state."""
-    global L2_BYTES, PEAK_BYTES_S, PEAK_FLOPS
+def use_card_l2(dev):
+    """Set L2_BYTES (and so n_copies' rotation) from the running card; return its properties."""
+    global L2_BYTES
     props = torch.cuda.get_device_properties(dev)
     L2_BYTES = int(props.L2_cache_size)
+    return props
+
+
+def calibrate(dev) -> str:
+    """Set L2_BYTES, PEAK_BYTES_S and PEAK_FLOPS from the running card; return a header line. The copy
+    rate counts bytes read + written; both are medians of graph replays in steady state."""
+    global PEAK_BYTES_S, PEAK_FLOPS
+    props = use_card_l2(dev)
     copy_us, mm_us = _copy_and_matmul_us(dev)
     torch.cuda.empty_cache()
-    PEAK_BYTES_S = 2 * (1 << 30) / (copy_us * 1e-6)
+    PEAK_BYTES_S = 2 * COPY_BYTES / (copy_us * 1e-6)
     PEAK_FLOPS = 2 * 8192 ** 3 / (mm_us * 1e-6)
     return (f"# card: {props.name}, {props.multi_processor_count} SMs, L2 {L2_BYTES / 2**20:.0f} MiB, "
             f"copy {PEAK_BYTES_S / 1e12:.2f} TB/s, bf16 {PEAK_FLOPS / 1e12:.0f} TFLOP/s (floors use these)")
