@@ -64,7 +64,8 @@ size_t dequant_scratch_bytes(const Shape& shape);
 
 // The two decode kernels of the LUT path. kAuto: the TMA kernel (lut_stream.cu: bulk tensor copies,
 // a producer warp, mbarrier pipeline; sm_90 only, M <= 32) where it is measured faster (M <= 32
-// and N x K >= 32M, 24M at 3 bits, or 4 bits on row tiles, on Hopper), else the cp.async kernel (lut_gemm.cu; any GPU, any M). Forcing one is
+// and N x K >= 32M, 24M at 3 bits, or 4 bits on row tiles, on the H100; on cards of >= 4 TB/s peak DRAM
+// bandwidth (the H200) also every weight with K >= 2048), else the cp.async kernel (lut_gemm.cu; any GPU, any M). Forcing one is
 // for tests and A/B timing; forcing kTma where it cannot run throws.
 enum class LutKernel : int { kAuto = 0, kCpAsync = 1, kTma = 2 };
 // Work split of the decode kernels. kAuto: where a tile's Stream-K workers fit one thread-block

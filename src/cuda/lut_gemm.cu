@@ -77,7 +77,7 @@
 //  37  the TMA kernel up to M = 16 only, M = 17-32 on the cp.async kernel (kTmaMaxM, lut_mma.cuh; item 65)
 //  38  M = 17-32: weights below the TMA thresholds on the cp.async kernel, as at M <= 16 (item 66)
 //  39  3-bit 32-token tiles on the TMA kernel without clusters (Stream-K only; item 67)
-//  12  the TMA kernel from 16M weights at every bit width (kTmaMinWeights; item 84, prepared)
+//  12  the TMA kernel for every weight with K >= 2048 at M <= 16 on every card (the H200's rule; item 85)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38)
@@ -337,13 +337,41 @@ Fit fit_any(int bits, int mt, DType dt, int dev) {
 // 2026-11-26, lutmm_bench, TMA vs cp.async kernel in one call: 6144x4096 (24M) M = 1 10.9 vs 12.2 us
 // (clusters of 4), M = 4 10.9 vs 12.3, M = 16 12.1 vs 13.4; 5120x4096 M = 1 9.5 vs 9.4; 4096x4096 M = 1
 // 8.6 vs 7.3 (tiles of one row block), M = 4 8.5 vs 8.2, M = 16 9.3 vs 9.3.
-// H200, 2026-11-28 (lutmm_bench, dispatched / cp.async forced / TMA forced, same call; log item 84): 2048x8192
-// (16M, the 70B model's fused k/v projection) M = 1 9.5 / 9.4 / 7.8 us at 4 bits, 9.8 / 9.8 / 8.0 at 3,
-// 9.5 / 9.5 / 7.8 at 2; M = 16 11.5 / 11.5 / 9.6 (4 bits), 11.5 / 11.5 / 9.4 (3); 4096x4096 M = 16
-// 9.4 / 9.4 / 9.1 and 9.2 / 9.2 / 8.9: below the thresholds the TMA kernel was never slower there.
-// LUTMM_EXPERIMENT 12 lowers both thresholds to 16M (next step: A/B on both cards, then adopt).
-constexpr int64_t kTmaMinWeights = int64_t(LUTMM_EXPERIMENT == 12 ? 16 : 32) << 20,
-                  kTmaMinWeights3 = int64_t(LUTMM_EXPERIMENT == 12 ? 16 : 24) << 20;
+// On the H200 the TMA kernel takes every weight with K >= 2048 at M <= 16 (log item 85). H200,
+// 2026-11-28, lutmm_bench, dispatched / cp.async forced / TMA forced in one call, us (M = 1 unless
+// noted): 2048x8192 (the 70B model's fused k/v) 9.5 / 9.4 / 7.8 at 4 bits, 9.8 / 9.8 / 8.0 at 3, 9.5 / 9.5
+// / 7.8 at 2, M = 16 11.5 / 11.5 / 9.6; 1024x8192 7.6 / 7.6 / 6.0, M = 16 9.0 / 9.0 / 7.2; 1024x4096 (the
+// 8B model's k or v) 5.1 / 5.0 / 4.7, 3 bits 5.2 / 5.2 / 4.6, M = 16 6.0 / 6.0 / 5.5; 512x4096 4.8 / 4.8
+// / 4.3; 2048x4096 2 bits 6.4 / 6.3 / 5.8; 1024x2048 3.8 / 3.8 / 3.6. Over 7 shapes x M = 1, 4, 8, 16
+// x 2-4 bits with K >= 2048 the TMA kernel lost only on 2048x2048 at 2-3 bits, by 0.1 us (M = 1 2 bits
+// 4.9 vs 5.0, 3 bits 4.6 vs 4.7). At K = 1024 (4096x1024) the cp.async kernel won at 2-3 bits (M = 1:
+// 3.8 vs 4.2, 4.6 vs 4.9), so there the size rule below decides. A build with the TMA kernel from 16M
+// weights against the H100's thresholds, A/B twice in one call: 2048x8192 M = 1 9.4 -> 7.8, M = 16 11.5
+// -> 9.6; 4096x4096 M = 16 9.4 -> 9.0 (4 bits), 9.3 -> 8.3 (2); the rest within 0.1 us.
+// The H100 keeps its thresholds: the H100s are no longer lent to measure the change there. The cards
+// are told apart by their peak DRAM bandwidth (memory clock x bus width: H100 SXM 3.35 TB/s, H200 4.8).
+// LUTMM_EXPERIMENT 12 uses the H200's rule on every card.
+constexpr int64_t kTmaMinWeights = int64_t(32) << 20, kTmaMinWeights3 = int64_t(24) << 20;
+constexpr int64_t kTmaMinKFastHbm = 2048;
+constexpr double kFastHbmBytesPerS = 4.0e12;  // peak DRAM bandwidth from which kTmaMinKFastHbm holds
+// Peak DRAM bandwidth of `device` from its memory clock and bus width (0 where the driver won't say).
+double peak_dram_bytes_per_s(int device) {
+  static PerDevice<double> cache;
+  return cache.get(device, [&] {
+    int clock_khz = 0, bus_bits = 0;
+    const bool ok = cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, device) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, device) == cudaSuccess;
+    cudaGetLastError();
+    return ok ? 2.0 * clock_khz * 1e3 * bus_bits / 8 : 0.0;  // double data rate
+  });
+}
+// Whether the TMA kernel takes this weight at M <= 16 by its size alone (Hopper; the rules above).
+bool tma_by_size(const Shape& s, int device) {
+  if (LUTMM_EXPERIMENT == 12 || peak_dram_bytes_per_s(device) >= kFastHbmBytesPerS) {
+    if (s.K >= kTmaMinKFastHbm) return true;
+  }
+  return s.N * s.K >= (s.bits == 3 ? kTmaMinWeights3 : kTmaMinWeights);
+}
 // Whether the TMA kernel can serve M tokens on `device` (sm_90 with sm_90a code, M <= kTmaMaxM).
 bool tma_serves(int64_t M, int device) { return M <= kTmaMaxM && stream_supported(device); }
 
@@ -393,7 +421,7 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   std::optional<RowTiles> tma_rows;  // rows_for(true), where the dispatch below already asked
   if (kernel == LutKernel::kAuto && tma_ok) {
     sp = split(true, slots);
-    g.tma = s.N * s.K >= (s.bits == 3 ? kTmaMinWeights3 : kTmaMinWeights) || (sp.cluster > 1 && sp.workers * 10 >= slots * 7);
+    g.tma = tma_by_size(s, device) || (sp.cluster > 1 && sp.workers * 10 >= slots * 7);
     // 32-token tiles (M = 17-32) take the TMA kernel on every weight. (H100, 2026-11-27, lutmm_bench,
     // forced paths in one call, TMA vs cp.async kernel, M = 32, us: 4-bit 4096x4096 12.8 vs 12.8,
     // 3072x4096 10.6 vs 11.0, 2048x4096 9.2 vs 10.2, 2048x2048 7.3 vs 7.5, 1024x4096 7.0 vs 8.0,

@@ -149,14 +149,25 @@ TEST(Gpu, DispatchBoundaries) {
     EXPECT_EQ(gpu::choose_path(2048, s3, DType::BF16, 0), mid);
     EXPECT_EQ(gpu::choose_path(2049, s3, DType::BF16, 0), gpu::Path::kDequant);
   }
-  // Which decode kernel (items 66, 68): on sm_90 the TMA kernel takes large weights at M <= 16 and
-  // every weight at M = 17-32 (32-token tiles). Small weights at M = 9-16 stay on the cp.async kernel.
+  // Which decode kernel (items 66, 68, 85): on sm_90 the TMA kernel takes large weights at M <= 16
+  // (H100: from 32M, 24M at 3 bits; cards of >= 4 TB/s peak DRAM bandwidth, the H200: also every
+  // weight with K >= 2048) and every weight at M = 17-32 (32-token tiles). Other weights at M = 9-16
+  // stay on the cp.async kernel.
   const bool tma = gpu::tma_decode_max_m(0) > 0;
+  int clock_khz = 0, bus_bits = 0;
+  CK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, 0));
+  CK(cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, 0));
+  const double peak_bytes_per_s = 2.0 * clock_khz * 1e3 * bus_bits / 8;
+  const bool fast_hbm = peak_bytes_per_s >= 4e12;
+  std::printf("peak DRAM %.2f TB/s: %s\n", peak_bytes_per_s / 1e12,
+              fast_hbm ? "the TMA decode kernel for every K >= 2048 at M <= 16" : "the H100's size thresholds");
   for (int bits : {2, 3, 4}) {
-    const Shape tiny{1024, 4096, bits, 128}, mid4k{4096, 4096, bits, 128}, wide{2048, 8192, bits, 128};
-    for (const Shape& s : {tiny, mid4k, wide}) {
+    // small4k: K = 4096, 4M weights; short_k: K = 1024, below every threshold.
+    const Shape small4k{1024, 4096, bits, 128}, mid4k{4096, 4096, bits, 128}, wide{2048, 8192, bits, 128},
+        short_k{1024, 1024, bits, 128};
+    for (const Shape& s : {small4k, mid4k, wide, short_k}) {
       const std::string what = "N=" + std::to_string(s.N) + " K=" + std::to_string(s.K) + " bits=" + std::to_string(bits);
-      EXPECT_FALSE(gpu::decode_plan(16, s, DType::BF16, 0).tma) << what;
+      EXPECT_EQ(gpu::decode_plan(16, s, DType::BF16, 0).tma, tma && fast_hbm && s.K >= 2048) << what;
       for (int64_t M : {17, 24, 32}) EXPECT_EQ(gpu::decode_plan(M, s, DType::F16, 0).tma, tma) << what << " M=" << M;
     }
     EXPECT_EQ(gpu::decode_plan(16, Shape{8192, 8192, bits, 128}, DType::BF16, 0).tma, tma) << "8192x8192 bits=" << bits;
