@@ -77,7 +77,6 @@
 //  37  the TMA kernel up to M = 16 only, M = 17-32 on the cp.async kernel (kTmaMaxM, lut_mma.cuh; item 65)
 //  38  M = 17-32: weights below the TMA thresholds on the cp.async kernel, as at M <= 16 (item 66)
 //  39  3-bit 32-token tiles on the TMA kernel without clusters (Stream-K only; item 67)
-//  14  the TMA kernel computes two whole k-blocks per pass of its loop (lut_stream.cu; item 86, prepared)
 //  12  the TMA kernel for every weight with K >= 2048 at M <= 16 on every card (the H200's rule; item 85)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),

@@ -318,31 +318,9 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
       // 57344x8192 101.7 -> 95.8 us, 8192x8192 20.1 -> 19.5; 2 and 4 bits within 1%.
       asm volatile("" : "+r"(off.codes), "+r"(off.hi), "+r"(off.scales), "+r"(off.x), "+r"(off.lane_byte));
       asm volatile("" : "+r"(ring_base), "+r"(ring_bars), "+r"(ring_end), "+r"(seg_last));
-      // LUTMM_EXPERIMENT 14 (prepared, session 30): two whole k-blocks of a segment per pass, both
-      // stages waited for first, so the second block's code loads and lookups can issue while the
-      // first block's MMAs wait (the H200 profile: latency-bound, 4.3 warps per scheduler; item 86).
-      if constexpr (LUTMM_EXPERIMENT == 14 && !ROWS && MT <= 2) {  // MT = 4 spilled (ptxas)
-        if (it + 1 < seg_last && kb + 1 < full_kbs && warp_live) {
-          const bool wrap = full + 8 == ring_end;
-          const uint32_t full2 = wrap ? ring_bars : full + 8, phase2 = wrap ? phase ^ 1 : phase;
-          const uint32_t stage_off2 = wrap ? ring_base : stage_off + L::kStageBytes;
-          wg::mbar_wait(full, phase);
-          wg::mbar_wait(full2, phase2);
-          compute_block<BITS, MT, T, true, L::kEntryBytes>(p, smem + stage_off, off, kb, acc);
-          compute_block<BITS, MT, T, true, L::kEntryBytes>(p, smem + stage_off2, off, kb + 1, acc);
-          __syncwarp();
-          if (lane == 0) {
-            wg::mbar_arrive(full + empty_off);
-            wg::mbar_arrive(full2 + empty_off);
-          }
-          full = full2 + 8;
-          stage_off = stage_off2 + L::kStageBytes;
-          phase = phase2;
-          if (full == ring_end) { full = ring_bars; stage_off = ring_base; phase ^= 1; }
-          ++it, ++kb;  // and the loop's own increment: two iterations
-          continue;
-        }
-      }
+      // (Two whole k-blocks per pass, both stages waited for first, so ptxas could interleave one block's
+      // lookups with the other's MMAs, which it did: H200, 2026-11-28, A/B twice in one call, 4 bits,
+      // 57344x8192 M = 1 75.8 -> 79.0 us, M = 16 98.5 -> 110.8, 28672x4096 27.9 -> 28.5; not kept, item 88.)
       wg::mbar_wait(full, phase);
       const uint8_t* stage = smem + stage_off;
       const int wkb = ROWS ? kb * kpt + w_ksub : kb;  // this warp's k-block
