@@ -8,7 +8,8 @@
 Random weights (HF's N(0, 0.02) init; lutmm layers get random codes and scales): decode speed does not
 depend on the values. Each decode step (batch B, static KV cache, prompt 128, 256 new tokens) runs as
 one captured CUDA graph; graph-free (eager) numbers are printed beside. Peak GPU memory per model.
-Measured on an H100 on 2026-11-26: docs/performance.md, "End-to-end decode".
+Measured on an H100 on 2026-11-26 (docs/performance.md, "End-to-end decode") and on an H200 on 2026-11-28
+(docs/performance.md, "H200 after session 30"; the help texts' numbers below are the H100's).
 
 Projections are fused by default (lutmm.nn.fuse_projections): q/k/v as one linear and gate/up as one, 4
 linear calls per layer instead of 7, for lutmm and, so the comparison stays like for like, for the bf16
