@@ -110,6 +110,35 @@ bool lut_tma_rows_ok(int r, int gl, int64_t K) {
   return scales_per_kblock * (8 / r) <= 256 && (r > 1 || K % 128 == 0);
 }
 
+// Weights of at least kTmaMinWeights elements take the TMA kernel at M <= 16 on Hopper. H100, 2026-11-26,
+// 4-bit g128, TMA vs cp.async kernel (same run): M = 1: 4096x4096 9.5 vs 8.3 us, 6144x4096 11.3 vs
+// 10.4, 4096x14336 17.5 vs 17.6, 8192x8192 18.7 vs 19.2, 28672x4096 30.5 vs 31.1, 57344x8192 95.6 vs
+// 106.7; M = 16: 4096x4096 10.0 vs 9.5, 8192x8192 20.0 vs 21.7, 28672x4096 31.2 vs 35.1, 57344x8192
+// 102.5 vs 120.3. Smaller weights take it too where its split runs in clusters on >= 70% of the
+// slots (H100, 2026-11-26, M = 1: 6144x4096 in clusters of 4, 9.4 us, against 10.3 for the cp.async
+// kernel).
+// At 3 bits (three CTAs per SM for the TMA kernel, two for the cp.async kernel) from 24M: H100,
+// 2026-11-26, lutmm_bench, TMA vs cp.async kernel in one call: 6144x4096 (24M) M = 1 10.9 vs 12.2 us
+// (clusters of 4), M = 4 10.9 vs 12.3, M = 16 12.1 vs 13.4; 5120x4096 M = 1 9.5 vs 9.4; 4096x4096 M = 1
+// 8.6 vs 7.3 (tiles of one row block), M = 4 8.5 vs 8.2, M = 16 9.3 vs 9.3.
+// On the H200 the TMA kernel takes every weight with K >= 2048 at M <= 16 (log item 85). H200,
+// 2026-11-28, lutmm_bench, dispatched / cp.async forced / TMA forced in one call, us (M = 1 unless
+// noted): 2048x8192 (the 70B model's fused k/v) 9.5 / 9.4 / 7.8 at 4 bits, 9.8 / 9.8 / 8.0 at 3, 9.5 / 9.5
+// / 7.8 at 2, M = 16 11.5 / 11.5 / 9.6; 1024x8192 7.6 / 7.6 / 6.0, M = 16 9.0 / 9.0 / 7.2; 1024x4096 (the
+// 8B model's k or v) 5.1 / 5.0 / 4.7, 3 bits 5.2 / 5.2 / 4.6, M = 16 6.0 / 6.0 / 5.5; 512x4096 4.8 / 4.8
+// / 4.3; 2048x4096 2 bits 6.4 / 6.3 / 5.8; 1024x2048 3.8 / 3.8 / 3.6. Over 7 shapes x M = 1, 4, 8, 16
+// x 2-4 bits with K >= 2048 the TMA kernel lost only on 2048x2048 at 2-3 bits, by 0.1 us (M = 1 2 bits
+// 4.9 vs 5.0, 3 bits 4.6 vs 4.7). At K = 1024 (4096x1024) the cp.async kernel won at 2-3 bits (M = 1:
+// 3.8 vs 4.2, 4.6 vs 4.9), so there the size thresholds decide. A build with the TMA kernel from 16M
+// weights against the H100's thresholds, A/B twice in one call: 2048x8192 M = 1 9.4 -> 7.8, M = 16 11.5
+// -> 9.6; 4096x4096 M = 16 9.4 -> 9.0 (4 bits), 9.3 -> 8.3 (2); the rest within 0.1 us.
+// The H100 keeps its thresholds: the H100s are no longer lent to measure the change there. The cards
+// are told apart by their peak DRAM bandwidth (memory clock x bus width: H100 SXM 3.35 TB/s, H200 4.8).
+bool lut_tma_by_size(int64_t N, int64_t K, int bits, double peak_dram_bytes_per_s) {
+  if (peak_dram_bytes_per_s >= kFastHbmBytesPerS && K >= kTmaMinKFastHbm) return true;
+  return N * K >= (bits == 3 ? kTmaMinWeights3 : kTmaMinWeights);
+}
+
 // H100, 2026-11-26: TOK = 128 up to M = 512 made M = 256 45-55% slower (more tiles, each re-reading
 // its share of activations and paying the lookups for half the MMA work).
 // TOK = 64 for M <= 64 (wgmma m64n64k16): the lookups, not the MMAs, set the pace there, so halving

@@ -114,6 +114,16 @@ Tiles3 lut_tiles8_tma3(int64_t M, int64_t tiles, int64_t weights, int64_t sms);
 // box brings 8 whole k-blocks of activations (K a multiple of 128). r = 8 (no row tiles) is always fine.
 bool lut_tma_rows_ok(int r, int gl, int64_t K);
 
+// Whether the TMA decode kernel (lut_stream.cu) takes an N x K weight of `bits` at M <= 16 by its size
+// alone (lut_gemm.cu's geometry also sends it smaller weights where its clusters or row tiles fit):
+// from kTmaMinWeights elements (kTmaMinWeights3 at 3 bits), measured on the H100; on cards of at least
+// kFastHbmBytesPerS peak DRAM bandwidth (the H200) every weight with K >= kTmaMinKFastHbm as well.
+// peak_dram_bytes_per_s: the card's memory clock x bus width (0: unknown). Measurements in plan.cpp.
+constexpr int64_t kTmaMinWeights = int64_t(32) << 20, kTmaMinWeights3 = int64_t(24) << 20;
+constexpr int64_t kTmaMinKFastHbm = 2048;
+constexpr double kFastHbmBytesPerS = 4.0e12;  // H100 SXM 3.35 TB/s, H200 4.8
+bool lut_tma_by_size(int64_t N, int64_t K, int bits, double peak_dram_bytes_per_s);
+
 constexpr int kWgTileRowBlocks = 8;  // 16-row blocks per tile (the kernel's 8 consumer warps): 128 weight rows
 // Tiles for one to two waves: the first wave runs data-parallel when the remainder gives each CTA at
 // least this many k-blocks on Stream-K (H100, item 80: 13.6 k-blocks per CTA won 3%, 2.9 lost 2%).

@@ -1,7 +1,7 @@
 // The decode kernel on Hopper (sm_90a): M <= 16 on large weights, M = 17-32 on every weight
-// (dispatch: lut_gemm.cu, kTmaMinWeights*); the math of lut_gemm.cu (lut_mma.cuh: pair-table
-// lookups -> mma.sync with the weights as the 16-row A operand, scales after the MMA, Stream-K with a
-// deterministic fixup), fed by a deeper, cheaper pipeline.
+// (dispatch: lut_gemm.cu's geometry; by size: lut_tma_by_size, src/plan.cpp); the math of lut_gemm.cu
+// (lut_mma.cuh: pair-table lookups -> mma.sync with the weights as the 16-row A operand, scales
+// after the MMA, Stream-K with a deterministic fixup), fed by a deeper, cheaper pipeline.
 //
 // Why a second kernel. At M = 1 the cp.async kernel spends its time waiting, not computing (H100,
 // Nsight Compute: issue slots ~55% busy, one eligible warp per scheduler): every thread issues

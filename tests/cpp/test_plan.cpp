@@ -412,3 +412,26 @@ TEST(Plan, TmaRowTiles) {
   EXPECT_TRUE(lut_tma_rows_ok(8, 30, 992));    // tiles of 8: no row tiles, nothing to check
   EXPECT_THROW(lut_tma_rows_ok(3, 2, 4096), Error);
 }
+
+// Which weights the TMA decode kernel takes at M <= 16 by size (lut_tma_by_size): the H100's
+// thresholds everywhere, and on a card of >= 4 TB/s peak DRAM bandwidth every K >= 2048 as well.
+TEST(Plan, TmaBySize) {
+  const double h100 = 3.35e12, h200 = 4.8e12;
+  for (int bits : {2, 3, 4}) {
+    const int64_t min_weights = int64_t(bits == 3 ? 24 : 32) << 20;
+    for (double peak : {0.0, h100}) {
+      EXPECT_TRUE(lut_tma_by_size(8192, 8192, bits, peak)) << bits;         // 64M
+      EXPECT_TRUE(lut_tma_by_size(min_weights / 4096, 4096, bits, peak)) << bits;
+      EXPECT_FALSE(lut_tma_by_size(min_weights / 4096 - 16, 4096, bits, peak)) << bits;
+      EXPECT_FALSE(lut_tma_by_size(2048, 8192, bits, peak)) << bits;        // 16M
+      EXPECT_FALSE(lut_tma_by_size(1024, 4096, bits, peak)) << bits;
+    }
+    EXPECT_TRUE(lut_tma_by_size(2048, 8192, bits, h200)) << bits;
+    EXPECT_TRUE(lut_tma_by_size(1024, 4096, bits, h200)) << bits;
+    EXPECT_TRUE(lut_tma_by_size(16, 2048, bits, h200)) << bits;             // any N from K = 2048
+    EXPECT_FALSE(lut_tma_by_size(4096, 1024, bits, h200)) << bits;          // K = 1024: by size only
+    EXPECT_TRUE(lut_tma_by_size(57344, 1024, bits, h200)) << bits;          // 56M
+    EXPECT_EQ(lut_tma_by_size(2048, 2048, bits, 3.99e12), false) << bits;   // just below the bound
+    EXPECT_EQ(lut_tma_by_size(2048, 2048, bits, 4.0e12), true) << bits;
+  }
+}
