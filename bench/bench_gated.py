@@ -16,7 +16,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_kernel as bk  # noqa: E402
-from bench_kernel import random_qweight, time_graph  # noqa: E402
 from lutmm.gated import gated_matmul, silu_mul_interleaved  # noqa: E402
 
 import lutmm  # noqa: E402
@@ -40,14 +39,14 @@ def main():
         for cfg in args.configs:
             bits, g = (int(v) for v in cfg.split(":"))
             per_weight = n * k * bits / 8
-            ws = [random_qweight(n, k, bits, g, dev) for _ in range(max(2, int(4 * bk.L2_BYTES // per_weight) + 1))]
+            ws = [bk.random_qweight(n, k, bits, g, dev) for _ in range(max(2, int(4 * bk.L2_BYTES // per_weight) + 1))]
             for m in args.ms:
                 x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
                 nw = len(ws)
                 calls = range(args.calls)
-                plain = time_graph([lambda i=i, ws=ws: lutmm.matmul(x, ws[i % nw]) for i in calls], args.reps)
-                act = time_graph([lambda i=i, ws=ws: act_fn(lutmm.matmul(x, ws[i % nw])) for i in calls], args.reps)
-                gated = time_graph([lambda i=i, ws=ws: gated_matmul(x, ws[i % nw]) for i in calls], args.reps)
+                plain = bk.time_graph([lambda i=i, ws=ws: lutmm.matmul(x, ws[i % nw]) for i in calls], args.reps)
+                act = bk.time_graph([lambda i=i, ws=ws: act_fn(lutmm.matmul(x, ws[i % nw])) for i in calls], args.reps)
+                gated = bk.time_graph([lambda i=i, ws=ws: gated_matmul(x, ws[i % nw]) for i in calls], args.reps)
                 print(f"{shape:>12} {m:>3} {bits:>2} {plain:8.1f} {act:10.1f} {gated:8.1f} {act - gated:7.1f}",
                       flush=True)
             del ws

@@ -15,6 +15,7 @@ size_t dequant_scratch_bytes(const Shape&) { no_cuda(); }
 void lut_gemm(const GemmProblem&, void*, size_t, void*, LutKernel, DecodeSplit) { no_cuda(); }
 DecodePlan decode_plan(int64_t, const Shape&, DType, int, LutKernel, DecodeSplit) { no_cuda(); }
 int tma_decode_max_m(int) { return 0; }
+double peak_dram_bytes_per_s(int) { return 0.0; }
 bool wgmma_supported(int) { return false; }
 size_t wgmma_workspace_bytes(int64_t, const Shape&, int) { no_cuda(); }
 int wgmma_cluster_size(int64_t, const Shape&, int) { no_cuda(); }

@@ -96,6 +96,10 @@ DecodePlan decode_plan(int64_t M, const Shape& shape, DType dtype, int device, L
                        DecodeSplit split = DecodeSplit::kAuto);
 // The largest M the TMA decode kernel (LutKernel::kTma) serves on `device`; 0 where it cannot run.
 int tma_decode_max_m(int device);
+// Peak DRAM bandwidth of `device` in bytes/s: memory clock x bus width x 2 (double data rate), as
+// the driver reports them; 0 where it does not. The decode dispatch tells the H100 (3.35 TB/s) and
+// the H200 (4.8) apart by it (lut_tma_by_size, src/plan.cpp).
+double peak_dram_bytes_per_s(int device);
 
 // True when the wgmma prefill kernel can run on `device`: an sm_90 GPU and a build with sm_90a code.
 bool wgmma_supported(int device);

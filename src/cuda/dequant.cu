@@ -82,6 +82,17 @@ int sm_count(int device) {
   });
 }
 
+double peak_dram_bytes_per_s(int device) {
+  static PerDevice<double> cache;
+  return cache.get(device, [&] {
+    int clock_khz = 0, bus_bits = 0;
+    const bool ok = cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, device) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, device) == cudaSuccess;
+    cudaGetLastError();
+    return ok ? 2.0 * clock_khz * 1e3 * bus_bits / 8 : 0.0;  // double data rate
+  });
+}
+
 void allow_dynamic_smem(const void* kernel, int bytes, int device) {
   static std::mutex mu;
   static std::set<std::pair<const void*, int>> done;  // (kernel, device)

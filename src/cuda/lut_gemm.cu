@@ -326,18 +326,6 @@ Fit fit_any(int bits, int mt, DType dt, int dev) {
                  : mt == 2 ? fit_bits<__nv_bfloat16, 2>(bits, dev) : fit_bits<__nv_bfloat16, 4>(bits, dev);
 }
 
-// Peak DRAM bandwidth of `device` from its memory clock and bus width (0 where the driver won't say):
-// lut_tma_by_size (src/plan.cpp) tells the H100 and the H200 apart by it.
-double peak_dram_bytes_per_s(int device) {
-  static PerDevice<double> cache;
-  return cache.get(device, [&] {
-    int clock_khz = 0, bus_bits = 0;
-    const bool ok = cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, device) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, device) == cudaSuccess;
-    cudaGetLastError();
-    return ok ? 2.0 * clock_khz * 1e3 * bus_bits / 8 : 0.0;  // double data rate
-  });
-}
 // Whether the TMA kernel takes this weight at M <= 16 by its size alone (Hopper; the rule and its
 // measurements: lut_tma_by_size, src/plan.cpp). LUTMM_EXPERIMENT 12 puts the H200's rule on every card.
 bool tma_by_size(const Shape& s, int device) {

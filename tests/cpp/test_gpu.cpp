@@ -14,6 +14,7 @@
 #include "lutmm/pack.h"
 #include "lutmm/reference.h"
 #include "lutmm/tables.h"
+#include "../../src/plan.h"
 #include "gpu_layer.h"
 #include "gpu_test_util.h"
 #include "test_util.h"
@@ -154,11 +155,9 @@ TEST(Gpu, DispatchBoundaries) {
   // weight with K >= 2048) and every weight at M = 17-32 (32-token tiles). Other weights at M = 9-16
   // stay on the cp.async kernel.
   const bool tma = gpu::tma_decode_max_m(0) > 0;
-  int clock_khz = 0, bus_bits = 0;
-  CK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, 0));
-  CK(cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, 0));
-  const double peak_bytes_per_s = 2.0 * clock_khz * 1e3 * bus_bits / 8;
-  const bool fast_hbm = peak_bytes_per_s >= 4e12;
+  const double peak_bytes_per_s = gpu::peak_dram_bytes_per_s(0);
+  EXPECT_GT(peak_bytes_per_s, 0.0) << "the driver reports no memory clock or bus width";
+  const bool fast_hbm = peak_bytes_per_s >= gpu::kFastHbmBytesPerS;
   std::printf("peak DRAM %.2f TB/s: %s\n", peak_bytes_per_s / 1e12,
               fast_hbm ? "the TMA decode kernel for every K >= 2048 at M <= 16" : "the H100's size thresholds");
   for (int bits : {2, 3, 4}) {
@@ -167,7 +166,7 @@ TEST(Gpu, DispatchBoundaries) {
         short_k{1024, 1024, bits, 128};
     for (const Shape& s : {small4k, mid4k, wide, short_k}) {
       const std::string what = "N=" + std::to_string(s.N) + " K=" + std::to_string(s.K) + " bits=" + std::to_string(bits);
-      EXPECT_EQ(gpu::decode_plan(16, s, DType::BF16, 0).tma, tma && fast_hbm && s.K >= 2048) << what;
+      EXPECT_EQ(gpu::decode_plan(16, s, DType::BF16, 0).tma, tma && fast_hbm && s.K >= gpu::kTmaMinKFastHbm) << what;
       for (int64_t M : {17, 24, 32}) EXPECT_EQ(gpu::decode_plan(M, s, DType::F16, 0).tma, tma) << what << " M=" << M;
     }
     EXPECT_EQ(gpu::decode_plan(16, Shape{8192, 8192, bits, 128}, DType::BF16, 0).tma, tma) << "8192x8192 bits=" << bits;
