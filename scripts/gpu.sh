@@ -53,10 +53,12 @@ if [[ $MODE == decode ]]; then
   exit 0
 fi
 # The targets $2... of a -DLUTMM_EXPERIMENT=$1 build in build/gpu-x$1 (kab's B builds, SANITIZE_EXPERIMENT);
-# on failure the log's tail and status 1.
+# on failure the log's tail and status 1. sm_90a code only (B_GENCODE overrides): B builds run on this
+# Hopper machine only, and without the sm_80 pass they compete less with the default build's.
 build_experiment() {
   local e=$1; shift
-  cmake -S . -B build/gpu-x$e -G Ninja -DLUTMM_BUILD_TESTS=ON -DLUTMM_EXPERIMENT=$e > /dev/null && \
+  cmake -S . -B build/gpu-x$e -G Ninja -DLUTMM_BUILD_TESTS=ON -DLUTMM_EXPERIMENT=$e \
+    "-DLUTMM_CUDA_GENCODE=${B_GENCODE:--gencode=arch=compute_90a,code=sm_90a}" > /dev/null && \
     ninja -C build/gpu-x$e "$@" > "$OUT/build-x$e.log" 2>&1 || { tail -20 "$OUT/build-x$e.log"; return 1; }
 }
 # kab: the B builds (lutmm_bench, plus lutmm_gpu_tests unless AB_SKIP_TESTS names it) start now, beside
