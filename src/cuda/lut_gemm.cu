@@ -69,7 +69,9 @@
 //  32  4 bits: the 32 KB table (128-byte entries) on the TMA kernel's tiles of 8 row blocks too, at two
 //      CTAs per SM: more pipeline stages (H100: 1-3% slower, item 58)
 //  33  4 bits: the TMA kernel's tiles of 8 row blocks on three CTAs per SM with the 32 KB table
-//      (prepared in session 16, not yet measured; next step 02)
+//      (H100: slower, item 59; H200: 28672x4096 M = 1 3.5% faster, the rest 1-10% slower, item 89)
+//  34  lut_stream.cu: whole-tile workers start at spread k-blocks (kb_rotation; prepared in session
+//      31, not yet measured: item 91)
 //  (36, the decode kernels without their epilogue options' code, was measured at commit 9f31708 and
 //   removed: 0-0.3 us on plain calls, item 64)
 //  35  M = 17-32: 3-bit weights of < 32 tiles and < 16M weights on the cp.async kernel (item 66's
@@ -80,7 +82,9 @@
 //  12  the TMA kernel for every weight with K >= 2048 at M <= 16 on every card (the H200's rule; item 85)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
-//      +2 no lookups or MMAs, +4 no table build (item 38)
+//      +2 no lookups or MMAs, +4 no table build (item 38); with them, in lut_stream.cu, +8 experiment
+//      9's one CTA of two groups, +16 experiment 32's 32 KB table (deeper pipelines; item 91) and +32
+//      experiment 34's spread starts (79: the loads-only kernel 47 with them)
 
 namespace lutmm {
 namespace gpu {

@@ -85,6 +85,10 @@ struct LaneOffsets {
     o.hi = uint32_t(warp * L::kBlockBytes + 512 + lane * 8);
     o.scales = uint32_t(L::kStageW + warp * s_stride + g * 4);
     // Activation rows in a stage: [8 / rpt k-blocks][rpt tokens] (one k-block of 8 * MT tokens at rpt = 8).
+    // (At M < 8 most rows are zeros. Lanes of those rows reading a real token's row instead, or not
+    // loading at all (predicated, zeros carried), to cut the loads' shared-memory wavefronts: H200,
+    // 2026-11-28, A/B in one call each, within 0.5-1% on 57344x8192 and 11-14 other cases at M = 1-8;
+    // not kept, docs/performance-log.md item 90.)
     const int xrow = rpt == kWarps ? g : ksub * rpt + (g & (rpt - 1));
     o.x = uint32_t(L::kStageW + L::kStageS + xrow * kXRowBytes + 16 * t);
     o.lane_byte = uint32_t(lane) * (BITS == 2 ? 8u : 4u) | (smem_base & 0xff000000u);  // quads at 2 bits

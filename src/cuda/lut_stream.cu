@@ -45,7 +45,9 @@ namespace {
 // g128: two CTAs of one group per SM (4 stages each) ran 8192x8192 in 19.3 us, 57344x8192 in 94.3 us;
 // one CTA of two groups (LUTMM_EXPERIMENT 9: one table, 7 stages per group) 20.4 and 96.4 us; one CTA
 // of one group (8 compute warps per SM, 14 stages) 22.7 and 111.4 us: the compute warps, not the
-// bytes in flight, set the pace.
+// bytes in flight, set the pace. H200, 2026-11-28, experiment 9 (item 89): 57344x8192 M = 1 75.4-76.0
+// -> 74.2-75.2 us, 28672x4096 27.9-28.1 -> 26.7-27.0, but 10240x8192 18.6 -> 19.6 and 28672x4096 M = 8
+// 22.4 -> 23.6-23.9: not adopted.
 // At 3 bits the table is 16 KB and three CTAs fit (24 compute warps per SM): H100, 2026-11-26,
 // 8192x8192 M = 1 22.1 -> 20.9 us (LUTMM_EXPERIMENT 11 keeps two). Row tiles at 3 bits come in two
 // sizes (the kernel's CTAS, lut_tile_rows_tma3): for three CTAs per SM, and for two where 256 tiles
@@ -53,17 +55,39 @@ namespace {
 // (same call): 4096x14336 15.9 vs 13.5 us, 8192x8192 17.8 vs 15.7 (256 tiles do not spread two per SM
 // when three fit); 6144x4096: 384 tiles sized for three 7.4 us, Stream-K 9.8 (with only the size for
 // two, 384 tiles are too many). LUTMM_EXPERIMENT 24 sizes every 3-bit row tile for two (item 42).
-constexpr int kGroups = LUTMM_EXPERIMENT == 9 ? 2 : 1;
+// (Ablation builds LUTMM_EXPERIMENT 40 + mask combine experiment 9 with mask bit 8, experiment 32 with
+// bit 16 and experiment 34 with bit 32: item 91 timed the loads-only kernel, 47, at the first two's
+// pipeline depths; 79 is 47 with 34's spread starts.)
+constexpr bool ablation_bit(int bit) { return LUTMM_EXPERIMENT >= 40 && ((LUTMM_EXPERIMENT - 40) & bit) != 0; }
+constexpr bool kExp9 = LUTMM_EXPERIMENT == 9 || ablation_bit(8);
+constexpr bool kExp32 = LUTMM_EXPERIMENT == 32 || ablation_bit(16);
+constexpr bool kExp34 = LUTMM_EXPERIMENT == 34 || ablation_bit(32);
+constexpr int kGroups = kExp9 ? 2 : 1;
+// LUTMM_EXPERIMENT 34 (prepared in session 31, not yet measured): where every worker takes one whole
+// tile of 8 row blocks (lut_split's 80-100% rule: 28672x4096 at M <= 16, 224 tiles on 264 slots),
+// worker w walks its tile's k-blocks from w % k_iters, wrapping around, instead of all from 0. The
+// hypothesis (item 91): all 224 CTAs start at k-block 0 and move in step, so at any moment their
+// 1792 row streams read addresses 32 KB apart (one row block's codes), which may crowd a few DRAM
+// channels; Stream-K's workers start at spread k-blocks (57344x8192's loads-only kernel streams at
+// 3.72 TB/s, 28672x4096's at 2.32). The sums' order changes (a tile's k-blocks from another start),
+// not their determinism.
+template <bool ROWS, typename P>
+__device__ __forceinline__ int kb_rotation(const P& p, int worker) {
+  if constexpr (kExp34 && !ROWS)
+    return p.cluster <= 1 && p.workers == p.tiles ? worker % p.k_iters : 0;
+  return 0;
+}
 // At 4 bits the row tiles come in the same two sizes, those for three CTAs per SM with the 32 KB table
 // (KLayout): H100, 2026-11-27, M = 1, 6144x4096 on 384 tiles of one row block 9.4 -> 7.6 us back to
 // back, 10.0 -> 9.3 after a PDL kernel (tiles sized for two, 192 of two, before). LUTMM_EXPERIMENT 31
 // sizes every 4-bit row tile for two again.
 template <int BITS>
 constexpr bool kThreeCtaRows = BITS == 3 || (BITS == 4 && LUTMM_EXPERIMENT != 31);
-// LUTMM_EXPERIMENT 33 (prepared, session 16): 4-bit tiles of 8 row blocks (Stream-K, whole tiles) on three
-// CTAs per SM too, with the 32 KB table.
+// LUTMM_EXPERIMENT 33: 4-bit tiles of 8 row blocks (Stream-K, whole tiles) on three CTAs per SM too, with
+// the 32 KB table. Slower on the H100 (item 59); H200, 2026-11-28 (item 89): 28672x4096 M = 1 27.9-28.1
+// -> 26.9 us, but 57344x8192 76.0 -> 78.0-78.9 and 8192x8192 M = 16 17.9 -> 19.7.
 template <int BITS, bool ROWS = false>
-constexpr int kCtasPerSm = LUTMM_EXPERIMENT == 9                                               ? 1
+constexpr int kCtasPerSm = kExp9                                                                 ? 1
                            : BITS == 3 && LUTMM_EXPERIMENT != 11 && (!ROWS || LUTMM_EXPERIMENT != 24) ? 3
                            : BITS == 4 && ROWS && LUTMM_EXPERIMENT != 31                          ? 3
                            : BITS == 4 && !ROWS && LUTMM_EXPERIMENT == 33                         ? 3
@@ -83,7 +107,7 @@ int ctas_per_sm_mt(int bits, int mt) {
 // tiles of 8 row blocks at two CTAs per SM, for the stages it frees (9 instead of 5 per CTA). H100,
 // 2026-11-27: 28672x4096 M = 1 29.9 -> 30.8 us, 57344x8192 97.8 -> 100.6: not short of bytes in flight.
 template <int BITS, int MT, bool ROWS, int CTAS>
-using KLayout = Layout<BITS, MT, BITS == 4 && (CTAS == 3 || (!ROWS && LUTMM_EXPERIMENT == 32))>;
+using KLayout = Layout<BITS, MT, BITS == 4 && (CTAS == 3 || (!ROWS && kExp32))>;
 constexpr int kComputeThreads = kGroups * kThreads;
 constexpr int kCtaThreads = kComputeThreads + kGroups * 32;  // + one producer warp per group
 constexpr int kMaxStages = 32;
@@ -164,10 +188,15 @@ __device__ __forceinline__ void issue_stage(const Params<T>& p, const Maps& maps
 // warps have released that stage's previous use.
 // part 0: the prologue; part 1: the rest (the producer warp's norm factor, kProducerNorm, runs between
 // them); part 2: both.
+// rot: kb_rotation (iteration kb of a tile loads k-block (kb + rot) % k_iters).
 template <int BITS, int MT, typename T, bool ROWS>
 __device__ __forceinline__ void produce(const Params<T>& p, const Maps& maps, int it_begin, int it_end, int m0,
-                                        uint32_t stage0, uint32_t bars, int part = 2) {
+                                        uint32_t stage0, uint32_t bars, int part = 2, int rot = 0) {
   using L = Layout<BITS, MT>;
+  const auto rkb = [&](int kb) {
+    if constexpr (kExp34) return kb + rot < p.k_iters ? kb + rot : kb + rot - p.k_iters;
+    return kb;
+  };
   const int S = p.stages, n = it_end - it_begin, n0 = min(S, n);
   const int tile0 = it_begin / p.k_iters, kb0 = it_begin % p.k_iters;
   // Prologue: codes and scales of the first n0 iterations (constant for the kernel's life, so they
@@ -176,7 +205,7 @@ __device__ __forceinline__ void produce(const Params<T>& p, const Maps& maps, in
     if (pass == 1) grid_dependency_wait();
     int tile = tile0, kb = kb0;
     for (int q = 0; q < n0; ++q) {
-      issue_stage<BITS, MT, T, ROWS>(p, maps, stage0 + uint32_t(q) * L::kStageBytes, bars + 8 * q, tile, kb, m0,
+      issue_stage<BITS, MT, T, ROWS>(p, maps, stage0 + uint32_t(q) * L::kStageBytes, bars + 8 * q, tile, rkb(kb), m0,
                                      pass == 0, pass == 1, pass == 0);
       if (++kb == p.k_iters) { kb = 0; ++tile; }
     }
@@ -186,7 +215,7 @@ __device__ __forceinline__ void produce(const Params<T>& p, const Maps& maps, in
   int st = 0, use = 1;  // stage of iteration q and how often it was filled before
   for (int q = n0; q < n; ++q) {
     wg::mbar_wait(bars + 8 * (S + st), (use - 1) & 1);  // released by all compute warps
-    issue_stage<BITS, MT, T, ROWS>(p, maps, stage0 + uint32_t(st) * L::kStageBytes, bars + 8 * st, tile, kb, m0, true,
+    issue_stage<BITS, MT, T, ROWS>(p, maps, stage0 + uint32_t(st) * L::kStageBytes, bars + 8 * st, tile, rkb(kb), m0, true,
                                    true, true);
     if (++kb == p.k_iters) { kb = 0; ++tile; }
     if (++st == S) { st = 0; ++use; }
@@ -228,6 +257,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const int it_begin = active ? int(b0) : 0;
   const int it_end = active ? int(b1) : 0;
   const int m0 = blockIdx.y * 8 * MT;
+  const int kb_rot = kb_rotation<ROWS>(p, worker);  // 0 but in LUTMM_EXPERIMENT 34 (and 79)
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < kGroups * S; ++i) {  // group-major: full[S], empty[S] of group 0, then group 1
@@ -250,14 +280,16 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const int norm_bar = 4 + group, norm_threads = kThreads + 32;  // the group's compute warps + its producer
   if (producer) {
     if (norm_by_producer && active) {  // the prologue, the factor (all 32 lanes), then the loop
-      if (lane == 0) produce<BITS, MT, T, ROWS>(p, Maps{&tm_w, &tm_s, &tm_x}, it_begin, it_end, m0, stage0, bars, 0);
+      if (lane == 0)
+        produce<BITS, MT, T, ROWS>(p, Maps{&tm_w, &tm_s, &tm_x}, it_begin, it_end, m0, stage0, bars, 0, kb_rot);
       __syncwarp();
       warp_rms_factor(p, p.x, m0, 8 * MT, rs, lane);
       __syncwarp();
       wg::named_arrive(norm_bar, norm_threads);
-      if (lane == 0) produce<BITS, MT, T, ROWS>(p, Maps{&tm_w, &tm_s, &tm_x}, it_begin, it_end, m0, stage0, bars, 1);
+      if (lane == 0)
+        produce<BITS, MT, T, ROWS>(p, Maps{&tm_w, &tm_s, &tm_x}, it_begin, it_end, m0, stage0, bars, 1, kb_rot);
     } else if (lane == 0 && active) {
-      produce<BITS, MT, T, ROWS>(p, Maps{&tm_w, &tm_s, &tm_x}, it_begin, it_end, m0, stage0, bars);
+      produce<BITS, MT, T, ROWS>(p, Maps{&tm_w, &tm_s, &tm_x}, it_begin, it_end, m0, stage0, bars, 2, kb_rot);
     }
     if (p.cluster > 1) {  // the two cluster barriers of cluster_finish
       wg::cluster_sync();
@@ -323,7 +355,8 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
       // 57344x8192 M = 1 75.8 -> 79.0 us, M = 16 98.5 -> 110.8, 28672x4096 27.9 -> 28.5; not kept, item 88.)
       wg::mbar_wait(full, phase);
       const uint8_t* stage = smem + stage_off;
-      const int wkb = ROWS ? kb * kpt + w_ksub : kb;  // this warp's k-block
+      int wkb = ROWS ? kb * kpt + w_ksub : kb;  // this warp's k-block
+      if constexpr (kExp34 && !ROWS) wkb = kb + kb_rot < p.k_iters ? kb + kb_rot : kb + kb_rot - p.k_iters;
       if (warp_live && (!ROWS || wkb < p.col_blocks)) {
         if (wkb < full_kbs) compute_block<BITS, MT, T, true, L::kEntryBytes>(p, stage, off, wkb, acc);
         else compute_block<BITS, MT, T, false, L::kEntryBytes>(p, stage, off, wkb, acc);
