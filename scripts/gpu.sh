@@ -7,7 +7,8 @@
 # e2e: build, then bench/bench_e2e.py $E2E_ARGS only (bench: GATED_ARGS runs bench/bench_gated.py too); attn: build, the decode-attention GPU tests and
 # bench/bench_attention.py. BENCH_ARGS replaces --quick for quick/bench. tests: PYTEST_FILES (a glob) limits
 # the Python test files; E2E_ARGS set also runs bench_e2e afterwards; NO_DEMO=1 skips the demo.
-# ab/kab take AB_CASES / AB_B_PATHS (see bench_cases below) and AB_ROUNDS (A and B timed in turn N times). profile: Nsight Compute on PROFILE_CASES
+# ab/kab take AB_CASES / AB_B_PATHS (see bench_cases below) and AB_ROUNDS (A and B timed in turn N times),
+# and end with scripts/ab_summary.py's table (B / A per case). profile: Nsight Compute on PROFILE_CASES
 # ("N K M BITS [PATH];...", lutmm_bench; with every carried .carry/base* tree's build too) and PROFILE_TORCH
 # ("M N K;...", cuBLAS bf16 through torch.mm). py: the Python extension only (no C++ build or tests),
 # then PY_CMD (default: the eager-overhead benchmark with its per-step table), e.g. for Python-only changes.
@@ -228,6 +229,9 @@ if [[ $MODE == ab || $MODE == kab ]]; then  # kernel A/B: default build vs -DLUT
       bench_cases build/gpu-x$e 1 | tee -a "$OUT/ab.txt"
     done
   done
+  # The short table last: each case's times per build over the rounds, each B build's mean over A's.
+  echo "== summary ($OUT/ab_summary.txt)"
+  python3 scripts/ab_summary.py "$OUT/ab.txt" | tee "$OUT/ab_summary.txt"
 fi
 if [[ $MODE == profile ]]; then  # Nsight Compute on single cases of the C++ benchmark
   RAW_METRICS="pipe_tensor.*(pct|per_cycle)|lts__t_(bytes|sectors)\.sum\.per_second|lts__throughput\.avg\.pct|launch__cluster"

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""The short table at the end of a kernel A/B call (`bash scripts/gpu.sh kab`).
+
+gpu.sh appends every round of every build to $OUT/ab.txt: a "== kab HH:MM:SS" line per call, then
+sections headed "== A: default (round r)", "== B: LUTMM_EXPERIMENT=E  (round r, ...)" or
+"== NAME: COMMIT ARGS" (a carried base tree), each followed by lutmm_bench lines
+("N x K  M  b  g  path  us  TB/s  TFLOP/s"). This reads the last call's part and prints one row per
+case: each build's times over its rounds, us, and each B build's mean time over A's. A case a build
+did not time (it stopped, or AB_B_PATHS left it out) shows "-".
+
+Usage: python3 scripts/ab_summary.py [ab.txt]   (default: $OUT/ab.txt, else /tmp/lutmm-out/ab.txt)
+"""
+import os
+import re
+import sys
+
+
+def header_build(line):
+    """The build a section header names: "A", "x<E>" for an experiment, a base tree's name; None else."""
+    if line.startswith("== A: default"):
+        return "A"
+    m = re.match(r"== B: LUTMM_EXPERIMENT=(\d+)", line)
+    if m:
+        return None if "did not build" in line else "x" + m.group(1)
+    m = re.match(r"== ([\w.-]+): ", line)
+    return m.group(1) if m else None
+
+
+def parse(text):
+    """{build: {case: [us, ...]}} and the builds and cases in first-seen order, from the last call."""
+    lines = text.splitlines()
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("== kab")]
+    lines = lines[starts[-1] + 1:] if starts else lines
+    times, builds, cases = {}, [], []
+    build = None
+    for ln in lines:
+        if ln.startswith("== "):
+            build = header_build(ln)
+            if build is None:
+                continue
+            if build not in times:
+                times[build] = {}
+                builds.append(build)
+            continue
+        f = ln.split()
+        if build is None or len(f) < 6 or "x" not in f[0]:
+            continue
+        try:
+            us = float(f[5])
+        except ValueError:
+            continue
+        case = " ".join(f[:5])
+        times[build].setdefault(case, []).append(us)
+        if case not in cases:
+            cases.append(case)
+    return times, builds, cases
+
+
+def table(times, builds, cases):
+    """The rows as text: case, then per build its rounds (us) and, for B builds, mean(B) / mean(A)."""
+    mean = lambda v: sum(v) / len(v)
+    head = ["N x K  M  b  g  path"] + [b if b == "A" else f"{b}  (/A)" for b in builds]
+    rows = [head]
+    for c in cases:
+        a = times.get("A", {}).get(c)
+        row = [c]
+        for b in builds:
+            v = times[b].get(c)
+            if not v:
+                row.append("-")
+                continue
+            cell = " / ".join(f"{x:.1f}" for x in v)
+            if b != "A" and a:
+                cell += f"  ({mean(v) / mean(a):.3f})"
+            row.append(cell)
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def main(argv):
+    path = argv[1] if len(argv) > 1 else os.path.join(os.environ.get("OUT", "/tmp/lutmm-out"), "ab.txt")
+    with open(path) as f:
+        times, builds, cases = parse(f.read())
+    if not cases:
+        print(f"ab_summary: no timed cases in {path}")
+        return 1
+    print(table(times, builds, cases))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
