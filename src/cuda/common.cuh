@@ -21,6 +21,12 @@
 namespace lutmm {
 namespace gpu {
 
+// The decode kernels' ablation builds, LUTMM_EXPERIMENT 40 + mask (lut_gemm.cu's list): whether the
+// mask holds `bit` (1, 2, 4: a part left out; 8, 16, 32: lut_stream.cu's variants combined with them).
+__host__ __device__ constexpr bool decode_ablation(int bit) {
+  return LUTMM_EXPERIMENT >= 40 && ((LUTMM_EXPERIMENT - 40) & bit) != 0;
+}
+
 // Throws lutmm::Error with the CUDA error string when `e` is not cudaSuccess.
 void check_cuda(cudaError_t e, const char* what);
 // Throws lutmm::Error naming the problem unless `ptr` is 16-byte aligned.

@@ -104,7 +104,7 @@ struct LaneOffsets {
 template <int BITS, int MT, typename T, bool FULL = false, int ENTRY = Layout<BITS, MT>::kEntryBytes>
 __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t* stage, const LaneOffsets& off,
                                               int kb, float (&acc)[MT][4]) {
-  if constexpr (LUTMM_EXPERIMENT >= 40 && ((LUTMM_EXPERIMENT - 40) & 2)) return;  // ablation (lut_gemm.cu's list)
+  if constexpr (decode_ablation(2)) return;  // ablation: no lookups or MMAs
   uint32_t wd[8] = {}, hi[2] = {};
   load_code_words<BITS>(stage + off.codes, stage + off.hi, wd, hi);
   const uint8_t* ss = stage + off.scales;
@@ -263,7 +263,7 @@ __device__ __forceinline__ void finish_segment(const Params<T>& p, int cta, int 
   const int64_t total = int64_t(p.tiles) * p.k_iters, grid = p.workers;
   const int tid = group_tid();
   const int tile_begin = tile * p.k_iters, tile_end = tile_begin + p.k_iters;
-  if constexpr (LUTMM_EXPERIMENT >= 40 && ((LUTMM_EXPERIMENT - 40) & 1)) {  // ablation (lut_gemm.cu's list)
+  if constexpr (decode_ablation(1)) {  // ablation: no Stream-K fixup
     if (warp_live) store_tile<MT>(p, tile, m0, acc, rpt);
     return;
   }

@@ -58,10 +58,9 @@ namespace {
 // (Ablation builds LUTMM_EXPERIMENT 40 + mask combine experiment 9 with mask bit 8, experiment 32 with
 // bit 16 and experiment 34 with bit 32: item 91 timed the loads-only kernel, 47, at the first two's
 // pipeline depths; 79 is 47 with 34's spread starts.)
-constexpr bool ablation_bit(int bit) { return LUTMM_EXPERIMENT >= 40 && ((LUTMM_EXPERIMENT - 40) & bit) != 0; }
-constexpr bool kExp9 = LUTMM_EXPERIMENT == 9 || ablation_bit(8);
-constexpr bool kExp32 = LUTMM_EXPERIMENT == 32 || ablation_bit(16);
-constexpr bool kExp34 = LUTMM_EXPERIMENT == 34 || ablation_bit(32);
+constexpr bool kExp9 = LUTMM_EXPERIMENT == 9 || decode_ablation(8);
+constexpr bool kExp32 = LUTMM_EXPERIMENT == 32 || decode_ablation(16);
+[[maybe_unused]] constexpr bool kExp34 = LUTMM_EXPERIMENT == 34 || decode_ablation(32);
 constexpr int kGroups = kExp9 ? 2 : 1;
 // LUTMM_EXPERIMENT 34 (prepared in session 31, not yet measured): where every worker takes one whole
 // tile of 8 row blocks (lut_split's 80-100% rule: 28672x4096 at M <= 16, 224 tiles on 264 slots),
@@ -131,6 +130,12 @@ constexpr int smem_bytes(int stages) {
 }
 
 #if LUTMM_SM90A
+// The k-block that iteration kb of a tile works on: (kb + rot) % k_iters, kb itself but in experiment 34.
+__device__ __forceinline__ int rotated_kb(int kb, int rot, int k_iters) {
+  if constexpr (kExp34) return kb + rot < k_iters ? kb + rot : kb + rot - k_iters;
+  return kb;
+}
+
 // The three TMA descriptors a producer reads from (kernel parameters, __grid_constant__).
 struct Maps {
   const CUtensorMap* w;  // codes: row blocks x (col_blocks * 256 * BITS / 4) 32-bit words, boxes of 8 x one block
@@ -193,10 +198,6 @@ template <int BITS, int MT, typename T, bool ROWS>
 __device__ __forceinline__ void produce(const Params<T>& p, const Maps& maps, int it_begin, int it_end, int m0,
                                         uint32_t stage0, uint32_t bars, int part = 2, int rot = 0) {
   using L = Layout<BITS, MT>;
-  const auto rkb = [&](int kb) {
-    if constexpr (kExp34) return kb + rot < p.k_iters ? kb + rot : kb + rot - p.k_iters;
-    return kb;
-  };
   const int S = p.stages, n = it_end - it_begin, n0 = min(S, n);
   const int tile0 = it_begin / p.k_iters, kb0 = it_begin % p.k_iters;
   // Prologue: codes and scales of the first n0 iterations (constant for the kernel's life, so they
@@ -205,8 +206,8 @@ __device__ __forceinline__ void produce(const Params<T>& p, const Maps& maps, in
     if (pass == 1) grid_dependency_wait();
     int tile = tile0, kb = kb0;
     for (int q = 0; q < n0; ++q) {
-      issue_stage<BITS, MT, T, ROWS>(p, maps, stage0 + uint32_t(q) * L::kStageBytes, bars + 8 * q, tile, rkb(kb), m0,
-                                     pass == 0, pass == 1, pass == 0);
+      issue_stage<BITS, MT, T, ROWS>(p, maps, stage0 + uint32_t(q) * L::kStageBytes, bars + 8 * q, tile,
+                                     rotated_kb(kb, rot, p.k_iters), m0, pass == 0, pass == 1, pass == 0);
       if (++kb == p.k_iters) { kb = 0; ++tile; }
     }
   }
@@ -215,8 +216,8 @@ __device__ __forceinline__ void produce(const Params<T>& p, const Maps& maps, in
   int st = 0, use = 1;  // stage of iteration q and how often it was filled before
   for (int q = n0; q < n; ++q) {
     wg::mbar_wait(bars + 8 * (S + st), (use - 1) & 1);  // released by all compute warps
-    issue_stage<BITS, MT, T, ROWS>(p, maps, stage0 + uint32_t(st) * L::kStageBytes, bars + 8 * st, tile, rkb(kb), m0, true,
-                                   true, true);
+    issue_stage<BITS, MT, T, ROWS>(p, maps, stage0 + uint32_t(st) * L::kStageBytes, bars + 8 * st, tile,
+                                   rotated_kb(kb, rot, p.k_iters), m0, true, true, true);
     if (++kb == p.k_iters) { kb = 0; ++tile; }
     if (++st == S) { st = 0; ++use; }
   }
@@ -355,8 +356,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
       // 57344x8192 M = 1 75.8 -> 79.0 us, M = 16 98.5 -> 110.8, 28672x4096 27.9 -> 28.5; not kept, item 88.)
       wg::mbar_wait(full, phase);
       const uint8_t* stage = smem + stage_off;
-      int wkb = ROWS ? kb * kpt + w_ksub : kb;  // this warp's k-block
-      if constexpr (kExp34 && !ROWS) wkb = kb + kb_rot < p.k_iters ? kb + kb_rot : kb + kb_rot - p.k_iters;
+      const int wkb = ROWS ? kb * kpt + w_ksub : rotated_kb(kb, kb_rot, p.k_iters);  // this warp's k-block
       if (warp_live && (!ROWS || wkb < p.col_blocks)) {
         if (wkb < full_kbs) compute_block<BITS, MT, T, true, L::kEntryBytes>(p, stage, off, wkb, acc);
         else compute_block<BITS, MT, T, false, L::kEntryBytes>(p, stage, off, wkb, acc);

@@ -275,7 +275,7 @@ __device__ __forceinline__ uint32_t byte_entry(uint32_t w, int b, uint32_t lane_
 // goes out conflict-free. THREADS: the CTA size (all threads call it; it uses warp shuffles).
 template <int BITS, int ENTRY_BYTES, int THREADS, typename T>
 __device__ __forceinline__ void build_table(uint8_t* lut, const float (&table)[16]) {
-  if constexpr (LUTMM_EXPERIMENT >= 40 && ((LUTMM_EXPERIMENT - 40) & 4)) return;  // ablation (lut_gemm.cu's list)
+  if constexpr (decode_ablation(4)) return;  // ablation: no table build
   constexpr int kChunksPerEntry = (BITS == 2 ? 8 : 4) * 32 / 16;
   const float tv = table[threadIdx.x % 16];  // lane l holds T[l % 16]; shuffles fetch T[q]
   for (int c = threadIdx.x; c < lut_entries<BITS>() * kChunksPerEntry; c += THREADS) {  // same trip count in every lane
