@@ -223,7 +223,8 @@ if [[ $MODE == ab || $MODE == kab ]]; then  # kernel A/B: default build vs -DLUT
       fi
       # AB_SKIP_TESTS: experiments that compute wrong results on purpose (ablations timing a part's cost).
       if [[ " ${AB_SKIP_TESTS:-} " == *" $e "* ]]; then t="skipped (AB_SKIP_TESTS)"
-      elif [[ -z ${tested[$e]:-} ]]; then t=$(./build/gpu-x$e/lutmm_gpu_tests --gtest_brief=1 2>&1 | tail -1); tested[$e]=$t
+      elif [[ -z ${tested[$e]:-} ]]; then t=$(./build/gpu-x$e/lutmm_gpu_tests --gtest_brief=1 2>&1 | tee "$OUT/gpu_tests-x$e.log" |
+            grep -E '^\[  PASSED  \]|FAILED TESTS?$' | tr '\n' ' '); tested[$e]=$t  # counts of passed and failed
       else t="${tested[$e]}"; fi
       echo "== B: LUTMM_EXPERIMENT=$e  (round $r, tests: $t)" | tee -a "$OUT/ab.txt"
       bench_cases build/gpu-x$e 1 | tee -a "$OUT/ab.txt"

@@ -70,8 +70,8 @@
 //      CTAs per SM: more pipeline stages (H100: 1-3% slower, item 58)
 //  33  4 bits: the TMA kernel's tiles of 8 row blocks on three CTAs per SM with the 32 KB table
 //      (H100: slower, item 59; H200: 28672x4096 M = 1 3.5% faster, the rest 1-10% slower, item 89)
-//  34  lut_stream.cu: whole-tile workers start at spread k-blocks (kb_rotation; prepared in session
-//      31, not yet measured: item 91)
+//  34  lut_stream.cu: whole-tile workers all start at k-block 0, as before item 92 (no spread starts)
+//  13  lut_stream.cu: 4-bit row tiles all start at iteration 0, as before item 92 (no spread starts)
 //  (36, the decode kernels without their epilogue options' code, was measured at commit 9f31708 and
 //   removed: 0-0.3 us on plain calls, item 64)
 //  35  M = 17-32: 3-bit weights of < 32 tiles and < 16M weights on the cp.async kernel (item 66's
@@ -84,7 +84,7 @@
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38); with them, in lut_stream.cu, +8 experiment
 //      9's one CTA of two groups, +16 experiment 32's 32 KB table (deeper pipelines; item 91) and +32
-//      experiment 34's spread starts (79: the loads-only kernel 47 with them)
+//      experiment 34's in-step starts (79: the loads-only kernel 47 with them; item 92)
 
 namespace lutmm {
 namespace gpu {

@@ -57,23 +57,39 @@ namespace {
 // two, 384 tiles are too many). LUTMM_EXPERIMENT 24 sizes every 3-bit row tile for two (item 42).
 // (Ablation builds LUTMM_EXPERIMENT 40 + mask combine experiment 9 with mask bit 8, experiment 32 with
 // bit 16 and experiment 34 with bit 32: item 91 timed the loads-only kernel, 47, at the first two's
-// pipeline depths; 79 is 47 with 34's spread starts.)
+// pipeline depths; item 92 timed 47 with in-step starts, now 79.)
 constexpr bool kExp9 = LUTMM_EXPERIMENT == 9 || decode_ablation(8);
 constexpr bool kExp32 = LUTMM_EXPERIMENT == 32 || decode_ablation(16);
-[[maybe_unused]] constexpr bool kExp34 = LUTMM_EXPERIMENT == 34 || decode_ablation(32);
 constexpr int kGroups = kExp9 ? 2 : 1;
-// LUTMM_EXPERIMENT 34 (prepared in session 31, not yet measured): where every worker takes one whole
-// tile of 8 row blocks (lut_split's 80-100% rule: 28672x4096 at M <= 16, 224 tiles on 264 slots),
-// worker w walks its tile's k-blocks from w % k_iters, wrapping around, instead of all from 0. The
-// hypothesis (item 91): all 224 CTAs start at k-block 0 and move in step, so at any moment their
-// 1792 row streams read addresses 32 KB apart (one row block's codes), which may crowd a few DRAM
-// channels; Stream-K's workers start at spread k-blocks (57344x8192's loads-only kernel streams at
-// 3.72 TB/s, 28672x4096's at 2.32). The sums' order changes (a tile's k-blocks from another start),
-// not their determinism.
-template <bool ROWS, typename P>
+// Spread starts. Where every worker takes one whole tile of 8 row blocks (lut_split's 80-100% rule:
+// 28672x4096 at M <= 16, 224 tiles on 264 slots), worker w walks its tile's k-blocks from w % k_iters,
+// wrapping around, instead of all from k-block 0. Started together, the 224 CTAs would move in step,
+// their 1792 row streams reading addresses one row block's codes apart at every moment; Stream-K's
+// workers start at spread k-blocks by construction. H200, 2026-11-28 (item 92), lutmm_bench A/B,
+// two rounds in one call, 4-bit g128: 28672x4096 M = 1 27.8 -> 24.2 us, M = 4 26.0 -> 22.9, M = 16
+// 28.2 -> 28.4; the loads-only kernel (ablation 47 vs 79) 26.0 -> 22.2 at M = 1. The sums of a tile
+// run over its k-blocks from another start: same determinism, another rounding order.
+// Not in the 32-token kernels (MT = 4), where the two registers would spill and the loop is bound by
+// its lookups and MMAs (M = 16 gained nothing). LUTMM_EXPERIMENT 34 (or ablation bit 32): in-step
+// starts, as before.
+// 4-bit row tiles (one tile per CTA) start spread too (tile t at iteration t % iterations) where they
+// take kSpreadRowsMinIters iterations or more. H200, 2026-11-28 (item 92), lutmm_bench A/B, two calls
+// of two rounds, M = 1 unless noted, us, in-step -> spread: 4-bit g128 8192x8192 (256 tiles of 2 row
+// blocks, 16 iterations) 15.4-15.5 -> 14.5, M = 2 14.9-15.0 -> 14.5-14.6, 4096x14336 (14 iterations)
+// 12.0-12.1 -> 12.1-12.3; but 3-bit 8192x8192 15.1-15.2 -> 15.4-15.5, 2-bit 13.2-13.5 -> 13.4-13.5,
+// 2-bit 4096x14336 11.3-11.4 -> 11.4-11.6: so 2 and 3 bits keep in-step row tiles. (6144x4096, 4096x4096: 4 iterations, no
+// rotation, but 7.3 -> 7.3-7.4 and 5.9-6.0 -> 6.0-6.1 from the code.) LUTMM_EXPERIMENT 13: in-step
+// 4-bit row tiles, as before.
+constexpr bool kSpreadTiles = LUTMM_EXPERIMENT != 34 && !decode_ablation(32);
+[[maybe_unused]] constexpr int kSpreadRowsMinIters = 8;
+template <int BITS, bool ROWS, int MT>
+constexpr bool kSpread = ROWS ? BITS == 4 && LUTMM_EXPERIMENT != 13 : kSpreadTiles && MT <= 2;
+// The first iteration of worker `worker`'s tile (0 unless kSpread: each worker one whole tile).
+template <int BITS, bool ROWS, int MT, typename P>
 __device__ __forceinline__ int kb_rotation(const P& p, int worker) {
-  if constexpr (kExp34 && !ROWS)
-    return p.cluster <= 1 && p.workers == p.tiles ? worker % p.k_iters : 0;
+  if constexpr (kSpread<BITS, ROWS, MT>)
+    return p.cluster <= 1 && p.workers == p.tiles && (!ROWS || p.k_iters >= kSpreadRowsMinIters) ? worker % p.k_iters
+                                                                                                   : 0;
   return 0;
 }
 // At 4 bits the row tiles come in the same two sizes, those for three CTAs per SM with the 32 KB table
@@ -130,9 +146,10 @@ constexpr int smem_bytes(int stages) {
 }
 
 #if LUTMM_SM90A
-// The k-block that iteration kb of a tile works on: (kb + rot) % k_iters, kb itself but in experiment 34.
+// The iteration of a tile that its kb-th one works on: (kb + rot) % k_iters (kb_rotation's rot).
+template <int BITS, bool ROWS, int MT>
 __device__ __forceinline__ int rotated_kb(int kb, int rot, int k_iters) {
-  if constexpr (kExp34) return kb + rot < k_iters ? kb + rot : kb + rot - k_iters;
+  if constexpr (kSpread<BITS, ROWS, MT>) return kb + rot < k_iters ? kb + rot : kb + rot - k_iters;
   return kb;
 }
 
@@ -207,7 +224,7 @@ __device__ __forceinline__ void produce(const Params<T>& p, const Maps& maps, in
     int tile = tile0, kb = kb0;
     for (int q = 0; q < n0; ++q) {
       issue_stage<BITS, MT, T, ROWS>(p, maps, stage0 + uint32_t(q) * L::kStageBytes, bars + 8 * q, tile,
-                                     rotated_kb(kb, rot, p.k_iters), m0, pass == 0, pass == 1, pass == 0);
+                                     rotated_kb<BITS, ROWS, MT>(kb, rot, p.k_iters), m0, pass == 0, pass == 1, pass == 0);
       if (++kb == p.k_iters) { kb = 0; ++tile; }
     }
   }
@@ -217,7 +234,7 @@ __device__ __forceinline__ void produce(const Params<T>& p, const Maps& maps, in
   for (int q = n0; q < n; ++q) {
     wg::mbar_wait(bars + 8 * (S + st), (use - 1) & 1);  // released by all compute warps
     issue_stage<BITS, MT, T, ROWS>(p, maps, stage0 + uint32_t(st) * L::kStageBytes, bars + 8 * st, tile,
-                                   rotated_kb(kb, rot, p.k_iters), m0, true, true, true);
+                                   rotated_kb<BITS, ROWS, MT>(kb, rot, p.k_iters), m0, true, true, true);
     if (++kb == p.k_iters) { kb = 0; ++tile; }
     if (++st == S) { st = 0; ++use; }
   }
@@ -258,7 +275,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const int it_begin = active ? int(b0) : 0;
   const int it_end = active ? int(b1) : 0;
   const int m0 = blockIdx.y * 8 * MT;
-  const int kb_rot = kb_rotation<ROWS>(p, worker);  // 0 but in LUTMM_EXPERIMENT 34 (and 79)
+  const int kb_rot = kb_rotation<BITS, ROWS, MT>(p, worker);  // the tile's first iteration (spread starts)
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < kGroups * S; ++i) {  // group-major: full[S], empty[S] of group 0, then group 1
@@ -340,6 +357,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const uint32_t empty_off = 8 * S;
   uint32_t ring_base = stage_off;                      // as stages, bars, bars + 8 S: copies the
   uint32_t ring_bars = bars, ring_end = bars + 8 * S;  // compiler cannot rederive (see the loop)
+  const int kb_last = p.k_iters - 1 - kb_rot;  // the iteration on the tile's last k-block(s)
   for (int seg_begin = it_begin; seg_begin < it_end; ++tile, kb0 = 0) {
     const int seg_end = min(it_end, seg_begin + p.k_iters - kb0);
     const bool warp_live = tile * rpt + w_row < p.row_blocks;
@@ -356,7 +374,11 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
       // 57344x8192 M = 1 75.8 -> 79.0 us, M = 16 98.5 -> 110.8, 28672x4096 27.9 -> 28.5; not kept, item 88.)
       wg::mbar_wait(full, phase);
       const uint8_t* stage = smem + stage_off;
-      const int wkb = ROWS ? kb * kpt + w_ksub : rotated_kb(kb, kb_rot, p.k_iters);  // this warp's k-block
+      // This warp's k-block, as far as the loop needs it: in the tile's last iteration (kb_last under
+      // spread starts), the true one, which may be partial or (row tiles) past the weight; elsewhere any
+      // whole one (compute_block reads kb only to count a partial block's chunks): one compare per
+      // block instead of the rotation.
+      const int wkb = (kb == kb_last ? p.k_iters - 1 : 0) * (ROWS ? kpt : 1) + w_ksub;
       if (warp_live && (!ROWS || wkb < p.col_blocks)) {
         if (wkb < full_kbs) compute_block<BITS, MT, T, true, L::kEntryBytes>(p, stage, off, wkb, acc);
         else compute_block<BITS, MT, T, false, L::kEntryBytes>(p, stage, off, wkb, acc);

@@ -379,6 +379,8 @@ TEST(Gpu, DecodeRowTilesAgainstStreamKAndReference) {
                         {Shape{14720, 1024, 4, 64}, 4, DType::BF16, true},   // 230 tiles of 4
                         {Shape{4096, 1664, 4, 128}, 1, DType::BF16, false},  // 13 k-blocks: 3 warps idle in iteration 2
                         {Shape{8192, 8192, 4, 128}, 1, DType::BF16, true},   // TMA kernel, 256 tiles of 2
+                        {Shape{8192, 7616, 4, 64}, 1, DType::F16, false},    // 15 iterations (spread starts), the
+                                                                              // last half past K, its k-block partial
                         {Shape{4096, 2048, 4, 64}, 1, DType::F16, true},     // fp16 on the TMA kernel's tiles of 1
                         {Shape{4096, 14336, 3, 128}, 1, DType::BF16, false},  // 3 bits, TMA: 256 tiles sized for 2 per SM
                         {Shape{6144, 4096, 3, 128}, 1, DType::F16, true},      // 3 bits, TMA: 384 tiles sized for 3
@@ -465,6 +467,46 @@ TEST(Gpu, ThreeBitTilesSizedForTwoCtasAgainstStreamKAndReference) {
     EXPECT_LT(rel_err(r.y, r.ysk), r.tol) << what;
   }
   EXPECT_GE(two, 1);
+}
+
+// The TMA kernel's whole tiles (tiles of 8 row blocks filling 80-100% of the slots: one tile per
+// worker, no fixups), whose workers start at spread k-blocks (worker w at w % k_iters, wrapping; item
+// 92): against the CPU reference and the cp.async kernel (k-blocks in order from 0), reproducible.
+// (DecodeSplit::kStreamK keeps these whole tiles: lut_split's rule.) Shapes sized from the SM count
+// (90% of two CTAs per SM); a partial last k-block (g = 32, 64, K) that lands mid-walk for most
+// workers, 2, 3 and 4 bits, 8-, 16- and 32-token tiles, fp16, bias, rows past N.
+TEST(Gpu, WholeTilesAtSpreadStartsAgainstCpAsyncAndReference) {
+  REQUIRE_WGMMA();
+  int sms = 0;
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const int64_t tiles = 2 * int64_t(sms) * 9 / 10, n_full = tiles * 8 * 16;  // 237 tiles on 132 SMs
+  std::mt19937 rng(98);
+  Workspace ws;
+  struct Case { Shape s; int64_t M; DType dt; bool bias; };
+  const Case cases[] = {{Shape{n_full, 2144, 4, 32}, 1, DType::BF16, false},     // 17 k-blocks, the last one chunk
+                        {Shape{n_full - 40, 4096, 4, 128}, 5, DType::F16, true},  // rows past N
+                        {Shape{n_full, 2112, 2, 64}, 8, DType::BF16, true},       // the last k-block two chunks
+                        {Shape{n_full, 2080, 4, 0}, 1, DType::F16, true},         // g = K
+                        {Shape{n_full, 2144, 3, 32}, 3, DType::BF16, false},      // 3 bits, sized for two per SM
+                        {Shape{n_full, 2144, 4, 32}, 14, DType::F16, false},      // 16-token tiles
+                        {Shape{n_full, 2112, 4, 64}, 24, DType::BF16, true}};     // 32-token tiles (in-step starts)
+  for (const Case& c0 : cases) {
+    const DecodeCase dc = make_decode_case(c0.s, c0.M, c0.dt, c0.bias, rng);
+    const Shape& s = dc.L.s;
+    ws.ensure(gpu::workspace_bytes(c0.M, s, 0));
+    const gpu::DecodePlan pa = gpu::decode_plan(c0.M, s, c0.dt, 0, gpu::LutKernel::kTma);
+    const std::string what = "N=" + std::to_string(s.N) + " K=" + std::to_string(s.K) + " M=" + std::to_string(c0.M) +
+                             " bits=" + std::to_string(s.bits) + " g=" + std::to_string(s.group_size);
+    ASSERT_TRUE(pa.tma) << what;
+    ASSERT_EQ(pa.rows_per_tile, 8) << what;
+    ASSERT_EQ(pa.cluster, 1) << what;
+    ASSERT_EQ(pa.workers, int((s.row_blocks() + 7) / 8)) << what << ": not one whole tile per worker";
+    const SplitRuns r = run_split_and_stream_k(dc, c0.M, c0.dt, c0.bias, ws, gpu::LutKernel::kTma, what);
+    const auto yc = run_gpu(dc.L, dc.x, c0.M, c0.dt, c0.bias ? &dc.bias : nullptr, ws.p, ws.bytes, gpu::Path::kLut,
+                            gpu::LutKernel::kCpAsync);
+    EXPECT_LT(rel_err(yc, dc.ref), r.tol) << what << " (cp.async kernel)";
+    EXPECT_LT(rel_err(r.y, yc), r.tol) << what << " (TMA vs cp.async kernel)";
+  }
 }
 
 // Every work split of the wgmma kernel (Stream-K only, data-parallel waves, both): bitwise the same
