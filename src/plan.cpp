@@ -102,6 +102,18 @@ Tiles3 lut_tiles8_tma3(int64_t M, int64_t tiles, int64_t weights, int64_t sms) {
   return {3, false};
 }
 
+int lut_whole_tile_rows(int64_t row_blocks, int64_t slots) {
+  if (row_blocks < 1 || slots < 1) throw Error("lut_whole_tile_rows: row blocks and slots must be positive");
+  int best = 8;
+  int64_t best_tiles = (row_blocks + 7) / 8;
+  if (best_tiles > slots) return 8;  // not whole tiles
+  for (int r = 7; r >= 5; --r) {
+    const int64_t t = (row_blocks + r - 1) / r;
+    if (t <= slots && t > best_tiles) { best = r; best_tiles = t; }
+  }
+  return best;
+}
+
 bool lut_tma_rows_ok(int r, int gl, int64_t K) {
   if (r == 8) return true;
   if (r != 1 && r != 2 && r != 4) throw Error("lut_tma_rows_ok: r must be 1, 2, 4 or 8");

@@ -72,6 +72,9 @@
 //      (H100: slower, item 59; H200: 28672x4096 M = 1 3.5% faster, the rest 1-10% slower, item 89)
 //  34  lut_stream.cu: whole-tile workers all start at k-block 0, as before item 92 (no spread starts)
 //  13  lut_stream.cu: 4-bit row tiles all start at iteration 0, as before item 92 (no spread starts)
+//  15  whole tiles of 5-7 row blocks on the TMA kernel where they fill more slots than tiles of 8
+//      (lut_whole_tile_rows, src/plan.cpp; 28672x4096: 256 tiles of 7 instead of 224 of 8; prepared in
+//      session 32, not yet measured)
 //  (36, the decode kernels without their epilogue options' code, was measured at commit 9f31708 and
 //   removed: 0-0.3 us on plain calls, item 64)
 //  35  M = 17-32: 3-bit weights of < 32 tiles and < 16M weights on the cp.async kernel (item 66's
@@ -446,6 +449,15 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
       g.stages = stream_stages(s.bits, g.mt, device, 2);
     }
   }
+  // LUTMM_EXPERIMENT 15 (prepared in session 32, not yet measured): whole tiles of 5-7 row blocks
+  // where those fill more of the slots than tiles of 8 (lut_whole_tile_rows, src/plan.cpp).
+  if (LUTMM_EXPERIMENT == 15 && g.tma && auto_split && g.rpt == kWarps && g.cluster == 1 && g.grid_y == 1 &&
+      g.grid_x == g.tiles) {
+    const int64_t slots = int64_t(sm_count(device)) * (g.ctas ? g.ctas : stream_workers_per_sm(s.bits, g.mt));
+    g.tile_rows = lut_whole_tile_rows(s.row_blocks(), slots);
+    g.tiles = int((s.row_blocks() + g.tile_rows - 1) / g.tile_rows);
+    g.grid_x = g.tiles;
+  }
   return g;
 }
 
@@ -500,7 +512,7 @@ DecodePlan decode_plan(int64_t M, const Shape& shape, DType dtype, int device, L
   validate_shape(shape);
   if (M < 1) throw Error("decode_plan: M must be >= 1");
   const Geometry g = geometry(M, shape, dtype, device, kernel, split == DecodeSplit::kAuto);
-  return DecodePlan{g.grid_x, g.cluster, g.rpt, g.tma, g.ctas};
+  return DecodePlan{g.grid_x, g.cluster, g.rpt, g.tma, g.ctas, g.tile_rows};
 }
 
 void lut_gemm(const GemmProblem& prob, void* ws, size_t ws_bytes, void* stream, LutKernel kernel, DecodeSplit split) {

@@ -28,6 +28,8 @@ struct Params : GemmParams<T> {
   int stages;               // pipeline stages in shared memory (per warp group in lut_stream.cu)
   int workers;              // Stream-K workers splitting the iterations: CTAs (lut_gemm.cu) or warp groups
   int cluster;              // > 1: clusters of this many CTAs, one tile each, reduced in shared memory
+  int tile_rows;            // 16-row blocks per whole tile of lut_stream.cu's tiles-of-8 kernel: 8, or 5-7
+                            // (lut_whole_tile_rows; LUTMM_EXPERIMENT 15 only)
 };
 
 // A compute thread's index inside its group of kWarps warps (lut_stream.cu runs two groups per CTA).
@@ -318,11 +320,13 @@ struct Geometry {
   int stages;      // pipeline stages (tma)
   int cluster;     // > 1: clusters of this many CTAs per tile (lut_split, src/plan.cpp)
   int device;      // the current device (asked once per call)
+  int tile_rows = kWarps;  // row blocks per whole tile of the TMA kernel's tiles of 8 (LUTMM_EXPERIMENT 15: 5-7
+                           // where shorter ones fill more slots, lut_whole_tile_rows); one tile per worker
 };
 inline size_t counters_bytes(const Geometry& g) { return counter_region_bytes(int64_t(g.grid_y) * g.tiles); }
 // (Tiles of fewer than 8 row blocks are one whole tile per CTA: no partials.)
 inline size_t partials_bytes(const Geometry& g) {
-  return g.rpt < kWarps ? 0 : size_t(g.grid_y) * g.grid_x * 2 * kThreads * 4 * g.mt * 4;
+  return g.rpt < kWarps || g.tile_rows < kWarps ? 0 : size_t(g.grid_y) * g.grid_x * 2 * kThreads * 4 * g.mt * 4;
 }
 
 // The kernel parameters of a call (both kernels).
@@ -337,6 +341,7 @@ Params<T> make_params(const GemmProblem& prob, const Geometry& geo, void* ws) {
   p.stages = geo.stages;
   p.workers = geo.grid_x;
   p.cluster = geo.cluster;
+  p.tile_rows = geo.tile_rows;
   return p;
 }
 

@@ -82,6 +82,11 @@ constexpr int kGroups = kExp9 ? 2 : 1;
 // 4-bit row tiles, as before.
 constexpr bool kSpreadTiles = LUTMM_EXPERIMENT != 34 && !decode_ablation(32);
 [[maybe_unused]] constexpr int kSpreadRowsMinIters = 8;
+// LUTMM_EXPERIMENT 15: whole tiles of p.tile_rows = 5-7 row blocks (lut_whole_tile_rows; boxes of that
+// many rows, warps past them idle). Elsewhere the constant 8, so the default kernel keeps its code.
+[[maybe_unused]] constexpr bool kShortTiles = LUTMM_EXPERIMENT == 15;
+template <typename P>
+__device__ __forceinline__ int tile_rows(const P& p) { return kShortTiles ? p.tile_rows : kWarps; }
 template <int BITS, bool ROWS, int MT>
 constexpr bool kSpread = ROWS ? BITS == 4 && LUTMM_EXPERIMENT != 13 : kSpreadTiles && MT <= 2;
 // The first iteration of worker `worker`'s tile (0 unless kSpread: each worker one whole tile).
@@ -181,7 +186,8 @@ __device__ __forceinline__ void issue_stage(const Params<T>& p, const Maps& maps
   static_assert(kXRowBytes == 160 * 2, "activation boxes fill whole padded rows");
   const int gpk = groups_per_kblock(p.gl);  // scale groups per k-block (box width)
   const int x_bytes = ROWS && p.rpt == 1 ? kWarps * kBlockCols * 2 : L::kStageX;
-  if (expect) wg::mbar_arrive_expect_tx(full, uint32_t(kWarps * (L::kBlockBytes + 32 * gpk) + x_bytes));
+  const int boxes = ROWS ? kWarps : tile_rows(p);  // blocks of codes and scales per stage
+  if (expect) wg::mbar_arrive_expect_tx(full, uint32_t(boxes * (L::kBlockBytes + 32 * gpk) + x_bytes));
   if constexpr (ROWS) {
     const int rpt = p.rpt, kpt = kWarps / rpt, kb0 = kb * kpt;
     if (weights) {
@@ -199,8 +205,8 @@ __device__ __forceinline__ void issue_stage(const Params<T>& p, const Maps& maps
     }
   } else {
     if (weights) {
-      wg::tma_load_2d(stage, maps.w, kb * (L::kBlockBytes / 4), tile * kWarps, full);
-      wg::tma_load_2d(stage + L::kStageW, maps.s, ((kb * 4) >> p.gl) * 16, tile * kWarps, full);
+      wg::tma_load_2d(stage, maps.w, kb * (L::kBlockBytes / 4), tile * boxes, full);
+      wg::tma_load_2d(stage + L::kStageW, maps.s, ((kb * 4) >> p.gl) * 16, tile * boxes, full);
     }
     if (acts) wg::tma_load_2d(stage + L::kStageW + L::kStageS, maps.x, kb * kBlockCols, m0, full);
   }
@@ -337,6 +343,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
     wg::named_sync(2 + group, kThreads);
   }
   const int rpt = ROWS ? p.rpt : kWarps, kpt = kWarps / rpt;  // row blocks per tile, k-blocks per iteration
+  const int trows = ROWS ? rpt : tile_rows(p);                 // row blocks per tile for the output rows
   const int w_row = ROWS ? gwarp / kpt : gwarp, w_ksub = ROWS ? gwarp % kpt : 0;
   const int s_stride = 32 * groups_per_kblock(p.gl);  // scale bytes per block in a stage (the TMA box row)
   LaneOffsets off = LaneOffsets::make<BITS, MT>(s_stride, smem_base, rpt, w_ksub);
@@ -360,7 +367,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const int kb_last = p.k_iters - 1 - kb_rot;  // the iteration on the tile's last k-block(s)
   for (int seg_begin = it_begin; seg_begin < it_end; ++tile, kb0 = 0) {
     const int seg_end = min(it_end, seg_begin + p.k_iters - kb0);
-    const bool warp_live = tile * rpt + w_row < p.row_blocks;
+    const bool warp_live = (ROWS || !kShortTiles || w_row < trows) && tile * trows + w_row < p.row_blocks;
     int seg_last = seg_end;
     for (int kb = kb0, it = seg_begin; it < seg_last; ++it, ++kb) {
       // Loop-carried as far as the compiler knows, so ptxas keeps these in registers instead of
@@ -417,7 +424,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
       store_live = gwarp < rpt && tile * rpt + gwarp < p.row_blocks;
     }
     finish_segment<MT>(p, worker, tile, m0, seg_begin, seg_end - 1, it_begin, store_live, flag, acc,
-                       reinterpret_cast<const float*>(stages), [bar] { wg::named_sync(bar, kThreads); }, rpt);
+                       reinterpret_cast<const float*>(stages), [bar] { wg::named_sync(bar, kThreads); }, trows);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
     seg_begin = seg_end;
@@ -456,8 +463,8 @@ void launch_kernel(const GemmProblem& prob, const Geometry& geo, void* ws, cudaS
   const Shape& s = prob.shape;
   const int rpt = geo.rpt, kpt = kWarps / rpt;
   const CUtensorMap tm_w = ROWS ? codes_tensor_map_3d<BITS>(prob, rpt, kpt)
-                                : codes_tensor_map<BITS>(prob, kWarps, Layout<BITS, MT>::kBlockBytes / 4);  // one block
-  const CUtensorMap tm_s = ROWS ? scales_tensor_map(prob, rpt, kpt) : scales_tensor_map(prob, kWarps);
+                                : codes_tensor_map<BITS>(prob, geo.tile_rows, Layout<BITS, MT>::kBlockBytes / 4);  // one block
+  const CUtensorMap tm_s = ROWS ? scales_tensor_map(prob, rpt, kpt) : scales_tensor_map(prob, geo.tile_rows);
   const CUtensorMapDataType xt = prob.dtype == DType::F16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   const CUtensorMap tm_x = ROWS && rpt == 1 ? x_rows_1d(prob.x, xt, prob.M, s.K)
                                             : tensor_map_2d(prob.x, xt, prob.M, s.K, s.K * 2, ROWS ? rpt : 8 * MT,

@@ -435,3 +435,29 @@ TEST(Plan, TmaBySize) {
     EXPECT_EQ(lut_tma_by_size(2048, 2048, bits, 4.0e12), true) << bits;
   }
 }
+
+// Whole tiles of fewer row blocks where 8 leave slots empty (lut_whole_tile_rows, LUTMM_EXPERIMENT 15).
+TEST(Plan, WholeTileRows) {
+  EXPECT_EQ(lut_whole_tile_rows(1792, 264), 7);  // 28672x4096: 224 tiles of 8 -> 256 of 7
+  EXPECT_EQ(lut_whole_tile_rows(2112, 264), 8);  // 264 tiles of 8 fill every slot
+  EXPECT_EQ(lut_whole_tile_rows(1900, 264), 8);  // 238 of 8; 272 of 7 would not fit
+  EXPECT_EQ(lut_whole_tile_rows(1500, 264), 6);  // 188 of 8, 215 of 7, 250 of 6 (300 of 5 would not fit)
+  EXPECT_EQ(lut_whole_tile_rows(3584, 264), 8);  // 448 tiles of 8: not whole tiles
+  EXPECT_EQ(lut_whole_tile_rows(5, 264), 8);     // one tile whatever r >= 5: ties keep the larger r
+  EXPECT_EQ(lut_whole_tile_rows(6, 1), 8);
+  // The rule itself, everywhere: the chosen tiles fit, and no r in 5..8 fits more.
+  for (int64_t slots : {132, 264, 396})
+    for (int64_t rb = 1; rb <= 8 * slots + 16; ++rb) {
+      const int r = lut_whole_tile_rows(rb, slots);
+      ASSERT_TRUE(r >= 5 && r <= 8);
+      const int64_t t = (rb + r - 1) / r, t8 = (rb + 7) / 8;
+      if (t8 > slots) { ASSERT_EQ(r, 8) << rb; continue; }
+      ASSERT_LE(t, slots) << rb;
+      for (int q = 5; q <= 8; ++q) {
+        const int64_t tq = (rb + q - 1) / q;
+        ASSERT_FALSE(tq <= slots && (tq > t || (tq == t && q > r))) << "rb " << rb << " slots " << slots << ": r " << r << " vs " << q;
+      }
+    }
+  EXPECT_THROW(lut_whole_tile_rows(0, 264), Error);
+  EXPECT_THROW(lut_whole_tile_rows(100, 0), Error);
+}
