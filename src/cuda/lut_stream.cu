@@ -66,20 +66,20 @@ constexpr int kGroups = kExp9 ? 2 : 1;
 // wrapping around, instead of all from k-block 0. Started together, the 224 CTAs would move in step,
 // their 1792 row streams reading addresses one row block's codes apart at every moment; Stream-K's
 // workers start at spread k-blocks by construction. H200, 2026-11-28 (item 92), lutmm_bench A/B,
-// two rounds in one call, 4-bit g128: 28672x4096 M = 1 27.8 -> 24.2 us, M = 4 26.0 -> 22.9, M = 16
-// 28.2 -> 28.4; the loads-only kernel (ablation 47 vs 79) 26.0 -> 22.2 at M = 1. The sums of a tile
-// run over its k-blocks from another start: same determinism, another rounding order.
-// Not in the 32-token kernels (MT = 4), where the two registers would spill and the loop is bound by
-// its lookups and MMAs (M = 16 gained nothing). LUTMM_EXPERIMENT 34 (or ablation bit 32): in-step
+// two rounds per call, 4-bit g128: 28672x4096 M = 1 27.8-28.1 -> 24.1-24.4 us, M = 4 26.0 -> 22.7-23.0;
+// the loads-only kernel (ablation 79 vs 47) 26.0 -> 22.2 at M = 1; M = 16 (bound by its lookups and
+// MMAs) 28.2 -> 28.4 in a first version. The sums of a tile run over its k-blocks from another start:
+// same determinism, another rounding order. Not in the 32-token kernels (MT = 4): their two extra
+// registers would spill, and M = 16 gained nothing. LUTMM_EXPERIMENT 34 (or ablation bit 32): in-step
 // starts, as before.
 // 4-bit row tiles (one tile per CTA) start spread too (tile t at iteration t % iterations) where they
-// take kSpreadRowsMinIters iterations or more. H200, 2026-11-28 (item 92), lutmm_bench A/B, two calls
-// of two rounds, M = 1 unless noted, us, in-step -> spread: 4-bit g128 8192x8192 (256 tiles of 2 row
-// blocks, 16 iterations) 15.4-15.5 -> 14.5, M = 2 14.9-15.0 -> 14.5-14.6, 4096x14336 (14 iterations)
-// 12.0-12.1 -> 12.1-12.3; but 3-bit 8192x8192 15.1-15.2 -> 15.4-15.5, 2-bit 13.2-13.5 -> 13.4-13.5,
-// 2-bit 4096x14336 11.3-11.4 -> 11.4-11.6: so 2 and 3 bits keep in-step row tiles. (6144x4096, 4096x4096: 4 iterations, no
-// rotation, but 7.3 -> 7.3-7.4 and 5.9-6.0 -> 6.0-6.1 from the code.) LUTMM_EXPERIMENT 13: in-step
-// 4-bit row tiles, as before.
+// take kSpreadRowsMinIters iterations or more. H200, 2026-11-28 (item 92), two calls of two rounds,
+// M = 1 unless noted, us, in-step -> spread: 4-bit g128 8192x8192 (256 tiles of 2 row blocks, 16
+// iterations) 15.4-15.5 -> 14.5, M = 2 14.9-15.0 -> 14.5-14.6, 4096x14336 (14 iterations) 12.0-12.1 ->
+// 12.1-12.3; but 3-bit 8192x8192 15.1-15.2 -> 15.4-15.5, 2-bit 13.2-13.5 -> 13.4-13.5, 2-bit
+// 4096x14336 11.3-11.4 -> 11.4-11.6: so 2 and 3 bits keep in-step row tiles. (6144x4096, 4096x4096:
+// 4 iterations, no rotation, yet 7.3 -> 7.3-7.4 and 5.9-6.0 -> 6.0-6.1 from the code.)
+// LUTMM_EXPERIMENT 13: in-step 4-bit row tiles, as before.
 constexpr bool kSpreadTiles = LUTMM_EXPERIMENT != 34 && !decode_ablation(32);
 [[maybe_unused]] constexpr int kSpreadRowsMinIters = 8;
 // LUTMM_EXPERIMENT 15: whole tiles of p.tile_rows = 5-7 row blocks (lut_whole_tile_rows; boxes of that
