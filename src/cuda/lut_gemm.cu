@@ -75,6 +75,8 @@
 //  15  whole tiles of 5-7 row blocks on the TMA kernel where they fill more slots than tiles of 8
 //      (lut_whole_tile_rows, src/plan.cpp; 28672x4096: 256 tiles of 7 instead of 224 of 8; prepared in
 //      session 32, not yet measured)
+//  29  15 with experiment 32's 32 KB table on tiles of 8 (9 stages per CTA instead of 5)
+//   8  15 with experiment 9's one CTA of two warp groups per SM (7 stages each)
 //  (36, the decode kernels without their epilogue options' code, was measured at commit 9f31708 and
 //   removed: 0-0.3 us on plain calls, item 64)
 //  35  M = 17-32: 3-bit weights of < 32 tiles and < 16M weights on the cp.async kernel (item 66's
@@ -449,9 +451,10 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
       g.stages = stream_stages(s.bits, g.mt, device, 2);
     }
   }
-  // LUTMM_EXPERIMENT 15 (prepared in session 32, not yet measured): whole tiles of 5-7 row blocks
-  // where those fill more of the slots than tiles of 8 (lut_whole_tile_rows, src/plan.cpp).
-  if (LUTMM_EXPERIMENT == 15 && g.tma && auto_split && g.rpt == kWarps && g.cluster == 1 && g.grid_y == 1 &&
+  // LUTMM_EXPERIMENT 15 (and 29, 8: with deeper pipelines; prepared in session 32, not yet measured):
+  // whole tiles of 5-7 row blocks where those fill more of the slots than tiles of 8
+  // (lut_whole_tile_rows, src/plan.cpp).
+  if ((LUTMM_EXPERIMENT == 15 || LUTMM_EXPERIMENT == 29 || LUTMM_EXPERIMENT == 8) && g.tma && auto_split && g.rpt == kWarps && g.cluster == 1 && g.grid_y == 1 &&
       g.grid_x == g.tiles) {
     const int64_t slots = int64_t(sm_count(device)) * (g.ctas ? g.ctas : stream_workers_per_sm(s.bits, g.mt));
     g.tile_rows = lut_whole_tile_rows(s.row_blocks(), slots);

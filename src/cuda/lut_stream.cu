@@ -58,8 +58,8 @@ namespace {
 // (Ablation builds LUTMM_EXPERIMENT 40 + mask combine experiment 9 with mask bit 8, experiment 32 with
 // bit 16 and experiment 34 with bit 32: item 91 timed the loads-only kernel, 47, at the first two's
 // pipeline depths; item 92 timed 47 with in-step starts, now 79.)
-constexpr bool kExp9 = LUTMM_EXPERIMENT == 9 || decode_ablation(8);
-constexpr bool kExp32 = LUTMM_EXPERIMENT == 32 || decode_ablation(16);
+constexpr bool kExp9 = LUTMM_EXPERIMENT == 9 || LUTMM_EXPERIMENT == 8 || decode_ablation(8);
+constexpr bool kExp32 = LUTMM_EXPERIMENT == 32 || LUTMM_EXPERIMENT == 29 || decode_ablation(16);
 constexpr int kGroups = kExp9 ? 2 : 1;
 // Spread starts. Where every worker takes one whole tile of 8 row blocks (lut_split's 80-100% rule:
 // 28672x4096 at M <= 16, 224 tiles on 264 slots), worker w walks its tile's k-blocks from w % k_iters,
@@ -84,7 +84,9 @@ constexpr bool kSpreadTiles = LUTMM_EXPERIMENT != 34 && !decode_ablation(32);
 [[maybe_unused]] constexpr int kSpreadRowsMinIters = 8;
 // LUTMM_EXPERIMENT 15: whole tiles of p.tile_rows = 5-7 row blocks (lut_whole_tile_rows; boxes of that
 // many rows, warps past them idle). Elsewhere the constant 8, so the default kernel keeps its code.
-[[maybe_unused]] constexpr bool kShortTiles = LUTMM_EXPERIMENT == 15;
+// 29: 15 with experiment 32's deeper pipeline (9 stages), 8: 15 with experiment 9's CTAs of two groups.
+[[maybe_unused]] constexpr bool kShortTiles =
+    LUTMM_EXPERIMENT == 15 || LUTMM_EXPERIMENT == 29 || LUTMM_EXPERIMENT == 8;
 template <typename P>
 __device__ __forceinline__ int tile_rows(const P& p) { return kShortTiles ? p.tile_rows : kWarps; }
 template <int BITS, bool ROWS, int MT>
