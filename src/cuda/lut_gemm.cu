@@ -451,10 +451,8 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
       g.stages = stream_stages(s.bits, g.mt, device, 2);
     }
   }
-  // LUTMM_EXPERIMENT 15 (and 29, 8: with deeper pipelines; prepared in session 32, not yet measured):
-  // whole tiles of 5-7 row blocks where those fill more of the slots than tiles of 8
-  // (lut_whole_tile_rows, src/plan.cpp).
-  if ((LUTMM_EXPERIMENT == 15 || LUTMM_EXPERIMENT == 29 || LUTMM_EXPERIMENT == 8) && g.tma && auto_split && g.rpt == kWarps && g.cluster == 1 && g.grid_y == 1 &&
+  // Whole tiles of 5-7 row blocks (kShortWholeTiles, lut_mma.cuh: experiments 15, 29, 8 only).
+  if (kShortWholeTiles && g.tma && auto_split && g.rpt == kWarps && g.cluster == 1 && g.grid_y == 1 &&
       g.grid_x == g.tiles) {
     const int64_t slots = int64_t(sm_count(device)) * (g.ctas ? g.ctas : stream_workers_per_sm(s.bits, g.mt));
     g.tile_rows = lut_whole_tile_rows(s.row_blocks(), slots);

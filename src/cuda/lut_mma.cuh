@@ -354,6 +354,12 @@ Params<T> make_params(const GemmProblem& prob, const Geometry& geo, void* ws) {
 // LUTMM_EXPERIMENT 37: up to 16 only, as before.
 constexpr int kTmaMaxM = LUTMM_EXPERIMENT == 37 ? 16 : 32;
 
+// LUTMM_EXPERIMENT 15 (29, 8: with lut_stream.cu's deeper pipelines; prepared in session 32, not yet
+// measured): the TMA kernel's whole tiles of 5-7 row blocks where those fill more of the slots than
+// tiles of 8 (lut_whole_tile_rows, src/plan.cpp; Geometry::tile_rows). One flag for the plan
+// (lut_gemm.cu's geometry) and the kernel (lut_stream.cu).
+constexpr bool kShortWholeTiles = LUTMM_EXPERIMENT == 15 || LUTMM_EXPERIMENT == 29 || LUTMM_EXPERIMENT == 8;
+
 // lut_stream.cu: whether its kernel runs on `device` (sm_90 and a build with sm_90a code), its
 // Stream-K workers (warp groups) per SM, clusters and pipeline stages per worker for (bits, mt), and the launch.
 bool stream_supported(int device);

@@ -82,13 +82,11 @@ constexpr int kGroups = kExp9 ? 2 : 1;
 // LUTMM_EXPERIMENT 13: in-step 4-bit row tiles, as before.
 constexpr bool kSpreadTiles = LUTMM_EXPERIMENT != 34 && !decode_ablation(32);
 [[maybe_unused]] constexpr int kSpreadRowsMinIters = 8;
-// LUTMM_EXPERIMENT 15: whole tiles of p.tile_rows = 5-7 row blocks (lut_whole_tile_rows; boxes of that
-// many rows, warps past them idle). Elsewhere the constant 8, so the default kernel keeps its code.
-// 29: 15 with experiment 32's deeper pipeline (9 stages), 8: 15 with experiment 9's CTAs of two groups.
-[[maybe_unused]] constexpr bool kShortTiles =
-    LUTMM_EXPERIMENT == 15 || LUTMM_EXPERIMENT == 29 || LUTMM_EXPERIMENT == 8;
+// kShortWholeTiles (lut_mma.cuh; LUTMM_EXPERIMENT 15): whole tiles of p.tile_rows = 5-7 row blocks
+// (boxes of that many rows, warps past them idle); 29 adds experiment 32's deeper pipeline (9 stages),
+// 8 experiment 9's CTAs of two groups. Elsewhere the constant 8, so the default kernel keeps its code.
 template <typename P>
-__device__ __forceinline__ int tile_rows(const P& p) { return kShortTiles ? p.tile_rows : kWarps; }
+__device__ __forceinline__ int tile_rows(const P& p) { return kShortWholeTiles ? p.tile_rows : kWarps; }
 template <int BITS, bool ROWS, int MT>
 constexpr bool kSpread = ROWS ? BITS == 4 && LUTMM_EXPERIMENT != 13 : kSpreadTiles && MT <= 2;
 // The first iteration of worker `worker`'s tile (0 unless kSpread: each worker one whole tile).
@@ -369,7 +367,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const int kb_last = p.k_iters - 1 - kb_rot;  // the iteration on the tile's last k-block(s)
   for (int seg_begin = it_begin; seg_begin < it_end; ++tile, kb0 = 0) {
     const int seg_end = min(it_end, seg_begin + p.k_iters - kb0);
-    const bool warp_live = (ROWS || !kShortTiles || w_row < trows) && tile * trows + w_row < p.row_blocks;
+    const bool warp_live = (ROWS || !kShortWholeTiles || w_row < trows) && tile * trows + w_row < p.row_blocks;
     int seg_last = seg_end;
     for (int kb = kb0, it = seg_begin; it < seg_last; ++it, ++kb) {
       // Loop-carried as far as the compiler knows, so ptxas keeps these in registers instead of
