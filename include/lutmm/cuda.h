@@ -92,7 +92,7 @@ struct DecodePlan {
   int ctas_per_sm;  // row tiles, 3-bit tiles of 8 on the TMA kernel sized for two; 0: the kernel's default
                     // for the tile (3 bits: three CTAs per SM, two for 32-token tiles)
   int whole_rows = 8;  // rows_per_tile = 8 on the TMA kernel: one whole tile per worker of this many row
-                       // blocks where 5-7 fill more SMs (LUTMM_EXPERIMENT 15 only), else 8
+                       // blocks where 5-7 fill more SMs (4 bits only), else 8
 };
 DecodePlan decode_plan(int64_t M, const Shape& shape, DType dtype, int device, LutKernel kernel = LutKernel::kAuto,
                        DecodeSplit split = DecodeSplit::kAuto);

@@ -72,11 +72,9 @@
 //      (H100: slower, item 59; H200: 28672x4096 M = 1 3.5% faster, the rest 1-10% slower, item 89)
 //  34  lut_stream.cu: whole-tile workers all start at k-block 0, as before item 92 (no spread starts)
 //  13  lut_stream.cu: 4-bit row tiles all start at iteration 0, as before item 92 (no spread starts)
-//  15  whole tiles of 5-7 row blocks on the TMA kernel where they fill more slots than tiles of 8
-//      (lut_whole_tile_rows, src/plan.cpp; 28672x4096: 256 tiles of 7 instead of 224 of 8; prepared in
-//      session 32, not yet measured)
-//  29  15 with experiment 32's 32 KB table on tiles of 8 (9 stages per CTA instead of 5)
-//   8  15 with experiment 9's one CTA of two warp groups per SM (7 stages each)
+//  15  4 bits: the TMA kernel's whole tiles of 8 row blocks only, as before item 93 (no tiles of 6-7
+//      where they fill more slots, lut_whole_tile_rows; short_whole_tiles, lut_mma.cuh)
+//  (29, 8: tiles of 6-7 with experiment 32's table and experiment 9's CTAs; slower, item 93)
 //  (36, the decode kernels without their epilogue options' code, was measured at commit 9f31708 and
 //   removed: 0-0.3 us on plain calls, item 64)
 //  35  M = 17-32: 3-bit weights of < 32 tiles and < 16M weights on the cp.async kernel (item 66's
@@ -451,8 +449,8 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
       g.stages = stream_stages(s.bits, g.mt, device, 2);
     }
   }
-  // Whole tiles of 5-7 row blocks (kShortWholeTiles, lut_mma.cuh: experiments 15, 29, 8 only).
-  if (kShortWholeTiles && g.tma && auto_split && g.rpt == kWarps && g.cluster == 1 && g.grid_y == 1 &&
+  // 4 bits: whole tiles of 5-7 row blocks where they fill more slots (short_whole_tiles, lut_mma.cuh).
+  if (short_whole_tiles(s.bits) && g.tma && auto_split && g.rpt == kWarps && g.cluster == 1 && g.grid_y == 1 &&
       g.grid_x == g.tiles) {
     const int64_t slots = int64_t(sm_count(device)) * (g.ctas ? g.ctas : stream_workers_per_sm(s.bits, g.mt));
     g.tile_rows = lut_whole_tile_rows(s.row_blocks(), slots);

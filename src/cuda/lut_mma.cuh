@@ -29,7 +29,7 @@ struct Params : GemmParams<T> {
   int workers;              // Stream-K workers splitting the iterations: CTAs (lut_gemm.cu) or warp groups
   int cluster;              // > 1: clusters of this many CTAs, one tile each, reduced in shared memory
   int tile_rows;            // 16-row blocks per whole tile of lut_stream.cu's tiles-of-8 kernel: 8, or 5-7
-                            // (lut_whole_tile_rows; LUTMM_EXPERIMENT 15 only)
+                            // (lut_whole_tile_rows; 4 bits only, short_whole_tiles)
 };
 
 // A compute thread's index inside its group of kWarps warps (lut_stream.cu runs two groups per CTA).
@@ -320,8 +320,8 @@ struct Geometry {
   int stages;      // pipeline stages (tma)
   int cluster;     // > 1: clusters of this many CTAs per tile (lut_split, src/plan.cpp)
   int device;      // the current device (asked once per call)
-  int tile_rows = kWarps;  // row blocks per whole tile of the TMA kernel's tiles of 8 (LUTMM_EXPERIMENT 15: 5-7
-                           // where shorter ones fill more slots, lut_whole_tile_rows); one tile per worker
+  int tile_rows = kWarps;  // row blocks per whole tile of the TMA kernel's tiles of 8 (4 bits: 5-7 where
+                           // shorter ones fill more slots, lut_whole_tile_rows, short_whole_tiles); one tile per worker
 };
 inline size_t counters_bytes(const Geometry& g) { return counter_region_bytes(int64_t(g.grid_y) * g.tiles); }
 // (Tiles of fewer than 8 row blocks are one whole tile per CTA: no partials.)
@@ -354,11 +354,16 @@ Params<T> make_params(const GemmProblem& prob, const Geometry& geo, void* ws) {
 // LUTMM_EXPERIMENT 37: up to 16 only, as before.
 constexpr int kTmaMaxM = LUTMM_EXPERIMENT == 37 ? 16 : 32;
 
-// LUTMM_EXPERIMENT 15 (29, 8: with lut_stream.cu's deeper pipelines; prepared in session 32, not yet
-// measured): the TMA kernel's whole tiles of 5-7 row blocks where those fill more of the slots than
-// tiles of 8 (lut_whole_tile_rows, src/plan.cpp; Geometry::tile_rows). One flag for the plan
-// (lut_gemm.cu's geometry) and the kernel (lut_stream.cu).
-constexpr bool kShortWholeTiles = LUTMM_EXPERIMENT == 15 || LUTMM_EXPERIMENT == 29 || LUTMM_EXPERIMENT == 8;
+// At 4 bits the TMA kernel's whole tiles (one per worker) take 6-7 row blocks where those fill more of
+// the slots than tiles of 8 (lut_whole_tile_rows, src/plan.cpp; Geometry::tile_rows; 28672x4096: 256
+// tiles of 7 on 264 slots instead of 224 of 8). One flag for the plan (lut_gemm.cu's geometry) and the
+// kernel (lut_stream.cu). H200, 2026-11-28, lutmm_bench A/B in one call, two rounds, 28672x4096 4-bit
+// g128 (docs/performance-log.md item 93): M = 1 24.2-24.3 -> 23.7-23.8 us, M = 4 22.8-23.0 -> 22.7-22.9,
+// M = 16 27.5-27.6 -> 26.5-26.7, M = 32 38.6-38.7 -> 37.3-37.5 (predicted ~21.5 at M = 1). 3 and 2 bits
+// keep tiles of 8: 3-bit 23.8 -> 24.7-24.8, 2-bit 22.9 -> 23.2. With experiment 32's 9 stages or
+// experiment 9's CTAs of two warp groups slower still (24.5-24.6 at M = 1). LUTMM_EXPERIMENT 15: 4-bit
+// tiles of 8, as before.
+__host__ __device__ constexpr bool short_whole_tiles(int bits) { return bits == 4 && LUTMM_EXPERIMENT != 15; }
 
 // lut_stream.cu: whether its kernel runs on `device` (sm_90 and a build with sm_90a code), its
 // Stream-K workers (warp groups) per SM, clusters and pipeline stages per worker for (bits, mt), and the launch.

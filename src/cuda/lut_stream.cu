@@ -58,8 +58,8 @@ namespace {
 // (Ablation builds LUTMM_EXPERIMENT 40 + mask combine experiment 9 with mask bit 8, experiment 32 with
 // bit 16 and experiment 34 with bit 32: item 91 timed the loads-only kernel, 47, at the first two's
 // pipeline depths; item 92 timed 47 with in-step starts, now 79.)
-constexpr bool kExp9 = LUTMM_EXPERIMENT == 9 || LUTMM_EXPERIMENT == 8 || decode_ablation(8);
-constexpr bool kExp32 = LUTMM_EXPERIMENT == 32 || LUTMM_EXPERIMENT == 29 || decode_ablation(16);
+constexpr bool kExp9 = LUTMM_EXPERIMENT == 9 || decode_ablation(8);
+constexpr bool kExp32 = LUTMM_EXPERIMENT == 32 || decode_ablation(16);
 constexpr int kGroups = kExp9 ? 2 : 1;
 // Spread starts. Where every worker takes one whole tile of 8 row blocks (lut_split's 80-100% rule:
 // 28672x4096 at M <= 16, 224 tiles on 264 slots), worker w walks its tile's k-blocks from w % k_iters,
@@ -82,11 +82,10 @@ constexpr int kGroups = kExp9 ? 2 : 1;
 // LUTMM_EXPERIMENT 13: in-step 4-bit row tiles, as before.
 constexpr bool kSpreadTiles = LUTMM_EXPERIMENT != 34 && !decode_ablation(32);
 [[maybe_unused]] constexpr int kSpreadRowsMinIters = 8;
-// kShortWholeTiles (lut_mma.cuh; LUTMM_EXPERIMENT 15): whole tiles of p.tile_rows = 5-7 row blocks
-// (boxes of that many rows, warps past them idle); 29 adds experiment 32's deeper pipeline (9 stages),
-// 8 experiment 9's CTAs of two groups. Elsewhere the constant 8, so the default kernel keeps its code.
-template <typename P>
-__device__ __forceinline__ int tile_rows(const P& p) { return kShortWholeTiles ? p.tile_rows : kWarps; }
+// short_whole_tiles (lut_mma.cuh; 4 bits): whole tiles of p.tile_rows = 5-7 row blocks (boxes of that
+// many rows, warps past them idle). At 2 and 3 bits the constant 8, so their kernels keep their code.
+template <int BITS, typename P>
+__device__ __forceinline__ int tile_rows(const P& p) { return short_whole_tiles(BITS) ? p.tile_rows : kWarps; }
 template <int BITS, bool ROWS, int MT>
 constexpr bool kSpread = ROWS ? BITS == 4 && LUTMM_EXPERIMENT != 13 : kSpreadTiles && MT <= 2;
 // The first iteration of worker `worker`'s tile (0 unless kSpread: each worker one whole tile).
@@ -186,7 +185,7 @@ __device__ __forceinline__ void issue_stage(const Params<T>& p, const Maps& maps
   static_assert(kXRowBytes == 160 * 2, "activation boxes fill whole padded rows");
   const int gpk = groups_per_kblock(p.gl);  // scale groups per k-block (box width)
   const int x_bytes = ROWS && p.rpt == 1 ? kWarps * kBlockCols * 2 : L::kStageX;
-  const int boxes = ROWS ? kWarps : tile_rows(p);  // blocks of codes and scales per stage
+  const int boxes = ROWS ? kWarps : tile_rows<BITS>(p);  // blocks of codes and scales per stage
   if (expect) wg::mbar_arrive_expect_tx(full, uint32_t(boxes * (L::kBlockBytes + 32 * gpk) + x_bytes));
   if constexpr (ROWS) {
     const int rpt = p.rpt, kpt = kWarps / rpt, kb0 = kb * kpt;
@@ -343,7 +342,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
     wg::named_sync(2 + group, kThreads);
   }
   const int rpt = ROWS ? p.rpt : kWarps, kpt = kWarps / rpt;  // row blocks per tile, k-blocks per iteration
-  const int trows = ROWS ? rpt : tile_rows(p);                 // row blocks per tile for the output rows
+  const int trows = ROWS ? rpt : tile_rows<BITS>(p);                 // row blocks per tile for the output rows
   const int w_row = ROWS ? gwarp / kpt : gwarp, w_ksub = ROWS ? gwarp % kpt : 0;
   const int s_stride = 32 * groups_per_kblock(p.gl);  // scale bytes per block in a stage (the TMA box row)
   LaneOffsets off = LaneOffsets::make<BITS, MT>(s_stride, smem_base, rpt, w_ksub);
@@ -367,7 +366,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const int kb_last = p.k_iters - 1 - kb_rot;  // the iteration on the tile's last k-block(s)
   for (int seg_begin = it_begin; seg_begin < it_end; ++tile, kb0 = 0) {
     const int seg_end = min(it_end, seg_begin + p.k_iters - kb0);
-    const bool warp_live = (ROWS || !kShortWholeTiles || w_row < trows) && tile * trows + w_row < p.row_blocks;
+    const bool warp_live = (ROWS || !short_whole_tiles(BITS) || w_row < trows) && tile * trows + w_row < p.row_blocks;
     int seg_last = seg_end;
     for (int kb = kb0, it = seg_begin; it < seg_last; ++it, ++kb) {
       // Loop-carried as far as the compiler knows, so ptxas keeps these in registers instead of

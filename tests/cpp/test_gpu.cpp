@@ -473,8 +473,9 @@ TEST(Gpu, ThreeBitTilesSizedForTwoCtasAgainstStreamKAndReference) {
 // worker, no fixups), whose workers start at spread k-blocks (worker w at w % k_iters, wrapping; item
 // 92): against the CPU reference and the cp.async kernel (k-blocks in order from 0), reproducible.
 // (DecodeSplit::kStreamK keeps these whole tiles: lut_split's rule.) Shapes sized from the SM count
-// (85% of two CTAs per SM; LUTMM_EXPERIMENT 15 runs them as whole tiles of 7 row blocks); a partial last k-block (g = 32, 64, K) that lands mid-walk for most
-// workers, 2, 3 and 4 bits, 8-, 16- and 32-token tiles, fp16, bias, rows past N.
+// (85% of two CTAs per SM); at 4 bits they run as whole tiles of 7 row blocks (lut_whole_tile_rows;
+// tiles of 8 in LUTMM_EXPERIMENT 15), at 2 and 3 bits of 8. A partial last k-block (g = 32, 64, K) that
+// lands mid-walk for most workers, 2, 3 and 4 bits, 8-, 16- and 32-token tiles, fp16, bias, rows past N.
 TEST(Gpu, WholeTilesAtSpreadStartsAgainstCpAsyncAndReference) {
   REQUIRE_WGMMA();
   int sms = 0;
@@ -500,7 +501,10 @@ TEST(Gpu, WholeTilesAtSpreadStartsAgainstCpAsyncAndReference) {
     ASSERT_TRUE(pa.tma) << what;
     ASSERT_EQ(pa.rows_per_tile, 8) << what;
     ASSERT_EQ(pa.cluster, 1) << what;
-    ASSERT_TRUE(pa.whole_rows >= 5 && pa.whole_rows <= 8) << what;  // 8 but in LUTMM_EXPERIMENT 15
+    // 4-bit tiles of 8 run two CTAs per SM: the whole tiles those slots take.
+    const int rows = s.bits == 4 && LUTMM_EXPERIMENT != 15 ? gpu::lut_whole_tile_rows(s.row_blocks(), 2 * int64_t(sms)) : 8;
+    ASSERT_EQ(pa.whole_rows, rows) << what;
+    if (s.bits == 4 && LUTMM_EXPERIMENT != 15) ASSERT_EQ(rows, 7) << what;  // the shapes are sized for it
     ASSERT_EQ(pa.workers, int((s.row_blocks() + pa.whole_rows - 1) / pa.whole_rows)) << what << ": not one whole tile per worker";
     const SplitRuns r = run_split_and_stream_k(dc, c0.M, c0.dt, c0.bias, ws, gpu::LutKernel::kTma, what);
     const auto yc = run_gpu(dc.L, dc.x, c0.M, c0.dt, c0.bias ? &dc.bias : nullptr, ws.p, ws.bytes, gpu::Path::kLut,

@@ -436,7 +436,7 @@ TEST(Plan, TmaBySize) {
   }
 }
 
-// Whole tiles of fewer row blocks where 8 leave slots empty (lut_whole_tile_rows, LUTMM_EXPERIMENT 15).
+// Whole tiles of fewer row blocks where 8 leave slots empty (lut_whole_tile_rows; the TMA kernel at 4 bits).
 TEST(Plan, WholeTileRows) {
   EXPECT_EQ(lut_whole_tile_rows(1792, 264), 7);  // 28672x4096: 224 tiles of 8 -> 256 of 7
   EXPECT_EQ(lut_whole_tile_rows(2112, 264), 8);  // 264 tiles of 8 fill every slot
