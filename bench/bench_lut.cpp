@@ -52,6 +52,10 @@ cudaError_t bench_launch_filler(void* x, int64_t n, cudaStream_t stream, bool pd
 //                                          M = 4096 wgmma: 720.8 us constant, 732.6 random).
 //        LUTMM_BENCH_SETTLE_MS=N lutmm_bench ...  N ms of untimed replays before each timing (default
 //                                          500; 0: none, as before session 27).
+//        LUTMM_BENCH_BIG_IO=1 lutmm_bench ...  X and Y at 2 MiB-aligned offsets of one 64 MiB allocation
+//                                          (as in a caching allocator's segment) instead of cudaMallocs
+//                                          of their own sizes (performance-log.md item 95: 28672x4096
+//                                          at M = 1-2 timed 13% slower here than in bench_kernel.py).
 //        LUTMM_BENCH_FOLD=rms|res lutmm_bench ...  the decode kernels with GemmProblem::rms_norm (each token's
 //                                          factor computed in the kernel) or ::residual (an M x N addend):
 //                                          lutmm.layerfold's calls, for their cost against plain calls.
@@ -97,6 +101,8 @@ int main(int argc, char** argv) {
   const bool gap = argc >= 7 && std::string(argv[6]) == "gap";
   const std::string fold = std::getenv("LUTMM_BENCH_FOLD") ? std::getenv("LUTMM_BENCH_FOLD") : "";
   const bool const_x = std::getenv("LUTMM_BENCH_CONST_X") != nullptr;
+  const bool big_io = std::getenv("LUTMM_BENCH_BIG_IO") != nullptr;
+  constexpr size_t kBigIoBytes = size_t(64) << 20, kBigIoAlign = size_t(2) << 20;
   const char* settle_env = std::getenv("LUTMM_BENCH_SETTLE_MS");
   const int settle_ms = settle_env ? std::atoi(settle_env) : 500;
   if (!fold.empty() && fold != "rms" && fold != "res") { std::printf("LUTMM_BENCH_FOLD: rms or res\n"); return 1; }
@@ -122,12 +128,22 @@ int main(int argc, char** argv) {
       CK(cudaMemcpy(w[i], hw.data(), wbytes, cudaMemcpyHostToDevice));
       CK(cudaMemcpy(sc[i], hs.data(), sbytes, cudaMemcpyHostToDevice));
     }
-    void *x, *y, *ws, *res = nullptr;
+    void *x, *y, *ws, *res = nullptr, *io = nullptr;
     if (fold == "res") {
       CK(cudaMalloc(&res, size_t(c.M * c.N) * 2));
       CK(cudaMemset(res, 0x3c, size_t(c.M * c.N) * 2));
     }
-    CK(cudaMalloc(&x, size_t(c.M * c.K) * 2));
+    if (big_io) {
+      if (size_t(c.M * c.K) * 2 > kBigIoAlign || size_t(c.M * c.N) * 2 > kBigIoBytes - kBigIoAlign) {
+        std::printf("LUTMM_BENCH_BIG_IO: X or Y too large for its 64 MiB allocation\n");
+        return 1;
+      }
+      CK(cudaMalloc(&io, kBigIoBytes));
+      x = io;
+      y = static_cast<char*>(io) + kBigIoAlign;
+    } else {
+      CK(cudaMalloc(&x, size_t(c.M * c.K) * 2));
+    }
     if (const_x) {
       CK(cudaMemset(x, 0x3c, size_t(c.M * c.K) * 2));  // bf16 ~0.01: finite, non-zero
     } else {  // random bf16 in (-2, 2): as bench_kernel.py's randn, the tensor cores' power draw is real
@@ -139,7 +155,7 @@ int main(int argc, char** argv) {
       }
       CK(cudaMemcpy(x, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice));
     }
-    CK(cudaMalloc(&y, size_t(c.M * c.N) * 2));
+    if (!big_io) CK(cudaMalloc(&y, size_t(c.M * c.N) * 2));
     const bool wg = c.kind == kWgmma || c.kind == kWgmmaSk;
     const size_t wsb = wg ? gpu::wgmma_workspace_bytes(c.M, s, 0) : gpu::workspace_bytes(c.M, s, 0);
     CK(cudaMalloc(&ws, std::max<size_t>(wsb, 16)));
@@ -217,7 +233,9 @@ int main(int argc, char** argv) {
     cudaEventDestroy(a);
     cudaEventDestroy(b);
     for (int i = 0; i < copies; ++i) { cudaFree(w[i]); cudaFree(sc[i]); }
-    cudaFree(x); cudaFree(y); cudaFree(ws); cudaFree(res);
+    if (big_io) cudaFree(io);
+    else { cudaFree(x); cudaFree(y); }
+    cudaFree(ws); cudaFree(res);
   }
   return 0;
 }
