@@ -354,9 +354,10 @@ Params<T> make_params(const GemmProblem& prob, const Geometry& geo, void* ws) {
 // LUTMM_EXPERIMENT 37: up to 16 only, as before.
 constexpr int kTmaMaxM = LUTMM_EXPERIMENT == 37 ? 16 : 32;
 
-// At 4 bits the TMA kernel's whole tiles (one per worker) take 6-7 row blocks where those fill more of
+// At 4 bits the TMA kernel's whole tiles (one per worker) take fewer row blocks where those fill more of
 // the slots than tiles of 8 (lut_whole_tile_rows, src/plan.cpp; Geometry::tile_rows; 28672x4096: 256
-// tiles of 7 on 264 slots instead of 224 of 8). One flag for the plan (lut_gemm.cu's geometry) and the
+// tiles of 7 on 264 slots instead of 224 of 8). In practice 7: whole tiles of 8 fill >= 80% of the
+// slots (lut_split), so 6 or 5 would not fit. One flag for the plan (lut_gemm.cu's geometry) and the
 // kernel (lut_stream.cu). H200, 2026-11-28, lutmm_bench A/B in one call, two rounds, 28672x4096 4-bit
 // g128 (docs/performance-log.md item 93): M = 1 24.2-24.3 -> 23.7-23.8 us, M = 4 22.8-23.0 -> 22.7-22.9,
 // M = 16 27.5-27.6 -> 26.5-26.7, M = 32 38.6-38.7 -> 37.3-37.5 (predicted ~21.5 at M = 1). 3 and 2 bits

@@ -342,7 +342,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
     wg::named_sync(2 + group, kThreads);
   }
   const int rpt = ROWS ? p.rpt : kWarps, kpt = kWarps / rpt;  // row blocks per tile, k-blocks per iteration
-  const int trows = ROWS ? rpt : tile_rows<BITS>(p);                 // row blocks per tile for the output rows
+  const int trows = ROWS ? rpt : tile_rows<BITS>(p);           // row blocks per tile for the output rows
   const int w_row = ROWS ? gwarp / kpt : gwarp, w_ksub = ROWS ? gwarp % kpt : 0;
   const int s_stride = 32 * groups_per_kblock(p.gl);  // scale bytes per block in a stage (the TMA box row)
   LaneOffsets off = LaneOffsets::make<BITS, MT>(s_stride, smem_base, rpt, w_ksub);
