@@ -83,11 +83,15 @@
 //  38  M = 17-32: weights below the TMA thresholds on the cp.async kernel, as at M <= 16 (item 66)
 //  39  3-bit 32-token tiles on the TMA kernel without clusters (Stream-K only; item 67)
 //  12  the TMA kernel for every weight with K >= 2048 at M <= 16 on every card (the H200's rule; item 85)
+//   3  lut_stream.cu: at M < 8 on tiles of 8, activation boxes of M token rows instead of 8 (item 95;
+//      prepared in session 33, not yet run)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38); with them, in lut_stream.cu, +8 experiment
 //      9's one CTA of two groups, +16 experiment 32's 32 KB table (deeper pipelines; item 91) and +32
-//      experiment 34's in-step starts (79: the loads-only kernel 47 with them; item 92)
+//      experiment 34's in-step starts (79: the loads-only kernel 47 with them; item 92); +64, the TMA
+//      kernel only: activations in the prologue's stages only, none after (item 95: what the per-stage
+//      X reads cost at M = 1-2; 104 alone)
 
 namespace lutmm {
 namespace gpu {

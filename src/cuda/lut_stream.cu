@@ -82,6 +82,17 @@ constexpr int kGroups = kExp9 ? 2 : 1;
 // LUTMM_EXPERIMENT 13: in-step 4-bit row tiles, as before.
 constexpr bool kSpreadTiles = LUTMM_EXPERIMENT != 34 && !decode_ablation(32);
 [[maybe_unused]] constexpr int kSpreadRowsMinIters = 8;
+// LUTMM_EXPERIMENT 3 (prepared in session 33, not yet run; item 95): at M < 8 on tiles of 8 (MT = 1),
+// activation boxes of M token rows instead of 8, the rows past M left as the stage held them (their
+// output columns are never stored: a token's column of the MMA depends on its own row only). Asks
+// whether the per-stage copies of 7 zero-filled rows cost the M = 1-2 time on 28672x4096.
+constexpr bool kShortXBox = LUTMM_EXPERIMENT == 3;
+// Token rows of a stage's activation box (the launch's tensor map uses the same).
+template <int MT, bool ROWS>
+__host__ __device__ __forceinline__ int x_box_rows(int64_t M, int rpt) {
+  if (ROWS) return rpt;
+  return kShortXBox && MT == 1 && M < 8 ? int(M) : 8 * MT;
+}
 // short_whole_tiles (lut_mma.cuh; 4 bits): whole tiles of p.tile_rows = 5-7 row blocks (boxes of that
 // many rows, warps past them idle). At 2 and 3 bits the constant 8, so their kernels keep their code.
 template <int BITS, typename P>
@@ -178,13 +189,18 @@ struct Maps {
 // At rpt = 1 those boxes would start 320 bytes apart, but a tensor copy's destination must be
 // 128-byte aligned (misaligned-address faults, H100): there one 3-D box brings the token's 8
 // k-blocks densely, [k][128 columns] (x_rows_1d; K a multiple of 128, so no k-block runs past a row).
+// with_x = false (ablation 40 + 64 only): the stage brings no activations at all (neither expected nor
+// copied; the compute warps read whatever the stage held).
 template <int BITS, int MT, typename T, bool ROWS>
 __device__ __forceinline__ void issue_stage(const Params<T>& p, const Maps& maps, uint32_t stage, uint32_t full, int tile,
-                                            int kb, int m0, bool weights, bool acts, bool expect) {
+                                            int kb, int m0, bool weights, bool acts, bool expect, bool with_x = true) {
   using L = Layout<BITS, MT>;
   static_assert(kXRowBytes == 160 * 2, "activation boxes fill whole padded rows");
   const int gpk = groups_per_kblock(p.gl);  // scale groups per k-block (box width)
-  const int x_bytes = ROWS && p.rpt == 1 ? kWarps * kBlockCols * 2 : L::kStageX;
+  const int x_bytes = !with_x ? 0
+                      : ROWS && p.rpt == 1 ? kWarps * kBlockCols * 2
+                      : kShortXBox && !ROWS ? x_box_rows<MT, ROWS>(p.M, kWarps) * kXRowBytes : L::kStageX;
+  acts = acts && with_x;
   const int boxes = ROWS ? kWarps : tile_rows<BITS>(p);  // blocks of codes and scales per stage
   if (expect) wg::mbar_arrive_expect_tx(full, uint32_t(boxes * (L::kBlockBytes + 32 * gpk) + x_bytes));
   if constexpr (ROWS) {
@@ -238,8 +254,10 @@ __device__ __forceinline__ void produce(const Params<T>& p, const Maps& maps, in
   int st = 0, use = 1;  // stage of iteration q and how often it was filled before
   for (int q = n0; q < n; ++q) {
     wg::mbar_wait(bars + 8 * (S + st), (use - 1) & 1);  // released by all compute warps
+    // (Ablation 40 + 64: activations in the prologue's stages only, so later stages reuse theirs.)
     issue_stage<BITS, MT, T, ROWS>(p, maps, stage0 + uint32_t(st) * L::kStageBytes, bars + 8 * st, tile,
-                                   rotated_kb<BITS, ROWS, MT>(kb, rot, p.k_iters), m0, true, true, true);
+                                   rotated_kb<BITS, ROWS, MT>(kb, rot, p.k_iters), m0, true, true, true,
+                                   !decode_ablation(64));
     if (++kb == p.k_iters) { kb = 0; ++tile; }
     if (++st == S) { st = 0; ++use; }
   }
@@ -466,7 +484,7 @@ void launch_kernel(const GemmProblem& prob, const Geometry& geo, void* ws, cudaS
   const CUtensorMap tm_s = ROWS ? scales_tensor_map(prob, rpt, kpt) : scales_tensor_map(prob, geo.tile_rows);
   const CUtensorMapDataType xt = prob.dtype == DType::F16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   const CUtensorMap tm_x = ROWS && rpt == 1 ? x_rows_1d(prob.x, xt, prob.M, s.K)
-                                            : tensor_map_2d(prob.x, xt, prob.M, s.K, s.K * 2, ROWS ? rpt : 8 * MT,
+                                            : tensor_map_2d(prob.x, xt, prob.M, s.K, s.K * 2, x_box_rows<MT, ROWS>(prob.M, rpt),
                                                             kXRowBytes / 2, CU_TENSOR_MAP_SWIZZLE_NONE, "x");
   if (geo.cluster > 1 && kGroups != 1) throw Error("internal: clusters need one warp group per CTA");
   if (geo.cluster > 1 && cluster_xbuf_bytes(geo.cluster, MT) > geo.stages * Layout<BITS, MT>::kStageBytes)
