@@ -56,6 +56,8 @@ cudaError_t bench_launch_filler(void* x, int64_t n, cudaStream_t stream, bool pd
 //                                          (as in a caching allocator's segment) instead of cudaMallocs
 //                                          of their own sizes (performance-log.md item 95: 28672x4096
 //                                          at M = 1-2 timed 13% slower here than in bench_kernel.py).
+//                                          LUTMM_BENCH_X_OFFSET=BYTES (a multiple of 16, below 2 MiB minus
+//                                          X's bytes) moves X that far into the allocation.
 //        LUTMM_BENCH_FOLD=rms|res lutmm_bench ...  the decode kernels with GemmProblem::rms_norm (each token's
 //                                          factor computed in the kernel) or ::residual (an M x N addend):
 //                                          lutmm.layerfold's calls, for their cost against plain calls.
@@ -138,8 +140,14 @@ int main(int argc, char** argv) {
         std::printf("LUTMM_BENCH_BIG_IO: X or Y too large for its 64 MiB allocation\n");
         return 1;
       }
+      const char* off_env = std::getenv("LUTMM_BENCH_X_OFFSET");
+      const long long x_off = off_env ? std::atoll(off_env) : 0;
+      if (x_off < 0 || x_off % 16 != 0 || size_t(x_off) + size_t(c.M * c.K) * 2 > kBigIoAlign) {
+        std::printf("LUTMM_BENCH_X_OFFSET: a multiple of 16 with X inside the first 2 MiB\n");
+        return 1;
+      }
       CK(cudaMalloc(&io, kBigIoBytes));
-      x = io;
+      x = static_cast<char*>(io) + x_off;
       y = static_cast<char*>(io) + kBigIoAlign;
     } else {
       CK(cudaMalloc(&x, size_t(c.M * c.K) * 2));
