@@ -87,6 +87,10 @@ constexpr bool kSpreadTiles = LUTMM_EXPERIMENT != 34 && !decode_ablation(32);
 // output columns are never stored: a token's column of the MMA depends on its own row only). Asks
 // whether the per-stage copies of 7 zero-filled rows cost the M = 1-2 time on 28672x4096.
 constexpr bool kShortXBox = LUTMM_EXPERIMENT == 3;
+// LUTMM_EXPERIMENT 4 (prepared in session 33, not yet run; item 95): tiles of 8 copy their activation
+// boxes with the L2 hint evict_last (the weights stream past them with no hint): whether X's lines
+// leaving L2 under the weight stream explains why its placement moves the M = 1 time.
+constexpr bool kXEvictLast = LUTMM_EXPERIMENT == 4;
 // Token rows of a stage's activation box (the launch's tensor map uses the same).
 template <int MT, bool ROWS>
 __host__ __device__ __forceinline__ int x_box_rows(int64_t M, int rpt) {
@@ -223,7 +227,10 @@ __device__ __forceinline__ void issue_stage(const Params<T>& p, const Maps& maps
       wg::tma_load_2d(stage, maps.w, kb * (L::kBlockBytes / 4), tile * boxes, full);
       wg::tma_load_2d(stage + L::kStageW, maps.s, ((kb * 4) >> p.gl) * 16, tile * boxes, full);
     }
-    if (acts) wg::tma_load_2d(stage + L::kStageW + L::kStageS, maps.x, kb * kBlockCols, m0, full);
+    if (acts) {
+      if constexpr (kXEvictLast) wg::tma_load_2d_evict_last(stage + L::kStageW + L::kStageS, maps.x, kb * kBlockCols, m0, full);
+      else wg::tma_load_2d(stage + L::kStageW + L::kStageS, maps.x, kb * kBlockCols, m0, full);
+    }
   }
 }
 
