@@ -108,12 +108,12 @@ struct Tiles3 {
   bool whole;       // one whole tile per CTA (else Stream-K over ctas_per_sm x sms workers)
 };
 Tiles3 lut_tiles8_tma3(int64_t M, int64_t tiles, int64_t weights, int64_t sms);
-// Row blocks per whole tile of the TMA decode kernel's tiles-of-8 kernel (LUTMM_EXPERIMENT 15,
-// prepared in session 32, not yet measured): where ceil(row_blocks / 8) whole tiles (one per worker,
-// lut_split's 80-100% rule) leave slots empty, the r in 8..5 whose ceil(row_blocks / r) tiles fill the
-// most of the `slots` without exceeding them (ties: the larger r). 28672x4096 on 264 slots: 224 tiles
-// of 8 (85%) -> 256 of 7 (97%), so the busiest SM streams 14 row blocks instead of 16. The warps past
-// r of a CTA idle (at M = 1 the loads, not the compute warps, set the pace: item 91).
+// Row blocks per whole tile of the TMA decode kernel's tiles-of-8 kernel (4 bits: short_whole_tiles,
+// src/cuda/lut_mma.cuh): where ceil(row_blocks / 8) whole tiles (one per worker, lut_split's 80-100%
+// rule) leave slots empty, the r in 8..5 whose ceil(row_blocks / r) tiles fill the most of the `slots`
+// without exceeding them (ties: the larger r). 28672x4096 on 264 slots: 224 tiles of 8 (85%) -> 256 of
+// 7 (97%); the warps past r of a CTA idle. (H200: 24.2 -> 23.8 us at M = 1, not the ~21.5 a busiest-SM
+// model predicted; docs/performance-log.md item 93.)
 int lut_whole_tile_rows(int64_t row_blocks, int64_t slots);
 // Whether the TMA decode kernel (lut_stream.cu) can run tiles of r row blocks for group size 32 << gl
 // (gl: group_log2, 30 for g = K) and K columns: one box brings the scales of 8 / r k-blocks, so each

@@ -202,8 +202,8 @@ __device__ __forceinline__ void issue_stage(const Params<T>& p, const Maps& maps
   static_assert(kXRowBytes == 160 * 2, "activation boxes fill whole padded rows");
   const int gpk = groups_per_kblock(p.gl);  // scale groups per k-block (box width)
   const int x_bytes = !with_x ? 0
-                      : ROWS && p.rpt == 1 ? kWarps * kBlockCols * 2
-                      : kShortXBox && !ROWS ? x_box_rows<MT, ROWS>(p.M, kWarps) * kXRowBytes : L::kStageX;
+                      : ROWS ? (p.rpt == 1 ? kWarps * kBlockCols * 2 : L::kStageX)  // 8 token rows in all
+                             : x_box_rows<MT, ROWS>(p.M, kWarps) * kXRowBytes;      // one box
   acts = acts && with_x;
   const int boxes = ROWS ? kWarps : tile_rows<BITS>(p);  // blocks of codes and scales per stage
   if (expect) wg::mbar_arrive_expect_tx(full, uint32_t(boxes * (L::kBlockBytes + 32 * gpk) + x_bytes));
