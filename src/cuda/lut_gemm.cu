@@ -83,10 +83,9 @@
 //  38  M = 17-32: weights below the TMA thresholds on the cp.async kernel, as at M <= 16 (item 66)
 //  39  3-bit 32-token tiles on the TMA kernel without clusters (Stream-K only; item 67)
 //  12  the TMA kernel for every weight with K >= 2048 at M <= 16 on every card (the H200's rule; item 85)
-//   3  lut_stream.cu: at M < 8 on tiles of 8, activation boxes of M token rows instead of 8 (item 95;
-//      prepared in session 33, not yet run)
-//   4  lut_stream.cu: tiles of 8 copy their activations with the L2 hint evict_last (item 95; prepared
-//      in session 33, not yet run)
+//   3  lut_stream.cu: activation boxes of 8 * MT token rows at every M, as before item 96 (not of
+//      min(M, 8 * MT))
+//  (4: activations copied with the L2 hint evict_last; gained nothing, item 96)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38); with them, in lut_stream.cu, +8 experiment

@@ -82,20 +82,18 @@ constexpr int kGroups = kExp9 ? 2 : 1;
 // LUTMM_EXPERIMENT 13: in-step 4-bit row tiles, as before.
 constexpr bool kSpreadTiles = LUTMM_EXPERIMENT != 34 && !decode_ablation(32);
 [[maybe_unused]] constexpr int kSpreadRowsMinIters = 8;
-// LUTMM_EXPERIMENT 3 (prepared in session 33, not yet run; item 95): at M < 8 on tiles of 8 (MT = 1),
-// activation boxes of M token rows instead of 8, the rows past M left as the stage held them (their
-// output columns are never stored: a token's column of the MMA depends on its own row only). Asks
-// whether the per-stage copies of 7 zero-filled rows cost the M = 1-2 time on 28672x4096.
-constexpr bool kShortXBox = LUTMM_EXPERIMENT == 3;
-// LUTMM_EXPERIMENT 4 (prepared in session 33, not yet run; item 95): tiles of 8 copy their activation
-// boxes with the L2 hint evict_last (the weights stream past them with no hint): whether X's lines
-// leaving L2 under the weight stream explains why its placement moves the M = 1 time.
-constexpr bool kXEvictLast = LUTMM_EXPERIMENT == 4;
+// Activation boxes of min(M, 8 * MT) token rows on tiles (item 96): the rows past M are left as the
+// stage last held them (their output columns are never stored: an MMA's output column depends on its
+// own token's column of the operand only). Boxes of 8 * MT rows, zero-filled past M by the copy, cost
+// 28672x4096 M = 1 22.8 -> 19.8 us at 2 bits, 23.7 -> 21.0 at 4 bits (H200, 2026-11-28): it is the
+// copy of the rows past the tensor's end, not X's bytes or its L2 lines (the evict_last hint gained
+// nothing). LUTMM_EXPERIMENT 3: boxes of 8 * MT rows, as before.
+constexpr bool kShortXBox = LUTMM_EXPERIMENT != 3;
 // Token rows of a stage's activation box (the launch's tensor map uses the same).
 template <int MT, bool ROWS>
 __host__ __device__ __forceinline__ int x_box_rows(int64_t M, int rpt) {
   if (ROWS) return rpt;
-  return kShortXBox && MT == 1 && M < 8 ? int(M) : 8 * MT;
+  return kShortXBox && M < 8 * MT ? int(M) : 8 * MT;
 }
 // short_whole_tiles (lut_mma.cuh; 4 bits): whole tiles of p.tile_rows = 5-7 row blocks (boxes of that
 // many rows, warps past them idle). At 2 and 3 bits the constant 8, so their kernels keep their code.
@@ -228,8 +226,7 @@ __device__ __forceinline__ void issue_stage(const Params<T>& p, const Maps& maps
       wg::tma_load_2d(stage + L::kStageW, maps.s, ((kb * 4) >> p.gl) * 16, tile * boxes, full);
     }
     if (acts) {
-      if constexpr (kXEvictLast) wg::tma_load_2d_evict_last(stage + L::kStageW + L::kStageS, maps.x, kb * kBlockCols, m0, full);
-      else wg::tma_load_2d(stage + L::kStageW + L::kStageS, maps.x, kb * kBlockCols, m0, full);
+      wg::tma_load_2d(stage + L::kStageW + L::kStageS, maps.x, kb * kBlockCols, m0, full);
     }
   }
 }

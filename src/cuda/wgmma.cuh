@@ -94,16 +94,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tmap, int 
       ::"r"(dst), "l"(tmap), "r"(c0), "r"(c1), "r"(bar) : "memory");
 #endif
 }
-// tma_load_2d with the L2 hint evict_last on the lines it reads (for small data every CTA reads
-// again and again, against a stream of data read once; lut_stream.cu's experiment 4).
-__device__ __forceinline__ void tma_load_2d_evict_last(uint32_t dst, const void* tmap, int c0, int c1, uint32_t bar) {
-#if LUTMM_SM90A
-  asm volatile(
-      "{\n.reg .b64 pol;\ncreatepolicy.fractional.L2::evict_last.b64 pol, 1.0;\n"
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, %3}], [%4], pol;\n}\n"
-      ::"r"(dst), "l"(tmap), "r"(c0), "r"(c1), "r"(bar) : "memory");
-#endif
-}
 // 3-D tensor tile (TMA) global -> shared, completing on `bar`. c0: innermost coordinate.
 __device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tmap, int c0, int c1, int c2, uint32_t bar) {
 #if LUTMM_SM90A
