@@ -27,6 +27,16 @@ fi
 # Shared assets (mini-llama, held-out text) travel as the ignored folder .carry/shared when carried.
 [[ -d .carry/shared ]] && export LUTMM_SHARED=$PWD/.carry/shared
 t0=$(date +%s)
+# At exit: the tests' outcome again after the long tables (the device tool returns the output's tail),
+# and the logs packed into one logs.tgz (it returns at most 8 files from $OUT; session 34 lost
+# pytest.log to that limit).
+recap() {
+  local rc=$?
+  if [[ -s $OUT/recap.txt ]]; then echo "== recap ($MODE)"; cat "$OUT/recap.txt"; fi
+  ( cd "$OUT" && shopt -s nullglob && f=(*.log *.rc *.err) && (( ${#f[@]} )) && tar czf logs.tgz "${f[@]}" && rm -f "${f[@]}" )
+  return $rc
+}
+trap recap EXIT
 if [[ $MODE == py ]]; then  # Python only: ~2-3 minutes cold, seconds on a warm machine
   python3 -m pip install -q --no-build-isolation --no-index . > "$OUT/pip.log" 2>&1 || { tail -40 "$OUT/pip.log"; exit 1; }
   echo "build: $(( $(date +%s) - t0 )) s"
@@ -119,6 +129,7 @@ if [[ $MODE != bench && $MODE != profile ]]; then
   ./build/gpu/lutmm_tests --gtest_brief=1 2>&1 | tail -3
   ./build/gpu/lutmm_gpu_tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "^\[  (PASSED|FAILED|SKIPPED) |Failure|rel err|OK \]" | head -40
   [[ ${PIPESTATUS[0]} == 0 ]] || status=1
+  echo "C++ GPU tests: $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/gpu_tests.log" | tr '\n' ' ')" >> "$OUT/recap.txt"
   : > "$OUT/pytest.log"
   if [[ $CXX_ONLY == 0 ]]; then
     # One process per file (a crash names its file), PYTEST_JOBS files at a time: one after another the
@@ -130,7 +141,7 @@ if [[ $MODE != bench && $MODE != profile ]]; then
     for f in $(ls ${PYTEST_FILES:-tests/python/test_*.py}); do
       n=$(basename "$f" .py); rc=$(cat "/tmp/pt/$n.rc" 2>/dev/null || echo "?")
       cat "/tmp/pt/$n.log" >> "$OUT/pytest.log"
-      echo "$f: rc=$rc $(tail -1 "/tmp/pt/$n.log")"
+      echo "$f: rc=$rc $(tail -1 "/tmp/pt/$n.log")" | tee -a "$OUT/recap.txt"
       if [[ $rc != 0 && $rc != 5 ]]; then status=1; grep -E -A14 "Fatal Python|^FAILED|Error" "/tmp/pt/$n.log" | head -40; fi
     done
   fi
