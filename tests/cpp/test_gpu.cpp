@@ -514,20 +514,23 @@ TEST(Gpu, WholeTilesAtSpreadStartsAgainstCpAsyncAndReference) {
   }
 }
 
-// Tiles copy activation boxes of min(M, 8 * MT) token rows (item 96): the stage rows past M keep what
-// an earlier use left there. A call at M = 8 * MT with NaN activations (its output all NaN: the
-// poison reached the stages) leaves NaN rows in the SMs' shared memory; calls at M < 8 * MT right
-// after it must still match the CPU reference (an MMA's token column depends on its own row only).
-// Shared memory is not promised to survive between kernels, so this can miss a leak, never invent one.
+// Tiles copy activation boxes of min(M, 8 * MT) token rows (item 96; row tiles of rpt row blocks
+// boxes of min(M, rpt) rows under LUTMM_EXPERIMENT 23): the stage rows past M keep what an earlier
+// use left there. A call filling the token tile (M = 8 * MT, or rpt) with NaN activations (its output
+// all NaN: the poison reached the stages) leaves NaN rows in the SMs' shared memory; calls at smaller
+// M right after it must still match the CPU reference (an MMA's token column depends on its own row
+// only). Shared memory is not promised to survive between kernels, so this can miss a leak, never
+// invent one.
 TEST(Gpu, ShortActivationBoxesIgnoreStaleStageRows) {
   REQUIRE_WGMMA();
   std::mt19937 rng(96);
   Workspace ws;
-  struct Case { Shape s; int64_t poison_m; std::vector<int64_t> ms; DType dt; };
-  const Case cases[] = {{Shape{28672, 4096, 2, 128}, 8, {1, 2, 7}, DType::BF16},
-                        {Shape{28672, 4096, 4, 128}, 8, {1, 3}, DType::F16},
-                        {Shape{28672, 4096, 3, 64}, 8, {1, 5}, DType::BF16},
-                        {Shape{28672, 4096, 4, 128}, 16, {9, 15}, DType::BF16}};
+  struct Case { Shape s; int64_t poison_m; std::vector<int64_t> ms; DType dt; int rows; };  // rows: rows_per_tile
+  const Case cases[] = {{Shape{28672, 4096, 2, 128}, 8, {1, 2, 7}, DType::BF16, 8},
+                        {Shape{28672, 4096, 4, 128}, 8, {1, 3}, DType::F16, 8},
+                        {Shape{28672, 4096, 3, 64}, 8, {1, 5}, DType::BF16, 8},
+                        {Shape{28672, 4096, 4, 128}, 16, {9, 15}, DType::BF16, 8},
+                        {Shape{8192, 8192, 4, 128}, 2, {1}, DType::BF16, 2}};  // row tiles of 2 (132 SMs)
   for (const Case& c0 : cases) {
     const DecodeCase poison = make_decode_case(c0.s, c0.poison_m, c0.dt, false, rng);
     std::vector<uint16_t> xnan(poison.x.size(), uint16_t(c0.dt == DType::BF16 ? 0x7fc0 : 0x7e00));
@@ -539,9 +542,9 @@ TEST(Gpu, ShortActivationBoxesIgnoreStaleStageRows) {
       const gpu::DecodePlan pp = gpu::decode_plan(c0.poison_m, s, c0.dt, 0, gpu::LutKernel::kTma);
       const gpu::DecodePlan pa = gpu::decode_plan(M, s, c0.dt, 0, gpu::LutKernel::kTma);
       ASSERT_TRUE(pa.tma && pp.tma) << what;
-      ASSERT_EQ(pa.rows_per_tile, 8) << what << ": not tiles";
-      ASSERT_EQ(pp.rows_per_tile, 8) << what << ": not tiles";
-      ASSERT_EQ(M <= 8 ? 8 : 16, c0.poison_m) << what << ": the poison call must fill M's token tile";
+      ASSERT_EQ(pa.rows_per_tile, c0.rows) << what;
+      ASSERT_EQ(pp.rows_per_tile, c0.rows) << what;
+      ASSERT_EQ(c0.rows < 8 ? c0.rows : M <= 8 ? 8 : 16, c0.poison_m) << what << ": the poison call must fill M's token tile";
       ws.ensure(std::max(gpu::workspace_bytes(M, s, 0), gpu::workspace_bytes(c0.poison_m, s, 0)));
       const auto yp = run_gpu(poison.L, xnan, c0.poison_m, c0.dt, nullptr, ws.p, ws.bytes, gpu::Path::kLut, gpu::LutKernel::kTma);
       ASSERT_TRUE(std::all_of(yp.begin(), yp.end(), [](float v) { return std::isnan(v); })) << what << ": poison call";
