@@ -554,6 +554,38 @@ TEST(Gpu, ShortActivationBoxesIgnoreStaleStageRows) {
   }
 }
 
+// The wgmma kernel likewise (boxes of min(M, TOK) token rows under LUTMM_EXPERIMENT 1; TOK = 64,
+// 128, 256 for M <= 64, <= 128, else): a call filling the token tile with NaN activations, then
+// smaller M on the same shape against the CPU reference, Stream-K and split-K clusters alike.
+TEST(Gpu, WgmmaShortActivationBoxesIgnoreStaleStageRows) {
+  REQUIRE_WGMMA();
+  std::mt19937 rng(961);
+  Workspace ws;
+  struct Case { Shape s; int64_t poison_m; std::vector<int64_t> ms; DType dt; };
+  const Case cases[] = {{Shape{4096, 4096, 4, 128}, 64, {37, 1}, DType::BF16},
+                        {Shape{8192, 4096, 3, 64}, 128, {100}, DType::F16},
+                        {Shape{4096, 2048, 2, 128}, 256, {200}, DType::BF16}};
+  for (const Case& c0 : cases) {
+    const DecodeCase poison = make_decode_case(c0.s, c0.poison_m, c0.dt, false, rng);
+    std::vector<uint16_t> xnan(poison.x.size(), uint16_t(c0.dt == DType::BF16 ? 0x7fc0 : 0x7e00));
+    for (int64_t M : c0.ms) {
+      const DecodeCase dc = make_decode_case(c0.s, M, c0.dt, false, rng);
+      const Shape& s = dc.L.s;
+      ws.ensure(std::max(gpu::wgmma_workspace_bytes(M, s, 0), gpu::wgmma_workspace_bytes(c0.poison_m, s, 0)));
+      for (gpu::WgSplit split : {gpu::WgSplit::kAuto, gpu::WgSplit::kStreamK}) {
+        const std::string what = "N=" + std::to_string(s.N) + " K=" + std::to_string(s.K) + " bits=" +
+                                 std::to_string(s.bits) + " M=" + std::to_string(M) + " after M=" +
+                                 std::to_string(c0.poison_m) + " split " + std::to_string(int(split));
+        const auto yp = run_gpu(poison.L, xnan, c0.poison_m, c0.dt, nullptr, ws.p, ws.bytes, gpu::Path::kWgmma,
+                                gpu::LutKernel::kAuto, split);
+        ASSERT_TRUE(std::all_of(yp.begin(), yp.end(), [](float v) { return std::isnan(v); })) << what << ": poison call";
+        const auto y = run_gpu(dc.L, dc.x, M, c0.dt, nullptr, ws.p, ws.bytes, gpu::Path::kWgmma, gpu::LutKernel::kAuto, split);
+        EXPECT_LT(rel_err(y, dc.ref), c0.dt == DType::BF16 ? 6e-3 : 1.5e-3) << what;
+      }
+    }
+  }
+}
+
 // Every work split of the wgmma kernel (Stream-K only, data-parallel waves, both): bitwise the same
 // output on every run, and the same values as the LUT kernel (checked against the CPU reference
 // elsewhere) up to rounding.
