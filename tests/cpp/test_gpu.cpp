@@ -532,8 +532,7 @@ TEST(Gpu, ShortActivationBoxesIgnoreStaleStageRows) {
                         {Shape{28672, 4096, 4, 128}, 16, {9, 15}, DType::BF16, 8},
                         {Shape{8192, 8192, 4, 128}, 2, {1}, DType::BF16, 2}};  // row tiles of 2 (132 SMs)
   for (const Case& c0 : cases) {
-    const DecodeCase poison = make_decode_case(c0.s, c0.poison_m, c0.dt, false, rng);
-    std::vector<uint16_t> xnan(poison.x.size(), uint16_t(c0.dt == DType::BF16 ? 0x7fc0 : 0x7e00));
+    const std::vector<uint16_t> xnan(size_t(c0.poison_m * c0.s.K), uint16_t(c0.dt == DType::BF16 ? 0x7fc0 : 0x7e00));
     for (int64_t M : c0.ms) {
       const DecodeCase dc = make_decode_case(c0.s, M, c0.dt, false, rng);
       const Shape& s = dc.L.s;
@@ -546,7 +545,7 @@ TEST(Gpu, ShortActivationBoxesIgnoreStaleStageRows) {
       ASSERT_EQ(pp.rows_per_tile, c0.rows) << what;
       ASSERT_EQ(c0.rows < 8 ? c0.rows : M <= 8 ? 8 : 16, c0.poison_m) << what << ": the poison call must fill M's token tile";
       ws.ensure(std::max(gpu::workspace_bytes(M, s, 0), gpu::workspace_bytes(c0.poison_m, s, 0)));
-      const auto yp = run_gpu(poison.L, xnan, c0.poison_m, c0.dt, nullptr, ws.p, ws.bytes, gpu::Path::kLut, gpu::LutKernel::kTma);
+      const auto yp = run_gpu(dc.L, xnan, c0.poison_m, c0.dt, nullptr, ws.p, ws.bytes, gpu::Path::kLut, gpu::LutKernel::kTma);
       ASSERT_TRUE(std::all_of(yp.begin(), yp.end(), [](float v) { return std::isnan(v); })) << what << ": poison call";
       const auto y = run_gpu(dc.L, dc.x, M, c0.dt, nullptr, ws.p, ws.bytes, gpu::Path::kLut, gpu::LutKernel::kTma);
       EXPECT_LT(rel_err(y, dc.ref), c0.dt == DType::BF16 ? 6e-3 : 1.5e-3) << what;
@@ -566,8 +565,7 @@ TEST(Gpu, WgmmaShortActivationBoxesIgnoreStaleStageRows) {
                         {Shape{8192, 4096, 3, 64}, 128, {100}, DType::F16},
                         {Shape{4096, 2048, 2, 128}, 256, {200}, DType::BF16}};
   for (const Case& c0 : cases) {
-    const DecodeCase poison = make_decode_case(c0.s, c0.poison_m, c0.dt, false, rng);
-    std::vector<uint16_t> xnan(poison.x.size(), uint16_t(c0.dt == DType::BF16 ? 0x7fc0 : 0x7e00));
+    const std::vector<uint16_t> xnan(size_t(c0.poison_m * c0.s.K), uint16_t(c0.dt == DType::BF16 ? 0x7fc0 : 0x7e00));
     for (int64_t M : c0.ms) {
       const DecodeCase dc = make_decode_case(c0.s, M, c0.dt, false, rng);
       const Shape& s = dc.L.s;
@@ -576,7 +574,7 @@ TEST(Gpu, WgmmaShortActivationBoxesIgnoreStaleStageRows) {
         const std::string what = "N=" + std::to_string(s.N) + " K=" + std::to_string(s.K) + " bits=" +
                                  std::to_string(s.bits) + " M=" + std::to_string(M) + " after M=" +
                                  std::to_string(c0.poison_m) + " split " + std::to_string(int(split));
-        const auto yp = run_gpu(poison.L, xnan, c0.poison_m, c0.dt, nullptr, ws.p, ws.bytes, gpu::Path::kWgmma,
+        const auto yp = run_gpu(dc.L, xnan, c0.poison_m, c0.dt, nullptr, ws.p, ws.bytes, gpu::Path::kWgmma,
                                 gpu::LutKernel::kAuto, split);
         ASSERT_TRUE(std::all_of(yp.begin(), yp.end(), [](float v) { return std::isnan(v); })) << what << ": poison call";
         const auto y = run_gpu(dc.L, dc.x, M, c0.dt, nullptr, ws.p, ws.bytes, gpu::Path::kWgmma, gpu::LutKernel::kAuto, split);
