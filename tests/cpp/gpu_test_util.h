@@ -15,6 +15,11 @@
 #define REQUIRE_GPU() \
   if (!lutmm::gpu::available()) GTEST_SKIP() << "no CUDA device: GPU test skipped"
 
+// Tests of sm_90a-only code (the wgmma kernel, the TMA decode kernel).
+#define REQUIRE_WGMMA()                                                   \
+  REQUIRE_GPU();                                                          \
+  if (!lutmm::gpu::wgmma_supported(0)) GTEST_SKIP() << "not an sm_90 GPU: wgmma test skipped"
+
 #define CK(x) ASSERT_EQ((x), cudaSuccess) << cudaGetErrorString(x)
 
 namespace lutmm_test {
