@@ -1,5 +1,6 @@
-// Helpers for the GEMM GPU tests (test_gpu.cpp, test_gpu_epilogue.cpp): a random packed layer, one
-// fused-kernel call on it (output poisoned first), the relative error, a growing workspace.
+// Helpers for the GEMM GPU tests (test_gpu.cpp, test_gpu_splits.cpp, test_gpu_epilogue.cpp): a random
+// packed layer, one fused-kernel call on it (output poisoned first), the relative error, a growing
+// workspace.
 #pragma once
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
