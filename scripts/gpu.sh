@@ -36,6 +36,7 @@ recap() {
   ( cd "$OUT" && shopt -s nullglob && f=(*.log *.rc *.err) && (( ${#f[@]} )) && tar czf logs.tgz "${f[@]}" && rm -f "${f[@]}" )
   return $rc
 }
+: > "$OUT/recap.txt"
 trap recap EXIT
 if [[ $MODE == py ]]; then  # Python only: ~2-3 minutes cold, seconds on a warm machine
   python3 -m pip install -q --no-build-isolation --no-index . > "$OUT/pip.log" 2>&1 || { tail -40 "$OUT/pip.log"; exit 1; }
