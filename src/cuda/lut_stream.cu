@@ -234,9 +234,7 @@ __device__ __forceinline__ void issue_stage(const Params<T>& p, const Maps& maps
       wg::tma_load_2d(stage, maps.w, kb * (L::kBlockBytes / 4), tile * boxes, full);
       wg::tma_load_2d(stage + L::kStageW, maps.s, ((kb * 4) >> p.gl) * 16, tile * boxes, full);
     }
-    if (acts) {
-      wg::tma_load_2d(stage + L::kStageW + L::kStageS, maps.x, kb * kBlockCols, m0, full);
-    }
+    if (acts) wg::tma_load_2d(stage + L::kStageW + L::kStageS, maps.x, kb * kBlockCols, m0, full);
   }
 }
 
