@@ -8,7 +8,7 @@
 # bench/bench_attention.py. BENCH_ARGS replaces --quick for quick/bench. tests: PYTEST_FILES (a glob) limits
 # the Python test files; E2E_ARGS set also runs bench_e2e afterwards; NO_DEMO=1 skips the demo.
 # ab/kab take AB_CASES / AB_B_PATHS (see bench_cases below) and AB_ROUNDS (A and B timed in turn N times),
-# and end with scripts/ab_summary.py's table (B / A per case). profile: Nsight Compute on PROFILE_CASES
+# and end with scripts/ab_summary.py's table (B / A per case); AB_CLOCKS=1 samples the card's clocks. profile: Nsight Compute on PROFILE_CASES
 # ("N K M BITS [PATH];...", lutmm_bench; with every carried .carry/base* tree's build too) and PROFILE_TORCH
 # ("M N K;...", cuBLAS bf16 through torch.mm). py: the Python extension only (no C++ build or tests),
 # then PY_CMD (default: the eager-overhead benchmark with its per-step table), e.g. for Python-only changes.
@@ -32,6 +32,7 @@ t0=$(date +%s)
 # pytest.log to that limit).
 recap() {
   local rc=$?
+  [[ -n ${clocks_pid:-} ]] && kill "$clocks_pid" 2>/dev/null  # AB_CLOCKS's sampler, on any exit
   if [[ -s $OUT/recap.txt ]]; then echo "== recap ($MODE)"; cat "$OUT/recap.txt"; fi
   ( cd "$OUT" && shopt -s nullglob && f=(*.log *.rc *.err) && (( ${#f[@]} )) && tar czf logs.tgz "${f[@]}" && rm -f "${f[@]}" )
   return $rc
@@ -242,10 +243,18 @@ if [[ $MODE == ab || $MODE == kab ]]; then  # kernel A/B: default build vs -DLUT
       bench_cases "$d" 0; } | tee -a "$OUT/ab.txt"
   done < <(build_bases)
   wait  # the B builds started before the default one
+  # AB_CLOCKS=1: nvidia-smi samples SM clock, power and throttle reasons every 20 ms into clocks.csv, and
+  # each round's header carries its start time, to tell a kernel's own cost from the card's clocks. The
+  # sampler starts after the wait above, which would otherwise wait for it too (it hung a call, session 35).
+  if [[ -n ${AB_CLOCKS:-} ]]; then
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
+      --format=csv,noheader -lms 20 > "$OUT/clocks.csv" 2>&1 &
+    clocks_pid=$!
+  fi
   declare -A tested=()
   # AB_ROUNDS (default 1): A and every B timed in turn, that many times (drift between rounds shows).
   for r in $(seq "${AB_ROUNDS:-1}"); do
-    { echo "== A: default (round $r)"; bench_cases build/gpu 0; } | tee -a "$OUT/ab.txt"
+    { echo "== A: default (round $r)${AB_CLOCKS:+ at $(date +%T.%3N)}"; bench_cases build/gpu 0; } | tee -a "$OUT/ab.txt"
     for e in ${EXPERIMENTS:-2}; do
       if [[ $(cat "$OUT/build-x$e.rc" 2>/dev/null) != 0 ]]; then
         [[ $r == 1 ]] && { echo "== B: LUTMM_EXPERIMENT=$e did not build"; tail -20 "$OUT/build-x$e.log"; }
@@ -256,10 +265,11 @@ if [[ $MODE == ab || $MODE == kab ]]; then  # kernel A/B: default build vs -DLUT
       elif [[ -z ${tested[$e]:-} ]]; then t=$(./build/gpu-x$e/lutmm_gpu_tests --gtest_brief=1 2>&1 | tee "$OUT/gpu_tests-x$e.log" |
             grep -E '^\[  PASSED  \]|FAILED TESTS?$' | tr '\n' ' '); tested[$e]=$t  # counts of passed and failed
       else t="${tested[$e]}"; fi
-      echo "== B: LUTMM_EXPERIMENT=$e  (round $r, tests: $t)" | tee -a "$OUT/ab.txt"
+      echo "== B: LUTMM_EXPERIMENT=$e  (round $r, tests: $t)${AB_CLOCKS:+ at $(date +%T.%3N)}" | tee -a "$OUT/ab.txt"
       bench_cases build/gpu-x$e 1 | tee -a "$OUT/ab.txt"
     done
   done
+  [[ -n ${clocks_pid:-} ]] && kill "$clocks_pid"
   # The short table last: each case's times per build over the rounds, each B build's mean over A's.
   echo "== summary ($OUT/ab_summary.txt)"
   python3 scripts/ab_summary.py "$OUT/ab.txt" | tee "$OUT/ab_summary.txt"
