@@ -8,7 +8,8 @@
 # bench/bench_attention.py. BENCH_ARGS replaces --quick for quick/bench. tests: PYTEST_FILES (a glob) limits
 # the Python test files; E2E_ARGS set also runs bench_e2e afterwards; NO_DEMO=1 skips the demo.
 # ab/kab take AB_CASES / AB_B_PATHS (see bench_cases below) and AB_ROUNDS (A and B timed in turn N times),
-# and end with scripts/ab_summary.py's table (B / A per case); AB_CLOCKS=1 samples the card's clocks. profile: Nsight Compute on PROFILE_CASES
+# and end with scripts/ab_summary.py's table (B / A per case); AB_CLOCKS=1 samples the card's clocks.
+# profile: Nsight Compute on PROFILE_CASES
 # ("N K M BITS [PATH];...", lutmm_bench; with every carried .carry/base* tree's build too) and PROFILE_TORCH
 # ("M N K;...", cuBLAS bf16 through torch.mm). py: the Python extension only (no C++ build or tests),
 # then PY_CMD (default: the eager-overhead benchmark with its per-step table), e.g. for Python-only changes.
