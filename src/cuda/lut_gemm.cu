@@ -86,8 +86,7 @@
 //   3  lut_stream.cu: activation boxes of 8 * MT token rows at every M, as before item 96 (not of
 //      min(M, 8 * MT))
 //  (4: activations copied with the L2 hint evict_last; gained nothing, item 96)
-//  23  lut_stream.cu: row tiles of rpt = 2 or 4 take activation boxes of M token rows at M < rpt, as
-//      item 96 did for tiles (prepared in session 34, not yet run)
+//  (23: row tiles' activation boxes of M token rows at M < rpt; 9-11% slower, item 97)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38); with them, in lut_stream.cu, +8 experiment

@@ -87,19 +87,19 @@ constexpr bool kSpreadTiles = LUTMM_EXPERIMENT != 34 && !decode_ablation(32);
 // own token's column of the operand only). Boxes of 8 * MT rows, zero-filled past M by the copy, cost
 // 28672x4096 M = 1 22.8 -> 19.8 us at 2 bits, 23.7 -> 21.0 at 4 bits (H200, 2026-11-28): it is the
 // copy of the rows past the tensor's end, not X's bytes or its L2 lines (the evict_last hint gained
-// nothing). M = 12 (16-token tiles) 4 bits 29.1 -> 26.7. One shape loses: 57344x8192 4 bits M = 1
-// 76.5 -> 78.4 (2.0-2.5% in two calls; 2 bits unchanged), not understood. LUTMM_EXPERIMENT 3: boxes
-// of 8 * MT rows, as before.
+// nothing). M = 12 (16-token tiles) 4 bits 29.1 -> 26.7. The largest weights lose: 57344x8192 M = 1-4
+// 2.0-2.3% at 4 and 3 bits (2 bits unchanged), 8192x28672 3 bits 1.5%, in three calls. Not from the
+// kernel's work: under Nsight Compute's locked clocks the same 57344x8192 M = 1 call is 2.2% faster
+// with these boxes (99.6 vs 101.8 us) at equal instruction counts and stall mix (item 97). LUTMM_EXPERIMENT
+// 3: boxes of 8 * MT rows, as before.
 constexpr bool kShortXBox = LUTMM_EXPERIMENT != 3;
-// LUTMM_EXPERIMENT 23 (prepared in session 34, not yet run): row tiles of rpt = 2 or 4 row blocks
-// (M <= rpt) likewise take boxes of M token rows instead of rpt (8192x8192 4 bits M = 1 runs on tiles
-// of 2: one row of each of its four boxes per stage lies past X's end; ablation 104 gained 14.5 ->
-// 13.7 us there, item 96).
-constexpr bool kShortRowsXBox = LUTMM_EXPERIMENT == 23;
+// Row tiles of rpt = 2 or 4 row blocks keep boxes of rpt rows at M < rpt: boxes of M rows were
+// slower, 8192x8192 M = 1 14.5 -> 15.85 us at 4 bits, 13.3 -> 14.7 at 2, M = 2 14.5 -> 16.05 (H200,
+// 2026-11-28, two rounds; experiment 23, item 97), though ablation 104 had gained 14.5 -> 13.7 there.
 // Token rows of a stage's activation box (the launch's tensor map uses the same).
 template <int MT, bool ROWS>
 __host__ __device__ __forceinline__ int x_box_rows(int64_t M, int rpt) {
-  if (ROWS) return kShortRowsXBox && M < rpt ? int(M) : rpt;
+  if (ROWS) return rpt;
   return kShortXBox && M < 8 * MT ? int(M) : 8 * MT;
 }
 // short_whole_tiles (lut_mma.cuh; 4 bits): whole tiles of p.tile_rows = 5-7 row blocks (boxes of that
@@ -207,9 +207,7 @@ __device__ __forceinline__ void issue_stage(const Params<T>& p, const Maps& maps
   static_assert(kXRowBytes == 160 * 2, "activation boxes fill whole padded rows");
   const int gpk = groups_per_kblock(p.gl);  // scale groups per k-block (box width)
   const int x_bytes = !with_x ? 0
-                      : ROWS ? (p.rpt == 1        ? kWarps * kBlockCols * 2  // the token's 8 k-blocks
-                                : kShortRowsXBox ? kWarps / p.rpt * x_box_rows<MT, ROWS>(p.M, p.rpt) * kXRowBytes
-                                                 : L::kStageX)  // 8 / rpt boxes of rpt token rows
+                      : ROWS ? (p.rpt == 1 ? kWarps * kBlockCols * 2 : L::kStageX)  // 8 token rows in all
                              : x_box_rows<MT, ROWS>(p.M, kWarps) * kXRowBytes;      // one box
   acts = acts && with_x;
   const int boxes = ROWS ? kWarps : tile_rows<BITS>(p);  // blocks of codes and scales per stage

@@ -70,10 +70,8 @@
 //   Ablations (wrong results, AB_SKIP_TESTS; docs/performance-log.md item 73), each removing one part
 //   of the k-block's work to time it: 16 no table loads (4 bits: a lookup returns its address), 17 no
 //   MMAs (the A registers feed one add), 27 no activation loads, 28 no code or scale loads
-//   (1, 3, 4, 13, 15, 29: measured and adopted or refuted, items 72-77 and 80; the numbers are free;
+//   (1, 3, 4, 13, 15, 29: measured and adopted or refuted, items 72-77, 80 and 97; the numbers are free;
 //   11 names lut_stream.cu's 3-bit CTAs per SM again, 12 lut_gemm.cu's TMA thresholds)
-//   1  where one token tile covers M (M < TOK), activation boxes of M token rows instead of TOK
-//      (prepared in session 34, not yet run; as lut_stream.cu's tiles since item 96)
 //   5  tiles in plain token-tile-fastest order (no grouping; H100 2026-11-26: 5% slower at
 //      8192x8192 M = 4096, equal elsewhere)
 //   (retired, H100 2026-11-26, lutmm_bench A/B: TOK = 128 at M = 256 when TOK = 256 leaves most SMs without a tile:
@@ -133,14 +131,6 @@ struct WgLayout {
   // thread (xslot), C <= 4.
   static_assert(kStages * kStageBytes >= kThreads * 4 * (TOK / 2 + 6), "split-K exchange buffer");
 };
-
-// LUTMM_EXPERIMENT 1: at M < TOK (one token tile), activation boxes of M token rows; the stage rows
-// past M keep what an earlier use left there (wgmma's output column of a token reads only its own
-// row of B, and those columns are never stored). Boxes of TOK rows, zero-filled past M by the copy,
-// cost the decode kernel 11-16% on 28672x4096 at M = 1-2 (item 96); whether they cost here too.
-constexpr bool kShortWgXBox = LUTMM_EXPERIMENT == 1;
-// Token rows of an activation box (the producer's byte count and the launch's tensor map agree).
-__host__ __device__ __forceinline__ int wg_x_box_rows(int64_t M, int tok) { return kShortWgXBox && M < tok ? int(M) : tok; }
 
 #if LUTMM_SM90A  // device code below exists for sm_90a only
 
@@ -317,8 +307,7 @@ __device__ __forceinline__ void produce(const WgParams<T>& p, const WgMaps& maps
   const int gpk = groups_per_kblock(p.gl);  // scale groups per k-block (the scale box width)
   // Ablations (wrong results): experiment 27 loads no activations, 28 no codes and scales.
   constexpr bool kLoadX = LUTMM_EXPERIMENT != 27, kLoadW = LUTMM_EXPERIMENT != 28;
-  const int x_bytes = kShortWgXBox ? wg_x_box_rows(p.M, TOK) * 128 : L::kStageX;  // TOK rows x 128 B
-  const uint32_t stage_bytes = (kLoadX ? x_bytes : 0) + (kLoadW ? L::kStageW + kWarps * 32 * gpk : 0);
+  const uint32_t stage_bytes = (kLoadX ? L::kStageX : 0) + (kLoadW ? L::kStageW + kWarps * 32 * gpk : 0);
   WorkCursor wc(p);
   int q = 0;
   for (; wc.pos < wc.n_iters; wc.next()) {
@@ -578,11 +567,12 @@ size_t wg_partials_bytes(const WgGeometry& g) {
   return g.sk_tiles() == 0 ? 0 : size_t(g.grid) * 2 * kThreads * (g.tok / 2) * 4;
 }
 
-// TMA descriptor of X (M x K, row-major): boxes of 64 columns x TOK rows (wg_x_box_rows), 128-byte
-// swizzle, zeros outside the tensor.
+// TMA descriptor of X (M x K, row-major): boxes of 64 columns x TOK rows, 128-byte swizzle, zeros
+// outside the tensor. (Boxes of M rows at M < TOK were no faster: 28672x4096 M = 100 67.9 -> 67.7 us,
+// 8192x8192 M = 200 56.3 -> 57.8, H200 2026-11-28, experiment 1 of item 97.)
 CUtensorMap x_tensor_map(const void* x, DType dt, int64_t M, int64_t K, int tok) {
   return tensor_map_2d(x, dt == DType::F16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, M, K,
-                       K * 2, wg_x_box_rows(M, tok), 64, CU_TENSOR_MAP_SWIZZLE_128B, "x");
+                       K * 2, tok, 64, CU_TENSOR_MAP_SWIZZLE_128B, "x");
 }
 
 template <int BITS, int TOK, int CTAS, typename T, bool AFTER = false>

@@ -292,9 +292,9 @@ TEST(Gpu, WholeTilesAtSpreadStartsAgainstCpAsyncAndReference) {
   }
 }
 
-// Tiles copy activation boxes of min(M, 8 * MT) token rows (item 96; row tiles of rpt row blocks
-// boxes of min(M, rpt) rows under LUTMM_EXPERIMENT 23): the stage rows past M keep what an earlier
-// use left there. A call filling the token tile (M = 8 * MT, or rpt) with NaN activations (its output
+// Tiles copy activation boxes of min(M, 8 * MT) token rows (item 96): the stage rows past M keep what
+// an earlier use left there. (Row tiles keep boxes of rpt rows, zero-filled past M: boxes of M rows were
+// slower, item 97. Their case guards any later change to that.) A call filling the token tile (M = 8 * MT, or rpt) with NaN activations (its output
 // all NaN: the poison reached the stages) leaves NaN rows in the SMs' shared memory; calls at smaller
 // M right after it must still match the CPU reference (an MMA's token column depends on its own row
 // only). Shared memory is not promised to survive between kernels, so this can miss a leak, never
@@ -331,9 +331,10 @@ TEST(Gpu, ShortActivationBoxesIgnoreStaleStageRows) {
   }
 }
 
-// The wgmma kernel likewise (boxes of min(M, TOK) token rows under LUTMM_EXPERIMENT 1; TOK = 64,
-// 128, 256 for M <= 64, <= 128, else): a call filling the token tile with NaN activations, then
-// smaller M on the same shape against the CPU reference, Stream-K and split-K clusters alike.
+// The wgmma kernel likewise (TOK = 64, 128, 256 for M <= 64, <= 128, else): a call filling the token
+// tile with NaN activations, then smaller M on the same shape against the CPU reference, Stream-K and
+// split-K clusters alike. Its boxes are TOK rows, zero-filled past M (boxes of M rows were no faster,
+// item 97); the test guards any later change to that.
 TEST(Gpu, WgmmaShortActivationBoxesIgnoreStaleStageRows) {
   REQUIRE_WGMMA();
   std::mt19937 rng(961);
