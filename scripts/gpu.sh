@@ -216,7 +216,9 @@ bench_cases() {  # $1: build dir, $2: 1 for a B build
   IFS=';' read -ra cs <<< "$AB_CASES"
   for c in "${cs[@]}"; do
     [[ $2 == 1 && -n ${AB_B_PATHS:-} && " $AB_B_PATHS " != *" ${c##* } "* ]] && continue
-    "$1/lutmm_bench" $c | tail -1
+    # AB_CLOCKS: the case's wall-clock window after its line (ab_summary.py matches clocks.csv to it)
+    if [[ -n ${AB_CLOCKS:-} ]]; then local t0; t0=$(date +%T.%3N); echo "$("$1/lutmm_bench" $c | tail -1)  @$t0-$(date +%T.%3N)"
+    else "$1/lutmm_bench" $c | tail -1; fi
   done
 }
 # Other commits' trees, carried as .carry/base, .carry/base-NAME, ... (git archive --prefix=.carry/base/
@@ -244,11 +246,14 @@ if [[ $MODE == ab || $MODE == kab ]]; then  # kernel A/B: default build vs -DLUT
       bench_cases "$d" 0; } | tee -a "$OUT/ab.txt"
   done < <(build_bases)
   wait  # the B builds started before the default one
-  # AB_CLOCKS=1: nvidia-smi samples SM clock, power and throttle reasons every 20 ms into clocks.csv, and
-  # each round's header carries its start time, to tell a kernel's own cost from the card's clocks. The
-  # sampler starts after the wait above, which would otherwise wait for it too (it hung a call, session 35).
+  # AB_CLOCKS=1: nvidia-smi samples SM clock, power and clock event reasons every 20 ms into clocks.csv;
+  # round headers carry their start time and case lines their window, and ab_summary.py adds a table of
+  # each case's clocks and power: to tell a kernel's own cost from the card's clocks. The sampler starts
+  # after the wait above, which would otherwise wait for it too (it hung a call, session 35).
   if [[ -n ${AB_CLOCKS:-} ]]; then
-    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
+    reasons=clocks_event_reasons.active  # the older drivers' name, where this one is not known
+    nvidia-smi --query-gpu=$reasons --format=csv,noheader > /dev/null 2>&1 || reasons=clocks_throttle_reasons.active
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,$reasons \
       --format=csv,noheader -lms 20 > "$OUT/clocks.csv" 2>&1 &
     clocks_pid=$!
   fi

@@ -73,3 +73,41 @@ def test_main_reports_a_file_without_timings(tmp_path, capsys):
     f.write_text(AB)
     assert m.main(["ab_summary.py", str(f)]) == 0
     assert "x9  (/A)" in capsys.readouterr().out
+
+
+# AB_CLOCKS=1: case lines carry their wall-clock windows, clocks.csv nvidia-smi's samples.
+AB_CLOCKED = """== kab 12:00:00
+== A: default (round 1) at 12:00:01.000
+ 57344x8192      1  4  128    lut      81.0    2.98     11.6  @12:00:01.000-12:00:02.000
+== B: LUTMM_EXPERIMENT=3  (round 1, tests: skipped (AB_SKIP_TESTS)) at 12:00:03.000
+ 57344x8192      1  4  128    lut      79.0    3.06     11.9  @12:00:03.000-12:00:04.000
+"""
+CLOCKS = """2026/11/28 12:00:00.500, 1980 MHz, 3201 MHz, 120.00 W, 33, 0x0000000000000001
+2026/11/28 12:00:01.200, 1700 MHz, 3201 MHz, 690.00 W, 50, 0x0000000000000004
+2026/11/28 12:00:01.500, 1750 MHz, 3201 MHz, 700.00 W, 51, 0x0000000000000004
+2026/11/28 12:00:01.800, 1980 MHz, 3201 MHz, 650.00 W, 51, 0x0000000000000000
+garbled line
+2026/11/28 12:00:03.500, 1980 MHz, 3201 MHz, 600.00 W, 50, 0x0000000000000000
+2026/11/28 12:00:05.000, 1000 MHz, 3201 MHz, 100.00 W, 40, 0x0000000000000001
+"""
+
+
+def test_clocks_table_matches_samples_to_each_case_window(tmp_path, capsys):
+    m = _load()
+    windows = {}
+    times, builds, cases = m.parse(AB_CLOCKED, windows)
+    assert times["A"]["57344x8192 1 4 128 lut"] == [81.0]  # the window does not disturb the timing
+    assert windows["A"]["57344x8192 1 4 128 lut"] == [(43201.0, 43202.0)]
+    samples = m.parse_clocks(CLOCKS)
+    assert len(samples) == 6
+    row = m.clocks_table(windows, samples, builds, cases).splitlines()[1]
+    # A: the three samples inside 12:00:01-02 (not the idle ones around): median 1750 MHz, mean 680 W,
+    # two of three power-capped; x3: its one sample.
+    assert "1750 / 680 / 67%" in row and "1980 / 600 / 0%" in row
+    (tmp_path / "ab.txt").write_text(AB_CLOCKED)
+    assert m.main(["ab_summary.py", str(tmp_path / "ab.txt")]) == 0
+    assert "== clocks" not in capsys.readouterr().out  # no clocks.csv beside it: no second table
+    (tmp_path / "clocks.csv").write_text(CLOCKS)
+    assert m.main(["ab_summary.py", str(tmp_path / "ab.txt")]) == 0
+    out = capsys.readouterr().out
+    assert "== clocks" in out and "1750 / 680 / 67%" in out

@@ -1,6 +1,7 @@
 """scripts/gpu.sh's control flow, run here with stub tools (nvidia-smi, cmake, ninja and the built
 binaries are small shell scripts): `kab` must finish, time A and B in turn, print the summary and, with
-AB_CLOCKS=1, sample clocks only while the cases run and stop the sampler at exit. Session 35 lost a GPU
+AB_CLOCKS=1, sample clocks while the cases run, mark each case's window, summarise the clocks per case
+and stop the sampler at exit. Session 35 lost a GPU
 call to a sampler started before a bare `wait`, which then waited for it until the call's time ran out."""
 import os
 import shutil
@@ -87,9 +88,9 @@ def test_kab_times_a_and_b_in_turn_and_summarises(tmp_path):
     assert rc == 0, log
     ab = (out / "ab.txt").read_text()
     assert ab.count("== A: default (round") == 2 and ab.count("== B: LUTMM_EXPERIMENT=3") == 2
-    assert " at " not in ab  # round start times only with AB_CLOCKS
+    assert " at " not in ab and "@" not in ab  # round start times and case windows only with AB_CLOCKS
     summary = (out / "ab_summary.txt").read_text()
-    assert "57344x8192 1 4 128 lut" in summary and "(1.100)" in summary
+    assert "57344x8192 1 4 128 lut" in summary and "(1.100)" in summary and "== clocks" not in summary
     assert not (out / "clocks.csv").exists() and not pids.exists()
 
 
@@ -104,4 +105,10 @@ def test_kab_with_clocks_samples_while_timing_and_stops_the_sampler(tmp_path):
     pid_list = [int(p) for p in pids.read_text().split()]
     assert len(pid_list) == 1
     assert not _alive(pid_list[0]), "the clock sampler outlived gpu.sh"
-    assert "(1.100)" in (out / "ab_summary.txt").read_text()
+    summary = (out / "ab_summary.txt").read_text()
+    assert "(1.100)" in summary
+    # Every timed case carries its window, and the summary's clock table found samples in each.
+    timed = [line for line in ab.splitlines() if "lut" in line]
+    assert len(timed) == 8 and all("  @" in line for line in timed), timed
+    clock_rows = summary.split("== clocks")[1].splitlines()[2:]
+    assert len(clock_rows) == 2 and all(row.count("1980 / 500 / 0%") == 2 for row in clock_rows), summary
