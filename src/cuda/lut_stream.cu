@@ -90,8 +90,8 @@ constexpr bool kSpreadTiles = LUTMM_EXPERIMENT != 34 && !decode_ablation(32);
 // nothing). M = 12 (16-token tiles) 4 bits 29.1 -> 26.7. The largest weights lose: 57344x8192 M = 1-4
 // 2.0-2.3% at 4 and 3 bits (2 bits unchanged), 8192x28672 3 bits 1.5%, in three calls. Not from the
 // kernel's work: under Nsight Compute's locked clocks the same 57344x8192 M = 1 call is 2.2% faster
-// with these boxes (99.6 vs 101.8 us) at equal instruction counts and stall mix (item 97). LUTMM_EXPERIMENT
-// 3: boxes of 8 * MT rows, as before.
+// with these boxes (99.6 vs 101.8 us) at equal instruction counts and stall mix (item 97).
+// LUTMM_EXPERIMENT 3: boxes of 8 * MT rows, as before.
 constexpr bool kShortXBox = LUTMM_EXPERIMENT != 3;
 // Row tiles of rpt = 2 or 4 row blocks keep boxes of rpt rows at M < rpt: boxes of M rows were
 // slower, 8192x8192 M = 1 14.5 -> 15.85 us at 4 bits, 13.3 -> 14.7 at 2, M = 2 14.5 -> 16.05 (H200,

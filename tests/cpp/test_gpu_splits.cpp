@@ -293,12 +293,12 @@ TEST(Gpu, WholeTilesAtSpreadStartsAgainstCpAsyncAndReference) {
 }
 
 // Tiles copy activation boxes of min(M, 8 * MT) token rows (item 96): the stage rows past M keep what
-// an earlier use left there. (Row tiles keep boxes of rpt rows, zero-filled past M: boxes of M rows were
-// slower, item 97. Their case guards any later change to that.) A call filling the token tile (M = 8 * MT, or rpt) with NaN activations (its output
-// all NaN: the poison reached the stages) leaves NaN rows in the SMs' shared memory; calls at smaller
-// M right after it must still match the CPU reference (an MMA's token column depends on its own row
-// only). Shared memory is not promised to survive between kernels, so this can miss a leak, never
-// invent one.
+// an earlier use left there. (Row tiles keep boxes of rpt rows, zero-filled past M: boxes of M rows
+// were slower, item 97. Their case guards any later change to that.) A call filling the token tile
+// (M = 8 * MT, or rpt) with NaN activations (its output all NaN: the poison reached the stages) leaves
+// NaN rows in the SMs' shared memory; calls at smaller M right after it must still match the CPU
+// reference (an MMA's token column depends on its own row only). Shared memory is not promised to
+// survive between kernels, so this can miss a leak, never invent one.
 TEST(Gpu, ShortActivationBoxesIgnoreStaleStageRows) {
   REQUIRE_WGMMA();
   std::mt19937 rng(96);
@@ -335,7 +335,7 @@ TEST(Gpu, ShortActivationBoxesIgnoreStaleStageRows) {
 // tile with NaN activations, then smaller M on the same shape against the CPU reference, Stream-K and
 // split-K clusters alike. Its boxes are TOK rows, zero-filled past M (boxes of M rows were no faster,
 // item 97); the test guards any later change to that.
-TEST(Gpu, WgmmaShortActivationBoxesIgnoreStaleStageRows) {
+TEST(Gpu, WgmmaIgnoresStaleStageRows) {
   REQUIRE_WGMMA();
   std::mt19937 rng(961);
   Workspace ws;
