@@ -108,7 +108,12 @@ def clocks_table(windows, samples, builds, cases):
             capped = sum(1 for s in inside if s[3] & POWER_CAP) / len(inside)
             row.append(f"{mhz:.0f} / {watts:.0f} / {100 * capped:.0f}%")
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return _columns(rows)
+
+
+def _columns(rows):
+    """The rows as text, each column padded to its widest cell."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 
 
@@ -130,8 +135,7 @@ def table(times, builds, cases):
                 cell += f"  ({mean(v) / mean(a):.3f})"
             row.append(cell)
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+    return _columns(rows)
 
 
 def main(argv):

@@ -219,8 +219,8 @@ bench_cases() {  # $1: build dir, $2: 1 for a B build
   for c in "${cs[@]}"; do
     [[ $2 == 1 && -n ${AB_B_PATHS:-} && " $AB_B_PATHS " != *" ${c##* } "* ]] && continue
     # AB_CLOCKS: the case's wall-clock window after its line (ab_summary.py matches clocks.csv to it)
-    if [[ -n ${AB_CLOCKS:-} ]]; then local t0; t0=$(date +%T.%3N); echo "$("$1/lutmm_bench" $c | tail -1)  @$t0-$(date +%T.%3N)"
-    else "$1/lutmm_bench" $c | tail -1; fi
+    local t0 line; t0=$(date +%T.%3N); line=$("$1/lutmm_bench" $c | tail -1)
+    echo "$line${AB_CLOCKS:+  @$t0-$(date +%T.%3N)}"
   done
 }
 # Other commits' trees, carried as .carry/base, .carry/base-NAME, ... (git archive --prefix=.carry/base/
