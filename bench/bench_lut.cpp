@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstdlib>
 #include <cstdio>
 #include <random>
@@ -23,6 +24,59 @@
 using namespace lutmm;
 
 cudaError_t bench_launch_filler(void* x, int64_t n, cudaStream_t stream, bool pdl);  // bench_filler.cu
+namespace lutmm::gpu {  // src/cuda/timeline.cuh (the LUTMM_EXPERIMENT 200 build records; others return 0)
+int decode_timeline(uint64_t* out, int max_workers, int back);
+void decode_timeline_clear();
+}  // namespace lutmm::gpu
+
+// LUTMM_BENCH_TIMELINE=1: the per-worker timeline of one call among back-to-back calls (the last of a
+// graph replay), in us from that call's first worker entry, as percentiles over its workers, and the
+// call before it (its first entry and last exit on the same clock). Returns false where the build
+// records nothing.
+static bool print_timeline() {
+  constexpr int kEv = 6, kMax = 2048;  // timeline.cuh: entry, dep-wait, first data, loop end, exit, SM
+  std::vector<uint64_t> cur(size_t(kMax) * kEv), prev(size_t(kMax) * kEv);
+  if (gpu::decode_timeline(cur.data(), kMax, 0) == 0) return false;
+  const bool have_prev = gpu::decode_timeline(prev.data(), kMax, 1) > 0;
+  auto rows = [&](const std::vector<uint64_t>& t) {
+    std::vector<const uint64_t*> r;
+    for (int w = 0; w < kMax; ++w)
+      if (t[size_t(w) * kEv] != 0) r.push_back(&t[size_t(w) * kEv]);
+    return r;
+  };
+  const auto rc = rows(cur), rp = have_prev ? rows(prev) : std::vector<const uint64_t*>{};
+  if (rc.empty()) return false;
+  uint64_t t0 = UINT64_MAX;
+  std::vector<int> sms;
+  for (auto* r : rc) { t0 = std::min(t0, r[0]); sms.push_back(int(r[5])); }
+  std::sort(sms.begin(), sms.end());
+  const int n_sms = int(std::unique(sms.begin(), sms.end()) - sms.begin());
+  auto us = [&](uint64_t t) { return (double(t) - double(t0)) / 1000.0; };
+  std::vector<uint64_t> all;
+  std::printf("  timeline: %zu workers on %d SMs, us from the call's first entry (p0 / p10 / p50 / p90 / p100)\n",
+              rc.size(), n_sms);
+  const char* names[] = {"entry", "dep-wait", "first data", "loop end", "exit"};
+  for (int e = 0; e < 5; ++e) {
+    std::vector<double> v;
+    for (auto* r : rc)
+      if (r[e] != 0) { v.push_back(us(r[e])); all.push_back(r[e]); }
+    if (v.empty()) continue;
+    std::sort(v.begin(), v.end());
+    auto q = [&](double f) { return v[size_t(f * double(v.size() - 1) + 0.5)]; };
+    std::printf("    %-10s %7.2f %7.2f %7.2f %7.2f %7.2f\n", names[e], q(0), q(0.1), q(0.5), q(0.9), q(1));
+  }
+  if (!rp.empty()) {
+    uint64_t p0 = UINT64_MAX, p1 = 0;
+    for (auto* r : rp) { p0 = std::min(p0, r[0]); p1 = std::max(p1, r[4]); }
+    std::printf("    previous call: first entry %.2f, last exit %.2f\n", us(p0), us(p1));
+  }
+  std::sort(all.begin(), all.end());
+  uint64_t tick = UINT64_MAX;
+  for (size_t i = 1; i < all.size(); ++i)
+    if (all[i] != all[i - 1]) tick = std::min(tick, all[i] - all[i - 1]);
+  if (tick != UINT64_MAX) std::printf("    (smallest step between distinct timestamps: %llu ns)\n", (unsigned long long)tick);
+  return true;
+}
 
 #define CK(x)                                                                     \
   do {                                                                            \
@@ -58,6 +112,9 @@ cudaError_t bench_launch_filler(void* x, int64_t n, cudaStream_t stream, bool pd
 //                                          at M = 1-2 timed 13% slower here than in bench_kernel.py).
 //                                          LUTMM_BENCH_X_OFFSET=BYTES (a multiple of 16, below 2 MiB minus
 //                                          X's bytes) moves X that far into the allocation.
+//        LUTMM_BENCH_TIMELINE=1 lutmm_bench ...  after each decode case, one call's per-worker timeline
+//                                          (entry, griddepcontrol.wait, first stage, loop end, exit) from a
+//                                          LUTMM_EXPERIMENT=200 build of the TMA kernel (src/cuda/timeline.cuh).
 //        LUTMM_BENCH_FOLD=rms|res lutmm_bench ...  the decode kernels with GemmProblem::rms_norm (each token's
 //                                          factor computed in the kernel) or ::residual (an M x N addend):
 //                                          lutmm.layerfold's calls, for their cost against plain calls.
@@ -238,6 +295,22 @@ int main(int argc, char** argv) {
       std::printf("   gap us %6.1f (memset alone %4.1f)  pdl gap us %6.1f (filler alone %4.1f)",
                   with_memsets - memsets_only, memsets_only, with_fillers - fillers_only, fillers_only);
     std::printf("\n");
+    // The timeline of the last call of one replay of a fresh graph of back-to-back calls (launch order
+    // sets timeline.cuh's slots at capture, so nothing else may launch between the capture and the read).
+    if (std::getenv("LUTMM_BENCH_TIMELINE") && !wg) {
+      gpu::decode_timeline_clear();
+      cudaGraph_t graph;
+      cudaGraphExec_t exec;
+      CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+      for (int i = 0; i < calls_per_graph; ++i) call(i % copies);
+      CK(cudaStreamEndCapture(st, &graph));
+      CK(cudaGraphInstantiate(&exec, graph, 0));
+      for (int r = 0; r < 3; ++r) CK(cudaGraphLaunch(exec, st));
+      CK(cudaStreamSynchronize(st));
+      if (!print_timeline()) std::printf("  timeline: not recorded (a LUTMM_EXPERIMENT=200 build of the TMA decode kernel records it)\n");
+      cudaGraphExecDestroy(exec);
+      cudaGraphDestroy(graph);
+    }
     cudaEventDestroy(a);
     cudaEventDestroy(b);
     for (int i = 0; i < copies; ++i) { cudaFree(w[i]); cudaFree(sc[i]); }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, GPU tests (C++ and Python), then the kernel benchmark.
-# Usage (device tool, repo root): bash scripts/gpu.sh [quick|standard|full|tests|bench|profile|sanitize|ab|kab|cxx|e2e|attn|py|decode|xplace]
+# Usage (device tool, repo root): bash scripts/gpu.sh [quick|standard|full|tests|bench|profile|sanitize|ab|kab|cxx|e2e|attn|py|decode|xplace|timeline]
 # Logs go to $OUT. ab: everything, then kernel A/B builds (EXPERIMENTS="2"); kab: C++ build, GPU tests
 # and the A/B only; cxx: C++ build, GPU tests and the C++ kernel benchmark (lutmm_bench) only;
 # sanitize: C++ build, GPU tests, then racecheck / synccheck / memcheck on subsets;
@@ -93,6 +93,18 @@ build_experiment() {
     "-DLUTMM_CUDA_GENCODE=${B_GENCODE:--gencode=arch=compute_90a,code=sm_90a}" > /dev/null && \
     ninja -C build/gpu-x$e "$@" > "$OUT/build-x$e.log" 2>&1 || { tail -20 "$OUT/build-x$e.log"; return 1; }
 }
+# timeline: lutmm_bench of a -DLUTMM_EXPERIMENT=200 build (sm_90a only, ~110 s cold) over TIMELINE_CASES
+# ("N K M BITS;..."), each case's per-worker timeline of one call (src/cuda/timeline.cuh): entry,
+# griddepcontrol.wait, first stage landed, loop end, exit, as percentiles over the workers.
+if [[ $MODE == timeline ]]; then
+  build_experiment 200 lutmm_bench || exit 1
+  echo "build: $(( $(date +%s) - t0 )) s"
+  IFS=';' read -ra tcases <<< "${TIMELINE_CASES:-4096 4096 1 4;6144 4096 1 4;8192 8192 1 4;28672 4096 1 4;4096 14336 1 4;57344 8192 1 4;8192 8192 16 4;28672 4096 16 4}"
+  for c in "${tcases[@]}"; do
+    LUTMM_BENCH_TIMELINE=1 ./build/gpu-x200/lutmm_bench $c lut | tail -n +2
+  done | tee "$OUT/timeline.txt"
+  exit 0
+fi
 # kab: the B builds (lutmm_bench, plus lutmm_gpu_tests unless AB_SKIP_TESTS names it) start now, beside
 # the default build: one after another, two B builds made a kab call ~9.5 minutes (session 25).
 if [[ $MODE == ab || $MODE == kab ]]; then

@@ -94,6 +94,9 @@
 //      experiment 34's in-step starts (79: the loads-only kernel 47 with them; item 92); +64, the TMA
 //      kernel only: activations in the prologue's stages only, none after (item 95: what the per-stage
 //      X reads cost at M = 1-2; 104 alone)
+// 200  instrumentation, not an experiment: lut_stream.cu records each worker's timeline
+//      (src/cuda/timeline.cuh; `gpu.sh timeline`, LUTMM_BENCH_TIMELINE=1 lutmm_bench). Same results;
+//      the 3-bit 32-token kernels spill 4 bytes there.
 
 namespace lutmm {
 namespace gpu {

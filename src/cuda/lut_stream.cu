@@ -32,6 +32,7 @@
 #include <array>
 
 #include "lut_mma.cuh"
+#include "timeline.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"  // mbarriers, bulk copies, named barriers (sm_90a)
 
@@ -308,6 +309,14 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const int it_end = active ? int(b1) : 0;
   const int m0 = blockIdx.y * 8 * MT;
   const int kb_rot = kb_rotation<BITS, ROWS, MT>(p, worker);  // the tile's first iteration (spread starts)
+#if LUTMM_EXPERIMENT == 200
+  const bool tl_thread = active && !producer && warp % kWarps == 0 && lane == 0;  // records the group's timeline
+  const int tl_slot = p.timeline_slot;
+#else
+  constexpr bool tl_thread = false;
+  constexpr int tl_slot = 0;
+#endif
+  if (tl_thread) timeline_mark(tl_slot, worker, kTlEntry);
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < kGroups * S; ++i) {  // group-major: full[S], empty[S] of group 0, then group 1
@@ -355,6 +364,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   if (!active) return;
   grid_dependency_wait();    // outputs and the workspace are written only after the previous kernel
   grid_dependents_launch();  // the next kernel may start its prologue as our CTAs finish
+  if (tl_thread) timeline_mark(tl_slot, worker, kTlDepWait);
 
   const int gwarp = warp % kWarps;  // block of a stage: row block of the tile (row tiles: see warp_row)
   // A single token's norm factor is deferred past the first segment (rms_defer_issue, item 62) or comes
@@ -391,6 +401,10 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   uint32_t ring_base = stage_off;                      // as stages, bars, bars + 8 S: copies the
   uint32_t ring_bars = bars, ring_end = bars + 8 * S;  // compiler cannot rederive (see the loop)
   const int kb_last = p.k_iters - 1 - kb_rot;  // the iteration on the tile's last k-block(s)
+  if (tl_thread && it_begin < it_end) {  // the first stage's arrival (waited for again in the loop)
+    wg::mbar_wait(bars, 0);
+    timeline_mark(tl_slot, worker, kTlFirstData);
+  }
   for (int seg_begin = it_begin; seg_begin < it_end; ++tile, kb0 = 0) {
     const int seg_end = min(it_end, seg_begin + p.k_iters - kb0);
     const bool warp_live = (ROWS || !short_whole_tiles(BITS) || w_row < trows) && tile * trows + w_row < p.row_blocks;
@@ -422,6 +436,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
       stage_off += L::kStageBytes;
       if (full == ring_end) { full = ring_bars; stage_off = ring_base; phase ^= 1; }
     }
+    if (tl_thread) timeline_mark(tl_slot, worker, kTlLoopEnd);  // the last segment's is kept
     const int bar = 2 + group;
     if (rdef.on) {  // the first segment end: the deferred factor (uniform over the group)
       rms_defer_finish(p, rdef, rs, 8 * MT, int(threadIdx.x % kThreads), kThreads, [bar] { wg::named_sync(bar, kThreads); });
@@ -455,6 +470,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
     for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
     seg_begin = seg_end;
   }
+  if (tl_thread) timeline_mark(tl_slot, worker, kTlExit);
 #endif
 }
 
@@ -498,9 +514,12 @@ void launch_kernel(const GemmProblem& prob, const Geometry& geo, void* ws, cudaS
   if (geo.cluster > 1 && kGroups != 1) throw Error("internal: clusters need one warp group per CTA");
   if (geo.cluster > 1 && cluster_xbuf_bytes(geo.cluster, MT) > geo.stages * Layout<BITS, MT>::kStageBytes)
     throw Error("internal: the cluster exchange buffer does not fit the pipeline stages");
+  Params<T> params = make_params<T>(prob, geo, ws);
+#if LUTMM_EXPERIMENT == 200
+  params.timeline_slot = g_timeline_launches++ % kTimelineSlots;
+#endif
   launch_pdl(kernel, dim3((geo.grid_x + kGroups - 1) / kGroups, geo.grid_y), kCtaThreads,
-             smem_bytes<BITS, MT, ROWS, CTAS>(geo.stages), stream, dev, geo.cluster, make_params<T>(prob, geo, ws), tm_w, tm_s,
-             tm_x);
+             smem_bytes<BITS, MT, ROWS, CTAS>(geo.stages), stream, dev, geo.cluster, params, tm_w, tm_s, tm_x);
 }
 template <int BITS, int MT, typename T>
 void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
@@ -587,5 +606,29 @@ void stream_launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaS
 }
 
 }  // namespace lut
+
+int decode_timeline(uint64_t* out, int max_workers, int back) {
+#if LUTMM_EXPERIMENT == 200
+  if (back < 0 || back >= lut::kTimelineSlots || lut::g_timeline_launches <= back || max_workers <= 0) return 0;
+  const int slot = (lut::g_timeline_launches - 1 - back) % lut::kTimelineSlots;
+  const int rows = std::min(max_workers, lut::kTimelineWorkers);
+  constexpr size_t kRowBytes = sizeof(uint64_t) * lut::kTlEvents;
+  check_cuda(cudaMemcpyFromSymbol(out, lut::g_timeline, rows * kRowBytes, size_t(slot) * lut::kTimelineWorkers * kRowBytes),
+             "cudaMemcpyFromSymbol (timeline)");
+  return rows;
+#else
+  (void)out; (void)max_workers; (void)back;
+  return 0;
+#endif
+}
+
+void decode_timeline_clear() {
+#if LUTMM_EXPERIMENT == 200
+  void* a = nullptr;
+  check_cuda(cudaGetSymbolAddress(&a, lut::g_timeline), "cudaGetSymbolAddress (timeline)");
+  check_cuda(cudaMemset(a, 0, sizeof(lut::g_timeline)), "cudaMemset (timeline)");
+#endif
+}
+
 }  // namespace gpu
 }  // namespace lutmm
