@@ -33,7 +33,7 @@ void decode_timeline_clear();
 // graph replay), in us from that call's first worker entry, as percentiles over its workers, and the
 // call before it (its first entry and last exit on the same clock). Returns false where the build
 // records nothing.
-static bool print_timeline() {
+static bool print_timeline(const char* label) {
   constexpr int kEv = 6, kMax = 2048;  // timeline.cuh: entry, dep-wait, first data, loop end, exit, SM
   std::vector<uint64_t> cur(size_t(kMax) * kEv), prev(size_t(kMax) * kEv);
   if (gpu::decode_timeline(cur.data(), kMax, 0) == 0) return false;
@@ -75,6 +75,20 @@ static bool print_timeline() {
   for (size_t i = 1; i < all.size(); ++i)
     if (all[i] != all[i - 1]) tick = std::min(tick, all[i] - all[i - 1]);
   if (tick != UINT64_MAX) std::printf("    (smallest step between distinct timestamps: %llu ns)\n", (unsigned long long)tick);
+  // LUTMM_BENCH_TIMELINE_RAW=FILE: every worker's row appended (case, worker, SM, events in ns from the
+  // call's first entry), for offline reading (which SMs' workers run slow).
+  if (const char* raw = std::getenv("LUTMM_BENCH_TIMELINE_RAW")) {
+    if (FILE* f = std::fopen(raw, "a")) {
+      for (int w = 0; w < kMax; ++w) {
+        const uint64_t* r = &cur[size_t(w) * kEv];
+        if (r[0] == 0) continue;
+        std::fprintf(f, "%s %d %d", label, w, int(r[5]));
+        for (int e = 0; e < 5; ++e) std::fprintf(f, " %lld", r[e] ? (long long)(r[e] - t0) : -1LL);
+        std::fprintf(f, "\n");
+      }
+      std::fclose(f);
+    }
+  }
   return true;
 }
 
@@ -114,7 +128,8 @@ static bool print_timeline() {
 //                                          X's bytes) moves X that far into the allocation.
 //        LUTMM_BENCH_TIMELINE=1 lutmm_bench ...  after each decode case, one call's per-worker timeline
 //                                          (entry, griddepcontrol.wait, first stage, loop end, exit) from a
-//                                          LUTMM_EXPERIMENT=200 build of the TMA kernel (src/cuda/timeline.cuh).
+//                                          LUTMM_EXPERIMENT=200 build of the TMA kernel (src/cuda/timeline.cuh);
+//                                          LUTMM_BENCH_TIMELINE_RAW=FILE appends every worker's row to FILE.
 //        LUTMM_BENCH_FOLD=rms|res lutmm_bench ...  the decode kernels with GemmProblem::rms_norm (each token's
 //                                          factor computed in the kernel) or ::residual (an M x N addend):
 //                                          lutmm.layerfold's calls, for their cost against plain calls.
@@ -307,7 +322,9 @@ int main(int argc, char** argv) {
       CK(cudaGraphInstantiate(&exec, graph, 0));
       for (int r = 0; r < 3; ++r) CK(cudaGraphLaunch(exec, st));
       CK(cudaStreamSynchronize(st));
-      if (!print_timeline()) std::printf("  timeline: not recorded (a LUTMM_EXPERIMENT=200 build of the TMA decode kernel records it)\n");
+      char label[64];
+      std::snprintf(label, sizeof label, "%lldx%lld/%lld/%d", (long long)c.N, (long long)c.K, (long long)c.M, c.bits);
+      if (!print_timeline(label)) std::printf("  timeline: not recorded (a LUTMM_EXPERIMENT=200 build of the TMA decode kernel records it)\n");
       cudaGraphExecDestroy(exec);
       cudaGraphDestroy(graph);
     }
