@@ -369,24 +369,45 @@ __device__ __forceinline__ void unit_partial_store(const Params<T>& p, int u, in
     for (int e = 0; e < 4; ++e)
       if (unit_part_live<MT>(mt, e, tid, live)) mine[unit_part_index<MT>(mt, e, tid)] = acc[mt][e];
 }
-// Adds tile `tile`'s C partials in unit order (the same sums whichever workers computed them) and
-// stores them.
+// One warp adds tile `tile`'s C partials in unit order (the same sums whichever workers computed the
+// units) and stores them: lane q takes (token, row block, row g) triples q, q + 32, ..., rows g and
+// g + 8 of the block (store_tile's pairs: silu_mul's gate and up).
 template <int MT, typename T>
-__device__ __forceinline__ void unit_reduce_store(const Params<T>& p, int tile, int C, int m0, int live, bool warp_live,
-                                                  int trows) {
-  const int tid = group_tid();
-  float sum[MT][4] = {};
+__device__ __forceinline__ void unit_reduce_store(const Params<T>& p, int tile, int C, int m0, int live, int trows,
+                                                  int lane) {
+  for (int q = lane; q < live * kWarps * 8; q += 32) {
+    const int t = q / (kWarps * 8), rbt = (q / 8) % kWarps, g = q % 8, rb = tile * trows + rbt;
+    if (rbt >= trows || rb >= p.row_blocks) continue;
+    const int at = t * 128 + rbt * 16 + g;
+    float v0 = 0.f, v1 = 0.f;
 #pragma unroll 4
-  for (int c = 0; c < C; ++c) {
-    const float* src = p.partials + int64_t(tile * C + c) * (8 * MT * 128);
+    for (int c = 0; c < C; ++c) {
+      const float* src = p.partials + int64_t(tile * C + c) * (8 * MT * 128);
+      v0 += __ldcg(src + at);
+      v1 += __ldcg(src + at + 8);
+    }
+    const int m = m0 + t;
+    if (p.silu_mul) {
+      store_silu_mul(p, m, rb * 16 + g, v0, v1);
+      continue;
+    }
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (unit_part_live<MT>(mt, e, tid, live)) sum[mt][e] += __ldcg(src + unit_part_index<MT>(mt, e, tid));
+    for (int i = 0; i < 2; ++i) {
+      const int n = rb * 16 + g + 8 * i;
+      if (n >= p.N) continue;
+      const float b = p.bias ? Elem<T>::to_float(p.bias[n]) : 0.f;
+      const int64_t o = int64_t(m) * p.N + n;
+      const float r = p.residual ? Elem<T>::to_float(p.residual[o]) : 0.f;
+      p.y[o] = Elem<T>::from_float((i ? v1 : v0) + b + r);
+    }
   }
-  if (warp_live) store_tile<MT>(p, tile, m0, sum, trows);
 }
+__device__ __forceinline__ int atomic_add_release(int* ptr, int v) {
+  int old;
+  asm volatile("atom.release.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(ptr), "r"(v) : "memory");
+  return old;
+}
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
 #endif  // LUTMM_SM90A
 
 // CTAS: CTAs per SM the kernel is sized for (registers here, shared memory at the launch).
@@ -529,21 +550,32 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
     timeline_mark(tl_slot, worker, kTlFirstData);
   }
   if (dyn) {  // LUTMM_EXPERIMENT 36: the units the producer takes, in its order (produce_units)
-    // A unit's end: its partial, then (tid 0) the tile counter's arrival, whose answer (last of the
-    // tile's C units?) is read only at the next unit's end, so the atomic's round trip overlaps a
-    // unit's work; the last arriver then adds the tile's partials. flag[0] / flag[2]: that answer,
-    // alternating, so a warp still reading one cannot see the next.
-    const int C = unit_chunks(p), bar = 2 + group, tid = group_tid();
-    const int live = min(8 * MT, p.M - m0);
-    auto sync = [bar] { wg::named_sync(bar, kThreads); };
-    auto rows_live = [&](int t) { return (!short_whole_tiles(BITS) || w_row < trows) && t * trows + w_row < p.row_blocks; };
-    int st = 0, u = 0, kb = 0, kend = 0, pend_tile = -1, pend_old = 0, par = 0;
+    // A unit's end, per warp and without a CTA barrier: the warp writes its rows' partial; one unit
+    // later (those stores done, so the release costs no wait) lane 0 arrives at the tile's counter
+    // (kWarps arrivals per unit, release); one unit after that it reads the answer: the tile's last
+    // arrival (kWarps * C - 1 before it) acquires, re-zeroes the counter, and its warp adds the
+    // tile's partials and stores them. So no warp waits on a round trip to L2 at a unit's end.
+    const int C = unit_chunks(p), live = min(8 * MT, p.M - m0);
+    int st = 0, u = 0, kb = 0, kend = 0;
+    int arr_tile = -1;              // the tile of the partial written at the last unit end, not yet arrived
+    int chk_tile = -1, chk_old = 0;  // the arrival made at the last unit end (lane 0's old count)
     bool warp_live = false;
-    // Tid 0: whether the arrival in flight (on pend_tile) was the last; the last one re-zeroes the counter.
-    auto settle = [&]() {
-      const bool last = pend_tile >= 0 && pend_old == C - 1;
-      if (last) atomicExch(p.counters + pend_tile, 0);
-      flag[2 * par] = last;
+    // Lane 0's answer for chk_tile, then the next arrival; returns the tile this warp must add, or -1.
+    auto settle_and_arrive = [&]() {
+      int reduce = -1;
+      if (lane == 0) {
+        if (chk_tile >= 0 && chk_old == kWarps * C - 1) {
+          atomicExch(p.counters + chk_tile, 0);
+          fence_acq_rel_gpu();
+          reduce = chk_tile;
+        }
+        if (arr_tile >= 0) chk_old = atomic_add_release(p.counters + arr_tile, 1);
+      }
+      chk_tile = arr_tile;
+      arr_tile = -1;
+      reduce = __shfl_sync(0xffffffffu, reduce, 0);
+      __syncwarp();
+      return reduce;
     };
     for (;;) {
       asm volatile("" : "+r"(off.codes), "+r"(off.hi), "+r"(off.scales), "+r"(off.x), "+r"(off.lane_byte));
@@ -556,7 +588,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
         tile = u / C;
         kb = (u % C) * unit_iters(p);
         kend = min(kb + unit_iters(p), p.k_iters);
-        warp_live = rows_live(tile);
+        warp_live = (!short_whole_tiles(BITS) || w_row < trows) && tile * trows + w_row < p.row_blocks;
       }
       const uint8_t* stage = smem + stage_off;
       if (warp_live) {
@@ -574,23 +606,20 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
       if (C == 1) {
         if (warp_live) store_tile<MT>(p, tile, m0, acc, trows);
       } else {
+        const int reduce = settle_and_arrive();
         unit_partial_store<MT>(p, u, live, acc);
-        if (tid == 0) settle();
-        sync();  // every partial written (released by tid 0's arrival below); the flag set
-        const bool reduce = flag[2 * par];
-        const int prev = pend_tile;
-        par ^= 1;
-        if (tid == 0) pend_old = atomic_add_acq_rel(p.counters + tile, 1);
-        pend_tile = tile;
-        if (reduce) unit_reduce_store<MT>(p, prev, C, m0, live, rows_live(prev), trows);
+        arr_tile = tile;
+        if (reduce >= 0) unit_reduce_store<MT>(p, reduce, C, m0, live, trows, lane);
       }
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
     }
-    if (pend_tile >= 0) {  // the last unit's arrival
-      if (tid == 0) settle();
-      sync();
-      if (flag[2 * par]) unit_reduce_store<MT>(p, pend_tile, C, m0, live, rows_live(pend_tile), trows);
+    if (C > 1) {  // the last two arrivals' answers: settle, arrive, settle (now waiting for the answer)
+      __syncwarp();
+      for (int r = 0; r < 2; ++r) {
+        const int reduce = settle_and_arrive();
+        if (reduce >= 0) unit_reduce_store<MT>(p, reduce, C, m0, live, trows, lane);
+      }
     }
     return;
   }
