@@ -75,6 +75,10 @@
 //  15  4 bits: the TMA kernel's whole tiles of 8 row blocks only, as before item 93 (no tiles of 6-7
 //      where they fill more slots, lut_whole_tile_rows; short_whole_tiles, lut_mma.cuh)
 //  (29, 8: tiles of 6-7 with experiment 32's table and experiment 9's CTAs; slower, item 93)
+//  (36, the decode kernels without their epilogue options' code, was measured at commit 9f31708 and
+//   removed: 0-0.3 us on plain calls, item 64; then, at 260c05e, dynamic units on the TMA kernel's
+//   tiles of 8 at M <= 8 (workers taking fixed units from a counter, partials added in unit order):
+//   correct and deterministic, but 1.3-7x slower, and removed, item 98)
 //  35  M = 17-32: 3-bit weights of < 32 tiles and < 16M weights on the cp.async kernel (item 66's
 //      rule, dropped in item 68)
 //  37  the TMA kernel up to M = 16 only, M = 17-32 on the cp.async kernel (kTmaMaxM, lut_mma.cuh; item 65)
@@ -92,9 +96,6 @@
 //      experiment 34's in-step starts (79: the loads-only kernel 47 with them; item 92); +64, the TMA
 //      kernel only: activations in the prologue's stages only, none after (item 95: what the per-stage
 //      X reads cost at M = 1-2; 104 alone)
-//  36  lut_stream.cu: dynamic units instead of Stream-K's static ranges on tiles of 8 (or 5-7) row
-//      blocks without clusters (kDynamicUnits, lut_mma.cuh). (Was: the decode kernels without their
-//      epilogue options' code, measured at 9f31708 and removed, item 64.)
 // 200  instrumentation, not an experiment: lut_stream.cu records each worker's timeline
 //      (src/cuda/timeline.cuh; `gpu.sh timeline`, LUTMM_BENCH_TIMELINE=1 lutmm_bench). Same results;
 //      the 3-bit 32-token kernels spill 4 bytes there.
@@ -467,15 +468,6 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
     g.tiles = int((s.row_blocks() + g.tile_rows - 1) / g.tile_rows);
     g.grid_x = g.tiles;
   }
-  // LUTMM_EXPERIMENT 36: dynamic units (kDynamicUnits, lut_mma.cuh) over the same tiles, ~16 per worker
-  // and >= 4 k-blocks each (57344x8192: 11 units of 6 k-blocks a tile, 48 KB at 4 bits; 28672x4096: 8 of 4).
-  if (kDynamicUnits && g.tma && auto_split && g.rpt == kWarps && g.cluster == 1 && g.mt == 1) {
-    const int64_t slots = int64_t(sm_count(device)) * (g.ctas ? g.ctas : stream_workers_per_sm(s.bits, g.mt));
-    const int64_t iters = int64_t(g.tiles) * g.k_iters;
-    g.unit_iters = int(std::min<int64_t>(std::max<int64_t>(iters / (slots * 16), 4), g.k_iters));
-    g.unit_chunks = (g.k_iters + g.unit_iters - 1) / g.unit_iters;
-    g.grid_x = int(std::min<int64_t>(slots, int64_t(g.tiles) * g.unit_chunks));
-  }
   return g;
 }
 
@@ -520,9 +512,6 @@ size_t workspace_bytes(int64_t M, const Shape& shape, int device) {
   for (DType dt : {DType::BF16, DType::F16}) {
     need = std::max(need, need_bytes(geometry(M, shape, dt, device, LutKernel::kCpAsync, false)));
     if (tma) need = std::max(need, need_bytes(geometry(M, shape, dt, device, LutKernel::kTma, false)));
-    if (tma && kDynamicUnits)
-      for (LutKernel k : {LutKernel::kTma, LutKernel::kAuto})
-        need = std::max(need, need_bytes(geometry(M, shape, dt, device, k, true)));
   }
   return need;
 }

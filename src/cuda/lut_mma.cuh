@@ -33,21 +33,7 @@ struct Params : GemmParams<T> {
 #if LUTMM_EXPERIMENT == 200
   int timeline_slot;        // timeline.cuh's buffer this launch writes (lut_stream.cu's launch sets it)
 #endif
-#if LUTMM_EXPERIMENT == 36
-  int unit_iters;           // > 0: dynamic units (kDynamicUnits): iterations per unit, the last of a tile shorter
-  int unit_chunks;          // units per tile: ceil(k_iters / unit_iters)
-#endif
 };
-
-// LUTMM_EXPERIMENT 36: lut_stream.cu's tiles of 8 (or 5-7) row blocks without clusters split into fixed
-// units of unit_iters k-blocks, which the workers take in order from a counter (the first one each
-// statically, before griddepcontrol.wait), instead of Stream-K's even static ranges. A tile's units'
-// partial sums meet in the workspace and the last one to finish adds them in unit order: the same
-// sums whichever worker computed a unit. Why (session 36, timeline.cuh on the H200): the two CTAs on
-// an SM do not progress at the same rate (the earlier-launched one was faster in 124 of 124 and 132 of
-// 132 SMs: 57344x8192 M = 1 59.4 against 65.4 us for the same work), so static ranges end over a 10 us
-// window.
-constexpr bool kDynamicUnits = LUTMM_EXPERIMENT == 36;
 
 // A compute thread's index inside its group of kWarps warps (lut_stream.cu runs two groups per CTA).
 __device__ __forceinline__ int group_tid() { return threadIdx.x % kThreads; }
@@ -339,17 +325,10 @@ struct Geometry {
   int device;      // the current device (asked once per call)
   int tile_rows = kWarps;  // row blocks per whole tile of the TMA kernel's tiles of 8 (4 bits: 5-7 where
                            // shorter ones fill more slots, lut_whole_tile_rows, short_whole_tiles); one tile per worker
-  int unit_iters = 0;      // > 0: dynamic units of this many k-blocks (kDynamicUnits; grid_y = 1, no clusters)
-  int unit_chunks = 0;     // units per tile
 };
-// Tile counters, then (dynamic units) the unit counter.
-inline size_t counters_bytes(const Geometry& g) {
-  return counter_region_bytes(int64_t(g.grid_y) * g.tiles + (g.unit_chunks > 0 ? 1 : 0));
-}
-// (Tiles of fewer than 8 row blocks are one whole tile per CTA: no partials. Dynamic units: one
-// partial of 8 * mt tokens x 128 rows per unit, where a tile has more than one.)
+inline size_t counters_bytes(const Geometry& g) { return counter_region_bytes(int64_t(g.grid_y) * g.tiles); }
+// (Tiles of fewer than 8 row blocks are one whole tile per CTA: no partials.)
 inline size_t partials_bytes(const Geometry& g) {
-  if (g.unit_chunks > 0) return g.unit_chunks > 1 ? size_t(g.tiles) * g.unit_chunks * 8 * g.mt * 128 * 4 : 0;
   return g.rpt < kWarps || g.tile_rows < kWarps ? 0 : size_t(g.grid_y) * g.grid_x * 2 * kThreads * 4 * g.mt * 4;
 }
 
@@ -366,10 +345,6 @@ Params<T> make_params(const GemmProblem& prob, const Geometry& geo, void* ws) {
   p.workers = geo.grid_x;
   p.cluster = geo.cluster;
   p.tile_rows = geo.tile_rows;
-#if LUTMM_EXPERIMENT == 36
-  p.unit_iters = geo.unit_iters;
-  p.unit_chunks = geo.unit_chunks;
-#endif
   return p;
 }
 

@@ -163,31 +163,11 @@ constexpr int kNormTokens = MT == 4 ? 32 : 16;
 template <int MT>
 constexpr int kNormBytes = kGroups * kNormTokens<MT> * kNormSlots * 4;
 static_assert(kWarps <= kNormSlots, "row_rms_factors: one partial slot per warp of a worker");
-// Dynamic units (LUTMM_EXPERIMENT 36): each stage's unit, written by the producer before it fills the stage.
-template <bool ROWS>
-constexpr int kUnitBytes = kDynamicUnits && !ROWS ? 4 * kMaxStages : 0;
-template <typename P>
-__host__ __device__ __forceinline__ int unit_chunks(const P& p) {
-#if LUTMM_EXPERIMENT == 36
-  return p.unit_chunks;
-#else
-  return (void)p, 0;
-#endif
-}
-template <typename P>
-__host__ __device__ __forceinline__ int unit_iters(const P& p) {
-#if LUTMM_EXPERIMENT == 36
-  return p.unit_iters;
-#else
-  return (void)p, 0;
-#endif
-}
-// Shared memory: table | stages[kGroups][S] | mbarriers full[S], empty[S] per group | flag per group | red | rs
-// | units of the stages.
+// Shared memory: table | stages[kGroups][S] | mbarriers full[S], empty[S] per group | flag per group | red | rs.
 template <int BITS, int MT, bool ROWS, int CTAS>
 constexpr int smem_bytes(int stages) {
   using L = KLayout<BITS, MT, ROWS, CTAS>;
-  return L::kLutBytes + kGroups * stages * (L::kStageBytes + 16) + 16 + kRedBytes<ROWS> + kNormBytes<MT> + kUnitBytes<ROWS>;
+  return L::kLutBytes + kGroups * stages * (L::kStageBytes + 16) + 16 + kRedBytes<ROWS> + kNormBytes<MT>;
 }
 
 #if LUTMM_SM90A
@@ -292,122 +272,6 @@ __device__ __forceinline__ void produce(const Params<T>& p, const Maps& maps, in
     if (++st == S) { st = 0; ++use; }
   }
 }
-
-// Dynamic units (LUTMM_EXPERIMENT 36, kDynamicUnits): unit u is tile u / C's iterations
-// [(u % C) * unit_iters, + unit_iters) (the last one of a tile shorter). Worker w takes unit w first
-// (its codes and scales requested before griddepcontrol.wait, as produce's prologue), then the next
-// unit from the counter, workers + *unit_ctr++ (after the wait: the counter is the previous call's
-// until then), grabbed one unit ahead so the atomic's round trip overlaps the current unit. Every
-// worker's last grab fails; the last of all grabs (tiles * C of them in all) zeroes the counter for
-// the next call. The stage's unit goes to unit_of[stage] before the stage is filled (visible to the
-// compute warps through the full barrier); -1 with a bare arrive ends them.
-template <int BITS, int MT, typename T>
-__device__ __forceinline__ void produce_units(const Params<T>& p, const Maps& maps, int worker, int m0, uint32_t stage0,
-                                              uint32_t bars, volatile int* unit_of, int* unit_ctr) {
-#if LUTMM_EXPERIMENT == 36
-  using L = Layout<BITS, MT>;
-  const int S = p.stages, C = p.unit_chunks, units = p.tiles * C;
-  int u = worker;
-  int tile = u / C, kb = (u % C) * p.unit_iters, kend = min(kb + p.unit_iters, p.k_iters);
-  const int n0 = min(S, kend - kb);
-  for (int pass = 0; pass < 2; ++pass) {
-    if (pass == 1) grid_dependency_wait();
-    for (int q = 0; q < n0; ++q) {
-      if (pass == 0) unit_of[q] = u;
-      issue_stage<BITS, MT, T, false>(p, maps, stage0 + uint32_t(q) * L::kStageBytes, bars + 8 * q, tile, kb + q, m0,
-                                      pass == 0, pass == 1, pass == 0);
-    }
-  }
-  kb += n0;
-  int g = atomicAdd(unit_ctr, 1);  // the next unit: workers + g
-  int st = n0 == S ? 0 : n0, use = n0 == S ? 1 : 0;
-  for (;;) {
-    if (kb == kend) {
-      if (g == units - 1) atomicExch(unit_ctr, 0);  // the call's last grab
-      u = p.workers + g;
-      if (u >= units) break;
-      tile = u / C;
-      kb = (u % C) * p.unit_iters;
-      kend = min(kb + p.unit_iters, p.k_iters);
-      g = atomicAdd(unit_ctr, 1);
-    }
-    if (use > 0) wg::mbar_wait(bars + 8 * (S + st), (use - 1) & 1);
-    unit_of[st] = u;
-    issue_stage<BITS, MT, T, false>(p, maps, stage0 + uint32_t(st) * L::kStageBytes, bars + 8 * st, tile, kb, m0, true,
-                                    true, true);
-    ++kb;
-    if (++st == S) { st = 0; ++use; }
-  }
-  if (use > 0) wg::mbar_wait(bars + 8 * (S + st), (use - 1) & 1);
-  unit_of[st] = -1;
-  wg::mbar_arrive(bars + 8 * st);
-#else
-  (void)p; (void)maps; (void)worker; (void)m0; (void)stage0; (void)bars; (void)unit_of; (void)unit_ctr;
-#endif
-}
-
-// Dynamic units' partial sums: [unit][8 * MT tokens][128 rows] floats, the live tokens only (M = 1:
-// 512 bytes a unit). Element e of this thread's acc[mt]: token mt * 8 + 2 (lane % 4) + (e & 1), row
-// warp * 16 + lane / 4 + 8 (e >> 1) of the tile.
-template <int MT>
-__device__ __forceinline__ int unit_part_index(int mt, int e, int tid) {
-  const int warp = tid / 32, lane = tid % 32;
-  return (mt * 8 + 2 * (lane % 4) + (e & 1)) * 128 + warp * 16 + lane / 4 + 8 * (e >> 1);
-}
-template <int MT>
-__device__ __forceinline__ bool unit_part_live(int mt, int e, int tid, int live) {
-  return mt * 8 + 2 * (tid % 4) + (e & 1) < live;
-}
-// Writes this unit's sums to its partial.
-template <int MT, typename T>
-__device__ __forceinline__ void unit_partial_store(const Params<T>& p, int u, int live, const float (&acc)[MT][4]) {
-  float* mine = p.partials + int64_t(u) * (8 * MT * 128);
-  const int tid = group_tid();
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-      if (unit_part_live<MT>(mt, e, tid, live)) mine[unit_part_index<MT>(mt, e, tid)] = acc[mt][e];
-}
-// One warp adds tile `tile`'s C partials in unit order (the same sums whichever workers computed the
-// units) and stores them: lane q takes (token, row block, row g) triples q, q + 32, ..., rows g and
-// g + 8 of the block (store_tile's pairs: silu_mul's gate and up).
-template <int MT, typename T>
-__device__ __forceinline__ void unit_reduce_store(const Params<T>& p, int tile, int C, int m0, int live, int trows,
-                                                  int lane) {
-  for (int q = lane; q < live * kWarps * 8; q += 32) {
-    const int t = q / (kWarps * 8), rbt = (q / 8) % kWarps, g = q % 8, rb = tile * trows + rbt;
-    if (rbt >= trows || rb >= p.row_blocks) continue;
-    const int at = t * 128 + rbt * 16 + g;
-    float v0 = 0.f, v1 = 0.f;
-#pragma unroll 4
-    for (int c = 0; c < C; ++c) {
-      const float* src = p.partials + int64_t(tile * C + c) * (8 * MT * 128);
-      v0 += __ldcg(src + at);
-      v1 += __ldcg(src + at + 8);
-    }
-    const int m = m0 + t;
-    if (p.silu_mul) {
-      store_silu_mul(p, m, rb * 16 + g, v0, v1);
-      continue;
-    }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int n = rb * 16 + g + 8 * i;
-      if (n >= p.N) continue;
-      const float b = p.bias ? Elem<T>::to_float(p.bias[n]) : 0.f;
-      const int64_t o = int64_t(m) * p.N + n;
-      const float r = p.residual ? Elem<T>::to_float(p.residual[o]) : 0.f;
-      p.y[o] = Elem<T>::from_float((i ? v1 : v0) + b + r);
-    }
-  }
-}
-__device__ __forceinline__ int atomic_add_release(int* ptr, int v) {
-  int old;
-  asm volatile("atom.release.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(ptr), "r"(v) : "memory");
-  return old;
-}
-__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
 #endif  // LUTMM_SM90A
 
 // CTAS: CTAs per SM the kernel is sized for (registers here, shared memory at the launch).
@@ -445,10 +309,6 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const int it_end = active ? int(b1) : 0;
   const int m0 = blockIdx.y * 8 * MT;
   const int kb_rot = kb_rotation<BITS, ROWS, MT>(p, worker);  // the tile's first iteration (spread starts)
-  // LUTMM_EXPERIMENT 36: dynamic units, at M <= 8 (with MT = 2 and 4 the second loop spilled 32-232 bytes)
-  const bool dyn = kDynamicUnits && !ROWS && MT == 1 && unit_chunks(p) > 0;
-  volatile int* unit_of = reinterpret_cast<volatile int*>(smem + L::kLutBytes + kGroups * S * (L::kStageBytes + 16) + 16 +
-                                                          kRedBytes<ROWS> + kNormBytes<MT>);
 #if LUTMM_EXPERIMENT == 200
   const bool tl_thread = active && !producer && warp % kWarps == 0 && lane == 0;  // records the group's timeline
   const int tl_slot = p.timeline_slot;
@@ -475,13 +335,10 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   // us, 4096x4096 6.6 -> 7.2, 8192x8192 18.0 -> 19.3; three CTAs per SM: 6144x4096 4-bit 9.3 -> 8.5,
   // 3-bit 9.1 -> 7.8).
   constexpr bool kProducerNorm = CTAS >= 3 && MT == 1;
-  const bool norm_by_producer = kProducerNorm && p.rms_norm && p.M - m0 == 1 && !dyn;
+  const bool norm_by_producer = kProducerNorm && p.rms_norm && p.M - m0 == 1;
   const int norm_bar = 4 + group, norm_threads = kThreads + 32;  // the group's compute warps + its producer
   if (producer) {
-    if (dyn) {
-      if (lane == 0 && active)
-        produce_units<BITS, MT, T>(p, Maps{&tm_w, &tm_s, &tm_x}, worker, m0, stage0, bars, unit_of, p.counters + p.tiles);
-    } else if (norm_by_producer && active) {  // the prologue, the factor (all 32 lanes), then the loop
+    if (norm_by_producer && active) {  // the prologue, the factor (all 32 lanes), then the loop
       if (lane == 0)
         produce<BITS, MT, T, ROWS>(p, Maps{&tm_w, &tm_s, &tm_x}, it_begin, it_end, m0, stage0, bars, 0, kb_rot);
       __syncwarp();
@@ -515,7 +372,6 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   // producer's first stages are in flight.
   constexpr int kDeferVecs = CTAS <= 2 && MT == 1 ? 2 : 0;
   RmsDeferred<kDeferVecs> rdef = rms_defer_issue<kDeferVecs>(p, p.x, m0, int(threadIdx.x % kThreads), kThreads);
-  if (dyn) rdef.on = false;  // dynamic units: the factors first (below), no first segment to defer them to
   bool norm_pending = norm_by_producer;  // the producer warp's factor, not yet waited for
   if (p.rms_norm && !rdef.on && !norm_by_producer) {
     row_rms_factors(p, p.x, m0, 8 * MT, rs, int(threadIdx.x % kThreads), kThreads,
@@ -548,80 +404,6 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   if (tl_thread && it_begin < it_end) {  // the first stage's arrival (waited for again in the loop)
     wg::mbar_wait(bars, 0);
     timeline_mark(tl_slot, worker, kTlFirstData);
-  }
-  if (dyn) {  // LUTMM_EXPERIMENT 36: the units the producer takes, in its order (produce_units)
-    // A unit's end, per warp and without a CTA barrier: the warp writes its rows' partial; one unit
-    // later (those stores done, so the release costs no wait) lane 0 arrives at the tile's counter
-    // (kWarps arrivals per unit, release); one unit after that it reads the answer: the tile's last
-    // arrival (kWarps * C - 1 before it) acquires, re-zeroes the counter, and its warp adds the
-    // tile's partials and stores them. So no warp waits on a round trip to L2 at a unit's end.
-    const int C = unit_chunks(p), live = min(8 * MT, p.M - m0);
-    int st = 0, u = 0, kb = 0, kend = 0;
-    int arr_tile = -1;              // the tile of the partial written at the last unit end, not yet arrived
-    int chk_tile = -1, chk_old = 0;  // the arrival made at the last unit end (lane 0's old count)
-    bool warp_live = false;
-    // Lane 0's answer for chk_tile, then the next arrival; returns the tile this warp must add, or -1.
-    auto settle_and_arrive = [&]() {
-      int reduce = -1;
-      if (lane == 0) {
-        if (chk_tile >= 0 && chk_old == kWarps * C - 1) {
-          atomicExch(p.counters + chk_tile, 0);
-          fence_acq_rel_gpu();
-          reduce = chk_tile;
-        }
-        if (arr_tile >= 0) chk_old = atomic_add_release(p.counters + arr_tile, 1);
-      }
-      chk_tile = arr_tile;
-      arr_tile = -1;
-      reduce = __shfl_sync(0xffffffffu, reduce, 0);
-      __syncwarp();
-      return reduce;
-    };
-    for (;;) {
-      asm volatile("" : "+r"(off.codes), "+r"(off.hi), "+r"(off.scales), "+r"(off.x), "+r"(off.lane_byte));
-      asm volatile("" : "+r"(ring_base), "+r"(ring_bars), "+r"(ring_end));
-      wg::mbar_wait(full, phase);
-      const int su = unit_of[st];
-      if (su < 0) break;
-      if (kb == kend) {  // a new unit
-        u = su;
-        tile = u / C;
-        kb = (u % C) * unit_iters(p);
-        kend = min(kb + unit_iters(p), p.k_iters);
-        warp_live = (!short_whole_tiles(BITS) || w_row < trows) && tile * trows + w_row < p.row_blocks;
-      }
-      const uint8_t* stage = smem + stage_off;
-      if (warp_live) {
-        if (kb < full_kbs) compute_block<BITS, MT, T, true, L::kEntryBytes>(p, stage, off, kb, acc);
-        else compute_block<BITS, MT, T, false, L::kEntryBytes>(p, stage, off, kb, acc);
-      }
-      __syncwarp();
-      if (lane == 0) wg::mbar_arrive(full + empty_off);
-      full += 8;
-      stage_off += L::kStageBytes;
-      if (++st == S) st = 0;
-      if (full == ring_end) { full = ring_bars; stage_off = ring_base; phase ^= 1; }
-      if (++kb < kend) continue;
-      if (p.rms_norm) scale_by_rows<MT>(acc, rs);
-      if (C == 1) {
-        if (warp_live) store_tile<MT>(p, tile, m0, acc, trows);
-      } else {
-        const int reduce = settle_and_arrive();
-        unit_partial_store<MT>(p, u, live, acc);
-        arr_tile = tile;
-        if (reduce >= 0) unit_reduce_store<MT>(p, reduce, C, m0, live, trows, lane);
-      }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
-    }
-    if (C > 1) {  // the last two arrivals' answers: settle, arrive, settle (now waiting for the answer)
-      __syncwarp();
-      for (int r = 0; r < 2; ++r) {
-        const int reduce = settle_and_arrive();
-        if (reduce >= 0) unit_reduce_store<MT>(p, reduce, C, m0, live, trows, lane);
-      }
-    }
-    return;
   }
   for (int seg_begin = it_begin; seg_begin < it_end; ++tile, kb0 = 0) {
     const int seg_end = min(it_end, seg_begin + p.k_iters - kb0);
@@ -696,8 +478,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
 template <int BITS, int MT, bool ROWS, int CTAS>
 int stages_for(int budget_bytes) {
   using L = KLayout<BITS, MT, ROWS, CTAS>;
-  const int s = (budget_bytes - L::kLutBytes - 16 - kRedBytes<ROWS> - kNormBytes<MT> - kUnitBytes<ROWS>) /
-                (kGroups * (L::kStageBytes + 16));
+  const int s = (budget_bytes - L::kLutBytes - 16 - kRedBytes<ROWS> - kNormBytes<MT>) / (kGroups * (L::kStageBytes + 16));
   return std::max(2, std::min(kMaxStages, s));
 }
 
