@@ -2,7 +2,9 @@
 binaries are small shell scripts): `kab` must finish, time A and B in turn, print the summary and, with
 AB_CLOCKS=1, sample clocks while the cases run, mark each case's window, summarise the clocks per case
 and stop the sampler at exit. Session 35 lost a GPU
-call to a sampler started before a bare `wait`, which then waited for it until the call's time ran out."""
+call to a sampler started before a bare `wait`, which then waited for it until the call's time ran out.
+`timeline` must build the instrumentation build (-DLUTMM_EXPERIMENT=200) and run each case with the
+timeline switched on."""
 import os
 import shutil
 import signal
@@ -20,6 +22,7 @@ fi
 echo "Stub H200, 143771 MiB, 570.00, 1980 MHz, 3201 MHz"
 """
 CMAKE = """#!/bin/bash
+echo "$*" >> "$STUB_CMAKE_LOG"
 while [[ $# -gt 0 ]]; do [[ $1 == -B ]] && mkdir -p "$2"; shift; done
 """
 # ninja -C DIR ...: "builds" every binary gpu.sh runs. lutmm_bench prints one timing line; a B build
@@ -32,7 +35,9 @@ for t in lutmm_bench lutmm_tests lutmm_gpu_tests; do
 if [[ $(basename "$0") == lutmm_bench ]]; then
   us=20.0; [[ $0 == *-x* ]] && us=22.0
   sleep 0.2
+  [[ -n $LUTMM_BENCH_TIMELINE ]] && echo "# header"
   printf "%11s %7s %2s %4s %6s %9s %7s %8s\\n" "${1}x${2}" "$3" "$4" 128 "$5" "$us" 2.00 9.0
+  [[ -n $LUTMM_BENCH_TIMELINE ]] && echo "  timeline from $0 raw $LUTMM_BENCH_TIMELINE_RAW"
 else
   echo "[  PASSED  ] 3 tests."
 fi
@@ -42,7 +47,7 @@ done
 """
 
 
-def _run_kab(tmp_path, extra_env):
+def _run_kab(tmp_path, extra_env, mode="kab"):
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
     for f in ("gpu.sh", "ab_summary.py"):
@@ -56,17 +61,18 @@ def _run_kab(tmp_path, extra_env):
     out = tmp_path / "out"
     pids = tmp_path / "pids"
     env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", OUT=str(out), STUB_PIDS=str(pids),
+               STUB_CMAKE_LOG=str(tmp_path / "cmake.log"),
                EXPERIMENTS="3", AB_SKIP_TESTS="3", AB_ROUNDS="2",
                AB_CASES="57344 8192 1 4 lut;28672 4096 1 4 lut", **extra_env)
     # Its own session, so that a hang (the failure this test exists for) is ended with every stub in it.
-    proc = subprocess.Popen(["bash", "scripts/gpu.sh", "kab"], cwd=repo, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(["bash", "scripts/gpu.sh", mode], cwd=repo, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         log, _ = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         log, _ = proc.communicate()
-        raise AssertionError(f"gpu.sh kab did not finish in 60 s:\n{log[-2000:]}")
+        raise AssertionError(f"gpu.sh {mode} did not finish in 60 s:\n{log[-2000:]}")
     return proc.returncode, log, out, pids
 
 
@@ -112,3 +118,15 @@ def test_kab_with_clocks_samples_while_timing_and_stops_the_sampler(tmp_path):
     assert len(timed) == 8 and all("  @" in line for line in timed), timed
     clock_rows = summary.split("== clocks")[1].splitlines()[2:]
     assert len(clock_rows) == 2 and all(row.count("1980 / 500 / 0%") == 2 for row in clock_rows), summary
+
+
+def test_timeline_runs_each_case_on_the_instrumentation_build(tmp_path):
+    rc, log, out, _ = _run_kab(tmp_path, {"TIMELINE_CASES": "4096 4096 1 4;57344 8192 16 2"}, mode="timeline")
+    assert rc == 0, log
+    cmake = (tmp_path / "cmake.log").read_text().splitlines()
+    assert len(cmake) == 1 and "-DLUTMM_EXPERIMENT=200" in cmake[0] and "build/gpu-x200" in cmake[0], cmake
+    lines = (out / "timeline.txt").read_text().splitlines()
+    # Each case: its timing line (the header dropped), then the bench's timeline from the x200 build,
+    # with the raw rows going to $OUT.
+    assert [line.split()[:3] for line in lines[0::2]] == [["4096x4096", "1", "4"], ["57344x8192", "16", "2"]], lines
+    assert all("gpu-x200/lutmm_bench" in line and f"raw {out}/timeline_raw.txt" in line for line in lines[1::2]), lines
