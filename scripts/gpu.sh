@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, GPU tests (C++ and Python), then the kernel benchmark.
-# Usage (device tool, repo root): bash scripts/gpu.sh [quick|standard|full|tests|bench|profile|sanitize|ab|kab|cxx|e2e|attn|py|decode|xplace|timeline]
+# Usage (device tool, repo root): bash scripts/gpu.sh [quick|standard|full|tests|bench|profile|sanitize|ab|kab|cxx|e2e|attn|py|decode|timeline]
 # Logs go to $OUT. ab: everything, then kernel A/B builds (EXPERIMENTS="2"); kab: C++ build, GPU tests
 # and the A/B only; cxx: C++ build, GPU tests and the C++ kernel benchmark (lutmm_bench) only;
 # sanitize: C++ build, GPU tests, then racecheck / synccheck / memcheck on subsets;
@@ -50,29 +50,14 @@ fi
 # lut80 = the cp.async kernel, luttma = the TMA kernel), us, over DECODE_SHAPES ("N K;..."), DECODE_MS and
 # DECODE_BITS; rows where the dispatched kernel is > 10% off the faster one are marked. First run as a
 # one-off script in session 29 (log item 84).
-# xplace: the decode time against where X lies (log item 95): per PROBE_BITS x PROBE_MS on PROBE_SHAPE
-# ("N K", default 28672x4096), us with lutmm_bench's own allocations, then with X at each of
-# PROBE_OFFSETS bytes into one 64 MiB allocation (LUTMM_BENCH_BIG_IO, LUTMM_BENCH_X_OFFSET).
-# Both: C++ build of lutmm_bench only (~110 s cold).
-if [[ $MODE == decode || $MODE == xplace ]]; then
+# C++ build of lutmm_bench only (~110 s cold). (xplace, X's placement, retired in session 36 unrun: item
+# 96 had found what it was to look for; LUTMM_BENCH_BIG_IO and LUTMM_BENCH_X_OFFSET remain in lutmm_bench.)
+if [[ $MODE == decode ]]; then
   cmake -S . -B build/gpu -G Ninja -DLUTMM_BUILD_TESTS=ON > "$OUT/cmake.log" 2>&1 && \
     ninja -C build/gpu lutmm_bench > "$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }
   echo "build: $(( $(date +%s) - t0 )) s"
   export LUTMM_BENCH_SETTLE_MS=${LUTMM_BENCH_SETTLE_MS:-150}
   bench_us() { ./build/gpu/lutmm_bench "$@" | tail -1 | awk '{print $6}'; }  # N K M BITS PATH -> us
-  if [[ $MODE == xplace ]]; then
-    read -r n k <<< "${PROBE_SHAPE:-28672 4096}"
-    offs=(${PROBE_OFFSETS:-0 256 4096 8192 65536 1048576})
-    { printf "%4s %3s %6s" bits M own; printf " %8s" "${offs[@]/#/+}"; echo; } | tee "$OUT/xplace.txt"
-    for b in ${PROBE_BITS:-2 4}; do for m in ${PROBE_MS:-1 2 4}; do
-      line=$(printf "%4s %3s %6s" "$b" "$m" "$(bench_us "$n" "$k" "$m" "$b" lut)")
-      for o in "${offs[@]}"; do
-        line+=$(printf " %8s" "$(LUTMM_BENCH_BIG_IO=1 LUTMM_BENCH_X_OFFSET=$o bench_us "$n" "$k" "$m" "$b" lut)")
-      done
-      echo "$line" | tee -a "$OUT/xplace.txt"
-    done; done
-    exit 0
-  fi
   IFS=';' read -ra dshapes <<< "${DECODE_SHAPES:-4096 4096;6144 4096;2048 8192;8192 8192;28672 4096}"
   printf "%5s %2s %12s %10s %8s %8s\n" M b "N x K" dispatched lut80 luttma | tee "$OUT/decode.txt"
   for m in ${DECODE_MS:-1 16}; do for b in ${DECODE_BITS:-4 3 2}; do for sh in "${dshapes[@]}"; do
