@@ -15,7 +15,6 @@ namespace lutmm {
 namespace gpu {
 namespace lut {
 
-constexpr bool kTimeline = LUTMM_EXPERIMENT == 200;
 enum TimelineEvent : int { kTlEntry, kTlDepWait, kTlFirstData, kTlLoopEnd, kTlExit, kTlSm, kTlEvents };
 constexpr int kTimelineSlots = 4;
 constexpr int kTimelineWorkers = 2048;  // per slot; workers past it are not recorded
