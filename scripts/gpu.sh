@@ -82,12 +82,14 @@ build_experiment() {
 # ("N K M BITS;..."), each case's per-worker timeline of one call (src/cuda/timeline.cuh): entry,
 # griddepcontrol.wait, first stage landed, loop end, exit, as percentiles over the workers (every
 # worker's row in timeline_raw.txt).
+# TIMELINE_EXPERIMENT=201: the same with experiment 9's one CTA of two warp groups per SM.
 if [[ $MODE == timeline ]]; then
-  build_experiment 200 lutmm_bench || exit 1
+  te=${TIMELINE_EXPERIMENT:-200}
+  build_experiment "$te" lutmm_bench || exit 1
   echo "build: $(( $(date +%s) - t0 )) s"
   IFS=';' read -ra tcases <<< "${TIMELINE_CASES:-4096 4096 1 4;6144 4096 1 4;8192 8192 1 4;28672 4096 1 4;4096 14336 1 4;57344 8192 1 4;8192 8192 16 4;28672 4096 16 4}"
   for c in "${tcases[@]}"; do
-    LUTMM_BENCH_TIMELINE=1 LUTMM_BENCH_TIMELINE_RAW=$OUT/timeline_raw.txt ./build/gpu-x200/lutmm_bench $c lut | tail -n +2
+    LUTMM_BENCH_TIMELINE=1 LUTMM_BENCH_TIMELINE_RAW=$OUT/timeline_raw.txt ./build/gpu-x$te/lutmm_bench $c lut | tail -n +2
   done | tee "$OUT/timeline.txt"
   exit 0
 fi

@@ -17,6 +17,9 @@
                           // in lut_gemm.cu and lut_wgmma.cu; the one definition of the default)
 #define LUTMM_EXPERIMENT 0
 #endif
+// Instrumentation builds that record the TMA decode kernel's per-worker timeline (timeline.cuh): 200,
+// and 201 = 200 with experiment 9's one CTA of two warp groups.
+#define LUTMM_TIMELINE (LUTMM_EXPERIMENT == 200 || LUTMM_EXPERIMENT == 201)
 
 namespace lutmm {
 namespace gpu {

@@ -98,7 +98,8 @@
 //      X reads cost at M = 1-2; 104 alone)
 // 200  instrumentation, not an experiment: lut_stream.cu records each worker's timeline
 //      (src/cuda/timeline.cuh; `gpu.sh timeline`, LUTMM_BENCH_TIMELINE=1 lutmm_bench). Same results;
-//      the 3-bit 32-token kernels spill 4 bytes there.
+//      the 3-bit 32-token kernels spill 4 bytes there. 201: the same with experiment 9's CTAs of two
+//      warp groups (`TIMELINE_EXPERIMENT=201 gpu.sh timeline`).
 
 namespace lutmm {
 namespace gpu {

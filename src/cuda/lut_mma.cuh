@@ -30,7 +30,7 @@ struct Params : GemmParams<T> {
   int cluster;              // > 1: clusters of this many CTAs, one tile each, reduced in shared memory
   int tile_rows;            // 16-row blocks per whole tile of lut_stream.cu's tiles-of-8 kernel: 8, or 5-7
                             // (lut_whole_tile_rows; 4 bits only, short_whole_tiles)
-#if LUTMM_EXPERIMENT == 200
+#if LUTMM_TIMELINE
   int timeline_slot;        // timeline.cuh's buffer this launch writes (lut_stream.cu's launch sets it)
 #endif
 };

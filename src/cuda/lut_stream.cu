@@ -59,7 +59,7 @@ namespace {
 // (Ablation builds LUTMM_EXPERIMENT 40 + mask combine experiment 9 with mask bit 8, experiment 32 with
 // bit 16 and experiment 34 with bit 32: item 91 timed the loads-only kernel, 47, at the first two's
 // pipeline depths; item 92 timed 47 with in-step starts, now 79.)
-constexpr bool kExp9 = LUTMM_EXPERIMENT == 9 || decode_ablation(8);
+constexpr bool kExp9 = LUTMM_EXPERIMENT == 9 || LUTMM_EXPERIMENT == 201 || decode_ablation(8);  // 201: with the timeline
 constexpr bool kExp32 = LUTMM_EXPERIMENT == 32 || decode_ablation(16);
 constexpr int kGroups = kExp9 ? 2 : 1;
 // Spread starts. Where every worker takes one whole tile of 8 row blocks (lut_split's 80-100% rule:
@@ -309,7 +309,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const int it_end = active ? int(b1) : 0;
   const int m0 = blockIdx.y * 8 * MT;
   const int kb_rot = kb_rotation<BITS, ROWS, MT>(p, worker);  // the tile's first iteration (spread starts)
-#if LUTMM_EXPERIMENT == 200
+#if LUTMM_TIMELINE
   const bool tl_thread = active && !producer && warp % kWarps == 0 && lane == 0;  // records the group's timeline
   const int tl_slot = p.timeline_slot;
 #else
@@ -515,7 +515,7 @@ void launch_kernel(const GemmProblem& prob, const Geometry& geo, void* ws, cudaS
   if (geo.cluster > 1 && cluster_xbuf_bytes(geo.cluster, MT) > geo.stages * Layout<BITS, MT>::kStageBytes)
     throw Error("internal: the cluster exchange buffer does not fit the pipeline stages");
   Params<T> params = make_params<T>(prob, geo, ws);
-#if LUTMM_EXPERIMENT == 200
+#if LUTMM_TIMELINE
   params.timeline_slot = g_timeline_launches++ % kTimelineSlots;
 #endif
   launch_pdl(kernel, dim3((geo.grid_x + kGroups - 1) / kGroups, geo.grid_y), kCtaThreads,
@@ -608,7 +608,7 @@ void stream_launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaS
 }  // namespace lut
 
 int decode_timeline(uint64_t* out, int max_workers, int back) {
-#if LUTMM_EXPERIMENT == 200
+#if LUTMM_TIMELINE
   if (back < 0 || back >= lut::kTimelineSlots || lut::g_timeline_launches <= back || max_workers <= 0) return 0;
   const int slot = (lut::g_timeline_launches - 1 - back) % lut::kTimelineSlots;
   const int rows = std::min(max_workers, lut::kTimelineWorkers);
@@ -623,7 +623,7 @@ int decode_timeline(uint64_t* out, int max_workers, int back) {
 }
 
 void decode_timeline_clear() {
-#if LUTMM_EXPERIMENT == 200
+#if LUTMM_TIMELINE
   void* a = nullptr;
   check_cuda(cudaGetSymbolAddress(&a, lut::g_timeline), "cudaGetSymbolAddress (timeline)");
   check_cuda(cudaMemset(a, 0, sizeof(lut::g_timeline)), "cudaMemset (timeline)");

@@ -1,5 +1,5 @@
-// Per-worker timeline of the TMA decode kernel (lut_stream.cu), in the instrumentation build
-// LUTMM_EXPERIMENT 200 only; in every other build the marks compile to nothing and the buffer does not
+// Per-worker timeline of the TMA decode kernel (lut_stream.cu), in the instrumentation builds
+// LUTMM_EXPERIMENT 200 and 201 (LUTMM_TIMELINE, common.cuh) only; in every other build the marks compile to nothing and the buffer does not
 // exist. Each worker (a warp group: a CTA in the default builds) records, on %globaltimer (ns), when
 // it entered, passed griddepcontrol.wait, saw its first stage land, ended its k-block loop and exited,
 // and on which SM it ran. lutmm_bench prints the spreads (LUTMM_BENCH_TIMELINE=1): where a call's
@@ -19,7 +19,7 @@ enum TimelineEvent : int { kTlEntry, kTlDepWait, kTlFirstData, kTlLoopEnd, kTlEx
 constexpr int kTimelineSlots = 4;
 constexpr int kTimelineWorkers = 2048;  // per slot; workers past it are not recorded
 
-#if LUTMM_EXPERIMENT == 200
+#if LUTMM_TIMELINE
 namespace {
 __device__ uint64_t g_timeline[kTimelineSlots][kTimelineWorkers][kTlEvents];
 int g_timeline_launches = 0;  // host: launches so far (the slot of launch n is n % kTimelineSlots)
@@ -28,7 +28,7 @@ int g_timeline_launches = 0;  // host: launches so far (the slot of launch n is 
 
 // Records `event` (or, for kTlSm, the SM's id) for `worker` in `slot`; one thread per worker calls it.
 __device__ __forceinline__ void timeline_mark(int slot, int worker, int event) {
-#if LUTMM_EXPERIMENT == 200 && defined(__CUDA_ARCH__)
+#if LUTMM_TIMELINE && defined(__CUDA_ARCH__)
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   if (worker < kTimelineWorkers) {
