@@ -386,7 +386,7 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   // At 3 and 4 bits the TMA kernel's row tiles come sized for three or two CTAs per SM (lut_tile_rows_tma3).
   auto rows_for = [&](bool tma) {
     RowTiles t{kWarps, 0};
-    if (!auto_split || g.mt != 1 || (tma && LUTMM_EXPERIMENT == 22)) return t;
+    if (!auto_split || g.mt != 1 || (tma && (LUTMM_EXPERIMENT == 22 || kGroups > 1))) return t;
     const int ctas = tma ? stream_workers_per_sm(s.bits, 1, true) : rows_ctas_per_sm(s.bits, dt, device);
     if (tma && ctas == 3)
       t = lut_tile_rows_tma3(M, s.row_blocks(), s.col_blocks(), sm_count(device),

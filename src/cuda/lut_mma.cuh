@@ -13,6 +13,11 @@ namespace gpu {
 namespace lut {
 
 constexpr int kWarps = 8;                         // compute warps per CTA; warp w owns row block w of a tile
+// lut_stream.cu's warp groups per CTA: 1, or 2 in experiment 9's builds (one CTA per SM of two groups
+// sharing one table; also 201, the timeline with it, and ablation bit 8). Row tiles need one group, so
+// the plan (lut_gemm.cu) keeps the TMA kernel off them there.
+constexpr bool kExp9 = LUTMM_EXPERIMENT == 9 || LUTMM_EXPERIMENT == 201 || decode_ablation(8);
+constexpr int kGroups = kExp9 ? 2 : 1;
 constexpr int kThreads = kWarps * 32;
 constexpr int kXRowBytes = kBlockCols * 2 + 64;   // one token's 128 activations + 64 B pad: the 8 rows
                                                   // read by a quarter-warp's LDS.128 hit distinct banks

@@ -59,9 +59,8 @@ namespace {
 // (Ablation builds LUTMM_EXPERIMENT 40 + mask combine experiment 9 with mask bit 8, experiment 32 with
 // bit 16 and experiment 34 with bit 32: item 91 timed the loads-only kernel, 47, at the first two's
 // pipeline depths; item 92 timed 47 with in-step starts, now 79.)
-constexpr bool kExp9 = LUTMM_EXPERIMENT == 9 || LUTMM_EXPERIMENT == 201 || decode_ablation(8);  // 201: with the timeline
+// (kExp9, kGroups: lut_mma.cuh, where the host's plan reads them too.)
 constexpr bool kExp32 = LUTMM_EXPERIMENT == 32 || decode_ablation(16);
-constexpr int kGroups = kExp9 ? 2 : 1;
 // Spread starts. Where every worker takes one whole tile of 8 row blocks (lut_split's 80-100% rule:
 // 28672x4096 at M <= 16, 224 tiles on 264 slots), worker w walks its tile's k-blocks from w % k_iters,
 // wrapping around, instead of all from k-block 0. Started together, the 224 CTAs would move in step,
