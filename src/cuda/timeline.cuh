@@ -1,9 +1,10 @@
 // Per-worker timeline of the TMA decode kernel (lut_stream.cu), in the instrumentation builds
-// LUTMM_EXPERIMENT 200 and 201 (LUTMM_TIMELINE, common.cuh) only; in every other build the marks compile to nothing and the buffer does not
-// exist. Each worker (a warp group: a CTA in the default builds) records, on %globaltimer (ns), when
-// it entered, passed griddepcontrol.wait, saw its first stage land, ended its k-block loop and exited,
-// and on which SM it ran. lutmm_bench prints the spreads (LUTMM_BENCH_TIMELINE=1): where a call's
-// fixed cost goes (launch, first loads, the tail), which the ablations of item 91 could only bound.
+// LUTMM_EXPERIMENT 200 and 201 (LUTMM_TIMELINE, common.cuh) only; in every other build the marks
+// compile to nothing and the buffer does not exist. Each worker (a warp group: a CTA in the default
+// builds) records, on %globaltimer (ns), when it entered, passed griddepcontrol.wait, saw its first
+// stage land, ended its k-block loop and exited, and on which SM it ran. lutmm_bench prints the
+// spreads (LUTMM_BENCH_TIMELINE=1): where a call's fixed cost goes (launch, first loads, the tail),
+// which the ablations of item 91 could only bound.
 //
 // Consecutive calls overlap (programmatic dependent launch: call i + 1's CTAs start as call i's
 // leave their SMs), so each launch writes to the next of kTimelineSlots buffers (Params::timeline_slot,
