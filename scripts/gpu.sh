@@ -50,8 +50,7 @@ fi
 # lut80 = the cp.async kernel, luttma = the TMA kernel), us, over DECODE_SHAPES ("N K;..."), DECODE_MS and
 # DECODE_BITS; rows where the dispatched kernel is > 10% off the faster one are marked. First run as a
 # one-off script in session 29 (log item 84).
-# C++ build of lutmm_bench only (~110 s cold). (xplace, X's placement, retired in session 36 unrun: item
-# 96 had found what it was to look for; LUTMM_BENCH_BIG_IO and LUTMM_BENCH_X_OFFSET remain in lutmm_bench.)
+# C++ build of lutmm_bench only (~110 s cold).
 if [[ $MODE == decode ]]; then
   cmake -S . -B build/gpu -G Ninja -DLUTMM_BUILD_TESTS=ON > "$OUT/cmake.log" 2>&1 && \
     ninja -C build/gpu lutmm_bench > "$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }
