@@ -80,16 +80,22 @@ build_experiment() {
 # timeline: lutmm_bench of a -DLUTMM_EXPERIMENT=200 build (sm_90a only, ~110 s cold) over TIMELINE_CASES
 # ("N K M BITS;..."), each case's per-worker timeline of one call (src/cuda/timeline.cuh): entry,
 # griddepcontrol.wait, first stage landed, loop end, exit, as percentiles over the workers (every
-# worker's row in timeline_raw.txt).
-# TIMELINE_EXPERIMENT=201: the same with experiment 9's one CTA of two warp groups per SM.
+# worker's row in timeline_raw-x<E>.txt).
+# TIMELINE_EXPERIMENT=201: the same with experiment 1 (two CTAs of one warp group per SM everywhere); "200 201"
+# builds both at once and runs the cases under each in turn (timeline-x200.txt, timeline-x201.txt).
 if [[ $MODE == timeline ]]; then
-  te=${TIMELINE_EXPERIMENT:-200}
-  build_experiment "$te" lutmm_bench || exit 1
+  tes=(${TIMELINE_EXPERIMENT:-200})
+  for te in "${tes[@]}"; do ( build_experiment "$te" lutmm_bench; echo $? > "$OUT/build-x$te.rc" ) & done
+  wait
+  for te in "${tes[@]}"; do [[ $(cat "$OUT/build-x$te.rc") == 0 ]] || exit 1; done
   echo "build: $(( $(date +%s) - t0 )) s"
   IFS=';' read -ra tcases <<< "${TIMELINE_CASES:-4096 4096 1 4;6144 4096 1 4;8192 8192 1 4;28672 4096 1 4;4096 14336 1 4;57344 8192 1 4;8192 8192 16 4;28672 4096 16 4}"
-  for c in "${tcases[@]}"; do
-    LUTMM_BENCH_TIMELINE=1 LUTMM_BENCH_TIMELINE_RAW=$OUT/timeline_raw.txt ./build/gpu-x$te/lutmm_bench $c lut | tail -n +2
-  done | tee "$OUT/timeline.txt"
+  for te in "${tes[@]}"; do
+    echo "== build $te"
+    for c in "${tcases[@]}"; do
+      LUTMM_BENCH_TIMELINE=1 LUTMM_BENCH_TIMELINE_RAW=$OUT/timeline_raw-x$te.txt ./build/gpu-x$te/lutmm_bench $c lut | tail -n +2
+    done | tee "$OUT/timeline-x$te.txt"
+  done
   exit 0
 fi
 # kab: the B builds (lutmm_bench, plus lutmm_gpu_tests unless AB_SKIP_TESTS names it) start now, beside

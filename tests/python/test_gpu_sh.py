@@ -122,18 +122,23 @@ def test_kab_with_clocks_samples_while_timing_and_stops_the_sampler(tmp_path):
     assert len(clock_rows) == 2 and all(row.count("1980 / 500 / 0%") == 2 for row in clock_rows), summary
 
 
-@pytest.mark.parametrize("experiment", [None, "201"])
+@pytest.mark.parametrize("experiment", [None, "201", "200 201"])
 def test_timeline_runs_each_case_on_the_instrumentation_build(tmp_path, experiment):
     env = {"TIMELINE_CASES": "4096 4096 1 4;57344 8192 16 2"}
     if experiment:
         env["TIMELINE_EXPERIMENT"] = experiment
-    e = experiment or "200"
+    builds = (experiment or "200").split()
     rc, log, out, _ = _run_kab(tmp_path, env, mode="timeline")
     assert rc == 0, log
-    cmake = (tmp_path / "cmake.log").read_text().splitlines()
-    assert len(cmake) == 1 and f"-DLUTMM_EXPERIMENT={e}" in cmake[0] and f"build/gpu-x{e}" in cmake[0], cmake
-    lines = (out / "timeline.txt").read_text().splitlines()
-    # Each case: its timing line (the header dropped), then the bench's timeline from the x200 build,
-    # with the raw rows going to $OUT.
-    assert [line.split()[:3] for line in lines[0::2]] == [["4096x4096", "1", "4"], ["57344x8192", "16", "2"]], lines
-    assert all(f"gpu-x{e}/lutmm_bench" in line and f"raw {out}/timeline_raw.txt" in line for line in lines[1::2]), lines
+    cmake = sorted((tmp_path / "cmake.log").read_text().splitlines())
+    assert len(cmake) == len(builds), cmake
+    for e, line in zip(builds, cmake):
+        assert f"-DLUTMM_EXPERIMENT={e}" in line and f"build/gpu-x{e}" in line, cmake
+    for e in builds:
+        lines = (out / f"timeline-x{e}.txt").read_text().splitlines()
+        # Each case: its timing line (the header dropped), then the bench's timeline from that build,
+        # with the raw rows going to $OUT.
+        assert [line.split()[:3] for line in lines[0::2]] == [["4096x4096", "1", "4"], ["57344x8192", "16", "2"]], lines
+        assert all(f"gpu-x{e}/lutmm_bench" in line and f"raw {out}/timeline_raw-x{e}.txt" in line
+                   for line in lines[1::2]), lines
+        assert f"== build {e}" in log, log
