@@ -114,6 +114,7 @@ static bool print_timeline(const char* label) {
 //                                          with programmatic dependent launch that lets the call start
 //                                          after its loads, as inductor's kernels do with enable_pdl
 //                                          (bench/bench_filler.cu).
+//        lutmm_bench N K M BITS PATH g64   group size 64 (default 128; g0: g = K), with or without gap.
 //        LUTMM_BENCH_L2_HOT=1 lutmm_bench ...  one weight copy, read from L2 after the first call.
 //        LUTMM_BENCH_CONST_X=1 lutmm_bench ...  X all 0.0115 (before session 26: the default) instead of
 //                                          random values in (-2, 2) (H100, 2026-11-28, 8192x8192
@@ -172,7 +173,15 @@ int main(int argc, char** argv) {
     if ((kind == kWgmma || kind == kWgmmaSk) && !have_wgmma) { std::printf("wgmma path not supported here\n"); return 1; }
     cases = {{std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3]), std::atoi(argv[4]), kind}};
   }
-  const bool gap = argc >= 7 && std::string(argv[6]) == "gap";
+  // After PATH, in any order: "gap" (above) and gNN, the group size (default 128; 0: g = K).
+  bool gap = false;
+  int64_t group = 128;
+  for (int i = 6; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "gap") gap = true;
+    else if (a.size() > 1 && a[0] == 'g' && a.find_first_not_of("0123456789", 1) == std::string::npos) group = std::atoll(a.c_str() + 1);
+    else { std::printf("unknown argument %s (gap, or gNN: the group size)\n", a.c_str()); return 1; }
+  }
   const std::string fold = std::getenv("LUTMM_BENCH_FOLD") ? std::getenv("LUTMM_BENCH_FOLD") : "";
   const bool const_x = std::getenv("LUTMM_BENCH_CONST_X") != nullptr;
   const bool big_io = std::getenv("LUTMM_BENCH_BIG_IO") != nullptr;
@@ -184,7 +193,7 @@ int main(int argc, char** argv) {
   cudaStream_t st;
   CK(cudaStreamCreate(&st));
   for (const Case& c : cases) {
-    Shape s{c.N, c.K, c.bits, 128};
+    Shape s{c.N, c.K, c.bits, group == 0 ? c.K : group};
     const size_t wbytes = size_t(s.packed_bytes()), sbytes = size_t(s.packed_scale_count()) * 2;
     // LUTMM_BENCH_L2_HOT=1: one copy, so every call after the first reads its weights from L2 (what an L2
     // prefetch issued during the kernels before a linear would give it); the graph still holds 16 calls.
@@ -302,7 +311,7 @@ int main(int argc, char** argv) {
                 time_graph(2, true, &with_fillers) || time_graph(2, false, &fillers_only)))
       return 1;
     std::printf("%6lldx%-6lld %5lld %2d %4d %6s %9.1f %7.2f %8.1f", (long long)c.N, (long long)c.K, (long long)c.M,
-                c.bits, 128, kind_name[c.kind], med, double(wbytes + sbytes) / med / 1e6,
+                c.bits, int(s.group_size), kind_name[c.kind], med, double(wbytes + sbytes) / med / 1e6,
                 2.0 * double(c.M) * double(c.N) * double(c.K) / med / 1e6);
     if (!fold.empty() && !wg) std::printf("   +%s", fold.c_str());
     if (c.kind == kWgmma) std::printf("   cluster %d", gpu::wgmma_cluster_size(c.M, s, 0));
