@@ -114,6 +114,15 @@ int lut_whole_tile_rows(int64_t row_blocks, int64_t slots) {
   return best;
 }
 
+bool lut_two_group_ctas(int bits, int64_t M, int64_t tiles, int64_t col_blocks, int64_t sms) {
+  if (M < 1 || tiles < 1 || col_blocks < 1 || sms < 1)
+    throw Error("lut_two_group_ctas: M, tiles, k-blocks and SMs must be positive");
+  if (LUTMM_EXPERIMENT == 1 || LUTMM_EXPERIMENT == 201 || bits != 4 || M > 8) return false;
+  const int64_t slots = 2 * sms;
+  if (tiles <= slots && tiles * 10 >= slots * 8) return false;  // whole tiles, one per worker
+  return tiles * col_blocks >= kTwoGroupMinKblocks * slots;
+}
+
 bool lut_tma_rows_ok(int r, int gl, int64_t K) {
   if (r == 8) return true;
   if (r != 1 && r != 2 && r != 4) throw Error("lut_tma_rows_ok: r must be 1, 2, 4 or 8");

@@ -115,6 +115,24 @@ Tiles3 lut_tiles8_tma3(int64_t M, int64_t tiles, int64_t weights, int64_t sms);
 // 7 (97%); the warps past r of a CTA idle. (H200: 24.2 -> 23.8 us at M = 1, not the ~21.5 a busiest-SM
 // model predicted; docs/performance-log.md item 93.)
 int lut_whole_tile_rows(int64_t row_blocks, int64_t slots);
+// Whether the TMA decode kernel's 4-bit tiles of 8 row blocks run as one CTA per SM of two warp groups
+// (two Stream-K workers with their own producers and stages, sharing one table) instead of two CTAs of
+// one group: at M <= 8 where Stream-K over the 2 x `sms` workers (not whole tiles, lut_split's 80-100%
+// rule) gives each worker at least kTwoGroupMinKblocks k-blocks; the plan then takes neither row tiles
+// nor clusters. Why: the two CTAs of an SM run at different rates (the one launched first always
+// faster, on every SM; 59.4 against 65.4 us of loop on 57344x8192, docs/performance-log.md item 98),
+// so their equal ranges end over a 10 us window; the two groups of one CTA keep pace (within 0.5 us).
+// H200, 2026-11-29, lutmm_bench A/B in one call, three rounds (item 99), two CTAs (experiment 1) -> two
+// groups, 4-bit g128, us (means): 57344x8192 (448 tiles, 109 k-blocks a worker) M = 1 78.0 -> 73.8, M = 2
+// 78.8 -> 74.9, M = 4 79.1 -> 76.4, M = 8 79.3 -> 78.8; 8192x28672 (64 tiles, 54 a worker; row tiles of 2
+// at M <= 2 before) M = 1 40.4 -> 39.4, M = 2 40.7 -> 39.6, M = 4 40.5 -> 39.9, M = 8 41.4 -> 41.3;
+// g64: 57344x8192 M = 1 93.9 -> 91.0, 8192x28672 48.6 -> 48.5. Two groups on every launch (experiment 9
+// then, same-call A/B) lost where ranges are short: 10240x8192 (19 a worker) 18.3 -> 18.8, 8192x8192
+// (16, against row tiles) 14.5 -> 15.8, 28672x4096 (whole tiles) 21.1 -> 22.3, and 3 and 2 bits on
+// 57344x8192 (74.5 -> 75.4, 63.2 -> 64.3), 16-token tiles (8192x8192 M = 16 18.0 -> 18.4).
+// LUTMM_EXPERIMENT 1 (and 201, the timeline build with it): never.
+constexpr int64_t kTwoGroupMinKblocks = 48;
+bool lut_two_group_ctas(int bits, int64_t M, int64_t tiles, int64_t col_blocks, int64_t sms);
 // Whether the TMA decode kernel (lut_stream.cu) can run tiles of r row blocks for group size 32 << gl
 // (gl: group_log2, 30 for g = K) and K columns: one box brings the scales of 8 / r k-blocks, so each
 // k-block must have groups of its own (g <= 128) and the box be at most 256 scales wide; at r = 1 one

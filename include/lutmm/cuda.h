@@ -89,10 +89,12 @@ struct DecodePlan {
   int cluster;
   int rows_per_tile;
   bool tma;
-  int ctas_per_sm;  // row tiles, 3-bit tiles of 8 on the TMA kernel sized for two; 0: the kernel's default
+  int ctas_per_sm;  // row tiles, 3-bit tiles of 8 on the TMA kernel sized for two, two-group CTAs (1); 0: the kernel's default
                     // for the tile (3 bits: three CTAs per SM, two for 32-token tiles)
   int whole_rows = 8;  // rows_per_tile = 8 on the TMA kernel: one whole tile per worker of this many row
                        // blocks where 5-7 fill more SMs (4 bits only), else 8
+  int warp_groups = 1;  // workers per CTA on the TMA kernel: 2 (one CTA per SM, ctas_per_sm = 1) where 4-bit
+                        // Stream-K ranges are long at M <= 8, else 1
 };
 DecodePlan decode_plan(int64_t M, const Shape& shape, DType dtype, int device, LutKernel kernel = LutKernel::kAuto,
                        DecodeSplit split = DecodeSplit::kAuto);

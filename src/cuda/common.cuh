@@ -18,7 +18,7 @@
 #define LUTMM_EXPERIMENT 0
 #endif
 // Instrumentation builds that record the TMA decode kernel's per-worker timeline (timeline.cuh): 200,
-// and 201 = 200 with experiment 9's one CTA of two warp groups.
+// and 201 = 200 with experiment 1 (no CTAs of two warp groups; before item 99, 201 had experiment 9's).
 #define LUTMM_TIMELINE (LUTMM_EXPERIMENT == 200 || LUTMM_EXPERIMENT == 201)
 
 namespace lutmm {

@@ -47,7 +47,10 @@
 //   0  the default kernel
 //   2  4 pipeline stages instead of 3 (H200, 2026-11-26: no change at M = 1, M = 16 up to 38% slower)
 //   7  no programmatic dependent launch (the prologue waits for the previous kernel to finish)
-//   9  lut_stream.cu: one CTA per SM of two warp groups sharing one table, instead of two CTAs
+//   1  no CTAs of two warp groups (lut_two_group_ctas, src/plan.cpp): two CTAs of one group per SM, as
+//      before item 99
+//  (9: one CTA per SM of two warp groups sharing one table on every TMA launch; adopted where
+//   Stream-K ranges are long, item 99: lut_two_group_ctas)
 //  11  lut_stream.cu: two CTAs per SM at 3 bits instead of three
 //  20  2 and 3 bits: the table in registers, looked up with byte permutes (lut_regtable.cuh), no shared table
 //  21  2 and 3 bits: the pair table spread over the lanes, looked up with warp shuffles, no shared table
@@ -91,15 +94,16 @@
 //  (23: row tiles' activation boxes of M token rows at M < rpt; 9-11% slower, item 97)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
-//      +2 no lookups or MMAs, +4 no table build (item 38); with them, in lut_stream.cu, +8 experiment
-//      9's one CTA of two groups, +16 experiment 32's 32 KB table (deeper pipelines; item 91) and +32
+//      +2 no lookups or MMAs, +4 no table build (item 38); with them, in lut_stream.cu, (+8 experiment
+//      9's one CTA of two groups, item 91; retired in item 99), +16 experiment 32's 32 KB table (deeper pipelines; item 91) and +32
 //      experiment 34's in-step starts (79: the loads-only kernel 47 with them; item 92); +64, the TMA
 //      kernel only: activations in the prologue's stages only, none after (item 95: what the per-stage
 //      X reads cost at M = 1-2; 104 alone)
 // 200  instrumentation, not an experiment: lut_stream.cu records each worker's timeline
 //      (src/cuda/timeline.cuh; `gpu.sh timeline`, LUTMM_BENCH_TIMELINE=1 lutmm_bench). Same results;
-//      the 3-bit 32-token kernels spill 4 bytes there. 201: the same with experiment 9's CTAs of two
-//      warp groups (`TIMELINE_EXPERIMENT=201 gpu.sh timeline`).
+//      the 3-bit 32-token kernels spill 4 bytes there. 201: the same with experiment 1 (no CTAs of two
+//      warp groups; `TIMELINE_EXPERIMENT=201 gpu.sh timeline`). (Before item 99, 201 was the timeline
+//      with experiment 9.)
 
 namespace lutmm {
 namespace gpu {
@@ -386,7 +390,7 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   // At 3 and 4 bits the TMA kernel's row tiles come sized for three or two CTAs per SM (lut_tile_rows_tma3).
   auto rows_for = [&](bool tma) {
     RowTiles t{kWarps, 0};
-    if (!auto_split || g.mt != 1 || (tma && (LUTMM_EXPERIMENT == 22 || kGroups > 1))) return t;
+    if (!auto_split || g.mt != 1 || (tma && LUTMM_EXPERIMENT == 22)) return t;
     const int ctas = tma ? stream_workers_per_sm(s.bits, 1, true) : rows_ctas_per_sm(s.bits, dt, device);
     if (tma && ctas == 3)
       t = lut_tile_rows_tma3(M, s.row_blocks(), s.col_blocks(), sm_count(device),
@@ -421,6 +425,18 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
     }
   } else {
     g.tma = kernel == LutKernel::kTma;
+  }
+  // 4 bits at M <= 8 with long Stream-K ranges over tiles of 8: one CTA per SM of two warp groups, on the
+  // same 2 x SMs workers and ranges as two CTAs (so bitwise the same results as DecodeSplit::kStreamK),
+  // ahead of row tiles and clusters (lut_two_group_ctas, src/plan.cpp, with its measurements).
+  if (g.tma && auto_split && g.grid_y == 1 && lut_two_group_ctas(s.bits, M, g.tiles, g.col_blocks, sm_count(device))) {
+    const int no_clusters[9] = {};
+    g.groups = 2;
+    g.ctas = 1;
+    g.grid_x = int(lut_split(g.tiles, g.col_blocks, 2 * int64_t(sm_count(device)), no_clusters).workers);
+    g.cluster = 1;
+    g.stages = stream_stages(s.bits, g.mt, device, 1, false, 2);
+    return g;
   }
   if (sp.workers == 0 || !g.tma) sp = split(g.tma, slots);
   g.grid_x = int(sp.workers);
@@ -523,7 +539,7 @@ DecodePlan decode_plan(int64_t M, const Shape& shape, DType dtype, int device, L
   validate_shape(shape);
   if (M < 1) throw Error("decode_plan: M must be >= 1");
   const Geometry g = geometry(M, shape, dtype, device, kernel, split == DecodeSplit::kAuto);
-  return DecodePlan{g.grid_x, g.cluster, g.rpt, g.tma, g.ctas, g.tile_rows};
+  return DecodePlan{g.grid_x, g.cluster, g.rpt, g.tma, g.ctas, g.tile_rows, g.groups};
 }
 
 void lut_gemm(const GemmProblem& prob, void* ws, size_t ws_bytes, void* stream, LutKernel kernel, DecodeSplit split) {

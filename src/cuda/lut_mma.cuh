@@ -13,11 +13,6 @@ namespace gpu {
 namespace lut {
 
 constexpr int kWarps = 8;                         // compute warps per CTA; warp w owns row block w of a tile
-// lut_stream.cu's warp groups per CTA: 1, or 2 in experiment 9's builds (one CTA per SM of two groups
-// sharing one table; also 201, the timeline with it, and ablation bit 8). Row tiles need one group, so
-// the plan (lut_gemm.cu) keeps the TMA kernel off them there.
-constexpr bool kExp9 = LUTMM_EXPERIMENT == 9 || LUTMM_EXPERIMENT == 201 || decode_ablation(8);
-constexpr int kGroups = kExp9 ? 2 : 1;
 constexpr int kThreads = kWarps * 32;
 constexpr int kXRowBytes = kBlockCols * 2 + 64;   // one token's 128 activations + 64 B pad: the 8 rows
                                                   // read by a quarter-warp's LDS.128 hit distinct banks
@@ -330,6 +325,8 @@ struct Geometry {
   int device;      // the current device (asked once per call)
   int tile_rows = kWarps;  // row blocks per whole tile of the TMA kernel's tiles of 8 (4 bits: 5-7 where
                            // shorter ones fill more slots, lut_whole_tile_rows, short_whole_tiles); one tile per worker
+  int groups = 1;          // workers (warp groups) per CTA of the TMA kernel: 2 on one CTA per SM where
+                           // lut_two_group_ctas (src/plan.cpp; 4 bits, 8-token tiles of 8 row blocks)
 };
 inline size_t counters_bytes(const Geometry& g) { return counter_region_bytes(int64_t(g.grid_y) * g.tiles); }
 // (Tiles of fewer than 8 row blocks are one whole tile per CTA: no partials.)
@@ -375,12 +372,14 @@ constexpr int kTmaMaxM = LUTMM_EXPERIMENT == 37 ? 16 : 32;
 __host__ __device__ constexpr bool short_whole_tiles(int bits) { return bits == 4 && LUTMM_EXPERIMENT != 15; }
 
 // lut_stream.cu: whether its kernel runs on `device` (sm_90 and a build with sm_90a code), its
-// Stream-K workers (warp groups) per SM, clusters and pipeline stages per worker for (bits, mt), and the launch.
+// Stream-K workers per SM, clusters and pipeline stages per worker for (bits, mt), and the launch.
 bool stream_supported(int device);
-// Its default size per (bits, mt): three CTAs per SM at 3 bits, but two for the 32-token tiles (mt = 4).
+// Its default size per (bits, mt), one worker per CTA: three CTAs per SM at 3 bits, but two for the
+// 32-token tiles (mt = 4). (The two-group CTAs, Geometry::groups, have as many workers per SM as 4 bits' two CTAs.)
 int stream_workers_per_sm(int bits, int mt, bool rows = false);
-// ctas: CTAs per SM the kernel is sized for (Geometry::ctas; 0: its default); rows: tiles of rpt < 8 row blocks.
-int stream_stages(int bits, int mt, int device, int ctas = 0, bool rows = false);
+// ctas: CTAs per SM the kernel is sized for (Geometry::ctas; 0: its default); rows: tiles of rpt < 8 row
+// blocks; groups: warp groups per CTA (Geometry::groups; 2 only with ctas = 1, mt = 1 and no row tiles).
+int stream_stages(int bits, int mt, int device, int ctas = 0, bool rows = false, int groups = 1);
 // Clusters of 2..8 CTAs of the TMA kernel for (bits, mt), default size, that fit `device` at once
 // (lut_split, src/plan.cpp).
 std::array<int, 9> stream_max_clusters(int bits, int mt, int device);

@@ -41,14 +41,16 @@ namespace gpu {
 namespace lut {
 namespace {
 
-// Warp groups per CTA and CTAs per SM. A group is a Stream-K worker of kWarps compute warps with its
-// own producer warp and stage ring; groups of a CTA share the table. H100, 2026-11-26, M = 1, 4-bit
-// g128: two CTAs of one group per SM (4 stages each) ran 8192x8192 in 19.3 us, 57344x8192 in 94.3 us;
-// one CTA of two groups (LUTMM_EXPERIMENT 9: one table, 7 stages per group) 20.4 and 96.4 us; one CTA
-// of one group (8 compute warps per SM, 14 stages) 22.7 and 111.4 us: the compute warps, not the
-// bytes in flight, set the pace. H200, 2026-11-28, experiment 9 (item 89): 57344x8192 M = 1 75.4-76.0
-// -> 74.2-75.2 us, 28672x4096 27.9-28.1 -> 26.7-27.0, but 10240x8192 18.6 -> 19.6 and 28672x4096 M = 8
-// 22.4 -> 23.6-23.9: not adopted.
+// Warp groups per CTA (GROUPS) and CTAs per SM. A group is a Stream-K worker of kWarps compute warps
+// with its own producer warp and stage ring; groups of a CTA share the table. One group per CTA, but
+// two on one CTA per SM for 4-bit 8-token tiles of 8 row blocks where Stream-K ranges are long
+// (lut_two_group_ctas, src/plan.cpp, with the H200's measurements; item 99): two CTAs of an SM run at
+// different rates, two groups of one CTA do not. H100, 2026-11-26, M = 1, 4-bit g128: two CTAs of one
+// group per SM (4 stages each) ran 8192x8192 in 19.3 us, 57344x8192 in 94.3 us; one CTA of two groups
+// (one table, 7 stages per group) 20.4 and 96.4 us; one CTA of one group (8 compute warps per SM, 14
+// stages) 22.7 and 111.4 us: the compute warps, not the bytes in flight, set the pace. H200, 2026-11-28,
+// two groups on every launch (item 89): 57344x8192 M = 1 75.4-76.0 -> 74.2-75.2 us, 28672x4096
+// 27.9-28.1 -> 26.7-27.0, but 10240x8192 18.6 -> 19.6 and 28672x4096 M = 8 22.4 -> 23.6-23.9.
 // At 3 bits the table is 16 KB and three CTAs fit (24 compute warps per SM): H100, 2026-11-26,
 // 8192x8192 M = 1 22.1 -> 20.9 us (LUTMM_EXPERIMENT 11 keeps two). Row tiles at 3 bits come in two
 // sizes (the kernel's CTAS, lut_tile_rows_tma3): for three CTAs per SM, and for two where 256 tiles
@@ -59,7 +61,6 @@ namespace {
 // (Ablation builds LUTMM_EXPERIMENT 40 + mask combine experiment 9 with mask bit 8, experiment 32 with
 // bit 16 and experiment 34 with bit 32: item 91 timed the loads-only kernel, 47, at the first two's
 // pipeline depths; item 92 timed 47 with in-step starts, now 79.)
-// (kExp9, kGroups: lut_mma.cuh, where the host's plan reads them too.)
 constexpr bool kExp32 = LUTMM_EXPERIMENT == 32 || decode_ablation(16);
 // Spread starts. Where every worker takes one whole tile of 8 row blocks (lut_split's 80-100% rule:
 // 28672x4096 at M <= 16, 224 tiles on 264 slots), worker w walks its tile's k-blocks from w % k_iters,
@@ -126,8 +127,7 @@ constexpr bool kThreeCtaRows = BITS == 3 || (BITS == 4 && LUTMM_EXPERIMENT != 31
 // the 32 KB table. Slower on the H100 (item 59); H200, 2026-11-28 (item 89): 28672x4096 M = 1 27.9-28.1
 // -> 26.9 us, but 57344x8192 76.0 -> 78.0-78.9 and 8192x8192 M = 16 17.9 -> 19.7.
 template <int BITS, bool ROWS = false>
-constexpr int kCtasPerSm = kExp9                                                                 ? 1
-                           : BITS == 3 && LUTMM_EXPERIMENT != 11 && (!ROWS || LUTMM_EXPERIMENT != 24) ? 3
+constexpr int kCtasPerSm = BITS == 3 && LUTMM_EXPERIMENT != 11 && (!ROWS || LUTMM_EXPERIMENT != 24) ? 3
                            : BITS == 4 && ROWS && LUTMM_EXPERIMENT != 31                          ? 3
                            : BITS == 4 && !ROWS && LUTMM_EXPERIMENT == 33                         ? 3
                                                                                                   : 2;
@@ -147,8 +147,10 @@ int ctas_per_sm_mt(int bits, int mt) {
 // 2026-11-27: 28672x4096 M = 1 29.9 -> 30.8 us, 57344x8192 97.8 -> 100.6: not short of bytes in flight.
 template <int BITS, int MT, bool ROWS, int CTAS>
 using KLayout = Layout<BITS, MT, BITS == 4 && (CTAS == 3 || (!ROWS && kExp32))>;
-constexpr int kComputeThreads = kGroups * kThreads;
-constexpr int kCtaThreads = kComputeThreads + kGroups * 32;  // + one producer warp per group
+template <int GROUPS>
+constexpr int kComputeThreads = GROUPS * kThreads;
+template <int GROUPS>
+constexpr int kCtaThreads = kComputeThreads<GROUPS> + GROUPS * 32;  // + one producer warp per group
 constexpr int kMaxStages = 32;
 
 // Row tiles (ROWS: tiles of rpt < 8 row blocks, one per CTA; lut_tile_rows): the 8 warps' sums meet
@@ -159,14 +161,14 @@ constexpr int kRedBytes = ROWS ? kWarps * 4 * 32 * 4 : 0;
 // (row_rms_factors).
 template <int MT>
 constexpr int kNormTokens = MT == 4 ? 32 : 16;
-template <int MT>
-constexpr int kNormBytes = kGroups * kNormTokens<MT> * kNormSlots * 4;
+template <int MT, int GROUPS>
+constexpr int kNormBytes = GROUPS * kNormTokens<MT> * kNormSlots * 4;
 static_assert(kWarps <= kNormSlots, "row_rms_factors: one partial slot per warp of a worker");
-// Shared memory: table | stages[kGroups][S] | mbarriers full[S], empty[S] per group | flag per group | red | rs.
-template <int BITS, int MT, bool ROWS, int CTAS>
+// Shared memory: table | stages[GROUPS][S] | mbarriers full[S], empty[S] per group | flag per group | red | rs.
+template <int BITS, int MT, bool ROWS, int CTAS, int GROUPS>
 constexpr int smem_bytes(int stages) {
   using L = KLayout<BITS, MT, ROWS, CTAS>;
-  return L::kLutBytes + kGroups * stages * (L::kStageBytes + 16) + 16 + kRedBytes<ROWS> + kNormBytes<MT>;
+  return L::kLutBytes + GROUPS * stages * (L::kStageBytes + 16) + 16 + kRedBytes<ROWS> + kNormBytes<MT, GROUPS>;
 }
 
 #if LUTMM_SM90A
@@ -273,12 +275,13 @@ __device__ __forceinline__ void produce(const Params<T>& p, const Maps& maps, in
 }
 #endif  // LUTMM_SM90A
 
-// CTAS: CTAs per SM the kernel is sized for (registers here, shared memory at the launch).
-template <int BITS, int MT, typename T, bool ROWS, int CTAS = kCtasPerSm<BITS, ROWS>>
-__global__ void __launch_bounds__(kCtaThreads, CTAS)
+// CTAS: CTAs per SM the kernel is sized for (registers here, shared memory at the launch); GROUPS:
+// workers (warp groups) per CTA, 1 or 2 (2 with CTAS = 1: the same registers per thread as two CTAs).
+template <int BITS, int MT, typename T, bool ROWS, int CTAS = kCtasPerSm<BITS, ROWS>, int GROUPS = 1>
+__global__ void __launch_bounds__(kCtaThreads<GROUPS>, CTAS)
 lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_s,
                   const __grid_constant__ CUtensorMap tm_x) {
-  static_assert(!ROWS || (MT == 1 && kGroups == 1), "row tiles: one token row per k-block, one worker per CTA");
+  static_assert(!ROWS || (MT == 1 && GROUPS == 1), "row tiles: one token row per k-block, one worker per CTA");
 #if LUTMM_SM90A
   using L = KLayout<BITS, MT, ROWS, CTAS>;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -288,17 +291,17 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const uint32_t smem_base = smem_addr(smem);
   const int S = p.stages;  // per group
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const bool producer = warp >= kGroups * kWarps;
-  const int group = producer ? warp - kGroups * kWarps : warp / kWarps;
+  const bool producer = warp >= GROUPS * kWarps;
+  const int group = producer ? warp - GROUPS * kWarps : warp / kWarps;
   const uint32_t ring = uint32_t(group * S) * L::kStageBytes;          // this group's stages
   uint8_t* stages = smem + L::kLutBytes + ring;
   const uint32_t stage0 = smem_base + L::kLutBytes + ring;
-  const uint32_t bars = smem_base + L::kLutBytes + uint32_t(kGroups * S) * L::kStageBytes + 16 * S * group;  // full[S], empty[S]
-  int* flag = reinterpret_cast<int*>(smem + L::kLutBytes + kGroups * S * (L::kStageBytes + 16)) + group;
-  float* red = reinterpret_cast<float*>(smem + L::kLutBytes + kGroups * S * (L::kStageBytes + 16) + 16);  // ROWS
+  const uint32_t bars = smem_base + L::kLutBytes + uint32_t(GROUPS * S) * L::kStageBytes + 16 * S * group;  // full[S], empty[S]
+  int* flag = reinterpret_cast<int*>(smem + L::kLutBytes + GROUPS * S * (L::kStageBytes + 16)) + group;
+  float* red = reinterpret_cast<float*>(smem + L::kLutBytes + GROUPS * S * (L::kStageBytes + 16) + 16);  // ROWS
   float* rs = red + kRedBytes<ROWS> / 4 + kNormTokens<MT> * kNormSlots * group;  // rms_norm factors of this group's tokens
 
-  const int worker = blockIdx.x * kGroups + group;
+  const int worker = blockIdx.x * GROUPS + group;
   const int64_t total = int64_t(p.tiles) * p.k_iters;  // < 2^31 (checked on the host)
   const bool active = worker < p.workers;
   // Stream-K's even ranges, or in a cluster launch rank r's share of tile worker / C (cluster_start).
@@ -318,8 +321,8 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   if (tl_thread) timeline_mark(tl_slot, worker, kTlEntry);
 
   if (threadIdx.x == 0) {
-    for (int i = 0; i < kGroups * S; ++i) {  // group-major: full[S], empty[S] of group 0, then group 1
-      const uint32_t b = smem_base + L::kLutBytes + uint32_t(kGroups * S) * L::kStageBytes + 16 * S * (i / S);
+    for (int i = 0; i < GROUPS * S; ++i) {  // group-major: full[S], empty[S] of group 0, then group 1
+      const uint32_t b = smem_base + L::kLutBytes + uint32_t(GROUPS * S) * L::kStageBytes + 16 * S * (i / S);
       wg::mbar_init(b + 8 * (i % S), 1);            // the producer's arrive.expect_tx
       wg::mbar_init(b + 8 * (S + i % S), kWarps);   // one arrival per compute warp of the group
     }
@@ -358,8 +361,8 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
 
   // Compute warps.
   if constexpr (kLutSource<BITS> == LutSource::kShared)
-    build_table<BITS, L::kEntryBytes, kComputeThreads, T>(smem, p.table);
-  wg::named_sync(1, kComputeThreads);
+    build_table<BITS, L::kEntryBytes, kComputeThreads<GROUPS>, T>(smem, p.table);
+  wg::named_sync(1, kComputeThreads<GROUPS>);
   if (!active) return;
   grid_dependency_wait();    // outputs and the workspace are written only after the previous kernel
   grid_dependents_launch();  // the next kernel may start its prologue as our CTAs finish
@@ -474,10 +477,10 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
 }
 
 // Stages per group that fit beside the table.
-template <int BITS, int MT, bool ROWS, int CTAS>
+template <int BITS, int MT, bool ROWS, int CTAS, int GROUPS = 1>
 int stages_for(int budget_bytes) {
   using L = KLayout<BITS, MT, ROWS, CTAS>;
-  const int s = (budget_bytes - L::kLutBytes - 16 - kRedBytes<ROWS> - kNormBytes<MT>) / (kGroups * (L::kStageBytes + 16));
+  const int s = (budget_bytes - L::kLutBytes - 16 - kRedBytes<ROWS> - kNormBytes<MT, GROUPS>) / (GROUPS * (L::kStageBytes + 16));
   return std::max(2, std::min(kMaxStages, s));
 }
 
@@ -496,9 +499,9 @@ int smem_budget(int device, int ctas) {
   })[ctas];
 }
 
-template <int BITS, int MT, typename T, bool ROWS, int CTAS = kCtasPerSm<BITS, ROWS>>
+template <int BITS, int MT, typename T, bool ROWS, int CTAS = kCtasPerSm<BITS, ROWS>, int GROUPS = 1>
 void launch_kernel(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
-  auto* kernel = &lut_stream_kernel<BITS, MT, T, ROWS, CTAS>;
+  auto* kernel = &lut_stream_kernel<BITS, MT, T, ROWS, CTAS, GROUPS>;
   const int dev = geo.device;
   allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_budget(dev, CTAS), dev);
   const Shape& s = prob.shape;
@@ -510,19 +513,25 @@ void launch_kernel(const GemmProblem& prob, const Geometry& geo, void* ws, cudaS
   const CUtensorMap tm_x = ROWS && rpt == 1 ? x_rows_1d(prob.x, xt, prob.M, s.K)
                                             : tensor_map_2d(prob.x, xt, prob.M, s.K, s.K * 2, x_box_rows<MT, ROWS>(prob.M, rpt),
                                                             kXRowBytes / 2, CU_TENSOR_MAP_SWIZZLE_NONE, "x");
-  if (geo.cluster > 1 && kGroups != 1) throw Error("internal: clusters need one warp group per CTA");
+  if (geo.cluster > 1 && GROUPS != 1) throw Error("internal: clusters need one warp group per CTA");
   if (geo.cluster > 1 && cluster_xbuf_bytes(geo.cluster, MT) > geo.stages * Layout<BITS, MT>::kStageBytes)
     throw Error("internal: the cluster exchange buffer does not fit the pipeline stages");
   Params<T> params = make_params<T>(prob, geo, ws);
 #if LUTMM_TIMELINE
   params.timeline_slot = g_timeline_launches++ % kTimelineSlots;
 #endif
-  launch_pdl(kernel, dim3((geo.grid_x + kGroups - 1) / kGroups, geo.grid_y), kCtaThreads,
-             smem_bytes<BITS, MT, ROWS, CTAS>(geo.stages), stream, dev, geo.cluster, params, tm_w, tm_s, tm_x);
+  launch_pdl(kernel, dim3((geo.grid_x + GROUPS - 1) / GROUPS, geo.grid_y), kCtaThreads<GROUPS>,
+             smem_bytes<BITS, MT, ROWS, CTAS, GROUPS>(geo.stages), stream, dev, geo.cluster, params, tm_w, tm_s, tm_x);
 }
 template <int BITS, int MT, typename T>
 void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
-  if constexpr (MT == 1 && kGroups == 1) {
+  if (geo.groups != 1) {  // one CTA per SM of two groups (lut_two_group_ctas): 4-bit 8-token tiles of 8 only
+    if constexpr (BITS == 4 && MT == 1)
+      if (geo.groups == 2 && geo.rpt == kWarps && geo.cluster == 1 && geo.ctas == 1 && geo.tile_rows == kWarps)
+        return launch_kernel<BITS, MT, T, false, 1, 2>(prob, geo, ws, stream);
+    throw Error("internal: two warp groups per CTA serve 4-bit 8-token tiles of 8 row blocks on one CTA per SM only");
+  }
+  if constexpr (MT == 1) {
     if (geo.rpt < kWarps) {
       if (geo.ctas != kCtasPerSm<BITS, true> && !(kThreeCtaRows<BITS> && geo.ctas == 2))
         throw Error("internal: row tiles sized for " + std::to_string(geo.ctas) + " CTAs per SM");
@@ -531,7 +540,7 @@ void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t
       return launch_kernel<BITS, MT, T, true>(prob, geo, ws, stream);
     }
   }
-  if (geo.rpt != kWarps) throw Error("internal: row tiles need M <= 8 and one warp group per CTA");
+  if (geo.rpt != kWarps) throw Error("internal: row tiles need M <= 8");
   if constexpr (kCtasPerSmMt<BITS, MT> != kCtasPerSm<BITS>) {  // 3-bit 32-token tiles: only sized for two
     if (geo.ctas != 0 && geo.ctas != kCtasPerSmMt<BITS, MT>)
       throw Error("internal: 3-bit 32-token tiles are sized for two CTAs per SM");
@@ -554,13 +563,12 @@ void launch_bits(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStr
 // instantiation and device (fp16 has the same resources as bf16: threads, shared memory budget).
 template <int B, int MT, int CTAS>
 std::array<int, 9> clusters_that_fit(int device) {
-  if (kGroups != 1) return {};  // experiment 9: a CTA is two workers
   static PerDevice<std::array<int, 9>> cache;
   return cache.get(device, [&] {
     const int smem = smem_budget(device, CTAS);
     auto* k = &lut_stream_kernel<B, MT, __nv_bfloat16, false, CTAS>;
     allow_dynamic_smem(reinterpret_cast<const void*>(k), smem, device);
-    return max_clusters(k, kCtaThreads, smem, device);
+    return max_clusters(k, kCtaThreads<1>, smem, device);
   });
 }
 
@@ -569,8 +577,7 @@ std::array<int, 9> clusters_that_fit(int device) {
 bool stream_supported(int device) { return wgmma_supported(device); }  // same requirement: sm_90 + sm_90a code
 
 int stream_workers_per_sm(int bits, int mt, bool rows) {
-  return kGroups * (rows ? with_bits(bits, [](auto b) { return kCtasPerSm<decltype(b)::value, true>; })
-                         : ctas_per_sm_mt(bits, mt));
+  return rows ? with_bits(bits, [](auto b) { return kCtasPerSm<decltype(b)::value, true>; }) : ctas_per_sm_mt(bits, mt);
 }
 
 std::array<int, 9> stream_max_clusters(int bits, int mt, int device) {
@@ -583,9 +590,12 @@ std::array<int, 9> stream_max_clusters(int bits, int mt, int device) {
   });
 }
 
-int stream_stages(int bits, int mt, int device, int ctas, bool rows) {
+int stream_stages(int bits, int mt, int device, int ctas, bool rows, int groups) {
+  if (groups != 1 && (groups != 2 || ctas != 1 || mt != 1 || rows))
+    throw Error("internal: two warp groups per CTA need one CTA per SM, 8-token tiles and no row tiles");
   return with_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;
+    if (groups == 2) return stages_for<B, 1, false, 1, 2>(smem_budget(device, 1));
     const int c = ctas ? ctas : rows ? kCtasPerSm<B, true> : ctas_per_sm_mt(B, mt);
     const int budget = smem_budget(device, c);
     if (mt == 1 && rows) return c == 3 ? stages_for<B, 1, true, 3>(budget) : stages_for<B, 1, true, 2>(budget);

@@ -1,7 +1,8 @@
 // GPU tests of the fused kernels' work splits and tile shapes against the CPU reference and against
 // each other: tile-aligned decode splits, decode clusters, row tiles, 3-bit tiles sized for two CTAs
-// per SM, whole tiles at spread starts, and the stage rows past M that short activation boxes leave
-// (both decode kernels and the wgmma kernel). Without a CUDA device every test skips and says so.
+// per SM, whole tiles at spread starts, CTAs of two warp groups, and the stage rows past M that short
+// activation boxes leave (both decode kernels and the wgmma kernel). Without a CUDA device every test
+// skips and says so.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -289,6 +290,51 @@ TEST(Gpu, WholeTilesAtSpreadStartsAgainstCpAsyncAndReference) {
                             gpu::LutKernel::kCpAsync);
     EXPECT_LT(rel_err(yc, dc.ref), r.tol) << what << " (cp.async kernel)";
     EXPECT_LT(rel_err(r.y, yc), r.tol) << what << " (TMA vs cp.async kernel)";
+  }
+}
+
+// One CTA per SM of two warp groups (lut_two_group_ctas: 4 bits, M <= 8, Stream-K ranges of >= 48
+// k-blocks; item 99) against the CPU reference and against DecodeSplit::kStreamK, which runs the same
+// workers on the same ranges as two CTAs of one group per SM: bitwise equal. Shapes sized from the SM
+// count just past the bound (~210M weights each), with more tiles than workers (as 57344x8192) and
+// fewer (as 8192x28672); rows past N, a partial last k-block, g = 64 and g = K, bias, fp16, M = 1..8.
+TEST(Gpu, TwoGroupCtasAgainstStreamKAndReference) {
+  REQUIRE_WGMMA();
+  int sms = 0;
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const int64_t slots = 2 * int64_t(sms), need_kb = gpu::kTwoGroupMinKblocks * slots;  // k-blocks in all
+  const int64_t tiles_a = slots + slots / 8, kb_a = (need_kb + tiles_a - 1) / tiles_a;  // 132 SMs: 297 x 43
+  const int64_t tiles_b = slots / 4, kb_b = (need_kb + tiles_b - 1) / tiles_b;          // 66 x 192
+  const bool on = LUTMM_EXPERIMENT != 1 && LUTMM_EXPERIMENT != 201;
+  std::mt19937 rng(99);
+  Workspace ws;
+  struct Case { Shape s; int64_t M; DType dt; bool bias; };
+  const Case cases[] = {{Shape{tiles_a * 128, kb_a * 128, 4, 128}, 1, DType::BF16, false},
+                        {Shape{tiles_a * 128 - 40, kb_a * 128, 4, 0}, 8, DType::F16, true},  // rows past N, g = K
+                        {Shape{tiles_b * 128, (kb_b - 1) * 128 + 64, 4, 64}, 3, DType::BF16, true}};  // partial k-block
+  for (const Case& c0 : cases) {
+    const DecodeCase dc = make_decode_case(c0.s, c0.M, c0.dt, c0.bias, rng);
+    const Shape& s = dc.L.s;
+    const std::string what = "N=" + std::to_string(s.N) + " K=" + std::to_string(s.K) + " M=" + std::to_string(c0.M) +
+                             " g=" + std::to_string(s.group_size);
+    const int64_t tiles = (s.row_blocks() + 7) / 8;
+    ASSERT_TRUE(gpu::lut_two_group_ctas(4, c0.M, tiles, s.col_blocks(), sms) == on) << what << ": shape sized wrong";
+    ws.ensure(gpu::workspace_bytes(c0.M, s, 0));
+    const gpu::DecodePlan pa = gpu::decode_plan(c0.M, s, c0.dt, 0, gpu::LutKernel::kTma);
+    const gpu::DecodePlan ps = gpu::decode_plan(c0.M, s, c0.dt, 0, gpu::LutKernel::kTma, gpu::DecodeSplit::kStreamK);
+    std::printf("%s: %d workers, %d per CTA, %d CTAs per SM (kStreamK: %d workers, %d per CTA)\n", what.c_str(),
+                pa.workers, pa.warp_groups, pa.ctas_per_sm, ps.workers, ps.warp_groups);
+    ASSERT_EQ(pa.warp_groups, on ? 2 : 1) << what;
+    ASSERT_EQ(ps.warp_groups, 1) << what;
+    ASSERT_EQ(pa.workers, ps.workers) << what;
+    ASSERT_EQ(pa.workers, int(slots)) << what;
+    ASSERT_EQ(pa.rows_per_tile, 8) << what;
+    ASSERT_EQ(pa.cluster, 1) << what;
+    if (on) ASSERT_EQ(pa.ctas_per_sm, 1) << what;
+    const SplitRuns r = run_split_and_stream_k(dc, c0.M, c0.dt, c0.bias, ws, gpu::LutKernel::kTma, what);
+    EXPECT_EQ(std::memcmp(r.y.data(), r.ysk.data(), r.y.size() * 4), 0) << what << ": two groups and Stream-K differ";
+    // The dispatch picks it too (kAuto: the TMA kernel on weights this large).
+    EXPECT_EQ(gpu::decode_plan(c0.M, s, c0.dt, 0).warp_groups, pa.warp_groups) << what;
   }
 }
 
