@@ -114,10 +114,12 @@ int lut_whole_tile_rows(int64_t row_blocks, int64_t slots) {
   return best;
 }
 
-bool lut_two_group_ctas(int bits, int64_t M, int64_t tiles, int64_t col_blocks, int64_t sms) {
+bool lut_two_group_ctas(int bits, int64_t M, int64_t tiles, int64_t col_blocks, int64_t sms,
+                        double peak_dram_bytes_per_s) {
   if (M < 1 || tiles < 1 || col_blocks < 1 || sms < 1)
     throw Error("lut_two_group_ctas: M, tiles, k-blocks and SMs must be positive");
   if (LUTMM_EXPERIMENT == 1 || LUTMM_EXPERIMENT == 201 || bits != 4 || M > 8) return false;
+  if (peak_dram_bytes_per_s < kFastHbmBytesPerS) return false;
   const int64_t slots = 2 * sms;
   if (tiles <= slots && tiles * 10 >= slots * 8) return false;  // whole tiles, one per worker
   return tiles * col_blocks >= kTwoGroupMinKblocks * slots;

@@ -130,9 +130,13 @@ int lut_whole_tile_rows(int64_t row_blocks, int64_t slots);
 // then, same-call A/B) lost where ranges are short: 10240x8192 (19 a worker) 18.3 -> 18.8, 8192x8192
 // (16, against row tiles) 14.5 -> 15.8, 28672x4096 (whole tiles) 21.1 -> 22.3, and 3 and 2 bits on
 // 57344x8192 (74.5 -> 75.4, 63.2 -> 64.3), 16-token tiles (8192x8192 M = 16 18.0 -> 18.4).
-// LUTMM_EXPERIMENT 1 (and 201, the timeline build with it): never.
+// Measured on the H200 only, so only on cards of its DRAM bandwidth (peak_dram_bytes_per_s >=
+// kFastHbmBytesPerS, as lut_tma_by_size): on the H100, at 2026-11-26's kernel, two groups were slower
+// (57344x8192 M = 1 94.3 -> 96.4 us, 8192x8192 19.3 -> 20.4; src/cuda/lut_stream.cu). LUTMM_EXPERIMENT 12
+// puts the H200's rules on every card; 1 (and 201, the timeline build with it): never.
 constexpr int64_t kTwoGroupMinKblocks = 48;
-bool lut_two_group_ctas(int bits, int64_t M, int64_t tiles, int64_t col_blocks, int64_t sms);
+bool lut_two_group_ctas(int bits, int64_t M, int64_t tiles, int64_t col_blocks, int64_t sms,
+                        double peak_dram_bytes_per_s);
 // Whether the TMA decode kernel (lut_stream.cu) can run tiles of r row blocks for group size 32 << gl
 // (gl: group_log2, 30 for g = K) and K columns: one box brings the scales of 8 / r k-blocks, so each
 // k-block must have groups of its own (g <= 128) and the box be at most 256 scales wide; at r = 1 one

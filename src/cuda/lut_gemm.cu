@@ -87,7 +87,8 @@
 //  37  the TMA kernel up to M = 16 only, M = 17-32 on the cp.async kernel (kTmaMaxM, lut_mma.cuh; item 65)
 //  38  M = 17-32: weights below the TMA thresholds on the cp.async kernel, as at M <= 16 (item 66)
 //  39  3-bit 32-token tiles on the TMA kernel without clusters (Stream-K only; item 67)
-//  12  the TMA kernel for every weight with K >= 2048 at M <= 16 on every card (the H200's rule; item 85)
+//  12  the H200's decode rules on every card: the TMA kernel for every weight with K >= 2048 at M <= 16
+//      (item 85), and two-group CTAs (item 99)
 //   3  lut_stream.cu: activation boxes of 8 * MT token rows at every M, as before item 96 (not of
 //      min(M, 8 * MT))
 //  (4: activations copied with the L2 hint evict_last; gained nothing, item 96)
@@ -349,11 +350,15 @@ Fit fit_any(int bits, int mt, DType dt, int dev) {
                  : mt == 2 ? fit_bits<__nv_bfloat16, 2>(bits, dev) : fit_bits<__nv_bfloat16, 4>(bits, dev);
 }
 
+// The DRAM bandwidth the decode rules measured on the H200 read (lut_tma_by_size, lut_two_group_ctas):
+// the card's peak; LUTMM_EXPERIMENT 12 puts the H200's rules on every card.
+double rules_peak_bytes_per_s(int device) {
+  return LUTMM_EXPERIMENT == 12 ? kFastHbmBytesPerS : peak_dram_bytes_per_s(device);
+}
 // Whether the TMA kernel takes this weight at M <= 16 by its size alone (Hopper; the rule and its
-// measurements: lut_tma_by_size, src/plan.cpp). LUTMM_EXPERIMENT 12 puts the H200's rule on every card.
+// measurements: lut_tma_by_size, src/plan.cpp).
 bool tma_by_size(const Shape& s, int device) {
-  const double peak = LUTMM_EXPERIMENT == 12 ? kFastHbmBytesPerS : peak_dram_bytes_per_s(device);
-  return lut_tma_by_size(s.N, s.K, s.bits, peak);
+  return lut_tma_by_size(s.N, s.K, s.bits, rules_peak_bytes_per_s(device));
 }
 // Whether the TMA kernel can serve M tokens on `device` (sm_90 with sm_90a code, M <= kTmaMaxM).
 bool tma_serves(int64_t M, int device) { return M <= kTmaMaxM && stream_supported(device); }
@@ -429,7 +434,8 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   // 4 bits at M <= 8 with long Stream-K ranges over tiles of 8: one CTA per SM of two warp groups, on the
   // same 2 x SMs workers and ranges as two CTAs (so bitwise the same results as DecodeSplit::kStreamK),
   // ahead of row tiles and clusters (lut_two_group_ctas, src/plan.cpp, with its measurements).
-  if (g.tma && auto_split && g.grid_y == 1 && lut_two_group_ctas(s.bits, M, g.tiles, g.col_blocks, sm_count(device))) {
+  if (g.tma && auto_split && g.grid_y == 1 &&
+      lut_two_group_ctas(s.bits, M, g.tiles, g.col_blocks, sm_count(device), rules_peak_bytes_per_s(device))) {
     const int no_clusters[9] = {};
     g.groups = 2;
     g.ctas = 1;

@@ -439,30 +439,36 @@ TEST(Plan, TmaBySize) {
 // One CTA of two warp groups where Stream-K ranges are long (lut_two_group_ctas; 4 bits, M <= 8).
 TEST(Plan, TwoGroupCtas) {
   const bool on = LUTMM_EXPERIMENT != 1 && LUTMM_EXPERIMENT != 201;
+  constexpr double kH200 = 4.8e12, kH100 = 3.35e12;  // peak DRAM bytes/s
   // 132 SMs: 57344x8192 (448 tiles of 8, 64 k-blocks) and 8192x28672 (64 tiles, 224 k-blocks).
   for (int64_t M : {1, 4, 8}) {
-    EXPECT_EQ(lut_two_group_ctas(4, M, 448, 64, 132), on) << M;
-    EXPECT_EQ(lut_two_group_ctas(4, M, 64, 224, 132), on) << M;
+    EXPECT_EQ(lut_two_group_ctas(4, M, 448, 64, 132, kH200), on) << M;
+    EXPECT_EQ(lut_two_group_ctas(4, M, 64, 224, 132, kH200), on) << M;
   }
-  EXPECT_FALSE(lut_two_group_ctas(4, 9, 448, 64, 132));   // 16-token tiles
-  EXPECT_FALSE(lut_two_group_ctas(3, 1, 448, 64, 132));   // 3 and 2 bits
-  EXPECT_FALSE(lut_two_group_ctas(2, 1, 448, 64, 132));
-  EXPECT_FALSE(lut_two_group_ctas(4, 1, 80, 64, 132));    // 10240x8192: 19 k-blocks a worker
-  EXPECT_FALSE(lut_two_group_ctas(4, 1, 64, 64, 132));    // 8192x8192
-  EXPECT_FALSE(lut_two_group_ctas(4, 1, 224, 32, 132));   // 28672x4096
-  EXPECT_FALSE(lut_two_group_ctas(4, 1, 224, 256, 132));  // whole tiles, however long
+  EXPECT_FALSE(lut_two_group_ctas(4, 9, 448, 64, 132, kH200));   // 16-token tiles
+  EXPECT_FALSE(lut_two_group_ctas(3, 1, 448, 64, 132, kH200));   // 3 and 2 bits
+  EXPECT_FALSE(lut_two_group_ctas(2, 1, 448, 64, 132, kH200));
+  EXPECT_FALSE(lut_two_group_ctas(4, 1, 80, 64, 132, kH200));    // 10240x8192: 19 k-blocks a worker
+  EXPECT_FALSE(lut_two_group_ctas(4, 1, 64, 64, 132, kH200));    // 8192x8192
+  EXPECT_FALSE(lut_two_group_ctas(4, 1, 224, 32, 132, kH200));   // 28672x4096
+  EXPECT_FALSE(lut_two_group_ctas(4, 1, 224, 256, 132, kH200));  // whole tiles, however long
   // The bound: 48 k-blocks a worker on 264 workers, from either side of the whole-tile band.
-  EXPECT_EQ(lut_two_group_ctas(4, 1, 64, 198, 132), on);   // 12672 = 48 x 264
-  EXPECT_FALSE(lut_two_group_ctas(4, 1, 64, 197, 132));
-  EXPECT_EQ(lut_two_group_ctas(4, 1, 300, 43, 132), on);   // 12900
-  EXPECT_FALSE(lut_two_group_ctas(4, 1, 300, 42, 132));    // 12600
-  EXPECT_EQ(lut_two_group_ctas(4, 1, 265, 48, 132), on);   // just past the whole-tile band
-  EXPECT_FALSE(lut_two_group_ctas(4, 1, 264, 48, 132));
-  EXPECT_EQ(lut_two_group_ctas(4, 1, 211, 61, 132), on);   // just below it (211 < 80% of 264)
-  EXPECT_FALSE(lut_two_group_ctas(4, 1, 212, 61, 132));
-  EXPECT_THROW(lut_two_group_ctas(4, 0, 448, 64, 132), Error);
-  EXPECT_THROW(lut_two_group_ctas(4, 1, 0, 64, 132), Error);
-  EXPECT_THROW(lut_two_group_ctas(4, 1, 448, 64, 0), Error);
+  EXPECT_EQ(lut_two_group_ctas(4, 1, 64, 198, 132, kH200), on);   // 12672 = 48 x 264
+  EXPECT_FALSE(lut_two_group_ctas(4, 1, 64, 197, 132, kH200));
+  EXPECT_EQ(lut_two_group_ctas(4, 1, 300, 43, 132, kH200), on);   // 12900
+  EXPECT_FALSE(lut_two_group_ctas(4, 1, 300, 42, 132, kH200));    // 12600
+  EXPECT_EQ(lut_two_group_ctas(4, 1, 265, 48, 132, kH200), on);   // just past the whole-tile band
+  EXPECT_FALSE(lut_two_group_ctas(4, 1, 264, 48, 132, kH200));
+  EXPECT_EQ(lut_two_group_ctas(4, 1, 211, 61, 132, kH200), on);   // just below it (211 < 80% of 264)
+  EXPECT_FALSE(lut_two_group_ctas(4, 1, 212, 61, 132, kH200));
+  // Cards slower than kFastHbmBytesPerS (the H100) keep two CTAs of one group.
+  EXPECT_FALSE(lut_two_group_ctas(4, 1, 448, 64, 132, kH100));
+  EXPECT_FALSE(lut_two_group_ctas(4, 1, 64, 224, 132, kH100));
+  EXPECT_FALSE(lut_two_group_ctas(4, 1, 448, 64, 132, 0.0));  // the driver reported no bandwidth
+  EXPECT_EQ(lut_two_group_ctas(4, 1, 448, 64, 132, kFastHbmBytesPerS), on);
+  EXPECT_THROW(lut_two_group_ctas(4, 0, 448, 64, 132, kH200), Error);
+  EXPECT_THROW(lut_two_group_ctas(4, 1, 0, 64, 132, kH200), Error);
+  EXPECT_THROW(lut_two_group_ctas(4, 1, 448, 64, 0, kH200), Error);
 }
 
 // Whole tiles of fewer row blocks where 8 leave slots empty (lut_whole_tile_rows; the TMA kernel at 4 bits).
