@@ -58,9 +58,9 @@ namespace {
 // (same call): 4096x14336 15.9 vs 13.5 us, 8192x8192 17.8 vs 15.7 (256 tiles do not spread two per SM
 // when three fit); 6144x4096: 384 tiles sized for three 7.4 us, Stream-K 9.8 (with only the size for
 // two, 384 tiles are too many). LUTMM_EXPERIMENT 24 sizes every 3-bit row tile for two (item 42).
-// (Ablation builds LUTMM_EXPERIMENT 40 + mask combine experiment 9 with mask bit 8, experiment 32 with
-// bit 16 and experiment 34 with bit 32: item 91 timed the loads-only kernel, 47, at the first two's
-// pipeline depths; item 92 timed 47 with in-step starts, now 79.)
+// (Ablation builds LUTMM_EXPERIMENT 40 + mask combine experiment 32 with mask bit 16 and experiment 34
+// with bit 32, and combined experiment 9 with bit 8 until item 99: item 91 timed the loads-only kernel,
+// 47, at the first two's pipeline depths; item 92 timed 47 with in-step starts, now 79.)
 constexpr bool kExp32 = LUTMM_EXPERIMENT == 32 || decode_ablation(16);
 // Spread starts. Where every worker takes one whole tile of 8 row blocks (lut_split's 80-100% rule:
 // 28672x4096 at M <= 16, 224 tiles on 264 slots), worker w walks its tile's k-blocks from w % k_iters,
