@@ -49,6 +49,8 @@
 //   7  no programmatic dependent launch (the prologue waits for the previous kernel to finish)
 //   1  no CTAs of two warp groups (lut_two_group_ctas, src/plan.cpp): two CTAs of one group per SM, as
 //      before item 99
+//   8  4-bit row tiles sized for two per SM on one CTA per SM of two warp groups (kTwoGroupRows,
+//      lut_mma.cuh; prepared in session 37, not yet measured)
 //  (9: one CTA per SM of two warp groups sharing one table on every TMA launch; adopted where
 //   Stream-K ranges are long, item 99: lut_two_group_ctas)
 //  11  lut_stream.cu: two CTAs per SM at 3 bits instead of three
@@ -77,7 +79,7 @@
 //  13  lut_stream.cu: 4-bit row tiles all start at iteration 0, as before item 92 (no spread starts)
 //  15  4 bits: the TMA kernel's whole tiles of 8 row blocks only, as before item 93 (no tiles of 6-7
 //      where they fill more slots, lut_whole_tile_rows; short_whole_tiles, lut_mma.cuh)
-//  (29, 8: tiles of 6-7 with experiment 32's table and experiment 9's CTAs; slower, item 93)
+//  (29, and 8 then: tiles of 6-7 with experiment 32's table and experiment 9's CTAs; slower, item 93)
 //  (36, the decode kernels without their epilogue options' code, was measured at commit 9f31708 and
 //   removed: 0-0.3 us on plain calls, item 64; then, at 260c05e, dynamic units on the TMA kernel's
 //   tiles of 8 at M <= 8 (workers taking fixed units from a counter, partials added in unit order):
@@ -468,6 +470,10 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
       g.cluster = 1;
       g.ctas = t.ctas_per_sm;
       if (g.tma) g.stages = stream_stages(s.bits, g.mt, device, t.ctas_per_sm, true);
+      if (kTwoGroupRows && g.tma && s.bits == 4 && t.ctas_per_sm == 2) {  // experiment 8 (lut_mma.cuh)
+        g.groups = 2;
+        g.stages = stream_stages(s.bits, g.mt, device, 1, true, 2);
+      }
     }
   }
   // 3-bit tiles of 8 row blocks on the TMA kernel sized for two CTAs per SM instead of three, whole

@@ -371,6 +371,13 @@ constexpr int kTmaMaxM = LUTMM_EXPERIMENT == 37 ? 16 : 32;
 // tiles of 8, as before.
 __host__ __device__ constexpr bool short_whole_tiles(int bits) { return bits == 4 && LUTMM_EXPERIMENT != 15; }
 
+// LUTMM_EXPERIMENT 8: the TMA kernel's 4-bit row tiles sized for two workers per SM (lut_tile_rows_tma3's
+// second size: 4096x4096, 4096x14336, 8192x8192 at M = 1) as one CTA per SM of two warp groups, each
+// group one tile, instead of two CTAs (item 98's imbalance between the CTAs of an SM: 8192x8192's and
+// 4096x14336's loops end over ~3 us of a 13-15 us call; 256 tiles leave 4 of 132 SMs idle). Geometry::ctas
+// stays 2 (the tiles' size), groups = 2. (8 earlier: item 93's tiles of 6-7 with two groups, slower.)
+constexpr bool kTwoGroupRows = LUTMM_EXPERIMENT == 8;
+
 // lut_stream.cu: whether its kernel runs on `device` (sm_90 and a build with sm_90a code), its
 // Stream-K workers per SM, clusters and pipeline stages per worker for (bits, mt), and the launch.
 bool stream_supported(int device);

@@ -164,11 +164,12 @@ constexpr int kNormTokens = MT == 4 ? 32 : 16;
 template <int MT, int GROUPS>
 constexpr int kNormBytes = GROUPS * kNormTokens<MT> * kNormSlots * 4;
 static_assert(kWarps <= kNormSlots, "row_rms_factors: one partial slot per warp of a worker");
-// Shared memory: table | stages[GROUPS][S] | mbarriers full[S], empty[S] per group | flag per group | red | rs.
+// Shared memory: table | stages[GROUPS][S] | mbarriers full[S], empty[S] per group | flag per group |
+// red per group | rs.
 template <int BITS, int MT, bool ROWS, int CTAS, int GROUPS>
 constexpr int smem_bytes(int stages) {
   using L = KLayout<BITS, MT, ROWS, CTAS>;
-  return L::kLutBytes + GROUPS * stages * (L::kStageBytes + 16) + 16 + kRedBytes<ROWS> + kNormBytes<MT, GROUPS>;
+  return L::kLutBytes + GROUPS * stages * (L::kStageBytes + 16) + 16 + GROUPS * kRedBytes<ROWS> + kNormBytes<MT, GROUPS>;
 }
 
 #if LUTMM_SM90A
@@ -281,7 +282,7 @@ template <int BITS, int MT, typename T, bool ROWS, int CTAS = kCtasPerSm<BITS, R
 __global__ void __launch_bounds__(kCtaThreads<GROUPS>, CTAS)
 lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_s,
                   const __grid_constant__ CUtensorMap tm_x) {
-  static_assert(!ROWS || (MT == 1 && GROUPS == 1), "row tiles: one token row per k-block, one worker per CTA");
+  static_assert(!ROWS || (MT == 1 && (GROUPS == 1 || kTwoGroupRows)), "row tiles: one token row per k-block, one worker per CTA");
 #if LUTMM_SM90A
   using L = KLayout<BITS, MT, ROWS, CTAS>;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -298,8 +299,9 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const uint32_t stage0 = smem_base + L::kLutBytes + ring;
   const uint32_t bars = smem_base + L::kLutBytes + uint32_t(GROUPS * S) * L::kStageBytes + 16 * S * group;  // full[S], empty[S]
   int* flag = reinterpret_cast<int*>(smem + L::kLutBytes + GROUPS * S * (L::kStageBytes + 16)) + group;
-  float* red = reinterpret_cast<float*>(smem + L::kLutBytes + GROUPS * S * (L::kStageBytes + 16) + 16);  // ROWS
-  float* rs = red + kRedBytes<ROWS> / 4 + kNormTokens<MT> * kNormSlots * group;  // rms_norm factors of this group's tokens
+  float* red0 = reinterpret_cast<float*>(smem + L::kLutBytes + GROUPS * S * (L::kStageBytes + 16) + 16);  // ROWS
+  float* red = red0 + (GROUPS > 1 ? group * (kRedBytes<ROWS> / 4) : 0);             // this group's sums
+  float* rs = red0 + GROUPS * (kRedBytes<ROWS> / 4) + kNormTokens<MT> * kNormSlots * group;  // rms_norm factors of this group's tokens
 
   const int worker = blockIdx.x * GROUPS + group;
   const int64_t total = int64_t(p.tiles) * p.k_iters;  // < 2^31 (checked on the host)
@@ -480,7 +482,8 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
 template <int BITS, int MT, bool ROWS, int CTAS, int GROUPS = 1>
 int stages_for(int budget_bytes) {
   using L = KLayout<BITS, MT, ROWS, CTAS>;
-  const int s = (budget_bytes - L::kLutBytes - 16 - kRedBytes<ROWS> - kNormBytes<MT, GROUPS>) / (GROUPS * (L::kStageBytes + 16));
+  const int s = (budget_bytes - L::kLutBytes - 16 - GROUPS * kRedBytes<ROWS> - kNormBytes<MT, GROUPS>) /
+                (GROUPS * (L::kStageBytes + 16));
   return std::max(2, std::min(kMaxStages, s));
 }
 
@@ -526,9 +529,13 @@ void launch_kernel(const GemmProblem& prob, const Geometry& geo, void* ws, cudaS
 template <int BITS, int MT, typename T>
 void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
   if (geo.groups != 1) {  // one CTA per SM of two groups (lut_two_group_ctas): 4-bit 8-token tiles of 8 only
-    if constexpr (BITS == 4 && MT == 1)
+    if constexpr (BITS == 4 && MT == 1) {
       if (geo.groups == 2 && geo.rpt == kWarps && geo.cluster == 1 && geo.ctas == 1 && geo.tile_rows == kWarps)
         return launch_kernel<BITS, MT, T, false, 1, 2>(prob, geo, ws, stream);
+      if constexpr (kTwoGroupRows)  // experiment 8: row tiles sized for two per SM, two groups of one CTA
+        if (geo.groups == 2 && geo.rpt < kWarps && geo.ctas == 2)
+          return launch_kernel<BITS, MT, T, true, 1, 2>(prob, geo, ws, stream);
+    }
     throw Error("internal: two warp groups per CTA serve 4-bit 8-token tiles of 8 row blocks on one CTA per SM only");
   }
   if constexpr (MT == 1) {
@@ -591,11 +598,12 @@ std::array<int, 9> stream_max_clusters(int bits, int mt, int device) {
 }
 
 int stream_stages(int bits, int mt, int device, int ctas, bool rows, int groups) {
-  if (groups != 1 && (groups != 2 || ctas != 1 || mt != 1 || rows))
+  if (groups != 1 && (groups != 2 || ctas != 1 || mt != 1 || (rows && !kTwoGroupRows)))
     throw Error("internal: two warp groups per CTA need one CTA per SM, 8-token tiles and no row tiles");
   return with_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;
-    if (groups == 2) return stages_for<B, 1, false, 1, 2>(smem_budget(device, 1));
+    if (groups == 2) return rows ? stages_for<B, 1, true, 1, 2>(smem_budget(device, 1))
+                                 : stages_for<B, 1, false, 1, 2>(smem_budget(device, 1));
     const int c = ctas ? ctas : rows ? kCtasPerSm<B, true> : ctas_per_sm_mt(B, mt);
     const int budget = smem_budget(device, c);
     if (mt == 1 && rows) return c == 3 ? stages_for<B, 1, true, 3>(budget) : stages_for<B, 1, true, 2>(budget);
