@@ -70,8 +70,9 @@
 //   Ablations (wrong results, AB_SKIP_TESTS; docs/performance-log.md item 73), each removing one part
 //   of the k-block's work to time it: 16 no table loads (4 bits: a lookup returns its address), 17 no
 //   MMAs (the A registers feed one add), 27 no activation loads, 28 no code or scale loads
-//   (1, 3, 4, 13, 15, 29: measured and adopted or refuted, items 72-77, 80 and 97; the numbers are free;
-//   11 names lut_stream.cu's 3-bit CTAs per SM again, 12 lut_gemm.cu's TMA thresholds)
+//   (1, 3, 4, 13, 15, 29: measured and adopted or refuted, items 72-77, 80 and 97; 1, 3, 13 and 15 now
+//   name decode experiments (lut_gemm.cu's list), as do 11 (lut_stream.cu's 3-bit CTAs per SM) and 12
+//   (the H200's decode rules))
 //   5  tiles in plain token-tile-fastest order (no grouping; H100 2026-11-26: 5% slower at
 //      8192x8192 M = 4096, equal elsewhere)
 //   (retired, H100 2026-11-26, lutmm_bench A/B: TOK = 128 at M = 256 when TOK = 256 leaves most SMs without a tile:
