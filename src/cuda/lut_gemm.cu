@@ -436,8 +436,10 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   // 4 bits at M <= 8 with long Stream-K ranges over tiles of 8: one CTA per SM of two warp groups, on the
   // same 2 x SMs workers and ranges as two CTAs (so bitwise the same results as DecodeSplit::kStreamK),
   // ahead of row tiles and clusters (lut_two_group_ctas, src/plan.cpp, with its measurements).
+  // (Experiment 8 keeps row tiles where they apply, on its two-group CTAs: 8192x28672 at M <= 2.)
   if (g.tma && auto_split && g.grid_y == 1 &&
-      lut_two_group_ctas(s.bits, M, g.tiles, g.col_blocks, sm_count(device), rules_peak_bytes_per_s(device))) {
+      lut_two_group_ctas(s.bits, M, g.tiles, g.col_blocks, sm_count(device), rules_peak_bytes_per_s(device)) &&
+      !(kTwoGroupRows && (tma_rows ? *tma_rows : rows_for(true)).rows < kWarps)) {
     const int no_clusters[9] = {};
     g.groups = 2;
     g.ctas = 1;

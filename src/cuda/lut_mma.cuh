@@ -375,7 +375,8 @@ __host__ __device__ constexpr bool short_whole_tiles(int bits) { return bits == 
 // second size: 4096x4096, 4096x14336, 8192x8192 at M = 1) as one CTA per SM of two warp groups, each
 // group one tile, instead of two CTAs (item 98's imbalance between the CTAs of an SM: 8192x8192's and
 // 4096x14336's loops end over ~3 us of a 13-15 us call; 256 tiles leave 4 of 132 SMs idle). Geometry::ctas
-// stays 2 (the tiles' size), groups = 2. (8 earlier: item 93's tiles of 6-7 with two groups, slower.)
+// stays 2 (the tiles' size), groups = 2. Where lut_two_group_ctas and such row tiles both apply
+// (8192x28672 at M <= 2), the row tiles. (8 earlier: item 93's tiles of 6-7 with two groups, slower.)
 constexpr bool kTwoGroupRows = LUTMM_EXPERIMENT == 8;
 
 // lut_stream.cu: whether its kernel runs on `device` (sm_90 and a build with sm_90a code), its
