@@ -97,11 +97,11 @@
 //  (23: row tiles' activation boxes of M token rows at M < rpt; 9-11% slower, item 97)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
-//      +2 no lookups or MMAs, +4 no table build (item 38); with them, in lut_stream.cu, (+8 experiment
-//      9's one CTA of two groups, item 91; retired in item 99), +16 experiment 32's 32 KB table (deeper pipelines; item 91) and +32
-//      experiment 34's in-step starts (79: the loads-only kernel 47 with them; item 92); +64, the TMA
-//      kernel only: activations in the prologue's stages only, none after (item 95: what the per-stage
-//      X reads cost at M = 1-2; 104 alone)
+//      +2 no lookups or MMAs, +4 no table build (item 38); with them, in lut_stream.cu, +16 experiment
+//      32's 32 KB table (deeper pipelines; item 91) and +32 experiment 34's in-step starts (79: the
+//      loads-only kernel 47 with them; item 92) (+8, experiment 9's CTAs of two groups in item 91, is
+//      retired: item 99); +64, the TMA kernel only: activations in the prologue's stages only, none
+//      after (item 95: what the per-stage X reads cost at M = 1-2; 104 alone)
 // 200  instrumentation, not an experiment: lut_stream.cu records each worker's timeline
 //      (src/cuda/timeline.cuh; `gpu.sh timeline`, LUTMM_BENCH_TIMELINE=1 lutmm_bench). Same results;
 //      the 3-bit 32-token kernels spill 4 bytes there. 201: the same with experiment 1 (no CTAs of two
