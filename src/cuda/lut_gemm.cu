@@ -49,8 +49,8 @@
 //   7  no programmatic dependent launch (the prologue waits for the previous kernel to finish)
 //   1  no CTAs of two warp groups (lut_two_group_ctas, src/plan.cpp): two CTAs of one group per SM, as
 //      before item 99
-//   8  4-bit row tiles sized for two per SM on one CTA per SM of two warp groups (kTwoGroupRows,
-//      lut_mma.cuh; prepared in session 37, not yet measured)
+//   8  row tiles sized for two (4 bits) or three (3, 4 bits) workers per SM as that many warp groups
+//      of one CTA per SM (kGroupedRows, lut_mma.cuh; prepared in session 37, not yet measured)
 //  (9: one CTA per SM of two warp groups sharing one table on every TMA launch; adopted where
 //   Stream-K ranges are long, item 99: lut_two_group_ctas)
 //  11  lut_stream.cu: two CTAs per SM at 3 bits instead of three
@@ -439,7 +439,7 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   // (Experiment 8 keeps row tiles where they apply, on its two-group CTAs: 8192x28672 at M <= 2.)
   if (g.tma && auto_split && g.grid_y == 1 &&
       lut_two_group_ctas(s.bits, M, g.tiles, g.col_blocks, sm_count(device), rules_peak_bytes_per_s(device)) &&
-      !(kTwoGroupRows && (tma_rows ? *tma_rows : rows_for(true)).rows < kWarps)) {
+      !(kGroupedRows && (tma_rows ? *tma_rows : rows_for(true)).rows < kWarps)) {
     const int no_clusters[9] = {};
     g.groups = 2;
     g.ctas = 1;
@@ -472,9 +472,9 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
       g.cluster = 1;
       g.ctas = t.ctas_per_sm;
       if (g.tma) g.stages = stream_stages(s.bits, g.mt, device, t.ctas_per_sm, true);
-      if (kTwoGroupRows && g.tma && s.bits == 4 && t.ctas_per_sm == 2) {  // experiment 8 (lut_mma.cuh)
-        g.groups = 2;
-        g.stages = stream_stages(s.bits, g.mt, device, 1, true, 2);
+      if (g.tma && grouped_rows(s.bits, t.ctas_per_sm)) {  // experiment 8 (lut_mma.cuh)
+        g.groups = t.ctas_per_sm;
+        g.stages = stream_stages(s.bits, g.mt, device, 1, true, g.groups);
       }
     }
   }

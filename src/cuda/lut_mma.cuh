@@ -371,13 +371,19 @@ constexpr int kTmaMaxM = LUTMM_EXPERIMENT == 37 ? 16 : 32;
 // tiles of 8, as before.
 __host__ __device__ constexpr bool short_whole_tiles(int bits) { return bits == 4 && LUTMM_EXPERIMENT != 15; }
 
-// LUTMM_EXPERIMENT 8: the TMA kernel's 4-bit row tiles sized for two workers per SM (lut_tile_rows_tma3's
-// second size: 4096x4096, 4096x14336, 8192x8192 at M = 1) as one CTA per SM of two warp groups, each
-// group one tile, instead of two CTAs (item 98's imbalance between the CTAs of an SM: 8192x8192's and
-// 4096x14336's loops end over ~3 us of a 13-15 us call; 256 tiles leave 4 of 132 SMs idle). Geometry::ctas
-// stays 2 (the tiles' size), groups = 2. Where lut_two_group_ctas and such row tiles both apply
-// (8192x28672 at M <= 2), the row tiles. (8 earlier: item 93's tiles of 6-7 with two groups, slower.)
-constexpr bool kTwoGroupRows = LUTMM_EXPERIMENT == 8;
+// LUTMM_EXPERIMENT 8: the TMA kernel's row tiles as warp groups of one CTA per SM, each group one tile,
+// instead of one CTA per tile (item 98's imbalance between the CTAs of an SM): 4-bit tiles sized for two
+// workers per SM (lut_tile_rows_tma3's second size: 4096x4096, 4096x14336, 8192x8192 at M = 1; their
+// loops end over 1.3-3 us of a 6.5-15 us call) as two groups, and 3- and 4-bit tiles sized for three
+// (6144x4096: loops over 2.8 us of 7.8) as three, with the 64 KB table (one per CTA, where three CTAs
+// took the 32 KB one). Geometry::ctas stays the tiles' size (2 or 3), groups = ctas. Where
+// lut_two_group_ctas and such row tiles both apply (8192x28672 at M <= 2), the row tiles. (8 earlier:
+// item 93's tiles of 6-7 with two groups, slower.)
+constexpr bool kGroupedRows = LUTMM_EXPERIMENT == 8;
+// Whether experiment 8 runs row tiles of `bits` sized for `ctas` workers per SM as that many groups.
+constexpr bool grouped_rows(int bits, int ctas) {
+  return kGroupedRows && ((bits == 4 && ctas == 2) || ((bits == 3 || bits == 4) && ctas == 3));
+}
 
 // lut_stream.cu: whether its kernel runs on `device` (sm_90 and a build with sm_90a code), its
 // Stream-K workers per SM, clusters and pipeline stages per worker for (bits, mt), and the launch.

@@ -282,7 +282,7 @@ template <int BITS, int MT, typename T, bool ROWS, int CTAS = kCtasPerSm<BITS, R
 __global__ void __launch_bounds__(kCtaThreads<GROUPS>, CTAS)
 lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_s,
                   const __grid_constant__ CUtensorMap tm_x) {
-  static_assert(!ROWS || (MT == 1 && (GROUPS == 1 || kTwoGroupRows)), "row tiles: one token row per k-block, one worker per CTA");
+  static_assert(!ROWS || (MT == 1 && (GROUPS == 1 || kGroupedRows)), "row tiles: one token row per k-block, one worker per CTA");
 #if LUTMM_SM90A
   using L = KLayout<BITS, MT, ROWS, CTAS>;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -338,9 +338,10 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   // more than it saved (H100, 2026-11-27, same call, M = 1 with the norm: 28672x4096 4-bit 29.4 -> 30.2
   // us, 4096x4096 6.6 -> 7.2, 8192x8192 18.0 -> 19.3; three CTAs per SM: 6144x4096 4-bit 9.3 -> 8.5,
   // 3-bit 9.1 -> 7.8).
-  constexpr bool kProducerNorm = CTAS >= 3 && MT == 1;
+  constexpr bool kProducerNorm = CTAS * GROUPS >= 3 && MT == 1;  // by workers per SM (registers)
   const bool norm_by_producer = kProducerNorm && p.rms_norm && p.M - m0 == 1;
-  const int norm_bar = 4 + group, norm_threads = kThreads + 32;  // the group's compute warps + its producer
+  // Named barriers: 1 all compute warps, 2 + group a group's, then the norm's per group.
+  const int norm_bar = (GROUPS <= 2 ? 4 : 2 + GROUPS) + group, norm_threads = kThreads + 32;  // + its producer
   if (producer) {
     if (norm_by_producer && active) {  // the prologue, the factor (all 32 lanes), then the loop
       if (lane == 0)
@@ -374,7 +375,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   // A single token's norm factor is deferred past the first segment (rms_defer_issue, item 62) or comes
   // from the producer warp (kProducerNorm); otherwise each token's factor is read here, while the
   // producer's first stages are in flight.
-  constexpr int kDeferVecs = CTAS <= 2 && MT == 1 ? 2 : 0;
+  constexpr int kDeferVecs = CTAS * GROUPS <= 2 && MT == 1 ? 2 : 0;
   RmsDeferred<kDeferVecs> rdef = rms_defer_issue<kDeferVecs>(p, p.x, m0, int(threadIdx.x % kThreads), kThreads);
   bool norm_pending = norm_by_producer;  // the producer warp's factor, not yet waited for
   if (p.rms_norm && !rdef.on && !norm_by_producer) {
@@ -532,10 +533,13 @@ void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t
     if constexpr (BITS == 4 && MT == 1) {
       if (geo.groups == 2 && geo.rpt == kWarps && geo.cluster == 1 && geo.ctas == 1 && geo.tile_rows == kWarps)
         return launch_kernel<BITS, MT, T, false, 1, 2>(prob, geo, ws, stream);
-      if constexpr (kTwoGroupRows)  // experiment 8: row tiles sized for two per SM, two groups of one CTA
-        if (geo.groups == 2 && geo.rpt < kWarps && geo.ctas == 2)
-          return launch_kernel<BITS, MT, T, true, 1, 2>(prob, geo, ws, stream);
     }
+    if constexpr (MT == 1 && grouped_rows(BITS, 2))  // experiment 8: row tiles as groups of one CTA
+      if (geo.groups == 2 && geo.rpt < kWarps && geo.ctas == 2)
+        return launch_kernel<BITS, MT, T, true, 1, 2>(prob, geo, ws, stream);
+    if constexpr (MT == 1 && grouped_rows(BITS, 3))
+      if (geo.groups == 3 && geo.rpt < kWarps && geo.ctas == 3)
+        return launch_kernel<BITS, MT, T, true, 1, 3>(prob, geo, ws, stream);
     throw Error("internal: two warp groups per CTA serve 4-bit 8-token tiles of 8 row blocks on one CTA per SM only");
   }
   if constexpr (MT == 1) {
@@ -598,10 +602,11 @@ std::array<int, 9> stream_max_clusters(int bits, int mt, int device) {
 }
 
 int stream_stages(int bits, int mt, int device, int ctas, bool rows, int groups) {
-  if (groups != 1 && (groups != 2 || ctas != 1 || mt != 1 || (rows && !kTwoGroupRows)))
-    throw Error("internal: two warp groups per CTA need one CTA per SM, 8-token tiles and no row tiles");
+  if (groups != 1 && (ctas != 1 || mt != 1 || (rows ? !grouped_rows(bits, groups) : groups != 2)))
+    throw Error("internal: warp groups per CTA need one CTA per SM, 8-token tiles and no row tiles");
   return with_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;
+    if (groups == 3) return stages_for<B, 1, true, 1, 3>(smem_budget(device, 1));  // experiment 8
     if (groups == 2) return rows ? stages_for<B, 1, true, 1, 2>(smem_budget(device, 1))
                                  : stages_for<B, 1, false, 1, 2>(smem_budget(device, 1));
     const int c = ctas ? ctas : rows ? kCtasPerSm<B, true> : ctas_per_sm_mt(B, mt);
