@@ -10,6 +10,11 @@
 
 namespace lutmm {
 namespace gpu {
+namespace {
+// Tiles filling 80-100% of the slots: one whole tile per worker, no fixups (lut_split's rule; also
+// where lut_tiles8_tma3 and lut_two_group_ctas defer to it).
+bool whole_tiles(int64_t tiles, int64_t slots) { return tiles <= slots && tiles * 10 >= slots * 8; }
+}  // namespace
 
 int64_t lut_workers(int64_t tiles, int64_t col_blocks, int64_t slots) {
   if (tiles < 1 || col_blocks < 1 || slots < 1) throw Error("lut_workers: tiles, k-blocks and slots must be positive");
@@ -36,7 +41,7 @@ LutSplit lut_split(int64_t tiles, int64_t col_blocks, int64_t slots, const int (
   sp.workers = lut_workers(tiles, col_blocks, slots);
   // Tiles filling 80-100% of the slots: one whole tile per worker, no fixups. (H100, 2026-11-26,
   // lutmm_bench, TMA kernel, M = 1: 28672x4096 (224 tiles, 264 slots) 29.9 -> 29.0 us.)
-  if (tiles <= slots && tiles * 10 >= slots * 8) sp.workers = tiles;
+  if (whole_tiles(tiles, slots)) sp.workers = tiles;
   if (tiles >= slots) return sp;
   // Clusters of c workers per tile, c = 8, 4, 2 (largest first), where all fit at once and c divides
   // the k-blocks, and where they pay: the same split as Stream-K's; or >= 70% of the slots busy; or
@@ -97,7 +102,7 @@ Tiles3 lut_tiles8_tma3(int64_t M, int64_t tiles, int64_t weights, int64_t sms) {
   if (sms < 1) throw Error("lut_tiles8_tma3: the SM count must be positive");
   if (M < 1 || tiles < 1) throw Error("lut_tiles8_tma3: M and tiles must be positive");
   const int64_t slots2 = 2 * sms;
-  if (tiles <= slots2 && tiles * 10 >= slots2 * 8) return {2, true};
+  if (whole_tiles(tiles, slots2)) return {2, true};
   if (M > 4 && M <= 16 && weights >= kTwoCta3MinWeights && weights < kTwoCta3MaxWeights) return {2, false};
   return {3, false};
 }
@@ -121,7 +126,7 @@ bool lut_two_group_ctas(int bits, int64_t M, int64_t tiles, int64_t col_blocks, 
   if (LUTMM_EXPERIMENT == 1 || LUTMM_EXPERIMENT == 201 || bits != 4 || M > 8) return false;
   if (peak_dram_bytes_per_s < kFastHbmBytesPerS) return false;
   const int64_t slots = 2 * sms;
-  if (tiles <= slots && tiles * 10 >= slots * 8) return false;  // whole tiles, one per worker
+  if (whole_tiles(tiles, slots)) return false;  // one whole tile per worker
   return tiles * col_blocks >= kTwoGroupMinKblocks * slots;
 }
 
