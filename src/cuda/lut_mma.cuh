@@ -326,7 +326,8 @@ struct Geometry {
   int tile_rows = kWarps;  // row blocks per whole tile of the TMA kernel's tiles of 8 (4 bits: 5-7 where
                            // shorter ones fill more slots, lut_whole_tile_rows, short_whole_tiles); one tile per worker
   int groups = 1;          // workers (warp groups) per CTA of the TMA kernel: 2 on one CTA per SM where
-                           // lut_two_group_ctas (src/plan.cpp; 4 bits, 8-token tiles of 8 row blocks)
+                           // lut_two_group_ctas (src/plan.cpp; 4 bits, 8-token tiles of 8 row blocks);
+                           // experiment 8's row tiles: 2 or 3 (grouped_rows)
 };
 inline size_t counters_bytes(const Geometry& g) { return counter_region_bytes(int64_t(g.grid_y) * g.tiles); }
 // (Tiles of fewer than 8 row blocks are one whole tile per CTA: no partials.)
@@ -392,7 +393,8 @@ bool stream_supported(int device);
 // 32-token tiles (mt = 4). (The two-group CTAs, Geometry::groups, have as many workers per SM as 4 bits' two CTAs.)
 int stream_workers_per_sm(int bits, int mt, bool rows = false);
 // ctas: CTAs per SM the kernel is sized for (Geometry::ctas; 0: its default); rows: tiles of rpt < 8 row
-// blocks; groups: warp groups per CTA (Geometry::groups; 2 only with ctas = 1, mt = 1 and no row tiles).
+// blocks; groups: warp groups per CTA (Geometry::groups; 2 only with ctas = 1, mt = 1 and no row tiles,
+// but for experiment 8's row tiles, 2 or 3).
 int stream_stages(int bits, int mt, int device, int ctas = 0, bool rows = false, int groups = 1);
 // Clusters of 2..8 CTAs of the TMA kernel for (bits, mt), default size, that fit `device` at once
 // (lut_split, src/plan.cpp).

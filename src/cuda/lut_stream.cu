@@ -277,7 +277,8 @@ __device__ __forceinline__ void produce(const Params<T>& p, const Maps& maps, in
 #endif  // LUTMM_SM90A
 
 // CTAS: CTAs per SM the kernel is sized for (registers here, shared memory at the launch); GROUPS:
-// workers (warp groups) per CTA, 1 or 2 (2 with CTAS = 1: the same registers per thread as two CTAs).
+// workers (warp groups) per CTA, 1, or 2-3 with CTAS = 1 (the same registers per thread as that many
+// CTAs; 3 in experiment 8 only).
 template <int BITS, int MT, typename T, bool ROWS, int CTAS = kCtasPerSm<BITS, ROWS>, int GROUPS = 1>
 __global__ void __launch_bounds__(kCtaThreads<GROUPS>, CTAS)
 lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_s,
