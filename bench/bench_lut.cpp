@@ -20,35 +20,33 @@
 #include "lutmm/cuda.h"
 #include "lutmm/tables.h"
 #include "../src/half.h"
+#include "../src/cuda/timeline.h"
 
 using namespace lutmm;
 
 cudaError_t bench_launch_filler(void* x, int64_t n, cudaStream_t stream, bool pdl);  // bench_filler.cu
-namespace lutmm::gpu {  // src/cuda/timeline.cuh (the LUTMM_EXPERIMENT 200 build records; others return 0)
-int decode_timeline(uint64_t* out, int max_workers, int back);
-void decode_timeline_clear();
-}  // namespace lutmm::gpu
 
 // LUTMM_BENCH_TIMELINE=1: the per-worker timeline of one call among back-to-back calls (the last of a
 // graph replay), in us from that call's first worker entry, as percentiles over its workers, and the
 // call before it (its first entry and last exit on the same clock). Returns false where the build
 // records nothing.
 static bool print_timeline(const char* label) {
-  constexpr int kEv = 6, kMax = 2048;  // timeline.cuh: entry, dep-wait, first data, loop end, exit, SM
+  using namespace gpu::lut;  // the row layout (src/cuda/timeline.h)
+  constexpr int kEv = kTlEvents, kMax = kTimelineWorkers;
   std::vector<uint64_t> cur(size_t(kMax) * kEv), prev(size_t(kMax) * kEv);
   if (gpu::decode_timeline(cur.data(), kMax, 0) == 0) return false;
   const bool have_prev = gpu::decode_timeline(prev.data(), kMax, 1) > 0;
   auto rows = [&](const std::vector<uint64_t>& t) {
     std::vector<const uint64_t*> r;
     for (int w = 0; w < kMax; ++w)
-      if (t[size_t(w) * kEv] != 0) r.push_back(&t[size_t(w) * kEv]);
+      if (t[size_t(w) * kEv + kTlEntry] != 0) r.push_back(&t[size_t(w) * kEv]);
     return r;
   };
   const auto rc = rows(cur), rp = have_prev ? rows(prev) : std::vector<const uint64_t*>{};
   if (rc.empty()) return false;
   uint64_t t0 = UINT64_MAX;
   std::vector<int> sms;
-  for (auto* r : rc) { t0 = std::min(t0, r[0]); sms.push_back(int(r[5])); }
+  for (auto* r : rc) { t0 = std::min(t0, r[kTlEntry]); sms.push_back(int(r[kTlSm])); }
   std::sort(sms.begin(), sms.end());
   const int n_sms = int(std::unique(sms.begin(), sms.end()) - sms.begin());
   auto us = [&](uint64_t t) { return (double(t) - double(t0)) / 1000.0; };
@@ -56,7 +54,7 @@ static bool print_timeline(const char* label) {
   std::printf("  timeline: %zu workers on %d SMs, us from the call's first entry (p0 / p10 / p50 / p90 / p100)\n",
               rc.size(), n_sms);
   const char* names[] = {"entry", "dep-wait", "first data", "loop end", "exit"};
-  for (int e = 0; e < 5; ++e) {
+  for (int e = 0; e < kTlSm; ++e) {
     std::vector<double> v;
     for (auto* r : rc)
       if (r[e] != 0) { v.push_back(us(r[e])); all.push_back(r[e]); }
@@ -67,7 +65,7 @@ static bool print_timeline(const char* label) {
   }
   if (!rp.empty()) {
     uint64_t p0 = UINT64_MAX, p1 = 0;
-    for (auto* r : rp) { p0 = std::min(p0, r[0]); p1 = std::max(p1, r[4]); }
+    for (auto* r : rp) { p0 = std::min(p0, r[kTlEntry]); p1 = std::max(p1, r[kTlExit]); }
     std::printf("    previous call: first entry %.2f, last exit %.2f\n", us(p0), us(p1));
   }
   std::sort(all.begin(), all.end());
@@ -81,9 +79,9 @@ static bool print_timeline(const char* label) {
     if (FILE* f = std::fopen(raw, "a")) {
       for (int w = 0; w < kMax; ++w) {
         const uint64_t* r = &cur[size_t(w) * kEv];
-        if (r[0] == 0) continue;
-        std::fprintf(f, "%s %d %d", label, w, int(r[5]));
-        for (int e = 0; e < 5; ++e) std::fprintf(f, " %lld", r[e] ? (long long)(r[e] - t0) : -1LL);
+        if (r[kTlEntry] == 0) continue;
+        std::fprintf(f, "%s %d %d", label, w, int(r[kTlSm]));
+        for (int e = 0; e < kTlSm; ++e) std::fprintf(f, " %lld", r[e] ? (long long)(r[e] - t0) : -1LL);
         std::fprintf(f, "\n");
       }
       std::fclose(f);
@@ -273,17 +271,23 @@ int main(int argc, char** argv) {
     CK(cudaEventCreate(&b));
     // Median us per call over 20 replays of a graph of `copies` calls, each after `before` (0 nothing,
     // 1 a memset of X, 2 the PDL filler kernel over X); calls = false: the `before` nodes alone.
-    auto time_graph = [&](int before, bool calls, float* med) -> int {
-      cudaGraph_t graph;
-      cudaGraphExec_t exec;
+    // A graph of calls_per_graph back-to-back calls, each after a memset of X (before = 1) or a small
+    // kernel over X with programmatic dependent launch (2); calls = false: those alone.
+    auto capture = [&](int before, bool calls, cudaGraph_t* graph, cudaGraphExec_t* exec) -> int {
       CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
       for (int i = 0; i < calls_per_graph; ++i) {
         if (before == 1) CK(cudaMemsetAsync(x, 0x3c, size_t(c.M * c.K) * 2, st));
         if (before == 2) CK(bench_launch_filler(x, c.M * c.K, st, true));
         if (calls) call(i % copies);
       }
-      CK(cudaStreamEndCapture(st, &graph));
-      CK(cudaGraphInstantiate(&exec, graph, 0));
+      CK(cudaStreamEndCapture(st, graph));
+      CK(cudaGraphInstantiate(exec, *graph, 0));
+      return 0;
+    };
+    auto time_graph = [&](int before, bool calls, float* med) -> int {
+      cudaGraph_t graph;
+      cudaGraphExec_t exec;
+      if (capture(before, calls, &graph, &exec)) return 1;
       const auto settle_end = std::chrono::steady_clock::now() + std::chrono::milliseconds(settle_ms);
       while (std::chrono::steady_clock::now() < settle_end) {
         for (int r = 0; r < 8; ++r) CK(cudaGraphLaunch(exec, st));
@@ -325,10 +329,7 @@ int main(int argc, char** argv) {
       gpu::decode_timeline_clear();
       cudaGraph_t graph;
       cudaGraphExec_t exec;
-      CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-      for (int i = 0; i < calls_per_graph; ++i) call(i % copies);
-      CK(cudaStreamEndCapture(st, &graph));
-      CK(cudaGraphInstantiate(&exec, graph, 0));
+      if (capture(0, true, &graph, &exec)) return 1;
       for (int r = 0; r < 3; ++r) CK(cudaGraphLaunch(exec, st));
       CK(cudaStreamSynchronize(st));
       char label[64];
