@@ -77,6 +77,8 @@ build_experiment() {
     "-DLUTMM_CUDA_GENCODE=${B_GENCODE:--gencode=arch=compute_90a,code=sm_90a}" > /dev/null && \
     ninja -C build/gpu-x$e "$@" > "$OUT/build-x$e.log" 2>&1 || { tail -20 "$OUT/build-x$e.log"; return 1; }
 }
+# The same in the background, its status in $OUT/build-x$1.rc (several builds at once; `wait` for them).
+start_build_experiment() { ( build_experiment "$@"; echo $? > "$OUT/build-x$1.rc" ) & }
 # timeline: lutmm_bench of a -DLUTMM_EXPERIMENT=200 build (sm_90a only, ~110 s cold) over TIMELINE_CASES
 # ("N K M BITS;..."), each case's per-worker timeline of one call (src/cuda/timeline.cuh): entry,
 # griddepcontrol.wait, first stage landed, loop end, exit, as percentiles over the workers (every
@@ -85,7 +87,7 @@ build_experiment() {
 # builds both at once and runs the cases under each in turn (timeline-x200.txt, timeline-x201.txt).
 if [[ $MODE == timeline ]]; then
   tes=(${TIMELINE_EXPERIMENT:-200})
-  for te in "${tes[@]}"; do ( build_experiment "$te" lutmm_bench; echo $? > "$OUT/build-x$te.rc" ) & done
+  for te in "${tes[@]}"; do start_build_experiment "$te" lutmm_bench; done
   wait
   for te in "${tes[@]}"; do [[ $(cat "$OUT/build-x$te.rc") == 0 ]] || exit 1; done
   echo "build: $(( $(date +%s) - t0 )) s"
@@ -102,8 +104,7 @@ fi
 # the default build: one after another, two B builds made a kab call ~9.5 minutes (session 25).
 if [[ $MODE == ab || $MODE == kab ]]; then
   for e in ${EXPERIMENTS:-2}; do
-    ( build_experiment "$e" lutmm_bench $([[ " ${AB_SKIP_TESTS:-} " == *" $e "* ]] || echo lutmm_gpu_tests)
-      echo $? > "$OUT/build-x$e.rc" ) &
+    start_build_experiment "$e" lutmm_bench $([[ " ${AB_SKIP_TESTS:-} " == *" $e "* ]] || echo lutmm_gpu_tests)
   done
 fi
 cmake -S . -B build/gpu -G Ninja -DLUTMM_BUILD_TESTS=ON > "$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
