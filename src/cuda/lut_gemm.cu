@@ -49,8 +49,8 @@
 //   7  no programmatic dependent launch (the prologue waits for the previous kernel to finish)
 //   1  no CTAs of two warp groups (lut_two_group_ctas, src/plan.cpp): two CTAs of one group per SM, as
 //      before item 99
-//   8  row tiles sized for two (4 bits) or three (3, 4 bits) workers per SM as that many warp groups
-//      of one CTA per SM (kGroupedRows, lut_mma.cuh; prepared in session 37, not yet measured)
+//  (8: row tiles sized for two or three workers per SM as that many warp groups of one CTA per SM;
+//   4-20% slower, item 100, removed)
 //  (9: one CTA per SM of two warp groups sharing one table on every TMA launch; adopted where
 //   Stream-K ranges are long, item 99: lut_two_group_ctas)
 //  11  lut_stream.cu: two CTAs per SM at 3 bits instead of three
@@ -79,7 +79,7 @@
 //  13  lut_stream.cu: 4-bit row tiles all start at iteration 0, as before item 92 (no spread starts)
 //  15  4 bits: the TMA kernel's whole tiles of 8 row blocks only, as before item 93 (no tiles of 6-7
 //      where they fill more slots, lut_whole_tile_rows; short_whole_tiles, lut_mma.cuh)
-//  (29, and 8 then: tiles of 6-7 with experiment 32's table and experiment 9's CTAs; slower, item 93)
+//  (29, 8: tiles of 6-7 with experiment 32's table and experiment 9's CTAs; slower, item 93)
 //  (36, the decode kernels without their epilogue options' code, was measured at commit 9f31708 and
 //   removed: 0-0.3 us on plain calls, item 64; then, at 260c05e, dynamic units on the TMA kernel's
 //   tiles of 8 at M <= 8 (workers taking fixed units from a counter, partials added in unit order):
@@ -436,10 +436,8 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   // 4 bits at M <= 8 with long Stream-K ranges over tiles of 8: one CTA per SM of two warp groups, on the
   // same 2 x SMs workers and ranges as two CTAs (so bitwise the same results as DecodeSplit::kStreamK),
   // ahead of row tiles and clusters (lut_two_group_ctas, src/plan.cpp, with its measurements).
-  // (Experiment 8 keeps row tiles where they apply, on its two-group CTAs: 8192x28672 at M <= 2.)
   if (g.tma && auto_split && g.grid_y == 1 &&
-      lut_two_group_ctas(s.bits, M, g.tiles, g.col_blocks, sm_count(device), rules_peak_bytes_per_s(device)) &&
-      !(kGroupedRows && (tma_rows ? *tma_rows : rows_for(true)).rows < kWarps)) {
+      lut_two_group_ctas(s.bits, M, g.tiles, g.col_blocks, sm_count(device), rules_peak_bytes_per_s(device))) {
     const int no_clusters[9] = {};
     g.groups = 2;
     g.ctas = 1;
@@ -472,10 +470,6 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
       g.cluster = 1;
       g.ctas = t.ctas_per_sm;
       if (g.tma) g.stages = stream_stages(s.bits, g.mt, device, t.ctas_per_sm, true);
-      if (g.tma && grouped_rows(s.bits, t.ctas_per_sm)) {  // experiment 8 (lut_mma.cuh)
-        g.groups = t.ctas_per_sm;
-        g.stages = stream_stages(s.bits, g.mt, device, 1, true, g.groups);
-      }
     }
   }
   // 3-bit tiles of 8 row blocks on the TMA kernel sized for two CTAs per SM instead of three, whole

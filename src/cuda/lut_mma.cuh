@@ -326,8 +326,7 @@ struct Geometry {
   int tile_rows = kWarps;  // row blocks per whole tile of the TMA kernel's tiles of 8 (4 bits: 5-7 where
                            // shorter ones fill more slots, lut_whole_tile_rows, short_whole_tiles); one tile per worker
   int groups = 1;          // workers (warp groups) per CTA of the TMA kernel: 2 on one CTA per SM where
-                           // lut_two_group_ctas (src/plan.cpp; 4 bits, 8-token tiles of 8 row blocks);
-                           // experiment 8's row tiles: 2 or 3 (grouped_rows)
+                           // lut_two_group_ctas (src/plan.cpp; 4 bits, 8-token tiles of 8 row blocks)
 };
 inline size_t counters_bytes(const Geometry& g) { return counter_region_bytes(int64_t(g.grid_y) * g.tiles); }
 // (Tiles of fewer than 8 row blocks are one whole tile per CTA: no partials.)
@@ -372,20 +371,6 @@ constexpr int kTmaMaxM = LUTMM_EXPERIMENT == 37 ? 16 : 32;
 // tiles of 8, as before.
 __host__ __device__ constexpr bool short_whole_tiles(int bits) { return bits == 4 && LUTMM_EXPERIMENT != 15; }
 
-// LUTMM_EXPERIMENT 8: the TMA kernel's row tiles as warp groups of one CTA per SM, each group one tile,
-// instead of one CTA per tile (item 98's imbalance between the CTAs of an SM): 4-bit tiles sized for two
-// workers per SM (lut_tile_rows_tma3's second size: 4096x4096, 4096x14336, 8192x8192 at M = 1; their
-// loops end over 1.3-3 us of a 6.5-15 us call) as two groups, and 3- and 4-bit tiles sized for three
-// (6144x4096: loops over 2.8 us of 7.8) as three, with the 64 KB table (one per CTA, where three CTAs
-// took the 32 KB one). Geometry::ctas stays the tiles' size (2 or 3), groups = ctas. Where
-// lut_two_group_ctas and such row tiles both apply (8192x28672 at M <= 2), the row tiles. (8 earlier:
-// item 93's tiles of 6-7 with two groups, slower.)
-constexpr bool kGroupedRows = LUTMM_EXPERIMENT == 8;
-// Whether experiment 8 runs row tiles of `bits` sized for `ctas` workers per SM as that many groups.
-constexpr bool grouped_rows(int bits, int ctas) {
-  return kGroupedRows && ((bits == 4 && ctas == 2) || ((bits == 3 || bits == 4) && ctas == 3));
-}
-
 // lut_stream.cu: whether its kernel runs on `device` (sm_90 and a build with sm_90a code), its
 // Stream-K workers per SM, clusters and pipeline stages per worker for (bits, mt), and the launch.
 bool stream_supported(int device);
@@ -393,8 +378,7 @@ bool stream_supported(int device);
 // 32-token tiles (mt = 4). (The two-group CTAs, Geometry::groups, have as many workers per SM as 4 bits' two CTAs.)
 int stream_workers_per_sm(int bits, int mt, bool rows = false);
 // ctas: CTAs per SM the kernel is sized for (Geometry::ctas; 0: its default); rows: tiles of rpt < 8 row
-// blocks; groups: warp groups per CTA (Geometry::groups; 2 only with ctas = 1, mt = 1 and no row tiles,
-// but for experiment 8's row tiles, 2 or 3).
+// blocks; groups: warp groups per CTA (Geometry::groups; 2 only with ctas = 1, mt = 1 and no row tiles).
 int stream_stages(int bits, int mt, int device, int ctas = 0, bool rows = false, int groups = 1);
 // Clusters of 2..8 CTAs of the TMA kernel for (bits, mt), default size, that fit `device` at once
 // (lut_split, src/plan.cpp).

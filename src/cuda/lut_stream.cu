@@ -164,12 +164,11 @@ constexpr int kNormTokens = MT == 4 ? 32 : 16;
 template <int MT, int GROUPS>
 constexpr int kNormBytes = GROUPS * kNormTokens<MT> * kNormSlots * 4;
 static_assert(kWarps <= kNormSlots, "row_rms_factors: one partial slot per warp of a worker");
-// Shared memory: table | stages[GROUPS][S] | mbarriers full[S], empty[S] per group | flag per group |
-// red per group | rs.
+// Shared memory: table | stages[GROUPS][S] | mbarriers full[S], empty[S] per group | flag per group | red | rs.
 template <int BITS, int MT, bool ROWS, int CTAS, int GROUPS>
 constexpr int smem_bytes(int stages) {
   using L = KLayout<BITS, MT, ROWS, CTAS>;
-  return L::kLutBytes + GROUPS * stages * (L::kStageBytes + 16) + 16 + GROUPS * kRedBytes<ROWS> + kNormBytes<MT, GROUPS>;
+  return L::kLutBytes + GROUPS * stages * (L::kStageBytes + 16) + 16 + kRedBytes<ROWS> + kNormBytes<MT, GROUPS>;
 }
 
 #if LUTMM_SM90A
@@ -277,13 +276,12 @@ __device__ __forceinline__ void produce(const Params<T>& p, const Maps& maps, in
 #endif  // LUTMM_SM90A
 
 // CTAS: CTAs per SM the kernel is sized for (registers here, shared memory at the launch); GROUPS:
-// workers (warp groups) per CTA, 1, or 2-3 with CTAS = 1 (the same registers per thread as that many
-// CTAs; 3 in experiment 8 only).
+// workers (warp groups) per CTA, 1 or 2 (2 with CTAS = 1: the same registers per thread as two CTAs).
 template <int BITS, int MT, typename T, bool ROWS, int CTAS = kCtasPerSm<BITS, ROWS>, int GROUPS = 1>
 __global__ void __launch_bounds__(kCtaThreads<GROUPS>, CTAS)
 lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_s,
                   const __grid_constant__ CUtensorMap tm_x) {
-  static_assert(!ROWS || (MT == 1 && (GROUPS == 1 || kGroupedRows)), "row tiles: one token row per k-block, one worker per CTA");
+  static_assert(!ROWS || (MT == 1 && GROUPS == 1), "row tiles: one token row per k-block, one worker per CTA");
 #if LUTMM_SM90A
   using L = KLayout<BITS, MT, ROWS, CTAS>;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -300,9 +298,8 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const uint32_t stage0 = smem_base + L::kLutBytes + ring;
   const uint32_t bars = smem_base + L::kLutBytes + uint32_t(GROUPS * S) * L::kStageBytes + 16 * S * group;  // full[S], empty[S]
   int* flag = reinterpret_cast<int*>(smem + L::kLutBytes + GROUPS * S * (L::kStageBytes + 16)) + group;
-  float* red0 = reinterpret_cast<float*>(smem + L::kLutBytes + GROUPS * S * (L::kStageBytes + 16) + 16);  // ROWS
-  float* red = red0 + (GROUPS > 1 ? group * (kRedBytes<ROWS> / 4) : 0);             // this group's sums
-  float* rs = red0 + GROUPS * (kRedBytes<ROWS> / 4) + kNormTokens<MT> * kNormSlots * group;  // rms_norm factors of this group's tokens
+  float* red = reinterpret_cast<float*>(smem + L::kLutBytes + GROUPS * S * (L::kStageBytes + 16) + 16);  // ROWS
+  float* rs = red + kRedBytes<ROWS> / 4 + kNormTokens<MT> * kNormSlots * group;  // rms_norm factors of this group's tokens
 
   const int worker = blockIdx.x * GROUPS + group;
   const int64_t total = int64_t(p.tiles) * p.k_iters;  // < 2^31 (checked on the host)
@@ -339,10 +336,9 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   // more than it saved (H100, 2026-11-27, same call, M = 1 with the norm: 28672x4096 4-bit 29.4 -> 30.2
   // us, 4096x4096 6.6 -> 7.2, 8192x8192 18.0 -> 19.3; three CTAs per SM: 6144x4096 4-bit 9.3 -> 8.5,
   // 3-bit 9.1 -> 7.8).
-  constexpr bool kProducerNorm = CTAS * GROUPS >= 3 && MT == 1;  // by workers per SM (registers)
+  constexpr bool kProducerNorm = CTAS >= 3 && MT == 1;
   const bool norm_by_producer = kProducerNorm && p.rms_norm && p.M - m0 == 1;
-  // Named barriers: 1 all compute warps, 2 + group a group's, then the norm's per group.
-  const int norm_bar = (GROUPS <= 2 ? 4 : 2 + GROUPS) + group, norm_threads = kThreads + 32;  // + its producer
+  const int norm_bar = 4 + group, norm_threads = kThreads + 32;  // the group's compute warps + its producer
   if (producer) {
     if (norm_by_producer && active) {  // the prologue, the factor (all 32 lanes), then the loop
       if (lane == 0)
@@ -376,7 +372,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   // A single token's norm factor is deferred past the first segment (rms_defer_issue, item 62) or comes
   // from the producer warp (kProducerNorm); otherwise each token's factor is read here, while the
   // producer's first stages are in flight.
-  constexpr int kDeferVecs = CTAS * GROUPS <= 2 && MT == 1 ? 2 : 0;
+  constexpr int kDeferVecs = CTAS <= 2 && MT == 1 ? 2 : 0;
   RmsDeferred<kDeferVecs> rdef = rms_defer_issue<kDeferVecs>(p, p.x, m0, int(threadIdx.x % kThreads), kThreads);
   bool norm_pending = norm_by_producer;  // the producer warp's factor, not yet waited for
   if (p.rms_norm && !rdef.on && !norm_by_producer) {
@@ -484,8 +480,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
 template <int BITS, int MT, bool ROWS, int CTAS, int GROUPS = 1>
 int stages_for(int budget_bytes) {
   using L = KLayout<BITS, MT, ROWS, CTAS>;
-  const int s = (budget_bytes - L::kLutBytes - 16 - GROUPS * kRedBytes<ROWS> - kNormBytes<MT, GROUPS>) /
-                (GROUPS * (L::kStageBytes + 16));
+  const int s = (budget_bytes - L::kLutBytes - 16 - kRedBytes<ROWS> - kNormBytes<MT, GROUPS>) / (GROUPS * (L::kStageBytes + 16));
   return std::max(2, std::min(kMaxStages, s));
 }
 
@@ -531,16 +526,9 @@ void launch_kernel(const GemmProblem& prob, const Geometry& geo, void* ws, cudaS
 template <int BITS, int MT, typename T>
 void launch(const GemmProblem& prob, const Geometry& geo, void* ws, cudaStream_t stream) {
   if (geo.groups != 1) {  // one CTA per SM of two groups (lut_two_group_ctas): 4-bit 8-token tiles of 8 only
-    if constexpr (BITS == 4 && MT == 1) {
+    if constexpr (BITS == 4 && MT == 1)
       if (geo.groups == 2 && geo.rpt == kWarps && geo.cluster == 1 && geo.ctas == 1 && geo.tile_rows == kWarps)
         return launch_kernel<BITS, MT, T, false, 1, 2>(prob, geo, ws, stream);
-    }
-    if constexpr (MT == 1 && grouped_rows(BITS, 2))  // experiment 8: row tiles as groups of one CTA
-      if (geo.groups == 2 && geo.rpt < kWarps && geo.ctas == 2)
-        return launch_kernel<BITS, MT, T, true, 1, 2>(prob, geo, ws, stream);
-    if constexpr (MT == 1 && grouped_rows(BITS, 3))
-      if (geo.groups == 3 && geo.rpt < kWarps && geo.ctas == 3)
-        return launch_kernel<BITS, MT, T, true, 1, 3>(prob, geo, ws, stream);
     throw Error("internal: two warp groups per CTA serve 4-bit 8-token tiles of 8 row blocks on one CTA per SM only");
   }
   if constexpr (MT == 1) {
@@ -603,13 +591,11 @@ std::array<int, 9> stream_max_clusters(int bits, int mt, int device) {
 }
 
 int stream_stages(int bits, int mt, int device, int ctas, bool rows, int groups) {
-  if (groups != 1 && (ctas != 1 || mt != 1 || (rows ? !grouped_rows(bits, groups) : groups != 2)))
-    throw Error("internal: warp groups per CTA need one CTA per SM, 8-token tiles and no row tiles");
+  if (groups != 1 && (groups != 2 || ctas != 1 || mt != 1 || rows))
+    throw Error("internal: two warp groups per CTA need one CTA per SM, 8-token tiles and no row tiles");
   return with_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;
-    if (groups == 3) return stages_for<B, 1, true, 1, 3>(smem_budget(device, 1));  // experiment 8
-    if (groups == 2) return rows ? stages_for<B, 1, true, 1, 2>(smem_budget(device, 1))
-                                 : stages_for<B, 1, false, 1, 2>(smem_budget(device, 1));
+    if (groups == 2) return stages_for<B, 1, false, 1, 2>(smem_budget(device, 1));
     const int c = ctas ? ctas : rows ? kCtasPerSm<B, true> : ctas_per_sm_mt(B, mt);
     const int budget = smem_budget(device, c);
     if (mt == 1 && rows) return c == 3 ? stages_for<B, 1, true, 3>(budget) : stages_for<B, 1, true, 2>(budget);
