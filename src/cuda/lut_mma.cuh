@@ -161,6 +161,76 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
   }
 }
 
+// Pairs of row blocks (lut_stream.cu's kPairRows): a warp computes two row blocks over half of each
+// k-block instead of one row block over all of it, so each activation fragment it reads from shared
+// memory feeds both row blocks' MMAs. Nsight Compute (H200, 2026-11-29, 4-bit g128, the TMA kernel's
+// tiles of 8, one row block per warp): the shared-memory load wavefronts per warp and block are 32
+// table lookups, 8 code words, ~4 scales and 16 * MT activations (counted 61 at M = 8 and 77 at M = 16,
+// measured 61 and 77), and at M = 16 on 57344x8192 they kept the LSU data pipe 79% busy; pairs take
+// the activations' share from 16 * MT to 8 * MT. The same lookups and MMAs per row block, summed in
+// another order (each half over the segment, then the two halves).
+// Warp w: row blocks 2 (w / 2) (codes and scales at off, as LaneOffsets::make for that warp) and, where
+// TWO, 2 (w / 2) + 1 (one block on), chunks 2 h and 2 h + 1 (h = w % 2); acc[r]: row block 2 (w / 2) + r.
+// 4 bits only (the half's code words are one 16-byte load), tables of ENTRY-byte entries.
+template <int BITS, int MT, typename T, bool FULL = false, bool TWO = true, int ENTRY = Layout<BITS, MT>::kEntryBytes>
+__device__ __forceinline__ void compute_pair(const Params<T>& p, const uint8_t* stage, const LaneOffsets& off, int kb,
+                                             int h, int s_stride, float (&acc)[2][MT][4]) {
+  constexpr int R = TWO ? 2 : 1;  // row blocks computed
+  static_assert(BITS == 4, "pairs of row blocks: 4-bit codes");
+  using L = Layout<BITS, MT>;
+  uint32_t wd[2][8] = {}, hi[2] = {};
+#pragma unroll
+  for (int r = 0; r < R; ++r) {  // words 4 h .. 4 h + 3 of each row block (k-steps 4 h .. 4 h + 3) as 0 .. 3
+    const uint4 c = *reinterpret_cast<const uint4*>(stage + off.codes + r * L::kBlockBytes + 512 * h);
+    wd[r][0] = c.x; wd[r][1] = c.y; wd[r][2] = c.z; wd[r][3] = c.w;
+  }
+  const uint8_t* ss = stage + off.scales;
+  const uint8_t* xs = stage + off.x;
+  const int nchunks = FULL ? 4 : min(4, (p.K - kb * kBlockCols) / 32);
+  const int glc = FULL ? 2 : min(p.gl, 2);
+  const uint32_t lane_byte = off.lane_byte;
+  float part[2][MT][4];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) part[r][mt][0] = part[r][mt][1] = part[r][mt][2] = part[r][mt][3] = 0.f;
+#pragma unroll
+  for (int jj = 0; jj < 2; ++jj) {
+    const int j = 2 * h + jj;  // the chunk
+    if (FULL || j < nchunks) {
+      uint4 xv[MT];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        xv[mt] = *reinterpret_cast<const uint4*>(xs + mt * 8 * kXRowBytes + 64 * j);
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          uint32_t a[4];
+          lookup_a<BITS, ENTRY>(wd[r], hi, 2 * jj + hh, lane_byte, a);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+            Elem<T>::mma(part[r][mt], a, hh ? xv[mt].z : xv[mt].x, hh ? xv[mt].w : xv[mt].y);
+        }
+      // A scale group ends after every chunk (g = 32), after the half's second chunk (g >= 64: groups
+      // of two chunks start at even ones), or at the k-block's last chunk.
+      if (glc == 0 || jj == 1 || j == nchunks - 1) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const float2 sc = __half22float2(*reinterpret_cast<const __half2*>(ss + r * s_stride + (j >> glc) * 32));
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              acc[r][mt][e] += part[r][mt][e] * (e < 2 ? sc.x : sc.y);
+              part[r][mt][e] = 0.f;
+            }
+        }
+      }
+    }
+  }
+}
+
 // cluster_finish: row blocks (warps) of a tile summed by one rank of a cluster of c CTAs (at most), and
 // the bytes of its exchange buffer ([c source ranks][that many row blocks][4 mt][32 lanes] floats).
 __host__ __device__ inline constexpr int cluster_rows_per_rank(int c) { return (kWarps + c - 1) / c; }

@@ -153,10 +153,23 @@ template <int GROUPS>
 constexpr int kCtaThreads = kComputeThreads<GROUPS> + GROUPS * 32;  // + one producer warp per group
 constexpr int kMaxStages = 32;
 
+// 4-bit tiles of 8 row blocks of 8 or 16 tokens are computed by pairs of row blocks per warp
+// (compute_pair, lut_mma.cuh, with the count that motivated it); the two warps of a pair add their
+// halves at each segment's end through shared memory. H200, 2026-11-29, lutmm_bench A/B in one call,
+// three rounds (item 100), one row block per warp -> pairs, us: M = 16 57344x8192 99.6 -> 93.5,
+// 8192x8192 18.0 -> 16.6, 4096x14336 17.0 -> 15.7, 8192x28672 51.2 -> 48.4, 10240x8192 21.9 -> 20.9,
+// 6144x4096 10.2 -> 9.8; M = 12 8192x8192 18.1 -> 16.6; M = 8 57344x8192 78.6 -> 77.5; M = 1
+// 57344x8192 73.9 -> 72.4, 10240x8192 18.3 -> 18.1. (Whole tiles of 7 row blocks lost there, 28672x4096
+// M = 1 21.3 -> 22.1, while their last pair computed a row block past the tile: it now computes one.)
+// Not at 2 and 3 bits (a half's code words are not one load there) nor on 32-token tiles (registers).
+// LUTMM_EXPERIMENT 30: one row block per warp, as before.
+template <int BITS, int MT, bool ROWS>
+constexpr bool kPairRows = LUTMM_EXPERIMENT != 30 && BITS == 4 && !ROWS && MT <= 2;
 // Row tiles (ROWS: tiles of rpt < 8 row blocks, one per CTA; lut_tile_rows): the 8 warps' sums meet
-// in shared memory, [warp][4][32 lanes] floats after the flags.
-template <bool ROWS>
-constexpr int kRedBytes = ROWS ? kWarps * 4 * 32 * 4 : 0;
+// in shared memory, [warp][4][32 lanes] floats after the flags, per group; kPairRows: [warp][2][32
+// lanes], two of a thread's sums at a time (4 KB would cost the 8-token tiles a pipeline stage).
+template <bool ROWS, bool PAIRS = false>
+constexpr int kRedBytes = ROWS ? kWarps * 4 * 32 * 4 : PAIRS ? kWarps * 2 * 32 * 4 : 0;
 // GemmProblem::rms_norm's per-token factors, 16 tokens (32 with MT = 4) x kNormSlots floats per group
 // (row_rms_factors).
 template <int MT>
@@ -168,7 +181,8 @@ static_assert(kWarps <= kNormSlots, "row_rms_factors: one partial slot per warp 
 template <int BITS, int MT, bool ROWS, int CTAS, int GROUPS>
 constexpr int smem_bytes(int stages) {
   using L = KLayout<BITS, MT, ROWS, CTAS>;
-  return L::kLutBytes + GROUPS * stages * (L::kStageBytes + 16) + 16 + kRedBytes<ROWS> + kNormBytes<MT, GROUPS>;
+  return L::kLutBytes + GROUPS * stages * (L::kStageBytes + 16) + 16 + GROUPS * kRedBytes<ROWS, kPairRows<BITS, MT, ROWS>> +
+         kNormBytes<MT, GROUPS>;
 }
 
 #if LUTMM_SM90A
@@ -298,8 +312,11 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const uint32_t stage0 = smem_base + L::kLutBytes + ring;
   const uint32_t bars = smem_base + L::kLutBytes + uint32_t(GROUPS * S) * L::kStageBytes + 16 * S * group;  // full[S], empty[S]
   int* flag = reinterpret_cast<int*>(smem + L::kLutBytes + GROUPS * S * (L::kStageBytes + 16)) + group;
-  float* red = reinterpret_cast<float*>(smem + L::kLutBytes + GROUPS * S * (L::kStageBytes + 16) + 16);  // ROWS
-  float* rs = red + kRedBytes<ROWS> / 4 + kNormTokens<MT> * kNormSlots * group;  // rms_norm factors of this group's tokens
+  constexpr bool kPairs = kPairRows<BITS, MT, ROWS>;
+  constexpr int kRedFloats = kRedBytes<ROWS, kPairs> / 4;  // per group
+  float* red0 = reinterpret_cast<float*>(smem + L::kLutBytes + GROUPS * S * (L::kStageBytes + 16) + 16);  // ROWS, kPairs
+  float* red = red0 + (GROUPS > 1 ? kRedFloats * group : 0);                              // this group's
+  float* rs = red0 + GROUPS * kRedFloats + kNormTokens<MT> * kNormSlots * group;  // rms_norm factors of this group's tokens
 
   const int worker = blockIdx.x * GROUPS + group;
   const int64_t total = int64_t(p.tiles) * p.k_iters;  // < 2^31 (checked on the host)
@@ -387,9 +404,19 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   LaneOffsets off = LaneOffsets::make<BITS, MT>(s_stride, smem_base, rpt, w_ksub);
   if (ROWS && rpt == 1)  // the dense [k][128 columns] activations (issue_stage): every lane reads token 0
     off.x = uint32_t(L::kStageW + L::kStageS + w_ksub * kBlockCols * 2 + 16 * (lane % 4));
+  const int half = gwarp & 1, pair_row = gwarp & ~1;  // kPairs: chunks 2 half, 2 half + 1 of row blocks pair_row, + 1
+  if (kPairs) {
+    off.codes -= uint32_t(half * L::kBlockBytes);
+    off.scales -= uint32_t(half * s_stride);
+  }
   float acc[MT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+  float acc2[kPairs ? 2 : 1][MT][4];  // kPairs: row blocks pair_row + r, this warp's half of each k-block
+#pragma unroll
+  for (int r = 0; r < (kPairs ? 2 : 1); ++r)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) acc2[r][mt][0] = acc2[r][mt][1] = acc2[r][mt][2] = acc2[r][mt][3] = 0.f;
   // Segment by segment (the iterations of one tile), so the inner loop over k-blocks carries no
   // segment-end test, and k-blocks with 4 whole chunks and groups >= 128 (all but a partial last one)
   // take compute_block's FULL path.
@@ -410,6 +437,10 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   for (int seg_begin = it_begin; seg_begin < it_end; ++tile, kb0 = 0) {
     const int seg_end = min(it_end, seg_begin + p.k_iters - kb0);
     const bool warp_live = (ROWS || !short_whole_tiles(BITS) || w_row < trows) && tile * trows + w_row < p.row_blocks;
+    // kPairs: the pair computes while its first row block is live, and its second where the tile has it
+    // (whole tiles of 7: not the last pair's); one past the weight's rows reads zeros, never stored.
+    const bool pair_live = (!short_whole_tiles(BITS) || pair_row < trows) && tile * trows + pair_row < p.row_blocks;
+    const bool pair_two = !short_whole_tiles(BITS) || pair_row + 1 < trows;
     int seg_last = seg_end;
     for (int kb = kb0, it = seg_begin; it < seg_last; ++it, ++kb) {
       // Loop-carried as far as the compiler knows, so ptxas keeps these in registers instead of
@@ -428,7 +459,15 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
       // whole one (compute_block reads kb only to count a partial block's chunks): one compare per
       // block instead of the rotation.
       const int wkb = (kb == kb_last ? p.k_iters - 1 : 0) * (ROWS ? kpt : 1) + w_ksub;
-      if (warp_live && (!ROWS || wkb < p.col_blocks)) {
+      if constexpr (kPairs) {
+        if (pair_live && pair_two) {
+          if (wkb < full_kbs) compute_pair<BITS, MT, T, true, true, L::kEntryBytes>(p, stage, off, wkb, half, s_stride, acc2);
+          else compute_pair<BITS, MT, T, false, true, L::kEntryBytes>(p, stage, off, wkb, half, s_stride, acc2);
+        } else if (pair_live) {
+          if (wkb < full_kbs) compute_pair<BITS, MT, T, true, false, L::kEntryBytes>(p, stage, off, wkb, half, s_stride, acc2);
+          else compute_pair<BITS, MT, T, false, false, L::kEntryBytes>(p, stage, off, wkb, half, s_stride, acc2);
+        }
+      } else if (warp_live && (!ROWS || wkb < p.col_blocks)) {
         if (wkb < full_kbs) compute_block<BITS, MT, T, true, L::kEntryBytes>(p, stage, off, wkb, acc);
         else compute_block<BITS, MT, T, false, L::kEntryBytes>(p, stage, off, wkb, acc);
       }
@@ -448,6 +487,23 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
     if (norm_pending) {  // the first segment end: the producer warp's factor (warp_rms_factor)
       wg::named_sync(norm_bar, norm_threads);
       norm_pending = false;
+    }
+    if constexpr (kPairs) {  // row block gwarp = its own half + the partner's, two sums at a time
+      const int pbar = 8 + 4 * group + gwarp / 2;  // the pair's named barrier (64 threads)
+#pragma unroll
+      for (int q = 0; q < 2 * MT; ++q) {
+        const int mt = q / 2, e0 = 2 * (q % 2);
+#pragma unroll
+        for (int i = 0; i < 2; ++i)  // the partner's row block, this warp's half
+          red[((gwarp ^ 1) * 2 + i) * 32 + lane] = half ? acc2[0][mt][e0 + i] : acc2[1][mt][e0 + i];
+        wg::named_sync(pbar, 64);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          acc[mt][e0 + i] = (half ? acc2[1][mt][e0 + i] : acc2[0][mt][e0 + i]) + red[(gwarp * 2 + i) * 32 + lane];
+          acc2[0][mt][e0 + i] = acc2[1][mt][e0 + i] = 0.f;
+        }
+        wg::named_sync(pbar, 64);  // red is free again
+      }
     }
     if (p.rms_norm) scale_by_rows<MT>(acc, rs);
     bool store_live = warp_live;
@@ -480,7 +536,8 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
 template <int BITS, int MT, bool ROWS, int CTAS, int GROUPS = 1>
 int stages_for(int budget_bytes) {
   using L = KLayout<BITS, MT, ROWS, CTAS>;
-  const int s = (budget_bytes - L::kLutBytes - 16 - kRedBytes<ROWS> - kNormBytes<MT, GROUPS>) / (GROUPS * (L::kStageBytes + 16));
+  const int s = (budget_bytes - L::kLutBytes - 16 - GROUPS * kRedBytes<ROWS, kPairRows<BITS, MT, ROWS>> - kNormBytes<MT, GROUPS>) /
+                (GROUPS * (L::kStageBytes + 16));
   return std::max(2, std::min(kMaxStages, s));
 }
 

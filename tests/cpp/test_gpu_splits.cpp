@@ -92,7 +92,9 @@ SplitRuns run_split_and_stream_k(const DecodeCase& dc, int64_t M, DType dt, bool
 
 // Decode clusters (few tiles: 2, 4 or 8 CTAs per tile reduce through distributed shared memory)
 // against the CPU reference and against the same kernel forced to Stream-K: bitwise equal where both
-// use the same split (they add the same partials in the same order), close otherwise; both decode
+// use the same split (as many workers on tiles of as many row blocks: they add the same partials in the
+// same order; the TMA kernel's 4-bit tiles of 8 sum each row block by halves, its row tiles in k order),
+// close otherwise; both decode
 // kernels, every bits, M = 1..32 (the cp.async kernel's 8, 16 and 32-token tiles), rows past N, a
 // partial last k-block, bias, fp16.
 TEST(Gpu, DecodeClustersAgainstStreamKAndReference) {
@@ -128,7 +130,7 @@ TEST(Gpu, DecodeClustersAgainstStreamKAndReference) {
       const std::string what = "N=" + std::to_string(s.N) + " K=" + std::to_string(s.K) + " M=" +
                                std::to_string(c0.M) + " kernel " + std::to_string(int(kernel));
       const SplitRuns r = run_split_and_stream_k(dc, c0.M, c0.dt, c0.bias, ws, kernel, what);
-      if (pc.workers == ps.workers) {
+      if (pc.workers == ps.workers && pc.rows_per_tile == ps.rows_per_tile) {
         ++same_split;
         EXPECT_EQ(std::memcmp(r.y.data(), r.ysk.data(), r.y.size() * 4), 0)
             << "N=" << s.N << " M=" << c0.M << " kernel " << int(kernel) << ": clusters and Stream-K differ on one split";
