@@ -68,7 +68,9 @@
 //  26  src/plan.cpp: row tiles only where they fill 80% of the slots, not 70% (item 43)
 //  (27, 28: measured and adopted as lut_tiles8_tma3, src/plan.cpp, item 46; the numbers now name
 //   lut_wgmma.cu ablations, as do 16, 17)
-//  30  (session 15, branch exp/l2-prefetch only: TMA weight copies without the evict-first hint)
+//  30  lut_stream.cu: one row block per warp on 4-bit 16-token tiles, as before item 100 (no pairs of
+//      row blocks, kPairRows). (30 until session 38: branch exp/l2-prefetch only, TMA weight copies
+//      without the evict-first hint.)
 //  31  4 bits: the TMA kernel's row tiles sized for two CTAs per SM only, with the 64 KB table, as
 //      before item 56 (measured first as the reverse: the 32 KB table everywhere and the tiles for three)
 //  32  4 bits: the 32 KB table (128-byte entries) on the TMA kernel's tiles of 8 row blocks too, at two
@@ -93,7 +95,9 @@
 //      (item 85), and two-group CTAs (item 99)
 //   3  lut_stream.cu: activation boxes of 8 * MT token rows at every M, as before item 96 (not of
 //      min(M, 8 * MT))
-//  (4: activations copied with the L2 hint evict_last; gained nothing, item 96)
+//   4  lut_stream.cu: pairs of row blocks per warp on 4-bit 8-token tiles too (M <= 8; -2% to +1%,
+//      item 100). (4 until session 38: activations copied with the L2 hint evict_last; gained nothing,
+//      item 96.)
 //  (23: row tiles' activation boxes of M token rows at M < rpt; 9-11% slower, item 97)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),

@@ -13,6 +13,7 @@ namespace gpu {
 namespace lut {
 
 constexpr int kWarps = 8;                         // compute warps per CTA; warp w owns row block w of a tile
+                                                  // (lut_stream.cu's 4-bit 16-token tiles: pairs, compute_pair)
 constexpr int kThreads = kWarps * 32;
 constexpr int kXRowBytes = kBlockCols * 2 + 64;   // one token's 128 activations + 64 B pad: the 8 rows
                                                   // read by a quarter-warp's LDS.128 hit distinct banks

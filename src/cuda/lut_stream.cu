@@ -9,7 +9,8 @@
 // are in flight; each CTA also rebuilds the 64 KB table and refills its pipeline for a handful of
 // k-blocks. Here:
 // * Roles. Warps 0-7 compute (warp w owns row block w of the 128-row tile, exactly as in
-//   lut_gemm.cu); one thread of warp 8 is the producer: per k-block, one TMA box for the tile's
+//   lut_gemm.cu; at 4 bits and M = 9-16, warps 2i and 2i + 1 share row blocks 2i and 2i + 1, a half
+//   k-block each: kPairRows); one thread of warp 8 is the producer: per k-block, one TMA box for the tile's
 //   codes (8 row blocks x 256 * BITS bytes), one for their scales, one for the activations; all
 //   complete on the stage's "full" mbarrier. (H100, 2026-11-26: one bulk copy per
 //   row block and per scale row, issued by 17 lanes, cost ~500 producer instructions per k-block:
@@ -153,18 +154,19 @@ template <int GROUPS>
 constexpr int kCtaThreads = kComputeThreads<GROUPS> + GROUPS * 32;  // + one producer warp per group
 constexpr int kMaxStages = 32;
 
-// 4-bit tiles of 8 row blocks of 8 or 16 tokens are computed by pairs of row blocks per warp
+// 4-bit tiles of 8 row blocks of 16 tokens (M = 9-16) are computed by pairs of row blocks per warp
 // (compute_pair, lut_mma.cuh, with the count that motivated it); the two warps of a pair add their
-// halves at each segment's end through shared memory. H200, 2026-11-29, lutmm_bench A/B in one call,
-// three rounds (item 100), one row block per warp -> pairs, us: M = 16 57344x8192 99.6 -> 93.5,
-// 8192x8192 18.0 -> 16.6, 4096x14336 17.0 -> 15.7, 8192x28672 51.2 -> 48.4, 10240x8192 21.9 -> 20.9,
-// 6144x4096 10.2 -> 9.8; M = 12 8192x8192 18.1 -> 16.6; M = 8 57344x8192 78.6 -> 77.5; M = 1
-// 57344x8192 73.9 -> 72.4, 10240x8192 18.3 -> 18.1. (Whole tiles of 7 row blocks lost there, 28672x4096
-// M = 1 21.3 -> 22.1, while their last pair computed a row block past the tile: it now computes one.)
-// Not at 2 and 3 bits (a half's code words are not one load there) nor on 32-token tiles (registers).
-// LUTMM_EXPERIMENT 30: one row block per warp, as before.
+// halves at each segment's end through shared memory. H200, 2026-11-29 (item 100), lutmm_bench A/B,
+// one call, three rounds, one row block per warp -> pairs, us: M = 16 57344x8192 102.4 -> 97.3,
+// 8192x8192 18.1 -> 17.0, 4096x14336 17.0 -> 16.0, 8192x28672 52.4 -> 49.8, 6144x4096 10.2 -> 9.8,
+// 28672x4096 (whole tiles of 7) 27.5 -> 27.0; in an earlier call also 10240x8192 21.9 -> 20.9 and
+// M = 12 8192x8192 18.1 -> 16.6. On 8-token tiles (M <= 8) pairs moved -2% to +1%: 57344x8192 M = 1
+// 73.9 -> 72.4 in one call, 76.3 -> 76.3 in the other, M = 8 -1.4% / -0.6%, 10240x8192 M = 1 -1.1%,
+// 8192x28672 M = 4 -0.8%, but 28672x4096 (whole tiles of 7) M = 1 21.8 -> 22.1 and M = 8 +0.4%: not
+// kept there (LUTMM_EXPERIMENT 4 puts them on 8-token tiles too). Not at 2 and 3 bits (a half's code
+// words are not one load there) nor on 32-token tiles (registers). LUTMM_EXPERIMENT 30: no pairs.
 template <int BITS, int MT, bool ROWS>
-constexpr bool kPairRows = LUTMM_EXPERIMENT != 30 && BITS == 4 && !ROWS && MT <= 2;
+constexpr bool kPairRows = LUTMM_EXPERIMENT != 30 && BITS == 4 && !ROWS && (MT == 2 || (MT == 1 && LUTMM_EXPERIMENT == 4));
 // Row tiles (ROWS: tiles of rpt < 8 row blocks, one per CTA; lut_tile_rows): the 8 warps' sums meet
 // in shared memory, [warp][4][32 lanes] floats after the flags, per group; kPairRows: [warp][2][32
 // lanes], two of a thread's sums at a time (4 KB would cost the 8-token tiles a pipeline stage).
