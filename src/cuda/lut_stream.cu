@@ -179,7 +179,8 @@ constexpr int kNormTokens = MT == 4 ? 32 : 16;
 template <int MT, int GROUPS>
 constexpr int kNormBytes = GROUPS * kNormTokens<MT> * kNormSlots * 4;
 static_assert(kWarps <= kNormSlots, "row_rms_factors: one partial slot per warp of a worker");
-// Shared memory: table | stages[GROUPS][S] | mbarriers full[S], empty[S] per group | flag per group | red | rs.
+// Shared memory: table | stages[GROUPS][S] | mbarriers full[S], empty[S] per group | flag per group |
+// red per group (row tiles, pairs) | rs.
 template <int BITS, int MT, bool ROWS, int CTAS, int GROUPS>
 constexpr int smem_bytes(int stages) {
   using L = KLayout<BITS, MT, ROWS, CTAS>;
