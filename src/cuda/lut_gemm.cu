@@ -98,7 +98,9 @@
 //   4  lut_stream.cu: pairs of row blocks per warp on 4-bit 8-token tiles too (M <= 8; -2% to +1%,
 //      item 100). (4 until session 38: activations copied with the L2 hint evict_last; gained nothing,
 //      item 96.)
-//  (23: row tiles' activation boxes of M token rows at M < rpt; 9-11% slower, item 97)
+//  23  pairs of row blocks per warp at 2 and 3 bits on 16-token tiles too, the 3-bit ones sized for two
+//      CTAs per SM (kPairsAllBits, lut_mma.cuh; prepared in session 38, not yet measured). (23 until
+//      session 38: row tiles' activation boxes of M token rows at M < rpt; 9-11% slower, item 97.)
 //  40 + mask: ablations that time a part of both decode kernels by leaving it out (wrong results on
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38); with them, in lut_stream.cu, +16 experiment
@@ -480,8 +482,9 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   // or Stream-K (lut_tiles8_tma3, src/plan.cpp, with its measurements; no clusters): lut_split over
   // the two-per-SM slots gives both (its whole-tile rule is lut_tiles8_tma3's; test_plan.cpp checks).
   // (The 32-token tiles, mt = 4, are only sized for two: their default, stream_workers_per_sm.)
+  // (Experiment 23: every 3-bit 16-token tile of 8 sized for two, for its pairs of row blocks.)
   if (g.tma && s.bits == 3 && auto_split && g.mt < 4 && g.rpt == kWarps && g.grid_y == 1) {
-    if (lut_tiles8_tma3(M, g.tiles, s.N * s.K, sm_count(device)).ctas_per_sm == 2) {
+    if (lut_tiles8_tma3(M, g.tiles, s.N * s.K, sm_count(device)).ctas_per_sm == 2 || (kPairsAllBits && g.mt == 2)) {
       const int no_clusters[9] = {};
       g.grid_x = int(lut_split(g.tiles, g.col_blocks, 2 * sm_count(device), no_clusters).workers);
       g.cluster = 1;

@@ -172,18 +172,35 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
 // another order (each half over the segment, then the two halves).
 // Warp w: row blocks 2 (w / 2) (codes and scales at off, as LaneOffsets::make for that warp) and, where
 // TWO, 2 (w / 2) + 1 (one block on), chunks 2 h and 2 h + 1 (h = w % 2); acc[r]: row block 2 (w / 2) + r.
-// 4 bits only (the half's code words are one 16-byte load), tables of ENTRY-byte entries.
+// LUTMM_EXPERIMENT 23 (prepared in session 38, not yet measured): pairs at 2 and 3 bits on 16-token
+// tiles too, the 3-bit ones then sized for two CTAs per SM (the geometry in lut_gemm.cu; at three, 72
+// registers leave no room for two row blocks' sums).
+constexpr bool kPairsAllBits = LUTMM_EXPERIMENT == 23;
+// Each row block's code words for k-steps 4 h .. 4 h + 3, renumbered as k-steps 0 .. 3: at 4 bits
+// words 4 h .. 4 h + 3 (one 16-byte load), at 2 bits 2 h, 2 h + 1 (8 bytes); at 3 bits (experiment 23)
+// the lane's 192-bit stream from bit 96 h (words 0-2, or word 3 and the two high-bit words), so
+// stream3's offsets for k-steps 0 .. 3 read them unchanged (they never pass word 2). ENTRY: the table's
+// entry bytes.
 template <int BITS, int MT, typename T, bool FULL = false, bool TWO = true, int ENTRY = Layout<BITS, MT>::kEntryBytes>
 __device__ __forceinline__ void compute_pair(const Params<T>& p, const uint8_t* stage, const LaneOffsets& off, int kb,
                                              int h, int s_stride, float (&acc)[2][MT][4]) {
   constexpr int R = TWO ? 2 : 1;  // row blocks computed
-  static_assert(BITS == 4, "pairs of row blocks: 4-bit codes");
   using L = Layout<BITS, MT>;
   uint32_t wd[2][8] = {}, hi[2] = {};
 #pragma unroll
-  for (int r = 0; r < R; ++r) {  // words 4 h .. 4 h + 3 of each row block (k-steps 4 h .. 4 h + 3) as 0 .. 3
-    const uint4 c = *reinterpret_cast<const uint4*>(stage + off.codes + r * L::kBlockBytes + 512 * h);
-    wd[r][0] = c.x; wd[r][1] = c.y; wd[r][2] = c.z; wd[r][3] = c.w;
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* cb = stage + off.codes + r * L::kBlockBytes;
+    if constexpr (BITS == 4) {
+      const uint4 c = *reinterpret_cast<const uint4*>(cb + 512 * h);
+      wd[r][0] = c.x; wd[r][1] = c.y; wd[r][2] = c.z; wd[r][3] = c.w;
+    } else if constexpr (BITS == 2) {
+      const uint2 c = *reinterpret_cast<const uint2*>(cb + 8 * h);
+      wd[r][0] = c.x; wd[r][1] = c.y;
+    } else {
+      const uint4 c = *reinterpret_cast<const uint4*>(cb);
+      const uint2 e = *reinterpret_cast<const uint2*>(stage + off.hi + r * L::kBlockBytes);
+      wd[r][0] = h ? c.w : c.x; wd[r][1] = h ? e.x : c.y; wd[r][2] = h ? e.y : c.z;
+    }
   }
   const uint8_t* ss = stage + off.scales;
   const uint8_t* xs = stage + off.x;

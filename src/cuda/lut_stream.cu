@@ -164,9 +164,11 @@ constexpr int kMaxStages = 32;
 // 73.9 -> 72.4 in one call, 76.3 -> 76.3 in the other, M = 8 -1.4% / -0.6%, 10240x8192 M = 1 -1.1%,
 // 8192x28672 M = 4 -0.8%, but 28672x4096 (whole tiles of 7) M = 1 21.8 -> 22.1 and M = 8 +0.4%: not
 // kept there (LUTMM_EXPERIMENT 4 puts them on 8-token tiles too). Not at 2 and 3 bits (a half's code
-// words are not one load there) nor on 32-token tiles (registers). LUTMM_EXPERIMENT 30: no pairs.
-template <int BITS, int MT, bool ROWS>
-constexpr bool kPairRows = LUTMM_EXPERIMENT != 30 && BITS == 4 && !ROWS && (MT == 2 || (MT == 1 && LUTMM_EXPERIMENT == 4));
+// words are not one load there: kPairsAllBits, experiment 23) nor on 32-token tiles (registers), nor in
+// kernels sized for three CTAs per SM (72 registers). LUTMM_EXPERIMENT 30: no pairs.
+template <int BITS, int MT, bool ROWS, int CTAS>
+constexpr bool kPairRows = LUTMM_EXPERIMENT != 30 && !ROWS && CTAS <= 2 &&
+                           ((BITS == 4 && (MT == 2 || (MT == 1 && LUTMM_EXPERIMENT == 4))) || (kPairsAllBits && MT == 2));
 // Row tiles (ROWS: tiles of rpt < 8 row blocks, one per CTA; lut_tile_rows): the 8 warps' sums meet
 // in shared memory, [warp][4][32 lanes] floats after the flags, per group; kPairRows: [warp][2][32
 // lanes], two of a thread's sums at a time (4 KB would cost the 8-token tiles a pipeline stage).
@@ -184,7 +186,7 @@ static_assert(kWarps <= kNormSlots, "row_rms_factors: one partial slot per warp 
 template <int BITS, int MT, bool ROWS, int CTAS, int GROUPS>
 constexpr int smem_bytes(int stages) {
   using L = KLayout<BITS, MT, ROWS, CTAS>;
-  return L::kLutBytes + GROUPS * stages * (L::kStageBytes + 16) + 16 + GROUPS * kRedBytes<ROWS, kPairRows<BITS, MT, ROWS>> +
+  return L::kLutBytes + GROUPS * stages * (L::kStageBytes + 16) + 16 + GROUPS * kRedBytes<ROWS, kPairRows<BITS, MT, ROWS, CTAS>> +
          kNormBytes<MT, GROUPS>;
 }
 
@@ -315,7 +317,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const uint32_t stage0 = smem_base + L::kLutBytes + ring;
   const uint32_t bars = smem_base + L::kLutBytes + uint32_t(GROUPS * S) * L::kStageBytes + 16 * S * group;  // full[S], empty[S]
   int* flag = reinterpret_cast<int*>(smem + L::kLutBytes + GROUPS * S * (L::kStageBytes + 16)) + group;
-  constexpr bool kPairs = kPairRows<BITS, MT, ROWS>;
+  constexpr bool kPairs = kPairRows<BITS, MT, ROWS, CTAS>;
   constexpr int kRedFloats = kRedBytes<ROWS, kPairs> / 4;  // per group
   float* red0 = reinterpret_cast<float*>(smem + L::kLutBytes + GROUPS * S * (L::kStageBytes + 16) + 16);  // ROWS, kPairs
   float* red = red0 + (GROUPS > 1 ? kRedFloats * group : 0);                              // this group's
@@ -410,6 +412,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
   const int half = gwarp & 1, pair_row = gwarp & ~1;  // kPairs: chunks 2 half, 2 half + 1 of row blocks pair_row, + 1
   if (kPairs) {
     off.codes -= uint32_t(half * L::kBlockBytes);
+    if (BITS == 3) off.hi -= uint32_t(half * L::kBlockBytes);  // (elsewhere unused)
     off.scales -= uint32_t(half * s_stride);
   }
   float acc[MT][4];
@@ -539,7 +542,7 @@ lut_stream_kernel(const Params<T> p, const __grid_constant__ CUtensorMap tm_w, c
 template <int BITS, int MT, bool ROWS, int CTAS, int GROUPS = 1>
 int stages_for(int budget_bytes) {
   using L = KLayout<BITS, MT, ROWS, CTAS>;
-  const int s = (budget_bytes - L::kLutBytes - 16 - GROUPS * kRedBytes<ROWS, kPairRows<BITS, MT, ROWS>> - kNormBytes<MT, GROUPS>) /
+  const int s = (budget_bytes - L::kLutBytes - 16 - GROUPS * kRedBytes<ROWS, kPairRows<BITS, MT, ROWS, CTAS>> - kNormBytes<MT, GROUPS>) /
                 (GROUPS * (L::kStageBytes + 16));
   return std::max(2, std::min(kMaxStages, s));
 }
