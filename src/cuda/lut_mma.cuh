@@ -176,11 +176,8 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
 // tiles too, the 3-bit ones then sized for two CTAs per SM (the geometry in lut_gemm.cu; at three, 72
 // registers leave no room for two row blocks' sums).
 constexpr bool kPairsAllBits = LUTMM_EXPERIMENT == 23;
-// Each row block's code words for k-steps 4 h .. 4 h + 3, renumbered as k-steps 0 .. 3: at 4 bits
-// words 4 h .. 4 h + 3 (one 16-byte load), at 2 bits 2 h, 2 h + 1 (8 bytes); at 3 bits (experiment 23)
-// the lane's 192-bit stream from bit 96 h (words 0-2, or word 3 and the two high-bit words), so
-// stream3's offsets for k-steps 0 .. 3 read them unchanged (they never pass word 2). ENTRY: the table's
-// entry bytes.
+// Each row block's code words for k-steps 4 h .. 4 h + 3, renumbered as k-steps 0 .. 3
+// (half_code_words, lut_table.cuh; 2 and 3 bits in experiment 23). ENTRY: the table's entry bytes.
 template <int BITS, int MT, typename T, bool FULL = false, bool TWO = true, int ENTRY = Layout<BITS, MT>::kEntryBytes>
 __device__ __forceinline__ void compute_pair(const Params<T>& p, const uint8_t* stage, const LaneOffsets& off, int kb,
                                              int h, int s_stride, float (&acc)[2][MT][4]) {
@@ -188,19 +185,18 @@ __device__ __forceinline__ void compute_pair(const Params<T>& p, const uint8_t* 
   using L = Layout<BITS, MT>;
   uint32_t wd[2][8] = {}, hi[2] = {};
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const uint8_t* cb = stage + off.codes + r * L::kBlockBytes;
-    if constexpr (BITS == 4) {
-      const uint4 c = *reinterpret_cast<const uint4*>(cb + 512 * h);
-      wd[r][0] = c.x; wd[r][1] = c.y; wd[r][2] = c.z; wd[r][3] = c.w;
-    } else if constexpr (BITS == 2) {
-      const uint2 c = *reinterpret_cast<const uint2*>(cb + 8 * h);
-      wd[r][0] = c.x; wd[r][1] = c.y;
+  for (int r = 0; r < R; ++r) {  // (half_code_words, lut_table.cuh)
+    const uint8_t* cb = stage + off.codes + r * L::kBlockBytes + half_code_offset<BITS>(h);
+    uint4 c;
+    uint2 e = {};
+    if constexpr (BITS == 2) {
+      const uint2 c2 = *reinterpret_cast<const uint2*>(cb);
+      c = make_uint4(c2.x, c2.y, 0u, 0u);
     } else {
-      const uint4 c = *reinterpret_cast<const uint4*>(cb);
-      const uint2 e = *reinterpret_cast<const uint2*>(stage + off.hi + r * L::kBlockBytes);
-      wd[r][0] = h ? c.w : c.x; wd[r][1] = h ? e.x : c.y; wd[r][2] = h ? e.y : c.z;
+      c = *reinterpret_cast<const uint4*>(cb);
     }
+    if constexpr (BITS == 3) e = *reinterpret_cast<const uint2*>(stage + off.hi + r * L::kBlockBytes);
+    half_code_words<BITS>(c, e, h, wd[r]);
   }
   const uint8_t* ss = stage + off.scales;
   const uint8_t* xs = stage + off.x;

@@ -312,6 +312,25 @@ __device__ __forceinline__ void load_code_words(const uint8_t* lo, const uint8_t
     hi[0] = h.x; hi[1] = h.y;
   }
 }
+// Pairs of row blocks (compute_pair, lut_mma.cuh): a lane's code words for k-steps 4 h .. 4 h + 3 of a
+// block, renumbered as k-steps 0 .. 3 (so pair_code, lookup_a and stream3 read them with ks - 4 h and
+// an empty hi). half_code_offset: where the lane's load starts, past block + lane * 16 (4 bits: the
+// 16 bytes 512 on for h = 1; 2 bits: 8 bytes, words 2 h and 2 h + 1; 3 bits: the first 16 bytes, with
+// the high-bit words `e` beside them). half_code_words: the words from what was loaded (`c`: 16 bytes,
+// 8 at 2 bits; `e`: 3 bits only); at 3 bits the stream from bit 96 h is words 0-2 (k-steps 0 .. 3
+// never read past word 2: stream3's widest offset there is bit 82 + 14).
+template <int BITS>
+__host__ __device__ __forceinline__ constexpr int half_code_offset(int h) { return BITS == 4 ? 512 * h : BITS == 2 ? 8 * h : 0; }
+template <int BITS>
+__host__ __device__ __forceinline__ void half_code_words(uint4 c, uint2 e, int h, uint32_t (&wd)[8]) {
+  if (BITS == 3) {
+    wd[0] = h ? c.w : c.x; wd[1] = h ? e.x : c.y; wd[2] = h ? e.y : c.z;
+  } else {
+    wd[0] = c.x; wd[1] = c.y;
+    if (BITS == 4) { wd[2] = c.z; wd[3] = c.w; }
+  }
+}
+
 // The same for the block at `wb` (256 * BITS bytes, shared or global memory) and lane `lane`.
 template <int BITS>
 __device__ __forceinline__ void load_codes(const uint8_t* wb, int lane, uint32_t (&wd)[8], uint32_t (&hi)[2]) {

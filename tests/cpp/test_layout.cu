@@ -70,6 +70,40 @@ TEST(Layout, PairCodeFindsThePackedPairs) {
     }
 }
 
+// Pairs of row blocks (compute_pair): the words a lane loads for half h of a block (half_code_offset,
+// then half_code_words) give, as k-steps 0 .. 3, the pairs of k-steps 4 h .. 4 h + 3; at 3 bits also
+// the table offset lookup_a forms from them.
+TEST(Layout, HalfBlockCodeWords) {
+  for (int bits : {2, 3, 4})
+    for (uint32_t seed : {6u, 7u}) {
+      const Block b(bits, seed * 10 + uint32_t(bits));
+      for (int lane = 0; lane < 32; ++lane)
+        for (int h = 0; h < 2; ++h) {
+          const int at = lane * 16 + (bits == 4 ? gpu::half_code_offset<4>(h)
+                                      : bits == 2 ? gpu::half_code_offset<2>(h) : gpu::half_code_offset<3>(h));
+          uint4 c{};
+          uint2 e{};
+          std::memcpy(&c, b.packed.data() + at, bits == 2 ? 8 : 16);  // the kernel's 8- or 16-byte load
+          if (bits == 3) std::memcpy(&e, b.packed.data() + 512 + lane * 8, 8);
+          uint32_t wd[8] = {}, hi[2] = {};
+          if (bits == 2) gpu::half_code_words<2>(c, e, h, wd);
+          if (bits == 3) gpu::half_code_words<3>(c, e, h, wd);
+          if (bits == 4) gpu::half_code_words<4>(c, e, h, wd);
+          const int g = lane / 4, t = lane % 4;
+          for (int ks = 0; ks < 4; ++ks)
+            for (int p = 0; p < 4; ++p) {
+              const int kk = 4 * h + ks;  // the block's k-step
+              const int row = g + 8 * (p & 1), col = 32 * (kk / 2) + 8 * t + 4 * (kk % 2) + 2 * (p >> 1);
+              ASSERT_EQ(pair_code_of(bits, wd, hi, ks, p), b.pair(row, col))
+                  << bits << " bits, lane " << lane << ", half " << h << ", k-step " << ks << ", pair " << p;
+              if (bits == 3)
+                ASSERT_EQ(int((gpu::stream3(wd, hi, 6 * (4 * ks + p) - 8) & 0x3f00u) >> 8), b.pair(row, col))
+                    << "lane " << lane << ", half " << h << ", k-step " << ks << ", pair " << p;
+            }
+        }
+    }
+}
+
 // The decode kernels' 3-bit table offset (lookup_a): the stream shifted so the pair code lands in bits
 // 8-13, the lane's copy in the low bits; pairs that straddle two words (i = 5, 10, 21, 26, ...) included.
 TEST(Layout, ThreeBitLookupOffsets) {
