@@ -92,11 +92,10 @@ SplitRuns run_split_and_stream_k(const DecodeCase& dc, int64_t M, DType dt, bool
 
 // Decode clusters (few tiles: 2, 4 or 8 CTAs per tile reduce through distributed shared memory)
 // against the CPU reference and against the same kernel forced to Stream-K: bitwise equal where both
-// use the same split (as many workers on tiles of as many row blocks: they add the same partials in the
-// same order; the TMA kernel's 4-bit 16-token tiles of 8 sum each row block by halves, its row tiles in k order),
-// close otherwise; both decode
-// kernels, every bits, M = 1..32 (the cp.async kernel's 8, 16 and 32-token tiles), rows past N, a
-// partial last k-block, bias, fp16.
+// use the same split (as many workers on tiles of as many row blocks: they add the same partials in
+// the same order; the TMA kernel's 4-bit 16-token tiles of 8 sum each row block by halves, its row
+// tiles in k order), close otherwise; both decode kernels, every bits, M = 1..32 (the cp.async
+// kernel's 8, 16 and 32-token tiles), rows past N, a partial last k-block, bias, fp16.
 TEST(Gpu, DecodeClustersAgainstStreamKAndReference) {
   REQUIRE_WGMMA();
   std::mt19937 rng(95);
