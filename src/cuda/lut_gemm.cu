@@ -105,8 +105,10 @@
 //      purpose: run with AB_SKIP_TESTS): +1 no Stream-K fixup (each worker stores its own partial),
 //      +2 no lookups or MMAs, +4 no table build (item 38); with them, in lut_stream.cu, +16 experiment
 //      32's 32 KB table (deeper pipelines; item 91) and +32 experiment 34's in-step starts (79: the
-//      loads-only kernel 47 with them; item 92) (+8, experiment 9's CTAs of two groups in item 91, is
-//      retired: item 99); +64, the TMA kernel only: activations in the prologue's stages only, none
+//      loads-only kernel 47 with them; item 92); +8, the TMA kernel's pairs of row blocks (M = 9-16, 4
+//      bits): the first 8 tokens' MMAs only, the other activations still read (48: what the MMAs past
+//      the first 8 tokens cost; prepared in session 38; until item 99 bit 8 was experiment 9's CTAs of
+//      two groups, item 91); +64, the TMA kernel only: activations in the prologue's stages only, none
 //      after (item 95: what the per-stage X reads cost at M = 1-2; 104 alone)
 // 200  instrumentation, not an experiment: lut_stream.cu records each worker's timeline
 //      (src/cuda/timeline.cuh; `gpu.sh timeline`, LUTMM_BENCH_TIMELINE=1 lutmm_bench). Same results;

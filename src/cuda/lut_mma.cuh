@@ -222,10 +222,15 @@ __device__ __forceinline__ void compute_pair(const Params<T>& p, const uint8_t* 
         for (int hh = 0; hh < 2; ++hh) {
           uint32_t a[4];
           lookup_a<BITS, ENTRY>(wd[r], hi, 2 * jj + hh, lane_byte, a);
+          // (Ablation bit 8: the first token tile's MMAs only, the others' activations still loaded: what
+          // the MMAs past the first 8 tokens cost at M = 9-16.)
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt)
+          for (int mt = 0; mt < (decode_ablation(8) ? 1 : MT); ++mt)
             Elem<T>::mma(part[r][mt], a, hh ? xv[mt].z : xv[mt].x, hh ? xv[mt].w : xv[mt].y);
         }
+      if constexpr (decode_ablation(8))
+#pragma unroll
+        for (int mt = 1; mt < MT; ++mt) asm volatile("" ::"r"(xv[mt].x), "r"(xv[mt].y), "r"(xv[mt].z), "r"(xv[mt].w));
       // A scale group ends after every chunk (g = 32), after the half's second chunk (g >= 64: groups
       // of two chunks start at even ones), or at the k-block's last chunk.
       if (glc == 0 || jj == 1 || j == nchunks - 1) {
