@@ -102,6 +102,22 @@ struct LaneOffsets {
   }
 };
 
+// The end of a scale group: part times the group's scales of rows g, g + 8 (one fp16 pair at `scale`)
+// added to acc, part cleared.
+template <int MT>
+__device__ __forceinline__ void flush_scaled(float (&acc)[MT][4], float (&part)[MT][4], const uint8_t* scale) {
+  const __half2 sh = *reinterpret_cast<const __half2*>(scale);
+  const float2 sc = __half22float2(sh);  // rows g, g + 8
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      acc[mt][e] += part[mt][e] * (e < 2 ? sc.x : sc.y);
+      part[mt][e] = 0.f;
+    }
+  }
+}
+
 // One warp, one k-block: adds this block's contribution for its 16 rows x 8*MT tokens to acc.
 // FULL: the caller guarantees 4 whole chunks and groups >= 128 columns (one scale flush, at the end),
 // so every per-chunk test folds away; the arithmetic, and so the result, is bitwise the same.
@@ -146,18 +162,7 @@ __device__ __forceinline__ void compute_block(const Params<T>& p, const uint8_t*
         for (int mt = 0; mt < MT; ++mt)
           Elem<T>::mma(part[mt], a, h ? xv[mt].z : xv[mt].x, h ? xv[mt].w : xv[mt].y);
       }
-      if (flush & (1u << j)) {
-        const __half2 sh = *reinterpret_cast<const __half2*>(ss + (j >> glc) * 32);
-        const float2 sc = __half22float2(sh);  // rows g, g + 8
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            acc[mt][e] += part[mt][e] * (e < 2 ? sc.x : sc.y);
-            part[mt][e] = 0.f;
-          }
-        }
-      }
+      if (flush & (1u << j)) flush_scaled<MT>(acc, part, ss + (j >> glc) * 32);
     }
   }
 }
@@ -181,6 +186,7 @@ constexpr bool kPairsAllBits = LUTMM_EXPERIMENT == 23;
 template <int BITS, int MT, typename T, bool FULL = false, bool TWO = true, int ENTRY = Layout<BITS, MT>::kEntryBytes>
 __device__ __forceinline__ void compute_pair(const Params<T>& p, const uint8_t* stage, const LaneOffsets& off, int kb,
                                              int h, int s_stride, float (&acc)[2][MT][4]) {
+  static_assert(kLutSource<BITS> == LutSource::kShared, "pairs of row blocks: the shared table");
   constexpr int R = TWO ? 2 : 1;  // row blocks computed
   using L = Layout<BITS, MT>;
   uint32_t wd[2][8] = {}, hi[2] = {};
@@ -235,16 +241,7 @@ __device__ __forceinline__ void compute_pair(const Params<T>& p, const uint8_t* 
       // of two chunks start at even ones), or at the k-block's last chunk.
       if (glc == 0 || jj == 1 || j == nchunks - 1) {
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const float2 sc = __half22float2(*reinterpret_cast<const __half2*>(ss + r * s_stride + (j >> glc) * 32));
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              acc[r][mt][e] += part[r][mt][e] * (e < 2 ? sc.x : sc.y);
-              part[r][mt][e] = 0.f;
-            }
-        }
+        for (int r = 0; r < R; ++r) flush_scaled<MT>(acc[r], part[r], ss + r * s_stride + (j >> glc) * 32);
       }
     }
   }
