@@ -187,6 +187,7 @@ template <int BITS, int MT, typename T, bool FULL = false, bool TWO = true, int 
 __device__ __forceinline__ void compute_pair(const Params<T>& p, const uint8_t* stage, const LaneOffsets& off, int kb,
                                              int h, int s_stride, float (&acc)[2][MT][4]) {
   static_assert(kLutSource<BITS> == LutSource::kShared, "pairs of row blocks: the shared table");
+  if constexpr (decode_ablation(2)) return;  // ablation: no lookups or MMAs (as compute_block)
   constexpr int R = TWO ? 2 : 1;  // row blocks computed
   using L = Layout<BITS, MT>;
   uint32_t wd[2][8] = {}, hi[2] = {};
