@@ -414,6 +414,17 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
     if (tma && !lut_tma_rows_ok(t.rows, group_log2(s.group_size), s.K)) t.rows = kWarps;
     return t;
   };
+  // The TMA kernel's tiles of 8 split over two workers per SM without clusters (Stream-K or, where tiles
+  // fill 80-100% of those slots, whole tiles: lut_split), on CTAs sized for `ctas` per SM of `groups`
+  // warp groups each.
+  auto two_workers_per_sm = [&](int ctas, int groups) {
+    const int no_clusters[9] = {};
+    g.grid_x = int(lut_split(g.tiles, g.col_blocks, 2 * int64_t(sm_count(device)), no_clusters).workers);
+    g.cluster = 1;
+    g.ctas = ctas;
+    g.groups = groups;
+    g.stages = stream_stages(s.bits, g.mt, device, ctas, false, groups);
+  };
   int64_t slots = 0;
   LutSplit sp;
   std::optional<RowTiles> tma_rows;  // rows_for(true), where the dispatch below already asked
@@ -446,12 +457,7 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   // ahead of row tiles and clusters (lut_two_group_ctas, src/plan.cpp, with its measurements).
   if (g.tma && auto_split && g.grid_y == 1 &&
       lut_two_group_ctas(s.bits, M, g.tiles, g.col_blocks, sm_count(device), rules_peak_bytes_per_s(device))) {
-    const int no_clusters[9] = {};
-    g.groups = 2;
-    g.ctas = 1;
-    g.grid_x = int(lut_split(g.tiles, g.col_blocks, 2 * int64_t(sm_count(device)), no_clusters).workers);
-    g.cluster = 1;
-    g.stages = stream_stages(s.bits, g.mt, device, 1, false, 2);
+    two_workers_per_sm(1, 2);
     return g;
   }
   if (sp.workers == 0 || !g.tma) sp = split(g.tma, slots);
@@ -486,13 +492,8 @@ Geometry geometry(int64_t M, const Shape& s, DType dt, int device, LutKernel ker
   // (The 32-token tiles, mt = 4, are only sized for two: their default, stream_workers_per_sm.)
   // (Experiment 23: every 3-bit 16-token tile of 8 sized for two, for its pairs of row blocks.)
   if (g.tma && s.bits == 3 && auto_split && g.mt < 4 && g.rpt == kWarps && g.grid_y == 1) {
-    if (lut_tiles8_tma3(M, g.tiles, s.N * s.K, sm_count(device)).ctas_per_sm == 2 || (kPairsAllBits && g.mt == 2)) {
-      const int no_clusters[9] = {};
-      g.grid_x = int(lut_split(g.tiles, g.col_blocks, 2 * sm_count(device), no_clusters).workers);
-      g.cluster = 1;
-      g.ctas = 2;
-      g.stages = stream_stages(s.bits, g.mt, device, 2);
-    }
+    if (lut_tiles8_tma3(M, g.tiles, s.N * s.K, sm_count(device)).ctas_per_sm == 2 || (kPairsAllBits && g.mt == 2))
+      two_workers_per_sm(2, 1);
   }
   // 4 bits: whole tiles of 5-7 row blocks where they fill more slots (short_whole_tiles, lut_mma.cuh).
   if (short_whole_tiles(s.bits) && g.tma && auto_split && g.rpt == kWarps && g.cluster == 1 && g.grid_y == 1 &&
